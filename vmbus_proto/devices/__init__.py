@@ -1,0 +1,1 @@
+"""Device protocol catalogues: one module per Hyper-V synthetic device, shared by its VSP and its VSC."""

@@ -1,0 +1,100 @@
+"""The stream envelope that carries VMBus over TCP or a Unix socket (docs/protocol.md).
+
+On Hyper-V, control messages travel as 240-byte SynIC messages and packets through shared-memory rings
+signalled by SynIC events (Linux drivers/hv/connection.c, ring_buffer.c). A stream has neither, so each
+item is one frame: a fixed 16-byte header, a msgpack body, and raw trailing data (the bytes a packet's GPA
+ranges point at) that is never re-encoded. Frames have a hard size limit and the decoder never buffers
+more than one frame of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from .errors import FrameError
+
+# length u32 (bytes after this header), kind u8, flags u8, reserved u16, relid u32, data_len u32
+HEADER = struct.Struct("<IBBHII")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024 + 64 * 1024  # a 4 MiB transfer plus its descriptor
+ENVELOPE_VERSION = 1
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1  # envelope handshake: partition name, later authentication
+    CONTROL = 2  # one VMBus channel message (CHANNELMSG_*)
+    PACKET = 3  # one ring packet of channel ``relid``
+    SIGNAL = 4  # ring header fields a peer cannot see in shared memory: indices, pending_send_sz, mask
+    CLOSE = 5  # the sender is closing the connection, with a reason
+
+
+@dataclass(slots=True)
+class Frame:
+    kind: int
+    relid: int
+    body: memoryview | bytes
+    data: memoryview | bytes = b""
+    flags: int = 0
+
+
+def encode_frame(kind: int, relid: int, body: bytes, data: bytes | memoryview = b"", flags: int = 0) -> bytes:
+    return HEADER.pack(len(body) + len(data), kind, flags, 0, relid, len(data)) + body
+
+
+def frame_parts(kind: int, relid: int, body: bytes, data: bytes | memoryview = b"",
+                flags: int = 0) -> list[bytes | memoryview]:
+    """A frame as buffers for ``transport.writelines``, so bulk data is not copied into the header."""
+    head = HEADER.pack(len(body) + len(data), kind, flags, 0, relid, len(data)) + body
+    return [head, data] if data else [head]
+
+
+class FrameDecoder:
+    """Streaming decoder: ``feed(bytes)`` returns the complete frames; bad input raises ``FrameError``.
+
+    A header that announces more than ``max_frame`` bytes fails at once, before anything is buffered,
+    so a peer can never make us hold more than one maximal frame.
+    """
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        view = memoryview(buf)
+        try:
+            while end - pos >= HEADER_SIZE:
+                length, kind, flags, reserved, relid, data_len = unpack(buf, pos)
+                if length > self.max_frame:
+                    raise FrameError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+                if not FrameKind.HELLO <= kind <= FrameKind.CLOSE:
+                    raise FrameError(f"unknown frame kind {kind}")
+                if data_len > length or reserved:
+                    raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
+                start = pos + HEADER_SIZE
+                stop = start + length
+                if stop > end:
+                    break
+                split = stop - data_len
+                # Copy out: the buffer is compacted below and a view into it would move.
+                frames.append(Frame(kind, relid, bytes(view[start:split]),
+                                    bytes(view[split:stop]) if data_len else b"", flags))
+                pos = stop
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return frames
