@@ -113,7 +113,11 @@ class Unexpected:
 
 @dataclass(frozen=True, slots=True)
 class TimedOut:
+    """A request the host never answered: ``what`` is version, offers, gpadl, open, teardown, modify or
+    unload, and ``key`` the version, GPADL id or relid it was about."""
+
     what: str
+    key: int
 
 
 Event = (VersionNegotiated | VersionRefused | OfferReceived | AllOffersDelivered | GpadlCreated | OpenResult
@@ -178,7 +182,7 @@ class GuestConnection:
         for key, deadline in list(self._deadlines.items()):
             if deadline <= now:
                 del self._deadlines[key]
-                self._events.append(TimedOut(f"{key[0]} {key[1]:#x}"))
+                self._events.append(TimedOut(*key))
 
     @property
     def outstanding(self) -> list[tuple[str, int]]:

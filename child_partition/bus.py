@@ -1,0 +1,236 @@
+"""The guest's VMBus driver as an asyncio client: the shell around ``vmbus_proto.client``.
+
+What Linux's vmbus driver does for its devices (drivers/hv/connection.c ``vmbus_connect``,
+channel_mgmt.c ``vmbus_request_offers``, channel.c ``vmbus_open`` / ``vmbus_close`` /
+``vmbus_establish_gpadl`` / ``vmbus_teardown_gpadl``), each as an awaitable that waits for the host's
+answer; the host's answers and unsolicited messages (RESCIND) arrive as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from vmbus_proto import client as core
+from vmbus_proto import messages as m
+from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.channel import ChannelRings
+from vmbus_proto.envelope import Hello
+from vmbus_proto.errors import FrameError, MessageError
+from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
+from vmbus_proto.ring import ring_data_size
+from vmbus_proto.versions import GUEST_ORDER
+
+
+class BusError(Exception):
+    """The host refused or never answered a request."""
+
+
+class GuestBus(FramedConnection):
+    def __init__(self, name: str, *, trace: bool = False, versions: list[int] | None = None,
+                 timeout: float = core.DEFAULT_TIMEOUT, log: Any = None) -> None:
+        super().__init__(log=log)
+        self.name = name
+        self.trace = trace
+        self.core = core.GuestConnection(versions=versions or GUEST_ORDER, timeout=timeout)
+        self.hello_future: asyncio.Future[Hello] = asyncio.get_event_loop().create_future()
+        self._waiters: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.offers: dict[int, m.OfferChannel] = {}
+        self.on_rescind: Callable[[int], None] | None = None
+        self.on_offer: Callable[[m.OfferChannel], None] | None = None
+
+    # ---- connection -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_event_loop().time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.name).encode())
+
+    def on_hello(self, frame: Frame) -> None:
+        if self.hello_future.done():
+            raise FrameError("second HELLO from the host")
+        self.hello_future.set_result(Hello.decode(frame.body))
+
+    def on_close_frame(self, reason: str) -> None:
+        self.log.warning("parent closed the connection", reason=reason)
+        self.close_reason = reason
+        self.close()
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        err = ConnectionResetError(getattr(self, "close_reason", None) or "connection to the parent lost")
+        if not self.hello_future.done():
+            self.hello_future.set_exception(err)
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiters.clear()
+
+    # ---- control messages -------------------------------------------------------------------------------
+
+    def _flush_core(self) -> None:
+        for msg in self.core.messages():
+            if self.trace:
+                self.log.info("G>H " + msg.describe())
+            self.send_frame(FrameKind.CONTROL, 0, msg.encode())
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and not self.closing:
+            self._timer = asyncio.get_event_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(self._now())
+        self._handle_events()
+        self._arm_timer()
+
+    def on_control(self, frame: Frame) -> None:
+        if not self.hello_future.done():
+            raise FrameError("CONTROL frame before HELLO")
+        try:
+            msg = m.decode(frame.body)
+        except MessageError as exc:
+            self.log.warning("control message from the host dropped", reason=str(exc))
+            return
+        if self.trace:
+            self.log.info("H>G " + msg.describe())
+        self.core.receive(msg, self._now())
+        self._handle_events()
+        self._flush_core()
+
+    def _resolve(self, key: tuple[str, int], value: Any = None, error: Exception | None = None) -> None:
+        fut = self._waiters.pop(key, None)
+        if fut is None or fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    def _handle_events(self) -> None:
+        for ev in self.core.events():
+            if isinstance(ev, core.VersionNegotiated):
+                self._resolve(("version", 0), ev.version)
+            elif isinstance(ev, core.VersionRefused):
+                self._resolve(("version", 0), error=BusError(ev.reason))
+            elif isinstance(ev, core.OfferReceived):
+                self.offers[ev.offer.child_relid] = ev.offer
+                if self.on_offer is not None and self.core.state == core.GuestConnState.READY:
+                    self.on_offer(ev.offer)
+            elif isinstance(ev, core.AllOffersDelivered):
+                self._resolve(("offers", 0), dict(self.offers))
+            elif isinstance(ev, core.GpadlCreated):
+                self._resolve(("gpadl", ev.gpadl), error=None if ev.ok else BusError(
+                    f"GPADL {ev.gpadl:#x} refused (status {ev.status:#x})"), value=ev.gpadl)
+            elif isinstance(ev, core.OpenResult):
+                self._resolve(("open", ev.relid), error=None if ev.ok else BusError(
+                    f"OPENCHANNEL for relid {ev.relid} refused (status {ev.status:#x})"))
+            elif isinstance(ev, core.GpadlTorndown):
+                self._resolve(("teardown", ev.gpadl))
+            elif isinstance(ev, core.Rescinded):
+                self.offers.pop(ev.relid, None)
+                err = BusError(f"relid {ev.relid} rescinded")
+                for key in [k for k in self._waiters if k in (("open", ev.relid), ("modify", ev.relid))]:
+                    self._resolve(key, error=err)
+                ch = self.channels.get(ev.relid)
+                if ch is not None:
+                    ch.close()
+                if self.on_rescind is not None:
+                    self.on_rescind(ev.relid)
+            elif isinstance(ev, core.UnloadComplete):
+                self._resolve(("unload", 0))
+            elif isinstance(ev, core.ModifyChannelResult):
+                self._resolve(("modify", ev.relid), ev.status)
+            elif isinstance(ev, core.Unexpected):
+                self.log.warning("unexpected message from the host dropped", reason=ev.reason)
+            elif isinstance(ev, core.TimedOut):
+                self.log.error("the host never answered", request=ev.what, key=hex(ev.key))
+                waiter = (ev.what, 0 if ev.what == "version" else ev.key)
+                self._resolve(waiter, error=BusError(f"no answer to the {ev.what} request {ev.key:#x}"))
+
+    def _wait(self, key: tuple[str, int]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[key] = fut
+        return fut
+
+    # ---- the driver API ---------------------------------------------------------------------------------
+
+    async def negotiate(self) -> dict[int, m.OfferChannel]:
+        """HELLO, INITIATE_CONTACT newest version first, then REQUESTOFFERS until ALLOFFERS_DELIVERED."""
+        await self.hello_future
+        version = self._wait(("version", 0))
+        offers = self._wait(("offers", 0))
+        self.core.connect(self._now())
+        self._flush_core()
+        try:
+            await version
+        except BaseException:
+            offers.cancel()
+            raise
+        result: dict[int, m.OfferChannel] = await offers
+        return result
+
+    async def create_gpadl(self, relid: int, pfns: list[int]) -> int:
+        gid = self.core.create_gpadl(relid, pfns, self._now())
+        fut = self._wait(("gpadl", gid))
+        self._flush_core()
+        await fut
+        return gid
+
+    async def open_channel(self, relid: int, gpadl: int, pages: int, downstream_offset: int,
+                           userdata: bytes = b"", name: str = "") -> Channel:
+        """OPENCHANNEL on a ring GPADL of ``pages`` pages; returns the channel once the host accepted."""
+        rings = ChannelRings(relid, host=False, guest_to_host_data=ring_data_size(downstream_offset),
+                             host_to_guest_data=ring_data_size(pages - downstream_offset))
+        ch = Channel(self, relid, rings, name=name, log=self.log.bind(relid=relid))
+        self.channels[relid] = ch
+        fut = self._wait(("open", relid))
+        self.core.open_channel(relid, gpadl, downstream_offset, userdata, now=self._now())
+        self._flush_core()
+        try:
+            await fut
+        except BaseException:
+            self.channels.pop(relid, None)
+            ch.close()
+            raise
+        return ch
+
+    def close_channel(self, relid: int) -> None:
+        ch = self.channels.pop(relid, None)
+        if ch is not None:
+            ch.close()
+        if relid in self.core.channels:
+            self.core.close_channel(relid)
+            self._flush_core()
+
+    async def teardown_gpadl(self, relid: int, gpadl: int) -> None:
+        if relid not in self.core.channels:
+            return
+        if not self.core.teardown_gpadl(relid, gpadl, self._now()):
+            return  # rescinded: Linux skips the teardown
+        fut = self._wait(("teardown", gpadl))
+        self._flush_core()
+        await fut
+
+    def release_relid(self, relid: int) -> None:
+        if relid in self.core.channels:
+            self.core.release_relid(relid)
+            self._flush_core()
+
+    async def unload(self) -> None:
+        fut = self._wait(("unload", 0))
+        self.core.unload(self._now())
+        self._flush_core()
+        await fut

@@ -1,0 +1,101 @@
+"""Guest physical memory: the pages a child partition owns and hands to the host by page number.
+
+On Hyper-V a GPADL or a GPA-direct range names guest page frames (4 KiB Hyper-V pages, whatever the guest's
+own page size; Linux include/linux/hyperv.h ``HV_HYP_PAGE_SIZE``). Here guest RAM is one anonymous mmap,
+committed by the kernel only where touched, so ring pages that are only accounted for cost nothing. The
+mapping is the seam where a shared memfd (passed with SCM_RIGHTS over a Unix socket) can later replace
+copying data with each packet.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from vmbus_proto.packets import PAGE_SHIFT, PAGE_SIZE, GpaRange, pages_spanned
+
+GUEST_PFN_BASE = 0x100  # the first megabyte stays unused, as on a PC
+
+
+class OutOfGuestMemory(Exception):
+    pass
+
+
+class GuestMemory:
+    def __init__(self, size: int = 256 * 1024 * 1024) -> None:
+        if size % PAGE_SIZE:
+            raise ValueError("guest memory is whole pages")
+        self.size = size
+        self.pages = size >> PAGE_SHIFT
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.mem = mmap.mmap(-1, size, flags=flags)
+        self.view = memoryview(self.mem)
+        self._free: list[tuple[int, int]] = [(0, self.pages)]  # (first page index, count), sorted
+
+    def alloc(self, count: int) -> list[int]:
+        """Allocate ``count`` contiguous pages; returns their page frame numbers."""
+        for i, (start, n) in enumerate(self._free):
+            if n >= count:
+                if n == count:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + count, n - count)
+                return [GUEST_PFN_BASE + start + j for j in range(count)]
+        raise OutOfGuestMemory(f"no {count} contiguous free pages")
+
+    def free(self, pfns: list[int]) -> None:
+        if not pfns:
+            return
+        start = pfns[0] - GUEST_PFN_BASE
+        self._free.append((start, len(pfns)))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((s, n))
+        self._free = merged
+
+    def _offset(self, pfn: int) -> int:
+        idx = pfn - GUEST_PFN_BASE
+        if not 0 <= idx < self.pages:
+            raise ValueError(f"pfn {pfn:#x} is not guest memory")
+        return idx << PAGE_SHIFT
+
+    def range_for(self, pfns: list[int], offset: int, length: int) -> GpaRange:
+        """A GPA range covering ``length`` bytes at byte ``offset`` of the buffer made of ``pfns``."""
+        first = offset >> PAGE_SHIFT
+        in_page = offset & (PAGE_SIZE - 1)
+        n = pages_spanned(in_page, length)
+        return GpaRange(length, in_page, tuple(pfns[first:first + n]))
+
+    def write(self, rng: GpaRange, data: bytes | memoryview) -> None:
+        """Copy ``data`` into the pages ``rng`` names (the host 'writing guest memory')."""
+        pos = 0
+        page_off = rng.byte_offset
+        remaining = min(len(data), rng.byte_count)
+        for pfn in rng.pfns:
+            if remaining <= 0:
+                break
+            chunk = min(PAGE_SIZE - page_off, remaining)
+            base = self._offset(pfn) + page_off
+            self.view[base:base + chunk] = data[pos:pos + chunk]
+            pos += chunk
+            remaining -= chunk
+            page_off = 0
+
+    def read(self, rng: GpaRange) -> bytes:
+        out = bytearray()
+        page_off = rng.byte_offset
+        remaining = rng.byte_count
+        for pfn in rng.pfns:
+            chunk = min(PAGE_SIZE - page_off, remaining)
+            base = self._offset(pfn) + page_off
+            out += self.view[base:base + chunk]
+            remaining -= chunk
+            page_off = 0
+        return bytes(out)
+
+    def close(self) -> None:
+        self.view.release()
+        self.mem.close()

@@ -1,0 +1,216 @@
+"""One child partition's connection to the parent: the asyncio shell around ``vmbus_proto.server``.
+
+It plays the part of the Hyper-V VMBus server for one guest (OpenVMM vmbus_server/src/lib.rs: one async
+loop driving the synchronous channel state machine): control messages go into the core, the core's
+actions come out as messages to send and device open/close calls on the shared VSPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from vmbus_proto import messages as m
+from vmbus_proto import server as core
+from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.channel import ChannelRings
+from vmbus_proto.envelope import Hello
+from vmbus_proto.errors import FrameError, MessageError
+from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
+from vmbus_proto.versions import version_text
+
+from .vsp import OpenChannelInfo, Vsp
+
+if TYPE_CHECKING:
+    from .daemon import ParentDaemon
+
+
+class PartitionConnection(FramedConnection):
+    def __init__(self, daemon: ParentDaemon, transport_name: str) -> None:
+        cfg = daemon.config
+        super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
+                         log=daemon.log.bind(transport=transport_name))
+        self.daemon = daemon
+        self.partition: str | None = None
+        self.peer = "?"
+        self.core: core.HostConnection | None = None
+        self.vsps: dict[str, Vsp] = {}
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.opened_channels = 0
+        self.dropped_messages = 0
+
+    # ---- connection lifetime ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.log = self.log.bind(peer=self.peer)
+        if not self.daemon.accepting:
+            self.close("parent is shutting down")
+            return
+        if len(self.daemon.connections) >= self.daemon.config.max_partitions:
+            self.log.warning("partition limit reached; refusing connection")
+            self.close(f"partition limit of {self.daemon.config.max_partitions} reached")
+            return
+        self.daemon.connections.add(self)
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.daemon.config.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        what = "HELLO" if self.partition is None else "an accepted INITIATE_CONTACT"
+        self.fail(f"handshake timeout: no {what} within {self.daemon.config.handshake_timeout:g}s")
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.daemon.connections.discard(self)
+        if self.partition is not None and self.daemon.partitions.get(self.partition) is self:
+            del self.daemon.partitions[self.partition]
+        # Release this child's channels and GPADLs only; every other partition is untouched.
+        open_now = [(self.vsps[ch.name], ch) for ch in list(self.channels.values()) if ch.name in self.vsps]
+        self.channels.clear()
+        if open_now:
+            self.daemon.spawn(self._release_devices(open_now))
+        self.log.info("partition disconnected", channels_released=len(open_now),
+                      reason=str(exc) if exc else "closed")
+
+    async def _release_devices(self, open_now: list[tuple[Vsp, Channel]]) -> None:
+        for vsp, ch in open_now:
+            await vsp.close(ch)
+
+    # ---- frames -----------------------------------------------------------------------------------------
+
+    def on_hello(self, frame: Frame) -> None:
+        if self.partition is not None:
+            raise FrameError("second HELLO on one connection")
+        hello = Hello.decode(frame.body)
+        if hello.envelope != ENVELOPE_VERSION:
+            self.fail(f"envelope version {hello.envelope} is not supported (this parent speaks {ENVELOPE_VERSION})")
+            return
+        if hello.auth != "none":
+            self.fail(f"authentication method {hello.auth!r} is not offered by this parent")
+            return
+        if hello.partition in self.daemon.partitions:
+            self.fail(f"partition name {hello.partition!r} is already connected")
+            return
+        self.partition = hello.partition
+        self.daemon.partitions[hello.partition] = self
+        self.log = self.log.bind(partition=hello.partition)
+        cfg = self.daemon.config
+        self.vsps = {v.name: v for v in self.daemon.vsps}
+        self.core = core.HostConnection([v.offer(hello.partition) for v in self.daemon.vsps],
+                                        supported=cfg.vmbus_versions,
+                                        limits=core.Limits(max_gpadls=cfg.max_gpadls))
+        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.daemon.name).encode())
+        self.log.info("partition connected")
+
+    def on_control(self, frame: Frame) -> None:
+        if self.core is None:
+            raise FrameError("CONTROL frame before HELLO")
+        try:
+            msg = m.decode(frame.body)
+        except MessageError as exc:
+            # Linux and OpenVMM drop a message they cannot parse; so do we.
+            self.dropped_messages += 1
+            self.log.warning("control message dropped", reason=str(exc))
+            return
+        if self.daemon.config.trace:
+            self.log.info("G>H " + msg.describe())
+        self.core.receive(msg)
+        self._run_actions()
+
+    # ---- the core's actions -----------------------------------------------------------------------------
+
+    def _run_actions(self) -> None:
+        assert self.core is not None
+        for act in self.core.actions():
+            if isinstance(act, core.Send):
+                if self.daemon.config.trace:
+                    self.log.info("H>G " + act.message.describe())
+                self.send_frame(FrameKind.CONTROL, 0, act.message.encode())
+            elif isinstance(act, core.DeviceOpen):
+                self._spawn(self._device_open(act))
+            elif isinstance(act, core.DeviceClose):
+                self._spawn(self._device_close(act))
+            elif isinstance(act, core.Dropped):
+                self.dropped_messages += 1
+                self.log.warning("invalid control message dropped", reason=act.reason,
+                                 message=act.message.describe() if act.message else None)
+            elif isinstance(act, core.Connected):
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                    self._handshake_timer = None
+                self.log.info("VMBus connected", version=version_text(act.version))
+            elif isinstance(act, core.Disconnected):
+                self.log.info("VMBus disconnected", reason=act.reason)
+            elif isinstance(act, core.ChannelFreed):
+                self.log.info("rescinded channel released", relid=act.relid, device=act.name)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _device_open(self, act: core.DeviceOpen) -> None:
+        p = act.params
+        vsp = self.vsps[act.offer.name]
+        log = self.log.bind(relid=p.relid, device=vsp.name)
+        rings = ChannelRings(p.relid, host=True, guest_to_host_data=p.guest_to_host_data,
+                             host_to_guest_data=p.host_to_guest_data)
+        ch = Channel(self, p.relid, rings, name=vsp.name, log=log)
+        self.channels[p.relid] = ch
+        ok = True
+        try:
+            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log))
+        except Exception as exc:
+            ok = False
+            log.error("device failed to open", error=str(exc))
+            self.channels.pop(p.relid, None)
+            ch.close()
+        if self.closing or self.core is None:
+            if ok:
+                await vsp.close(ch)
+            return
+        if ok:
+            self.opened_channels += 1
+            log.info("channel open", ring_out=p.host_to_guest_data, ring_in=p.guest_to_host_data)
+        self.core.open_complete(p.relid, act.seq, ok)
+        self._run_actions()
+
+    async def _device_close(self, act: core.DeviceClose) -> None:
+        ch = self.channels.pop(act.relid, None)
+        vsp = self.vsps[act.offer.name]
+        if ch is not None:
+            await vsp.close(ch)
+            self.log.info("channel closed", relid=act.relid, device=vsp.name)
+        if self.core is not None and not self.closing:
+            self.core.close_complete(act.relid, act.seq)
+            self._run_actions()
+
+    # ---- host-initiated ---------------------------------------------------------------------------------
+
+    def rescind(self, name: str) -> int | None:
+        """Hot-remove the named device's channel from this partition."""
+        if self.core is None:
+            return None
+        for relid, ch in self.core.channels.items():
+            if ch.offer.name == name and ch.state not in (core.ChanState.REVOKED, core.ChanState.REOFFERED):
+                self.core.rescind(relid)
+                self._run_actions()
+                return relid
+        return None
+
+    def reoffer(self, name: str) -> int | None:
+        if self.core is None:
+            return None
+        vsp = self.vsps[name]
+        relid = self.core.add_offer(vsp.offer(self.partition or "?"))
+        self._run_actions()
+        return relid
+
+    @property
+    def ready(self) -> bool:
+        return self.core is not None and self.core.state == core.ConnState.CONNECTED

@@ -1,0 +1,133 @@
+"""The parent-partition daemon: listeners, the shared VSPs, and staged graceful shutdown.
+
+The shape of the Hyper-V host side (one VMBus server per guest, one VSP per device class serving every
+guest), run as one asyncio process. Shutdown goes in bounded stages like aiohttp's ``web_runner``: stop
+accepting, rescind every offer, drain in-flight I/O and flush the backends, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from vmbus_proto.aio import logs
+
+from .config import Config
+from .connection import PartitionConnection
+from .vsp import Vsp, build_vsps
+
+
+def parse_endpoint(url: str) -> tuple[str, str, int]:
+    """'tcp://HOST:PORT' -> ('tcp', host, port); 'unix:PATH' -> ('unix', path, 0)."""
+    if url.startswith("unix:"):
+        path = url[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"{url}: unix: needs a path")
+        return "unix", path, 0
+    parsed = urlparse(url)
+    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
+        raise ValueError(f"{url}: expected tcp://HOST:PORT or unix:PATH")
+    return "tcp", parsed.hostname, parsed.port
+
+
+class ParentDaemon:
+    def __init__(self, config: Config, vsps: list[Vsp] | None = None, name: str = "parent") -> None:
+        self.config = config
+        self.name = name
+        self.log = logs.get(component="parent")
+        self.vsps = vsps if vsps is not None else build_vsps(config.devices)
+        self.connections: set[PartitionConnection] = set()
+        self.partitions: dict[str, PartitionConnection] = {}
+        self.servers: list[asyncio.Server] = []
+        self.endpoints: list[str] = []
+        self.accepting = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unix_paths: list[Path] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.config.data_path.mkdir(parents=True, exist_ok=True)
+        for url in self.config.listen:
+            kind, where, port = parse_endpoint(url)
+            if kind == "tcp":
+                server = await loop.create_server(lambda: PartitionConnection(self, "tcp"), where, port,
+                                                  reuse_address=True, backlog=1024)
+                sock = server.sockets[0]
+                host, bound = sock.getsockname()[:2]
+                self.endpoints.append(f"tcp://{host}:{bound}")
+            else:
+                path = Path(where)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_socket():
+                    if _unix_in_use(path):
+                        raise OSError(f"{path}: another parent is listening there")
+                    path.unlink()
+                server = await loop.create_unix_server(lambda: PartitionConnection(self, "unix"), str(path),
+                                                       backlog=1024)
+                os.chmod(path, 0o660)
+                self._unix_paths.append(path)
+                self.endpoints.append(f"unix:{path}")
+            self.servers.append(server)
+        self.accepting = True
+        self.log.info("parent partition listening", listen=self.endpoints,
+                      devices=[v.name for v in self.vsps], data_dir=str(self.config.data_path))
+
+    async def shutdown(self) -> None:
+        """Stop accepting, rescind every offer, drain I/O, flush backends, close."""
+        timeout = self.config.shutdown_timeout
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+        self.log.info("shutting down", partitions=len(self.connections))
+        # Stage 1: rescind every offer so guests close their channels.
+        for conn in list(self.connections):
+            for vsp in self.vsps:
+                conn.rescind(vsp.name)
+        # Stage 2: drain in-flight I/O: the rescinds close every open channel's device.
+        await _bounded(self._until_idle(), timeout, self.log, "drain")
+        # Stage 3: flush backends.
+        await _bounded(asyncio.gather(*(v.shutdown() for v in self.vsps), return_exceptions=True), timeout,
+                       self.log, "flush")
+        # Stage 4: close connections.
+        for conn in list(self.connections):
+            conn.close("parent shutting down")
+        if self._tasks:
+            await _bounded(asyncio.gather(*self._tasks, return_exceptions=True), timeout, self.log, "tasks")
+        for server in self.servers:
+            await _bounded(server.wait_closed(), timeout, self.log, "listeners")
+        for path in self._unix_paths:
+            path.unlink(missing_ok=True)
+        self.log.info("parent partition stopped")
+
+
+    async def _until_idle(self) -> None:
+        while any(conn.channels for conn in self.connections):  # noqa: ASYNC110 - bounded by the caller
+            await asyncio.sleep(0.01)
+
+
+async def _bounded(aw: Any, timeout: float, log: Any, stage: str) -> None:
+    try:
+        await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        log.warning("shutdown stage timed out", stage=stage, timeout=timeout)
+
+
+def _unix_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,1 @@
+"""The thin asyncio shell over vmbus_proto: framed transport, flow control and awaitable channels."""

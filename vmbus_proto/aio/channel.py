@@ -1,0 +1,178 @@
+"""An open VMBus channel as an awaitable pipe: send and receive ring packets with real ring flow control.
+
+The asyncio face of ``vmbus_proto.channel.ChannelRings``. It plays the role of Linux's
+``vmbus_sendpacket*`` / ``hv_pkt_iter_*`` pair (drivers/hv/channel.c, ring_buffer.c) and of OpenVMM's
+``vmbus_async`` queue: a sender that lacks ring space sets pending_send_sz and waits; a receiver
+consumes packets and returns credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..channel import ChannelRings
+from ..envelope import Signal
+from ..errors import LocalProtocolError
+from ..packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
+
+if TYPE_CHECKING:
+    from .transport import FramedConnection
+
+TRANS_ID_MAX = (1 << 64) - 5  # above are Linux's special ids (VMBUS_RQST_ERROR and friends)
+
+
+class ChannelClosed(Exception):
+    """The channel was closed (by either side, or its connection was lost)."""
+
+
+class Channel:
+    """One open channel on a connection."""
+
+    def __init__(self, conn: FramedConnection, relid: int, rings: ChannelRings, name: str = "",
+                 log: Any = None) -> None:
+        self.conn = conn
+        self.relid = relid
+        self.rings = rings
+        self.name = name
+        self.log = log
+        self.closed = False
+        self._queue: collections.deque[Packet] = collections.deque()
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._space_waiter: asyncio.Future[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._next_trans = 1
+        self._pending: dict[int, asyncio.Future[Packet]] = {}
+        self.on_packet: Callable[[Packet], None] | None = None  # optional push-style delivery
+
+    # ---- receive ----------------------------------------------------------------------------------------
+
+    def _deliver(self, pkt: Packet) -> None:
+        """A packet arrived (called by the connection after the ring accepted it)."""
+        if pkt.type == PacketType.COMP and pkt.trans_id in self._pending:
+            self._consume(pkt)
+            fut = self._pending.pop(pkt.trans_id)
+            if not fut.done():
+                fut.set_result(pkt)
+            return
+        if self.on_packet is not None:
+            self._consume(pkt)
+            self.on_packet(pkt)
+            return
+        self._queue.append(pkt)
+        w = self._recv_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _consume(self, pkt: Packet) -> None:
+        self.conn.inbound_consumed(len(pkt.data))
+        sig = self.rings.consume(pkt.ring_size)
+        if sig is not None:
+            self.conn.send_signal(self.relid, sig)
+
+    async def recv(self) -> Packet:
+        while not self._queue:
+            if self.closed:
+                raise ChannelClosed(f"channel {self.relid} closed")
+            self._recv_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        pkt = self._queue.popleft()
+        self._consume(pkt)
+        return pkt
+
+    def recv_nowait(self) -> Packet | None:
+        if not self._queue:
+            return None
+        pkt = self._queue.popleft()
+        self._consume(pkt)
+        return pkt
+
+    # ---- send -------------------------------------------------------------------------------------------
+
+    def _on_signal(self, sig: Signal) -> None:
+        credit = self.rings.on_signal(sig)
+        if credit is not None:
+            self.conn.send_signal(self.relid, credit)
+        w = self._space_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def send(self, pkt: Packet) -> None:
+        """Write one packet, waiting for ring space like a blocked writer."""
+        size = pkt.ring_size
+        if not self.rings.writer.fits_ever(size):
+            raise LocalProtocolError(f"a {size}-byte packet can never fit a "
+                                     f"{self.rings.writer.data_size}-byte ring")
+        if self.closed:
+            raise ChannelClosed(f"channel {self.relid} closed")
+        if not self._send_lock.locked() and self.rings.can_send(size):
+            self.rings.sent(size)
+            self.conn.send_packet(self.relid, pkt)
+            return
+        async with self._send_lock:
+            while not self.rings.can_send(size):
+                if self.closed:
+                    raise ChannelClosed(f"channel {self.relid} closed")
+                self.conn.send_signal(self.relid, self.rings.block(size))
+                self._space_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._space_waiter
+                finally:
+                    self._space_waiter = None
+            if self.closed:
+                raise ChannelClosed(f"channel {self.relid} closed")
+            self.rings.sent(size)
+            self.conn.send_packet(self.relid, pkt)
+
+    async def send_inband(self, payload: bytes, trans_id: int = 0, completion_requested: bool = False) -> None:
+        flags = FLAG_COMPLETION_REQUESTED if completion_requested else 0
+        await self.send(Packet(PacketType.DATA_INBAND, flags, trans_id, payload))
+
+    async def complete(self, trans_id: int, payload: bytes, data: bytes | memoryview = b"") -> None:
+        """VM_PKT_COMP echoing ``trans_id``; ``data`` rides along into the request's GPA ranges."""
+        await self.send(Packet(PacketType.COMP, 0, trans_id, payload, data=data))
+
+    def _trans_id(self) -> int:
+        tid = self._next_trans
+        while tid in self._pending:
+            tid = tid + 1 if tid < TRANS_ID_MAX else 1
+        self._next_trans = tid + 1 if tid < TRANS_ID_MAX else 1
+        return tid
+
+    async def request(self, payload: bytes, ranges: tuple[GpaRange, ...] = (),
+                      data: bytes | memoryview = b"") -> Packet:
+        """Send a request with COMPLETION_REQUESTED and wait for its VM_PKT_COMP (the guest's requestor)."""
+        tid = self._trans_id()
+        fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
+        self._pending[tid] = fut
+        ptype = PacketType.DATA_USING_GPA_DIRECT if ranges else PacketType.DATA_INBAND
+        try:
+            await self.send(Packet(ptype, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data))
+            return await fut
+        finally:
+            self._pending.pop(tid, None)
+
+    # ---- close ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.conn.inbound_consumed(sum(len(p.data) for p in self._queue))
+        self._queue.clear()
+        for w in (self._recv_waiter, self._space_waiter):
+            if w is not None and not w.done():
+                w.set_result(None)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed(f"channel {self.relid} closed"))
+        self._pending.clear()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)

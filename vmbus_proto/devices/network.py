@@ -1,0 +1,314 @@
+"""NVSP: the network VSP protocol between NetVSC (guest) and NetVSP (host), up to its version handshake.
+
+Mirrors Linux drivers/net/hyperv/hyperv_net.h (``struct nvsp_message``, ``NVSP_MSG*_TYPE_*``,
+``NVSP_STAT_*``, ``NVSP_PROTOCOL_VERSION_*``) and netvsc.c (``negotiate_nvsp_ver``, ``netvsc_connect_vsp``),
+and OpenVMM vm/devices/net/netvsp/src/protocol.rs and lib.rs (``initialize``: INIT_COMPLETE and its
+28/40-byte packet sizes). The channel is raw (no pipe header). RNDIS, which rides inside SEND_RNDIS_PKT,
+is not modelled here yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .. import guids
+from ..errors import DeviceProtocolError, LocalProtocolError
+from ..packets import PacketType
+from .base import DeviceSpec, Handshake, Incoming, Outgoing
+
+__all__ = [
+    "DEFAULT_SUPPORTED",
+    "INVALID_PROTOCOL_VERSION",
+    "LINUX_VERSIONS",
+    "MAX_MDL_CHAIN_LEN",
+    "NVSP_HEADER_SIZE",
+    "NVSP_MESSAGE_SIZE",
+    "PACKET_SIZE_V1",
+    "PACKET_SIZE_V61",
+    "SPEC",
+    "Init",
+    "InitComplete",
+    "MessageType",
+    "Status",
+    "Version",
+    "VscHandshake",
+    "VspHandshake",
+    "host_message_size",
+    "pack_message",
+    "unpack_message",
+]
+
+
+class MessageType(enum.IntEnum):
+    """``nvsp_message_header.msg_type`` (Linux hyperv_net.h anonymous enum)."""
+
+    NONE = 0
+    INIT = 1
+    INIT_COMPLETE = 2
+    # Version 1
+    SEND_NDIS_VER = 100
+    SEND_RECV_BUF = 101
+    SEND_RECV_BUF_COMPLETE = 102
+    REVOKE_RECV_BUF = 103
+    SEND_SEND_BUF = 104
+    SEND_SEND_BUF_COMPLETE = 105
+    REVOKE_SEND_BUF = 106
+    SEND_RNDIS_PKT = 107
+    SEND_RNDIS_PKT_COMPLETE = 108
+    # Version 2
+    SEND_CHIMNEY_DELEGATED_BUF = 109
+    SEND_CHIMNEY_DELEGATED_BUF_COMP = 110
+    REVOKE_CHIMNEY_DELEGATED_BUF = 111
+    RESUME_CHIMNEY_RX_INDICATION = 112
+    TERMINATE_CHIMNEY = 113
+    TERMINATE_CHIMNEY_COMP = 114
+    INDICATE_CHIMNEY_EVENT = 115
+    SEND_CHIMNEY_PKT = 116
+    SEND_CHIMNEY_PKT_COMP = 117
+    POST_CHIMNEY_RECV_REQ = 118
+    POST_CHIMNEY_RECV_REQ_COMP = 119
+    ALLOC_RXBUF = 120
+    ALLOC_RXBUF_COMP = 121
+    FREE_RXBUF = 122
+    SEND_VMQ_RNDIS_PKT = 123
+    SEND_VMQ_RNDIS_PKT_COMP = 124
+    SEND_NDIS_CONFIG = 125
+    ALLOC_CHIMNEY_HANDLE = 126
+    ALLOC_CHIMNEY_HANDLE_COMP = 127
+    # Version 4
+    SEND_VF_ASSOCIATION = 128
+    SWITCH_DATA_PATH = 129
+    UPLINK_CONNECT_STATE_DEPRECATED = 130
+    # Version 5
+    OID_QUERY_EX = 131
+    OID_QUERY_EX_COMP = 132
+    SUBCHANNEL = 133
+    SEND_INDIRECTION_TABLE = 134
+    # Version 6
+    PD_API = 135
+    PD_POST_BATCH = 136
+
+
+class Version(enum.IntEnum):
+    """``NVSP_PROTOCOL_VERSION_*``: ``major << 16 | minor`` (v1 is plain 2)."""
+
+    V1 = 0x00000002
+    V2 = 0x00030002
+    V4 = 0x00040000
+    V5 = 0x00050000
+    V6 = 0x00060000
+    V61 = 0x00060001
+
+
+class Status(enum.IntEnum):
+    """``NVSP_STAT_*``."""
+
+    NONE = 0
+    SUCCESS = 1
+    FAIL = 2
+    PROTOCOL_TOO_NEW = 3
+    PROTOCOL_TOO_OLD = 4
+    INVALID_RNDIS_PKT = 5
+    BUSY = 6
+    PROTOCOL_UNSUPPORTED = 7
+
+
+NVSP_HEADER_SIZE = 4
+NVSP_MESSAGE_SIZE = 40  # sizeof(struct nvsp_message): what Linux always sends
+PACKET_SIZE_V1 = 0x1C  # OpenVMM's host message size up to v6
+PACKET_SIZE_V61 = 0x28  # ... and for v6.1
+INVALID_PROTOCOL_VERSION = 0xFFFFFFFF  # NVSP_INVALID_PROTOCOL_VERSION
+MAX_MDL_CHAIN_LEN = 34  # OpenVMM INIT_COMPLETE.max_mdl_chain_len
+
+LINUX_VERSIONS: tuple[int, ...] = (Version.V61, Version.V6, Version.V5, Version.V4, Version.V2, Version.V1)
+DEFAULT_SUPPORTED: frozenset[int] = frozenset(Version)
+
+_U32 = struct.Struct("<I")
+_INIT = struct.Struct("<II")
+_INIT_COMPLETE = struct.Struct("<III")
+
+
+def host_message_size(version: int) -> int:
+    """Bytes OpenVMM's NetVSP sends per NVSP message for a negotiated version."""
+    return PACKET_SIZE_V61 if version >= Version.V61 else PACKET_SIZE_V1
+
+
+def pack_message(msg_type: int, body: bytes, size: int = NVSP_MESSAGE_SIZE) -> bytes:
+    """``struct nvsp_message``: the u32 type, then ``body`` zero-padded to ``size`` bytes in all."""
+    if NVSP_HEADER_SIZE + len(body) > size:
+        raise LocalProtocolError(f"NVSP body of {len(body)} bytes does not fit a {size}-byte message")
+    return _U32.pack(msg_type) + body + bytes(size - NVSP_HEADER_SIZE - len(body))
+
+
+def unpack_message(payload: bytes) -> tuple[int, bytes]:
+    """``(msg_type, union bytes)`` of an NVSP message."""
+    if len(payload) < NVSP_HEADER_SIZE:
+        raise DeviceProtocolError(f"NVSP message of {len(payload)} bytes is shorter than its header")
+    (msg_type,) = _U32.unpack_from(payload)
+    return msg_type, bytes(payload[NVSP_HEADER_SIZE:])
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """``struct nvsp_message_init`` (INIT, guest to host)."""
+
+    min_protocol_ver: int
+    max_protocol_ver: int
+
+    def pack(self) -> bytes:
+        return _INIT.pack(self.min_protocol_ver, self.max_protocol_ver)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Init:
+        if len(body) < _INIT.size:
+            raise DeviceProtocolError(f"NVSP INIT body of {len(body)} bytes, need {_INIT.size}")
+        return cls(*_INIT.unpack_from(body))
+
+
+@dataclass(frozen=True, slots=True)
+class InitComplete:
+    """``struct nvsp_message_init_complete`` (INIT_COMPLETE, the host's completion of INIT)."""
+
+    negotiated_protocol_ver: int
+    max_mdl_chain_len: int
+    status: int
+
+    def pack(self) -> bytes:
+        return _INIT_COMPLETE.pack(self.negotiated_protocol_ver, self.max_mdl_chain_len, self.status)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> InitComplete:
+        if len(body) < _INIT_COMPLETE.size:
+            raise DeviceProtocolError(f"NVSP INIT_COMPLETE body of {len(body)} bytes, need {_INIT_COMPLETE.size}")
+        return cls(*_INIT_COMPLETE.unpack_from(body))
+
+
+# Our fixed instance id (OpenVMM takes a vNIC's instance id from its configuration).
+_INSTANCE = uuid.UUID("4322ba74-7a19-4fb4-a8d7-81d2f0892bed")
+
+SPEC = DeviceSpec(
+    name="network",
+    class_id=guids.NETWORK,
+    default_instance=_INSTANCE,
+    pipe_mode=False,
+    mmio_megabytes=0,
+    ring_bytes=128 * 4096 + 4096,  # netvsc_ring_bytes = VMBUS_RING_SIZE(ring_size = 128 pages)
+    # NETVSC_MAX_PKT_SIZE: transfer-page header with 562 ranges (16 + 8 + 562 * 8)
+    # + sizeof(nvsp_message) (40) + the 16-entry u32 send table (64) = 4624.
+    max_packet=16 + 8 + 562 * 8 + NVSP_MESSAGE_SIZE + 16 * 4,
+)
+
+
+class VscHandshake(Handshake):
+    """NetVSC ``negotiate_nvsp_ver`` loop: INIT with ``min = max = candidate``, newest first, until an
+    INIT_COMPLETE (a completion packet) reports SUCCESS."""
+
+    def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
+        if not versions:
+            raise LocalProtocolError("a VSC needs at least one NVSP version to offer")
+        self.versions: tuple[int, ...] = tuple(int(v) for v in versions)
+        self.negotiated_version = None
+        self.max_mdl_chain_len = 0
+        self._started = False
+        self._done = False
+        self._index = 0
+        self._next_trans_id = 1
+        self._pending: int | None = None
+        self._failed: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def failed(self) -> str | None:
+        return self._failed
+
+    def start(self) -> list[Outgoing]:
+        if self._started:
+            raise LocalProtocolError("NVSP handshake already started")
+        self._started = True
+        return [self._init()]
+
+    def _init(self) -> Outgoing:
+        version = self.versions[self._index]
+        trans_id = self._next_trans_id
+        self._next_trans_id += 1
+        self._pending = trans_id
+        payload = pack_message(MessageType.INIT, Init(version, version).pack())
+        return Outgoing(payload, PacketType.DATA_INBAND, trans_id, True)
+
+    def receive(self, packet: Incoming) -> list[Outgoing]:
+        if self._failed is not None:
+            return []
+        if self._done:
+            raise DeviceProtocolError("NVSP handshake is over: this packet belongs to the data path")
+        if not self._started:
+            raise DeviceProtocolError("NVSP packet before INIT was sent")
+        if packet.type != PacketType.COMP:
+            raise DeviceProtocolError(f"NVSP packet type {packet.type:#x} while waiting for INIT_COMPLETE")
+        if packet.trans_id != self._pending:
+            raise DeviceProtocolError(f"NVSP completion for unknown transaction id {packet.trans_id}")
+        msg_type, body = unpack_message(packet.payload)
+        if msg_type != MessageType.INIT_COMPLETE:
+            raise DeviceProtocolError(f"NVSP message type {msg_type} while waiting for INIT_COMPLETE")
+        complete = InitComplete.unpack(body)
+        self._pending = None
+        if complete.status == Status.SUCCESS:
+            self.negotiated_version = self.versions[self._index]
+            self.max_mdl_chain_len = complete.max_mdl_chain_len
+            self._done = True
+            return []
+        self._index += 1
+        if self._index < len(self.versions):
+            return [self._init()]
+        offered = ", ".join(f"{v:#x}" for v in self.versions)
+        self._failed = f"host refused every NVSP protocol version ({offered}); last status {complete.status}"
+        return []
+
+
+class VspHandshake(Handshake):
+    """NetVSP's answer to INIT (OpenVMM ``initialize``): INIT_COMPLETE as a completion echoing the trans_id,
+    ``{0xFFFFFFFF (2 for v1), 34, SUCCESS or NONE}``; a refused version waits for the next INIT.
+
+    Like OpenVMM it checks ``min_protocol_ver`` (Linux sends min = max).
+    """
+
+    def __init__(self, supported: Iterable[int] = DEFAULT_SUPPORTED) -> None:
+        self.supported: frozenset[int] = frozenset(int(v) for v in supported)
+        self.negotiated_version = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def start(self) -> list[Outgoing]:
+        return []
+
+    def receive(self, packet: Incoming) -> list[Outgoing]:
+        if self._done:
+            raise DeviceProtocolError("NVSP handshake is over: this packet belongs to the data path")
+        if packet.type != PacketType.DATA_INBAND:
+            raise DeviceProtocolError(f"NetVSP got packet type {packet.type:#x} before INIT")
+        msg_type, body = unpack_message(packet.payload)
+        if msg_type != MessageType.INIT:
+            raise DeviceProtocolError(f"NVSP message type {msg_type} before INIT completed")
+        if not packet.completion_requested:
+            raise DeviceProtocolError("NVSP INIT without COMPLETION_REQUESTED")
+        version = Init.unpack(body).min_protocol_ver
+        accepted = version in self.supported
+        complete = InitComplete(
+            negotiated_protocol_ver=Version.V1 if accepted and version == Version.V1 else INVALID_PROTOCOL_VERSION,
+            max_mdl_chain_len=MAX_MDL_CHAIN_LEN,
+            status=Status.SUCCESS if accepted else Status.NONE)
+        size = host_message_size(version) if accepted else PACKET_SIZE_V1
+        if accepted:
+            self.negotiated_version = version
+            self._done = True
+        payload = pack_message(MessageType.INIT_COMPLETE, complete.pack(), size)
+        return [Outgoing(payload, PacketType.COMP, packet.trans_id)]

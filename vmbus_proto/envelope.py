@@ -1,0 +1,160 @@
+"""Bodies of the envelope's frames (docs/protocol.md): HELLO, PACKET, SIGNAL and CLOSE.
+
+A PACKET body is the ring packet's descriptor fields (Linux ``struct vmpacket_descriptor``: type, flags,
+trans_id), its in-band payload and, for GPA-direct packets, its ranges (``struct gpa_range``) or, for
+transfer-page packets, its ``vmtransfer_page_packet_header`` ranges. A SIGNAL body carries the ring header
+fields (Linux ``struct hv_ring_buffer``) that a stream peer cannot read from shared memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import FrameError, PacketError
+from .packets import GpaRange, Packet, PacketType
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def _unpack(body: bytes | memoryview, what: str) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        raise FrameError(f"{what} body is not msgpack: {exc}") from None
+
+
+# ---- HELLO ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    envelope: int
+    partition: str  # the child's name (child to parent) or the host's (parent to child)
+    auth: str = "none"  # the place for the challenge-response step
+
+    def encode(self) -> bytes:
+        return _packb({"envelope": self.envelope, "partition": self.partition, "auth": self.auth})
+
+    @classmethod
+    def decode(cls, body: bytes | memoryview) -> Hello:
+        obj = _unpack(body, "HELLO")
+        if not isinstance(obj, Mapping):
+            raise FrameError("HELLO body is not a map")
+        env, name, auth = obj.get("envelope"), obj.get("partition"), obj.get("auth", "none")
+        if not isinstance(env, int) or not isinstance(name, str) or not isinstance(auth, str):
+            raise FrameError("HELLO needs envelope (int), partition (str) and auth (str)")
+        if not 0 < len(name) <= 64 or not name.isprintable():
+            raise FrameError("HELLO partition name must be 1-64 printable characters")
+        return cls(env, name, auth)
+
+
+# ---- CLOSE ----------------------------------------------------------------------------------------------
+
+def encode_close(reason: str) -> bytes:
+    return _packb({"reason": reason})
+
+
+def decode_close(body: bytes | memoryview) -> str:
+    try:
+        obj = _unpack(body, "CLOSE")
+    except FrameError:
+        return "(undecodable CLOSE)"
+    if isinstance(obj, Mapping) and isinstance(obj.get("reason"), str):
+        return str(obj["reason"])
+    return "(no reason)"
+
+
+# ---- PACKET ---------------------------------------------------------------------------------------------
+
+def encode_packet(pkt: Packet) -> bytes:
+    ext: Any = None
+    if pkt.ranges:
+        ext = [[r.byte_count, r.byte_offset, list(r.pfns)] for r in pkt.ranges]
+    elif pkt.xfer_ranges:
+        ext = [pkt.xfer_pageset_id, [list(r) for r in pkt.xfer_ranges]]
+    return _packb([pkt.type, pkt.flags, pkt.trans_id, pkt.payload, ext])
+
+
+def decode_packet(body: bytes | memoryview, data: bytes | memoryview, max_payload: int) -> Packet:
+    obj = _unpack(body, "PACKET")
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise PacketError("PACKET body is not [type, flags, trans_id, payload, ext]")
+    ptype, flags, trans_id, payload, ext = obj
+    if not (isinstance(ptype, int) and isinstance(flags, int) and isinstance(trans_id, int)):
+        raise PacketError("PACKET type, flags and trans_id must be integers")
+    if not isinstance(payload, bytes):
+        raise PacketError("PACKET payload must be bytes")
+    if len(payload) > max_payload:
+        raise PacketError(f"in-band payload of {len(payload)} bytes exceeds {max_payload}")
+    pkt = Packet(ptype, flags, trans_id, payload, data=data)
+    if ptype == PacketType.DATA_USING_GPA_DIRECT:
+        if not isinstance(ext, list):
+            raise PacketError("GPA-direct PACKET without ranges")
+        ranges = []
+        for r in ext:
+            if (not isinstance(r, list) or len(r) != 3 or not isinstance(r[0], int) or not isinstance(r[1], int)
+                    or not isinstance(r[2], list) or not all(isinstance(p, int) and p >= 0 for p in r[2])):
+                raise PacketError("GPA range must be [byte_count, byte_offset, [pfn, ...]]")
+            ranges.append(GpaRange(r[0], r[1], tuple(r[2])))
+        pkt.ranges = tuple(ranges)
+    elif ptype == PacketType.DATA_USING_XFER_PAGES:
+        if (not isinstance(ext, list) or len(ext) != 2 or not isinstance(ext[0], int)
+                or not isinstance(ext[1], list)):
+            raise PacketError("transfer-page PACKET needs [pageset_id, [[byte_count, byte_offset], ...]]")
+        xr = []
+        for r in ext[1]:
+            if not isinstance(r, list) or len(r) != 2 or not all(isinstance(v, int) for v in r):
+                raise PacketError("transfer-page range must be [byte_count, byte_offset]")
+            xr.append((r[0], r[1]))
+        pkt.xfer_pageset_id, pkt.xfer_ranges = ext[0], tuple(xr)
+    elif ext is not None:
+        raise PacketError(f"packet type {ptype:#x} carries no extension")
+    pkt.validate()
+    return pkt
+
+
+# ---- SIGNAL ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """Ring header fields for ring ``ring`` (0 guest-to-host, 1 host-to-guest) of a channel.
+
+    The reader sends read_index and interrupt_mask; the writer sends write_index and pending_send_sz.
+    """
+
+    ring: int
+    read_index: int | None = None
+    interrupt_mask: int | None = None
+    write_index: int | None = None
+    pending_send_sz: int | None = None
+
+    def encode(self) -> bytes:
+        out: dict[str, int] = {"ring": self.ring}
+        for name in ("read_index", "interrupt_mask", "write_index", "pending_send_sz"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return _packb(out)
+
+    @classmethod
+    def decode(cls, body: bytes | memoryview) -> Signal:
+        obj = _unpack(body, "SIGNAL")
+        if not isinstance(obj, Mapping) or obj.get("ring") not in (0, 1):
+            raise FrameError("SIGNAL body must be a map with ring 0 or 1")
+        fields: dict[str, int] = {}
+        for key, value in obj.items():
+            if key == "ring":
+                continue
+            if key not in ("read_index", "interrupt_mask", "write_index", "pending_send_sz"):
+                raise FrameError(f"SIGNAL has unknown field {key!r}")
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+                raise FrameError(f"SIGNAL {key} must be a u32")
+            fields[key] = value
+        reader = "read_index" in fields or "interrupt_mask" in fields
+        writer = "write_index" in fields or "pending_send_sz" in fields
+        if reader and writer:
+            raise FrameError("SIGNAL mixes the reader's and the writer's fields")
+        return cls(ring=int(obj["ring"]), **fields)
