@@ -27,10 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trace", action="store_true", help="log every control message, decoded")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--json-logs", action="store_true", help="JSON log lines even on a terminal")
+    sub.add_parser("demo", help="a parent and three children as real processes, narrated (see --help)",
+                   add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main  # noqa: PLC0415 - keeps rich off the daemon's import path
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = Config.load(args.config)

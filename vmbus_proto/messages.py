@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from .errors import MessageError
+from .guids import CLASS_NAMES
 
 MAX_MESSAGE_SIZE = 240  # HV_MESSAGE_PAYLOAD_SIZE: a SynIC message payload, VMBus header included
 GPADL_HEADER_MAX_PFNS = 26  # one of 27 u64 slots goes to the range header
@@ -140,6 +141,8 @@ class Message:
             value = getattr(self, name)
             if kind == "guid":
                 text = str(value)
+                if value in CLASS_NAMES:
+                    text += f"({CLASS_NAMES[value]})"
             elif kind.startswith("bytes"):
                 stripped = bytes(value).rstrip(b"\0")
                 text = stripped.hex() if stripped else "0"

@@ -1,0 +1,129 @@
+"""Integration fixtures: a real parent daemon and real child processes on loopback TCP and Unix sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+class Proc:
+    """A subprocess whose JSON log lines (stderr) are collected by a thread."""
+
+    def __init__(self, cmd: list[str], cwd: Path, name: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.name = name
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env, text=True, start_new_session=True)
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    self.lines.append({"event": line.rstrip(), "level": "raw"})
+                self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15.0,
+                 start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    if pred(self.lines[i]):
+                        return self.lines[i]
+                    i += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and i >= len(self.lines)):
+                    tail = "".join(self.raw[-30:])
+                    raise AssertionError(f"{self.name}: expected log line not seen. Last lines:\n{tail}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def wait_event(self, event: str, timeout: float = 15.0, start: int = 0, **fields: Any) -> dict[str, Any]:
+        return self.wait_for(lambda r: r.get("event") == event and all(r.get(k) == v for k, v in fields.items()),
+                             timeout, start)
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [r for r in self.lines if r.get("event") == event]
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._thread.join(5)
+        return code
+
+
+class Parent(Proc):
+    def __init__(self, workdir: Path, config: str = "", extra: list[str] | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "parent.toml"
+        cfg.write_text(config)
+        self.unix_path = workdir / "run" / "vmbus.sock"
+        cmd = [str(BIN / "parent-partition"), "serve", "--config", str(cfg), "--json-logs",
+               "--listen", "tcp://127.0.0.1:0", "--listen", f"unix:{self.unix_path}",
+               "--data-dir", str(workdir / "var"), *(extra or [])]
+        super().__init__(cmd, workdir, "parent")
+        ready = self.wait_event("parent partition listening")
+        self.tcp = next(u for u in ready["listen"] if u.startswith("tcp://"))
+        self.unix = f"unix:{self.unix_path}"
+
+
+def child(workdir: Path, url: str, name: str, *extra: str) -> Proc:
+    return Proc([str(BIN / "child-partition"), "run", "--connect", url, "--name", name, "--json-logs", *extra],
+                workdir, name)
+
+
+FAST_LIMITS = """
+[parent]
+handshake_timeout = 1.5
+stall_timeout = 2.0
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def parent(tmp_path: Path) -> Iterator[Parent]:
+    p = Parent(tmp_path / "parent", FAST_LIMITS)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parent]:
+    p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS)
+    yield p
+    p.stop()
