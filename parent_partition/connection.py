@@ -60,7 +60,7 @@ class PartitionConnection(FramedConnection):
             self.daemon.config.handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
-        what = "HELLO" if self.partition is None else "an accepted INITIATE_CONTACT"
+        what = "HELLO" if self.partition is None else "accepted INITIATE_CONTACT"
         self.fail(f"handshake timeout: no {what} within {self.daemon.config.handshake_timeout:g}s")
 
     def on_connection_lost(self, exc: Exception | None) -> None:

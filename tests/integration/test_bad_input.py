@@ -1,0 +1,269 @@
+"""Bad input over a real socket: each case is logged, costs at most that peer's connection, and the parent
+keeps serving everyone else. A bystander child stays connected through the whole module and must never
+notice; after every case a fresh client must still negotiate."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import msgpack
+import psutil
+import pytest
+
+from vmbus_proto import messages as m
+from vmbus_proto.envelope import Hello, Signal, encode_packet
+from vmbus_proto.framing import HEADER, FrameKind, encode_frame
+from vmbus_proto.guids import SYNTH_KEYBOARD
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+
+from .conftest import Parent, Proc, child
+from .rawclient import RawClient
+
+pytestmark = pytest.mark.integration
+KEYBOARD_PAGES = 10  # 36 KiB of ring data per direction
+
+
+@pytest.fixture(scope="module")
+def bystander(shared_parent: Parent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    vm = child(tmp_path_factory.mktemp("bystander"), shared_parent.unix, "bystander")
+    vm.wait_event("all offered channels open")
+    yield vm
+    assert not vm.events("session with the parent ended"), "the bystander noticed another partition's trouble"
+    assert vm.stop() == 0
+
+
+@pytest.fixture
+def p(shared_parent: Parent, bystander: Proc) -> Iterator[Parent]:
+    yield shared_parent
+    # The daemon still serves a newcomer after every case.
+    ok = RawClient(shared_parent.tcp)
+    offers = ok.negotiate(f"healthy-{time.monotonic_ns()}")
+    assert len(offers) == 5
+    ok.close()
+    assert shared_parent.proc.poll() is None
+
+
+def _error_logged(p: Parent, mark: int, needle: str) -> None:
+    p.wait_for(lambda r: r.get("level") in ("error", "warning") and needle in str(r), timeout=5, start=mark)
+
+
+def test_garbage_bytes(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+    reason = c.wait_closed()
+    assert reason is not None and "FrameError" in reason
+    _error_logged(p, mark, "FrameError")
+
+
+def test_oversized_length_prefix(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.unix)
+    c.send_raw(HEADER.pack(0x7FFFFFFF, FrameKind.CONTROL, 0, 0, 0, 0))
+    reason = c.wait_closed()
+    assert reason is not None and "exceeds" in reason
+    _error_logged(p, mark, "exceeds")
+
+
+def test_unknown_frame_kind(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.send_raw(HEADER.pack(1, 99, 0, 0, 0, 0) + b"\x00")
+    reason = c.wait_closed()
+    assert reason is not None and "unknown frame kind 99" in reason
+
+
+def test_truncated_frame_then_hangup(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    c.hello("truncated")
+    frame = encode_frame(FrameKind.CONTROL, 0, m.RequestOffers().encode())
+    c.send_raw(frame[: len(frame) - 3])
+    c.sock.shutdown(socket.SHUT_WR)
+    c.wait_closed()
+    _error_logged(p, mark, "peer closed mid-frame")
+
+
+def test_control_before_hello_and_second_hello(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.send(m.InitiateContact(vmbus_version_requested=0x50003))
+    reason = c.wait_closed()
+    assert reason is not None and "CONTROL frame before HELLO" in reason
+    c2 = RawClient(p.tcp)
+    c2.hello("twice")
+    c2.send_frame(FrameKind.HELLO, 0, b"\x80")
+    reason = c2.wait_closed()
+    assert reason is not None and "second HELLO" in reason
+
+
+def test_duplicate_partition_name_is_refused(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.send_frame(FrameKind.HELLO, 0, Hello(1, "bystander").encode())
+    reason = c.wait_closed()
+    assert reason is not None and "already connected" in reason
+
+
+def test_unknown_and_malformed_control_messages_are_dropped(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    c.hello("dropper")
+    c.send_frame(FrameKind.CONTROL, 0, b"\xc1\xc1garbage")  # not msgpack
+    c.send_frame(FrameKind.CONTROL, 0, msgpack.packb({"msgtype": 99}))
+    c.send_frame(FrameKind.CONTROL, 0, msgpack.packb({"msgtype": 21, "x": 1}))  # TL_CONNECT
+    c.send_frame(FrameKind.CONTROL, 0, msgpack.packb({"msgtype": 7}))  # CLOSECHANNEL, no relid
+    c.send_frame(FrameKind.CONTROL, 0, msgpack.packb({"msgtype": 7, "child_relid": -1}))
+    # ...and the connection still works: this guest negotiates normally afterwards.
+    c.send(m.InitiateContact(vmbus_version_requested=0x50003, interrupt_page=2))
+    assert c.expect(m.VersionResponse).version_supported == 1
+    _error_logged(p, mark, "not msgpack")
+    _error_logged(p, mark, "unsupported channel message type 99")
+    _error_logged(p, mark, "missing field 'child_relid'")
+    c.close()
+
+
+def test_messages_in_the_wrong_state_and_unknown_relids(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    c.hello("wrongstate")
+    c.send(m.RequestOffers())  # before INITIATE_CONTACT
+    c.send(m.InitiateContact(vmbus_version_requested=0x50003, interrupt_page=2))
+    c.expect(m.VersionResponse)
+    c.send(m.RequestOffers())
+    c.expect(m.AllOffersDelivered)
+    c.send(m.RequestOffers())  # a second time
+    c.send(m.CloseChannel(child_relid=999))
+    c.send(m.OpenChannel(child_relid=999, openid=999, ringbuffer_gpadlhandle=1, downstream_ringbuffer_pageoffset=2))
+    c.send(m.GpadlBody(msgnumber=0, gpadl=0x4242, pfns=(1, 2, 3)))
+    c.send(m.CloseChannel(child_relid=1))  # offered but not open
+    # A GPADL for an unknown relid gets a failed GPADL_CREATED: the guest waits on it.
+    c.send(m.GpadlHeader(child_relid=999, gpadl=5, range_buflen=16, rangecount=1, ranges=((4096, 0),), pfns=(1,)))
+    created = c.expect(m.GpadlCreated)
+    assert created.creation_status == m.STATUS_UNSUCCESSFUL
+    # An OPENCHANNEL with a GPADL that does not exist is answered with a failure, never left hanging.
+    c.send(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=0x77, downstream_ringbuffer_pageoffset=2))
+    assert c.expect(m.OpenChannelResult).status == m.STATUS_UNSUCCESSFUL
+    for needle in ("REQUESTOFFERS while disconnected", "REQUESTOFFERS was already answered", "unknown relid 999",
+                   "GPADL_BODY for unknown GPADL id 0x4242", "CLOSECHANNEL for relid 1 while closed",
+                   "does not exist"):
+        _error_logged(p, mark, needle)
+    c.send(m.Unload())
+    c.expect(m.UnloadResponse)
+    c.close()
+
+
+def test_duplicate_in_progress_gpadl_id_fails(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.negotiate("dupgpadl")
+    header = m.GpadlHeader(child_relid=1, gpadl=9, range_buflen=8 + 8 * 40, rangecount=1, ranges=((40 * 4096, 0),),
+                           pfns=tuple(range(26)))
+    c.send(header)
+    c.send(header)
+    created = c.expect(m.GpadlCreated)
+    assert (created.gpadl, created.creation_status) == (9, m.STATUS_UNSUCCESSFUL)
+    c.send(m.GpadlBody(msgnumber=0, gpadl=9, pfns=tuple(range(26, 40))))
+    assert c.expect(m.GpadlCreated).creation_status == 0
+    c.close()
+
+
+def test_ring_credit_overrun_costs_the_connection(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    offers = c.negotiate("overrun")
+    kbd = next(r for r, o in offers.items() if o.if_type == SYNTH_KEYBOARD)
+    c.open(kbd, KEYBOARD_PAGES, gpadl=0xE1E10)
+    pkt = Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, 1, bytes(4096))
+    burst = b"".join(encode_frame(FrameKind.PACKET, kbd, encode_packet(pkt)) for _ in range(64))
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        c.send_raw(burst)  # 64 x 4 KiB into a 36 KiB ring, without waiting for any credit
+    reason = c.wait_closed()
+    assert reason is not None and "overran its ring credit" in reason
+    _error_logged(p, mark, "RingOverrunError")
+
+
+def test_credit_signal_with_wrong_fields_costs_the_connection(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    offers = c.negotiate("badsignal")
+    relid = min(offers)
+    c.open(relid, 33, gpadl=0xE1E10)
+    c.signal(relid, Signal(ring=0, read_index=8))  # the guest does not read ring 0
+    reason = c.wait_closed()
+    assert reason is not None and "reader fields for ring 0" in reason
+
+
+def test_packet_with_malformed_gpa_range(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    offers = c.negotiate("badrange")
+    relid = min(offers)
+    c.open(relid, 33, gpadl=0xE1E10)
+    body = msgpack.packb([PacketType.DATA_USING_GPA_DIRECT, 1, 5, b"x" * 8, [[4096, 5000, [1, 2]]]])
+    c.send_frame(FrameKind.PACKET, relid, body)
+    reason = c.wait_closed()
+    assert reason is not None and "byte_offset 5000" in reason
+
+
+def test_silent_client_hits_the_handshake_timeout(p: Parent) -> None:
+    mark = p.mark()
+    t0 = time.monotonic()
+    c = RawClient(p.tcp)
+    reason = c.wait_closed(timeout=10)
+    assert reason is not None and "handshake timeout: no HELLO" in reason
+    assert time.monotonic() - t0 >= 1.0
+    c2 = RawClient(p.unix)
+    c2.hello("mute")
+    reason = c2.wait_closed(timeout=10)
+    assert reason is not None and "no accepted INITIATE_CONTACT" in reason
+    _error_logged(p, mark, "handshake timeout")
+
+
+def test_client_that_never_reads_is_dropped_without_unbounded_buffering(p: Parent) -> None:
+    """Each bad GPADL_HEADER earns a failed GPADL_CREATED; a client that sends them forever and never
+    reads fills the parent's write buffer, the parent stops reading, and the stall timeout drops it."""
+    mark = p.mark()
+    proc = psutil.Process(p.proc.pid)
+    rss0 = proc.memory_info().rss
+    c = RawClient(p.tcp)
+    c.negotiate("deaf")
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    bad = encode_frame(FrameKind.CONTROL, 0, m.GpadlHeader(child_relid=999, gpadl=1, range_buflen=16, rangecount=1,
+                                                            ranges=((4096, 0),), pfns=(1,)).encode())
+    chunk = bad * 2000
+    c.sock.settimeout(0.5)
+    sent = 0
+    deadline = time.monotonic() + 20
+    blocked = False
+    while time.monotonic() < deadline and sent < 400 * len(chunk):
+        try:
+            sent += c.sock.send(chunk)
+        except TimeoutError:
+            blocked = True  # the parent stopped reading us: backpressure reached our send buffer
+            break
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    assert blocked, "the parent kept reading a client that never reads"
+    p.wait_for(lambda r: "has not read" in str(r), timeout=15, start=mark)
+    growth = proc.memory_info().rss - rss0
+    assert growth < 64 * 1024 * 1024, f"parent grew {growth} bytes buffering for a deaf client"
+    c.close()
+
+
+def test_invalid_packet_for_closed_channel_is_still_rejected(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.negotiate("nochannel")
+    c.send_frame(FrameKind.PACKET, 3, b"\x93\x01\x02")  # not a valid packet body, for a channel not open
+    reason = c.wait_closed()
+    assert reason is not None and "PACKET body" in reason
+
+
+def test_data_len_larger_than_frame(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    c.send_raw(struct.pack("<IBBHII", 4, FrameKind.PACKET, 0, 0, 1, 8) + b"abcd")
+    reason = c.wait_closed()
+    assert reason is not None and "bad frame header" in reason
+
+
+def test_bystander_still_connected(p: Parent, bystander: Proc) -> None:
+    assert bystander.proc.poll() is None
+    assert not bystander.events("session with the parent ended")
