@@ -20,8 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict vmbus_proto
-	$(VENV)/bin/mypy parent_partition child_partition
+	$(VENV)/bin/mypy --strict vmbus_proto parent_partition child_partition
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q
