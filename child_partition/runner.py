@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.channel import ChannelClosed
+from vmbus_proto.errors import ProtocolError
 from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus
@@ -80,7 +82,7 @@ class ChildPartition:
             try:
                 await self._session(self.bus, stop)
                 backoff = 0.1
-            except (ConnectionError, BusError, TimeoutError) as exc:
+            except (ConnectionError, BusError, TimeoutError, ChannelClosed, ProtocolError) as exc:
                 self.log.warning("session with the parent ended", error=str(exc) or type(exc).__name__)
                 await self._forget(self.bus)
                 if not self.reconnect:
