@@ -113,7 +113,7 @@ class ParentDaemon:
 
 
     async def _until_idle(self) -> None:
-        while any(conn.channels for conn in self.connections):  # noqa: ASYNC110 - bounded by the caller
+        while any(conn.channels for conn in self.connections):
             await asyncio.sleep(0.01)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,9 @@ from .conftest import child
 pytestmark = pytest.mark.integration
 
 
-async def _until(pred: object, timeout: float = 10.0) -> None:
+async def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
-        while not pred():  # type: ignore[operator]
+        while not pred():
             await asyncio.sleep(0.02)
 
 
