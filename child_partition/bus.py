@@ -55,7 +55,11 @@ class GuestBus(FramedConnection):
     def on_hello(self, frame: Frame) -> None:
         if self.hello_future.done():
             raise FrameError("second HELLO from the host")
-        self.hello_future.set_result(Hello.decode(frame.body))
+        hello = Hello.decode(frame.body)
+        if hello.envelope != ENVELOPE_VERSION or hello.auth != "none":
+            raise FrameError(f"the parent speaks envelope {hello.envelope} with auth {hello.auth!r}; "
+                             f"this child speaks envelope {ENVELOPE_VERSION} with no authentication")
+        self.hello_future.set_result(hello)
 
     def on_close_frame(self, reason: str) -> None:
         self.log.warning("parent closed the connection", reason=reason)

@@ -113,9 +113,9 @@ class PartitionConnection(FramedConnection):
         try:
             msg = m.decode(frame.body)
         except MessageError as exc:
-            # Linux and OpenVMM drop a message they cannot parse; so do we.
-            self.dropped_messages += 1
-            self.log.warning("control message dropped", reason=str(exc))
+            # Linux and OpenVMM drop a message they cannot parse; so do we (a GPADL still gets its answer).
+            self.core.receive_malformed(exc)
+            self._run_actions()
             return
         if self.daemon.config.trace:
             self.log.info("G>H " + msg.describe())
@@ -137,7 +137,7 @@ class PartitionConnection(FramedConnection):
                 self._spawn(self._device_close(act))
             elif isinstance(act, core.Dropped):
                 self.dropped_messages += 1
-                self.log.warning("invalid control message dropped", reason=act.reason,
+                self.log.warning("control message dropped", reason=act.reason,
                                  message=act.message.describe() if act.message else None)
             elif isinstance(act, core.Connected):
                 if self._handshake_timer is not None:
@@ -146,6 +146,10 @@ class PartitionConnection(FramedConnection):
                 self.log.info("VMBus connected", version=version_text(act.version))
             elif isinstance(act, core.Disconnected):
                 self.log.info("VMBus disconnected", reason=act.reason)
+                if act.reason == "unload" and self._handshake_timer is None:
+                    # An unloaded guest must contact again (or go) within the handshake timeout.
+                    self._handshake_timer = asyncio.get_running_loop().call_later(
+                        self.daemon.config.handshake_timeout, self._handshake_expired)
             elif isinstance(act, core.ChannelFreed):
                 self.log.info("rescinded channel released", relid=act.relid, device=act.name)
 

@@ -73,7 +73,8 @@ class Vsp(abc.ABC):
     async def serve(self, channel: Channel, info: OpenChannelInfo) -> None: ...
 
     async def close(self, channel: Channel) -> None:
-        """Stop serving ``channel``: in-flight work is drained before this returns."""
+        """Stop serving ``channel``: its serve task is cancelled and awaited, so a device that must
+        finish in-flight work (a disk write) does it in its ``finally`` before this returns."""
         task = self.tasks.pop(channel, None)
         channel.close()
         if task is not None:

@@ -278,6 +278,10 @@ class GuestConnection:
         self._tick(now)
         if self.version >= Version.WIN7:
             self._wait("unload", 0)
+        else:  # UNLOAD_RESPONSE exists from WIN7 on; an older host sends nothing back
+            self.channels.clear()
+            self.state = GuestConnState.UNLOADED
+            self._events.append(UnloadComplete())
 
     def _tick(self, now: float | None) -> None:
         if now is not None:

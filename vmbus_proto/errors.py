@@ -18,7 +18,16 @@ class FrameError(ProtocolError):
 
 
 class MessageError(ProtocolError):
-    """A control message body is malformed (missing or mistyped fields)."""
+    """A control message body is malformed (missing or mistyped fields).
+
+    ``msgtype`` and ``raw`` keep what could be decoded, so a host can still answer a request that a
+    guest would otherwise wait on forever (a failed GPADL_CREATED for a malformed GPADL_HEADER).
+    """
+
+    def __init__(self, message: str, msgtype: int | None = None, raw: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.msgtype = msgtype
+        self.raw = raw
 
 
 class RingOverrunError(ProtocolError):

@@ -40,6 +40,7 @@ class Frame:
 
 
 def encode_frame(kind: int, relid: int, body: bytes, data: bytes | memoryview = b"", flags: int = 0) -> bytes:
+    """Header and msgpack body; the header counts ``data`` but the caller writes it (see ``frame_parts``)."""
     return HEADER.pack(len(body) + len(data), kind, flags, 0, relid, len(data)) + body
 
 

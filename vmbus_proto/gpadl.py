@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import MessageError
+from .errors import LocalProtocolError, MessageError
 from .messages import GPADL_BODY_MAX_PFNS, GpadlBody, GpadlHeader
 from .packets import PAGE_SIZE, pages_spanned
 
 # GPADL handles are chosen by the guest from a global counter (Linux connection.c next_gpadl_handle).
 FIRST_GPADL_HANDLE = 0xE1E10
 HEADER_SLOTS = 27  # u64 slots after GPADL_HEADER's 20-byte fixed part in a 240-byte message
+MAX_PAGES = (0xFFFF - 8) // 8
 
 
 def split(relid: int, gpadl: int, pfns: list[int] | tuple[int, ...],
@@ -24,6 +25,9 @@ def split(relid: int, gpadl: int, pfns: list[int] | tuple[int, ...],
     """One range over ``pfns`` as Linux sends it: a header with up to 26 PFNs, then 28-PFN bodies."""
     if not pfns:
         raise ValueError("a GPADL needs at least one page")
+    if 8 + 8 * len(pfns) > 0xFFFF:
+        # range_buflen is a u16 (Linux vmbus_channel_gpadl_header): 8190 pages is the most one GPADL holds.
+        raise LocalProtocolError(f"a GPADL of {len(pfns)} pages does not fit range_buflen (at most {MAX_PAGES})")
     if byte_count is None:
         byte_count = len(pfns) * PAGE_SIZE
     first = HEADER_SLOTS - 1

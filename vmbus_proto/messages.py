@@ -390,8 +390,7 @@ class UnsupportedMessage(MessageError):
 
     def __init__(self, msgtype: int) -> None:
         name = MsgType(msgtype).name if msgtype in MsgType._value2member_map_ else "unknown"
-        super().__init__(f"unsupported channel message type {msgtype} ({name})")
-        self.msgtype = msgtype
+        super().__init__(f"unsupported channel message type {msgtype} ({name})", msgtype)
 
 
 def decode(body: bytes | memoryview) -> Message:
@@ -407,6 +406,15 @@ def decode(body: bytes | memoryview) -> Message:
 
 
 def from_dict(obj: Mapping[str, Any]) -> Message:
+    try:
+        return _from_dict(obj)
+    except MessageError as exc:
+        if exc.msgtype is None and isinstance(obj.get("msgtype"), int):
+            exc.msgtype, exc.raw = obj["msgtype"], dict(obj)
+        raise
+
+
+def _from_dict(obj: Mapping[str, Any]) -> Message:
     msgtype = obj.get("msgtype")
     if not isinstance(msgtype, int) or isinstance(msgtype, bool):
         raise MessageError("control message has no integer msgtype")

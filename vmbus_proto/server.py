@@ -243,6 +243,7 @@ class HostConnection:
             # The guest already let go; once the device answers, the channel is simply gone.
             ch.reoffer = None
             ch.state = ChanState.REVOKED
+            ch.released = True
             self._maybe_free_revoked(ch)
             return
         if st == ChanState.OPEN:
@@ -308,6 +309,7 @@ class HostConnection:
     def _after_device_idle(self, ch: HostChannel) -> None:
         if ch.state in (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
             ch.state = ChanState.CLIENT_RELEASED
+            self._drop_channel_gpadls(ch.relid)
             self._check_disconnected()
         elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
             self._maybe_free_revoked(ch)
@@ -315,11 +317,22 @@ class HostConnection:
             ch.state = ChanState.CLOSED
 
     def _maybe_free_revoked(self, ch: HostChannel) -> None:
-        """A revoked channel is gone once the guest released it and the device let go."""
-        if ch.device_busy or ch.device_open:
+        """A rescinded channel the guest released is freed, or re-offered under the same relid, once the
+        device let go of it."""
+        if ch.device_busy or ch.device_open or not ch.released:
+            self._check_disconnected()
             return
-        if ch.state == ChanState.REVOKED and ch.released:
+        if ch.state == ChanState.REVOKED:
             self._free(ch)
+        elif ch.state == ChanState.REOFFERED:
+            assert ch.reoffer is not None
+            self._drop_channel_gpadls(ch.relid)
+            ch.offer, ch.reoffer, ch.released = ch.reoffer, None, False
+            if self.state == ConnState.CONNECTED and self.offers_sent:
+                ch.state = ChanState.CLOSED
+                self._send(ch.offer.message(ch.relid))
+            else:
+                ch.state = ChanState.CLIENT_RELEASED
         self._check_disconnected()
 
     def _free(self, ch: HostChannel) -> None:
@@ -369,6 +382,17 @@ class HostConnection:
             return
         handler = _HANDLERS[t]
         handler(self, msg)
+
+    def receive_malformed(self, err: MessageError) -> None:
+        """A guest message that failed to decode. Dropped, but a GPADL the guest waits on is answered."""
+        raw = err.raw or {}
+        gid, relid = _u32(raw.get("gpadl")), _u32(raw.get("child_relid"))
+        if err.msgtype == MsgType.GPADL_HEADER and gid is not None and relid is not None:
+            self._send(m.GpadlCreated(child_relid=relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
+        elif err.msgtype == MsgType.GPADL_BODY and gid is not None and gid in self.in_progress:
+            asm = self.in_progress.pop(gid)
+            self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
+        self._drop(None, str(err))
 
     def _channel(self, msg: m.Message, relid: int) -> HostChannel | None:
         ch = self.channels.get(relid)
@@ -563,19 +587,10 @@ class HostConnection:
         if ch.state == ChanState.CLOSED:
             ch.state = ChanState.CLIENT_RELEASED
             self._drop_channel_gpadls(ch.relid)
-        elif ch.state == ChanState.REVOKED:
+        elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
             ch.released = True
             self._drop_channel_gpadls(ch.relid)
             self._maybe_free_revoked(ch)
-        elif ch.state == ChanState.REOFFERED:
-            if ch.device_busy or ch.device_open:
-                self._drop(msg, f"relid {ch.relid} released while its device is still closing")
-                return
-            self._drop_channel_gpadls(ch.relid)
-            assert ch.reoffer is not None
-            ch.offer, ch.reoffer = ch.reoffer, None
-            ch.state = ChanState.CLOSED
-            self._send(ch.offer.message(ch.relid))
         elif ch.state == ChanState.CLOSING:
             ch.state = ChanState.CLOSING_CLIENT_RELEASE
             self._drop_channel_gpadls(ch.relid)
@@ -624,12 +639,9 @@ class HostConnection:
             ch.state, ch.reopen = ChanState.CLOSING_CLIENT_RELEASE, None
         elif st == ChanState.OPENING:
             ch.state = ChanState.OPENING_CLIENT_RELEASE
-        elif st == ChanState.REVOKED:
+        elif st in (ChanState.REVOKED, ChanState.REOFFERED):
             ch.released = True
             self._maybe_free_revoked(ch)
-        elif st == ChanState.REOFFERED and not (ch.device_busy or ch.device_open):
-            assert ch.reoffer is not None
-            ch.offer, ch.reoffer, ch.state = ch.reoffer, None, ChanState.CLIENT_RELEASED
         self._drop_channel_gpadls(ch.relid)
 
     def _idle(self) -> bool:
@@ -643,6 +655,8 @@ class HostConnection:
                 ch.offer, ch.reoffer, ch.state = ch.reoffer, None, ChanState.CLIENT_RELEASED
             elif ch.state in (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
                 ch.state = ChanState.CLIENT_RELEASED
+            elif ch.state == ChanState.REVOKED:
+                self._free(ch)  # an unload or reset releases every relid the guest held
         self.gpadls.clear()
         self.in_progress.clear()
         self.state = ConnState.DISCONNECTED
@@ -661,6 +675,10 @@ class HostConnection:
 
     def open_channels(self) -> list[HostChannel]:
         return [c for c in self.channels.values() if c.device_open or c.device_busy]
+
+
+def _u32(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFFFFFF else None
 
 
 _HANDLERS = {

@@ -172,8 +172,8 @@ class FramedConnection(asyncio.Protocol):
     def _pause_reading(self, why: str) -> None:
         if not self._reading_paused_by and self.transport is not None and not self.closing:
             self.transport.pause_reading()
-            if why == "write":
-                self._stall_timer = asyncio.get_event_loop().call_later(self.stall_timeout, self._stalled)
+        if why == "write" and self._stall_timer is None and not self.closing:
+            self._stall_timer = asyncio.get_event_loop().call_later(self.stall_timeout, self._stalled)
         self._reading_paused_by.add(why)
 
     def _resume_reading(self, why: str) -> None:
