@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import uuid
 from typing import Any
 from urllib.parse import urlparse
 
@@ -23,7 +24,12 @@ from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus
 from .guest_memory import GuestMemory
-from .vsc import VSC_BY_CLASS, Vsc
+from .storvsc import StorageVsc
+from .vsc import EchoVsc, KeyboardVsc, MouseVsc, NetworkVsc, VideoVsc, Vsc
+
+# The guest's drivers, bound to offers by class GUID (Linux's hv_vmbus_device_id tables).
+VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {
+    cls.spec.class_id: cls for cls in (StorageVsc, NetworkVsc, VideoVsc, KeyboardVsc, MouseVsc, EchoVsc)}
 
 NEGOTIATE_TIMEOUT = 30.0
 
@@ -50,7 +56,7 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 
 
 class ChildPartition:
-    def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 64 * 1024 * 1024,
+    def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
                  versions: list[int] | None = None, reconnect: bool = True, log: Any = None) -> None:
         self.url = url
         self.name = name
@@ -153,9 +159,7 @@ class ChildPartition:
     async def _forget(self, bus: GuestBus | None) -> None:
         """After a lost connection: guest-side state goes; pages are returned."""
         for vsc in self.vscs.values():
-            if vsc.ring_pfns:
-                self.memory.free(vsc.ring_pfns)
-                vsc.ring_pfns = []
+            vsc.forget()
         self.vscs.clear()
         if bus is not None:
             bus.close()

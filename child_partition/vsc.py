@@ -11,13 +11,13 @@ the real order: CLOSECHANNEL, then GPADL_TEARDOWN (skipped when rescinded).
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
 from types import ModuleType
 from typing import Any
 
 from vmbus_proto import messages as m
-from vmbus_proto.aio.channel import Channel
-from vmbus_proto.devices import echo, keyboard, mouse, network, storage, video
+from vmbus_proto.aio.channel import Channel, ChannelClosed
+from vmbus_proto.devices import echo, keyboard, mouse, network, video
 from vmbus_proto.devices.base import DeviceSpec, Handshake, Incoming
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, PAGE_SIZE, Packet
@@ -60,7 +60,11 @@ class Vsc:
         self.channel = await self.bus.open_channel(self.relid, self.gpadl, 2 * pages, pages,
                                                    self.open_userdata(), name=self.spec.name)
         await asyncio.wait_for(self.handshake(self.channel), HANDSHAKE_TIMEOUT)
-        self._reader = asyncio.get_running_loop().create_task(self.run(self.channel))
+        self._reader = asyncio.get_running_loop().create_task(self._run(self.channel))
+
+    async def _run(self, channel: Channel) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await self.run(channel)
 
     async def handshake(self, channel: Channel) -> None:
         pass
@@ -80,6 +84,10 @@ class Vsc:
             gid, self.gpadl = self.gpadl, None
             if not rescinded:
                 await self.bus.teardown_gpadl(self.relid, gid)
+        self.forget()
+
+    def forget(self) -> None:
+        """Return this driver's guest pages (after a detach, or when the connection was lost)."""
         if self.ring_pfns:
             self.memory.free(self.ring_pfns)
             self.ring_pfns = []
@@ -90,8 +98,12 @@ class HandshakeVsc(Vsc):
 
     module: ModuleType
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "module" in cls.__dict__:
+            cls.spec = cls.module.SPEC
+
     def __init__(self, bus: GuestBus, memory: GuestMemory, offer: m.OfferChannel, log: Any) -> None:
-        self.spec = self.module.SPEC
         super().__init__(bus, memory, offer, log)
         self.hs: Handshake | None = None
 
@@ -119,13 +131,6 @@ async def _send(channel: Channel, out: Any) -> None:
     await channel.send(Packet(out.type, flags, out.trans_id, out.payload))
 
 
-class StorageVsc(HandshakeVsc):
-    module = storage
-
-    def open_userdata(self) -> bytes:
-        return bytes(24)  # Linux passes a zeroed vmstorage_channel_properties
-
-
 class NetworkVsc(HandshakeVsc):
     module = network
 
@@ -146,13 +151,3 @@ class EchoVsc(Vsc):
     """The diagnostic echo device's guest half (benchmarks only)."""
 
     spec = echo.SPEC
-
-
-VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {
-    storage.SPEC.class_id: StorageVsc,
-    network.SPEC.class_id: NetworkVsc,
-    video.SPEC.class_id: VideoVsc,
-    keyboard.SPEC.class_id: KeyboardVsc,
-    mouse.SPEC.class_id: MouseVsc,
-    echo.SPEC.class_id: EchoVsc,
-}

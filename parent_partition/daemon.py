@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +19,26 @@ from vmbus_proto.aio import logs
 
 from .config import Config
 from .connection import PartitionConnection
-from .vsp import Vsp, build_vsps
+from .disk import shutdown_default_executor
+from .scsi import LunConfig
+from .storvsp import StorageVsp
+from .vsp import EchoVsp, KeyboardVsp, MouseVsp, NetworkVsp, VideoVsp, Vsp
+
+
+def build_vsps(config: Config) -> list[Vsp]:
+    """The VSPs this parent offers, in catalogue order."""
+    st = config.storage
+
+    def luns_for(partition: str) -> list[LunConfig]:
+        return [LunConfig(lun=lun, size_bytes=size, path=path, read_only=ro)
+                for lun, size, path, ro in st.luns_for(partition)]
+
+    factories: dict[str, Callable[[], Vsp]] = {
+        "storage": lambda: StorageVsp(config.data_path, luns_for, queue_depth=st.queue_depth,
+                                      max_transfer_bytes=st.max_transfer_bytes),
+        "network": NetworkVsp, "video": VideoVsp, "keyboard": KeyboardVsp, "mouse": MouseVsp, "echo": EchoVsp,
+    }
+    return [factories[name]() for name, on in config.devices.items() if on]
 
 
 def parse_endpoint(url: str) -> tuple[str, str, int]:
@@ -42,7 +61,7 @@ class ParentDaemon:
         self.config = config
         self.name = name
         self.log = logs.get(component="parent")
-        self.vsps = vsps if vsps is not None else build_vsps(config.devices)
+        self.vsps = vsps if vsps is not None else build_vsps(config)
         self.connections: set[PartitionConnection] = set()
         self.partitions: dict[str, PartitionConnection] = {}
         self.servers: list[asyncio.Server] = []
@@ -109,6 +128,7 @@ class ParentDaemon:
             await _bounded(server.wait_closed(), timeout, self.log, "listeners")
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
+        shutdown_default_executor()
         self.log.info("parent partition stopped")
 
 

@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices import echo, keyboard, mouse, network, storage, video
+from vmbus_proto.devices import echo, keyboard, mouse, network, video
 from vmbus_proto.devices.base import DeviceSpec, Handshake, Incoming, Outgoing
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
@@ -130,10 +130,6 @@ class HandshakeVsp(Vsp):
                              type=pkt.type, trans_id=pkt.trans_id, length=len(pkt.payload))
 
 
-class StorageVsp(HandshakeVsp):
-    module = storage
-
-
 class NetworkVsp(HandshakeVsp):
     module = network
 
@@ -167,7 +163,3 @@ class EchoVsp(Vsp):
                 await complete(pkt.trans_id, pkt.payload, pkt.data)
 
 
-def build_vsps(enabled: dict[str, bool]) -> list[Vsp]:
-    factories: dict[str, type[Vsp]] = {"storage": StorageVsp, "network": NetworkVsp, "video": VideoVsp,
-                                       "keyboard": KeyboardVsp, "mouse": MouseVsp, "echo": EchoVsp}
-    return [factories[name]() for name, on in enabled.items() if on]

@@ -1,0 +1,281 @@
+"""StorVSC: the guest's synthetic SCSI driver and the block device it gives the guest.
+
+Mirrors Linux drivers/scsi/storvsc_drv.c: after ``storvsc_channel_init`` (the VSTOR handshake) the SCSI
+midlayer scans the target (REPORT LUNS, INQUIRY, READ CAPACITY(16), MODE SENSE for write-protect and the
+caching page; drivers/scsi/sd.c), then ``storvsc_queuecommand`` sends each command as EXECUTE_SRB: an
+in-band packet without data, or a GPA-direct packet with exactly one range over the guest buffer
+(``storvsc_do_io``), COMPLETION_REQUESTED, and a bounded number outstanding. Requests are split at the
+``max_transfer_bytes`` the host advertised (rounded down to 4 KiB, as ``storvsc_probe`` does).
+
+Guest buffers are guest pages: WRITE data is copied into them and travels with the request, READ data
+arrives with the completion and is written into them, exactly where the host would have DMA'd it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from vmbus_proto.aio.channel import Channel
+from vmbus_proto.devices import storage as vstor
+from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.packets import PAGE_SIZE, GpaRange, PacketType
+
+from .blockdev import BlockDeviceError
+from .guest_memory import GuestMemory
+from .vsc import HandshakeVsc
+
+SECTOR = 512
+MAX_OUTSTANDING = 256
+SENSE_KEY_NAMES = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST",
+                   0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT"}
+
+
+@dataclass(frozen=True, slots=True)
+class ScsiReply:
+    srb_status: int
+    scsi_status: int
+    transferred: int
+    sense: bytes
+    data: bytes
+
+    @property
+    def ok(self) -> bool:
+        return (self.srb_status & 0x3F) == vstor.SrbStatus.SUCCESS and self.scsi_status == 0
+
+    def error(self, what: str) -> BlockDeviceError:
+        key = self.sense[2] & 0x0F if len(self.sense) > 2 else 0
+        asc = (self.sense[12], self.sense[13]) if len(self.sense) > 13 else (0, 0)
+        code = errno.EPERM if key == 0x7 else errno.EINVAL if key == 0x5 else errno.EIO
+        text = (f"{what}: srb_status {self.srb_status:#x} scsi_status {self.scsi_status:#x}"
+                + (f" sense {SENSE_KEY_NAMES.get(key, hex(key))} asc/ascq {asc[0]:#04x}/{asc[1]:#04x}"
+                   if key else ""))
+        return BlockDeviceError(code, text)
+
+
+class BufferPool:
+    """DMA buffers in guest memory, one per outstanding request, kept in power-of-two size classes so a
+    4 KiB read does not hold a whole max-transfer buffer (like a driver's bounce buffers)."""
+
+    def __init__(self, memory: GuestMemory, max_size: int) -> None:
+        self.memory = memory
+        self.size = max_size
+        self._free: dict[int, list[list[int]]] = {}
+        self._owned: list[list[int]] = []
+
+    def take(self, length: int) -> list[int]:
+        pages = 1
+        while pages * PAGE_SIZE < length:
+            pages *= 2
+        free = self._free.setdefault(pages, [])
+        if free:
+            return free.pop()
+        pfns = self.memory.alloc(pages)
+        self._owned.append(pfns)
+        return pfns
+
+    def give(self, pfns: list[int]) -> None:
+        self._free[len(pfns)].append(pfns)
+
+    def release(self) -> None:
+        for pfns in self._owned:
+            self.memory.free(pfns)
+        self._owned.clear()
+        self._free.clear()
+
+
+class StorageVsc(HandshakeVsc):
+    """The VSC plus the guest's view of LUN 0 as a ``BlockDevice``."""
+
+    module = vstor
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.size = 0
+        self.block_size = SECTOR
+        self.read_only = False
+        self.max_transfer = vstor.DEFAULT_MAX_TRANSFER_BYTES
+        self.supports_discard = False
+        self.write_cache = True
+        self.luns: list[int] = []
+        self.vendor = ""
+        self.product = ""
+        self.pool: BufferPool | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.lun = 0
+
+    def open_userdata(self) -> bytes:
+        return bytes(24)  # Linux passes a zeroed vmstorage_channel_properties
+
+    async def handshake(self, channel: Channel) -> None:
+        await super().handshake(channel)
+        hs = self.hs
+        assert isinstance(hs, vstor.VscHandshake)
+        max_xfer = (hs.max_transfer_bytes or vstor.DEFAULT_MAX_TRANSFER_BYTES) & ~(PAGE_SIZE - 1)
+        self.max_transfer = max(PAGE_SIZE, max_xfer)
+        # Outstanding requests are bounded by what the outbound ring can hold (Linux storvsc_drv_init).
+        per_request = (16 + 8 + 8 * (self.max_transfer // PAGE_SIZE + 1)) + vstor.VSTOR_PACKET_SIZE + 8
+        ring_slots = max(1, (channel.rings.writer.data_size // per_request) * 9 // 10)
+        slots = min(MAX_OUTSTANDING, ring_slots)
+        self._slots = asyncio.Semaphore(slots)
+        self.pool = BufferPool(self.memory, self.max_transfer)
+        channel.on_packet = self._unsolicited
+        await self.scan()
+
+    def _unsolicited(self, pkt: Any) -> None:
+        # ENUMERATE_BUS / REMOVE_DEVICE arrive in-band with trans_id 0 (Linux rescans; we log).
+        self.log.info("unsolicited storage packet", length=len(pkt.payload))
+
+    async def run(self, channel: Channel) -> None:
+        """Nothing to poll: completions are routed to their requests by transaction id."""
+
+    def forget(self) -> None:
+        super().forget()
+        if self.pool is not None:
+            self.pool.release()
+            self.pool = None
+
+    # ---- SCSI -------------------------------------------------------------------------------------------
+
+    async def command(self, cdb: bytes, data_out: bytes | memoryview | None = None, data_in: int = 0,
+                      lun: int | None = None) -> ScsiReply:
+        """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read."""
+        channel = self.channel
+        if channel is None or self._slots is None or self.pool is None:
+            raise BlockDeviceError(errno.ENODEV, "storage channel is not open")
+        length = len(data_out) if data_out is not None else data_in
+        if length > self.pool.size:
+            raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {self.pool.size}")
+        direction = (vstor.DataDirection.WRITE if data_out is not None
+                     else vstor.DataDirection.READ if data_in else vstor.DataDirection.UNKNOWN)
+        flags = vstor.SrbFlags.DISABLE_SYNCH_TRANSFER | (
+            vstor.SrbFlags.DATA_OUT if direction == vstor.DataDirection.WRITE else
+            vstor.SrbFlags.DATA_IN if direction == vstor.DataDirection.READ else 0)
+        srb = vstor.VmscsiRequest(lun=self.lun if lun is None else lun, cdb_length=len(cdb), data_in=direction,
+                                  data_transfer_length=length, data=cdb.ljust(vstor.SENSE_BUFFER_SIZE, b"\0"),
+                                  queue_tag=0xFF, queue_action=0x20, srb_flags=int(flags), time_out_value=60)
+        payload = vstor.pack_request(vstor.Operation.EXECUTE_SRB, srb.pack())
+        async with self._slots:
+            if not length:
+                reply = await channel.request(payload)
+                return self._reply(reply.payload, b"")
+            pfns = self.pool.take(length)
+            try:
+                rng = GpaRange(length, 0, tuple(pfns[:(length + PAGE_SIZE - 1) // PAGE_SIZE]))
+                out = b""
+                if data_out is not None:
+                    self.memory.write(rng, data_out)
+                    out = self.memory.read(rng)  # what the host would DMA out of our pages
+                reply = await channel.request(payload, ranges=(rng,), data=out)
+                if reply.type != PacketType.COMP:
+                    raise DeviceProtocolError("storage answer is not a completion")
+                data = b""
+                if direction == vstor.DataDirection.READ:
+                    if len(reply.data) > length:
+                        raise DeviceProtocolError(f"host returned {len(reply.data)} bytes for a {length}-byte read")
+                    self.memory.write(rng, reply.data)  # the host's DMA into our pages
+                    data = self.memory.read(GpaRange(len(reply.data), 0, rng.pfns)) if reply.data else b""
+                return self._reply(reply.payload, data)
+            finally:
+                self.pool.give(pfns)
+
+    @staticmethod
+    def _reply(payload: bytes, data: bytes) -> ScsiReply:
+        packet = vstor.VstorPacket.unpack(payload)
+        if packet.operation != vstor.Operation.COMPLETE_IO:
+            raise DeviceProtocolError(f"storage completion with operation {packet.operation}")
+        srb = vstor.VmscsiRequest.unpack(packet.body)
+        sense = srb.sense_data if srb.scsi_status == 2 and srb.srb_status & vstor.SRB_STATUS_AUTOSENSE_VALID else b""
+        return ScsiReply(srb.srb_status, srb.scsi_status, srb.data_transfer_length, sense, data)
+
+    async def scan(self) -> None:
+        """What the Linux SCSI midlayer and sd do on a new target (scsi_scan.c, sd.c)."""
+        luns = await self.command(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 4096) + b"\0\0", data_in=4096)
+        if luns.ok and len(luns.data) >= 8:
+            n = struct.unpack_from(">I", luns.data)[0] // 8
+            self.luns = [struct.unpack_from(">H", luns.data, 8 + 8 * i)[0] & 0x3FFF for i in range(n)
+                         if 16 + 8 * i <= len(luns.data)]
+        inq = await self.command(bytes([0x12, 0, 0, 0, 96, 0]), data_in=96)
+        if not inq.ok:
+            raise inq.error("INQUIRY")
+        self.vendor = inq.data[8:16].decode("ascii", "replace").strip()
+        self.product = inq.data[16:32].decode("ascii", "replace").strip()
+        cap = await self.command(bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + b"\0\0", data_in=32)
+        if not cap.ok:
+            raise cap.error("READ CAPACITY(16)")
+        last_lba, block = struct.unpack_from(">QI", cap.data)
+        self.block_size = block
+        self.size = (last_lba + 1) * block
+        self.supports_discard = bool(cap.data[14] & 0x80)  # LBPME
+        sense = await self.command(bytes([0x1A, 0, 0x3F, 0, 255, 0]), data_in=255)
+        if sense.ok and len(sense.data) >= 4:
+            self.read_only = bool(sense.data[2] & 0x80)
+        cache = await self.command(bytes([0x1A, 0x08, 0x08, 0, 255, 0]), data_in=255)
+        if cache.ok and len(cache.data) >= 7:
+            self.write_cache = bool(cache.data[4 + 2] & 0x04)
+        self.log.info("disk attached", vendor=self.vendor, product=self.product, size=self.size,
+                      read_only=self.read_only, luns=self.luns, max_transfer=self.max_transfer)
+
+    # ---- BlockDevice ------------------------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BlockDeviceError(errno.EINVAL, f"{offset}+{length} is outside the {self.size}-byte disk")
+        if offset % SECTOR or length % SECTOR:
+            raise BlockDeviceError(errno.EINVAL, "I/O must be in whole 512-byte sectors")
+
+    @staticmethod
+    def _rw_cdb(write: bool, lba: int, blocks: int, fua: bool) -> bytes:
+        if lba + blocks <= 0xFFFFFFFF and blocks <= 0xFFFF:
+            return struct.pack(">BBIBHB", 0x2A if write else 0x28, 0x08 if fua else 0, lba, 0, blocks, 0)
+        return struct.pack(">BBQIBB", 0x8A if write else 0x88, 0x08 if fua else 0, lba, blocks, 0, 0)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        chunks = [(o, min(self.max_transfer, offset + length - o)) for o in range(offset, offset + length,
+                                                                                    self.max_transfer)]
+        parts = await asyncio.gather(*(self._read_chunk(o, n) for o, n in chunks))
+        return b"".join(parts)
+
+    async def _read_chunk(self, offset: int, length: int) -> bytes:
+        reply = await self.command(self._rw_cdb(False, offset // SECTOR, length // SECTOR, False), data_in=length)
+        if not reply.ok or len(reply.data) != length:
+            raise reply.error(f"READ at {offset}")
+        return reply.data
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        if self.read_only:
+            raise BlockDeviceError(errno.EPERM, "the disk is write-protected")
+        view = memoryview(data)
+        await asyncio.gather(*(self._write_chunk(o, view[o - offset:o - offset + self.max_transfer], fua)
+                               for o in range(offset, offset + len(data), self.max_transfer)))
+
+    async def _write_chunk(self, offset: int, data: memoryview, fua: bool) -> None:
+        reply = await self.command(self._rw_cdb(True, offset // SECTOR, len(data) // SECTOR, fua), data_out=data)
+        if not reply.ok:
+            raise reply.error(f"WRITE at {offset}")
+
+    async def flush(self) -> None:
+        reply = await self.command(bytes([0x35]) + bytes(9))
+        if not reply.ok:
+            raise reply.error("SYNCHRONIZE CACHE")
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if not self.supports_discard:
+            raise BlockDeviceError(errno.EOPNOTSUPP, "the disk does not support UNMAP")
+        lba, blocks = offset // SECTOR, length // SECTOR
+        descriptors = b""
+        while blocks:
+            n = min(blocks, 0xFFFFFFFF)
+            descriptors += struct.pack(">QI4x", lba, n)
+            lba, blocks = lba + n, blocks - n
+        params = struct.pack(">HH4x", 6 + len(descriptors), len(descriptors)) + descriptors
+        cdb = struct.pack(">BB4xBHB", 0x42, 0, 0, len(params), 0)
+        reply = await self.command(cdb, data_out=params)
+        if not reply.ok:
+            raise reply.error(f"UNMAP at {offset}")

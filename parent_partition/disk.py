@@ -1,0 +1,350 @@
+"""Disk backend: one raw image file behind a SCSI disk, with all file I/O off the event loop.
+
+Mirrors the backend half of OpenVMM's storage stack (vm/devices/storage/disk_backend ``DiskIo``:
+``read_vectored``, ``write_vectored(fua)``, ``sync_cache``, ``unmap``; the file-backed disk in
+vm/devices/storage/disk_file) for a plain raw image: byte ``n`` of the image is byte ``n`` of the disk.
+The image is created sparse (``ftruncate``) at its configured size on first use; an existing image keeps
+its size. UNMAP punches holes (``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``, Linux
+fallocate(2)); where the filesystem cannot, the range is overwritten with zeros instead.
+
+Durability follows SBC-3 with the write cache enabled: a plain write returns once the data is in the
+host's page cache; a write with FUA, and ``flush`` (SYNCHRONIZE CACHE), return only after ``fdatasync``.
+
+Every blocking syscall (open, pread, pwrite, fdatasync, fallocate, close) runs in a bounded thread pool
+shared by all disks (``loop.run_in_executor``), never on the event loop's thread. Each disk may occupy at
+most ``max_inflight`` pool workers at once, so one slow image cannot starve every other partition's disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "BLOCK_SIZE",
+    "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_POOL_WORKERS",
+    "DiskBackend",
+    "DiskError",
+    "default_executor",
+    "shutdown_default_executor",
+]
+
+BLOCK_SIZE = 512
+DEFAULT_POOL_WORKERS = 8
+DEFAULT_MAX_INFLIGHT = 4  # per disk: half the default pool, so one slow image leaves room for the rest
+_ZERO_CHUNK = 1 << 20  # zero-fill fallback for discard writes at most this much per syscall
+
+_FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+_FALLOC_FL_PUNCH_HOLE = 0x02
+# Filesystems without hole punching answer with one of these.
+_NO_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+_T = TypeVar("_T")
+
+
+class DiskError(OSError):
+    """A disk operation failed: ``errno`` is the OS error number, ``strerror`` says what and where."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def default_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The module-wide disk I/O pool (``DEFAULT_POOL_WORKERS`` threads), created on first use."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=DEFAULT_POOL_WORKERS, thread_name_prefix="disk-io")
+        return _executor
+
+
+def shutdown_default_executor(wait: bool = True) -> None:
+    """Stop the module-wide pool; a later ``default_executor()`` starts a fresh one."""
+    global _executor
+    with _executor_lock:
+        pool, _executor = _executor, None
+    if pool is not None:
+        pool.shutdown(wait=wait)
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc ``fallocate`` (the 64-bit-offset entry point when libc has one), or None off Linux."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    result: Callable[[int, int, int, int], int] = func
+    return result
+
+
+_fallocate = _load_fallocate()
+
+
+def _oserror(op: str, exc: OSError) -> DiskError:
+    code = exc.errno if exc.errno else errno.EIO
+    return DiskError(code, f"{op}: {exc.strerror or os.strerror(code)}")
+
+
+class DiskBackend:
+    """One open raw image file. Construct with :meth:`open`; all I/O methods are coroutines."""
+
+    def __init__(self, fd: int, path: Path, size: int, read_only: bool, *,
+                 executor: concurrent.futures.Executor | None = None,
+                 max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self._fd = fd
+        self._path = path
+        self._size = size
+        self._read_only = read_only
+        self._executor = executor
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._closed = False
+        self._jobs: set[concurrent.futures.Future[Any]] = set()
+        self._jobs_lock = threading.Lock()
+
+    # -- opening and closing ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], size: int | None = None, create: bool = True,
+             read_only: bool = False, *, executor: concurrent.futures.Executor | None = None,
+             max_inflight: int = DEFAULT_MAX_INFLIGHT) -> DiskBackend:
+        """Open (and if missing and ``create``, first create sparse at ``size`` bytes) a raw image.
+
+        Blocking: call it at startup or from the pool (``open_disks`` does the latter). An existing image
+        keeps its own size whatever ``size`` says; its size must be a non-zero multiple of 512.
+        """
+        image = Path(path)
+        if size is not None and (size <= 0 or size % BLOCK_SIZE):
+            raise DiskError(errno.EINVAL, f"{image}: size {size} is not a positive multiple of {BLOCK_SIZE}")
+        if create and not image.exists():
+            if size is None:
+                raise DiskError(errno.EINVAL, f"{image}: no size given to create the image with")
+            cls._create(image, size)
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(image, flags)
+        except OSError as exc:
+            raise _oserror(f"open {image}", exc) from exc
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError as exc:
+            os.close(fd)
+            raise _oserror(f"stat {image}", exc) from exc
+        if actual <= 0 or actual % BLOCK_SIZE:
+            os.close(fd)
+            raise DiskError(errno.EINVAL, f"{image}: image size {actual} is not a positive multiple of {BLOCK_SIZE}")
+        return cls(fd, image, actual, read_only, executor=executor, max_inflight=max_inflight)
+
+    @staticmethod
+    def _create(image: Path, size: int) -> None:
+        try:
+            image.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return  # someone else created it meanwhile: use theirs
+        except OSError as exc:
+            raise _oserror(f"create {image}", exc) from exc
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(image)
+            raise _oserror(f"ftruncate {image} to {size}", exc) from exc
+        os.close(fd)
+
+    async def close(self) -> None:
+        """Refuse new I/O, wait for every operation already in a pool thread, then close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._jobs_lock:
+            jobs = [asyncio.wrap_future(job) for job in self._jobs]
+        if jobs:
+            # Shielded: a cancelled closer must not cancel the wait, or the fd could go while a thread uses it.
+            await asyncio.shield(asyncio.gather(*jobs, return_exceptions=True))
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            await asyncio.get_running_loop().run_in_executor(self._pool(), _close_quietly, fd)
+
+    def close_sync(self) -> None:
+        """Close without a loop (startup error paths, tests); only valid when no I/O is in flight."""
+        with self._jobs_lock:
+            busy = any(not job.done() for job in self._jobs)
+        if busy:
+            raise DiskError(errno.EBUSY, f"{self._path}: I/O in flight; use close()")
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            _close_quietly(fd)
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        """Disk size in bytes (fixed at open)."""
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK_SIZE
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- I/O -------------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; anything the file no longer holds reads as zeros."""
+        self._check_range("read", offset, length)
+        if length == 0:
+            return b""
+        return await self._run(self._pread, offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` return only after ``fdatasync``."""
+        if self._read_only:
+            raise DiskError(errno.EROFS, f"{self._path}: write to a read-only image")
+        view = memoryview(data).cast("B")
+        self._check_range("write", offset, len(view))
+        if len(view) == 0 and not fua:
+            return
+        await self._run(self._pwrite, offset, view, fua)
+
+    async def flush(self) -> None:
+        """Make every completed write durable (``fdatasync``)."""
+        if self._read_only:
+            return  # nothing of ours can be dirty
+        await self._run(self._fdatasync)
+
+    async def discard(self, offset: int, length: int) -> bool:
+        """Deallocate a range (it then reads as zeros). True if a hole was punched, False if the filesystem
+        cannot punch holes and the range was overwritten with zeros instead."""
+        if self._read_only:
+            raise DiskError(errno.EROFS, f"{self._path}: discard on a read-only image")
+        self._check_range("discard", offset, length)
+        if length == 0:
+            return True
+        return await self._run(self._punch, offset, length)
+
+    # -- machinery -------------------------------------------------------------------------------
+
+    def _pool(self) -> concurrent.futures.Executor:
+        return self._executor if self._executor is not None else default_executor()
+
+    def _check_range(self, op: str, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise DiskError(errno.EINVAL,
+                            f"{self._path}: {op} of {length} bytes at {offset} outside the {self._size}-byte disk")
+
+    async def _run(self, func: Callable[..., _T], *args: object) -> _T:
+        if self._closed:
+            raise DiskError(errno.EBADF, f"{self._path}: disk is closed")
+        async with self._slots:
+            if self._closed:
+                raise DiskError(errno.EBADF, f"{self._path}: disk is closed")
+            job = self._pool().submit(func, *args)
+            with self._jobs_lock:
+                self._jobs.add(job)
+            job.add_done_callback(self._forget)
+            return await asyncio.wrap_future(job)
+
+    def _forget(self, job: concurrent.futures.Future[Any]) -> None:
+        with self._jobs_lock:
+            self._jobs.discard(job)
+
+    # The following run in a pool thread.
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+            if len(data) == length:
+                return data
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self._fd, length - got, offset + got)
+                if not more:
+                    parts.append(bytes(length - got))  # past the file's end: zeros, as a sparse disk reads
+                    break
+                parts.append(more)
+                got += len(more)
+            return b"".join(parts)
+        except OSError as exc:
+            raise _oserror(f"{self._path}: read of {length} bytes at {offset}", exc) from exc
+
+    def _pwrite(self, offset: int, view: memoryview, fua: bool) -> None:
+        try:
+            done = 0
+            while done < len(view):
+                wrote = os.pwrite(self._fd, view[done:], offset + done)
+                if wrote <= 0:
+                    raise DiskError(errno.EIO, f"{self._path}: write at {offset + done} made no progress")
+                done += wrote
+            if fua:
+                os.fdatasync(self._fd)
+        except DiskError:
+            raise
+        except OSError as exc:
+            raise _oserror(f"{self._path}: write of {len(view)} bytes at {offset}", exc) from exc
+
+    def _fdatasync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise _oserror(f"{self._path}: fdatasync", exc) from exc
+
+    def _punch(self, offset: int, length: int) -> bool:
+        if _fallocate is not None:
+            rc = _fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            if rc == 0:
+                return True
+            code = ctypes.get_errno() or errno.EIO
+            if code not in _NO_PUNCH:
+                raise DiskError(code, f"{self._path}: punch hole of {length} bytes at {offset}: "
+                                      f"{os.strerror(code)}")
+        self._pwrite_zeros(offset, length)
+        return False
+
+    def _pwrite_zeros(self, offset: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        done = 0
+        while done < length:
+            self._pwrite(offset + done, zeros[:min(len(zeros), length - done)], False)
+            done += min(len(zeros), length - done)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
