@@ -12,6 +12,7 @@ import uvloop
 from vmbus_proto.aio import logs
 from vmbus_proto.versions import parse_version
 
+from .nbd import parse_listen
 from .runner import ChildPartition, parse_connect
 
 
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--connect", required=True, metavar="URL", help="tcp://HOST:PORT or unix:PATH")
     run.add_argument("--name", required=True, help="this partition's name (unique per parent)")
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
+    run.add_argument("--nbd", metavar="URL", help="export the VM's disk over NBD: HOST:PORT, tcp://HOST:PORT "
+                                                 "or unix:PATH (qemu-img, qemu-io, nbdcopy can then use it)")
     run.add_argument("--vmbus-version", action="append", metavar="V",
                      help="versions to try, newest first (e.g. 5.3); default: 6.0 down to 0.13")
     run.add_argument("--no-reconnect", action="store_true", help="exit instead of reconnecting")
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         parse_connect(args.connect)
+        if args.nbd:
+            parse_listen(args.nbd)
         versions = [int(parse_version(v)) for v in args.vmbus_version] if args.vmbus_version else None
     except ValueError as exc:
         print(f"child-partition: {exc}", file=sys.stderr)
@@ -48,5 +53,5 @@ async def _run(args: argparse.Namespace, versions: list[int] | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     child = ChildPartition(args.connect, args.name, trace=args.trace, versions=versions,
-                           reconnect=not args.no_reconnect)
+                           reconnect=not args.no_reconnect, nbd=args.nbd)
     return await child.run(stop)

@@ -24,7 +24,8 @@ from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus
 from .guest_memory import GuestMemory
-from .storvsc import StorageVsc
+from .nbd import NbdServer
+from .storvsc import GuestDisk, StorageVsc
 from .vsc import EchoVsc, KeyboardVsc, MouseVsc, NetworkVsc, VideoVsc, Vsc
 
 # The guest's drivers, bound to offers by class GUID (Linux's hv_vmbus_device_id tables).
@@ -57,7 +58,8 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
-                 versions: list[int] | None = None, reconnect: bool = True, log: Any = None) -> None:
+                 versions: list[int] | None = None, reconnect: bool = True, nbd: str | None = None,
+                 log: Any = None) -> None:
         self.url = url
         self.name = name
         self.trace = trace
@@ -70,10 +72,21 @@ class ChildPartition:
         self.version = 0
         self.ready = asyncio.Event()
         self.sessions = 0
+        self.nbd_url = nbd
+        self.nbd: NbdServer | None = None
+        self.disk = GuestDisk()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set; returns the exit status (0 after a clean unload)."""
+        try:
+            return await self._run(stop)
+        finally:
+            if self.nbd is not None:
+                await self.nbd.close()
+                self.nbd = None
+
+    async def _run(self, stop: asyncio.Event) -> int:
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -111,6 +124,7 @@ class ChildPartition:
         self.log.info("all offered channels open", channels=len(self.vscs),
                       devices=sorted(v.spec.name for v in self.vscs.values()),
                       versions={v.spec.name: hex(v.version) for v in self.vscs.values() if v.version is not None})
+        await self._export_disk()
         self.ready.set()
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         lost: asyncio.Future[Any] = bus.closed_future
@@ -131,10 +145,23 @@ class ChildPartition:
         self.vscs[offer.child_relid] = vsc
         await vsc.attach()
         vsc.log.info("device ready", version=hex(vsc.version) if vsc.version is not None else None)
+        if isinstance(vsc, StorageVsc):
+            self.disk.attach(vsc)
+
+    async def _export_disk(self) -> None:
+        """Serve the guest's disk over NBD once it has been attached (kept across reconnects)."""
+        if self.nbd_url is None or self.nbd is not None or not self.disk.size:
+            return
+        self.nbd = NbdServer(self.disk, export_name=self.name, log=self.log.bind(component="nbd"))
+        await self.nbd.start(self.nbd_url)
+        self.log.info("disk exported over NBD", uri=self.nbd.uri, size=self.disk.size,
+                      read_only=self.disk.read_only)
 
     async def _rescinded(self, relid: int) -> None:
         vsc = self.vscs.pop(relid, None)
         self.log.info("offer rescinded", relid=relid, device=vsc.spec.name if vsc else None)
+        if vsc is not None and vsc is self.disk.vsc:
+            self.disk.detach()
         if vsc is not None:
             await vsc.detach(rescinded=True)
         if self.bus is not None:
@@ -149,6 +176,10 @@ class ChildPartition:
         """Close every channel, tear down its GPADL, then UNLOAD."""
         for task in list(self._tasks):
             task.cancel()
+        if self.nbd is not None:
+            await self.nbd.close()  # in-flight NBD requests finish on the channel first
+            self.nbd = None
+        self.disk.detach()
         await asyncio.gather(*(v.detach() for v in list(self.vscs.values())))
         self.vscs.clear()
         await asyncio.wait_for(bus.unload(), NEGOTIATE_TIMEOUT)
@@ -158,6 +189,7 @@ class ChildPartition:
 
     async def _forget(self, bus: GuestBus | None) -> None:
         """After a lost connection: guest-side state goes; pages are returned."""
+        self.disk.detach()
         for vsc in self.vscs.values():
             vsc.forget()
         self.vscs.clear()

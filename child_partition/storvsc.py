@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import storage as vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, GpaRange, PacketType
@@ -145,7 +145,7 @@ class StorageVsc(HandshakeVsc):
         """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read."""
         channel = self.channel
         if channel is None or self._slots is None or self.pool is None:
-            raise BlockDeviceError(errno.ENODEV, "storage channel is not open")
+            raise ChannelClosed("storage channel is not open")
         length = len(data_out) if data_out is not None else data_in
         if length > self.pool.size:
             raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {self.pool.size}")
@@ -279,3 +279,67 @@ class StorageVsc(HandshakeVsc):
         reply = await self.command(cdb, data_out=params)
         if not reply.ok:
             raise reply.error(f"UNMAP at {offset}")
+
+
+class GuestDisk:
+    """The guest's disk as one stable ``BlockDevice`` across reconnects, like a SCSI disk whose host adapter
+    is reset: while the storage channel is down, I/O waits (up to ``reattach_timeout``) for the driver to
+    come back, and a request cut off by the loss is retried once on the new channel (block writes are
+    idempotent)."""
+
+    def __init__(self, reattach_timeout: float = 30.0) -> None:
+        self.vsc: StorageVsc | None = None
+        self._attached = asyncio.Event()
+        self.reattach_timeout = reattach_timeout
+        self.size = 0
+        self.block_size = SECTOR
+        self.read_only = False
+        self.max_transfer = vstor.DEFAULT_MAX_TRANSFER_BYTES
+        self.supports_discard = False
+
+    def attach(self, vsc: StorageVsc) -> None:
+        if self.size and vsc.size != self.size:
+            vsc.log.warning("disk size changed across reconnect", old=self.size, new=vsc.size)
+        self.vsc = vsc
+        self.size, self.block_size, self.read_only = vsc.size, vsc.block_size, vsc.read_only
+        self.max_transfer, self.supports_discard = vsc.max_transfer, vsc.supports_discard
+        self._attached.set()
+
+    def detach(self) -> None:
+        self.vsc = None
+        self._attached.clear()
+
+    async def _current(self) -> StorageVsc:
+        if self.vsc is None:
+            try:
+                await asyncio.wait_for(self._attached.wait(), self.reattach_timeout)
+            except TimeoutError:
+                raise BlockDeviceError(errno.EIO, "the storage channel did not come back") from None
+        assert self.vsc is not None
+        return self.vsc
+
+    async def _do(self, op: Any) -> Any:
+        vsc = await self._current()
+        try:
+            return await op(vsc)
+        except (ChannelClosed, ConnectionError) as exc:
+            if self.vsc is vsc:
+                self.detach()
+            vsc = await self._current()
+            try:
+                return await op(vsc)
+            except (ChannelClosed, ConnectionError):
+                raise BlockDeviceError(errno.EIO, f"storage channel lost: {exc}") from None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data: bytes = await self._do(lambda v: v.read(offset, length))
+        return data
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        await self._do(lambda v: v.write(offset, data, fua))
+
+    async def flush(self) -> None:
+        await self._do(lambda v: v.flush())
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._do(lambda v: v.discard(offset, length))
