@@ -58,10 +58,11 @@ class FrameDecoder:
     so a peer can never make us hold more than one maximal frame.
     """
 
-    __slots__ = ("_buf", "max_frame")
+    __slots__ = ("_buf", "_error", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
+        self._error: FrameError | None = None
         self.max_frame = max_frame
 
     @property
@@ -69,33 +70,46 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
+        """Decode every complete frame in what has arrived. Bodies and data are zero-copy views of the
+        immutable chunk they arrived in; only a frame split across reads is copied (once). After an error
+        the stream is dead: every later call raises it again."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(data)
+        except FrameError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, data: bytes) -> list[Frame]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            src = bytes(buf)
+            buf.clear()
+        else:
+            src = data
         frames: list[Frame] = []
         pos = 0
-        end = len(buf)
+        end = len(src)
         unpack = HEADER.unpack_from
-        view = memoryview(buf)
-        try:
-            while end - pos >= HEADER_SIZE:
-                length, kind, flags, reserved, relid, data_len = unpack(buf, pos)
-                if length > self.max_frame:
-                    raise FrameError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
-                if not FrameKind.HELLO <= kind <= FrameKind.CLOSE:
-                    raise FrameError(f"unknown frame kind {kind}")
-                if data_len > length or reserved:
-                    raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
-                start = pos + HEADER_SIZE
-                stop = start + length
-                if stop > end:
-                    break
-                split = stop - data_len
-                # Copy out: the buffer is compacted below and a view into it would move.
-                frames.append(Frame(kind, relid, bytes(view[start:split]),
-                                    bytes(view[split:stop]) if data_len else b"", flags))
-                pos = stop
-        finally:
-            view.release()
-        if pos:
-            del buf[:pos]
+        view = memoryview(src)
+        max_frame = self.max_frame
+        while end - pos >= HEADER_SIZE:
+            length, kind, flags, reserved, relid, data_len = unpack(src, pos)
+            if length > max_frame:
+                raise FrameError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
+            if not FrameKind.HELLO <= kind <= FrameKind.CLOSE:
+                raise FrameError(f"unknown frame kind {kind}")
+            if data_len > length or reserved:
+                raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
+            start = pos + HEADER_SIZE
+            stop = start + length
+            if stop > end:
+                break
+            split = stop - data_len
+            frames.append(Frame(kind, relid, view[start:split], view[split:stop] if data_len else b"", flags))
+            pos = stop
+        if pos < end:
+            buf += view[pos:]
         return frames

@@ -126,6 +126,8 @@ class Packet:
 
     @property
     def ring_size(self) -> int:
+        if not self.ranges and not self.xfer_ranges:  # in-band and completions: the hot path
+            return 24 + ((len(self.payload) + 7) & ~7)
         return packet_ring_size(len(self.payload), self.ranges, len(self.xfer_ranges))
 
     def validate(self) -> None:
