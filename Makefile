@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit integration bench clean
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio
+.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +13,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The real client tools the tests drive (Debian packages); installed when missing and we are root.
+sysdeps:
+	@missing=""; for t in $(SYSTOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing qemu-utils libnbd-bin fio (missing:$$missing)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils libnbd-bin fio >/dev/null; \
+	  else echo "missing:$$missing; run: sudo apt-get install -y qemu-utils libnbd-bin fio" >&2; exit 1; fi; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/parent-partition demo
@@ -22,16 +34,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict vmbus_proto parent_partition child_partition
 
-test: lint typecheck
+test: sysdeps lint typecheck
 	$(VENV)/bin/pytest -q
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) sysdeps
 	$(VENV)/bin/pytest -q tests/integration
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
 
 clean:
