@@ -30,11 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-reconnect", action="store_true", help="exit instead of reconnecting")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--json-logs", action="store_true", help="JSON log lines even on a terminal")
+    load = sub.add_parser("load", help="generate load from one or many partitions")
+    devices = load.add_subparsers(dest="device", required=True)
+    st = devices.add_parser("storage", help="fio-style block I/O through StorVSC channels")
+    st.add_argument("--connect", required=True, metavar="URL", help="tcp://HOST:PORT or unix:PATH")
+    st.add_argument("--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw", "rw"])
+    st.add_argument("--bs", default="4k", help="block size (e.g. 4k, 1M)")
+    st.add_argument("--iodepth", type=int, default=32, help="requests in flight per partition")
+    st.add_argument("--runtime", type=float, default=10.0, help="seconds to measure")
+    st.add_argument("--ramp", type=float, default=0.5, help="seconds of warm-up not measured")
+    st.add_argument("--partitions", type=int, default=1, help="guests to run from this process")
+    st.add_argument("--size", help="bytes of each disk to use (default: all)")
+    st.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw/rw")
+    st.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "load":
+        from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
+
+        return load_main(args)
     try:
         parse_connect(args.connect)
         if args.nbd:

@@ -235,6 +235,8 @@ class StorageVsc(HandshakeVsc):
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        if length <= self.max_transfer:
+            return await self._read_chunk(offset, length)
         chunks = [(o, min(self.max_transfer, offset + length - o)) for o in range(offset, offset + length,
                                                                                     self.max_transfer)]
         parts = await asyncio.gather(*(self._read_chunk(o, n) for o, n in chunks))
@@ -251,6 +253,9 @@ class StorageVsc(HandshakeVsc):
         if self.read_only:
             raise BlockDeviceError(errno.EPERM, "the disk is write-protected")
         view = memoryview(data)
+        if len(view) <= self.max_transfer:
+            await self._write_chunk(offset, view, fua)
+            return
         await asyncio.gather(*(self._write_chunk(o, view[o - offset:o - offset + self.max_transfer], fua)
                                for o in range(offset, offset + len(data), self.max_transfer)))
 

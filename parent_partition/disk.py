@@ -18,6 +18,7 @@ most ``max_inflight`` pool workers at once, so one slow image cannot starve ever
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -101,6 +102,16 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _fallocate = _load_fallocate()
 
 
+def _settle(batch: list[tuple[asyncio.Future[Any], object, BaseException | None]]) -> None:
+    for fut, result, exc in batch:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
 def _oserror(op: str, exc: OSError) -> DiskError:
     code = exc.errno if exc.errno else errno.EIO
     return DiskError(code, f"{op}: {exc.strerror or os.strerror(code)}")
@@ -119,10 +130,16 @@ class DiskBackend:
         self._size = size
         self._read_only = read_only
         self._executor = executor
-        self._slots = asyncio.Semaphore(max_inflight)
+        self._max_workers = max_inflight
         self._closed = False
-        self._jobs: set[concurrent.futures.Future[Any]] = set()
-        self._jobs_lock = threading.Lock()
+        # The submission queue: the loop appends, pool workers drain it in batches and hand the results
+        # back to the loop in one callback per batch (one thread hop per batch, not per request).
+        self._queue: collections.deque[tuple[Callable[..., Any], tuple[object, ...], asyncio.Future[Any]]] = (
+            collections.deque())
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._outstanding: set[asyncio.Future[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -180,20 +197,19 @@ class DiskBackend:
         if self._closed:
             return
         self._closed = True
-        with self._jobs_lock:
-            jobs = [asyncio.wrap_future(job) for job in self._jobs]
+        jobs = list(self._outstanding)
         if jobs:
             # Shielded: a cancelled closer must not cancel the wait, or the fd could go while a thread uses it.
             await asyncio.shield(asyncio.gather(*jobs, return_exceptions=True))
+        while self._workers:  # a worker may still be handing its last batch back
+            await asyncio.sleep(0.001)
         fd, self._fd = self._fd, -1
         if fd >= 0:
             await asyncio.get_running_loop().run_in_executor(self._pool(), _close_quietly, fd)
 
     def close_sync(self) -> None:
         """Close without a loop (startup error paths, tests); only valid when no I/O is in flight."""
-        with self._jobs_lock:
-            busy = any(not job.done() for job in self._jobs)
-        if busy:
+        if self._outstanding or self._workers:
             raise DiskError(errno.EBUSY, f"{self._path}: I/O in flight; use close()")
         self._closed = True
         fd, self._fd = self._fd, -1
@@ -271,18 +287,43 @@ class DiskBackend:
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
         if self._closed:
             raise DiskError(errno.EBADF, f"{self._path}: disk is closed")
-        async with self._slots:
-            if self._closed:
-                raise DiskError(errno.EBADF, f"{self._path}: disk is closed")
-            job = self._pool().submit(func, *args)
-            with self._jobs_lock:
-                self._jobs.add(job)
-            job.add_done_callback(self._forget)
-            return await asyncio.wrap_future(job)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        self._outstanding.add(fut)
+        fut.add_done_callback(self._outstanding.discard)
+        with self._lock:
+            self._queue.append((func, args, fut))
+            # One worker per disk, plus more (up to max_inflight) only while a backlog builds up, so cached
+            # I/O is not spread over threads that fight for the GIL, and a slow disk still gets parallelism.
+            start = self._workers == 0 or (self._workers < self._max_workers
+                                           and len(self._queue) > 8 * self._workers)
+            if start:
+                self._workers += 1
+        if start:
+            self._pool().submit(self._drain)
+        return await fut
 
-    def _forget(self, job: concurrent.futures.Future[Any]) -> None:
-        with self._jobs_lock:
-            self._jobs.discard(job)
+    def _drain(self) -> None:
+        """A pool worker: run queued requests until the queue is empty, returning results in batches."""
+        assert self._loop is not None
+        batch: list[tuple[asyncio.Future[Any], object, BaseException | None]] = []
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._workers -= 1
+                    break
+                func, args, fut = self._queue.popleft()
+            try:
+                batch.append((fut, func(*args), None))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                batch.append((fut, None, exc))
+            if len(batch) >= 32:
+                self._loop.call_soon_threadsafe(_settle, batch)
+                batch = []
+        if batch:
+            self._loop.call_soon_threadsafe(_settle, batch)
 
     # The following run in a pool thread.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +100,14 @@ class StorageVsp(HandshakeVsp):
             want = srb.data_transfer_length
             data_out: bytes | memoryview | None = None
             if srb.path_id != 0 or srb.target_id != 0:
-                result_srb = replace(srb, srb_status=vstor.SrbStatus.INVALID_TARGET_ID, scsi_status=0,
-                                     data_transfer_length=0, sense_info_length=0, data=b"")
-                await self._complete(channel, pkt, result_srb, b"")
+                await self._complete(channel, pkt, _answer(srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0, b""), b"")
                 return
             if srb.data_in == vstor.DataDirection.WRITE and want:
                 data_out = pkt.data
             result = await ctl.execute(srb.lun, srb.cdb, data_out,
                                        want if srb.data_in == vstor.DataDirection.READ else 0)
             sense = result.sense[:vstor.SENSE_BUFFER_SIZE] if result.sense else b""
-            result_srb = replace(srb, srb_status=result.srb_status, scsi_status=result.scsi_status,
-                                 data_transfer_length=result.transferred,
-                                 sense_info_length=len(sense) if sense else 0,
-                                 data=sense.ljust(vstor.SENSE_BUFFER_SIZE, b"\0"))
+            result_srb = _answer(srb, result.srb_status, result.scsi_status, result.transferred, sense)
             data_in = result.data if srb.data_in == vstor.DataDirection.READ else b""
             await self._complete(channel, pkt, result_srb, data_in)
         finally:
@@ -130,6 +124,15 @@ class StorageVsp(HandshakeVsp):
             for err in await ctl.close():
                 self.log.error("disk flush failed at shutdown", partition=partition, error=str(err))
         self.controllers.clear()
+
+
+def _answer(srb: vstor.VmscsiRequest, srb_status: int, scsi_status: int, transferred: int,
+            sense: bytes) -> vstor.VmscsiRequest:
+    """The request's vmscsi_request sent back with the outcome (OpenVMM copies the request and fills it)."""
+    return vstor.VmscsiRequest(
+        srb.length, srb_status, scsi_status, srb.port_number, srb.path_id, srb.target_id, srb.lun, srb.cdb_length,
+        len(sense), srb.data_in, srb.reserved, transferred, sense.ljust(vstor.SENSE_BUFFER_SIZE, b"\0"),
+        srb.reserve, srb.queue_tag, srb.queue_action, srb.srb_flags, srb.time_out_value, srb.queue_sort_key)
 
 
 def parse_request(pkt: Packet) -> tuple[int, vstor.VmscsiRequest | None]:
