@@ -69,8 +69,21 @@ class GuestMemory:
         n = pages_spanned(in_page, length)
         return GpaRange(length, in_page, tuple(pfns[first:first + n]))
 
+    def _contiguous(self, rng: GpaRange) -> int | None:
+        """The byte offset of ``rng`` in guest memory when its pages are consecutive, else None."""
+        pfns = rng.pfns
+        if pfns and pfns[-1] - pfns[0] == len(pfns) - 1 and (len(pfns) < 3 or pfns == tuple(
+                range(pfns[0], pfns[0] + len(pfns)))):
+            return self._offset(pfns[0]) + rng.byte_offset
+        return None
+
     def write(self, rng: GpaRange, data: bytes | memoryview) -> None:
         """Copy ``data`` into the pages ``rng`` names (the host 'writing guest memory')."""
+        n = min(len(data), rng.byte_count)
+        base = self._contiguous(rng)
+        if base is not None and base + n <= self.size:
+            self.view[base:base + n] = data[:n]
+            return
         pos = 0
         page_off = rng.byte_offset
         remaining = min(len(data), rng.byte_count)
@@ -85,6 +98,9 @@ class GuestMemory:
             page_off = 0
 
     def read(self, rng: GpaRange) -> bytes:
+        base = self._contiguous(rng)
+        if base is not None and base + rng.byte_count <= self.size:
+            return bytes(self.view[base:base + rng.byte_count])
         out = bytearray()
         page_off = rng.byte_offset
         remaining = rng.byte_count

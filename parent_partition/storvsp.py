@@ -37,7 +37,7 @@ class StorageVsp(HandshakeVsp):
 
     def __init__(self, data_dir: Path | None = None, luns_for: Callable[[str], list[LunConfig]] | None = None,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH, max_transfer_bytes: int = vstor.DEFAULT_MAX_TRANSFER_BYTES,
-                 **handshake_args: Any) -> None:
+                 idle_close: float = 30.0, **handshake_args: Any) -> None:
         super().__init__(max_transfer_bytes=max_transfer_bytes, **handshake_args)
         self.data_dir = data_dir or Path("var")
         self.luns_for = luns_for or (lambda partition: [LunConfig(lun=0)])
@@ -45,6 +45,9 @@ class StorageVsp(HandshakeVsp):
         self.max_transfer_bytes = max_transfer_bytes
         self.controllers: dict[str, ScsiController] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}  # open storage channels per partition
+        self._partition_of: dict[Channel, str] = {}
+        self.idle_close = idle_close
         self.requests = 0
         self.log = logs.get(component="storvsp")
 
@@ -61,7 +64,35 @@ class StorageVsp(HandshakeVsp):
 
     async def open(self, channel: Channel, info: OpenChannelInfo) -> None:
         await self.controller(info.partition)  # an unopenable disk fails the OPENCHANNEL
+        self._users[info.partition] = self._users.get(info.partition, 0) + 1
+        self._partition_of[channel] = info.partition
         await super().open(channel, info)
+
+    async def close(self, channel: Channel) -> None:
+        await super().close(channel)
+        partition = self._partition_of.pop(channel, None)
+        if partition is None:
+            return
+        self._users[partition] -= 1
+        if not self._users[partition]:
+            # Keep the disks open a while for a reconnect; then flush and close them.
+            asyncio.get_running_loop().call_later(self.idle_close, self._close_if_idle, partition)
+
+    def _close_if_idle(self, partition: str) -> None:
+        if self._users.get(partition) == 0 and partition in self.controllers:
+            asyncio.get_running_loop().create_task(self._close_disks(partition))
+
+    async def _close_disks(self, partition: str) -> None:
+        lock = self._opening.setdefault(partition, asyncio.Lock())
+        async with lock:
+            if self._users.get(partition) != 0:
+                return
+            ctl = self.controllers.pop(partition, None)
+            self._users.pop(partition, None)
+            self._opening.pop(partition, None)
+            if ctl is not None:
+                for err in await ctl.close():
+                    self.log.error("disk flush failed on close", partition=partition, error=str(err))
 
     async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
         ctl = await self.controller(info.partition)

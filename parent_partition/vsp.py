@@ -153,13 +153,17 @@ class EchoVsp(Vsp):
     spec = echo.SPEC
 
     async def serve(self, channel: Channel, info: OpenChannelInfo) -> None:
-        complete = channel.complete
-        recv = channel.recv
+        recv, recv_nowait, try_send, send = channel.recv, channel.recv_nowait, channel.try_send, channel.send
+        comp = PacketType.COMP
         while True:
-            pkt = await recv()
-            if pkt.type == PacketType.COMP:
-                raise DeviceProtocolError("unsolicited completion")
-            if pkt.flags & FLAG_COMPLETION_REQUESTED:
-                await complete(pkt.trans_id, pkt.payload, pkt.data)
+            pkt: Packet | None = await recv()
+            while pkt is not None:  # answer everything already queued without a coroutine switch each
+                if pkt.type == comp:
+                    raise DeviceProtocolError("unsolicited completion")
+                if pkt.flags & FLAG_COMPLETION_REQUESTED:
+                    out = Packet(comp, 0, pkt.trans_id, pkt.payload, data=pkt.data)
+                    if not try_send(out):
+                        await send(out)
+                pkt = recv_nowait()
 
 

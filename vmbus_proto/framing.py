@@ -81,28 +81,50 @@ class FrameDecoder:
             self._error = exc
             raise
 
+    def _check(self, src: bytes | bytearray, pos: int) -> tuple[int, int, int, int, int]:
+        """The header at ``pos``: (length, kind, flags, relid, data_len), validated."""
+        length, kind, flags, reserved, relid, data_len = HEADER.unpack_from(src, pos)
+        if length > self.max_frame:
+            raise FrameError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+        if not _FIRST_KIND <= kind <= _LAST_KIND:
+            raise FrameError(f"unknown frame kind {kind}")
+        if data_len > length or reserved:
+            raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
+        return length, kind, flags, relid, data_len
+
     def _feed(self, data: bytes) -> list[Frame]:
-        buf = self._buf
-        if buf:
-            buf += data
-            src = bytes(buf)
-            buf.clear()
-        else:
-            src = data
         frames: list[Frame] = []
+        buf = self._buf
         pos = 0
+        if buf:
+            # A frame split across reads: copy in only the bytes it still lacks.
+            if len(buf) < HEADER_SIZE:
+                pos = min(HEADER_SIZE - len(buf), len(data))
+                buf += data[:pos]
+                if len(buf) < HEADER_SIZE:
+                    return frames
+            length = self._check(buf, 0)[0]
+            take = min(HEADER_SIZE + length - len(buf), len(data) - pos)
+            buf += memoryview(data)[pos:pos + take]
+            pos += take
+            if len(buf) < HEADER_SIZE + length:
+                return frames
+            whole = bytes(buf)
+            buf.clear()
+            self._cut(whole, 0, frames)
+        pos = self._cut(data, pos, frames)
+        if pos < len(data):
+            buf += memoryview(data)[pos:]
+        return frames
+
+    def _cut(self, src: bytes, pos: int, frames: list[Frame]) -> int:
+        """Append every complete frame of ``src`` from ``pos`` as zero-copy views; return where the first
+        incomplete one starts."""
         end = len(src)
-        unpack = HEADER.unpack_from
         view = memoryview(src)
-        max_frame = self.max_frame
+        check = self._check
         while end - pos >= HEADER_SIZE:
-            length, kind, flags, reserved, relid, data_len = unpack(src, pos)
-            if length > max_frame:
-                raise FrameError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
-            if not FrameKind.HELLO <= kind <= FrameKind.CLOSE:
-                raise FrameError(f"unknown frame kind {kind}")
-            if data_len > length or reserved:
-                raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
+            length, kind, flags, relid, data_len = check(src, pos)
             start = pos + HEADER_SIZE
             stop = start + length
             if stop > end:
@@ -110,6 +132,7 @@ class FrameDecoder:
             split = stop - data_len
             frames.append(Frame(kind, relid, view[start:split], view[split:stop] if data_len else b"", flags))
             pos = stop
-        if pos < end:
-            buf += view[pos:]
-        return frames
+        return pos
+
+
+_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.CLOSE)

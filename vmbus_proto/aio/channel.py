@@ -102,6 +102,15 @@ class Channel:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def try_send(self, pkt: Packet) -> bool:
+        """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
+        size = pkt.ring_size
+        if self.closed or self._send_lock.locked() or not self.rings.can_send(size):
+            return False
+        self.rings.sent(size)
+        self.conn.send_packet(self.relid, pkt)
+        return True
+
     async def send(self, pkt: Packet) -> None:
         """Write one packet, waiting for ring space like a blocked writer."""
         size = pkt.ring_size

@@ -25,6 +25,8 @@ from .channel import Channel
 
 DEFAULT_WRITE_HIGH = 4 * 1024 * 1024
 DEFAULT_INBOUND_HIGH = 32 * 1024 * 1024
+FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
+BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
 
 
 class FramedConnection(asyncio.Protocol):
@@ -196,8 +198,11 @@ class FramedConnection(asyncio.Protocol):
     def send_frame(self, kind: int, relid: int, body: bytes, data: bytes | memoryview = b"") -> None:
         if self.closing:
             return
-        self._wbuf.extend(frame_parts(kind, relid, body, data))
-        if not self._flush_scheduled:
+        wbuf = self._wbuf
+        wbuf.extend(frame_parts(kind, relid, body, data))
+        if len(wbuf) >= FLUSH_PARTS:
+            self.flush()  # write out early so the peer starts on these while we make more
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_event_loop().call_soon(self.flush)
 
@@ -213,9 +218,12 @@ class FramedConnection(asyncio.Protocol):
             self._wbuf.clear()
             return
         buf, self._wbuf = self._wbuf, []
-        self.bytes_out += sum(len(b) for b in buf)
+        size = sum(map(len, buf))
+        self.bytes_out += size
         if len(buf) == 1:
             self.transport.write(buf[0])
+        elif size >= BULK_WRITE:
+            self.transport.writelines(buf)  # one vectored write, bulk data not copied
         else:
             self.transport.write(b"".join(buf))
 
