@@ -10,9 +10,13 @@ fallocate(2)); where the filesystem cannot, the range is overwritten with zeros 
 Durability follows SBC-3 with the write cache enabled: a plain write returns once the data is in the
 host's page cache; a write with FUA, and ``flush`` (SYNCHRONIZE CACHE), return only after ``fdatasync``.
 
-Every blocking syscall (open, pread, pwrite, fdatasync, fallocate, close) runs in a bounded thread pool
-shared by all disks (``loop.run_in_executor``), never on the event loop's thread. Each disk may occupy at
-most ``max_inflight`` pool workers at once, so one slow image cannot starve every other partition's disk.
+Nothing that can wait for a disk runs on the event loop's thread. A read first tries
+``preadv2(RWF_NOWAIT)``, which copies data already in the page cache and says EAGAIN rather than wait for
+the device (the fast path QEMU and io_uring users take); likewise a write where the filesystem supports
+it. Everything else (uncached reads, writes, fdatasync, fallocate, open, close) goes to a bounded thread
+pool shared by all disks, through a per-disk submission queue that pool workers drain in batches (one
+thread hop per batch). Each disk may occupy at most ``max_inflight`` workers, so one slow image cannot
+starve every other partition's disk.
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _fallocate = _load_fallocate()
 
 
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
+
 def _settle(batch: list[tuple[asyncio.Future[Any], object, BaseException | None]]) -> None:
     for fut, result, exc in batch:
         if fut.done():
@@ -140,6 +147,8 @@ class DiskBackend:
         self._workers = 0
         self._outstanding: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._nowait_read = _RWF_NOWAIT != 0
+        self._nowait_write = _RWF_NOWAIT != 0
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -246,6 +255,17 @@ class DiskBackend:
         self._check_range("read", offset, length)
         if length == 0:
             return b""
+        if self._nowait_read and not self._closed:
+            # Data already in the page cache is copied right here: preadv2(RWF_NOWAIT) never waits for
+            # the disk, it says EAGAIN instead, and only then does the request go to a pool thread.
+            buf = bytearray(length)
+            try:
+                if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
+                    return bytes(buf)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._nowait_read = False  # not supported here: always use the pool
         return await self._run(self._pread, offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -256,6 +276,14 @@ class DiskBackend:
         self._check_range("write", offset, len(view))
         if len(view) == 0 and not fua:
             return
+        if self._nowait_write and not fua and not self._closed:
+            try:  # as for reads: only if it cannot block (ext4 says EOPNOTSUPP for buffered writes)
+                if os.pwritev(self._fd, [view], offset, _RWF_NOWAIT) == len(view):
+                    return
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._nowait_write = False
         await self._run(self._pwrite, offset, view, fua)
 
     async def flush(self) -> None:

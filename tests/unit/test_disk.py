@@ -258,6 +258,7 @@ async def test_io_errors_become_disk_errors(backend: DiskBackend, monkeypatch: p
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "pread", eio)
+    monkeypatch.setattr(os, "preadv", _not_cached)  # take the pool path, not the cached fast path
     monkeypatch.setattr(os, "pwrite", eio)
     monkeypatch.setattr(os, "fdatasync", eio)
     for call in (lambda: backend.read(0, 512), lambda: backend.write(0, b"x" * 512), backend.flush):
@@ -312,6 +313,7 @@ async def test_one_disk_holds_at_most_max_inflight_workers(tmp_path: Path,
         return real(fd, n, offset)
 
     monkeypatch.setattr(os, "pread", counting)
+    monkeypatch.setattr(os, "preadv", _not_cached)  # take the pool path, not the cached fast path
     try:
         await asyncio.gather(*(b.read(i * 512, 512) for i in range(20)))
         assert peak == 2
@@ -338,3 +340,26 @@ async def test_concurrent_io_on_two_disks(tmp_path: Path) -> None:
     finally:
         for d in disks:
             await d.close()
+
+
+def _not_cached(*args: object) -> int:
+    raise BlockingIOError(11, "would block (not in the page cache)")
+
+
+async def test_cached_reads_are_served_without_a_pool_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = DiskBackend.open(tmp_path / "f.img", size=MiB)
+    await b.write(4096, b"\x5a" * 4096)
+    submitted: list[object] = []
+    real_drain = DiskBackend._drain
+
+    def counting_drain(self: DiskBackend) -> None:
+        submitted.append(self)
+        real_drain(self)
+
+    monkeypatch.setattr(DiskBackend, "_drain", counting_drain)
+    assert await b.read(4096, 4096) == b"\x5a" * 4096  # in the page cache: RWF_NOWAIT succeeds inline
+    assert submitted == []
+    monkeypatch.setattr(os, "preadv", _not_cached)  # now pretend it would block: the pool serves it
+    assert await b.read(4096, 4096) == b"\x5a" * 4096
+    assert len(submitted) == 1
+    await b.close()

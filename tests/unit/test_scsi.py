@@ -672,6 +672,7 @@ async def test_real_io_error_through_the_file(ctl: ScsiController, monkeypatch: 
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "pread", eio)
+    monkeypatch.setattr(os, "preadv", _not_cached)  # take the pool path, not the cached fast path
     assert_sense(await ctl.execute(0, rw10(Op.READ10, 0, 1), None, 512), MEDIUM, 0x11, srb=ERROR_SENSE)
 
 
@@ -811,3 +812,7 @@ def test_random_cdbs_never_crash(tmp_path: Path) -> None:
     finally:
         loop.run_until_complete(controller.close())
         loop.close()
+
+
+def _not_cached(*args: object) -> int:
+    raise BlockingIOError(11, "would block (not in the page cache)")
