@@ -279,6 +279,7 @@ class GuestConnection:
         if self.version >= Version.WIN7:
             self._wait("unload", 0)
         else:  # UNLOAD_RESPONSE exists from WIN7 on; an older host sends nothing back
+            self._deadlines.clear()
             self.channels.clear()
             self.state = GuestConnState.UNLOADED
             self._events.append(UnloadComplete())

@@ -150,7 +150,7 @@ class Signal:
     @classmethod
     def decode(cls, body: bytes | memoryview) -> Signal:
         obj = _unpack(body, "SIGNAL")
-        if not isinstance(obj, Mapping) or obj.get("ring") not in (0, 1):
+        if not isinstance(obj, Mapping) or type(obj.get("ring")) is not int or obj["ring"] not in (0, 1):
             raise FrameError("SIGNAL body must be a map with ring 0 or 1")
         fields: dict[str, int] = {}
         for key, value in obj.items():
@@ -158,7 +158,7 @@ class Signal:
                 continue
             if key not in ("read_index", "interrupt_mask", "write_index", "pending_send_sz"):
                 raise FrameError(f"SIGNAL has unknown field {key!r}")
-            if not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
+            if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
                 raise FrameError(f"SIGNAL {key} must be a u32")
             fields[key] = value
         reader = "read_index" in fields or "interrupt_mask" in fields

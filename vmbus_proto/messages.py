@@ -431,7 +431,7 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
         kwargs[name] = _check(cls, name, kind, obj[name])
     extra = set(obj) - {n for n, _ in cls.LAYOUT} - {"msgtype"}
     if extra:
-        raise MessageError(f"{cls.MSGTYPE.name}: unknown fields {sorted(extra)}")
+        raise MessageError(f"{cls.MSGTYPE.name}: unknown fields {sorted(map(repr, extra))}")
     return cls(**kwargs)
 
 

@@ -353,8 +353,8 @@ class HostConnection:
             return
         key = (params.gpadl.gpadl, ch.relid)
         g = self.gpadls.get(key)
-        if g is None:
-            return
+        if g is None or g.gpadl is not params.gpadl:
+            return  # torn down meanwhile (a rescinded channel's ring), maybe its id already reused
         g.ring_users -= 1
         if g.ring_users == 0 and g.state == GpadlState.TEARING_DOWN:
             del self.gpadls[key]
@@ -387,6 +387,8 @@ class HostConnection:
         """A guest message that failed to decode. Dropped, but a GPADL the guest waits on is answered."""
         raw = err.raw or {}
         gid, relid = _u32(raw.get("gpadl")), _u32(raw.get("child_relid"))
+        if self.state != ConnState.CONNECTED:
+            gid = None  # no GPADL exists outside a connection: nothing to answer
         if err.msgtype == MsgType.GPADL_HEADER and gid is not None and relid is not None:
             self._send(m.GpadlCreated(child_relid=relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
         elif err.msgtype == MsgType.GPADL_BODY and gid is not None and gid in self.in_progress:
@@ -451,8 +453,9 @@ class HostConnection:
     def _on_gpadl_header(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlHeader)
         ch = self.channels.get(msg.child_relid)
-        if ch is None or ch.state == ChanState.CLIENT_RELEASED:
-            self._gpadl_failed(msg, f"GPADL {msg.gpadl:#x} for unknown or unoffered relid {msg.child_relid}")
+        if ch is None or ch.released or ch.state in (ChanState.CLIENT_RELEASED, ChanState.CLOSING_CLIENT_RELEASE,
+                                                     ChanState.OPENING_CLIENT_RELEASE):
+            self._gpadl_failed(msg, f"GPADL {msg.gpadl:#x} for unknown or released relid {msg.child_relid}")
             return
         if msg.gpadl in self.in_progress:
             self._gpadl_failed(msg, f"duplicate in-progress GPADL id {msg.gpadl:#x}")
