@@ -87,11 +87,11 @@ def decode_packet(body: bytes | memoryview, data: bytes | memoryview, max_payloa
         raise PacketError("PACKET body is not [type, flags, trans_id, payload, ext]")
     ptype, flags, trans_id, payload, ext = obj
     # Fast path: in-band packets and completions, checked exactly as Packet.validate would.
-    if (ext is None and ptype in _INBAND_OR_COMP and type(flags) is int and not flags & ~1
+    if (ext is None and type(ptype) is int and ptype in _INBAND_OR_COMP and type(flags) is int and not flags & ~1
             and type(trans_id) is int and 0 <= trans_id < 1 << 64 and type(payload) is bytes
             and len(payload) <= max_payload):
         return Packet(ptype, flags, trans_id, payload, data=data)
-    if not (isinstance(ptype, int) and isinstance(flags, int) and isinstance(trans_id, int)):
+    if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):
         raise PacketError("PACKET payload must be bytes")
