@@ -358,7 +358,7 @@ class HostConnection:
         g.ring_users -= 1
         if g.ring_users == 0 and g.state == GpadlState.TEARING_DOWN:
             del self.gpadls[key]
-            if self.state == ConnState.CONNECTED and ch.state not in (
+            if self.state == ConnState.CONNECTED and not ch.released and ch.state not in (
                     ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
                 self._send(m.GpadlTorndown(gpadl=key[0]))
 
@@ -453,8 +453,7 @@ class HostConnection:
     def _on_gpadl_header(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlHeader)
         ch = self.channels.get(msg.child_relid)
-        if ch is None or ch.released or ch.state in (ChanState.CLIENT_RELEASED, ChanState.CLOSING_CLIENT_RELEASE,
-                                                     ChanState.OPENING_CLIENT_RELEASE):
+        if ch is None or ch.released or ch.state in _RELEASED:
             self._gpadl_failed(msg, f"GPADL {msg.gpadl:#x} for unknown or released relid {msg.child_relid}")
             return
         if msg.gpadl in self.in_progress:
@@ -508,6 +507,9 @@ class HostConnection:
         assert isinstance(msg, m.GpadlTeardown)
         ch = self._channel(msg, msg.child_relid)
         if ch is None:
+            return
+        if ch.released or ch.state in _RELEASED:
+            self._drop(msg, f"GPADL_TEARDOWN for relid {ch.relid}, which the guest released")
             return
         key = (msg.gpadl, msg.child_relid)
         g = self.gpadls.get(key)
@@ -678,6 +680,9 @@ class HostConnection:
 
     def open_channels(self) -> list[HostChannel]:
         return [c for c in self.channels.values() if c.device_open or c.device_busy]
+
+
+_RELEASED = (ChanState.CLIENT_RELEASED, ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE)
 
 
 def _u32(value: object) -> int | None:

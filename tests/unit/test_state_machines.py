@@ -1,0 +1,1618 @@
+"""Tier 1: the host and guest control-plane state machines (vmbus_proto.server, vmbus_proto.client).
+
+1. ``HostFuzz`` (test_host_core_under_random_guest_input): Hypothesis drives ``HostConnection`` with random
+   guest messages, valid and invalid -- every type in ``messages.GUEST_TO_HOST``, each passed through the
+   real codec first; relids real, unknown and 0; colliding GPADL ids; GPADL headers and bodies with random
+   PFN counts and broken range descriptors; OPENCHANNEL with good and bad ring GPADLs and offsets; UNLOAD;
+   INITIATE_CONTACT with supported and unsupported versions, SINTs and monitor pages; MODIFYCHANNEL;
+   host-to-guest messages sent the wrong way; bodies that do not decode (``receive_malformed``) -- with
+   device answers that come late, out of order, failed, or stale (replayed or never-issued sequence
+   numbers), and host-side ``rescind()`` / ``add_offer()`` (re-offers). The host must never raise for
+   guest input (not even ``ProtocolError``: it logs and drops). A *guest ledger* records what a guest that
+   sent those messages is owed, from what it sent and received (rule below), and structural invariants
+   are checked after every step: each channel state is a ``ChanState``, relids in 1..2047, 0 <= ring_users
+   <= 1, no GPADL on a freed or client-released relid, one device request in flight per channel, a stale
+   device answer changes nothing, no GPADL_TORNDOWN for a ring a live channel still maps, and after
+   UNLOAD_RESPONSE the host is DISCONNECTED with no GPADLs.
+2. ``test_channel_state_table``: each host channel state x each guest message, against
+   reference/vmbus-core.md §4.2 as implemented (deviations are listed next to the table), plus the
+   device-answer transitions and the connection-level rules (versions, SINT, monitor pages, features,
+   REQUESTOFFERS once, UNLOAD_RESPONSE from WIN7, MODIFYCHANNEL by version, reset by INITIATE_CONTACT).
+3. ``BusFuzz`` (test_host_and_guest_cores_with_a_well_behaved_guest): host core + guest core wired in memory
+   (tests/unit/inmemory.py) under a Linux-like guest, with delayed device answers and host rescinds /
+   re-offers: the guest core never sees ``Unexpected``, the host never drops a message, nothing is left
+   outstanding once everything settles, and both sides agree on every channel and GPADL.
+4. Pinned known bugs (strict xfail) and regression tests for bugs already fixed.
+
+**Answer rule** (what the host owes a guest; derived from server.py and vmbus-core.md §4.1-4.3, §10). A
+*connection epoch* starts with each INITIATE_CONTACT the guest sends and ends with the next INITIATE_CONTACT
+or an UNLOAD sent while connected; nothing from an earlier epoch is owed afterwards, and the host must not
+send anything about it (the guest reset). Within an epoch, once every pending device request is answered:
+
+* the latest INITIATE_CONTACT gets exactly one VERSION_RESPONSE (contacts sent while the host is still
+  tearing the previous connection down are coalesced: the newest one is answered);
+* an UNLOAD sent while connected gets UNLOAD_RESPONSE iff the negotiated version is >= WIN7 (1.1); a new
+  INITIATE_CONTACT before that answer supersedes it. The host is then DISCONNECTED with no GPADLs;
+* the first REQUESTOFFERS gets the offers and ALLOFFERS_DELIVERED;
+* an OPENCHANNEL for a relid the guest holds (offered, not rescinded, not released) gets an
+  OPENCHANNEL_RESULT, unless a RESCIND for that relid arrives first. A second OPENCHANNEL while one is
+  pending needs no answer of its own (the host drops it while OPENING);
+* each GPADL_HEADER sent while connected gets a GPADL_CREATED for (relid, gpadl) -- failure for bad headers,
+  unknown/released relids and duplicate in-progress ids; success or failure as soon as its bodies
+  complete it (or overflow it); failure if the channel is rescinded while it is in progress -- unless the
+  guest releases the relid first (RELID_RELEASED accepted by the host) or the epoch ends. At rest, a header
+  still unanswered must be an incomplete in-progress assembly;
+* a malformed GPADL_HEADER (one that does not decode) whose child_relid and gpadl still read as u32s gets
+  a failed GPADL_CREATED for that pair, like any other bad header;
+* a GPADL_TEARDOWN of a GPADL the guest saw created (and did not tear down yet) gets GPADL_TORNDOWN: at
+  once; or, when it is the ring of a channel that is opening/open/closing, when that ring is released
+  (device close or failed open); or at once when the channel is rescinded (and, per §4.2, at once for a
+  channel already REVOKED/REOFFERED, though its device may still map the ring). No TORNDOWN is owed (and
+  none may be sent) once the guest released the relid (RELID_RELEASED accepted, UNLOAD, reset): OpenVMM
+  sends no GPADL_TORNDOWN for client-released channels. GPADL_TORNDOWN names only the GPADL id, so
+  teardowns of one id on two relids are told apart by which one the host no longer holds. At rest, an
+  unanswered teardown must be for the ring of a channel still OPEN (it is answered when that closes);
+* a MODIFYCHANNEL gets MODIFYCHANNEL_RESPONSE iff the version is >= 5.3 (at once, failure if not open);
+* CLOSECHANNEL and RELID_RELEASED get no answer; a RELID_RELEASED for a relid the guest holds rescinded
+  must always be honoured (the guest never sends it again).
+
+Besides, the host never sends an answer nobody asked for, never offers a relid the guest holds or a relid
+>= 2048, and at rest its channel table matches what the guest holds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from vmbus_proto import client as c
+from vmbus_proto import messages as m
+from vmbus_proto import server as s
+from vmbus_proto.errors import MessageError
+from vmbus_proto.gpadl import Gpadl, split
+from vmbus_proto.guids import NETWORK, SCSI, SYNTH_KEYBOARD, SYNTHVID
+from vmbus_proto.messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL, MsgType
+from vmbus_proto.server import ChanState, ConnState, GpadlState
+from vmbus_proto.versions import Version
+
+from .inmemory import Bus
+
+# Known bugs (each has a strict-xfail test below). While a bug stands, the fuzzers steer around its trigger
+# so the rest of the state space keeps being checked. Fix the bug, remove its name here and its xfail mark.
+KNOWN_BUGS: frozenset[str] = frozenset()
+
+POOL = [
+    s.OfferSpec("storage", SCSI, uuid.UUID(int=1)),
+    s.OfferSpec("network", NETWORK, uuid.UUID(int=2)),
+    s.OfferSpec("video", SYNTHVID, uuid.UUID(int=3), pipe_mode=True, mmio_megabytes=8),
+    s.OfferSpec("keyboard", SYNTH_KEYBOARD, uuid.UUID(int=4)),
+    s.OfferSpec("storage-sub1", SCSI, uuid.UUID(int=1), sub_channel_index=1),
+]
+INITIAL = POOL[:3]
+
+BAD_RELIDS = st.sampled_from([0, 1, 9, 2047, 0xFFFFFFFF])
+VERSIONS = st.sampled_from([*Version, *Version, 0, 0x00020000, 0x00050004, 0xFFFFFFFF])
+RELEASED_STATES = (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE)
+SIGNED_UNSUCCESSFUL = STATUS_UNSUCCESSFUL - (1 << 32)
+HOST_MESSAGES = [m.OfferChannel(if_type=SCSI, if_instance=SCSI, child_relid=1, connection_id=1),
+                 m.RescindChannelOffer(child_relid=1), m.AllOffersDelivered(),
+                 m.OpenChannelResult(child_relid=1, openid=1, status=0),
+                 m.GpadlCreated(child_relid=1, gpadl=1, creation_status=0), m.GpadlTorndown(gpadl=1),
+                 m.VersionResponse(version_supported=1), m.UnloadResponse(),
+                 m.ModifyChannelResponse(child_relid=1, status=0)]
+
+Key = tuple[uuid.UUID, uuid.UUID, int]
+
+
+def offer_key(o: s.OfferSpec | m.OfferChannel) -> Key:
+    return (o.if_type, o.if_instance, o.sub_channel_index)
+
+
+def sends(acts: list[s.Action]) -> list[m.Message]:
+    return [a.message for a in acts if isinstance(a, s.Send)]
+
+
+def conn_state(host: s.HostConnection) -> ConnState:
+    """``host.state`` read through a call, so mypy does not keep an earlier narrowing of the attribute."""
+    return host.state
+
+
+def wire(msg: m.Message) -> m.Message:
+    """Every message crosses the real codec, as on the stream."""
+    out = m.decode(msg.encode())
+    assert out == msg
+    return out
+
+
+# ---- the guest ledger ----------------------------------------------------------------------------------
+
+class GuestLedger:
+    """What a guest that sent these messages and received these answers is owed (see the module docstring).
+    ``received`` raises AssertionError for an answer nobody asked for."""
+
+    def __init__(self, still_tearing_down: Callable[[int, int], bool] = lambda relid, gid: False) -> None:
+        # GPADL_TORNDOWN names only the GPADL id; when one id is being torn down on two relids, the answer
+        # belongs to the one the host no longer holds as tearing down.
+        self.still_tearing_down = still_tearing_down
+        self.requested_version = 0
+        self.version = 0
+        self.contact_waiting = False
+        self.unload_waiting = False
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self.connected = False
+        self.offers_requested = False
+        self.offers_waiting = False
+        self.modify_waiting = 0
+        self.known: dict[int, str] = {}  # relid -> "live" | "rescinded"
+        self.keys: dict[int, Key] = {}
+        self.open_waiting: set[int] = set()
+        self.opens_sent: Counter[int] = Counter()
+        self.open_results: Counter[int] = Counter()
+        self.gpadl_waiting: Counter[tuple[int, int]] = Counter()  # (relid, gpadl)
+        self.accepted: set[tuple[int, int]] = set()
+        self.teardown_waiting: Counter[tuple[int, int]] = Counter()
+
+    def _forget_relid(self, relid: int) -> None:
+        self.known.pop(relid, None)
+        self.keys.pop(relid, None)
+        self.open_waiting.discard(relid)
+        for d in (self.gpadl_waiting, self.teardown_waiting):
+            for k in [k for k in d if k[0] == relid]:
+                del d[k]
+        self.accepted = {k for k in self.accepted if k[0] != relid}
+
+    # guest -> host
+    def sent(self, msg: m.Message, dropped: bool) -> None:
+        if isinstance(msg, m.InitiateContact):
+            self._new_epoch()
+            self.unload_waiting = False
+            self.contact_waiting = True
+            self.requested_version = msg.vmbus_version_requested
+            return
+        if not self.connected:
+            return
+        if isinstance(msg, m.RequestOffers):
+            if not self.offers_requested:
+                self.offers_requested = self.offers_waiting = True
+        elif isinstance(msg, m.GpadlHeader):
+            self.gpadl_waiting[(msg.child_relid, msg.gpadl)] += 1
+        elif isinstance(msg, m.GpadlTeardown):
+            key = (msg.child_relid, msg.gpadl)
+            if key in self.accepted:
+                self.accepted.discard(key)
+                self.teardown_waiting[key] += 1
+        elif isinstance(msg, m.OpenChannel):
+            self.opens_sent[msg.child_relid] += 1
+            if self.known.get(msg.child_relid) == "live":
+                self.open_waiting.add(msg.child_relid)
+        elif isinstance(msg, m.RelidReleased):
+            if self.known.get(msg.child_relid) == "rescinded":
+                assert not dropped, f"RELID_RELEASED of rescinded relid {msg.child_relid} was dropped"
+            if not dropped:
+                self._forget_relid(msg.child_relid)
+        elif isinstance(msg, m.Unload):
+            version = self.version
+            self._new_epoch()
+            self.unload_waiting = version >= Version.WIN7
+        elif isinstance(msg, m.ModifyChannel) and self.version >= Version.WIN10_V5_3:
+            self.modify_waiting += 1
+
+    # host -> guest
+    def received(self, msg: m.Message) -> None:
+        if isinstance(msg, m.VersionResponse):
+            assert self.contact_waiting, "VERSION_RESPONSE without an INITIATE_CONTACT"
+            self.contact_waiting = False
+            if msg.version_supported and msg.connection_state == m.ConnectionState.SUCCESSFUL:
+                self.connected = True
+                self.version = self.requested_version
+            return
+        assert self.connected, f"{msg.MSGTYPE.name} while the guest is not connected"
+        if isinstance(msg, m.OfferChannel):
+            relid = msg.child_relid
+            assert self.offers_requested, "OFFERCHANNEL before REQUESTOFFERS"
+            assert 0 < relid < 2048
+            assert relid not in self.known, f"relid {relid} offered while the guest holds it"
+            assert offer_key(msg) not in self.keys.values(), "two offers with the same class/instance"
+            self.known[relid] = "live"
+            self.keys[relid] = offer_key(msg)
+        elif isinstance(msg, m.AllOffersDelivered):
+            assert self.offers_waiting, "ALLOFFERS_DELIVERED twice"
+            self.offers_waiting = False
+        elif isinstance(msg, m.RescindChannelOffer):
+            assert self.known.get(msg.child_relid) == "live", f"RESCIND of relid {msg.child_relid}"
+            self.known[msg.child_relid] = "rescinded"
+            self.open_waiting.discard(msg.child_relid)
+        elif isinstance(msg, m.OpenChannelResult):
+            relid = msg.child_relid
+            assert self.known.get(relid) == "live", f"OPENCHANNEL_RESULT for relid {relid} the guest does not hold"
+            assert self.open_results[relid] < self.opens_sent[relid], "more OPENCHANNEL_RESULTs than requests"
+            self.open_results[relid] += 1
+            self.open_waiting.discard(relid)
+        elif isinstance(msg, m.GpadlCreated):
+            key = (msg.child_relid, msg.gpadl)
+            assert self.gpadl_waiting[key] > 0, f"GPADL_CREATED for {key} nobody waits for"
+            self.gpadl_waiting[key] -= 1
+            if msg.creation_status == STATUS_SUCCESS:
+                self.accepted.add(key)
+        elif isinstance(msg, m.GpadlTorndown):
+            owed = sorted((k for k, n in self.teardown_waiting.items() if n and k[1] == msg.gpadl),
+                          key=lambda k: self.still_tearing_down(*k))
+            assert owed, f"GPADL_TORNDOWN {msg.gpadl:#x} not owed"
+            self.teardown_waiting[owed[0]] -= 1
+        elif isinstance(msg, m.UnloadResponse):
+            raise AssertionError("UNLOAD_RESPONSE while connected")
+        elif isinstance(msg, m.ModifyChannelResponse):
+            assert self.modify_waiting > 0, "MODIFYCHANNEL_RESPONSE nobody waits for"
+            self.modify_waiting -= 1
+        else:
+            raise AssertionError(f"unexpected host message {msg!r}")
+
+    def sent_malformed(self, err: MessageError) -> None:
+        """A guest message that failed to decode: a GPADL_HEADER whose relid and gpadl id still read as u32s
+        is owed a failed GPADL_CREATED (the guest waits on that pair); anything else is owed nothing."""
+        raw = err.raw or {}
+        relid, gid = raw.get("child_relid"), raw.get("gpadl")
+        if (self.connected and err.msgtype == MsgType.GPADL_HEADER and isinstance(relid, int)
+                and isinstance(gid, int) and not isinstance(relid, bool) and not isinstance(gid, bool)
+                and 0 <= relid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
+            self.gpadl_waiting[(relid, gid)] += 1
+
+    def received_unload_response(self) -> None:
+        assert self.unload_waiting, "UNLOAD_RESPONSE without an UNLOAD"
+        self.unload_waiting = False
+
+
+def check_at_rest(host: s.HostConnection, ledger: GuestLedger) -> None:
+    """Every device request answered: what the guest waits on is answered, and both sides agree."""
+    assert host.state != ConnState.DISCONNECTING, "still disconnecting with no device request pending"
+    assert not ledger.contact_waiting, "INITIATE_CONTACT never answered"
+    assert not ledger.unload_waiting, "UNLOAD never answered"
+    assert not ledger.offers_waiting, "REQUESTOFFERS never answered"
+    assert ledger.modify_waiting == 0
+    assert not ledger.open_waiting, f"OPENCHANNEL never answered for relids {sorted(ledger.open_waiting)}"
+    for (relid, gid), n in ledger.gpadl_waiting.items():
+        if n:
+            asm = host.in_progress.get(gid)
+            assert n == 1 and asm is not None and asm.relid == relid and not asm.complete, \
+                f"GPADL_HEADER {(relid, gid)} never answered and not in progress"
+    for (relid, gid), n in ledger.teardown_waiting.items():
+        if n:
+            g = host.gpadls.get((gid, relid))
+            ch = host.channels.get(relid)
+            assert g is not None and g.state == GpadlState.TEARING_DOWN, f"GPADL_TEARDOWN {(relid, gid)} lost"
+            assert ch is not None and ch.state == ChanState.OPEN and ch.params is not None \
+                and ch.params.gpadl.gpadl == gid, f"GPADL_TEARDOWN {(relid, gid)} deferred with no open ring"
+    for relid, gid in ledger.accepted:
+        g = host.gpadls.get((gid, relid))
+        assert g is not None and g.state == GpadlState.ACCEPTED, f"GPADL {(relid, gid)} vanished on the host"
+    for ch in host.channels.values():
+        assert not ch.device_busy
+        assert ch.state not in (ChanState.OPENING, ChanState.CLOSING, ChanState.CLOSING_REOPEN, *RELEASED_STATES)
+    assert (host.state == ConnState.CONNECTED) == ledger.connected
+    if host.state == ConnState.DISCONNECTED:
+        assert not host.gpadls and not host.in_progress
+        assert all(ch.state == ChanState.CLIENT_RELEASED for ch in host.channels.values())
+        return
+    assert host.offers_sent == ledger.offers_requested
+    for relid, ch in host.channels.items():
+        held = ledger.known.get(relid)
+        if ch.state in (ChanState.CLOSED, ChanState.OPEN):
+            assert held == "live" and ledger.keys[relid] == offer_key(ch.offer), f"relid {relid} not held live"
+        elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
+            assert held == "rescinded", f"relid {relid} {ch.state.value} but the guest holds it {held}"
+            assert not ch.released
+        else:
+            assert ch.state == ChanState.CLIENT_RELEASED
+            assert held is None, f"relid {relid} is client-released but the guest holds it"
+    assert set(ledger.known) <= set(host.channels)
+
+
+def check_structure(host: s.HostConnection) -> None:
+    for relid, ch in host.channels.items():
+        assert isinstance(ch.state, ChanState)
+        assert 1 <= relid <= s.MAX_CHANNELS < 2048 and ch.relid == relid
+        if ch.state == ChanState.REOFFERED:
+            assert ch.reoffer is not None
+        if ch.state in (ChanState.OPENING, ChanState.OPEN, ChanState.CLOSING, ChanState.CLOSING_REOPEN):
+            assert ch.params is not None
+        if ch.state == ChanState.CLOSING_REOPEN:
+            assert ch.reopen is not None
+    for (gid, relid), g in host.gpadls.items():
+        assert g.gpadl.gpadl == gid and g.gpadl.relid == relid
+        assert g.ring_users in (0, 1), f"GPADL {gid:#x} ring_users {g.ring_users}"
+        assert g.state != GpadlState.TEARING_DOWN or g.ring_users == 1
+        assert g.state != GpadlState.IN_PROGRESS
+        assert relid in host.channels, f"GPADL {gid:#x} on freed relid {relid}"
+        assert host.channels[relid].state != ChanState.CLIENT_RELEASED, f"GPADL {gid:#x} on released {relid}"
+    for gid, asm in host.in_progress.items():
+        assert asm.gpadl == gid and not asm.complete
+        assert asm.relid in host.channels, f"in-progress GPADL {gid:#x} on freed relid {asm.relid}"
+    if host.state == ConnState.DISCONNECTED:
+        assert not host.gpadls and not host.in_progress
+
+
+def snapshot(host: s.HostConnection) -> Any:
+    return (host.state, host.version, host.offers_sent,
+            {r: (ch.state, ch.seq, ch.device_busy, ch.device_open, ch.released, ch.params, ch.reopen, ch.offer,
+                 ch.reoffer) for r, ch in host.channels.items()},
+            {k: (g.state, g.ring_users) for k, g in host.gpadls.items()},
+            {k: (a.relid, tuple(a.pfns)) for k, a in host.in_progress.items()})
+
+
+# ---- part 1: the host core under random guest input ----------------------------------------------------
+
+class HostFuzz(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = s.HostConnection(INITIAL)
+        self.ledger = GuestLedger(self._tearing_down)
+        self.pending: list[s.DeviceOpen | s.DeviceClose] = []
+        self.answered: list[s.DeviceOpen | s.DeviceClose] = []
+
+    # -- plumbing
+
+    def _process(self, acts: list[s.Action], sent: m.Message | None = None) -> None:
+        if sent is not None:
+            dropped = any(isinstance(a, s.Dropped) and a.message is sent for a in acts)
+            self.ledger.sent(sent, dropped)
+        unloaded = False
+        for act in acts:
+            if isinstance(act, s.Send):
+                msg = wire(act.message)
+                assert msg.MSGTYPE in m.HOST_TO_GUEST
+                if isinstance(msg, m.UnloadResponse):
+                    self.ledger.received_unload_response()
+                    unloaded = True
+                else:
+                    self.ledger.received(msg)
+            elif isinstance(act, s.DeviceOpen | s.DeviceClose):
+                relid = act.params.relid if isinstance(act, s.DeviceOpen) else act.relid
+                assert not any(p.params.relid == relid if isinstance(p, s.DeviceOpen) else p.relid == relid
+                               for p in self.pending), f"two device requests in flight on relid {relid}"
+                self.pending.append(act)
+            elif isinstance(act, s.Dropped):
+                assert act.reason
+            elif isinstance(act, s.Disconnected):
+                assert act.reason in ("unload", "reset")
+        if unloaded:
+            assert self.host.state == ConnState.DISCONNECTED
+            assert not self.host.gpadls and not self.host.in_progress
+            assert all(ch.state == ChanState.CLIENT_RELEASED for ch in self.host.channels.values())
+
+    def guest_sends(self, msg: m.Message) -> None:
+        msg = wire(msg)
+        self.host.receive(msg)
+        acts = self.host.actions()
+        self._process(acts, msg)
+        if isinstance(msg, m.GpadlTeardown) and m.GpadlTorndown(gpadl=msg.gpadl) in [
+                a.message for a in acts if isinstance(a, s.Send)]:
+            # Answered at once: never while a live channel's device still maps that GPADL as its ring.
+            ch = self.host.channels.get(msg.child_relid)
+            assert ch is None or ch.state in (ChanState.REVOKED, ChanState.REOFFERED) or ch.params is None \
+                or ch.params.gpadl.gpadl != msg.gpadl, "GPADL_TORNDOWN for a ring still in use"
+
+    def _answer(self, act: s.DeviceOpen | s.DeviceClose, ok: bool) -> None:
+        if isinstance(act, s.DeviceOpen):
+            self.host.open_complete(act.params.relid, act.seq, ok)
+        else:
+            self.host.close_complete(act.relid, act.seq)
+        self._process(self.host.actions())
+
+    def settle(self, oks: list[bool] | None = None) -> None:
+        for i in range(1000):
+            if not self.pending:
+                return
+            act = self.pending.pop(0)
+            self.answered.append(act)
+            self._answer(act, oks[i % len(oks)] if oks else True)
+        raise AssertionError("device requests never settle")
+
+    def _tearing_down(self, relid: int, gid: int) -> bool:
+        g = self.host.gpadls.get((gid, relid))
+        return g is not None and g.state == GpadlState.TEARING_DOWN
+
+    def _ch(self, relid: int) -> s.HostChannel | None:
+        return self.host.channels.get(relid)
+
+    # -- drawing relids and GPADL ids: mostly real ones, sometimes unknown ones
+
+    def _relid(self, data: st.DataObject) -> int:
+        real = sorted(self.host.channels)
+        return data.draw(st.sampled_from(real * 4 + [0, 9, 2047, 0xFFFFFFFF]) if real else BAD_RELIDS)
+
+    def _relid_in(self, data: st.DataObject, *states: ChanState) -> int:
+        """Usually a relid in one of ``states`` (if any), else any relid."""
+        match = sorted(r for r, ch in self.host.channels.items() if ch.state in states)
+        if bool(match) and data.draw(st.integers(0, 3)) > 0:
+            return data.draw(st.sampled_from(match))
+        return self._relid(data)
+
+    def _gid(self, data: st.DataObject) -> int:
+        ids = sorted({g for g, _ in self.host.gpadls} | set(self.host.in_progress))
+        return data.draw(st.sampled_from(ids * 2 + [1, 2, 0xE1E10]))
+
+    # -- connection
+
+    @initialize(version=st.sampled_from([Version.WIN10_V6_0, Version.WIN10_V5_3, Version.WIN10_V5_2,
+                                         Version.WIN10_V4_1, Version.WIN8_1, Version.WIN7, Version.WS2008]),
+                request=st.booleans())
+    def connect(self, version: Version, request: bool) -> None:
+        sint = 2 if version >= Version.WIN10_V5 else 0
+        self.guest_sends(m.InitiateContact(vmbus_version_requested=version, interrupt_page=sint))
+        assert self.host.state == ConnState.CONNECTED
+        if request:
+            self.guest_sends(m.RequestOffers())
+
+    @precondition(lambda self: self.host.state != ConnState.CONNECTED)
+    @rule(version=st.sampled_from([Version.WIN10_V6_0, Version.WIN10_V5_3, Version.WIN8, Version.WIN7]))
+    def reconnect(self, version: Version) -> None:
+        """A well-behaved guest (re)connects: INITIATE_CONTACT then, once accepted, REQUESTOFFERS."""
+        self.guest_sends(m.InitiateContact(vmbus_version_requested=version,
+                                           interrupt_page=2 if version >= Version.WIN10_V5 else 0))
+        if self.host.state == ConnState.CONNECTED:
+            self.guest_sends(m.RequestOffers())
+
+    @rule(version=VERSIONS, sint=st.sampled_from([2, 2, 2, 0, 3]),
+          monitors=st.sampled_from([(0, 0), (0, 0), (0x1000, 0x2000), (0x1000, 0), (0, 0x2000)]),
+          features=st.sampled_from([0, 0xFF]))
+    def initiate_contact(self, version: int, sint: int, monitors: tuple[int, int], features: int) -> None:
+        self.guest_sends(m.InitiateContact(vmbus_version_requested=version, interrupt_page=(features << 32) | sint,
+                                           monitor_page1=monitors[0], monitor_page2=monitors[1]))
+
+    @precondition(lambda self: self.host.state != ConnState.CONNECTED)
+    @rule(data=st.data())
+    def message_while_not_connected(self, data: st.DataObject) -> None:
+        relid, gid = self._relid(data), self._gid(data)
+        msg = data.draw(st.sampled_from([
+            m.RequestOffers(), m.Unload(), m.CloseChannel(child_relid=relid), m.RelidReleased(child_relid=relid),
+            m.GpadlTeardown(child_relid=relid, gpadl=gid), m.ModifyChannel(child_relid=relid, target_vp=1),
+            m.GpadlBody(msgnumber=0, gpadl=gid, pfns=(1,)),
+            m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
+                          downstream_ringbuffer_pageoffset=2),
+            split(relid, gid, list(range(8)))[0]]))
+        before = snapshot(self.host)
+        self.guest_sends(msg)
+        assert snapshot(self.host) == before  # dropped: nothing changes while not connected
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule()
+    def request_offers(self) -> None:
+        self.guest_sends(m.RequestOffers())
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule()
+    def unload(self) -> None:
+        self.guest_sends(m.Unload())
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data(), vp=st.sampled_from([0, 1, 0xFFFFFFFF]))
+    def modify_channel(self, data: st.DataObject, vp: int) -> None:
+        self.guest_sends(m.ModifyChannel(child_relid=self._relid(data), target_vp=vp))
+
+    def host_message_from_guest(self, data: st.DataObject) -> None:
+        msg = data.draw(st.sampled_from(HOST_MESSAGES))
+        before = snapshot(self.host)
+        self.host.receive(wire(msg))
+        acts = self.host.actions()
+        assert len(acts) == 1 and isinstance(acts[0], s.Dropped)
+        assert snapshot(self.host) == before
+
+    @rule(data=st.data(), kind=st.sampled_from(["host_message", "malformed", "stale"]))
+    def noise(self, data: st.DataObject, kind: str) -> None:
+        """Input that must change nothing (or only be answered): a host-to-guest message sent by the guest,
+        an undecodable message, a device answer with a stale or never-issued sequence number."""
+        {"host_message": self.host_message_from_guest, "malformed": self.malformed,
+         "stale": self.stale_device_answer}[kind](data)
+
+    # -- GPADLs
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data(), pages=st.integers(1, 70),
+          variant=st.sampled_from(["ring"] * 6 + ["buflen", "offset", "rangecount", "slots", "not_ring",
+                                                  "unaligned", "two_ranges", "empty", "extra_pfn"]))
+    def gpadl_header(self, data: st.DataObject, pages: int, variant: str) -> None:
+        relid, gid = self._relid(data), self._gid(data)
+        pfns = list(range(0x5000 + 100 * gid, 0x5000 + 100 * gid + pages))
+        header, _ = split(relid, gid, pfns)
+        if variant == "buflen":
+            header.range_buflen = (header.range_buflen + 8) & 0xFFFF
+        elif variant == "offset":
+            header.ranges = ((pages * 4096, 4096),)
+        elif variant == "rangecount":
+            header.rangecount = 2
+        elif variant == "slots":
+            header.ranges = ((pages * 4096, 0), (4096, 0))
+            header.rangecount = 2
+            header.range_buflen = 16 + 8 * (pages + 1)
+            header.pfns = tuple(range(26))
+        elif variant == "not_ring":
+            header.ranges = ((pages * 4096 - 100, 0),)
+        elif variant == "unaligned":
+            header.ranges = ((pages * 4096 - 100, 100),)
+        elif variant == "two_ranges" and pages >= 2:
+            half = pages // 2
+            header.ranges = ((half * 4096, 0), ((pages - half) * 4096, 0))
+            header.rangecount = 2
+            header.range_buflen = 16 + 8 * pages
+            header.pfns = tuple(pfns[:25])
+        elif variant == "empty":
+            header.ranges = ((0, 0),)
+        elif variant == "extra_pfn" and pages < 26:
+            header.pfns = (*header.pfns, 1)
+        self.guest_sends(header)
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data(), n=st.integers(0, 28))
+    def gpadl_body(self, data: st.DataObject, n: int) -> None:
+        self.guest_sends(m.GpadlBody(msgnumber=0, gpadl=self._gid(data), pfns=tuple(range(0x9000, 0x9000 + n))))
+
+    def malformed(self, data: st.DataObject) -> None:
+        """A message that does not decode (one field corrupted, or an unknown extra field)."""
+        kind = data.draw(st.sampled_from(["header", "header", "body", "open", "teardown"]))
+        bad = data.draw(st.sampled_from([-1, "x", None, 2**40, [1] * 30, True, b"\0" * 200]))
+        relid, gid = self._relid(data), self._gid(data)
+        msg = {"header": split(relid, gid, list(range(30)))[0], "body": m.GpadlBody(msgnumber=0, gpadl=gid),
+               "open": m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
+                                     downstream_ringbuffer_pageoffset=2),
+               "teardown": m.GpadlTeardown(child_relid=relid, gpadl=gid)}[kind]
+        obj = msg.to_dict()
+        name = data.draw(st.sampled_from([*sorted(k for k in obj if k != "msgtype"), "extra"]))
+        obj[name] = bad
+        with pytest.raises(MessageError) as info:
+            m.decode(msgpack.packb(obj, use_bin_type=True))
+        err = info.value
+        assert err.msgtype == msg.MSGTYPE and err.raw == obj
+        self.ledger.sent_malformed(err)
+        self.host.receive_malformed(err)
+        acts = self.host.actions()
+        assert any(isinstance(a, s.Dropped) for a in acts)
+        self._process(acts)
+
+    @precondition(lambda self: bool(self.host.in_progress))
+    @rule(data=st.data())
+    def finish_gpadl(self, data: st.DataObject) -> None:
+        gid = data.draw(st.sampled_from(sorted(self.host.in_progress)))
+        asm = self.host.in_progress[gid]
+        left = asm.expected_pfns - len(asm.pfns)
+        for i in range(0, left, 28):
+            self.guest_sends(m.GpadlBody(msgnumber=0, gpadl=gid, pfns=tuple(range(i, min(left, i + 28)))))
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data())
+    def gpadl_teardown(self, data: st.DataObject) -> None:
+        if bool(self.host.gpadls) and data.draw(st.booleans()):
+            gid, relid = data.draw(st.sampled_from(sorted(self.host.gpadls)))
+        else:
+            relid, gid = self._relid(data), self._gid(data)
+        ch = self._ch(relid)
+        if "teardown-on-released-relid" in KNOWN_BUGS and ch is not None and ch.released:
+            return
+        self.guest_sends(m.GpadlTeardown(child_relid=relid, gpadl=gid))
+
+    # -- channels
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data(), offset=st.integers(0, 40), openid=st.sampled_from([0, 1, 2, 3, 77]))
+    def open_channel(self, data: st.DataObject, offset: int, openid: int) -> None:
+        self.guest_sends(m.OpenChannel(child_relid=self._relid(data), openid=openid,
+                                       ringbuffer_gpadlhandle=self._gid(data),
+                                       downstream_ringbuffer_pageoffset=offset, target_vp=0))
+
+    @precondition(lambda self: any(g.state == GpadlState.ACCEPTED for g in self.host.gpadls.values()))
+    @rule(data=st.data())
+    def open_with_ring(self, data: st.DataObject) -> None:
+        gid, relid = data.draw(st.sampled_from(sorted(k for k, g in self.host.gpadls.items()
+                                                      if g.state == GpadlState.ACCEPTED)))
+        pages = self.host.gpadls[(gid, relid)].gpadl.page_count
+        offset = data.draw(st.integers(min(2, pages), max(2, pages - 2)))
+        self.guest_sends(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
+                                       downstream_ringbuffer_pageoffset=offset))
+
+    @precondition(lambda self: any(ch.state == ChanState.CLOSED for ch in self.host.channels.values()))
+    @rule(data=st.data(), pages=st.sampled_from([4, 8, 40]))
+    def create_gpadl_and_open(self, data: st.DataObject, pages: int) -> None:
+        """What Linux does to open a channel: the ring GPADL (header + bodies), then OPENCHANNEL."""
+        relid = data.draw(st.sampled_from(sorted(r for r, ch in self.host.channels.items()
+                                                 if ch.state == ChanState.CLOSED)))
+        gid = data.draw(st.sampled_from([1, 2, 3, 0xE1E10]))
+        header, bodies = split(relid, gid, list(range(0x7000, 0x7000 + pages)))
+        for msg in (header, *bodies):
+            self.guest_sends(msg)
+        self.guest_sends(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
+                                       downstream_ringbuffer_pageoffset=pages // 2))
+
+    @precondition(lambda self: any(ch.state == ChanState.CLOSED for ch in self.host.channels.values()))
+    @rule(data=st.data(), pages=st.sampled_from([4, 8, 40]))
+    def bring_up(self, data: st.DataObject, pages: int) -> None:
+        """A channel all the way to OPEN in one step: ring GPADL, OPENCHANNEL, and the device says yes."""
+        self.create_gpadl_and_open(data, pages)
+        opens = [p for p in self.pending if isinstance(p, s.DeviceOpen)]
+        if opens:
+            self.pending.remove(opens[-1])
+            self.answered.append(opens[-1])
+            self._answer(opens[-1], True)
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data())
+    def close_channel(self, data: st.DataObject) -> None:
+        self.guest_sends(m.CloseChannel(child_relid=self._relid_in(data, ChanState.OPEN)))
+
+    @precondition(lambda self: any(ch.state == ChanState.OPEN for ch in self.host.channels.values()))
+    @rule(data=st.data(), teardown_first=st.booleans())
+    def linux_close(self, data: st.DataObject, teardown_first: bool) -> None:
+        """Linux vmbus_close: CLOSECHANNEL, then GPADL_TEARDOWN of the ring (or, out of order, the reverse)."""
+        relid = data.draw(st.sampled_from(sorted(r for r, ch in self.host.channels.items()
+                                                 if ch.state == ChanState.OPEN)))
+        params = self.host.channels[relid].params
+        assert params is not None
+        msgs: list[m.Message] = [m.CloseChannel(child_relid=relid),
+                                 m.GpadlTeardown(child_relid=relid, gpadl=params.gpadl.gpadl)]
+        for msg in reversed(msgs) if teardown_first else msgs:
+            self.guest_sends(msg)
+
+    @precondition(lambda self: self.host.state == ConnState.CONNECTED)
+    @rule(data=st.data())
+    def relid_released(self, data: st.DataObject) -> None:
+        relid = self._relid_in(data, ChanState.REVOKED, ChanState.REOFFERED, ChanState.CLOSING)
+        self.guest_sends(m.RelidReleased(child_relid=relid))
+
+    # -- devices
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(data=st.data())
+    def device_answers(self, data: st.DataObject) -> None:
+        act = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        self.answered.append(act)
+        self._answer(act, data.draw(st.sampled_from([True, True, True, False])))
+
+    def stale_device_answer(self, data: st.DataObject) -> None:
+        choices: list[s.DeviceOpen | s.DeviceClose] = [
+            *self.answered, s.DeviceOpen(POOL[0], s.OpenParams(1, 1, _ring_gpadl(1, 1), 4, 0, b""), 10**6),
+            s.DeviceClose(POOL[0], 2, 10**6 + 1)]  # sequence numbers never issued
+        act = data.draw(st.sampled_from(choices))
+        before = snapshot(self.host)
+        if isinstance(act, s.DeviceOpen):
+            self.host.open_complete(act.params.relid, act.seq, data.draw(st.booleans()))
+        else:
+            self.host.close_complete(act.relid, act.seq)
+        assert self.host.actions() == []
+        assert snapshot(self.host) == before
+
+    @rule(oks=st.lists(st.booleans(), min_size=1, max_size=4))
+    def settle_and_check(self, oks: list[bool]) -> None:
+        self.settle(oks)
+        check_at_rest(self.host, self.ledger)
+
+    # -- host side
+
+    @precondition(lambda self: bool(self.host.channels))
+    @rule(data=st.data())
+    def rescind(self, data: st.DataObject) -> None:
+        busy = sorted(r for r, ch in self.host.channels.items()
+                      if ch.state not in (ChanState.CLOSED, ChanState.CLIENT_RELEASED))
+        prefer_busy = bool(busy) and data.draw(st.booleans())
+        relid = data.draw(st.sampled_from(busy if prefer_busy else sorted(self.host.channels)))
+        ch = self.host.channels[relid]
+        if "torndown-after-release" in KNOWN_BUGS and ch.state in RELEASED_STATES and any(
+                r == relid and g.state == GpadlState.TEARING_DOWN for (_, r), g in self.host.gpadls.items()):
+            return
+        before = snapshot(self.host) if ch.state in (ChanState.REVOKED, ChanState.REOFFERED) else None
+        self.host.rescind(relid)
+        self._process(self.host.actions())
+        if before is not None:
+            assert snapshot(self.host) == before  # rescinding twice changes nothing
+
+    @rule(data=st.data())
+    def add_offer(self, data: st.DataObject) -> None:
+        revoked = [ch.offer for ch in self.host.channels.values() if ch.state == ChanState.REVOKED]
+        prefer_revoked = bool(revoked) and data.draw(st.booleans())
+        spec = data.draw(st.sampled_from(revoked if prefer_revoked else POOL))
+        same = [ch for ch in self.host.channels.values() if offer_key(ch.offer) == offer_key(spec)]
+        if any(ch.state != ChanState.REVOKED for ch in same):
+            with pytest.raises(ValueError, match="exists"):
+                self.host.add_offer(spec)
+            assert self.host.actions() == []
+            return
+        relid = self.host.add_offer(spec)
+        assert 1 <= relid <= s.MAX_CHANNELS
+        if same:
+            assert relid == same[0].relid and self.host.channels[relid].state == ChanState.REOFFERED
+        self._process(self.host.actions())
+
+    # -- invariants
+
+    @invariant()
+    def structure(self) -> None:
+        check_structure(self.host)
+        busy = {r for r, ch in self.host.channels.items() if ch.device_busy}
+        in_flight = {p.params.relid if isinstance(p, s.DeviceOpen) else p.relid for p in self.pending}
+        assert busy == in_flight
+        for p in self.pending:
+            relid = p.params.relid if isinstance(p, s.DeviceOpen) else p.relid
+            assert self.host.channels[relid].seq == p.seq
+        assert (self.host.state == ConnState.CONNECTED) == self.ledger.connected
+
+    def teardown(self) -> None:
+        # Everything settles and every owed answer arrives; then the guest closes what is open, and unloads.
+        self.settle()
+        check_at_rest(self.host, self.ledger)
+        if self.host.state == ConnState.CONNECTED:
+            for relid, held in sorted(self.ledger.known.items()):
+                if held == "live" and self.host.channels[relid].state == ChanState.OPEN:
+                    self.guest_sends(m.CloseChannel(child_relid=relid))
+            self.settle()
+            check_at_rest(self.host, self.ledger)
+            assert not +self.ledger.teardown_waiting, "GPADL_TEARDOWN unanswered after every channel closed"
+            self.guest_sends(m.Unload())
+            self.settle()
+            check_at_rest(self.host, self.ledger)
+            assert conn_state(self.host) == ConnState.DISCONNECTED and self.host.version == 0
+        assert not self.host.gpadls and not self.host.in_progress
+        assert all(ch.state == ChanState.CLIENT_RELEASED for ch in self.host.channels.values())
+
+
+def _ring_gpadl(relid: int, gid: int) -> Gpadl:
+    return Gpadl(relid, gid, ((8 * 4096, 0),), tuple(range(8)))
+
+
+HostFuzz.TestCase.settings = settings(max_examples=400, stateful_step_count=50, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow])
+test_host_core_under_random_guest_input = HostFuzz.TestCase
+
+
+# ---- part 2: the channel state x message table ---------------------------------------------------------
+
+RING, SPARE, NEW = 10, 11, 20  # the ring GPADL, a second accepted GPADL, a GPADL created by the message
+TABLE_STATE = {  # table row -> the host channel state it is in
+    "closed": ChanState.CLOSED, "client_released": ChanState.CLIENT_RELEASED, "opening": ChanState.OPENING,
+    "open": ChanState.OPEN, "closing": ChanState.CLOSING, "closing_reopen": ChanState.CLOSING_REOPEN,
+    "revoked": ChanState.REVOKED, "revoked_busy": ChanState.REVOKED, "revoked_released_busy": ChanState.REVOKED,
+    "reoffered": ChanState.REOFFERED, "reoffered_busy": ChanState.REOFFERED,
+    "closing_client_release": ChanState.CLOSING_CLIENT_RELEASE,
+}
+
+
+class Table:
+    """A host connected at 5.3 with relid 1 (storage) driven into one channel state.
+
+    Relid 1 holds two accepted 8-page GPADLs: RING (used as the ring by every open) and SPARE."""
+
+    def __init__(self, state: str) -> None:
+        self.host = s.HostConnection(POOL[:2])
+        self.pending: list[s.DeviceOpen | s.DeviceClose] = []
+        self.device: list[str] = []
+        self.send(m.InitiateContact(vmbus_version_requested=Version.WIN10_V5_3, interrupt_page=2))
+        self.send(m.RequestOffers())
+        for gid in (RING, SPARE):
+            self.send(split(1, gid, list(range(gid * 100, gid * 100 + 8)))[0])
+        steps = {
+            "closed": [], "client_released": ["release"], "opening": ["open"], "open": ["open", "ok"],
+            "closing": ["open", "ok", "close"], "closing_reopen": ["open", "ok", "close", "open"],
+            "revoked": ["rescind"], "revoked_busy": ["open", "ok", "rescind"],
+            "reoffered": ["rescind", "reoffer"], "reoffered_busy": ["open", "ok", "rescind", "reoffer"],
+            "revoked_released_busy": ["open", "ok", "rescind", "release"],
+            "closing_client_release": ["open", "ok", "close", "release"],
+        }[state]
+        for step in steps:
+            if step == "open":
+                self.send(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=RING,
+                                        downstream_ringbuffer_pageoffset=4))
+            elif step == "ok":
+                self.answer()
+            elif step == "close":
+                self.send(m.CloseChannel(child_relid=1))
+            elif step == "release":
+                self.send(m.RelidReleased(child_relid=1))
+            elif step == "rescind":
+                self.host.rescind(1)
+                self.take(self.host.actions())
+            elif step == "reoffer":
+                assert self.host.add_offer(POOL[0]) == 1
+        assert self.state() == TABLE_STATE[state].value
+        assert bool(self.pending) == (state.endswith("_busy") or state in ("opening", "closing", "closing_reopen",
+                                                                           "closing_client_release"))
+        self.device.clear()
+
+    def take(self, acts: list[s.Action]) -> list[s.Action]:
+        for act in acts:
+            if isinstance(act, s.DeviceOpen | s.DeviceClose):
+                self.pending.append(act)
+                self.device.append("open" if isinstance(act, s.DeviceOpen) else "close")
+        return acts
+
+    def send(self, msg: m.Message) -> list[s.Action]:
+        self.host.receive(wire(msg))
+        return self.take(self.host.actions())
+
+    def answer(self) -> list[s.Action]:
+        act = self.pending.pop(0)
+        if isinstance(act, s.DeviceOpen):
+            self.host.open_complete(act.params.relid, act.seq, True)
+        else:
+            self.host.close_complete(act.relid, act.seq)
+        return self.take(self.host.actions())
+
+    def state(self) -> str:
+        ch = self.host.channels.get(1)
+        return "freed" if ch is None else ch.state.value
+
+
+def _describe(msg: m.Message) -> str:
+    if isinstance(msg, m.OpenChannelResult):
+        return "OPEN_RESULT:" + ("ok" if msg.status == STATUS_SUCCESS else "fail")
+    if isinstance(msg, m.GpadlCreated):
+        return "CREATED:" + ("ok" if msg.creation_status == STATUS_SUCCESS else "fail")
+    if isinstance(msg, m.ModifyChannelResponse):
+        assert msg.status in (0, SIGNED_UNSUCCESSFUL)
+        return "MODIFY:" + ("ok" if msg.status == 0 else "fail")
+    return {m.GpadlTorndown: "TORNDOWN", m.OfferChannel: "OFFER"}.get(type(msg), msg.MSGTYPE.name)
+
+
+TABLE_MESSAGES: dict[str, list[m.Message]] = {
+    "open": [m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=SPARE, downstream_ringbuffer_pageoffset=4)],
+    "close": [m.CloseChannel(child_relid=1)],
+    "release": [m.RelidReleased(child_relid=1)],
+    "gpadl": [split(1, NEW, list(range(30)))[0], split(1, NEW, list(range(30)))[1][0]],  # header + 1 body
+    "teardown": [m.GpadlTeardown(child_relid=1, gpadl=SPARE)],
+    "teardown_ring": [m.GpadlTeardown(child_relid=1, gpadl=RING)],
+    "modify": [m.ModifyChannel(child_relid=1, target_vp=1)],
+}
+
+# (state now, state once the device answered, host messages, dropped?, device requests issued)
+Row = tuple[str, str, tuple[str, ...], bool, tuple[str, ...]]
+OK_RESULT, FAIL_RESULT = "OPEN_RESULT:ok", "OPEN_RESULT:fail"
+CR, CCR, CRO = "client_released", "closing_client_release", "closing_reopen"
+
+
+def _same(now: str, final: str, pre: tuple[str, ...] = (), post: tuple[str, ...] = (),
+          dev: tuple[str, ...] = ()) -> dict[str, Row]:
+    """The GPADL and MODIFYCHANNEL columns, alike in every offered state: ``pre`` goes before the answer of
+    the message (nothing does), ``post`` after it (what settling a pending device request sends)."""
+    return {
+        "gpadl": (now, final, (*pre, "CREATED:ok", *post), False, dev),
+        "teardown": (now, final, (*pre, "TORNDOWN", *post), False, dev),
+        "modify": (now, final, (*pre, "MODIFY:fail", *post), True, dev),
+    }
+
+
+# Reference/vmbus-core.md §4.2 as implemented. Deviations from OpenVMM's table, all deliberate:
+#  * OPENCHANNEL in OPEN or CLOSING_REOPEN is answered with a failed OPENCHANNEL_RESULT (OpenVMM drops it
+#    silently); vmbus-core.md §10 / DESIGN.md: a request a guest waits on forever always gets its answer.
+#    In OPENING it is dropped: the pending open is answered (same relid; a different openid gets nothing).
+#  * GPADL_TEARDOWN of the ring of an OPENING / OPEN / CLOSING / CLOSING_REOPEN channel is deferred until
+#    the ring is released (§4.3, OpenVMM GpadlMap); in CLOSING_REOPEN that makes the queued re-open fail.
+#  * REVOKED / REOFFERED: OPENCHANNEL is dropped (with a Dropped diagnostic), CLOSECHANNEL silently ignored.
+STATE_TABLE: dict[str, dict[str, Row]] = {
+    "closed": {
+        "open": ("opening", "open", (OK_RESULT,), False, ("open",)),
+        "close": ("closed", "closed", (), True, ()),
+        "release": (CR, CR, (), False, ()),
+        **_same("closed", "closed"),
+        "teardown_ring": ("closed", "closed", ("TORNDOWN",), False, ()),
+        "modify": ("closed", "closed", ("MODIFY:fail",), True, ()),
+    },
+    "client_released": {
+        "open": (CR, CR, (), True, ()),
+        "close": (CR, CR, (), True, ()),
+        "release": (CR, CR, (), True, ()),
+        "gpadl": (CR, CR, ("CREATED:fail",), True, ()),
+        "teardown": (CR, CR, (), True, ()),
+        "teardown_ring": (CR, CR, (), True, ()),
+        "modify": (CR, CR, ("MODIFY:fail",), True, ()),
+    },
+    "opening": {
+        "open": ("opening", "open", (OK_RESULT,), True, ()),
+        "close": ("opening", "open", (OK_RESULT,), True, ()),
+        "release": ("opening", "open", (OK_RESULT,), True, ()),
+        **_same("opening", "open", post=(OK_RESULT,)),
+        "teardown_ring": ("opening", "open", (OK_RESULT,), False, ()),  # TORNDOWN only after a close
+    },
+    "open": {
+        "open": ("open", "open", (FAIL_RESULT,), True, ()),
+        "close": ("closing", "closed", (), False, ("close",)),
+        "release": ("open", "open", (), True, ()),
+        **_same("open", "open"),
+        "teardown_ring": ("open", "open", (), False, ()),
+        "modify": ("open", "open", ("MODIFY:ok",), False, ()),
+    },
+    "closing": {
+        "open": (CRO, "open", (OK_RESULT,), False, ("open",)),
+        "close": ("closing", "closed", (), True, ()),
+        "release": (CCR, CR, (), False, ()),
+        **_same("closing", "closed"),
+        "teardown_ring": ("closing", "closed", ("TORNDOWN",), False, ()),  # when the close completes
+    },
+    "closing_reopen": {
+        "open": (CRO, "open", (FAIL_RESULT, OK_RESULT), True, ("open",)),
+        "close": (CRO, "open", (OK_RESULT,), True, ("open",)),
+        "release": (CRO, "open", (OK_RESULT,), True, ("open",)),
+        **_same(CRO, "open", post=(OK_RESULT,), dev=("open",)),
+        "teardown_ring": (CRO, "closed", ("TORNDOWN", FAIL_RESULT), False, ()),
+    },
+    "revoked": {
+        "open": ("revoked", "revoked", (), True, ()),
+        "close": ("revoked", "revoked", (), False, ()),
+        "release": ("freed", "freed", (), False, ()),
+        **_same("revoked", "revoked"),
+        "teardown_ring": ("revoked", "revoked", ("TORNDOWN",), False, ()),
+    },
+    "revoked_busy": {
+        "open": ("revoked", "revoked", (), True, ()),
+        "close": ("revoked", "revoked", (), False, ()),
+        "release": ("revoked", "freed", (), False, ()),  # freed once the device let go
+        **_same("revoked", "revoked"),
+        "teardown_ring": ("revoked", "revoked", ("TORNDOWN",), False, ()),  # at once, though still mapped
+    },
+    # Rescinded while open, then RELID_RELEASED while the device's close is pending: freed once it answers.
+    "revoked_released_busy": {
+        "open": ("revoked", "freed", (), True, ()),
+        "close": ("revoked", "freed", (), False, ()),
+        "release": ("revoked", "freed", (), False, ()),  # tolerated: a second release changes nothing
+        "gpadl": ("revoked", "freed", ("CREATED:fail",), True, ()),  # the relid is released
+        "teardown": ("revoked", "freed", (), True, ()),  # SPARE went with the release
+        "teardown_ring": ("revoked", "freed", (), True, ()),  # so did the guest's claim on the ring
+        "modify": ("revoked", "freed", ("MODIFY:fail",), True, ()),
+    },
+    "reoffered": {
+        "open": ("reoffered", "reoffered", (), True, ()),
+        "close": ("reoffered", "reoffered", (), False, ()),
+        "release": ("closed", "closed", ("OFFER",), False, ()),  # the new offer, same relid
+        **_same("reoffered", "reoffered"),
+        "teardown_ring": ("reoffered", "reoffered", ("TORNDOWN",), False, ()),
+    },
+    "reoffered_busy": {
+        "open": ("reoffered", "reoffered", (), True, ()),
+        "close": ("reoffered", "reoffered", (), False, ()),
+        "release": ("reoffered", "closed", ("OFFER",), False, ()),
+        **_same("reoffered", "reoffered"),
+        "teardown_ring": ("reoffered", "reoffered", ("TORNDOWN",), False, ()),
+    },
+    "closing_client_release": {
+        "open": (CCR, CR, (), True, ()),
+        "close": (CCR, CR, (), True, ()),
+        "release": (CCR, CR, (), True, ()),
+        "gpadl": (CCR, CR, ("CREATED:fail",), True, ()),  # a released relid: GPADL errors are answered
+        "teardown": (CCR, CR, (), True, ()),
+        # The guest let go of the relid: a teardown of its ring is dropped, never answered.
+        "teardown_ring": (CCR, CR, (), True, ()),
+        "modify": (CCR, CR, ("MODIFY:fail",), True, ()),
+    },
+}
+
+XFAIL_CELLS: dict[tuple[str, str], str] = {}
+
+
+def _cells() -> list[Any]:
+    out = []
+    for state, row in STATE_TABLE.items():
+        for msg in TABLE_MESSAGES:
+            marks = [pytest.mark.xfail(strict=True, reason=XFAIL_CELLS[(state, msg)])] \
+                if (state, msg) in XFAIL_CELLS else []
+            out.append(pytest.param(state, msg, row[msg], id=f"{state}-{msg}", marks=marks))
+    return out
+
+
+def test_state_table_is_complete() -> None:
+    assert set(ChanState) - {ChanState.OPENING_CLIENT_RELEASE} == set(TABLE_STATE.values())
+    assert set(TABLE_STATE) == set(STATE_TABLE)
+    assert all(set(row) == set(TABLE_MESSAGES) for row in STATE_TABLE.values())
+    assert {type(x).MSGTYPE for xs in TABLE_MESSAGES.values() for x in xs} == \
+        m.GUEST_TO_HOST - {MsgType.INITIATE_CONTACT, MsgType.REQUESTOFFERS, MsgType.UNLOAD}
+
+
+@pytest.mark.parametrize(("state", "msg", "expected"), _cells())
+def test_channel_state_table(state: str, msg: str, expected: Row) -> None:
+    t = Table(state)
+    acts: list[s.Action] = []
+    dropped = False
+    for x in TABLE_MESSAGES[msg]:
+        got = t.send(x)
+        dropped |= any(isinstance(a, s.Dropped) and a.message == x for a in got)
+        acts += got
+    now = t.state()
+    for _ in range(10):
+        if not t.pending:
+            break
+        acts += t.answer()
+    sent = tuple(_describe(a.message) for a in acts if isinstance(a, s.Send))
+    assert (now, t.state(), sent, dropped, tuple(t.device)) == expected
+    check_structure(t.host)
+
+
+def test_opening_client_release_only_during_disconnect() -> None:
+    """OPENING_CLIENT_RELEASE exists only while an UNLOAD / reset waits for the device; every guest message
+    but INITIATE_CONTACT is dropped then, and the device's late open is turned into a close."""
+    t = Table("opening")
+    t.send(m.Unload())
+    assert t.state() == "opening_client_release" and t.host.state == ConnState.DISCONNECTING
+    for msgs in TABLE_MESSAGES.values():
+        for x in msgs:
+            before = snapshot(t.host)
+            acts = t.send(x)
+            assert [type(a) for a in acts] == [s.Dropped]
+            assert snapshot(t.host) == before
+    acts = t.answer()  # the open succeeds: the host closes it again at once
+    assert t.device == ["close"] and not any(isinstance(a, s.Send) for a in acts)
+    acts = t.answer()
+    assert [a.message for a in acts if isinstance(a, s.Send)] == [m.UnloadResponse()]
+    assert t.state() == CR and conn_state(t.host) == ConnState.DISCONNECTED and not t.host.gpadls
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_device_open_answers(ok: bool) -> None:
+    t = Table("opening")
+    acts = t.answer() if ok else _fail_open(t)
+    assert [a.message for a in acts if isinstance(a, s.Send)] == [
+        m.OpenChannelResult(child_relid=1, openid=1, status=STATUS_SUCCESS if ok else STATUS_UNSUCCESSFUL)]
+    assert t.state() == ("open" if ok else "closed")
+    assert t.host.gpadls[(RING, 1)].ring_users == int(ok)
+
+
+def _fail_open(t: Table) -> list[s.Action]:
+    act = t.pending.pop(0)
+    assert isinstance(act, s.DeviceOpen)
+    assert (act.params.downstream_offset, act.params.guest_to_host_data, act.params.host_to_guest_data) == \
+        (4, 3 * 4096, 3 * 4096)
+    t.host.open_complete(1, act.seq, False)
+    return t.take(t.host.actions())
+
+
+def test_failed_open_releases_a_deferred_ring_teardown() -> None:
+    t = Table("opening")
+    assert t.send(m.GpadlTeardown(child_relid=1, gpadl=RING)) == []
+    acts = _fail_open(t)
+    assert [_describe(a.message) for a in acts if isinstance(a, s.Send)] == ["TORNDOWN", FAIL_RESULT]
+    assert (RING, 1) not in t.host.gpadls
+
+
+@pytest.mark.parametrize(("state", "ok"), [("opening", True), ("opening", False), ("revoked_busy", True)])
+def test_rescind_while_device_busy_frees_after_release(state: str, ok: bool) -> None:
+    t = Table(state)
+    if state == "opening":
+        t.host.rescind(1)
+        assert [_describe(a.message) for a in t.take(t.host.actions()) if isinstance(a, s.Send)] == [
+            "RESCIND_CHANNELOFFER"]
+    t.send(m.RelidReleased(child_relid=1))
+    assert t.state() == "revoked"
+    act = t.pending.pop(0)
+    if isinstance(act, s.DeviceOpen):
+        t.host.open_complete(1, act.seq, ok)
+        acts = t.take(t.host.actions())
+        if ok:  # the late open becomes a close, and nothing reaches the guest
+            assert t.device == ["close"] and not any(isinstance(a, s.Send) for a in acts)
+            t.answer()
+    else:
+        t.host.close_complete(1, act.seq)
+    assert t.state() == "freed" and not any(k[1] == 1 for k in t.host.gpadls)
+
+
+def test_rescind_of_open_channel_answers_pending_gpadl_requests() -> None:
+    t = Table("open")
+    t.send(m.GpadlTeardown(child_relid=1, gpadl=RING))  # deferred: the ring is in use
+    header, _ = split(1, NEW, list(range(40)))
+    t.send(header)  # in progress
+    t.host.rescind(1)
+    sent = [a.message for a in t.take(t.host.actions()) if isinstance(a, s.Send)]
+    assert sent == [m.RescindChannelOffer(child_relid=1),
+                    m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=STATUS_UNSUCCESSFUL),
+                    m.GpadlTorndown(gpadl=RING)]
+    assert t.device == ["close"] and not t.host.in_progress
+    assert (SPARE, 1) in t.host.gpadls  # accepted GPADLs stay until the guest releases the relid
+
+
+# ---- connection level ----------------------------------------------------------------------------------
+
+def _contact(h: s.HostConnection, version: int, sint: int = 2, monitors: tuple[int, int] = (0, 0),
+             features: int = 0) -> m.VersionResponse:
+    h.receive(wire(m.InitiateContact(vmbus_version_requested=version, interrupt_page=(features << 32) | sint,
+                                     monitor_page1=monitors[0], monitor_page2=monitors[1])))
+    sends = [a.message for a in h.actions() if isinstance(a, s.Send)]
+    assert len(sends) == 1 and isinstance(sends[0], m.VersionResponse)
+    return sends[0]
+
+
+@pytest.mark.parametrize("version", list(Version))
+def test_initiate_contact_accepts_every_real_version(version: Version) -> None:
+    h = s.HostConnection(INITIAL)
+    resp = _contact(h, version, sint=2 if version >= Version.WIN10_V5 else 0x77)  # sint ignored before 5.0
+    conn_id = 1 if version >= Version.WIN10_V5 else int(version)
+    assert resp == m.VersionResponse(version_supported=1, msg_conn_id=conn_id)
+    assert h.state == ConnState.CONNECTED and h.version == version
+
+
+@pytest.mark.parametrize("version", [0, 1, 0x00020000, 0x00050004, 0x00070000, 0xFFFFFFFF])
+def test_initiate_contact_refuses_unknown_versions(version: int) -> None:
+    h = s.HostConnection(INITIAL)
+    assert _contact(h, version) == m.VersionResponse(version_supported=0)
+    assert h.state == ConnState.DISCONNECTED
+
+
+def test_initiate_contact_refuses_versions_the_host_does_not_support() -> None:
+    h = s.HostConnection(INITIAL, supported={Version.WIN8_1})
+    assert _contact(h, Version.WIN10_V5_3).version_supported == 0
+    assert _contact(h, Version.WIN8_1).version_supported == 1
+
+
+@pytest.mark.parametrize("sint", [0, 1, 3, 0xFF])
+def test_initiate_contact_from_5_0_needs_sint_2(sint: int) -> None:
+    h = s.HostConnection(INITIAL)
+    assert _contact(h, Version.WIN10_V5_3, sint=sint).version_supported == 0
+    assert h.state == ConnState.DISCONNECTED
+
+
+@pytest.mark.parametrize(("version", "resp"), [
+    (Version.WIN7, m.VersionResponse(version_supported=0)),  # failures cannot be reported before WIN8
+    (Version.WIN8, m.VersionResponse(version_supported=1, msg_conn_id=Version.WIN8,
+                                     connection_state=m.ConnectionState.FAILED_UNKNOWN_FAILURE)),
+    (Version.WIN10_V5_3, m.VersionResponse(version_supported=1, msg_conn_id=1,
+                                           connection_state=m.ConnectionState.FAILED_UNKNOWN_FAILURE)),
+])
+def test_initiate_contact_with_one_monitor_page(version: Version, resp: m.VersionResponse) -> None:
+    for monitors in ((0x1000, 0), (0, 0x2000)):
+        h = s.HostConnection(INITIAL)
+        assert _contact(h, version, monitors=monitors) == resp
+        assert h.state == ConnState.DISCONNECTED
+    assert _contact(s.HostConnection(INITIAL), version, monitors=(0x1000, 0x2000)).version_supported == 1
+
+
+def test_feature_flags_are_intersected_from_6_0_only() -> None:
+    assert _contact(s.HostConnection(INITIAL), Version.WIN10_V6_0, features=0xFF).supported_features == \
+        0xFF & s.FEATURES_SUPPORTED
+    assert _contact(s.HostConnection(INITIAL), Version.WIN10_V5_3, features=0xFF).supported_features == 0
+
+
+@pytest.mark.parametrize("msg", [m.RequestOffers(), m.Unload(), m.CloseChannel(child_relid=1),
+                                 m.RelidReleased(child_relid=1), m.ModifyChannel(child_relid=1, target_vp=0),
+                                 m.GpadlTeardown(child_relid=1, gpadl=1), m.GpadlBody(msgnumber=0, gpadl=1),
+                                 split(1, 1, [1])[0],
+                                 m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=1,
+                                               downstream_ringbuffer_pageoffset=2)],
+                         ids=lambda x: x.MSGTYPE.name)
+def test_everything_but_initiate_contact_is_dropped_while_disconnected(msg: m.Message) -> None:
+    h = s.HostConnection(INITIAL)
+    h.receive(wire(msg))
+    acts = h.actions()
+    assert len(acts) == 1 and isinstance(acts[0], s.Dropped) and "disconnected" in acts[0].reason
+
+
+def test_request_offers_once_per_connection() -> None:
+    h = s.HostConnection(INITIAL)
+    _contact(h, Version.WIN10_V5_3)
+    h.receive(m.RequestOffers())
+    sent = [a.message for a in h.actions() if isinstance(a, s.Send)]
+    assert [type(x) for x in sent] == [m.OfferChannel] * 3 + [m.AllOffersDelivered]
+    assert [x.child_relid for x in sent[:3]] == [1, 2, 3]  # type: ignore[attr-defined]
+    assert [x.connection_id for x in sent[:3]] == [0x2001, 0x2002, 0x2003]  # type: ignore[attr-defined]
+    h.receive(m.RequestOffers())
+    assert [type(a) for a in h.actions()] == [s.Dropped]
+    h.add_offer(POOL[3])  # hot add: offered at once
+    assert [a.message for a in h.actions()] == [POOL[3].message(4)]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("version", "answered"), [(Version.WS2008, False), (Version.WIN7, True),
+                                                   (Version.WIN10_V6_0, True)])
+def test_unload_response_from_win7(version: Version, answered: bool) -> None:
+    h = s.HostConnection(INITIAL)
+    _contact(h, version, sint=2)
+    h.receive(m.Unload())
+    acts = h.actions()
+    assert ([a.message for a in acts if isinstance(a, s.Send)] == [m.UnloadResponse()]) == answered
+    assert s.Disconnected("unload") in acts
+    assert h.state == ConnState.DISCONNECTED and h.version == 0
+
+
+@pytest.mark.parametrize(("version", "response"), [(Version.WIN10, None), (Version.WIN10_V4_1, False),
+                                                   (Version.WIN10_V5_2, False), (Version.WIN10_V5_3, True)])
+def test_modifychannel_by_version(version: Version, response: bool | None) -> None:
+    """Below 4.1 MODIFYCHANNEL does not exist (dropped); 4.1-5.2 it works silently; from 5.3 it is answered."""
+    h = s.HostConnection(INITIAL)
+    _contact(h, version)
+    h.receive(m.RequestOffers())
+    h.receive(split(1, 1, list(range(8)))[0])
+    h.receive(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=1, downstream_ringbuffer_pageoffset=4))
+    op = next(a for a in h.actions() if isinstance(a, s.DeviceOpen))
+    h.open_complete(1, op.seq, True)
+    h.actions()
+    h.receive(m.ModifyChannel(child_relid=1, target_vp=3))
+    acts = h.actions()
+    sends = [a.message for a in acts if isinstance(a, s.Send)]
+    if response is None:
+        assert [type(a) for a in acts] == [s.Dropped] and h.channels[1].target_vp == 0
+    else:
+        assert sends == ([m.ModifyChannelResponse(child_relid=1, status=0)] if response else [])
+        assert h.channels[1].target_vp == 3
+
+
+def test_a_new_initiate_contact_resets_and_waits_for_devices() -> None:
+    t = Table("open")
+    t.send(m.InitiateContact(vmbus_version_requested=Version.WIN10_V5_3, interrupt_page=2))
+    assert t.host.state == ConnState.DISCONNECTING and t.device == ["close"]
+    assert t.send(m.InitiateContact(vmbus_version_requested=Version.WIN10_V6_0, interrupt_page=2)) == []
+    acts = t.answer()
+    assert [a.message for a in acts if isinstance(a, s.Send)] == [m.VersionResponse(version_supported=1,
+                                                                                     msg_conn_id=1)]
+    assert s.Disconnected("reset") in acts and s.Connected(Version.WIN10_V6_0) in acts  # the newest contact
+    assert conn_state(t.host) == ConnState.CONNECTED and not t.host.gpadls and not t.host.offers_sent
+    assert t.state() == CR
+
+
+# ---- malformed guest messages (HostConnection.receive_malformed) ----------------------------------------
+
+def _malformed(msg: m.Message, **changes: object) -> MessageError:
+    obj = msg.to_dict()
+    obj.update(changes)
+    with pytest.raises(MessageError) as info:
+        m.decode(msgpack.packb(obj, use_bin_type=True))
+    assert info.value.msgtype == msg.MSGTYPE and info.value.raw == obj
+    return info.value
+
+
+def test_malformed_gpadl_header_is_answered_with_a_failure() -> None:
+    t = Table("closed")
+    t.host.receive_malformed(_malformed(split(1, NEW, list(range(30)))[0], ranges="garbage"))
+    acts = t.host.actions()
+    assert [a.message for a in acts if isinstance(a, s.Send)] == [
+        m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=STATUS_UNSUCCESSFUL)]
+    assert [type(a) for a in acts] == [s.Send, s.Dropped]
+    # Without a readable relid or gpadl id there is nobody to answer.
+    for bad in ({"gpadl": -1}, {"child_relid": "1"}, {"gpadl": True}):
+        t.host.receive_malformed(_malformed(split(1, NEW, list(range(30)))[0], **bad))
+        assert [type(a) for a in t.host.actions()] == [s.Dropped]
+
+
+def test_malformed_gpadl_body_fails_the_gpadl_in_progress() -> None:
+    t = Table("closed")
+    t.send(split(1, NEW, list(range(30)))[0])
+    assert NEW in t.host.in_progress
+    t.host.receive_malformed(_malformed(m.GpadlBody(msgnumber=0, gpadl=NEW), pfns=list(range(29))))
+    assert [a.message for a in t.host.actions() if isinstance(a, s.Send)] == [
+        m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=STATUS_UNSUCCESSFUL)]
+    assert NEW not in t.host.in_progress
+    # A malformed body for no GPADL in progress, and any other malformed message: dropped, no answer.
+    for err in (_malformed(m.GpadlBody(msgnumber=0, gpadl=NEW), pfns="x"),
+                _malformed(m.CloseChannel(child_relid=1), child_relid=-1),
+                _malformed(m.GpadlTeardown(child_relid=1, gpadl=RING), extra=1)):
+        before = snapshot(t.host)
+        t.host.receive_malformed(err)
+        assert [type(a) for a in t.host.actions()] == [s.Dropped]
+        assert snapshot(t.host) == before
+
+
+def test_malformed_gpadl_header_is_not_answered_while_disconnected() -> None:
+    # Regression (fixed in 2dad665): receive_malformed answered GPADL_CREATED in any connection state.
+    h = s.HostConnection(INITIAL)
+    h.receive_malformed(_malformed(split(1, 5, list(range(30)))[0], ranges="garbage"))
+    assert [type(a) for a in h.actions()] == [s.Dropped]
+
+
+# ---- bugs found by these tests, fixed (regression tests) ---------------------------------------------
+
+def test_gpadl_teardown_for_a_released_relid_is_dropped() -> None:
+    t = Table("revoked_busy")
+    t.send(m.RelidReleased(child_relid=1))
+    acts = t.send(m.GpadlTeardown(child_relid=1, gpadl=RING))  # the ring the device still maps
+    assert sends(acts) == [] and [type(a) for a in acts] == [s.Dropped]
+
+
+def test_no_deferred_torndown_after_the_guest_released_the_relid() -> None:
+    t = Table("open")
+    t.send(m.CloseChannel(child_relid=1))
+    assert sends(t.send(m.GpadlTeardown(child_relid=1, gpadl=RING))) == []  # deferred: the ring is closing
+    t.send(m.RelidReleased(child_relid=1))  # the guest lets go of relid 1 (and of that teardown)
+    t.host.rescind(1)
+    assert sends(t.host.actions()) == []
+    assert sends(t.answer()) == []
+    assert t.state() == "freed"
+
+
+# ---- regression tests for bugs found here and fixed ----------------------------------------------------
+
+def test_gpadl_header_for_a_released_relid_fails() -> None:
+    """Fixed in 2dad665: a relid the guest released while its device was busy took new GPADLs (CREATED
+    success, then silently discarded), and an incomplete one outlived the freed channel in in_progress."""
+    t = Table("closing_client_release")
+    assert sends(t.send(split(1, NEW, list(range(8)))[0])) == [
+        m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=STATUS_UNSUCCESSFUL)]
+    t = Table("revoked_busy")
+    t.send(m.RelidReleased(child_relid=1))  # released; freed when the device's close completes
+    assert [_describe(x) for x in sends(t.send(split(1, NEW, list(range(40)))[0]))] == ["CREATED:fail"]
+    t.answer()
+    assert 1 not in t.host.channels and not t.host.in_progress
+
+
+def test_ring_gpadl_torn_down_while_revoked_then_id_reused() -> None:
+    """Fixed in 2dad665: the device's late close decremented a NEW GPADL with the torn-down ring's
+    (id, relid) to ring_users -1, and that stale GPADL then leaked into the re-offered channel."""
+    t = Table("revoked_busy")  # the device still holds RING open; its close is pending
+    assert [_describe(x) for x in sends(t.send(m.GpadlTeardown(child_relid=1, gpadl=RING)))] == ["TORNDOWN"]
+    assert [_describe(x) for x in sends(t.send(split(1, RING, [7])[0]))] == ["CREATED:ok"]  # a new GPADL
+    t.answer()  # the device closes the old ring
+    assert t.host.gpadls[(RING, 1)].ring_users == 0
+    assert t.host.add_offer(POOL[0]) == 1
+    assert [_describe(x) for x in sends(t.send(m.RelidReleased(child_relid=1)))] == ["OFFER"]
+    assert not [k for k in t.host.gpadls if k[1] == 1], "a GPADL of the old channel leaked into the re-offer"
+
+
+def test_fixed_release_races_stay_fixed() -> None:
+    """The release/rescind races fixed in edb1c81 (HostFuzz found them before the fix)."""
+    # Re-offer of a relid the guest released while the device was still closing.
+    t = Table("revoked_busy")
+    t.send(m.RelidReleased(child_relid=1))
+    assert t.host.add_offer(POOL[0]) == 1
+    assert [_describe(a.message) for a in t.answer() if isinstance(a, s.Send)] == ["OFFER"]
+    assert t.state() == "closed"
+    # Rescind of a channel the guest released while its close was pending: freed when the device answers.
+    t = Table("closing_client_release")
+    t.host.rescind(1)
+    assert [a for a in t.host.actions() if isinstance(a, s.Send)] == []
+    acts = t.answer()
+    assert t.state() == "freed" and s.ChannelFreed(1, "storage") in acts
+    # The ring GPADL of a channel released while closing goes with it.
+    t = Table("closing_client_release")
+    t.answer()
+    assert t.state() == CR and not [k for k in t.host.gpadls if k[1] == 1]
+    # Rescind during UNLOAD of a channel being closed: freed, and re-offered on the next connection.
+    t = Table("open")
+    t.send(m.Unload())
+    t.host.rescind(1)
+    t.answer()
+    assert 1 not in t.host.channels and t.host.state == ConnState.DISCONNECTED
+    assert t.host.add_offer(POOL[0]) == 1
+    t.send(m.InitiateContact(vmbus_version_requested=Version.WIN10_V5_3, interrupt_page=2))
+    offers = [a.message.child_relid for a in t.send(m.RequestOffers())
+              if isinstance(a, s.Send) and isinstance(a.message, m.OfferChannel)]
+    assert offers == [1, 2]
+
+
+# ---- part 3: host core + guest core, a well-behaved guest ---------------------------------------------
+
+class BusFuzz(RuleBasedStateMachine):
+    """Random guest commands (connect, create GPADL, open, close, teardown, release, unload, modify) as Linux
+    would issue them, device answers late and out of order, host rescinds and re-offers. The guest core must
+    never see an ``Unexpected`` host message, the host must never drop a guest message, and once everything
+    settles no request may be left outstanding (a torn-down ring of a still-open channel aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bus = Bus(offers=list(INITIAL), auto_device=False)
+        self.pending: list[s.DeviceOpen | s.DeviceClose] = []
+        self.seen_ops = 0
+        self.seen_events = 0
+        self.pages: dict[int, int] = {}
+
+    @property
+    def guest(self) -> c.GuestConnection:
+        return self.bus.guest
+
+    @property
+    def host(self) -> s.HostConnection:
+        return self.bus.host
+
+    def pump(self) -> None:
+        self.bus.pump()
+        self.pending += self.bus.device_ops[self.seen_ops:]
+        self.seen_ops = len(self.bus.device_ops)
+        new, self.seen_events = self.bus.events[self.seen_events:], len(self.bus.events)
+        bad = [e for e in new if isinstance(e, c.Unexpected | c.VersionRefused | c.TimedOut)]
+        assert not bad, bad
+        assert not self.bus.dropped, self.bus.dropped
+        for e in new:
+            if isinstance(e, c.GpadlCreated | c.OpenResult):
+                assert e.ok or isinstance(e, c.OpenResult), e  # a well-behaved guest's GPADLs are fine
+
+    def _chans(self, pred: Callable[[c.GuestChannel], bool]) -> list[int]:
+        return sorted(r for r, ch in self.guest.channels.items() if pred(ch))
+
+    def settle(self, oks: list[bool] | None = None) -> None:
+        for i in range(1000):
+            if not self.pending:
+                return
+            act = self.pending.pop(0)
+            self.bus.complete(act, oks[i % len(oks)] if oks else True)
+            self.pump()
+        raise AssertionError("device requests never settle")
+
+    def check_at_rest(self) -> None:
+        g, h = self.guest, self.host
+        for what, key in g.outstanding:
+            assert what == "teardown", g.outstanding
+            ring_of = [r for r, ch in h.channels.items() if ch.state == ChanState.OPEN and ch.params is not None
+                       and ch.params.gpadl.gpadl == key]
+            assert ring_of, f"GPADL_TEARDOWN {key:#x} unanswered and not the ring of an open channel"
+        check_structure(h)
+        if g.state == c.GuestConnState.READY:
+            assert h.state == ConnState.CONNECTED
+            offered = {r for r, ch in h.channels.items() if ch.state != ChanState.CLIENT_RELEASED}
+            assert set(g.channels) == offered
+            for relid, gch in g.channels.items():
+                hch = h.channels[relid]
+                assert gch.rescinded == (hch.state in (ChanState.REVOKED, ChanState.REOFFERED))
+                if not gch.rescinded:
+                    assert (gch.state == c.GuestChanState.OPEN) == (hch.state == ChanState.OPEN)
+                    assert gch.offer == hch.offer.message(relid)
+                for gid, st_ in gch.gpadls.items():
+                    if st_ == "created":
+                        assert h.gpadls[(gid, relid)].state == GpadlState.ACCEPTED
+        elif g.state == c.GuestConnState.UNLOADED:
+            assert h.state == ConnState.DISCONNECTED and not h.gpadls
+        else:
+            raise AssertionError(f"guest stuck in {g.state.value}")
+
+    @initialize(versions=st.sampled_from([None, (Version.WIN10_V5_2, Version.WIN10_V4_1), (Version.WIN8_1,),
+                                          (Version.WIN7,), (Version.WS2008,)]))
+    def start(self, versions: tuple[Version, ...] | None) -> None:
+        self.bus = Bus(offers=list(INITIAL), host_versions=None if versions is None else set(versions),
+                       auto_device=False)
+        self.bus.connect()
+        self.pump()
+        assert self.guest.state == c.GuestConnState.READY and len(self.guest.channels) == 3
+
+    def _ready(self) -> bool:
+        return self.guest.state == c.GuestConnState.READY
+
+    @precondition(lambda self: self.guest.state in (c.GuestConnState.READY, c.GuestConnState.UNLOADED))
+    @rule()
+    def connect(self) -> None:
+        self.guest.connect()
+        self.pump()
+
+    @precondition(lambda self: self._ready() and any(not ch.rescinded and len(ch.gpadls) < 3
+                                                     for ch in self.guest.channels.values()))
+    @rule(data=st.data(), pages=st.integers(4, 64))
+    def create_gpadl(self, data: st.DataObject, pages: int) -> None:
+        relid = data.draw(st.sampled_from(self._chans(lambda ch: not ch.rescinded and len(ch.gpadls) < 3)))
+        self._create(relid, pages)
+
+    def _create(self, relid: int, pages: int) -> int:
+        gid = self.guest.create_gpadl(relid, list(range(relid << 20, (relid << 20) + pages)))
+        self.pages[gid] = pages
+        self.pump()
+        return gid
+
+    @precondition(lambda self: self._ready() and any(ch.state == c.GuestChanState.OFFERED and not ch.rescinded
+                                                     for ch in self.guest.channels.values()))
+    @rule(data=st.data(), pages=st.sampled_from([4, 8, 30, 64]))
+    def open(self, data: st.DataObject, pages: int) -> None:
+        """Linux vmbus_open: a ring GPADL (or, for a re-open, one created earlier), then OPENCHANNEL."""
+        relid = data.draw(st.sampled_from(self._chans(
+            lambda ch: ch.state == c.GuestChanState.OFFERED and not ch.rescinded)))
+        gch = self.guest.channels[relid]
+        created = sorted(g for g, x in gch.gpadls.items() if x == "created")
+        if bool(created) and data.draw(st.booleans()):
+            gid = data.draw(st.sampled_from(created))
+        else:
+            gid = self._create(relid, pages)
+        offset = data.draw(st.integers(2, self.pages[gid] - 2))
+        self.guest.open_channel(relid, gid, offset)
+        self.pump()
+
+    @precondition(lambda self: self._ready() and any(ch.state == c.GuestChanState.OPEN
+                                                     for ch in self.guest.channels.values()))
+    @rule(data=st.data())
+    def close(self, data: st.DataObject) -> None:
+        self.guest.close_channel(data.draw(st.sampled_from(self._chans(lambda ch: ch.state == c.GuestChanState.OPEN))))
+        self.pump()
+
+    @staticmethod
+    def _can_tear_down(ch: c.GuestChannel) -> list[int]:
+        """Created GPADLs a Linux guest may tear down: not the ring of an open still in progress (the ring of
+        an OPEN channel may go: the host defers the answer until the close)."""
+        return sorted(g for g, x in ch.gpadls.items() if x == "created" and not ch.rescinded
+                      and not (ch.state == c.GuestChanState.OPENING and ch.ring_gpadl == g))
+
+    @precondition(lambda self: self._ready() and any(self._can_tear_down(ch) for ch in self.guest.channels.values()))
+    @rule(data=st.data())
+    def teardown_gpadl(self, data: st.DataObject) -> None:
+        relid = data.draw(st.sampled_from(self._chans(lambda ch: bool(self._can_tear_down(ch)))))
+        gch = self.guest.channels[relid]
+        gid = data.draw(st.sampled_from(self._can_tear_down(gch)))
+        assert self.guest.teardown_gpadl(relid, gid)
+        self.pump()
+
+    @precondition(lambda self: self._ready() and any(ch.rescinded for ch in self.guest.channels.values()))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        """Linux vmbus_close + hv_process_channel_removal: CLOSECHANNEL, no teardowns, RELID_RELEASED."""
+        relid = data.draw(st.sampled_from(self._chans(lambda ch: ch.rescinded)))
+        gch = self.guest.channels[relid]
+        if gch.state != c.GuestChanState.OFFERED:
+            self.guest.close_channel(relid)
+        for gid in list(gch.gpadls):
+            assert not self.guest.teardown_gpadl(relid, gid)
+        self.guest.release_relid(relid)
+        self.pump()
+
+    @precondition(lambda self: self._ready())
+    @rule()
+    def unload(self) -> None:
+        self.guest.unload()
+        self.pump()
+
+    @precondition(lambda self: self._ready() and self.guest.version >= Version.WIN10_V4_1 and any(
+        ch.state == c.GuestChanState.OPEN and not ch.rescinded for ch in self.guest.channels.values()))
+    @rule(data=st.data(), vp=st.integers(0, 3))
+    def modify(self, data: st.DataObject, vp: int) -> None:
+        relid = data.draw(st.sampled_from(self._chans(
+            lambda ch: ch.state == c.GuestChanState.OPEN and not ch.rescinded)))
+        self.guest.modify_channel(relid, vp)
+        self.pump()
+        if self.guest.version >= Version.WIN10_V5_3:
+            assert self.bus.of(c.ModifyChannelResult)[-1] == c.ModifyChannelResult(relid, 0)
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(data=st.data())
+    def device_answers(self, data: st.DataObject) -> None:
+        act = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        self.bus.complete(act, data.draw(st.sampled_from([True, True, True, False])))
+        self.pump()
+
+    @precondition(lambda self: bool(self.host.channels))
+    @rule(data=st.data())
+    def host_rescinds(self, data: st.DataObject) -> None:
+        self.host.rescind(data.draw(st.sampled_from(sorted(self.host.channels))))
+        self.pump()
+
+    @rule(data=st.data())
+    def host_offers(self, data: st.DataObject) -> None:
+        revoked = [ch.offer for ch in self.host.channels.values() if ch.state == ChanState.REVOKED]
+        prefer_revoked = bool(revoked) and data.draw(st.booleans())
+        spec = data.draw(st.sampled_from(revoked if prefer_revoked else POOL))
+        if any(offer_key(ch.offer) == offer_key(spec) and ch.state != ChanState.REVOKED
+               for ch in self.host.channels.values()):
+            return
+        self.host.add_offer(spec)
+        self.pump()
+
+    @rule(oks=st.lists(st.booleans(), min_size=1, max_size=3))
+    def settle_and_check(self, oks: list[bool]) -> None:
+        self.settle(oks)
+        self.check_at_rest()
+
+    def teardown(self) -> None:
+        self.settle()
+        self.check_at_rest()
+        if self._ready():
+            for relid in self._chans(lambda ch: ch.state == c.GuestChanState.OPEN):
+                self.guest.close_channel(relid)
+            self.pump()
+            self.settle()
+            assert not self.guest.outstanding, self.guest.outstanding
+            self.check_at_rest()
+            self.guest.unload()
+            self.pump()
+            self.settle()
+        assert self.guest.state == c.GuestConnState.UNLOADED and not self.guest.outstanding
+        self.check_at_rest()
+        assert all(ch.state == ChanState.CLIENT_RELEASED for ch in self.host.channels.values())
+
+
+BusFuzz.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+test_host_and_guest_cores_with_a_well_behaved_guest = BusFuzz.TestCase
+
+
+# Regression (fixed in 2dad665): unload() below WIN7 left the old connection's requests outstanding.
+def test_guest_unload_below_win7_forgets_outstanding_requests() -> None:
+    bus = Bus(host_versions={Version.WS2008}, auto_device=False)
+    bus.connect()
+    assert bus.guest.version == Version.WS2008
+    gid = bus.guest.create_gpadl(1, list(range(8)))
+    bus.pump()
+    bus.guest.open_channel(1, gid, 4)  # the device's answer is still pending
+    bus.pump()
+    bus.guest.unload()
+    bus.pump()
+    assert bus.guest.state == c.GuestConnState.UNLOADED
+    assert bus.guest.outstanding == []
+    bus.guest.handle_timer(1e9)
+    assert not [e for e in bus.guest.events() if isinstance(e, c.TimedOut)]
