@@ -30,6 +30,7 @@ class StorageConfig:
     disk_size: int = 1 << 30  # LUN 0 of each partition, created sparse on first use
     queue_depth: int = 256
     max_transfer_bytes: int = 0x40000
+    idle_close: float = 30.0  # seconds a partition's disks stay open after its last storage channel closed
     luns: list[LunEntry] = field(default_factory=list)
 
     def luns_for(self, partition: str) -> list[tuple[int, int, str | None, bool]]:
@@ -101,6 +102,10 @@ def _storage(raw: dict[str, Any], source: str) -> StorageConfig:
             if not isinstance(value, list):
                 raise ValueError(f"{source}: [[storage.lun]] must be an array of tables")
             cfg.luns = [_lun(v, source) for v in value]
+        elif key == "idle_close":
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{source}: storage.idle_close must be a number of seconds")
+            cfg.idle_close = float(value)
         elif key in ("disk_size", "queue_depth", "max_transfer_bytes"):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{source}: storage.{key} must be a positive integer")

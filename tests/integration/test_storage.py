@@ -8,6 +8,8 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,35 @@ def test_srb_whose_buffer_is_shorter_than_its_transfer_is_a_protocol_error(paren
     c.send_frame(FrameKind.PACKET, relid, encode_packet(short))
     reason = c.wait_closed()
     assert reason is not None and "EXECUTE_SRB for 4096 bytes with a 512-byte buffer" in reason
+
+
+def test_disks_of_a_partition_that_left_are_flushed_and_closed(workdir: Path) -> None:
+    p = Parent(workdir / "idle", "[storage]\nidle_close = 0.5\n")
+    try:
+        vm = child(workdir, p.unix, "vm1")
+        vm.wait_event("all offered channels open")
+
+        def open_images() -> list[str]:
+            fds = Path(f"/proc/{p.proc.pid}/fd")
+            return [os.readlink(f) for f in fds.iterdir() if os.readlink(f).endswith("lun0.img")]
+
+        assert len(open_images()) == 1
+        assert vm.stop() == 0
+        p.wait_event("VMBus disconnected", partition="vm1")
+        deadline = time.monotonic() + 10
+        while open_images() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_images() == []
+    finally:
+        p.stop()
+
+
+def test_demo_runs_three_partitions_and_shuts_down_cleanly(tmp_path: Path) -> None:
+    """`make demo`'s command on its embedded defaults (TCP 127.0.0.1:6464, ./run, ./var), bounded in time."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "parent-partition"), "demo", "--duration", "8"],
+                          cwd=tmp_path, check=False, capture_output=True, text=True, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "all three partitions have all five channels open" in out
+    assert out.count("unloaded cleanly") == 3
+    assert "clean shutdown" in out
