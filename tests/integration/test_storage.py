@@ -3,6 +3,7 @@ NBD export, the StorVSC, VMBus, the StorVSP and a sparse image file in the paren
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -206,3 +207,25 @@ def test_demo_runs_three_partitions_and_shuts_down_cleanly(tmp_path: Path) -> No
     assert "all three partitions have all five channels open" in out
     assert out.count("unloaded cleanly") == 3
     assert "clean shutdown" in out
+
+
+@pytest.mark.parametrize("rw", ["randrw", "write"])
+def test_load_generator_reports_fio_style_results(parent: Parent, workdir: Path, rw: str) -> None:
+    out = workdir / f"{rw}.json"
+    proc = subprocess.run([str(Path(sys.executable).parent / "child-partition"), "load", "storage", "--connect",
+                           parent.unix, "--rw", rw, "--bs", "8k", "--iodepth", "4", "--runtime", "1",
+                           "--ramp", "0.2", "--partitions", "2", "--size", "64M", "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "clat percentiles (usec)" in proc.stdout and "partitions: 2 ok, 0 failed" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["partitions_ok"] == 2
+    assert res["write"]["ios"] > 0 and res["write"]["io_bytes"] == res["write"]["ios"] * 8192
+    if rw == "randrw":
+        assert res["read"]["ios"] > 0
+        p = res["read"]["clat_us"]["percentiles"]
+        assert 0 < p["50"] <= p["99"] <= p["99.99"]
+    else:
+        assert res["read"]["ios"] == 0
+    # The guests unloaded cleanly and the parent logged no errors.
+    assert not [r for r in parent.lines if r.get("level") == "error"]
