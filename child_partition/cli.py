@@ -10,10 +10,11 @@ import sys
 import uvloop
 
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.versions import parse_version
 
 from .nbd import parse_listen
-from .runner import ChildPartition, parse_connect
+from .runner import ChildPartition
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return load_main(args)
     try:
-        parse_connect(args.connect)
+        parse_endpoint(args.connect)
         if args.nbd:
             parse_listen(args.nbd)
         versions = [int(parse_version(v)) for v in args.vmbus_version] if args.vmbus_version else None

@@ -14,11 +14,11 @@ import contextlib
 import random
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import ChannelClosed
+from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.errors import ProtocolError
 from vmbus_proto.versions import version_text
 
@@ -35,19 +35,9 @@ VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {
 NEGOTIATE_TIMEOUT = 30.0
 
 
-def parse_connect(url: str) -> tuple[str, str, int]:
-    if url.startswith("unix:"):
-        path = url[5:]
-        return "unix", path[2:] if path.startswith("//") else path, 0
-    parsed = urlparse(url)
-    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
-        raise ValueError(f"{url}: expected tcp://HOST:PORT or unix:PATH")
-    return "tcp", parsed.hostname, parsed.port
-
-
 async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
     loop = asyncio.get_running_loop()
-    kind, where, port = parse_connect(url)
+    kind, where, port = parse_endpoint(url)
     bus: GuestBus
     if kind == "tcp":
         _, bus = await loop.create_connection(lambda: GuestBus(name, **kw), where, port)

@@ -20,7 +20,7 @@ from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import echo, keyboard, mouse, network, video
 from vmbus_proto.devices.base import DeviceSpec, Handshake, Incoming
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, PAGE_SIZE, Packet
+from vmbus_proto.packets import PAGE_SIZE
 
 from .bus import GuestBus
 from .guest_memory import GuestMemory
@@ -111,24 +111,19 @@ class HandshakeVsc(Vsc):
         hs: Handshake = self.module.VscHandshake()
         self.hs = hs
         for out in hs.start():
-            await _send(channel, out)
+            await channel.send(out.to_packet())
         while not hs.done:
             if hs.failed:
                 raise DeviceProtocolError(f"{self.spec.name}: {hs.failed}")
             pkt = await channel.recv()
             for out in hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload)):
-                await _send(channel, out)
+                await channel.send(out.to_packet())
         self.version = hs.negotiated_version
 
     async def run(self, channel: Channel) -> None:
         while True:
             pkt = await channel.recv()
             self.log.debug("device packet", type=pkt.type, length=len(pkt.payload))
-
-
-async def _send(channel: Channel, out: Any) -> None:
-    flags = FLAG_COMPLETION_REQUESTED if out.completion_requested else 0
-    await channel.send(Packet(out.type, flags, out.trans_id, out.payload))
 
 
 class NetworkVsc(HandshakeVsc):

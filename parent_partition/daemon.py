@@ -13,9 +13,9 @@ import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.endpoint import parse_endpoint
 
 from .config import Config
 from .connection import PartitionConnection
@@ -39,21 +39,6 @@ def build_vsps(config: Config) -> list[Vsp]:
         "network": NetworkVsp, "video": VideoVsp, "keyboard": KeyboardVsp, "mouse": MouseVsp, "echo": EchoVsp,
     }
     return [factories[name]() for name, on in config.devices.items() if on]
-
-
-def parse_endpoint(url: str) -> tuple[str, str, int]:
-    """'tcp://HOST:PORT' -> ('tcp', host, port); 'unix:PATH' -> ('unix', path, 0)."""
-    if url.startswith("unix:"):
-        path = url[5:]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path:
-            raise ValueError(f"{url}: unix: needs a path")
-        return "unix", path, 0
-    parsed = urlparse(url)
-    if parsed.scheme != "tcp" or not parsed.hostname or parsed.port is None:
-        raise ValueError(f"{url}: expected tcp://HOST:PORT or unix:PATH")
-    return "tcp", parsed.hostname, parsed.port
 
 
 class ParentDaemon:

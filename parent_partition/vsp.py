@@ -88,8 +88,7 @@ class Vsp(abc.ABC):
 
 async def send_all(channel: Channel, outs: list[Outgoing]) -> None:
     for o in outs:
-        flags = FLAG_COMPLETION_REQUESTED if o.completion_requested else 0
-        await channel.send(Packet(o.type, flags, o.trans_id, o.payload))
+        await channel.send(o.to_packet())
 
 
 def incoming(pkt: Packet) -> Incoming:

@@ -12,7 +12,7 @@ import abc
 import uuid
 from dataclasses import dataclass
 
-from ..packets import PacketType
+from ..packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,10 @@ class Outgoing:
     type: int = PacketType.DATA_INBAND
     trans_id: int = 0
     completion_requested: bool = False
+
+    def to_packet(self) -> Packet:
+        return Packet(self.type, FLAG_COMPLETION_REQUESTED if self.completion_requested else 0, self.trans_id,
+                      self.payload)
 
 
 class Handshake(abc.ABC):
