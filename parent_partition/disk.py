@@ -255,18 +255,25 @@ class DiskBackend:
         self._check_range("read", offset, length)
         if length == 0:
             return b""
-        if self._nowait_read and not self._closed:
-            # Data already in the page cache is copied right here: preadv2(RWF_NOWAIT) never waits for
-            # the disk, it says EAGAIN instead, and only then does the request go to a pool thread.
-            buf = bytearray(length)
-            try:
-                if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
-                    return bytes(buf)
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._nowait_read = False  # not supported here: always use the pool
+        data = self.read_cached(offset, length)
+        if data is not None:
+            return data
         return await self._run(self._pread, offset, length)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes if they are all in the page cache, else None, without ever waiting for the disk:
+        preadv2(RWF_NOWAIT) says EAGAIN instead (the fast path QEMU and io_uring users take)."""
+        if not self._nowait_read or self._closed or length <= 0:
+            return None
+        buf = bytearray(length)
+        try:
+            if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
+                return bytes(buf)
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._nowait_read = False  # not supported here: always use the pool
+        return None
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` return only after ``fdatasync``."""

@@ -105,6 +105,17 @@ class StorageVsp(HandshakeVsp):
                 op, srb = parse_request(pkt)
                 if op == vstor.Operation.EXECUTE_SRB:
                     assert srb is not None
+                    if srb.data_in == vstor.DataDirection.READ and not (srb.path_id or srb.target_id):
+                        # A READ whose data is in the page cache completes right here, without a task.
+                        cached = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
+                        if cached is not None:
+                            self.requests += 1
+                            try:
+                                await self._complete(channel, pkt, _answer(srb, cached.srb_status, cached.scsi_status,
+                                                                           cached.transferred, b""), cached.data)
+                            finally:
+                                slots.release()
+                            continue
                     task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb, slots))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
