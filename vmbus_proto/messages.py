@@ -478,11 +478,6 @@ def _check(cls: type[Message], name: str, kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-def describe_dict(obj: Mapping[str, Any]) -> str:
-    """Trace text for a body we could not decode into a message."""
-    return " ".join(f"{k}={v!r}" for k, v in obj.items())
-
-
 # Guest-to-host and host-to-guest message sets, for direction checks.
 GUEST_TO_HOST = frozenset({MsgType.REQUESTOFFERS, MsgType.OPENCHANNEL, MsgType.CLOSECHANNEL,
                            MsgType.GPADL_HEADER, MsgType.GPADL_BODY, MsgType.GPADL_TEARDOWN,

@@ -138,10 +138,6 @@ class Channel:
             self.rings.sent(size)
             self.conn.send_packet(self.relid, pkt)
 
-    async def send_inband(self, payload: bytes, trans_id: int = 0, completion_requested: bool = False) -> None:
-        flags = FLAG_COMPLETION_REQUESTED if completion_requested else 0
-        await self.send(Packet(PacketType.DATA_INBAND, flags, trans_id, payload))
-
     async def complete(self, trans_id: int, payload: bytes, data: bytes | memoryview = b"") -> None:
         """VM_PKT_COMP echoing ``trans_id``; ``data`` rides along into the request's GPA ranges."""
         await self.send(Packet(PacketType.COMP, 0, trans_id, payload, data=data))
