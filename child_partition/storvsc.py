@@ -30,6 +30,20 @@ from .vsc import HandshakeVsc
 
 SECTOR = 512
 MAX_OUTSTANDING = 256
+# One EXECUTE_SRB as Linux storvsc_queuecommand fills it: vstor_packet (operation, flags, status) and its
+# 52-byte vmscsi_request (length, srb/scsi status, port, path, target, lun, cdb_length, sense_info_length,
+# data_in, reserved, data_transfer_length, cdb[20], reserve, queue_tag 0xFF, queue_action SIMPLE_TAG,
+# srb_flags, time_out_value 60, queue_sort_key), packed in one go: this is the per-I/O hot path.
+_EXECUTE_SRB = struct.Struct("<III" "HBBBBBBBBBBI20sHBBIII")
+_OP_EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
+_SYNC = int(vstor.SrbFlags.DISABLE_SYNCH_TRANSFER)
+_WRITE = (int(vstor.DataDirection.WRITE), _SYNC | int(vstor.SrbFlags.DATA_OUT))
+_READ = (int(vstor.DataDirection.READ), _SYNC | int(vstor.SrbFlags.DATA_IN))
+_NO_DATA = (int(vstor.DataDirection.UNKNOWN), _SYNC)
+# The fields of a COMPLETE_IO the guest reads: operation, then srb_status, scsi_status, sense_info_length,
+# data_transfer_length and the sense bytes of the returned vmscsi_request.
+_COMPLETION = struct.Struct("<I10xBB5xB2xI20s")
+_OP_COMPLETE_IO = int(vstor.Operation.COMPLETE_IO)
 SENSE_KEY_NAMES = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST",
                    0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT"}
 
@@ -149,15 +163,11 @@ class StorageVsc(HandshakeVsc):
         length = len(data_out) if data_out is not None else data_in
         if length > self.pool.size:
             raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {self.pool.size}")
-        direction = (vstor.DataDirection.WRITE if data_out is not None
-                     else vstor.DataDirection.READ if data_in else vstor.DataDirection.UNKNOWN)
-        flags = vstor.SrbFlags.DISABLE_SYNCH_TRANSFER | (
-            vstor.SrbFlags.DATA_OUT if direction == vstor.DataDirection.WRITE else
-            vstor.SrbFlags.DATA_IN if direction == vstor.DataDirection.READ else 0)
-        srb = vstor.VmscsiRequest(lun=self.lun if lun is None else lun, cdb_length=len(cdb), data_in=direction,
-                                  data_transfer_length=length, data=cdb.ljust(vstor.SENSE_BUFFER_SIZE, b"\0"),
-                                  queue_tag=0xFF, queue_action=0x20, srb_flags=int(flags), time_out_value=60)
-        payload = vstor.pack_request(vstor.Operation.EXECUTE_SRB, srb.pack())
+        direction, flags = _WRITE if data_out is not None else _READ if data_in else _NO_DATA
+        payload = _EXECUTE_SRB.pack(
+            _OP_EXECUTE_SRB, vstor.REQUEST_COMPLETION_FLAG, 0,  # vstor_packet header
+            vstor.VMSCSI_REQUEST_SIZE, 0, 0, 0, 0, 0, self.lun if lun is None else lun, len(cdb),
+            vstor.SENSE_BUFFER_SIZE, direction, 0, length, cdb, 0, 0xFF, 0x20, flags, 60, 0)
         async with self._slots:
             if not length:
                 reply = await channel.request(payload)
@@ -184,12 +194,15 @@ class StorageVsc(HandshakeVsc):
 
     @staticmethod
     def _reply(payload: bytes, data: bytes) -> ScsiReply:
-        packet = vstor.VstorPacket.unpack(payload)
-        if packet.operation != vstor.Operation.COMPLETE_IO:
-            raise DeviceProtocolError(f"storage completion with operation {packet.operation}")
-        srb = vstor.VmscsiRequest.unpack(packet.body)
-        sense = srb.sense_data if srb.scsi_status == 2 and srb.srb_status & vstor.SRB_STATUS_AUTOSENSE_VALID else b""
-        return ScsiReply(srb.srb_status, srb.scsi_status, srb.data_transfer_length, sense, data)
+        # Linux storvsc drops completions shorter than sizeof(vstor_packet); we need at least the fields.
+        if len(payload) < _COMPLETION.size:
+            raise DeviceProtocolError(f"storage completion of {len(payload)} bytes")
+        op, srb_status, scsi_status, sense_len, transferred, sense = _COMPLETION.unpack_from(payload)
+        if op != _OP_COMPLETE_IO:
+            raise DeviceProtocolError(f"storage completion with operation {op}")
+        if scsi_status == 2 and srb_status & vstor.SRB_STATUS_AUTOSENSE_VALID:
+            return ScsiReply(srb_status, scsi_status, transferred, sense[:min(sense_len, 20)], data)
+        return ScsiReply(srb_status, scsi_status, transferred, b"", data)
 
     async def scan(self) -> None:
         """What the Linux SCSI midlayer and sd do on a new target (scsi_scan.c, sd.c)."""
