@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import guids
-from ..errors import DeviceProtocolError, LocalProtocolError
+from ..errors import DeviceProtocolError
 from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
 
 __all__ = [
     "DEFAULT_SUPPORTED",
@@ -189,48 +189,23 @@ SPEC = DeviceSpec(
 )
 
 
-class VscHandshake(Handshake):
+class VscHandshake(VscVersionHandshake):
     """hyperv-keyboard ``hv_kbd_connect_to_vsp``: PROTOCOL_REQUEST (completion requested), then a
     PROTOCOL_RESPONSE with the ACCEPTED bit. Completions and early EVENTs are dropped."""
 
+    protocol = "keyboard"
+    request_name = "PROTOCOL_REQUEST"
+
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
-        if not versions:
-            raise LocalProtocolError("a VSC needs at least one keyboard version to offer")
-        self.versions: tuple[int, ...] = tuple(int(v) for v in versions)
-        self.negotiated_version = None
-        self._started = False
-        self._done = False
-        self._index = 0
-        self._next_trans_id = 1
-        self._failed: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def failed(self) -> str | None:
-        return self._failed
-
-    def start(self) -> list[Outgoing]:
-        if self._started:
-            raise LocalProtocolError("keyboard handshake already started")
-        self._started = True
-        return [self._request()]
+        super().__init__(versions)
 
     def _request(self) -> Outgoing:
-        trans_id = self._next_trans_id
-        self._next_trans_id += 1
-        payload = pack_message(MessageType.PROTOCOL_REQUEST, ProtocolRequest(self.versions[self._index]).pack())
-        return Outgoing(payload, PacketType.DATA_INBAND, trans_id, True)
+        payload = pack_message(MessageType.PROTOCOL_REQUEST, ProtocolRequest(self.candidate).pack())
+        return Outgoing(payload, PacketType.DATA_INBAND, self._trans_id(), True)
 
     def receive(self, packet: Incoming) -> list[Outgoing]:
-        if self._failed is not None:
+        if not self._receiving():
             return []
-        if self._done:
-            raise DeviceProtocolError("keyboard handshake is over: this packet belongs to the running device")
-        if not self._started:
-            raise DeviceProtocolError("keyboard packet before PROTOCOL_REQUEST was sent")
         if packet.type == PacketType.COMP:
             return []
         if packet.type != PacketType.DATA_INBAND:
@@ -241,15 +216,11 @@ class VscHandshake(Handshake):
         if msg_type != MessageType.PROTOCOL_RESPONSE:
             raise DeviceProtocolError(f"keyboard message type {msg_type} while waiting for PROTOCOL_RESPONSE")
         if ProtocolResponse.unpack(body).accepted:
-            self.negotiated_version = self.versions[self._index]
+            self.negotiated_version = self.candidate
             self._done = True
             return []
-        self._index += 1
-        if self._index < len(self.versions):
-            return [self._request()]
         offered = ", ".join(f"{v:#010x}" for v in self.versions)
-        self._failed = f"host refused every keyboard protocol version ({offered})"
-        return []
+        return self._refused(f"host refused every keyboard protocol version ({offered})")
 
 
 class VspHandshake(Handshake):

@@ -22,7 +22,7 @@ from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
 from ..packets import PacketType
 from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
 
 __all__ = [
     "DEFAULT_DEVICE_INFO",
@@ -285,55 +285,33 @@ SPEC = DeviceSpec(
 )
 
 
-class VscHandshake(Handshake):
+class VscHandshake(VscVersionHandshake):
     """hid-hyperv ``mousevsc_connect_to_vsp``: PROTOCOL_REQUEST (completion requested), PROTOCOL_RESPONSE with
     ``approved != 0``, INITIAL_DEVICE_INFO, then INITIAL_DEVICE_INFO_ACK (completion requested).
 
     Completion packets and early INPUT_REPORTs are dropped, as Linux does.
     """
 
+    protocol = "synthhid"
+    request_name = "PROTOCOL_REQUEST"
+
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
-        if not versions:
-            raise LocalProtocolError("a VSC needs at least one synthhid version to offer")
-        self.versions: tuple[int, ...] = tuple(int(v) for v in versions)
-        self.negotiated_version = None
+        super().__init__(versions)
         self.device_info: InitialDeviceInfo | None = None
-        self._started = False
-        self._done = False
-        self._index = 0
-        self._next_trans_id = 1
-        self._failed: str | None = None
 
     @property
     def report_descriptor(self) -> bytes | None:
         return None if self.device_info is None else self.device_info.report_descriptor
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def failed(self) -> str | None:
-        return self._failed
-
-    def start(self) -> list[Outgoing]:
-        if self._started:
-            raise LocalProtocolError("synthhid handshake already started")
-        self._started = True
-        return [self._send(MessageType.PROTOCOL_REQUEST, ProtocolRequest(self.versions[0]).pack())]
+    def _request(self) -> Outgoing:
+        return self._send(MessageType.PROTOCOL_REQUEST, ProtocolRequest(self.candidate).pack())
 
     def _send(self, msg_type: MessageType, body: bytes) -> Outgoing:
-        trans_id = self._next_trans_id
-        self._next_trans_id += 1
-        return Outgoing(pack_message(msg_type, body), PacketType.DATA_INBAND, trans_id, True)
+        return Outgoing(pack_message(msg_type, body), PacketType.DATA_INBAND, self._trans_id(), True)
 
     def receive(self, packet: Incoming) -> list[Outgoing]:
-        if self._failed is not None:
+        if not self._receiving():
             return []
-        if self._done:
-            raise DeviceProtocolError("synthhid handshake is over: this packet belongs to the running device")
-        if not self._started:
-            raise DeviceProtocolError("synthhid packet before PROTOCOL_REQUEST was sent")
         if packet.type == PacketType.COMP:
             return []  # the host may complete our requests; Linux ignores VM_PKT_COMP
         if packet.type != PacketType.DATA_INBAND:
@@ -346,14 +324,10 @@ class VscHandshake(Handshake):
                 raise DeviceProtocolError(f"synthhid message type {msg_type} while waiting for PROTOCOL_RESPONSE")
             response = ProtocolResponse.unpack(body)
             if response.approved:
-                self.negotiated_version = self.versions[self._index]
+                self.negotiated_version = self.candidate
                 return []
-            self._index += 1
-            if self._index < len(self.versions):
-                return [self._send(MessageType.PROTOCOL_REQUEST, ProtocolRequest(self.versions[self._index]).pack())]
             offered = ", ".join(f"{v:#010x}" for v in self.versions)
-            self._failed = f"host refused every synthhid version ({offered})"
-            return []
+            return self._refused(f"host refused every synthhid version ({offered})")
         if msg_type != MessageType.INITIAL_DEVICE_INFO:
             raise DeviceProtocolError(f"synthhid message type {msg_type} while waiting for INITIAL_DEVICE_INFO")
         self.device_info = InitialDeviceInfo.unpack(body)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
 from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
 
 __all__ = [
     "DEFAULT_SUPPORTED",
@@ -203,52 +203,28 @@ SPEC = DeviceSpec(
 )
 
 
-class VscHandshake(Handshake):
+class VscHandshake(VscVersionHandshake):
     """NetVSC ``negotiate_nvsp_ver`` loop: INIT with ``min = max = candidate``, newest first, until an
     INIT_COMPLETE (a completion packet) reports SUCCESS."""
 
+    protocol = "NVSP"
+    request_name = "INIT"
+    after_done = "the data path"
+
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
-        if not versions:
-            raise LocalProtocolError("a VSC needs at least one NVSP version to offer")
-        self.versions: tuple[int, ...] = tuple(int(v) for v in versions)
-        self.negotiated_version = None
+        super().__init__(versions)
         self.max_mdl_chain_len = 0
-        self._started = False
-        self._done = False
-        self._index = 0
-        self._next_trans_id = 1
         self._pending: int | None = None
-        self._failed: str | None = None
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def failed(self) -> str | None:
-        return self._failed
-
-    def start(self) -> list[Outgoing]:
-        if self._started:
-            raise LocalProtocolError("NVSP handshake already started")
-        self._started = True
-        return [self._init()]
-
-    def _init(self) -> Outgoing:
-        version = self.versions[self._index]
-        trans_id = self._next_trans_id
-        self._next_trans_id += 1
-        self._pending = trans_id
+    def _request(self) -> Outgoing:
+        version = self.candidate
+        self._pending = trans_id = self._trans_id()
         payload = pack_message(MessageType.INIT, Init(version, version).pack())
         return Outgoing(payload, PacketType.DATA_INBAND, trans_id, True)
 
     def receive(self, packet: Incoming) -> list[Outgoing]:
-        if self._failed is not None:
+        if not self._receiving():
             return []
-        if self._done:
-            raise DeviceProtocolError("NVSP handshake is over: this packet belongs to the data path")
-        if not self._started:
-            raise DeviceProtocolError("NVSP packet before INIT was sent")
         if packet.type != PacketType.COMP:
             raise DeviceProtocolError(f"NVSP packet type {packet.type:#x} while waiting for INIT_COMPLETE")
         if packet.trans_id != self._pending:
@@ -259,16 +235,12 @@ class VscHandshake(Handshake):
         complete = InitComplete.unpack(body)
         self._pending = None
         if complete.status == Status.SUCCESS:
-            self.negotiated_version = self.versions[self._index]
+            self.negotiated_version = self.candidate
             self.max_mdl_chain_len = complete.max_mdl_chain_len
             self._done = True
             return []
-        self._index += 1
-        if self._index < len(self.versions):
-            return [self._init()]
         offered = ", ".join(f"{v:#x}" for v in self.versions)
-        self._failed = f"host refused every NVSP protocol version ({offered}); last status {complete.status}"
-        return []
+        return self._refused(f"host refused every NVSP protocol version ({offered}); last status {complete.status}")
 
 
 class VspHandshake(Handshake):

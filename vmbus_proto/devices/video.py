@@ -17,10 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import guids
-from ..errors import DeviceProtocolError, LocalProtocolError
+from ..errors import DeviceProtocolError
 from ..packets import PacketType
 from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
 
 __all__ = [
     "ACCEPTED_WITH_VERSION_EXCHANGE",
@@ -163,52 +163,27 @@ SPEC = DeviceSpec(
 )
 
 
-class VscHandshake(Handshake):
+class VscHandshake(VscVersionHandshake):
     """hyperv_fb ``synthvid_connect_vsp``: VERSION_REQUEST per candidate until ``is_accepted != 0``.
 
     Like Linux ``synthvid_send``, requests go without COMPLETION_REQUESTED, numbered from 1.
     """
 
+    protocol = "synthvid"
+    request_name = "VERSION_REQUEST"
+
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
-        if not versions:
-            raise LocalProtocolError("a VSC needs at least one synthvid version to offer")
-        self.versions: tuple[int, ...] = tuple(int(v) for v in versions)
-        self.negotiated_version = None
+        super().__init__(versions)
         self.max_video_outputs = 0
-        self._started = False
-        self._done = False
-        self._index = 0
-        self._next_trans_id = 1
-        self._failed: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def failed(self) -> str | None:
-        return self._failed
-
-    def start(self) -> list[Outgoing]:
-        if self._started:
-            raise LocalProtocolError("synthvid handshake already started")
-        self._started = True
-        return [self._request()]
 
     def _request(self) -> Outgoing:
-        trans_id = self._next_trans_id
-        self._next_trans_id += 1
-        body = VersionRequest(self.versions[self._index]).pack()
+        body = VersionRequest(self.candidate).pack()
         payload = pack_message(MessageType.VERSION_REQUEST, body, size_includes_header=True)
-        return Outgoing(payload, PacketType.DATA_INBAND, trans_id, False)
+        return Outgoing(payload, PacketType.DATA_INBAND, self._trans_id(), False)
 
     def receive(self, packet: Incoming) -> list[Outgoing]:
-        if self._failed is not None:
+        if not self._receiving():
             return []
-        if self._done:
-            raise DeviceProtocolError("synthvid handshake is over: this packet belongs to the running device")
-        if not self._started:
-            raise DeviceProtocolError("synthvid packet before VERSION_REQUEST was sent")
         if packet.type != PacketType.DATA_INBAND:
             raise DeviceProtocolError(f"synthvid packet type {packet.type:#x} while waiting for VERSION_RESPONSE")
         msg_type, body = unpack_message(packet.payload)
@@ -216,16 +191,12 @@ class VscHandshake(Handshake):
             raise DeviceProtocolError(f"synthvid message type {msg_type} while waiting for VERSION_RESPONSE")
         response = VersionResponse.unpack(body)
         if response.is_accepted:
-            self.negotiated_version = self.versions[self._index]
+            self.negotiated_version = self.candidate
             self.max_video_outputs = response.max_video_outputs
             self._done = True
             return []
-        self._index += 1
-        if self._index < len(self.versions):
-            return [self._request()]
         offered = ", ".join(f"{version_major(v)}.{version_minor(v)}" for v in self.versions)
-        self._failed = f"host refused every synthvid version ({offered})"
-        return []
+        return self._refused(f"host refused every synthvid version ({offered})")
 
 
 class VspHandshake(Handshake):
