@@ -42,7 +42,7 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from vmbus_proto.aio import logs
+from vmbus_proto.aio import logs, malloc
 
 from . import echo_raw, vmbus_echo
 from .parent import REPO_ROOT, raise_nofile, start_parent
@@ -191,6 +191,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile()
+    malloc.tune()  # the in-process guest of the echo measurements, like the CLIs
     logs.setup("warning")
     console = Console()
     if not console.is_terminal:

@@ -9,7 +9,7 @@ import sys
 
 import uvloop
 
-from vmbus_proto.aio import logs
+from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.versions import parse_version
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc.tune()
     if args.command == "load":
         from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 
-from vmbus_proto.packets import PAGE_SHIFT, PAGE_SIZE, GpaRange, pages_spanned
+from vmbus_proto.packets import PAGE_SHIFT, PAGE_SIZE, Buffer, GpaRange, pages_spanned
 
 GUEST_PFN_BASE = 0x100  # the first megabyte stays unused, as on a PC
 
@@ -56,6 +56,10 @@ class GuestMemory:
                 merged.append((s, n))
         self._free = merged
 
+    def offset_of(self, pfn: int) -> int:
+        """Where page ``pfn`` starts in ``view``."""
+        return self._offset(pfn)
+
     def _offset(self, pfn: int) -> int:
         idx = pfn - GUEST_PFN_BASE
         if not 0 <= idx < self.pages:
@@ -77,7 +81,7 @@ class GuestMemory:
             return self._offset(pfns[0]) + rng.byte_offset
         return None
 
-    def write(self, rng: GpaRange, data: bytes | memoryview) -> None:
+    def write(self, rng: GpaRange, data: Buffer) -> None:
         """Copy ``data`` into the pages ``rng`` names (the host 'writing guest memory')."""
         n = min(len(data), rng.byte_count)
         base = self._contiguous(rng)

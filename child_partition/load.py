@@ -10,6 +10,7 @@ latency percentiles from an HDR histogram), and as JSON with ``--json``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import random
@@ -59,16 +60,24 @@ class Job:
 
 @dataclass(slots=True)
 class Direction:
-    hist: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
+    # Completion latencies in whole microseconds, counted per value while the job runs (a dict increment
+    # per I/O instead of an HDR record) and put into an HDR histogram at the end.
+    latencies: collections.Counter[int] = field(default_factory=collections.Counter)
     ios: int = 0
     bytes: int = 0
     errors: int = 0
 
     def merge(self, other: Direction) -> None:
-        self.hist.add(other.hist)
+        self.latencies.update(other.latencies)
         self.ios += other.ios
         self.bytes += other.bytes
         self.errors += other.errors
+
+    def histogram(self) -> HdrHistogram:
+        hist = HdrHistogram(1, MAX_LATENCY_US, 3)
+        for usec, count in self.latencies.items():
+            hist.record_value(min(usec, MAX_LATENCY_US), count)
+        return hist
 
 
 @dataclass(slots=True)
@@ -137,7 +146,7 @@ class Partition:
                 self.live_bytes += job.bs
                 if t0 >= measure_from:
                     d = self.read if is_read else self.write
-                    d.hist.record_value(max(1, int((t1 - t0) * 1e6)))
+                    d.latencies[int((t1 - t0) * 1e6) or 1] += 1
                     d.ios += 1
                     d.bytes += job.bs
 
@@ -211,7 +220,7 @@ async def _progress(runs: asyncio.Future[Any], parts: list[Partition], job: Job,
 
 
 def _dir_json(d: Direction, seconds: float, bs: int) -> dict[str, Any]:
-    h = d.hist
+    h = d.histogram()
     return {
         "io_bytes": d.bytes, "ios": d.ios, "iops": d.ios / seconds, "bw_bytes": d.bytes / seconds,
         "clat_us": {"min": h.get_min_value() if d.ios else 0, "max": h.get_max_value() if d.ios else 0,
@@ -237,7 +246,7 @@ def render(url: str, job: Job, t: Totals, console: Console) -> None:
     for name, d in (("read", t.read), ("write", t.write)):
         if not d.ios:
             continue
-        h = d.hist
+        h = d.histogram()
         iops = d.ios / t.seconds
         console.print(f"  {name}: IOPS={iops / 1000:.1f}k, BW={_human_rate(d.bytes / t.seconds)}"
                       f"({d.bytes / (1 << 20):.0f}MiB/{t.seconds * 1000:.0f}msec)")

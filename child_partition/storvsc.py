@@ -22,7 +22,7 @@ from typing import Any
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import storage as vstor
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import PAGE_SIZE, GpaRange, PacketType
+from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
 
 from .blockdev import BlockDeviceError
 from .guest_memory import GuestMemory
@@ -33,8 +33,8 @@ MAX_OUTSTANDING = 256
 # One EXECUTE_SRB as Linux storvsc_queuecommand fills it: vstor_packet (operation, flags, status) and its
 # 52-byte vmscsi_request (length, srb/scsi status, port, path, target, lun, cdb_length, sense_info_length,
 # data_in, reserved, data_transfer_length, cdb[20], reserve, queue_tag 0xFF, queue_action SIMPLE_TAG,
-# srb_flags, time_out_value 60, queue_sort_key), packed in one go: this is the per-I/O hot path.
-_EXECUTE_SRB = struct.Struct("<III" "HBBBBBBBBBBI20sHBBIII")
+# srb_flags, time_out_value 60, queue_sort_key), packed in one go (vstor.SRB_PACKET): the per-I/O hot path.
+_PACK_SRB = vstor.SRB_PACKET.pack
 _OP_EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
 _SYNC = int(vstor.SrbFlags.DISABLE_SYNCH_TRANSFER)
 _WRITE = (int(vstor.DataDirection.WRITE), _SYNC | int(vstor.SrbFlags.DATA_OUT))
@@ -43,6 +43,10 @@ _NO_DATA = (int(vstor.DataDirection.UNKNOWN), _SYNC)
 # The fields of a COMPLETE_IO the guest reads: operation, then srb_status, scsi_status, sense_info_length,
 # data_transfer_length and the sense bytes of the returned vmscsi_request.
 _COMPLETION = struct.Struct("<I10xBB5xB2xI20s")
+_COMPLETION_STATUS = struct.Struct("<I10xBB").unpack_from
+_SRB_SUCCESS = int(vstor.SrbStatus.SUCCESS)
+_COMP = int(PacketType.COMP)
+_READ_DIRECTION = int(vstor.DataDirection.READ)
 _OP_COMPLETE_IO = int(vstor.Operation.COMPLETE_IO)
 SENSE_KEY_NAMES = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST",
                    0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT"}
@@ -70,6 +74,32 @@ class ScsiReply:
         return BlockDeviceError(code, text)
 
 
+class DmaBuffer:
+    """Contiguous guest pages a request's data lives in, with the GPA range for each transfer size it has
+    served (a driver's bounce buffer: the range names these pages, the host moves data in and out of them)."""
+
+    __slots__ = ("_mem", "_ranges", "base", "pfns")
+
+    def __init__(self, memory: GuestMemory, pfns: list[int]) -> None:
+        self.pfns = tuple(pfns)
+        self.base = memory.offset_of(pfns[0])
+        self._mem = memory.mem
+        self._ranges: dict[int, GpaRange] = {}
+
+    def range(self, length: int) -> GpaRange:
+        rng = self._ranges.get(length)
+        if rng is None:
+            rng = self._ranges[length] = GpaRange(length, 0, self.pfns[:(length + PAGE_SIZE - 1) // PAGE_SIZE])
+        return rng
+
+    def stage(self, data: Buffer) -> bytes:
+        """``data`` is written into the pages (by the guest before a WRITE, by the host's DMA for a READ);
+        returns the bytes as they now stand there, for the other side to take."""
+        base, end = self.base, self.base + len(data)
+        self._mem[base:end] = data
+        return self._mem[base:end]
+
+
 class BufferPool:
     """DMA buffers in guest memory, one per outstanding request, kept in power-of-two size classes so a
     4 KiB read does not hold a whole max-transfer buffer (like a driver's bounce buffers)."""
@@ -77,26 +107,30 @@ class BufferPool:
     def __init__(self, memory: GuestMemory, max_size: int) -> None:
         self.memory = memory
         self.size = max_size
-        self._free: dict[int, list[list[int]]] = {}
-        self._owned: list[list[int]] = []
+        self._free: dict[int, list[DmaBuffer]] = {}
+        self._class: dict[int, int] = {}  # transfer length -> pages in its size class
+        self._owned: list[DmaBuffer] = []
 
-    def take(self, length: int) -> list[int]:
-        pages = 1
-        while pages * PAGE_SIZE < length:
-            pages *= 2
-        free = self._free.setdefault(pages, [])
+    def take(self, length: int) -> DmaBuffer:
+        pages = self._class.get(length)
+        if pages is None:
+            pages = 1
+            while pages * PAGE_SIZE < length:
+                pages *= 2
+            self._class[length] = pages
+        free = self._free.get(pages)
         if free:
             return free.pop()
-        pfns = self.memory.alloc(pages)
-        self._owned.append(pfns)
-        return pfns
+        buf = DmaBuffer(self.memory, self.memory.alloc(pages))
+        self._owned.append(buf)
+        return buf
 
-    def give(self, pfns: list[int]) -> None:
-        self._free[len(pfns)].append(pfns)
+    def give(self, buf: DmaBuffer) -> None:
+        self._free.setdefault(len(buf.pfns), []).append(buf)
 
     def release(self) -> None:
-        for pfns in self._owned:
-            self.memory.free(pfns)
+        for buf in self._owned:
+            self.memory.free(list(buf.pfns))
         self._owned.clear()
         self._free.clear()
 
@@ -154,43 +188,43 @@ class StorageVsc(HandshakeVsc):
 
     # ---- SCSI -------------------------------------------------------------------------------------------
 
-    async def command(self, cdb: bytes, data_out: bytes | memoryview | None = None, data_in: int = 0,
+    async def command(self, cdb: bytes, data_out: Buffer | None = None, data_in: int = 0,
                       lun: int | None = None) -> ScsiReply:
         """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read."""
-        channel = self.channel
-        if channel is None or self._slots is None or self.pool is None:
+        payload, data = await self._srb(cdb, data_out, data_in, self.lun if lun is None else lun)
+        return self._reply(payload, data)
+
+    async def _srb(self, cdb: bytes, data_out: Buffer | None, data_in: int, lun: int) -> tuple[bytes, bytes]:
+        """Send one EXECUTE_SRB (``storvsc_queuecommand``); returns the completion's payload and the READ data
+        as it landed in our pages. The per-I/O hot path."""
+        channel, pool, slots = self.channel, self.pool, self._slots
+        if channel is None or slots is None or pool is None:
             raise ChannelClosed("storage channel is not open")
         length = len(data_out) if data_out is not None else data_in
-        if length > self.pool.size:
-            raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {self.pool.size}")
+        if length > pool.size:
+            raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {pool.size}")
         direction, flags = _WRITE if data_out is not None else _READ if data_in else _NO_DATA
-        payload = _EXECUTE_SRB.pack(
+        payload = _PACK_SRB(
             _OP_EXECUTE_SRB, vstor.REQUEST_COMPLETION_FLAG, 0,  # vstor_packet header
-            vstor.VMSCSI_REQUEST_SIZE, 0, 0, 0, 0, 0, self.lun if lun is None else lun, len(cdb),
+            vstor.VMSCSI_REQUEST_SIZE, 0, 0, 0, 0, 0, lun, len(cdb),
             vstor.SENSE_BUFFER_SIZE, direction, 0, length, cdb, 0, 0xFF, 0x20, flags, 60, 0)
-        async with self._slots:
+        async with slots:
             if not length:
                 reply = await channel.request(payload)
-                return self._reply(reply.payload, b"")
-            pfns = self.pool.take(length)
+                return reply.payload, b""
+            buf = pool.take(length)
             try:
-                rng = GpaRange(length, 0, tuple(pfns[:(length + PAGE_SIZE - 1) // PAGE_SIZE]))
-                out = b""
-                if data_out is not None:
-                    self.memory.write(rng, data_out)
-                    out = self.memory.read(rng)  # what the host would DMA out of our pages
-                reply = await channel.request(payload, ranges=(rng,), data=out)
-                if reply.type != PacketType.COMP:
+                out = buf.stage(data_out) if data_out is not None else b""  # what the host DMAs out of our pages
+                reply = await channel.request(payload, (buf.range(length),), out)
+                if reply.type != _COMP:
                     raise DeviceProtocolError("storage answer is not a completion")
-                data = b""
-                if direction == vstor.DataDirection.READ:
-                    if len(reply.data) > length:
-                        raise DeviceProtocolError(f"host returned {len(reply.data)} bytes for a {length}-byte read")
-                    self.memory.write(rng, reply.data)  # the host's DMA into our pages
-                    data = self.memory.read(GpaRange(len(reply.data), 0, rng.pfns)) if reply.data else b""
-                return self._reply(reply.payload, data)
+                if direction != _READ_DIRECTION or not reply.data:
+                    return reply.payload, b""
+                if len(reply.data) > length:
+                    raise DeviceProtocolError(f"host returned {len(reply.data)} bytes for a {length}-byte read")
+                return reply.payload, buf.stage(reply.data)  # the host's DMA into our pages, then our read
             finally:
-                self.pool.give(pfns)
+                pool.give(buf)
 
     @staticmethod
     def _reply(payload: bytes, data: bytes) -> ScsiReply:
@@ -203,6 +237,14 @@ class StorageVsc(HandshakeVsc):
         if scsi_status == 2 and srb_status & vstor.SRB_STATUS_AUTOSENSE_VALID:
             return ScsiReply(srb_status, scsi_status, transferred, sense[:min(sense_len, 20)], data)
         return ScsiReply(srb_status, scsi_status, transferred, b"", data)
+
+    @staticmethod
+    def _succeeded(payload: bytes) -> bool:
+        """Whether a COMPLETE_IO says SUCCESS and GOOD (the common case, checked without building a reply)."""
+        if len(payload) < _COMPLETION.size:
+            return False
+        op, srb_status, scsi_status = _COMPLETION_STATUS(payload)
+        return bool(op == _OP_COMPLETE_IO and srb_status & 0x3F == _SRB_SUCCESS and scsi_status == 0)
 
     async def scan(self) -> None:
         """What the Linux SCSI midlayer and sd do on a new target (scsi_scan.c, sd.c)."""
@@ -256,10 +298,11 @@ class StorageVsc(HandshakeVsc):
         return b"".join(parts)
 
     async def _read_chunk(self, offset: int, length: int) -> bytes:
-        reply = await self.command(self._rw_cdb(False, offset // SECTOR, length // SECTOR, False), data_in=length)
-        if not reply.ok or len(reply.data) != length:
-            raise reply.error(f"READ at {offset}")
-        return reply.data
+        payload, data = await self._srb(self._rw_cdb(False, offset // SECTOR, length // SECTOR, False), None,
+                                        length, self.lun)
+        if len(data) != length or not self._succeeded(payload):
+            raise self._reply(payload, data).error(f"READ at {offset}")
+        return data
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._check(offset, len(data))
@@ -273,9 +316,10 @@ class StorageVsc(HandshakeVsc):
                                for o in range(offset, offset + len(data), self.max_transfer)))
 
     async def _write_chunk(self, offset: int, data: memoryview, fua: bool) -> None:
-        reply = await self.command(self._rw_cdb(True, offset // SECTOR, len(data) // SECTOR, fua), data_out=data)
-        if not reply.ok:
-            raise reply.error(f"WRITE at {offset}")
+        payload, _ = await self._srb(self._rw_cdb(True, offset // SECTOR, len(data) // SECTOR, fua), data, 0,
+                                     self.lun)
+        if not self._succeeded(payload):
+            raise self._reply(payload, b"").error(f"WRITE at {offset}")
 
     async def flush(self) -> None:
         reply = await self.command(bytes([0x35]) + bytes(9))

@@ -9,7 +9,7 @@ import sys
 
 import uvloop
 
-from vmbus_proto.aio import logs
+from vmbus_proto.aio import logs, malloc
 
 from .config import Config
 from .daemon import ParentDaemon
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level:
         config.log_level = args.log_level
     logs.setup(config.log_level, json=True if args.json_logs else None)
+    malloc.tune()
     try:
         uvloop.run(serve(config))
     except OSError as exc:

@@ -257,10 +257,10 @@ class DiskBackend:
             return b""
         data = self.read_cached(offset, length)
         if data is not None:
-            return data
+            return bytes(data)
         return await self._run(self._pread, offset, length)
 
-    def read_cached(self, offset: int, length: int) -> bytes | None:
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
         """The bytes if they are all in the page cache, else None, without ever waiting for the disk:
         preadv2(RWF_NOWAIT) says EAGAIN instead (the fast path QEMU and io_uring users take)."""
         if not self._nowait_read or self._closed or length <= 0:
@@ -268,7 +268,7 @@ class DiskBackend:
         buf = bytearray(length)
         try:
             if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
-                return bytes(buf)
+                return buf
         except BlockingIOError:
             pass
         except OSError:

@@ -663,28 +663,27 @@ class ScsiController:
         except Exception:
             return _internal_failure()
 
-    def read_cached(self, lun: int, cdb: bytes, data_in_length: int) -> ScsiResult | None:
-        """A plain READ(10)/(16) served from the page cache without awaiting anything, or None when the
-        command needs the full path (``execute``): not a READ, an error to report, or data not cached."""
+    def read_cached(self, lun: int, cdb: bytes, data_in_length: int) -> bytes | bytearray | None:
+        """The data of a plain READ(10)/(16) served from the page cache without awaiting anything (the command
+        is then GOOD), or None when it needs the full path (``execute``): not a READ, an error to report,
+        or data not cached."""
         disk = self._disks.get(lun)
-        if disk is None or not cdb or cdb[0] not in (Op.READ10, Op.READ16) or cdb[1] & 0xE1:
+        if disk is None or not cdb or cdb[1] & 0xE1:
             return None
-        if cdb[0] == Op.READ10:
-            if len(cdb) < 10:
-                return None
+        op = cdb[0]
+        if op == Op.READ10 and len(cdb) >= 10:
             lba, count = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
-        else:
-            if len(cdb) < 16:
-                return None
+        elif op == Op.READ16 and len(cdb) >= 16:
             lba, count = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        else:
+            return None
         if not 0 < count <= disk.max_transfer_blocks or lba >= disk.blocks or count > disk.blocks - lba:
             return None
         length = count * disk.block_size
         if data_in_length < length:
             return None
         read_cached = getattr(disk.backend, "read_cached", None)  # optional in the BlockBackend protocol
-        data = read_cached(lba * disk.block_size, length) if read_cached is not None else None
-        return None if data is None else _good(data)
+        return read_cached(lba * disk.block_size, length) if read_cached is not None else None
 
     def _report_luns(self, cdb: bytes, data_in_length: int) -> ScsiResult:
         if len(cdb) < CDB_LENGTH[Op.REPORT_LUNS]:

@@ -15,16 +15,17 @@ Over a stream the READ data rides with the completion and WRITE data with the re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vmbus_proto.aio import logs
-from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import storage as vstor
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import Packet, PacketType, data_length
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
 from .scsi import LunConfig, ScsiController, open_disks
 from .vsp import HandshakeVsp, OpenChannelInfo
@@ -96,38 +97,49 @@ class StorageVsp(HandshakeVsp):
 
     async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
         ctl = await self.controller(info.partition)
-        slots = asyncio.Semaphore(self.queue_depth)
+        depth = self.queue_depth
         inflight: set[asyncio.Task[None]] = set()
+        room = asyncio.Event()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            room.set()
+
+        recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:
             while True:
-                await slots.acquire()  # at the cap, stop reading the ring
-                pkt = await channel.recv()
-                op, srb = parse_request(pkt)
-                if op == vstor.Operation.EXECUTE_SRB:
-                    assert srb is not None
-                    if srb.data_in == vstor.DataDirection.READ and not (srb.path_id or srb.target_id):
-                        # A READ whose data is in the page cache completes right here, without a task.
-                        cached = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
-                        if cached is not None:
-                            self.requests += 1
-                            try:
-                                await self._complete(channel, pkt, _answer(srb, cached.srb_status, cached.scsi_status,
-                                                                           cached.transferred, b""), cached.data)
-                            finally:
-                                slots.release()
-                            continue
-                    task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb, slots))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
-                    continue
-                try:
-                    await channel.complete(pkt.trans_id, self._control_answer(op, pkt))
-                finally:
-                    slots.release()
+                while len(inflight) >= depth:  # at the cap, stop reading the ring
+                    room.clear()
+                    await room.wait()
+                pkt: Packet | None = await channel.recv()
+                while pkt is not None:  # serve everything already queued without a coroutine switch each
+                    answer = self._serve(channel, ctl, pkt, inflight, finished)
+                    if answer is not None and not try_send(answer):
+                        await send(answer)
+                    pkt = recv_nowait() if len(inflight) < depth else None
         finally:
             # Drain: every request already taken off the ring is answered before the channel goes.
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+
+    def _serve(self, channel: Channel, ctl: ScsiController, pkt: Packet, inflight: set[asyncio.Task[None]],
+               finished: Callable[[asyncio.Task[None]], None]) -> Packet | None:
+        """Answer ``pkt`` now if that needs no waiting (the completion is returned), else start a task."""
+        op, srb = parse_request(pkt)
+        if srb is None:
+            return Packet(COMP, 0, pkt.trans_id, self._control_answer(op, pkt))
+        self.requests += 1
+        if srb.path_id or srb.target_id:
+            return _completion(pkt, srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0)
+        if srb.data_in == READ:
+            # A READ whose data is in the page cache completes right here, without a task.
+            data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
+            if data is not None:
+                return _completion(pkt, srb, SUCCESS, 0, len(data), data=data)
+        task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb))
+        inflight.add(task)
+        task.add_done_callback(finished)
+        return None
 
     def _control_answer(self, op: int, pkt: Packet) -> bytes:
         if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
@@ -135,30 +147,15 @@ class StorageVsp(HandshakeVsp):
         # Initialization packets after Ready are out of order (OpenVMM: INVALID_DEVICE_STATE).
         return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=len(pkt.payload))
 
-    async def _execute(self, channel: Channel, ctl: ScsiController, pkt: Packet, srb: vstor.VmscsiRequest,
-                       slots: asyncio.Semaphore) -> None:
-        try:
-            self.requests += 1
-            want = srb.data_transfer_length
-            data_out: bytes | memoryview | None = None
-            if srb.path_id != 0 or srb.target_id != 0:
-                await self._complete(channel, pkt, _answer(srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0, b""), b"")
-                return
-            if srb.data_in == vstor.DataDirection.WRITE and want:
-                data_out = pkt.data
-            result = await ctl.execute(srb.lun, srb.cdb, data_out,
-                                       want if srb.data_in == vstor.DataDirection.READ else 0)
-            sense = result.sense[:vstor.SENSE_BUFFER_SIZE] if result.sense else b""
-            result_srb = _answer(srb, result.srb_status, result.scsi_status, result.transferred, sense)
-            data_in = result.data if srb.data_in == vstor.DataDirection.READ else b""
-            await self._complete(channel, pkt, result_srb, data_in)
-        finally:
-            slots.release()
-
-    async def _complete(self, channel: Channel, pkt: Packet, srb: vstor.VmscsiRequest, data: bytes) -> None:
-        status = vstor.srb_status_to_nt_status(srb.srb_status)
-        payload = vstor.pack_completion(status, srb.pack(), request_payload_len=len(pkt.payload))
-        await channel.complete(pkt.trans_id, payload, data)
+    async def _execute(self, channel: Channel, ctl: ScsiController, pkt: Packet, srb: vstor.ExecuteSrb) -> None:
+        want = srb.data_transfer_length
+        reading = srb.data_in == READ
+        data_out = pkt.data if srb.data_in == WRITE and want else None
+        result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0)
+        answer = _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
+                             result.data if reading else b"")
+        with contextlib.suppress(ChannelClosed):  # the guest went: nobody to answer
+            await channel.send(answer)
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""
@@ -168,38 +165,52 @@ class StorageVsp(HandshakeVsp):
         self.controllers.clear()
 
 
-def _answer(srb: vstor.VmscsiRequest, srb_status: int, scsi_status: int, transferred: int,
-            sense: bytes) -> vstor.VmscsiRequest:
-    """The request's vmscsi_request sent back with the outcome (OpenVMM copies the request and fills it)."""
-    return vstor.VmscsiRequest(
-        srb.length, srb_status, scsi_status, srb.port_number, srb.path_id, srb.target_id, srb.lun, srb.cdb_length,
-        len(sense), srb.data_in, srb.reserved, transferred, sense.ljust(vstor.SENSE_BUFFER_SIZE, b"\0"),
-        srb.reserve, srb.queue_tag, srb.queue_action, srb.srb_flags, srb.time_out_value, srb.queue_sort_key)
+def _completion(pkt: Packet, srb: vstor.ExecuteSrb, srb_status: int, scsi_status: int, transferred: int,
+                sense: bytes = b"", data: bytes | bytearray = b"") -> Packet:
+    """The VM_PKT_COMP answering ``pkt``: COMPLETE_IO, with READ data riding along into its GPA range."""
+    payload = vstor.pack_complete_io(srb, srb_status, scsi_status, transferred, sense, len(pkt.payload))
+    return Packet(COMP, 0, pkt.trans_id, payload, data=data)
 
 
-def parse_request(pkt: Packet) -> tuple[int, vstor.VmscsiRequest | None]:
-    """Validate one guest packet the way OpenVMM ``parse_packet`` does; raise on a protocol violation."""
-    if pkt.type == PacketType.COMP:
+def parse_request(pkt: Packet) -> tuple[int, vstor.ExecuteSrb | None]:
+    """Validate one guest packet the way OpenVMM ``parse_packet`` does; raise on a protocol violation.
+    Returns the operation and, for EXECUTE_SRB, the request."""
+    if pkt.type == COMP:
         raise DeviceProtocolError("unsolicited completion on the storage channel")
-    if not pkt.completion_requested:
+    if not pkt.flags & FLAG_COMPLETION_REQUESTED:
         raise DeviceProtocolError("storage request without COMPLETION_REQUESTED")
-    packet = vstor.VstorPacket.unpack(pkt.payload)
-    op = packet.operation
-    if op != vstor.Operation.EXECUTE_SRB:
+    payload = pkt.payload
+    srb: vstor.ExecuteSrb | None
+    if len(payload) >= _SRB_SIZE:  # the usual whole vstor_packet: read it all in one go
+        srb = vstor.ExecuteSrb._make(_SRB_UNPACK(payload))
+        op = srb.operation
+    else:
+        op, srb = vstor.VstorPacket.unpack(payload).operation, None
+    if op != EXECUTE_SRB:
         if pkt.ranges or pkt.data:
             raise DeviceProtocolError(f"vstor operation {op} carries a data buffer")
         return op, None
-    srb = vstor.VmscsiRequest.unpack(packet.body)
+    if srb is None:
+        srb = vstor.unpack_execute_srb(payload)
     if srb.cdb_length > vstor.MAX_CDB_LENGTH or srb.cdb_length == 0:
         raise DeviceProtocolError(f"EXECUTE_SRB with cdb_length {srb.cdb_length}")
     want = srb.data_transfer_length
-    if len(pkt.ranges) > 1:
-        raise DeviceProtocolError(f"EXECUTE_SRB with {len(pkt.ranges)} GPA ranges (at most 1)")
-    have = data_length(pkt.ranges)
+    ranges = pkt.ranges
+    if len(ranges) > 1:
+        raise DeviceProtocolError(f"EXECUTE_SRB with {len(ranges)} GPA ranges (at most 1)")
+    have = ranges[0].byte_count if ranges else 0
     if want and have < want:
         raise DeviceProtocolError(f"EXECUTE_SRB for {want} bytes with a {have}-byte buffer")
-    if srb.data_in == vstor.DataDirection.WRITE and want and len(pkt.data) != want:
-        raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
-    if srb.data_in != vstor.DataDirection.WRITE and pkt.data:
+    if srb.data_in == WRITE:
+        if want and len(pkt.data) != want:
+            raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
+    elif pkt.data:
         raise DeviceProtocolError("data sent to the host with a request that does not write")
     return op, srb
+
+
+COMP = int(PacketType.COMP)
+EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
+READ, WRITE = int(vstor.DataDirection.READ), int(vstor.DataDirection.WRITE)
+SUCCESS = int(vstor.SrbStatus.SUCCESS)
+_SRB_SIZE, _SRB_UNPACK = vstor.SRB_PACKET.size, vstor.SRB_PACKET.unpack_from

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameError, PacketError
-from .packets import GpaRange, Packet, PacketType
+from .packets import PAGE_SHIFT, PAGE_SIZE, Buffer, GpaRange, Packet, PacketType
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
@@ -72,25 +72,39 @@ def decode_close(body: bytes | memoryview) -> str:
 def encode_packet(pkt: Packet) -> bytes:
     ext: Any = None
     if pkt.ranges:
-        ext = [[r.byte_count, r.byte_offset, list(r.pfns)] for r in pkt.ranges]
+        ext = pkt.ranges  # msgpack writes the named tuples as [byte_count, byte_offset, [pfn, ...]]
     elif pkt.xfer_ranges:
         ext = [pkt.xfer_pageset_id, [list(r) for r in pkt.xfer_ranges]]
     return _packb([pkt.type, pkt.flags, pkt.trans_id, pkt.payload, ext])
 
 
 _INBAND_OR_COMP = (PacketType.DATA_INBAND, PacketType.COMP)
+_GPA_DIRECT = int(PacketType.DATA_USING_GPA_DIRECT)
+_INT_ONLY = frozenset({int})
 
 
-def decode_packet(body: bytes | memoryview, data: bytes | memoryview, max_payload: int) -> Packet:
+def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
     obj = _unpack(body, "PACKET")
     if type(obj) is not list or len(obj) != 5:
         raise PacketError("PACKET body is not [type, flags, trans_id, payload, ext]")
     ptype, flags, trans_id, payload, ext = obj
-    # Fast path: in-band packets and completions, checked exactly as Packet.validate would.
-    if (ext is None and type(ptype) is int and ptype in _INBAND_OR_COMP and type(flags) is int and not flags & ~1
-            and type(trans_id) is int and 0 <= trans_id < 1 << 64 and type(payload) is bytes
-            and len(payload) <= max_payload):
-        return Packet(ptype, flags, trans_id, payload, data=data)
+    # Fast paths, checked exactly as Packet.validate would: in-band packets and completions, and GPA-direct
+    # packets with one range (every storage I/O). Anything else, valid or not, takes the general path.
+    if (type(ptype) is int and type(flags) is int and not flags & ~1 and type(trans_id) is int
+            and 0 <= trans_id < 1 << 64 and type(payload) is bytes and len(payload) <= max_payload):
+        if ext is None and ptype in _INBAND_OR_COMP:
+            return Packet(ptype, flags, trans_id, payload, data=data, size=24 + ((len(payload) + 7) & ~7))
+        if ptype == _GPA_DIRECT and type(ext) is list and len(ext) == 1:
+            r = ext[0]
+            if type(r) is list and len(r) == 3:
+                count, offset, pfns = r
+                if (type(count) is int and type(offset) is int and type(pfns) is list and count > 0
+                        and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
+                        and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
+                    # descriptor, GPA-direct header, one gpa_range, padded payload, trailer
+                    size = 40 + 8 * len(pfns) + ((len(payload) + 7) & ~7)
+                    return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data,
+                                  size=size)
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):
@@ -103,8 +117,8 @@ def decode_packet(body: bytes | memoryview, data: bytes | memoryview, max_payloa
             raise PacketError("GPA-direct PACKET without ranges")
         ranges = []
         for r in ext:
-            if (not isinstance(r, list) or len(r) != 3 or not isinstance(r[0], int) or not isinstance(r[1], int)
-                    or not isinstance(r[2], list) or not all(isinstance(p, int) and p >= 0 for p in r[2])):
+            if (type(r) is not list or len(r) != 3 or type(r[0]) is not int or type(r[1]) is not int
+                    or type(r[2]) is not list or not all(type(p) is int and p >= 0 for p in r[2])):
                 raise PacketError("GPA range must be [byte_count, byte_offset, [pfn, ...]]")
             ranges.append(GpaRange(r[0], r[1], tuple(r[2])))
         pkt.ranges = tuple(ranges)

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import FrameError
+from .packets import Buffer
 
 # length u32 (bytes after this header), kind u8, flags u8, reserved u16, relid u32, data_len u32
 HEADER = struct.Struct("<IBBHII")
@@ -39,13 +40,13 @@ class Frame:
     flags: int = 0
 
 
-def encode_frame(kind: int, relid: int, body: bytes, data: bytes | memoryview = b"", flags: int = 0) -> bytes:
+def encode_frame(kind: int, relid: int, body: bytes, data: Buffer = b"", flags: int = 0) -> bytes:
     """Header and msgpack body; the header counts ``data`` but the caller writes it (see ``frame_parts``)."""
     return HEADER.pack(len(body) + len(data), kind, flags, 0, relid, len(data)) + body
 
 
-def frame_parts(kind: int, relid: int, body: bytes, data: bytes | memoryview = b"",
-                flags: int = 0) -> list[bytes | memoryview]:
+def frame_parts(kind: int, relid: int, body: bytes, data: Buffer = b"",
+                flags: int = 0) -> list[Buffer]:
     """A frame as buffers for ``transport.writelines``, so bulk data is not copied into the header."""
     head = HEADER.pack(len(body) + len(data), kind, flags, 0, relid, len(data)) + body
     return [head, data] if data else [head]

@@ -12,7 +12,8 @@ ring: the 16-byte descriptor, any extension header, the payload padded to 8 byte
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import PacketError
 
@@ -24,6 +25,8 @@ GPA_DIRECT_HEADER = 8  # reserved u32 + range_cnt u32 after the descriptor
 XFER_PAGE_HEADER = 8  # xfer_pageset_id u16, sender_owns_set u8, reserved u8, range_cnt u32
 
 FLAG_COMPLETION_REQUESTED = 0x1  # VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED
+
+Buffer = bytes | bytearray | memoryview  # bulk data that rides with a packet, never re-encoded
 
 
 class PacketType(enum.IntEnum):
@@ -54,9 +57,9 @@ def align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-@dataclass(frozen=True, slots=True)
-class GpaRange:
-    """``struct gpa_range``: byte_count, byte_offset into the first page, and the page numbers it spans."""
+class GpaRange(NamedTuple):
+    """``struct gpa_range``: byte_count, byte_offset into the first page, and the page numbers it spans.
+    A named tuple: cheap to build per I/O, and msgpack writes it as the array the envelope carries."""
 
     byte_count: int
     byte_offset: int
@@ -116,9 +119,10 @@ class Packet:
     trans_id: int
     payload: bytes
     ranges: tuple[GpaRange, ...] = ()
-    data: bytes | memoryview = b""
+    data: Buffer = b""
     xfer_pageset_id: int = 0
     xfer_ranges: tuple[tuple[int, int], ...] = ()
+    size: int = field(default=0, compare=False, repr=False)  # the ring size, once known
 
     @property
     def completion_requested(self) -> bool:
@@ -126,9 +130,15 @@ class Packet:
 
     @property
     def ring_size(self) -> int:
-        if not self.ranges and not self.xfer_ranges:  # in-band and completions: the hot path
-            return 24 + ((len(self.payload) + 7) & ~7)
-        return packet_ring_size(len(self.payload), self.ranges, len(self.xfer_ranges))
+        """What the packet occupies in a ring (computed once: a packet is not changed after it is sent)."""
+        size = self.size
+        if not size:
+            if not self.ranges and not self.xfer_ranges:  # in-band and completions: the hot path
+                size = 24 + ((len(self.payload) + 7) & ~7)
+            else:
+                size = packet_ring_size(len(self.payload), self.ranges, len(self.xfer_ranges))
+            self.size = size
+        return size
 
     def validate(self) -> None:
         """The checks OpenVMM's ring reader applies (vmbus_ring parse_packet)."""

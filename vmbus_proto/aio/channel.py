@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from ..channel import ChannelRings
 from ..envelope import Signal
 from ..errors import LocalProtocolError
-from ..packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
+from ..packets import FLAG_COMPLETION_REQUESTED, Buffer, GpaRange, Packet, PacketType
 
 if TYPE_CHECKING:
     from .transport import FramedConnection
 
+_INBAND, _GPA_DIRECT = int(PacketType.DATA_INBAND), int(PacketType.DATA_USING_GPA_DIRECT)
 TRANS_ID_MAX = (1 << 64) - 5  # above are Linux's special ids (VMBUS_RQST_ERROR and friends)
 
 
@@ -138,7 +139,7 @@ class Channel:
             self.rings.sent(size)
             self.conn.send_packet(self.relid, pkt)
 
-    async def complete(self, trans_id: int, payload: bytes, data: bytes | memoryview = b"") -> None:
+    async def complete(self, trans_id: int, payload: bytes, data: Buffer = b"") -> None:
         """VM_PKT_COMP echoing ``trans_id``; ``data`` rides along into the request's GPA ranges."""
         await self.send(Packet(PacketType.COMP, 0, trans_id, payload, data=data))
 
@@ -149,15 +150,15 @@ class Channel:
         self._next_trans = tid + 1 if tid < TRANS_ID_MAX else 1
         return tid
 
-    async def request(self, payload: bytes, ranges: tuple[GpaRange, ...] = (),
-                      data: bytes | memoryview = b"") -> Packet:
+    async def request(self, payload: bytes, ranges: tuple[GpaRange, ...] = (), data: Buffer = b"") -> Packet:
         """Send a request with COMPLETION_REQUESTED and wait for its VM_PKT_COMP (the guest's requestor)."""
         tid = self._trans_id()
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
         self._pending[tid] = fut
-        ptype = PacketType.DATA_USING_GPA_DIRECT if ranges else PacketType.DATA_INBAND
+        pkt = Packet(_GPA_DIRECT if ranges else _INBAND, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data)
         try:
-            await self.send(Packet(ptype, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data))
+            if not self.try_send(pkt):
+                await self.send(pkt)
             return await fut
         finally:
             self._pending.pop(tid, None)

@@ -20,7 +20,7 @@ import structlog
 from ..envelope import Signal, decode_close, decode_packet, encode_close, encode_packet
 from ..errors import ProtocolError
 from ..framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameKind, frame_parts
-from ..packets import Packet
+from ..packets import Buffer, Packet
 from .channel import Channel
 
 DEFAULT_WRITE_HIGH = 4 * 1024 * 1024
@@ -43,7 +43,7 @@ class FramedConnection(asyncio.Protocol):
         self.max_payload = max_payload
         self.stall_timeout = stall_timeout
         self._write_high = write_high
-        self._wbuf: list[bytes | memoryview] = []
+        self._wbuf: list[Buffer] = []
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -195,7 +195,7 @@ class FramedConnection(asyncio.Protocol):
 
     # ---- output -----------------------------------------------------------------------------------------
 
-    def send_frame(self, kind: int, relid: int, body: bytes, data: bytes | memoryview = b"") -> None:
+    def send_frame(self, kind: int, relid: int, body: bytes, data: Buffer = b"") -> None:
         if self.closing:
             return
         wbuf = self._wbuf

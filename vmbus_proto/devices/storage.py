@@ -16,6 +16,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
@@ -31,6 +32,7 @@ __all__ = [
     "REQUEST_COMPLETION_FLAG",
     "SENSE_BUFFER_SIZE",
     "SPEC",
+    "SRB_PACKET",
     "SRB_STATUS_AUTOSENSE_VALID",
     "SRB_STATUS_QUEUE_FROZEN",
     "VMSCSI_REQUEST_SIZE",
@@ -41,6 +43,7 @@ __all__ = [
     "ChannelFlags",
     "ChannelProperties",
     "DataDirection",
+    "ExecuteSrb",
     "NtStatus",
     "Operation",
     "ProtocolVersion",
@@ -345,6 +348,74 @@ def completion_size(request_payload_len: int) -> int:
 def pack_completion(status: int, body: bytes = b"", request_payload_len: int = VSTOR_PACKET_SIZE) -> bytes:
     """A COMPLETE_IO payload (flags 0) sized for the request it answers."""
     return VstorPacket(Operation.COMPLETE_IO, 0, status, body).pack(completion_size(request_payload_len))
+
+
+# ---- the I/O path: EXECUTE_SRB and its COMPLETE_IO, one struct each ---------------------------------------
+
+# A whole vstor_packet carrying a vmscsi_request: operation, flags, status, then length, srb_status,
+# scsi_status, port_number, path_id, target_id, lun, cdb_length, sense_info_length, data_in, reserved,
+# data_transfer_length, the 20-byte cdb/sense union, and the WIN8 extension (reserve, queue_tag,
+# queue_action, srb_flags, time_out_value, queue_sort_key). 64 bytes: both directions of every I/O.
+SRB_PACKET = struct.Struct("<III" "HBBBBBBBBBBI20sHBBIII")
+
+
+class ExecuteSrb(NamedTuple):
+    """One EXECUTE_SRB as the host reads it: the ``vstor_packet`` header and its ``vmscsi_request``."""
+
+    operation: int
+    flags: int
+    status: int
+    length: int
+    srb_status: int
+    scsi_status: int
+    port_number: int
+    path_id: int
+    target_id: int
+    lun: int
+    cdb_length: int
+    sense_info_length: int
+    data_in: int
+    reserved: int
+    data_transfer_length: int
+    data: bytes  # the CDB, zero-padded to 20 bytes
+    reserve: int
+    queue_tag: int
+    queue_action: int
+    srb_flags: int
+    time_out_value: int
+    queue_sort_key: int
+
+    @property
+    def cdb(self) -> bytes:
+        return self.data[:min(self.cdb_length, MAX_CDB_LENGTH)]
+
+
+_V1_PAYLOAD = VSTOR_HEADER_SIZE + VMSCSI_REQUEST_SIZE_V1
+
+
+def unpack_execute_srb(payload: bytes) -> ExecuteSrb:
+    """A request payload as ``ExecuteSrb``; a pre-WIN8 request (no extension) reads it as zeros."""
+    if len(payload) < VSTOR_PACKET_SIZE:
+        _need(payload, _V1_PAYLOAD, "vmscsi_request")
+        payload = bytes(payload[:_V1_PAYLOAD]) + bytes(VSTOR_PACKET_SIZE - _V1_PAYLOAD)
+    return ExecuteSrb._make(SRB_PACKET.unpack_from(payload))
+
+
+_COMPLETE_IO = int(Operation.COMPLETE_IO)
+
+
+def pack_complete_io(req: ExecuteSrb, srb_status: int, scsi_status: int, transferred: int, sense: bytes = b"",
+                     request_payload_len: int = VSTOR_PACKET_SIZE) -> bytes:
+    """The COMPLETE_IO for ``req``: OpenVMM copies the request's vmscsi_request, fills in the outcome (sense in
+    the union, its length, the bytes moved), puts the NTSTATUS in the header and sizes it like the request."""
+    status = _SRB_TO_NT.get(srb_status & ~(SRB_STATUS_AUTOSENSE_VALID | SRB_STATUS_QUEUE_FROZEN),
+                            NtStatus.IO_DEVICE_ERROR)
+    sense = sense[:SENSE_BUFFER_SIZE]
+    out = SRB_PACKET.pack(_COMPLETE_IO, 0, status, req.length, srb_status, scsi_status, req.port_number,
+                          req.path_id, req.target_id, req.lun, req.cdb_length, len(sense), req.data_in,
+                          req.reserved, transferred, sense, req.reserve, req.queue_tag, req.queue_action,
+                          req.srb_flags, req.time_out_value, req.queue_sort_key)
+    return out if request_payload_len >= VSTOR_PACKET_SIZE else out[:completion_size(request_payload_len)]
 
 
 # Our fixed instance id (OpenVMM derives a SCSI controller's instance id from its configuration).
