@@ -173,13 +173,14 @@ def scale_table(s: dict[str, Any]) -> Table:
 def storage_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="storage: StorVSC over VMBus vs fio on the same file")
     for col in ("job", "transport", "fio IOPS", "fio MB/s", "VMBus IOPS", "VMBus MB/s", "ratio", "p50 us",
-                "p99 us"):
+                "p99 us", "parent µs/io", "guest µs/io"):
         t.add_column(col, justify="right")
     for r in rows:
         f, v = r["fio"], r["vmbus"]
         t.add_row(f"{r['rw']} {r['bs']} qd{r['iodepth']}", r["transport"], f"{f['iops']:,.0f}",
                   f"{f['bw_bytes'] / 1e6:,.0f}", f"{v['iops']:,.0f}", f"{v['bw_bytes'] / 1e6:,.0f}",
-                  f"{r['ratio_iops']:.3f}", f"{v['clat_us_p50']:,}", f"{v['clat_us_p99']:,}")
+                  f"{r['ratio_iops']:.3f}", f"{v['clat_us_p50']:,.0f}", f"{v['clat_us_p99']:,.0f}",
+                  f"{v.get('parent_us_per_io', 0):,.1f}", f"{v.get('guest_us_per_io', 0):,.1f}")
     return t
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]scale error: {e}")
         if args.only in (None, "storage"):
             console.log("storage: child-partition load storage vs fio on the same image file")
-            rows_st = run_storage(workdir / "storage", args.seconds * 2)
+            rows_st = run_storage(workdir / "storage", args.seconds * 2, args.repeat)
             results["storage"] = rows_st
             console.print(storage_table(rows_st))
         if args.profile:

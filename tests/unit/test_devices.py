@@ -9,6 +9,8 @@ from collections import deque
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmbus_proto import guids
 from vmbus_proto.devices import catalogue, keyboard, mouse, network, storage, video
@@ -300,6 +302,33 @@ def test_vmscsi_request_round_trip() -> None:
     assert (v1.srb_flags, v1.time_out_value, v1.lun) == (0, 0, 3)
     with pytest.raises(DeviceProtocolError):
         storage.VmscsiRequest.unpack(raw[:35])
+
+
+_u8, _u16, _u32 = st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)
+
+
+@given(st.builds(storage.VmscsiRequest, _u16, _u8, _u8, _u8, _u8, _u8, _u8, st.integers(1, 16), _u8, _u8, _u8, _u32,
+                 st.binary(min_size=20, max_size=20), _u16, _u8, _u8, _u32, _u32, _u32),
+       st.sampled_from([storage.VSTOR_PACKET_SIZE, storage.VSTOR_PACKET_SIZE_V1, 50, 80]),
+       st.sampled_from([0x01, 0x04, 0x06, 0x84, 0x22, 0x3F]), _u8, _u32, st.binary(max_size=24))
+@settings(max_examples=300, deadline=None)
+def test_execute_srb_and_complete_io_structs_match_the_field_by_field_layout(
+        request: storage.VmscsiRequest, size: int, srb_status: int, scsi_status: int, transferred: int,
+        sense: bytes) -> None:
+    """The one-struct I/O path reads and writes exactly what vstor_packet + vmscsi_request define."""
+    payload = storage.pack_request(storage.Operation.EXECUTE_SRB, request.pack(), size=size)
+    fast = storage.unpack_execute_srb(payload)
+    slow = storage.VmscsiRequest.unpack(storage.VstorPacket.unpack(payload).body)
+    assert fast.operation == storage.Operation.EXECUTE_SRB and fast.flags == storage.REQUEST_COMPLETION_FLAG
+    assert fast[3:] == tuple(dataclasses.astuple(slow))
+    assert fast.cdb == slow.cdb
+    # OpenVMM's completion: the request's vmscsi_request with the outcome filled in, sized like the request.
+    sense = sense[:storage.SENSE_BUFFER_SIZE]
+    answer = dataclasses.replace(slow, srb_status=srb_status, scsi_status=scsi_status, sense_info_length=len(sense),
+                                 data_transfer_length=transferred, data=sense.ljust(storage.SENSE_BUFFER_SIZE, b"\0"))
+    expected = storage.pack_completion(storage.srb_status_to_nt_status(srb_status), answer.pack(),
+                                       request_payload_len=len(payload))
+    assert storage.pack_complete_io(fast, srb_status, scsi_status, transferred, sense, len(payload)) == expected
 
 
 def test_srb_status_to_nt_status() -> None:

@@ -1,0 +1,218 @@
+"""Shell tier: the StorVSP's I/O loop on an in-memory channel (no socket), and its packet parser.
+
+The connection under the channel is a recorder of what the VSP sends; disks are real image files or a
+backend whose writes wait until the test lets them go, so the queue-depth cap can be watched at work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from parent_partition.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
+from parent_partition.storvsp import StorageVsp, parse_request
+from parent_partition.vsp import OpenChannelInfo
+from vmbus_proto.aio import logs
+from vmbus_proto.aio.channel import Channel
+from vmbus_proto.channel import ChannelRings
+from vmbus_proto.devices import storage as vstor
+from vmbus_proto.devices.base import Handshake
+from vmbus_proto.envelope import Signal
+from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
+
+RING = 64 * 4096
+
+
+class Recorder:
+    """What a ``FramedConnection`` does for a channel, minus the socket: it keeps what was sent."""
+
+    def __init__(self) -> None:
+        self.packets: list[Packet] = []
+        self.signals: list[Signal] = []
+
+    def send_packet(self, relid: int, pkt: Packet) -> None:
+        self.packets.append(pkt)
+
+    def send_signal(self, relid: int, sig: Signal) -> None:
+        self.signals.append(sig)
+
+    def inbound_consumed(self, n: int) -> None:
+        pass
+
+
+def host_channel() -> tuple[Channel, Recorder]:
+    conn = Recorder()
+    rings = ChannelRings(1, host=True, guest_to_host_data=RING, host_to_guest_data=RING)
+    return Channel(cast(Any, conn), 1, rings, name="storage"), conn
+
+
+def deliver(ch: Channel, pkt: Packet) -> None:
+    """What the connection does with a PACKET frame for an open channel."""
+    ch.rings.arrive(pkt.ring_size)
+    ch._deliver(pkt)
+
+
+def srb(op: int, lba: int, blocks: int, *, trans_id: int, data: bytes = b"", lun: int = 0) -> Packet:
+    """A READ(10) or WRITE(10) EXECUTE_SRB as Linux storvsc sends it."""
+    writing = op == 0x2A
+    length = blocks * 512
+    cdb = struct.pack(">BBIBHB", op, 0, lba, 0, blocks, 0)
+    payload = vstor.SRB_PACKET.pack(
+        vstor.Operation.EXECUTE_SRB, vstor.REQUEST_COMPLETION_FLAG, 0, vstor.VMSCSI_REQUEST_SIZE, 0, 0, 0, 0, 0,
+        lun, len(cdb), vstor.SENSE_BUFFER_SIZE,
+        vstor.DataDirection.WRITE if writing else vstor.DataDirection.READ, 0, length, cdb, 0, 0xFF, 0x20, 0, 60, 0)
+    rng = GpaRange(length, 0, tuple(range(0x200, 0x200 + (length + 4095) // 4096)))
+    return Packet(PacketType.DATA_USING_GPA_DIRECT, FLAG_COMPLETION_REQUESTED, trans_id, payload, (rng,), data)
+
+
+def completion_status(pkt: Packet) -> tuple[int, int, int, int]:
+    """(operation, NTSTATUS, srb_status, data_transfer_length) of a COMPLETE_IO."""
+    fields = vstor.SRB_PACKET.unpack(pkt.payload)
+    return fields[0], fields[2], fields[4], fields[14]
+
+
+class GatedBackend:
+    """A 1 MiB disk whose writes wait for ``gate``; ``writing`` counts the writes waiting now."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(1 << 20)
+        self.gate = asyncio.Event()
+        self.writing = 0
+
+    size = property(lambda self: len(self.data))
+    block_size = property(lambda self: 512)
+    read_only = property(lambda self: False)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset:offset + length])
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self.writing += 1
+        await self.gate.wait()
+        self.writing -= 1
+        self.data[offset:offset + len(data)] = data
+
+    async def flush(self) -> None:
+        pass
+
+    async def discard(self, offset: int, length: int) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController) -> asyncio.Task[None]:
+    vsp.controllers["vm1"] = ctl
+    info = OpenChannelInfo("vm1", cast(Any, None), logs.get())
+    return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None)))
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_queue_depth_caps_the_requests_taken_off_the_ring() -> None:
+    backend = GatedBackend()
+    ctl = ScsiController({0: ScsiDisk(backend, disk_id=vstor.SPEC.default_instance)})
+    vsp = StorageVsp(queue_depth=4)
+    ch, sent = host_channel()
+    task = await serve(vsp, ch, ctl)
+    for i in range(10):
+        deliver(ch, srb(0x2A, 8 * i, 8, trans_id=100 + i, data=bytes([i]) * 4096))
+    await settle()
+    assert backend.writing == 4  # the cap: four requests in the backend ...
+    assert len(ch._queue) == 6  # ... and the rest still in the ring, unread
+    assert sent.packets == []
+    backend.gate.set()
+    await settle()
+    assert sorted(p.trans_id for p in sent.packets) == list(range(100, 110))
+    for p in sent.packets:
+        assert p.type == PacketType.COMP and completion_status(p) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096)
+    assert bytes(backend.data[8 * 512 * 9:8 * 512 * 10]) == bytes([9]) * 4096
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_cached_reads_complete_in_order_with_their_data(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"".join(bytes([i]) * 4096 for i in range(16)))
+    ctl = await open_disks(tmp_path, "vm1", [LunConfig(lun=0, path=str(image))])
+    vsp = StorageVsp()
+    ch, sent = host_channel()
+    task = await serve(vsp, ch, ctl)
+    for i in range(16):
+        deliver(ch, srb(0x28, 8 * (15 - i), 8, trans_id=i + 1))
+    await settle()
+    assert [p.trans_id for p in sent.packets] == list(range(1, 17))
+    for i, p in enumerate(sent.packets):
+        assert completion_status(p) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096)
+        assert bytes(p.data) == bytes([15 - i]) * 4096
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+async def test_a_read_past_the_end_is_check_condition_not_a_crash(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 1024))
+    ctl = await open_disks(tmp_path, "vm1", [LunConfig(lun=0, path=str(image))])
+    vsp = StorageVsp()
+    ch, sent = host_channel()
+    task = await serve(vsp, ch, ctl)
+    deliver(ch, srb(0x28, 128, 8, trans_id=7))  # LBA 128 of a 128-block disk
+    deliver(ch, srb(0x28, 0, 8, trans_id=8, lun=3))  # no such LUN
+    await settle()
+    by_id = {p.trans_id: vstor.SRB_PACKET.unpack(p.payload) for p in sent.packets}
+    past_end, no_lun = by_id[7], by_id[8]
+    assert past_end[4] == vstor.SrbStatus.INVALID_REQUEST | vstor.SRB_STATUS_AUTOSENSE_VALID
+    assert past_end[5] == 2 and past_end[11] == 18  # CHECK CONDITION with 18 bytes of fixed sense
+    sense = past_end[15]
+    assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x05, 0x21, 0x00)  # ILLEGAL REQUEST, LBA OUT OF RANGE
+    assert no_lun[4] == vstor.SrbStatus.INVALID_LUN and no_lun[2] == vstor.NtStatus.DEVICE_DOES_NOT_EXIST
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+# ---- parse_request: what makes a storage packet a protocol error ------------------------------------------
+
+def _read(**kw: Any) -> Packet:
+    return srb(0x28, 0, 8, trans_id=1, **kw)
+
+
+@pytest.mark.parametrize(("pkt", "match"), [
+    (Packet(PacketType.COMP, 0, 1, _read().payload), "unsolicited completion"),
+    (Packet(PacketType.DATA_USING_GPA_DIRECT, 0, 1, _read().payload, _read().ranges), "COMPLETION_REQUESTED"),
+    (Packet(PacketType.DATA_INBAND, 1, 1, b"\x03\0\0"), "need 12"),
+    (Packet(PacketType.DATA_INBAND, 1, 1, _read().payload[:40]), "vmscsi_request"),
+    (Packet(PacketType.DATA_INBAND, 1, 1, vstor.pack_request(vstor.Operation.RESET_BUS), data=b"x"),
+     "carries a data buffer"),
+    (Packet(PacketType.DATA_USING_GPA_DIRECT, 1, 1, _read().payload[:20] + b"\0" + _read().payload[21:],
+            _read().ranges), "cdb_length 0"),
+    (Packet(PacketType.DATA_USING_GPA_DIRECT, 1, 1, _read().payload[:20] + b"\x11" + _read().payload[21:],
+            _read().ranges), "cdb_length 17"),
+    (Packet(PacketType.DATA_USING_GPA_DIRECT, 1, 1, _read().payload, _read().ranges * 2), "2 GPA ranges"),
+    (Packet(PacketType.DATA_USING_GPA_DIRECT, 1, 1, _read().payload, (GpaRange(512, 0, (9,)),)), "512-byte buffer"),
+    (_read(data=b"\0" * 4096), "does not write"),
+    (srb(0x2A, 0, 8, trans_id=1, data=b"\0" * 100), "carried 100 bytes"),
+])
+def test_parse_request_rejects(pkt: Packet, match: str) -> None:
+    with pytest.raises(DeviceProtocolError, match=match):
+        parse_request(pkt)
+
+
+def test_parse_request_reads_a_pre_win8_request_with_the_extension_as_zeros() -> None:
+    full = _read()
+    op, req = parse_request(Packet(full.type, 1, 1, full.payload[:vstor.VSTOR_PACKET_SIZE_V1], full.ranges))
+    assert op == vstor.Operation.EXECUTE_SRB and req is not None
+    assert (req.cdb, req.data_transfer_length, req.queue_tag, req.time_out_value) == (full.payload[28:38], 4096, 0, 0)
+    assert vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)[:4] == b"\1\0\0\0"
+    assert len(vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)) == 48
