@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vmbus_proto.devices import storage as vstor
 from vmbus_proto.versions import HOST_SUPPORTED, parse_version
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
@@ -32,6 +33,7 @@ class StorageConfig:
     max_transfer_bytes: int = 0x40000
     idle_close: float = 30.0  # seconds a partition's disks stay open after its last storage channel closed
     luns: list[LunEntry] = field(default_factory=list)
+    protocol_versions: list[int] = field(default_factory=lambda: sorted(vstor.DEFAULT_SUPPORTED, reverse=True))
 
     def luns_for(self, partition: str) -> list[tuple[int, int, str | None, bool]]:
         """(lun, size, path, read_only) for one partition, LUN 0 first."""
@@ -106,6 +108,8 @@ def _storage(raw: dict[str, Any], source: str) -> StorageConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{source}: storage.idle_close must be a number of seconds")
             cfg.idle_close = float(value)
+        elif key == "protocol_versions":
+            cfg.protocol_versions = _vstor_versions(value, source)
         elif key in ("disk_size", "queue_depth", "max_transfer_bytes"):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{source}: storage.{key} must be a positive integer")
@@ -115,6 +119,15 @@ def _storage(raw: dict[str, Any], source: str) -> StorageConfig:
     if cfg.disk_size % 512:
         raise ValueError(f"{source}: storage.disk_size must be a multiple of 512")
     return cfg
+
+
+def _vstor_versions(raw: Any, source: str) -> list[int]:
+    """VSTOR versions as "major.minor" strings (the ones Hyper-V has: 2.0, 4.2, 5.1, 6.0, 6.2)."""
+    known = {f"{v >> 8}.{v & 0xFF}": int(v) for v in vstor.Version}
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v in known for v in raw):
+        raise ValueError(f"{source}: storage.protocol_versions must be a non-empty list of "
+                         f"{', '.join(map(repr, known))}")
+    return [known[v] for v in raw]
 
 
 def _lun(raw: Any, source: str) -> LunEntry:

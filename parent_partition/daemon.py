@@ -35,7 +35,8 @@ def build_vsps(config: Config) -> list[Vsp]:
 
     factories: dict[str, Callable[[], Vsp]] = {
         "storage": lambda: StorageVsp(config.data_path, luns_for, queue_depth=st.queue_depth,
-                                      max_transfer_bytes=st.max_transfer_bytes, idle_close=st.idle_close),
+                                      max_transfer_bytes=st.max_transfer_bytes, idle_close=st.idle_close,
+                                      supported=st.protocol_versions),
         "network": NetworkVsp, "video": VideoVsp, "keyboard": KeyboardVsp, "mouse": MouseVsp, "echo": EchoVsp,
     }
     return [factories[name]() for name, on in config.devices.items() if on]

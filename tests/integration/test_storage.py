@@ -229,3 +229,24 @@ def test_load_generator_reports_fio_style_results(parent: Parent, workdir: Path,
         assert res["read"]["ios"] == 0
     # The guests unloaded cleanly and the parent logged no errors.
     assert not [r for r in parent.lines if r.get("level") == "error"]
+
+
+def test_storage_protocol_versions_are_configurable(workdir: Path) -> None:
+    """A host offering only VSTOR 6.0 and 5.1: the guest's first try (6.2) is refused and it settles on 6.0."""
+    p = Parent(workdir / "v60", '[storage]\nprotocol_versions = ["6.0", "5.1"]\n')
+    try:
+        vm = child(workdir, p.unix, "vm1")
+        vm.wait_event("disk attached")
+        assert p.wait_event("device protocol negotiated", device="storage")["version"] == "0x600"
+        assert vm.stop() == 0
+    finally:
+        p.stop()
+
+
+def test_unknown_storage_protocol_version_is_a_config_error(workdir: Path) -> None:
+    cfg = workdir / "bad.toml"
+    cfg.write_text('[storage]\nprotocol_versions = ["7.0"]\n')
+    proc = subprocess.run([str(Path(sys.executable).parent / "parent-partition"), "serve", "--config", str(cfg)],
+                          check=False, capture_output=True, text=True, timeout=60, cwd=workdir)
+    assert proc.returncode == 2
+    assert "storage.protocol_versions must be a non-empty list of '2.0', '4.2', '5.1', '6.0', '6.2'" in proc.stderr

@@ -76,11 +76,20 @@ def test_vsc_and_vsp_negotiate(module: ModuleType, expected: int) -> None:
     assert vsc.negotiated_version == vsp.negotiated_version == expected
 
 
-@pytest.mark.parametrize(("module", "expected"), DEVICES, ids=DEVICE_IDS)
+@pytest.mark.parametrize(("module", "expected"), [d for d in DEVICES if d[0] is not storage],
+                         ids=[i for i in DEVICE_IDS if i != "storage"])
 def test_vsc_trans_ids_start_at_one_and_never_zero(module: ModuleType, expected: int) -> None:
     vsc_sent, _ = wire(module.VscHandshake(), module.VspHandshake())
     ids = [out.trans_id for out in vsc_sent]
     assert ids == list(range(1, len(ids) + 1))
+
+
+def test_storvsc_init_requests_use_vmbus_rqst_init() -> None:
+    """Linux storvsc_execute_vstor_op: every init request goes with trans_id VMBUS_RQST_INIT (U64_MAX - 2)."""
+    vsc_sent, vsp_sent = wire(storage.VscHandshake(), storage.VspHandshake())
+    assert len(vsc_sent) == 4
+    assert {out.trans_id for out in vsc_sent} == {storage.VMBUS_RQST_INIT} == {(1 << 64) - 3}
+    assert {out.trans_id for out in vsp_sent} == {storage.VMBUS_RQST_INIT}  # echoed in every completion
 
 
 @pytest.mark.parametrize("refuse_all", [False, True], ids=["accepted", "refused"])
@@ -165,7 +174,8 @@ def test_storage_failure_lists_every_version_tried() -> None:
 def test_storage_begin_initialization_golden() -> None:
     out = storage.VscHandshake().start()[0]
     assert out.payload == bytes.fromhex("07000000 01000000 00000000") + bytes(52)
-    assert (out.type, out.trans_id, out.completion_requested) == (PacketType.DATA_INBAND, 1, True)
+    assert (out.type, out.trans_id, out.completion_requested) == (PacketType.DATA_INBAND, storage.VMBUS_RQST_INIT,
+                                                                  True)
 
 
 def test_storage_sequence_and_completion_bytes() -> None:
@@ -266,7 +276,7 @@ def test_storage_vsc_rejects_bad_completions() -> None:
     with pytest.raises(DeviceProtocolError):
         vsc.receive(inband(good, begin.trans_id))
     (query,) = vsc.receive(comp(good, begin.trans_id))
-    assert query.trans_id == 2
+    assert query.trans_id == storage.VMBUS_RQST_INIT
 
 
 def test_storage_vsp_rejects_malformed_packets() -> None:

@@ -35,6 +35,8 @@ __all__ = [
     "SRB_PACKET",
     "SRB_STATUS_AUTOSENSE_VALID",
     "SRB_STATUS_QUEUE_FROZEN",
+    "VMBUS_RQST_INIT",
+    "VMBUS_RQST_RESET",
     "VMSCSI_REQUEST_SIZE",
     "VMSCSI_REQUEST_SIZE_V1",
     "VSTOR_HEADER_SIZE",
@@ -174,6 +176,8 @@ class ChannelFlags(enum.IntFlag):
 
 
 REQUEST_COMPLETION_FLAG = 0x1  # vstor_packet.flags; the guest always sets it
+VMBUS_RQST_INIT = (1 << 64) - 3  # Linux hyperv.h U64_MAX - 2: the trans_id of storvsc's init requests
+VMBUS_RQST_RESET = (1 << 64) - 4  # U64_MAX - 3: its RESET_BUS
 VSTOR_HEADER_SIZE = 12  # operation, flags, status
 VSTOR_PACKET_SIZE = 64  # sizeof(struct vstor_packet) for >= WIN8
 VSTOR_PACKET_SIZE_V1 = 48  # before WIN8
@@ -445,7 +449,8 @@ class VscHandshake(Handshake):
     """StorVSC ``storvsc_channel_init``: BEGIN_INITIALIZATION, QUERY_PROTOCOL_VERSION per candidate,
     QUERY_PROPERTIES, END_INITIALIZATION; each waits for its COMPLETE_IO completion.
 
-    Linux sends these with trans_id VMBUS_RQST_INIT; we number our requests from 1 instead.
+    Every one goes with trans_id ``VMBUS_RQST_INIT`` (Linux ``storvsc_execute_vstor_op``: the requests are
+    one at a time, and the completion is matched to the channel's single init request by that id).
     """
 
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
@@ -458,7 +463,6 @@ class VscHandshake(Handshake):
         self.max_transfer_bytes = 0
         self._step = _VscStep.IDLE
         self._index = 0
-        self._next_trans_id = 1
         self._pending: int | None = None
         self._failed: str | None = None
 
@@ -481,10 +485,8 @@ class VscHandshake(Handshake):
         return [self._request(Operation.BEGIN_INITIALIZATION)]
 
     def _request(self, operation: Operation, body: bytes = b"") -> Outgoing:
-        trans_id = self._next_trans_id
-        self._next_trans_id += 1
-        self._pending = trans_id
-        return Outgoing(pack_request(operation, body), PacketType.DATA_INBAND, trans_id, True)
+        self._pending = VMBUS_RQST_INIT
+        return Outgoing(pack_request(operation, body), PacketType.DATA_INBAND, VMBUS_RQST_INIT, True)
 
     def _fail(self, why: str) -> list[Outgoing]:
         self._failed = why
