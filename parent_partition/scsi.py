@@ -341,6 +341,9 @@ class ScsiDisk:
         self.max_transfer_blocks = max_transfer_bytes // block
         self.read_only = backend.read_only
         self.unmap_supported = not backend.read_only
+        # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached).
+        self.read_cached: Callable[[int, int], bytes | bytearray | None] | None = getattr(
+            backend, "read_cached", None)
         self._handlers: dict[int, _Handler] = {
             Op.TEST_UNIT_READY: self._no_op,
             Op.PREVENT_ALLOW_MEDIUM_REMOVAL: self._no_op,
@@ -682,7 +685,7 @@ class ScsiController:
         length = count * disk.block_size
         if data_in_length < length:
             return None
-        read_cached = getattr(disk.backend, "read_cached", None)  # optional in the BlockBackend protocol
+        read_cached = disk.read_cached
         return read_cached(lba * disk.block_size, length) if read_cached is not None else None
 
     def _report_luns(self, cdb: bytes, data_in_length: int) -> ScsiResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import FrameError
 from .packets import Buffer
@@ -31,8 +31,9 @@ class FrameKind(enum.IntEnum):
     CLOSE = 5  # the sender is closing the connection, with a reason
 
 
-@dataclass(slots=True)
-class Frame:
+class Frame(NamedTuple):
+    """One decoded frame: its body and data are views of the bytes it arrived in."""
+
     kind: int
     relid: int
     body: memoryview | bytes

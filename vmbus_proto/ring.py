@@ -63,17 +63,18 @@ class RingWriter:
         return self.data_size - (self._write_total - self._read_known)
 
     def can_write(self, size: int) -> bool:
-        return size < self.free
+        return size < self.data_size - (self._write_total - self._read_known)
 
     def fits_ever(self, size: int) -> bool:
         return size < self.data_size
 
     def write(self, size: int) -> None:
-        if not self.can_write(size):
+        if size >= self.data_size - (self._write_total - self._read_known):
             raise RingOverrunError(f"writer tried {size} bytes with {self.free} free")
         self._write_total += size
-        self.stats.packets += 1
-        self.stats.bytes += size
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += size
 
     def block(self, size: int) -> int:
         """The writer cannot fit ``size``: set pending_send_sz, to be sent to the reader."""
@@ -124,29 +125,32 @@ class RingReader:
 
     def arrive(self, size: int) -> bool:
         """A packet of ring size ``size`` was written; returns whether it raises an interrupt."""
-        if size >= self.free:
+        used = self._recv_total - self._read_total
+        if size >= self.data_size - used:
             raise RingOverrunError(
                 f"writer overran its ring credit: {size}-byte packet with {self.free} of "
                 f"{self.data_size} bytes free")
-        was_empty = self._recv_total == self._read_total
         self._recv_total += size
-        self.stats.packets += 1
-        self.stats.bytes += size
-        interrupt = was_empty and not self.interrupt_mask
-        if interrupt:
-            self.stats.interrupts += 1
-        return interrupt
+        stats = self.stats
+        stats.packets += 1
+        stats.bytes += size
+        if used or self.interrupt_mask:
+            return False
+        stats.interrupts += 1  # an empty, unmasked ring: the writer signals
+        return True
 
     def consume(self, size: int) -> bool:
         """The reader took a packet off the ring; returns whether the writer must now be told."""
-        old_free = self.free
-        self._read_total += size
-        if self._read_total > self._recv_total:
+        read = self._read_total + size
+        if read > self._recv_total:
             raise RingOverrunError("reader consumed more than was written")
+        self._read_total = read
         pss = self.pending_send_sz
-        if pss and old_free <= pss < self.free:
-            return True
-        return self._read_total - self._credited >= self.data_size // 2
+        if pss:
+            free = self.data_size - (self._recv_total - read)
+            if free - size <= pss < free:  # free space crossed the writer's mark
+                return True
+        return read - self._credited >= self.data_size >> 1
 
     def writer_pending(self, pending_send_sz: int) -> bool:
         """The writer blocked; returns whether credit must be sent right away."""

@@ -44,6 +44,7 @@ class Channel:
         self._recv_waiter: asyncio.Future[None] | None = None
         self._space_waiter: asyncio.Future[None] | None = None
         self._send_lock = asyncio.Lock()
+        self._blocked_writers = 0  # senders in (or queued for) the blocked path
         self._next_trans = 1
         self._pending: dict[int, asyncio.Future[Packet]] = {}
         self.on_packet: Callable[[Packet], None] | None = None  # optional push-style delivery
@@ -68,7 +69,8 @@ class Channel:
             w.set_result(None)
 
     def _consume(self, pkt: Packet) -> None:
-        self.conn.inbound_consumed(len(pkt.data))
+        if pkt.data:
+            self.conn.inbound_consumed(len(pkt.data))
         sig = self.rings.consume(pkt.ring_size)
         if sig is not None:
             self.conn.send_signal(self.relid, sig)
@@ -106,9 +108,10 @@ class Channel:
     def try_send(self, pkt: Packet) -> bool:
         """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
         size = pkt.ring_size
-        if self.closed or self._send_lock.locked() or not self.rings.can_send(size):
+        writer = self.rings.writer
+        if self.closed or self._blocked_writers or not writer.can_write(size):
             return False
-        self.rings.sent(size)
+        writer.write(size)
         self.conn.send_packet(self.relid, pkt)
         return True
 
@@ -120,10 +123,17 @@ class Channel:
                                      f"{self.rings.writer.data_size}-byte ring")
         if self.closed:
             raise ChannelClosed(f"channel {self.relid} closed")
-        if not self._send_lock.locked() and self.rings.can_send(size):
+        if not self._blocked_writers and self.rings.can_send(size):
             self.rings.sent(size)
             self.conn.send_packet(self.relid, pkt)
             return
+        self._blocked_writers += 1  # later packets queue behind this one, in order
+        try:
+            await self._send_blocked(pkt, size)
+        finally:
+            self._blocked_writers -= 1
+
+    async def _send_blocked(self, pkt: Packet, size: int) -> None:
         async with self._send_lock:
             while not self.rings.can_send(size):
                 if self.closed:

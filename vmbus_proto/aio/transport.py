@@ -140,8 +140,9 @@ class FramedConnection(asyncio.Protocol):
                 self.on_unknown_channel(frame)
                 return
             pkt = decode_packet(frame.body, frame.data, self.max_payload)
-            ch.rings.arrive(pkt.ring_size)
-            self.inbound_queued(len(pkt.data))
+            ch.rings.reader.arrive(pkt.ring_size)
+            if pkt.data:
+                self.inbound_queued(len(pkt.data))
             ch._deliver(pkt)
         elif kind == FrameKind.SIGNAL:
             sig = Signal.decode(frame.body)
