@@ -86,24 +86,23 @@ def pages_spanned(byte_offset: int, byte_count: int) -> int:
     return (byte_offset + byte_count + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
+def _extension_size(ranges: tuple[GpaRange, ...], xfer_ranges: int) -> int:
+    """The GPA-direct or transfer-page header between the descriptor and the payload."""
+    if len(ranges) == 1:  # every storage I/O
+        return GPA_DIRECT_HEADER + 8 + 8 * len(ranges[0].pfns)
+    if ranges:
+        return GPA_DIRECT_HEADER + sum(r.wire_size for r in ranges)
+    return XFER_PAGE_HEADER + 8 * xfer_ranges if xfer_ranges else 0
+
+
 def packet_ring_size(payload_len: int, ranges: tuple[GpaRange, ...] = (), xfer_ranges: int = 0) -> int:
     """Bytes a packet occupies in a ring: descriptor + extension + padded payload + trailer."""
-    ext = 0
-    if ranges:
-        ext = GPA_DIRECT_HEADER + sum(r.wire_size for r in ranges)
-    elif xfer_ranges:
-        ext = XFER_PAGE_HEADER + 8 * xfer_ranges
-    return DESCRIPTOR_SIZE + ext + align8(payload_len) + TRAILER_SIZE
+    return DESCRIPTOR_SIZE + _extension_size(ranges, xfer_ranges) + align8(payload_len) + TRAILER_SIZE
 
 
 def offset8(ranges: tuple[GpaRange, ...] = (), xfer_ranges: int = 0) -> int:
     """The descriptor's offset8 (payload offset in 8-byte units) for a packet of this shape."""
-    ext = 0
-    if ranges:
-        ext = GPA_DIRECT_HEADER + sum(r.wire_size for r in ranges)
-    elif xfer_ranges:
-        ext = XFER_PAGE_HEADER + 8 * xfer_ranges
-    return (DESCRIPTOR_SIZE + ext) // 8
+    return (DESCRIPTOR_SIZE + _extension_size(ranges, xfer_ranges)) // 8
 
 
 @dataclass(slots=True)
