@@ -100,7 +100,6 @@ class Partition:
         self.read = Direction()
         self.write = Direction()
         self.live_ios = 0
-        self.live_bytes = 0
 
     async def start(self) -> None:
         self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log), 30)
@@ -119,36 +118,37 @@ class Partition:
         payload = os.urandom(job.bs)
         rnd = random.Random(hash(self.name))
         sequential = job.rw in ("read", "write", "rw")
+        mixed = job.rw in ("randrw", "rw")
+        all_reads = job.rw in ("read", "randread")
+        read_share = job.rwmixread / 100
+        bs = job.bs
         cursor = [0]
         budget = [job.max_ios]
 
         async def worker() -> None:
-            loop_time = time.monotonic
+            clock, random_fraction, read, write = time.monotonic, rnd.random, vsc.read, vsc.write
             while budget[0] > 0:
-                now = loop_time()
-                if now >= deadline:
+                t0 = clock()
+                if t0 >= deadline:
                     return
                 budget[0] -= 1
                 if sequential:
-                    offset = (cursor[0] % blocks) * job.bs
+                    offset = (cursor[0] % blocks) * bs
                     cursor[0] += 1
                 else:
-                    offset = rnd.randrange(blocks) * job.bs
-                is_read = (job.rw in ("read", "randread")
-                           or (job.rw in ("randrw", "rw") and rnd.randrange(100) < job.rwmixread))
-                t0 = loop_time()
+                    offset = int(random_fraction() * blocks) * bs
+                is_read = random_fraction() < read_share if mixed else all_reads
                 if is_read:
-                    await vsc.read(offset, job.bs)
+                    await read(offset, bs)
                 else:
-                    await vsc.write(offset, payload)
-                t1 = loop_time()
+                    await write(offset, payload)
+                t1 = clock()
                 self.live_ios += 1
-                self.live_bytes += job.bs
                 if t0 >= measure_from:
                     d = self.read if is_read else self.write
                     d.latencies[int((t1 - t0) * 1e6) or 1] += 1
                     d.ios += 1
-                    d.bytes += job.bs
+                    d.bytes += bs
 
         await asyncio.gather(*(worker() for _ in range(job.iodepth)))
 

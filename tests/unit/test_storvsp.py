@@ -7,7 +7,9 @@ backend whose writes wait until the test lets them go, so the queue-depth cap ca
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -180,6 +182,69 @@ async def test_a_read_past_the_end_is_check_condition_not_a_crash(tmp_path: Path
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await ctl.close()
+
+
+async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partition A's image hangs in pwrite (a dying disk, in the pool threads); partition B, on the same VSP
+    and the same pool, still gets every write and read answered meanwhile."""
+    images = {name: tmp_path / f"{name}.img" for name in ("a", "b")}
+    for image in images.values():
+        image.write_bytes(bytes(1 << 20))
+    ctls = {name: await open_disks(tmp_path, name, [LunConfig(lun=0, path=str(image))])
+            for name, image in images.items()}
+    disk_a = ctls["a"].disk(0)
+    assert disk_a is not None
+    stuck_fd = disk_a.backend._fd  # type: ignore[attr-defined]
+    release = threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if fd == stuck_fd:
+            release.wait(10)
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if fd == stuck_fd:
+            raise BlockingIOError  # RWF_NOWAIT: "would block", so the write goes to the pool
+        return real_pwritev(fd, buffers, offset, flags)
+
+    real_pwritev = os.pwritev
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    vsp = StorageVsp()
+    channels = {name: host_channel() for name in ("a", "b")}
+    tasks = []
+    for name, (ch, _) in channels.items():
+        vsp.controllers[name] = ctls[name]
+        info = OpenChannelInfo(name, cast(Any, None), logs.get())
+        tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None))))
+    (ch_a, sent_a), (ch_b, sent_b) = channels["a"], channels["b"]
+    for i in range(10):
+        deliver(ch_a, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=b"A" * 4096))
+    for i in range(20):
+        deliver(ch_b, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=bytes([i]) * 4096))
+    try:
+        async with asyncio.timeout(5):
+            while len(sent_b.packets) < 20:
+                await asyncio.sleep(0.01)
+        for i in range(20):
+            deliver(ch_b, srb(0x28, 8 * i, 8, trans_id=100 + i))
+        async with asyncio.timeout(5):
+            while len(sent_b.packets) < 40:
+                await asyncio.sleep(0.01)
+        assert [bytes(p.data) for p in sent_b.packets[20:]] == [bytes([i]) * 4096 for i in range(20)]
+        assert sent_a.packets == []  # A is still stuck, and only A
+    finally:
+        release.set()
+    async with asyncio.timeout(10):
+        while len(sent_a.packets) < 10:
+            await asyncio.sleep(0.01)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for ctl in ctls.values():
+        await ctl.close()
 
 
 # ---- parse_request: what makes a storage packet a protocol error ------------------------------------------
