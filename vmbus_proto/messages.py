@@ -19,12 +19,14 @@ import msgpack
 
 from .errors import MessageError
 from .guids import CLASS_NAMES
+from .versions import Version
 
 MAX_MESSAGE_SIZE = 240  # HV_MESSAGE_PAYLOAD_SIZE: a SynIC message payload, VMBus header included
 GPADL_HEADER_MAX_PFNS = 26  # one of 27 u64 slots goes to the range header
 GPADL_BODY_MAX_PFNS = 28
 STATUS_SUCCESS = 0
 STATUS_UNSUCCESSFUL = 0x8000FFFF
+VP_INDEX_DISABLE_INTERRUPT = 0xFFFFFFFF  # target_vp: no host-to-guest interrupts (OpenVMM protocol.rs)
 
 
 class MsgType(enum.IntEnum):
@@ -108,10 +110,11 @@ class Message:
     def encode(self) -> bytes:
         return msgpack.packb(self.to_dict(), use_bin_type=True)
 
-    def to_binary(self) -> bytes:
-        """The packed Hyper-V layout (header + payload), as posted through HvPostMessage."""
+    def to_binary(self, version: int | None = None) -> bytes:
+        """The packed Hyper-V layout (header + payload), as posted through HvPostMessage. ``version`` is the
+        negotiated VMBus version (for VERSION_RESPONSE, the version it answers), for layouts that depend on it."""
         body = bytearray(_HEADER.pack(int(self.MSGTYPE), 0))
-        for name, kind in self.LAYOUT:
+        for name, kind in self._binary_layout(version):
             value = getattr(self, name)
             if kind in _INT_RANGES:
                 body += struct.pack("<" + kind, value)
@@ -133,6 +136,9 @@ class Message:
             elif kind == "pfns" and not isinstance(self, GpadlHeader):
                 body += struct.pack(f"<{len(value)}Q", *value)
         return bytes(body)
+
+    def _binary_layout(self, version: int | None) -> tuple[tuple[str, str], ...]:
+        return self.LAYOUT
 
     def describe(self) -> str:
         """One line for ``--trace``: real name, number and fields."""
@@ -343,7 +349,9 @@ class InitiateContact(Message):
 @_message
 @dataclass(slots=True)
 class VersionResponse(Message):
-    """VERSION_RESPONSE; ``supported_features`` is VersionResponse2, sent only when 6.0+ is accepted."""
+    """VERSION_RESPONSE (16 bytes); ``supported_features`` makes it VersionResponse2 (20 bytes), which the
+    host sends only when it accepts 6.0 or later (OpenVMM channels.rs ``send_version_response_with_target``).
+    Our map always carries the field; ``to_binary(version)`` gives the real size for the version answered."""
 
     MSGTYPE = MsgType.VERSION_RESPONSE
     LAYOUT = (("version_supported", "B"), ("connection_state", "B"), ("padding", "H"),
@@ -353,6 +361,11 @@ class VersionResponse(Message):
     msg_conn_id: int = 0
     supported_features: int = 0
     padding: int = 0
+
+    def _binary_layout(self, version: int | None) -> tuple[tuple[str, str], ...]:
+        if self.version_supported and version is not None and version >= Version.WIN10_V6_0:
+            return self.LAYOUT
+        return self.LAYOUT[:-1]  # without supported_features
 
 
 @_message

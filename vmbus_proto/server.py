@@ -4,9 +4,9 @@ state machines for one guest.
 Mirrors OpenVMM vm/devices/vmbus/vmbus_server/src/channels.rs (``ConnectionState``, ``ChannelState``,
 ``GpadlState`` and their handlers) and the error policy of vmbus_server/src/lib.rs
 ``handle_synic_message``: an invalid message is logged and dropped, except GPADL errors (a failed
-GPADL_CREATED) and MODIFYCHANNEL errors (a failed MODIFYCHANNEL_RESPONSE from 5.3). Where OpenVMM drops
-a request that a Linux guest waits on forever (OPENCHANNEL in a wrong state), we answer it with a failure
-instead (reference/vmbus-core.md §10).
+GPADL_CREATED; a GPADL_BODY for an id not in progress names no relid, so it is dropped) and MODIFYCHANNEL
+errors (a failed MODIFYCHANNEL_RESPONSE from 5.3). Where OpenVMM drops a request that a Linux guest waits
+on forever (OPENCHANNEL in a wrong state), we answer it with a failure instead (reference/vmbus-core.md §10).
 
 Inputs are method calls (``receive``, ``open_complete``, ``close_complete``, ``add_offer``, ``rescind``);
 outputs are pulled with ``actions()``: messages to send, device open/close requests, and diagnostics.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from . import messages as m
 from .errors import MessageError
 from .gpadl import Gpadl, GpadlAssembly
-from .messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL, ConnectionState, MsgType
+from .messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL, VP_INDEX_DISABLE_INTERRUPT, ConnectionState, MsgType
 from .pipe import PIPE_TYPE_MESSAGE
 from .ring import ring_data_size
 from .versions import HOST_SUPPORTED, VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_SINT, Version
@@ -479,7 +479,11 @@ class HostConnection:
         assert isinstance(msg, m.GpadlBody)
         asm = self.in_progress.get(msg.gpadl)
         if asm is None:
-            self._drop(msg, f"GPADL_BODY for unknown GPADL id {msg.gpadl:#x}")
+            # OpenVMM handle_gpadl_body: UnknownGpadlId, no reply (there is no relid to answer). A GPADL that
+            # completed has left the in-progress map, so a late body lands here too and leaves it intact.
+            done = sorted(relid for gid, relid in self.gpadls if gid == msg.gpadl)
+            note = f" (not in progress; complete on relid {', '.join(map(str, done))})" if done else ""
+            self._drop(msg, f"GPADL_BODY for unknown GPADL id {msg.gpadl:#x}{note}")
             return
         try:
             asm.add(msg.pfns)
@@ -613,16 +617,26 @@ class HostConnection:
         self._begin_disconnect()
 
     def _on_modify_channel(self, msg: m.Message) -> None:
+        """OpenVMM channels.rs ``modify_channel``: the new target may not disable interrupts, and the channel
+        must be open, with interrupts enabled when it was opened. Answered (either way) only from 5.3."""
         assert isinstance(msg, m.ModifyChannel)
         ch = self.channels.get(msg.child_relid)
-        ok = ch is not None and ch.state == ChanState.OPEN and msg.target_vp != 0xFFFFFFFF
-        if ok and ch is not None:
+        reason = None
+        if msg.target_vp == VP_INDEX_DISABLE_INTERRUPT:
+            reason = "target_vp 0xFFFFFFFF cannot disable interrupts"  # OpenVMM InvalidTargetVp
+        elif ch is None:
+            reason = "unknown relid"
+        elif ch.state != ChanState.OPEN:
+            reason = f"channel {ch.state.value}"  # OpenVMM InvalidChannelState
+        elif ch.target_vp == VP_INDEX_DISABLE_INTERRUPT:
+            reason = "channel opened with target_vp 0xFFFFFFFF (interrupts disabled)"  # OpenVMM InterruptsDisabled
+        if reason is None and ch is not None:
             ch.target_vp = msg.target_vp
         else:
-            self._drop(msg, f"MODIFYCHANNEL for relid {msg.child_relid} that is not open (or target_vp invalid)")
+            self._drop(msg, f"MODIFYCHANNEL for relid {msg.child_relid}: {reason}")
         if self.version >= Version.WIN10_V5_3:
             self._send(m.ModifyChannelResponse(child_relid=msg.child_relid,
-                                               status=0 if ok else STATUS_UNSUCCESSFUL - (1 << 32)))
+                                               status=0 if reason is None else STATUS_UNSUCCESSFUL - (1 << 32)))
 
     # ---- disconnect (UNLOAD / reset) -------------------------------------------------------------------
 

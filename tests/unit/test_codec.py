@@ -2,8 +2,8 @@
 bytes), the frame decoder, and the PACKET / SIGNAL / HELLO bodies of the envelope.
 
 Struct sizes are those of Linux include/linux/hyperv.h and OpenVMM vmbus_core protocol.rs
-(reference/vmbus-core.md §2): OFFERCHANNEL 196, OPENCHANNEL 148, INITIATE_CONTACT 40, VERSION_RESPONSE 20
-(VersionResponse2), GPADL_BODY of 28 PFNs 240 = a full SynIC message payload.
+(reference/vmbus-core.md §2): OFFERCHANNEL 196, OPENCHANNEL 148, INITIATE_CONTACT 40, VERSION_RESPONSE 16
+(20 as VersionResponse2, when 6.0+ is accepted), GPADL_BODY of 28 PFNs 240 = a full SynIC message payload.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from vmbus_proto.envelope import Hello, Signal, decode_close, decode_packet, enc
 from vmbus_proto.errors import FrameError, MessageError, PacketError, ProtocolError
 from vmbus_proto.framing import HEADER, HEADER_SIZE, FrameDecoder, FrameKind, encode_frame, frame_parts
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
+from vmbus_proto.versions import Version
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -109,7 +110,7 @@ FIXED_SIZES: list[tuple[m.Message, int]] = [
     (m.GpadlTorndown(gpadl=1), 12),
     (m.RelidReleased(child_relid=1), 12),
     (m.InitiateContact(vmbus_version_requested=0x50003), 40),
-    (m.VersionResponse(version_supported=1, supported_features=0x3), 20),
+    (m.VersionResponse(version_supported=1, supported_features=0x3), 16),  # no version given: the base struct
     (m.Unload(), 8),
     (m.UnloadResponse(), 8),
     (m.ModifyChannel(child_relid=1, target_vp=1), 16),
@@ -192,8 +193,33 @@ def test_initiate_contact_and_version_response_offsets() -> None:
     assert raw[16] == 2  # msg_sint in byte 0 of the union
     ic = m.InitiateContact(vmbus_version_requested=0x60000, interrupt_page=(0x40 << 32) | 2)
     assert (ic.msg_sint, ic.feature_flags) == (2, 0x40)
-    raw = m.VersionResponse(version_supported=1, connection_state=2, msg_conn_id=4, supported_features=9).to_binary()
+    raw = m.VersionResponse(version_supported=1, connection_state=2, msg_conn_id=4,
+                            supported_features=9).to_binary(Version.WIN10_V6_0)
     assert struct.unpack_from("<BBHII", raw, 8) == (1, 2, 0, 4, 9)
+
+
+# OpenVMM channels.rs send_version_response_with_target: VersionResponse (16 bytes) unless a 6.0+ version
+# is accepted, then VersionResponse2 (20); Linux checks at least sizeof(vmbus_channel_version_response) = 16.
+@pytest.mark.parametrize("version", [None, *Version, 0x00070000])
+@pytest.mark.parametrize("supported", [0, 1])
+def test_version_response_size_follows_the_version_it_answers(version: int | None, supported: int) -> None:
+    raw = m.VersionResponse(version_supported=supported, msg_conn_id=1).to_binary(version)
+    assert len(raw) == (20 if supported and version is not None and version >= Version.WIN10_V6_0 else 16)
+
+
+def test_golden_version_response() -> None:
+    # Accepted 5.3: VersionResponse, msg_conn_id 1 (OpenVMM's VTL0 MESSAGE_CONNECTION_ID).
+    assert m.VersionResponse(version_supported=1, msg_conn_id=1).to_binary(0x50003) == \
+        bytes.fromhex("0f000000 00000000 01000000 01000000")
+    # Accepted 6.0: VersionResponse2 adds supported_features.
+    assert m.VersionResponse(version_supported=1, msg_conn_id=1, supported_features=0x8).to_binary(0x60000) == \
+        bytes.fromhex("0f000000 00000000 01000000 01000000 08000000")
+    # Refused (try another version): the base struct, whatever was asked for.
+    assert m.VersionResponse(version_supported=0).to_binary(0x60000) == \
+        bytes.fromhex("0f000000 00000000 00000000 00000000")
+    # A reportable failure at 6.0 is still VersionResponse2 (version_supported = 1, connection_state = 2).
+    assert m.VersionResponse(version_supported=1, connection_state=2, msg_conn_id=1).to_binary(0x60000) == \
+        bytes.fromhex("0f000000 00000000 01020000 01000000 00000000")
 
 
 def test_gpadl_header_and_body_layout() -> None:

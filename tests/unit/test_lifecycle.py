@@ -213,6 +213,27 @@ def test_modifychannel_answered_from_5_3() -> None:
         (relid, 0), (relid + 1, m.STATUS_UNSUCCESSFUL - (1 << 32))]
 
 
+def test_modifychannel_fails_on_a_channel_opened_with_interrupts_disabled() -> None:
+    # OpenVMM channels.rs modify_channel (InterruptsDisabled, InvalidTargetVp), answered from 5.3.
+    bus = Bus()
+    bus.connect()
+    relid, other = (o.offer.child_relid for o in bus.of(c.OfferReceived)[:2])
+    gid = bus.guest.create_gpadl(relid, list(range(0x2000, 0x2008)))
+    bus.pump()
+    bus.guest.open_channel(relid, gid, 4, target_vp=m.VP_INDEX_DISABLE_INTERRUPT)
+    bus.pump()
+    bus.open(other)
+    bus.guest.modify_channel(relid, 1)
+    bus.guest.modify_channel(other, m.VP_INDEX_DISABLE_INTERRUPT)
+    bus.pump()
+    bus.guest.modify_channel(other, 2)  # from 5.3 a guest does not overlap two on one channel
+    bus.pump()
+    fail = m.STATUS_UNSUCCESSFUL - (1 << 32)
+    assert [(e.relid, e.status) for e in bus.of(c.ModifyChannelResult)] == [(relid, fail), (other, fail), (other, 0)]
+    assert (bus.host.channels[relid].target_vp, bus.host.channels[other].target_vp) == (0xFFFFFFFF, 2)
+    assert not bus.guest.outstanding
+
+
 def test_golden_binary_layouts() -> None:
     # OpenVMM vmbus_core unit test: CLOSE_CHANNEL for channel 5.
     assert m.CloseChannel(child_relid=5).to_binary() == bytes.fromhex("07000000000000000500000000")[:12]
@@ -221,7 +242,8 @@ def test_golden_binary_layouts() -> None:
     assert len(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=2,
                              downstream_ringbuffer_pageoffset=3).to_binary()) == 148
     assert len(m.InitiateContact(vmbus_version_requested=0x50003).to_binary()) == 40
-    assert len(m.VersionResponse(version_supported=1).to_binary()) == 20
+    assert len(m.VersionResponse(version_supported=1).to_binary(Version.WIN10_V5_3)) == 16
+    assert len(m.VersionResponse(version_supported=1).to_binary(Version.WIN10_V6_0)) == 20  # VersionResponse2
     header = m.GpadlHeader(child_relid=1, gpadl=2, range_buflen=8 + 8 * 26, rangecount=1,
                            ranges=((26 * 4096, 0),), pfns=tuple(range(26)))
     assert len(header.to_binary()) == 20 + 27 * 8  # 27 u64 slots after the fixed part

@@ -52,7 +52,10 @@ send anything about it (the guest reset). Within an epoch, once every pending de
   sends no GPADL_TORNDOWN for client-released channels. GPADL_TORNDOWN names only the GPADL id, so
   teardowns of one id on two relids are told apart by which one the host no longer holds. At rest, an
   unanswered teardown must be for the ring of a channel still OPEN (it is answered when that closes);
-* a MODIFYCHANNEL gets MODIFYCHANNEL_RESPONSE iff the version is >= 5.3 (at once, failure if not open);
+* a GPADL_BODY for an id not in progress (unknown, or already complete) gets nothing (OpenVMM
+  UnknownGpadlId: a body names no relid to answer), and a completed GPADL it names stays as it was;
+* a MODIFYCHANNEL gets MODIFYCHANNEL_RESPONSE iff the version is >= 5.3 (at once; failure if the channel
+  is not open, was opened with target_vp 0xFFFFFFFF, or the new target_vp is 0xFFFFFFFF);
 * CLOSECHANNEL and RELID_RELEASED get no answer; a RELID_RELEASED for a relid the guest holds rescinded
   must always be honoured (the guest never sends it again).
 
@@ -609,14 +612,14 @@ class HostFuzz(RuleBasedStateMachine):
                                        downstream_ringbuffer_pageoffset=offset, target_vp=0))
 
     @precondition(lambda self: any(g.state == GpadlState.ACCEPTED for g in self.host.gpadls.values()))
-    @rule(data=st.data())
-    def open_with_ring(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), vp=st.sampled_from([0, 0, 2, m.VP_INDEX_DISABLE_INTERRUPT]))
+    def open_with_ring(self, data: st.DataObject, vp: int) -> None:
         gid, relid = data.draw(st.sampled_from(sorted(k for k, g in self.host.gpadls.items()
                                                       if g.state == GpadlState.ACCEPTED)))
         pages = self.host.gpadls[(gid, relid)].gpadl.page_count
         offset = data.draw(st.integers(min(2, pages), max(2, pages - 2)))
         self.guest_sends(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
-                                       downstream_ringbuffer_pageoffset=offset))
+                                       downstream_ringbuffer_pageoffset=offset, target_vp=vp))
 
     @precondition(lambda self: any(ch.state == ChanState.CLOSED for ch in self.host.channels.values()))
     @rule(data=st.data(), pages=st.sampled_from([4, 8, 40]))
@@ -866,6 +869,7 @@ TABLE_MESSAGES: dict[str, list[m.Message]] = {
     "teardown": [m.GpadlTeardown(child_relid=1, gpadl=SPARE)],
     "teardown_ring": [m.GpadlTeardown(child_relid=1, gpadl=RING)],
     "modify": [m.ModifyChannel(child_relid=1, target_vp=1)],
+    "late_body": [m.GpadlBody(msgnumber=0, gpadl=SPARE, pfns=(1,))],  # SPARE is complete: not in progress
 }
 
 # (state now, state once the device answered, host messages, dropped?, device requests issued)
@@ -882,6 +886,7 @@ def _same(now: str, final: str, pre: tuple[str, ...] = (), post: tuple[str, ...]
         "gpadl": (now, final, (*pre, "CREATED:ok", *post), False, dev),
         "teardown": (now, final, (*pre, "TORNDOWN", *post), False, dev),
         "modify": (now, final, (*pre, "MODIFY:fail", *post), True, dev),
+        "late_body": (now, final, (*pre, *post), True, dev),
     }
 
 
@@ -909,6 +914,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "teardown": (CR, CR, (), True, ()),
         "teardown_ring": (CR, CR, (), True, ()),
         "modify": (CR, CR, ("MODIFY:fail",), True, ()),
+        "late_body": (CR, CR, (), True, ()),
     },
     "opening": {
         "open": ("opening", "open", (OK_RESULT,), True, ()),
@@ -962,6 +968,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "teardown": ("revoked", "freed", (), True, ()),  # SPARE went with the release
         "teardown_ring": ("revoked", "freed", (), True, ()),  # so did the guest's claim on the ring
         "modify": ("revoked", "freed", ("MODIFY:fail",), True, ()),
+        "late_body": ("revoked", "freed", (), True, ()),
     },
     "reoffered": {
         "open": ("reoffered", "reoffered", (), True, ()),
@@ -986,6 +993,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         # The guest let go of the relid: a teardown of its ring is dropped, never answered.
         "teardown_ring": (CCR, CR, (), True, ()),
         "modify": (CCR, CR, ("MODIFY:fail",), True, ()),
+        "late_body": (CCR, CR, (), True, ()),
     },
 }
 
@@ -1231,6 +1239,98 @@ def test_modifychannel_by_version(version: Version, response: bool | None) -> No
     else:
         assert sends == ([m.ModifyChannelResponse(child_relid=1, status=0)] if response else [])
         assert h.channels[1].target_vp == 3
+
+
+def _open_host(version: Version, target_vp: int) -> s.HostConnection:
+    """A host connected at ``version`` with relid 1 open on an 8-page ring, opened with ``target_vp``."""
+    h = s.HostConnection(INITIAL)
+    _contact(h, version)
+    h.receive(m.RequestOffers())
+    h.receive(split(1, 1, list(range(8)))[0])
+    h.receive(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=1, downstream_ringbuffer_pageoffset=4,
+                            target_vp=target_vp))
+    op = next(a for a in h.actions() if isinstance(a, s.DeviceOpen))
+    h.open_complete(1, op.seq, True)
+    h.actions()
+    assert h.channels[1].state == ChanState.OPEN
+    return h
+
+
+@pytest.mark.parametrize("version", [Version.WIN10_V4_1, Version.WIN10_V5_2, Version.WIN10_V5_3,
+                                     Version.WIN10_V6_0])
+def test_modifychannel_on_a_channel_opened_with_interrupts_disabled_fails(version: Version) -> None:
+    """OpenVMM channels.rs modify_channel: a channel opened with target_vp VP_INDEX_DISABLE_INTERRUPT cannot
+    be retargeted (InterruptsDisabled); the failure is answered from 5.3, dropped below."""
+    h = _open_host(version, m.VP_INDEX_DISABLE_INTERRUPT)
+    h.receive(m.ModifyChannel(child_relid=1, target_vp=2))
+    acts = h.actions()
+    assert [a.message for a in acts if isinstance(a, s.Send)] == (
+        [m.ModifyChannelResponse(child_relid=1, status=SIGNED_UNSUCCESSFUL)] if version >= Version.WIN10_V5_3
+        else [])
+    dropped = [a for a in acts if isinstance(a, s.Dropped)]
+    assert len(dropped) == 1 and "interrupts disabled" in dropped[0].reason
+    assert h.channels[1].target_vp == m.VP_INDEX_DISABLE_INTERRUPT
+    # Reopened with a real VP, the same channel can be retargeted.
+    h.receive(m.CloseChannel(child_relid=1))
+    h.close_complete(1, next(a for a in h.actions() if isinstance(a, s.DeviceClose)).seq)
+    h.receive(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=1, downstream_ringbuffer_pageoffset=4,
+                            target_vp=1))
+    h.open_complete(1, next(a for a in h.actions() if isinstance(a, s.DeviceOpen)).seq, True)
+    h.actions()
+    h.receive(m.ModifyChannel(child_relid=1, target_vp=2))
+    acts = h.actions()
+    assert not any(isinstance(a, s.Dropped) for a in acts) and h.channels[1].target_vp == 2
+
+
+@pytest.mark.parametrize("relid", [1, 9])
+def test_modifychannel_cannot_disable_interrupts(relid: int) -> None:
+    """OpenVMM modify_channel checks the new target first (InvalidTargetVp), before the channel."""
+    h = _open_host(Version.WIN10_V5_3, 0)
+    h.receive(m.ModifyChannel(child_relid=relid, target_vp=m.VP_INDEX_DISABLE_INTERRUPT))
+    acts = h.actions()
+    assert [a.message for a in acts if isinstance(a, s.Send)] == [
+        m.ModifyChannelResponse(child_relid=relid, status=SIGNED_UNSUCCESSFUL)]
+    assert [a.reason for a in acts if isinstance(a, s.Dropped)] == [
+        f"MODIFYCHANNEL for relid {relid}: target_vp 0xFFFFFFFF cannot disable interrupts"]
+    assert h.channels[1].target_vp == 0
+
+
+def test_gpadl_body_after_completion_is_dropped_without_an_answer() -> None:
+    """OpenVMM channels.rs handle_gpadl_body looks the id up among incomplete GPADLs only; a completed one
+    has left that map, so its late body is UnknownGpadlId: logged, no GPADL_CREATED (none is owed, and
+    a body names no relid), and the completed GPADL is untouched."""
+    t = Table("closed")
+    header, bodies = split(1, NEW, list(range(0x500, 0x500 + 60)))  # header + 2 bodies
+    t.send(header)
+    assert [a.message for a in t.send(bodies[0]) if isinstance(a, s.Send)] == []
+    assert [a.message for a in t.send(bodies[1]) if isinstance(a, s.Send)] == [
+        m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=STATUS_SUCCESS)]
+    before = snapshot(t.host)
+    pfns = t.host.gpadls[(NEW, 1)].gpadl.pfns
+    for late in (bodies[1], m.GpadlBody(msgnumber=0, gpadl=NEW, pfns=(1, 2, 3)), m.GpadlBody(msgnumber=7, gpadl=NEW)):
+        acts = t.send(late)
+        assert [type(a) for a in acts] == [s.Dropped]
+        assert [a.reason for a in acts if isinstance(a, s.Dropped)] == [
+            f"GPADL_BODY for unknown GPADL id {NEW:#x} (not in progress; complete on relid 1)"]
+        assert snapshot(t.host) == before and t.host.gpadls[(NEW, 1)].gpadl.pfns == pfns
+    # Still a usable ring, and an id never seen is dropped the same way.
+    assert [x for x in t.send(m.OpenChannel(child_relid=1, openid=1, ringbuffer_gpadlhandle=NEW,
+                                            downstream_ringbuffer_pageoffset=30)) if isinstance(x, s.DeviceOpen)]
+    acts = t.send(m.GpadlBody(msgnumber=0, gpadl=0x4242, pfns=(1,)))
+    assert [(type(a), getattr(a, "reason", "")) for a in acts] == [
+        (s.Dropped, "GPADL_BODY for unknown GPADL id 0x4242")]
+
+
+@pytest.mark.parametrize("version", [*Version])
+def test_version_response_has_the_real_size_for_the_version_it_answers(version: Version) -> None:
+    """OpenVMM send_version_response_with_target: VersionResponse2 (20 bytes, supported_features) only when
+    a 6.0+ version is accepted, VersionResponse (16 bytes) otherwise -- refusals and failures included."""
+    accepted = _contact(s.HostConnection(INITIAL), version).to_binary(version)
+    assert len(accepted) == (20 if version >= Version.WIN10_V6_0 else 16)
+    refused = _contact(s.HostConnection(INITIAL, supported=set(Version) - {version}), version)
+    assert refused.version_supported == 0 and len(refused.to_binary(version)) == 16
+    failed = _contact(s.HostConnection(INITIAL), version, monitors=(0x1000, 0))
+    assert len(failed.to_binary(version)) == (20 if version >= Version.WIN10_V6_0 else 16)
 
 
 def test_a_new_initiate_contact_resets_and_waits_for_devices() -> None:
