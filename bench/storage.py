@@ -6,8 +6,8 @@ partition. ``child-partition load storage`` drives one partition over TCP and ov
 runs the same job shape directly on the file (io_uring, buffered, same block size and queue depth). Both
 read through the host's page cache, so the ratio measures what the emulated VMBus path costs on top of the
 file I/O itself. Jobs: 4 KiB random read at iodepth 32, and 1 MiB sequential read and write at iodepth 8.
-Each job is repeated (fio, TCP, Unix interleaved) and the medians reported, with the CPU each process
-spent per I/O (parent and guest), which moves much less with the machine's load than the rates do.
+Each job is repeated (fio, TCP, Unix interleaved, in a rotating order) and the medians reported, with the
+CPU each process spent per I/O (parent and guest), which moves less with the machine's load than the rates.
 """
 
 from __future__ import annotations
@@ -96,14 +96,22 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1) -> list[dict[str
             base: list[dict[str, Any]] = []
             mine: dict[str, list[dict[str, Any]]] = {t: [] for t in TRANSPORTS}
             ratios: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
-            # Interleaved (fio, TCP, Unix) per repeat, so the machine's drift hits all three alike.
+            # fio, TCP and Unix interleaved, the order rotated each repeat, so the machine's drift (and whatever
+            # a run leaves behind for the next) hits all three alike.
             for i in range(repeat):
-                base.append(fio(image, rw, bs, depth, seconds))
+                order = ["fio", *TRANSPORTS]
+                order = order[i % 3:] + order[:i % 3]
+                runs: dict[str, dict[str, Any]] = {}
+                for what in order:
+                    if what == "fio":
+                        runs[what] = fio(image, rw, bs, depth, seconds)
+                    else:
+                        runs[what] = ours(parent.endpoint(what), rw, bs, depth, seconds,
+                                          workdir / f"{rw}-{what}-{i}.json", parent)
+                base.append(runs["fio"])
                 for transport in TRANSPORTS:
-                    run = ours(parent.endpoint(transport), rw, bs, depth, seconds,
-                               workdir / f"{rw}-{transport}-{i}.json", parent)
-                    mine[transport].append(run)
-                    ratios[transport].append(run["iops"] / base[-1]["iops"])
+                    mine[transport].append(runs[transport])
+                    ratios[transport].append(runs[transport]["iops"] / runs["fio"]["iops"])
             fio_row = _median(base)
             for transport in TRANSPORTS:
                 rows.append({"rw": rw, "bs": bs, "iodepth": depth, "transport": transport, "fio": fio_row,
