@@ -25,7 +25,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert {"meta", "aims", "echo", "scale", "summary"} <= set(results)
+    assert {"meta", "aims", "echo", "scale", "storage", "summary"} <= set(results)
 
     cells = {(row["size"], row["transport"]) for row in results["echo"]}
     assert cells == {(1024, "tcp"), (1024, "unix"), (65536, "tcp"), (65536, "unix")}
@@ -44,3 +44,10 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert scale["channels_per_s"] > 0
     assert scale["rss_connected_bytes"] > 0
     assert scale["parent_exit_code"] == 0
+
+    storage = {(row["rw"], row["transport"]): row for row in results["storage"]}
+    assert set(storage) == {(rw, t) for rw in ("randread", "read", "write") for t in ("tcp", "unix")}
+    for row in storage.values():
+        assert row["vmbus"]["errors"] == []
+        assert row["vmbus"]["iops"] > 0 and row["fio"]["iops"] > 0 and row["ratio_iops"] > 0
+        assert row["vmbus"]["parent_us_per_io"] > 0 and row["vmbus"]["guest_us_per_io"] > 0
