@@ -5,7 +5,7 @@ The image (a raw file, prefilled by fio so reads return real data) is given to t
 partition. ``child-partition load storage`` drives one partition over TCP and over the Unix socket; fio
 runs the same job shape directly on the file (io_uring, buffered, same block size and queue depth). Both
 read through the host's page cache, so the ratio measures what the emulated VMBus path costs on top of the
-file I/O itself. Jobs: 4 KiB random read at iodepth 32, and 1 MiB sequential read and write at iodepth 8.
+file I/O itself. Jobs: 4 KiB random read and write at iodepth 32, and 1 MiB sequential read and write at iodepth 8.
 Each job is repeated (fio, TCP, Unix interleaved, in a rotating order) and the medians reported, with the
 CPU each process spent per I/O (parent and guest), which moves less with the machine's load than the rates.
 """
@@ -24,7 +24,7 @@ import psutil
 
 from .parent import REPO_ROOT, ParentProcess, child_env, start_parent
 
-JOBS = [("randread", "4k", 32), ("read", "1M", 8), ("write", "1M", 8)]
+JOBS = [("randread", "4k", 32), ("randwrite", "4k", 32), ("read", "1M", 8), ("write", "1M", 8)]
 TRANSPORTS = ("tcp", "unix")
 IMAGE_BYTES = 1 << 30
 SETUP = 1.0  # seconds a load run takes to connect, negotiate and scan its disk

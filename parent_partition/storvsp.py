@@ -9,7 +9,9 @@ and fixed-format sense (``send_vmbus_packet``; completions sized 12 + min(reques
 the VSP stops reading the ring, so the guest's ring fills and it blocks. RESET_LUN/ADAPTER/BUS complete
 with SUCCESS as no-ops.
 
-Over a stream the READ data rides with the completion and WRITE data with the request (DESIGN.md).
+Over a stream the READ data rides with the completion and WRITE data with the request (DESIGN.md). One
+wake-up serves every request already queued on the ring: a READ whose data is in the page cache is
+answered on the spot, anything that may wait for the disk runs in its own task (docs/architecture.md §5.1).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ class StorageVsp(HandshakeVsp):
         def finished(task: asyncio.Task[None]) -> None:
             inflight.discard(task)
             room.set()
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                info.log.error("storage request failed", error=repr(exc))
+                channel.conn.fail(f"{self.name} relid {channel.relid}: internal device error")
 
         recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:

@@ -46,7 +46,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert scale["parent_exit_code"] == 0
 
     storage = {(row["rw"], row["transport"]): row for row in results["storage"]}
-    assert set(storage) == {(rw, t) for rw in ("randread", "read", "write") for t in ("tcp", "unix")}
+    assert set(storage) == {(rw, t) for rw in ("randread", "randwrite", "read", "write") for t in ("tcp", "unix")}
     for row in storage.values():
         assert row["vmbus"]["errors"] == []
         assert row["vmbus"]["iops"] > 0 and row["fio"]["iops"] > 0 and row["ratio_iops"] > 0
