@@ -260,6 +260,12 @@ class DiskBackend:
             return bytes(data)
         return await self._run(self._pread, offset, length)
 
+    def read_soon(self, offset: int, length: int) -> asyncio.Future[bytes]:
+        """An uncached ``read`` without a coroutine: a future that the pool completes with the data (or a
+        ``DiskError``). For a caller that answers in a done callback instead of a task per request."""
+        self._check_range("read", offset, length)
+        return self._submit(self._pread, offset, length)
+
     def read_cached(self, offset: int, length: int) -> bytearray | None:
         """The bytes if they are all in the page cache, else None, without ever waiting for the disk:
         preadv2(RWF_NOWAIT) says EAGAIN instead (the fast path QEMU and io_uring users take)."""
@@ -283,15 +289,34 @@ class DiskBackend:
         self._check_range("write", offset, len(view))
         if len(view) == 0 and not fua:
             return
-        if self._nowait_write and not fua and not self._closed:
-            try:  # as for reads: only if it cannot block (ext4 says EOPNOTSUPP for buffered writes)
-                if os.pwritev(self._fd, [view], offset, _RWF_NOWAIT) == len(view):
-                    return
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._nowait_write = False
-        await self._run(self._pwrite, offset, view, fua)
+        if not self._write_nowait(offset, view, fua):
+            await self._run(self._pwrite, offset, view, fua)
+
+    def write_soon(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> asyncio.Future[None]:
+        """``write`` without a coroutine: a future done once the data is written (durable, with ``fua``);
+        already done when the write could not block. Raises ``DiskError`` at once for a bad request."""
+        if self._read_only:
+            raise DiskError(errno.EROFS, f"{self._path}: write to a read-only image")
+        view = memoryview(data).cast("B")
+        self._check_range("write", offset, len(view))
+        if (len(view) == 0 and not fua) or self._write_nowait(offset, view, fua):
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self._submit(self._pwrite, offset, view, fua)
+
+    def _write_nowait(self, offset: int, view: memoryview, fua: bool) -> bool:
+        """Write now if it cannot block (``RWF_NOWAIT``), as reads do; ext4 refuses it for buffered writes
+        (EOPNOTSUPP), and then every write goes to the pool."""
+        if not self._nowait_write or fua or self._closed or not view:
+            return False
+        try:
+            return bool(os.pwritev(self._fd, [view], offset, _RWF_NOWAIT) == len(view))
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._nowait_write = False
+            return False
 
     async def flush(self) -> None:
         """Make every completed write durable (``fdatasync``)."""
@@ -320,6 +345,10 @@ class DiskBackend:
                             f"{self._path}: {op} of {length} bytes at {offset} outside the {self._size}-byte disk")
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
+        return await self._submit(func, *args)
+
+    def _submit(self, func: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        """Queue ``func(*args)`` for the disk's pool workers; the future carries its result or exception."""
         if self._closed:
             raise DiskError(errno.EBADF, f"{self._path}: disk is closed")
         loop = self._loop
@@ -338,7 +367,7 @@ class DiskBackend:
                 self._workers += 1
         if start:
             self._pool().submit(self._drain)
-        return await fut
+        return fut
 
     def _drain(self) -> None:
         """A pool worker: run queued requests until the queue is empty, returning results in batches."""

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from vmbus_proto.devices.storage import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
 
@@ -341,9 +341,13 @@ class ScsiDisk:
         self.max_transfer_blocks = max_transfer_bytes // block
         self.read_only = backend.read_only
         self.unmap_supported = not backend.read_only
-        # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached).
+        # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached),
+        # and reads and writes started without a coroutine (a future each).
         self.read_cached: Callable[[int, int], bytes | bytearray | None] | None = getattr(
             backend, "read_cached", None)
+        self.read_soon: Callable[[int, int], asyncio.Future[bytes]] | None = getattr(backend, "read_soon", None)
+        self.write_soon: Callable[[int, memoryview, bool], asyncio.Future[None]] | None = getattr(
+            backend, "write_soon", None)
         self._handlers: dict[int, _Handler] = {
             Op.TEST_UNIT_READY: self._no_op,
             Op.PREVENT_ALLOW_MEDIUM_REMOVAL: self._no_op,
@@ -687,6 +691,44 @@ class ScsiController:
             return None
         read_cached = disk.read_cached
         return read_cached(lba * disk.block_size, length) if read_cached is not None else None
+
+    def start_rw(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
+                 data_in_length: int) -> tuple[asyncio.Future[Any], int] | None:
+        """A plain READ or WRITE (10)/(16) that passes every check ``execute`` makes, started on the backend
+        without a coroutine: (a future for its data or its completion, the bytes it moves). None when the
+        command needs the full path: not a READ/WRITE, an error to report, or a backend without
+        ``read_soon``/``write_soon``. Finish it with :meth:`rw_result`."""
+        disk = self._disks.get(lun)
+        if disk is None or len(cdb) < 10 or cdb[1] & 0xE1:  # RD/WRPROTECT, RELADR: the full path says why
+            return None
+        op = cdb[0]
+        if op in (Op.READ10, Op.WRITE10):
+            lba, count = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
+        elif op in (Op.READ16, Op.WRITE16) and len(cdb) >= 16:
+            lba, count = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        else:
+            return None
+        if not 0 < count <= disk.max_transfer_blocks or lba >= disk.blocks or count > disk.blocks - lba:
+            return None
+        offset, length = lba * disk.block_size, count * disk.block_size
+        try:
+            if op in (Op.READ10, Op.READ16):
+                if data_in_length < length or disk.read_soon is None:
+                    return None
+                return disk.read_soon(offset, length), length
+            if disk.read_only or data_out is None or len(data_out) < length or disk.write_soon is None:
+                return None
+            return disk.write_soon(offset, memoryview(data_out).cast("B")[:length], bool(cdb[1] & 0x08)), length
+        except DiskError:
+            return None  # the full path turns it into the right sense
+
+    @staticmethod
+    def rw_result(started: asyncio.Future[Any], length: int, reading: bool) -> ScsiResult:
+        """The outcome of a command begun with :meth:`start_rw`, once its future is done."""
+        exc = started.exception()
+        if exc is None:
+            return _good(started.result()) if reading else _good(transferred=length)
+        return _io_failure(exc, writing=not reading) if isinstance(exc, DiskError) else _internal_failure()
 
     def _report_luns(self, cdb: bytes, data_in_length: int) -> ScsiResult:
         if len(cdb) < CDB_LENGTH[Op.REPORT_LUNS]:

@@ -99,52 +99,58 @@ class StorageVsp(HandshakeVsp):
 
     async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
         ctl = await self.controller(info.partition)
-        depth = self.queue_depth
-        inflight: set[asyncio.Task[None]] = set()
-        room = asyncio.Event()
-
-        def finished(task: asyncio.Task[None]) -> None:
-            inflight.discard(task)
-            room.set()
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                info.log.error("storage request failed", error=repr(exc))
-                channel.conn.fail(f"{self.name} relid {channel.relid}: internal device error")
-
+        queue = _Inflight(self.queue_depth)
         recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:
             while True:
-                while len(inflight) >= depth:  # at the cap, stop reading the ring
-                    room.clear()
-                    await room.wait()
+                await queue.room()  # at the cap, stop reading the ring
                 pkt: Packet | None = await channel.recv()
                 while pkt is not None:  # serve everything already queued without a coroutine switch each
-                    answer = self._serve(channel, ctl, pkt, inflight, finished)
+                    answer = self._serve(channel, info, ctl, pkt, queue)
                     if answer is not None and not try_send(answer):
                         await send(answer)
-                    pkt = recv_nowait() if len(inflight) < depth else None
+                    pkt = recv_nowait() if not queue.full else None
         finally:
-            # Drain: every request already taken off the ring is answered before the channel goes.
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
+            await queue.drain()  # every request already taken off the ring is answered before the channel goes
 
-    def _serve(self, channel: Channel, ctl: ScsiController, pkt: Packet, inflight: set[asyncio.Task[None]],
-               finished: Callable[[asyncio.Task[None]], None]) -> Packet | None:
-        """Answer ``pkt`` now if that needs no waiting (the completion is returned), else start a task."""
+    def _serve(self, channel: Channel, info: OpenChannelInfo, ctl: ScsiController, pkt: Packet,
+               queue: _Inflight) -> Packet | None:
+        """Answer ``pkt`` now if that needs no waiting (the completion is returned); else start it, to be
+        answered when it is done."""
         op, srb = parse_request(pkt)
         if srb is None:
             return Packet(COMP, 0, pkt.trans_id, self._control_answer(op, pkt))
         self.requests += 1
         if srb.path_id or srb.target_id:
             return _completion(pkt, srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0)
-        if srb.data_in == READ:
-            # A READ whose data is in the page cache completes right here, without a task.
+        reading = srb.data_in == READ
+        if reading:
+            # A READ whose data is in the page cache completes right here.
             data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
             if data is not None:
                 return _completion(pkt, srb, SUCCESS, 0, len(data), data=data)
+        # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback; anything
+        # else (and every error case) runs the whole SCSI path in a task.
+        started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
+                               srb.data_transfer_length if reading else 0)
+        if started is not None:
+            io, length = started
+            queue.add(io, lambda done: self._answer_rw(channel, info, queue, pkt, srb, done, length, reading))
+            return None
         task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb))
-        inflight.add(task)
-        task.add_done_callback(finished)
+        queue.add(task, lambda done: _task_failed(done, channel, info, self.name))
         return None
+
+    def _answer_rw(self, channel: Channel, info: OpenChannelInfo, queue: _Inflight, pkt: Packet,
+                   srb: vstor.ExecuteSrb, done: asyncio.Future[Any], length: int, reading: bool) -> None:
+        if channel.closed or done.cancelled():
+            return  # the guest went: nobody to answer
+        result = ScsiController.rw_result(done, length, reading)
+        answer = _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
+                             result.data if reading else b"")
+        if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
+            sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
+            queue.add(sending, lambda t: _task_failed(t, channel, info, self.name))
 
     def _control_answer(self, op: int, pkt: Packet) -> bytes:
         if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
@@ -159,8 +165,7 @@ class StorageVsp(HandshakeVsp):
         result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0)
         answer = _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
                              result.data if reading else b"")
-        with contextlib.suppress(ChannelClosed):  # the guest went: nobody to answer
-            await channel.send(answer)
+        await _send_quietly(channel, answer)
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""
@@ -168,6 +173,48 @@ class StorageVsp(HandshakeVsp):
             for err in await ctl.close():
                 self.log.error("disk flush failed at shutdown", partition=partition, error=str(err))
         self.controllers.clear()
+
+
+class _Inflight:
+    """Requests taken off the ring and not answered yet (tasks and disk futures): at most ``depth``."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.pending: set[asyncio.Future[Any]] = set()
+        self._room = asyncio.Event()
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.depth
+
+    def add(self, fut: asyncio.Future[Any], on_done: Callable[[asyncio.Future[Any]], None]) -> None:
+        self.pending.add(fut)
+        fut.add_done_callback(on_done)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.pending.discard(fut)
+        self._room.set()
+
+    async def room(self) -> None:
+        while self.full:
+            self._room.clear()
+            await self._room.wait()
+
+    async def drain(self) -> None:
+        while self.pending:  # an answer that waits for ring room joins the set while we wait
+            await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+async def _send_quietly(channel: Channel, answer: Packet) -> None:
+    with contextlib.suppress(ChannelClosed):  # the guest went: nobody to answer
+        await channel.send(answer)
+
+
+def _task_failed(task: asyncio.Future[Any], channel: Channel, info: OpenChannelInfo, name: str) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        info.log.error("storage request failed", error=repr(exc))
+        channel.conn.fail(f"{name} relid {channel.relid}: internal device error")
 
 
 def _completion(pkt: Packet, srb: vstor.ExecuteSrb, srb_status: int, scsi_status: int, transferred: int,

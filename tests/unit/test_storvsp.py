@@ -247,6 +247,83 @@ async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Pa
         await ctl.close()
 
 
+async def _image_vsp(tmp_path: Path, depth: int = 256) -> tuple[Channel, Recorder, ScsiController,
+                                                              asyncio.Task[None]]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    ctl = await open_disks(tmp_path, "vm1", [LunConfig(lun=0, path=str(image))])
+    vsp = StorageVsp(queue_depth=depth)
+    ch, sent = host_channel()
+    return ch, sent, ctl, await serve(vsp, ch, ctl)
+
+
+async def test_disk_pool_requests_count_against_the_queue_depth(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes (and uncached reads) are answered from their disk future, without a task each; they still
+    count against the queue depth, and the data read back is what was written."""
+    release = threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        release.wait(10)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    ch, sent, ctl, task = await _image_vsp(tmp_path, depth=4)
+    disk = ctl.disk(0)
+    assert disk is not None
+    disk.read_cached = None  # every read takes the pool path too
+    try:
+        for i in range(10):
+            deliver(ch, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=bytes([i + 1]) * 4096))
+        await asyncio.sleep(0.2)
+        assert len(ch._queue) == 6 and sent.packets == []  # four with the disk, six still in the ring
+    finally:
+        release.set()
+    async with asyncio.timeout(10):
+        while len(sent.packets) < 10:
+            await asyncio.sleep(0.01)
+    assert sorted(p.trans_id for p in sent.packets) == list(range(1, 11))
+    assert all(completion_status(p) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096) for p in sent.packets)
+    for i in range(10):
+        deliver(ch, srb(0x28, 8 * i, 8, trans_id=100 + i))
+    async with asyncio.timeout(10):
+        while len(sent.packets) < 20:
+            await asyncio.sleep(0.01)
+    assert {p.trans_id: bytes(p.data) for p in sent.packets[10:]} == {
+        100 + i: bytes([i + 1]) * 4096 for i in range(10)}
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+async def test_a_failed_disk_write_is_a_medium_error_and_the_channel_goes_on(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    ch, sent, ctl, task = await _image_vsp(tmp_path)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    deliver(ch, srb(0x2A, 0, 8, trans_id=1, data=b"x" * 4096))
+    async with asyncio.timeout(10):
+        while not sent.packets:
+            await asyncio.sleep(0.01)
+    monkeypatch.undo()
+    fields = vstor.SRB_PACKET.unpack(sent.packets[0].payload)
+    assert fields[4] == vstor.SrbStatus.ERROR | vstor.SRB_STATUS_AUTOSENSE_VALID and fields[5] == 2
+    sense = fields[15]
+    assert (sense[2] & 0x0F, sense[12]) == (0x03, 0x0C)  # MEDIUM ERROR, WRITE ERROR
+    deliver(ch, srb(0x2A, 0, 8, trans_id=2, data=b"y" * 4096))  # the next one works
+    async with asyncio.timeout(10):
+        while len(sent.packets) < 2:
+            await asyncio.sleep(0.01)
+    assert completion_status(sent.packets[1]) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096)
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
 # ---- parse_request: what makes a storage packet a protocol error ------------------------------------------
 
 def _read(**kw: Any) -> Packet:
