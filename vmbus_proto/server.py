@@ -473,7 +473,7 @@ class HostConnection:
         if asm.expected_pfns > self.limits.max_gpadl_pages:
             self._gpadl_failed(msg, f"GPADL of {asm.expected_pfns} pages exceeds {self.limits.max_gpadl_pages}")
             return
-        self._gpadl_progress(asm)
+        self._gpadl_progress(asm, msg)
 
     def _on_gpadl_body(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlBody)
@@ -492,14 +492,20 @@ class HostConnection:
             self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=msg.gpadl, creation_status=STATUS_UNSUCCESSFUL))
             self._drop(msg, str(exc))
             return
-        self._gpadl_progress(asm)
+        self._gpadl_progress(asm, msg)
 
-    def _gpadl_progress(self, asm: GpadlAssembly) -> None:
+    def _gpadl_progress(self, asm: GpadlAssembly, msg: m.Message) -> None:
         if not asm.complete:
             self.in_progress[asm.gpadl] = asm
             return
         self.in_progress.pop(asm.gpadl, None)
-        # Also for a revoked channel (OpenVMM answers success); such GPADLs are freed with the relid.
+        ch = self.channels.get(asm.relid)
+        if ch is None or ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
+            # OpenVMM channels.rs gpadl_updated: a GPADL that completes on a revoked channel is answered
+            # GPADL_CREATED(STATUS_UNSUCCESSFUL) and removed, so a later teardown of it is an unknown GPADL.
+            self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_UNSUCCESSFUL))
+            self._drop(msg, f"GPADL {asm.gpadl:#x} completed on rescinded relid {asm.relid}")
+            return
         self.gpadls[(asm.gpadl, asm.relid)] = HostGpadl(Gpadl(asm.relid, asm.gpadl, asm.ranges, tuple(asm.pfns)))
         self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_SUCCESS))
 

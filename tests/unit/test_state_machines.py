@@ -39,9 +39,11 @@ send anything about it (the guest reset). Within an epoch, once every pending de
   pending needs no answer of its own (the host drops it while OPENING);
 * each GPADL_HEADER sent while connected gets a GPADL_CREATED for (relid, gpadl) -- failure for bad headers,
   unknown/released relids and duplicate in-progress ids; success or failure as soon as its bodies
-  complete it (or overflow it); failure if the channel is rescinded while it is in progress -- unless the
-  guest releases the relid first (RELID_RELEASED accepted by the host) or the epoch ends. At rest, a header
-  still unanswered must be an incomplete in-progress assembly;
+  complete it (or overflow it) -- failure if it completes on a rescinded (REVOKED/REOFFERED) channel, as
+  OpenVMM gpadl_updated, so the guest never sees a GPADL created on a relid it holds rescinded; failure if
+  the channel is rescinded while it is in progress -- unless the guest releases the relid first
+  (RELID_RELEASED accepted by the host) or the epoch ends. At rest, a header still unanswered must be an
+  incomplete in-progress assembly;
 * a malformed GPADL_HEADER (one that does not decode) whose child_relid and gpadl still read as u32s gets
   a failed GPADL_CREATED for that pair, like any other bad header;
 * a GPADL_TEARDOWN of a GPADL the guest saw created (and did not tear down yet) gets GPADL_TORNDOWN: at
@@ -246,6 +248,7 @@ class GuestLedger:
             assert self.gpadl_waiting[key] > 0, f"GPADL_CREATED for {key} nobody waits for"
             self.gpadl_waiting[key] -= 1
             if msg.creation_status == STATUS_SUCCESS:
+                assert self.known.get(msg.child_relid) != "rescinded", f"GPADL {key} created on a rescinded relid"
                 self.accepted.add(key)
         elif isinstance(msg, m.GpadlTorndown):
             owed = sorted((k for k, n in self.teardown_waiting.items() if n and k[1] == msg.gpadl),
@@ -897,6 +900,12 @@ def _same(now: str, final: str, pre: tuple[str, ...] = (), post: tuple[str, ...]
 #  * GPADL_TEARDOWN of the ring of an OPENING / OPEN / CLOSING / CLOSING_REOPEN channel is deferred until
 #    the ring is released (§4.3, OpenVMM GpadlMap); in CLOSING_REOPEN that makes the queued re-open fail.
 #  * REVOKED / REOFFERED: OPENCHANNEL is dropped (with a Dropped diagnostic), CLOSECHANNEL silently ignored.
+# Not a deviation: a GPADL that completes on a REVOKED / REOFFERED channel is answered with a failed
+# GPADL_CREATED and discarded (OpenVMM gpadl_updated), hence _revoked_gpadl in those rows.
+def _revoked_gpadl(state: str) -> Row:
+    return (state, state, ("CREATED:fail",), True, ())
+
+
 STATE_TABLE: dict[str, dict[str, Row]] = {
     "closed": {
         "open": ("opening", "open", (OK_RESULT,), False, ("open",)),
@@ -950,6 +959,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "close": ("revoked", "revoked", (), False, ()),
         "release": ("freed", "freed", (), False, ()),
         **_same("revoked", "revoked"),
+        "gpadl": _revoked_gpadl("revoked"),
         "teardown_ring": ("revoked", "revoked", ("TORNDOWN",), False, ()),
     },
     "revoked_busy": {
@@ -957,6 +967,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "close": ("revoked", "revoked", (), False, ()),
         "release": ("revoked", "freed", (), False, ()),  # freed once the device let go
         **_same("revoked", "revoked"),
+        "gpadl": _revoked_gpadl("revoked"),
         "teardown_ring": ("revoked", "revoked", ("TORNDOWN",), False, ()),  # at once, though still mapped
     },
     # Rescinded while open, then RELID_RELEASED while the device's close is pending: freed once it answers.
@@ -975,6 +986,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "close": ("reoffered", "reoffered", (), False, ()),
         "release": ("closed", "closed", ("OFFER",), False, ()),  # the new offer, same relid
         **_same("reoffered", "reoffered"),
+        "gpadl": _revoked_gpadl("reoffered"),
         "teardown_ring": ("reoffered", "reoffered", ("TORNDOWN",), False, ()),
     },
     "reoffered_busy": {
@@ -982,6 +994,7 @@ STATE_TABLE: dict[str, dict[str, Row]] = {
         "close": ("reoffered", "reoffered", (), False, ()),
         "release": ("reoffered", "closed", ("OFFER",), False, ()),
         **_same("reoffered", "reoffered"),
+        "gpadl": _revoked_gpadl("reoffered"),
         "teardown_ring": ("reoffered", "reoffered", ("TORNDOWN",), False, ()),
     },
     "closing_client_release": {
@@ -1116,6 +1129,34 @@ def test_rescind_of_open_channel_answers_pending_gpadl_requests() -> None:
                     m.GpadlTorndown(gpadl=RING)]
     assert t.device == ["close"] and not t.host.in_progress
     assert (SPARE, 1) in t.host.gpadls  # accepted GPADLs stay until the guest releases the relid
+
+
+@pytest.mark.parametrize("state", ["revoked", "revoked_busy", "reoffered"])
+@pytest.mark.parametrize("bodies", [0, 2])
+def test_gpadl_completing_on_a_revoked_channel_fails(state: str, bodies: int) -> None:
+    """OpenVMM channels.rs gpadl_updated (called when a GPADL_HEADER needs no body and when the last
+    GPADL_BODY arrives): on a revoked channel it sends GPADL_CREATED(protocol::STATUS_UNSUCCESSFUL =
+    0x8000ffff) and the GPADL is removed from the map, so a later GPADL_TEARDOWN of it is UnknownGpadlId:
+    logged and dropped, no GPADL_TORNDOWN."""
+    t = Table(state)
+    header, rest = split(1, NEW, list(range(0x700, 0x700 + (8 if bodies == 0 else 26 + 28 + 5))))
+    assert len(rest) == bodies
+    *first, last = [header, *rest]
+    for x in first:
+        assert sends(t.send(x)) == []  # in progress: accepted on a revoked channel, as in OpenVMM
+    acts = t.send(last)
+    assert sends(acts) == [m.GpadlCreated(child_relid=1, gpadl=NEW, creation_status=0x8000FFFF)]
+    assert [a.reason for a in acts if isinstance(a, s.Dropped)] == [
+        f"GPADL {NEW:#x} completed on rescinded relid 1"]
+    assert (NEW, 1) not in t.host.gpadls and NEW not in t.host.in_progress
+    # A teardown of it is one of an unknown GPADL: dropped, never answered.
+    acts = t.send(m.GpadlTeardown(child_relid=1, gpadl=NEW))
+    assert sends(acts) == [] and [a.reason for a in acts if isinstance(a, s.Dropped)] == [
+        f"GPADL {NEW:#x} on relid 1 is not an accepted GPADL"]
+    # GPADLs accepted before the rescind are untouched, and the id can be tried again (and fails again).
+    assert (SPARE, 1) in t.host.gpadls
+    assert [_describe(x) for x in sends(t.send(split(1, NEW, list(range(8)))[0]))] == ["CREATED:fail"]
+    check_structure(t.host)
 
 
 # ---- connection level ----------------------------------------------------------------------------------
@@ -1432,12 +1473,14 @@ def test_gpadl_header_for_a_released_relid_fails() -> None:
 
 def test_ring_gpadl_torn_down_while_revoked_then_id_reused() -> None:
     """Fixed in 2dad665: the device's late close decremented a NEW GPADL with the torn-down ring's
-    (id, relid) to ring_users -1, and that stale GPADL then leaked into the re-offered channel."""
+    (id, relid) to ring_users -1, and that stale GPADL then leaked into the re-offered channel. A GPADL
+    completing on the revoked channel now fails (OpenVMM gpadl_updated), so no such GPADL is ever kept."""
     t = Table("revoked_busy")  # the device still holds RING open; its close is pending
     assert [_describe(x) for x in sends(t.send(m.GpadlTeardown(child_relid=1, gpadl=RING)))] == ["TORNDOWN"]
-    assert [_describe(x) for x in sends(t.send(split(1, RING, [7])[0]))] == ["CREATED:ok"]  # a new GPADL
+    assert [_describe(x) for x in sends(t.send(split(1, RING, [7])[0]))] == ["CREATED:fail"]  # the id reused
+    assert (RING, 1) not in t.host.gpadls
     t.answer()  # the device closes the old ring
-    assert t.host.gpadls[(RING, 1)].ring_users == 0
+    assert (RING, 1) not in t.host.gpadls
     assert t.host.add_offer(POOL[0]) == 1
     assert [_describe(x) for x in sends(t.send(m.RelidReleased(child_relid=1)))] == ["OFFER"]
     assert not [k for k in t.host.gpadls if k[1] == 1], "a GPADL of the old channel leaked into the re-offer"
