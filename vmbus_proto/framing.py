@@ -53,35 +53,86 @@ def frame_parts(kind: int, relid: int, body: bytes, data: Buffer = b"",
     return [head, data] if data else [head]
 
 
-class FrameDecoder:
-    """Streaming decoder: ``feed(bytes)`` returns the complete frames; bad input raises ``FrameError``.
+CHUNK = 256 * 1024  # the largest chunk a socket read lands in: frames are cut out of it as views
+BIG_FRAME = 64 * 1024  # a frame at least this large gets a buffer of its own, read into directly
+MIN_READ = 4096  # the smallest chunk; one with less room left than this is replaced before the next read
 
-    A header that announces more than ``max_frame`` bytes fails at once, before anything is buffered,
-    so a peer can never make us hold more than one maximal frame.
+
+class FrameDecoder:
+    """Streaming decoder in the shape of ``asyncio.BufferedProtocol``: ``get_buffer()`` says where the next
+    read goes, ``buffer_updated(n)`` returns the frames completed by those ``n`` bytes; ``feed(bytes)`` does
+    both for a caller that already holds the bytes. Bad input raises ``FrameError``.
+
+    Reads land in a chunk; complete frames are cut out of it as zero-copy views, and the chunk is never
+    written again below what was handed out (a full chunk is replaced, and the partial frame at its end, at
+    most ``BIG_FRAME`` bytes, copied to the new one). Chunks start at ``MIN_READ`` and double, up to
+    ``CHUNK``, while reads fill them, and halve when reads come in small, so an idle connection holds
+    4 KiB. A bulk frame (``BIG_FRAME`` or more) gets a buffer of exactly its size and the reads go straight
+    into it, so its data is copied by the kernel only. A header that announces more than ``max_frame``
+    bytes fails at once, before anything is allocated for it, so a peer can never make us hold more than
+    one maximal frame.
     """
 
-    __slots__ = ("_buf", "_error", "max_frame")
+    __slots__ = ("_big", "_big_fill", "_chunk", "_end", "_error", "_need", "_offered", "_size", "_start",
+                 "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._size = MIN_READ  # the next chunk's size
+        self._chunk = bytearray(0)
+        self._offered = 0  # the size of the buffer the last get_buffer returned
+        self._start = 0  # where the first incomplete frame begins
+        self._end = 0  # bytes of the chunk filled
+        self._need = 0  # total size of the incomplete frame at _start, once its header is in
+        self._big: bytearray | None = None
+        self._big_fill = 0
         self._error: FrameError | None = None
         self.max_frame = max_frame
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held of a frame not complete yet."""
+        return self._big_fill if self._big is not None else self._end - self._start
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Decode every complete frame in what has arrived. Bodies and data are zero-copy views of the
-        immutable chunk they arrived in; only a frame split across reads is copied (once). After an error
-        the stream is dead: every later call raises it again."""
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read should go (never empty)."""
+        big = self._big
+        if big is not None:
+            return memoryview(big)[self._big_fill:]
+        size = len(self._chunk)
+        if self._start + max(self._need, HEADER_SIZE) > size or size - self._end < MIN_READ:
+            left = self._chunk[self._start:self._end]  # the partial frame: a copy, under BIG_FRAME bytes
+            self._chunk = bytearray(max(self._size, len(left) + MIN_READ, self._need))
+            self._chunk[:len(left)] = left
+            self._start, self._end = 0, len(left)
+        buf = memoryview(self._chunk)[self._end:]
+        self._offered = len(buf)
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """``nbytes`` were read into the last ``get_buffer()``. After an error the stream is dead: every
+        later call raises it again."""
         if self._error is not None:
             raise self._error
         try:
-            return self._feed(data)
+            return self._updated(nbytes)
         except FrameError as exc:
             self._error = exc
             raise
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Decode every complete frame in ``data`` (copied into the decoder's buffers, as a read would be)."""
+        if self._error is not None:
+            raise self._error
+        frames: list[Frame] = []
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            buf = self.get_buffer()
+            n = min(len(buf), len(view) - pos)
+            buf[:n] = view[pos:pos + n]
+            pos += n
+            frames += self.buffer_updated(n)
+        return frames
 
     def _check(self, src: bytes | bytearray, pos: int) -> tuple[int, int, int, int, int]:
         """The header at ``pos``: (length, kind, flags, relid, data_len), validated."""
@@ -94,35 +145,37 @@ class FrameDecoder:
             raise FrameError(f"bad frame header (data_len {data_len} of {length}, reserved {reserved})")
         return length, kind, flags, relid, data_len
 
-    def _feed(self, data: bytes) -> list[Frame]:
+    def _updated(self, nbytes: int) -> list[Frame]:
         frames: list[Frame] = []
-        buf = self._buf
-        pos = 0
-        if buf:
-            # A frame split across reads: copy in only the bytes it still lacks.
-            if len(buf) < HEADER_SIZE:
-                pos = min(HEADER_SIZE - len(buf), len(data))
-                buf += data[:pos]
-                if len(buf) < HEADER_SIZE:
-                    return frames
-            length = self._check(buf, 0)[0]
-            take = min(HEADER_SIZE + length - len(buf), len(data) - pos)
-            buf += memoryview(data)[pos:pos + take]
-            pos += take
-            if len(buf) < HEADER_SIZE + length:
-                return frames
-            whole = bytes(buf)
-            buf.clear()
-            self._cut(whole, 0, frames)
-        pos = self._cut(data, pos, frames)
-        if pos < len(data):
-            buf += memoryview(data)[pos:]
+        big = self._big
+        if big is not None:
+            self._big_fill += nbytes
+            if self._big_fill == len(big):
+                self._big, self._big_fill = None, 0
+                self._cut(big, 0, len(big), frames)
+            return frames
+        self._end += nbytes
+        if nbytes == self._offered:  # the read filled what it had: give the next one more room
+            self._size = min(CHUNK, self._size * 2)
+        elif nbytes < self._offered // 4:
+            self._size = max(MIN_READ, self._size // 2)
+        chunk = self._chunk
+        pos = self._start = self._cut(chunk, self._start, self._end, frames)
+        self._need = 0
+        if self._end - pos >= HEADER_SIZE:
+            self._need = total = HEADER_SIZE + self._check(chunk, pos)[0]
+            if total >= BIG_FRAME and pos + total > self._end:
+                # A bulk frame: the rest of it is read straight into a buffer of its own.
+                self._big = bytearray(total)
+                self._big[:self._end - pos] = chunk[pos:self._end]
+                self._big_fill = self._end - pos
+                self._start = self._end
+                self._need = 0
         return frames
 
-    def _cut(self, src: bytes, pos: int, frames: list[Frame]) -> int:
-        """Append every complete frame of ``src`` from ``pos`` as zero-copy views; return where the first
+    def _cut(self, src: bytearray, pos: int, end: int, frames: list[Frame]) -> int:
+        """Append every complete frame of ``src[pos:end]`` as zero-copy views; return where the first
         incomplete one starts."""
-        end = len(src)
         view = memoryview(src)
         check = self._check
         while end - pos >= HEADER_SIZE:

@@ -430,6 +430,50 @@ def test_frames_stay_intact_across_later_feeds(frames: list[tuple[int, int, byte
     assert [(f.kind, f.relid, bytes(f.body), bytes(f.data)) for f in got] == frames * 3
 
 
+def test_a_bulk_frame_is_read_straight_into_a_buffer_of_its_own() -> None:
+    """BufferedProtocol reads: once a bulk frame's header is in, the next buffer offered is exactly the rest
+    of that frame, and the frame's data is a view of it (the kernel's copy is the only one)."""
+    data = bytes(range(256)) * 1024  # 256 KiB
+    stream = _frame(FrameKind.PACKET, 7, b"\x90", data) + _frame(FrameKind.SIGNAL, 7, b"\x80")
+    dec = FrameDecoder()
+    first = dec.get_buffer()
+    first[:100] = stream[:100]
+    assert dec.buffer_updated(100) == []
+    rest = dec.get_buffer()
+    assert len(rest) == HEADER_SIZE + 1 + len(data) - 100
+    rest[:] = stream[100:100 + len(rest)]
+    (frame,) = dec.buffer_updated(len(rest))
+    assert bytes(frame.data) == data and frame.relid == 7
+    assert isinstance(frame.data, memoryview) and len(frame.data.obj) == HEADER_SIZE + 1 + len(data)
+    assert dec.buffered == 0
+    tail = stream[100 + len(rest):]
+    buf = dec.get_buffer()
+    buf[:len(tail)] = tail
+    assert [f.kind for f in dec.buffer_updated(len(tail))] == [FrameKind.SIGNAL]
+
+
+def test_chunks_grow_while_reads_fill_them_and_shrink_when_idle() -> None:
+    dec = FrameDecoder()
+    assert len(dec.get_buffer()) == 4096  # an idle connection holds 4 KiB
+    small = _frame(FrameKind.CONTROL, 0, b"\x80") * 2000  # 34 KB of small frames
+    sizes = []
+    pos = 0
+    while pos < len(small):
+        buf = dec.get_buffer()
+        sizes.append(len(buf))
+        n = min(len(buf), len(small) - pos)
+        buf[:n] = small[pos:pos + n]
+        dec.buffer_updated(n)
+        pos += n
+    assert max(sizes) > 4096 * 2  # full reads made the chunks grow
+    for _ in range(8):  # then reads of one small frame each
+        buf = dec.get_buffer()
+        frame = _frame(FrameKind.CONTROL, 0, b"\x80")
+        buf[:len(frame)] = frame
+        dec.buffer_updated(len(frame))
+    assert dec._size == 4096
+
+
 def test_oversize_frame_fails_before_buffering() -> None:
     dec = FrameDecoder(max_frame=1 << 20)
     header = HEADER.pack(2**31, FrameKind.PACKET, 0, 0, 1, 0)  # announces 2 GiB
