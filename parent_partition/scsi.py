@@ -675,10 +675,10 @@ class ScsiController:
         is then GOOD), or None when it needs the full path (``execute``): not a READ, an error to report,
         or data not cached."""
         disk = self._disks.get(lun)
-        if disk is None or not cdb or cdb[1] & 0xE1:
+        if disk is None or len(cdb) < 10 or cdb[1] & 0xE1:
             return None
         op = cdb[0]
-        if op == Op.READ10 and len(cdb) >= 10:
+        if op == Op.READ10:
             lba, count = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
         elif op == Op.READ16 and len(cdb) >= 16:
             lba, count = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]

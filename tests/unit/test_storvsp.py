@@ -324,6 +324,28 @@ async def test_a_failed_disk_write_is_a_medium_error_and_the_channel_goes_on(tmp
     await ctl.close()
 
 
+async def test_short_cdbs_are_check_condition_on_every_path(tmp_path: Path) -> None:
+    """A READ or WRITE opcode in a CDB too short for it is ILLEGAL REQUEST / INVALID FIELD IN CDB, whichever
+    fast path would otherwise have taken it, and the channel goes on."""
+    ch, sent, ctl, task = await _image_vsp(tmp_path)
+    for i, cdb in enumerate([b"\x28", b"\x2a\0", b"\x28" + bytes(8), b"\x88" + bytes(9), b"\x00"]):
+        pkt = srb(0x28, 0, 8, trans_id=i + 1)
+        fields = list(vstor.SRB_PACKET.unpack(pkt.payload))
+        fields[10], fields[15] = len(cdb), cdb
+        payload = vstor.SRB_PACKET.pack(*fields)
+        deliver(ch, Packet(pkt.type, pkt.flags, pkt.trans_id, payload, pkt.ranges))
+    async with asyncio.timeout(10):
+        while len(sent.packets) < 5:
+            await asyncio.sleep(0.01)
+    for p in sent.packets:
+        out = vstor.SRB_PACKET.unpack(p.payload)
+        assert out[5] == 2 and out[15][2] & 0x0F == 0x05 and out[15][12] == 0x24, (p.trans_id, out)
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
 # ---- parse_request: what makes a storage packet a protocol error ------------------------------------------
 
 def _read(**kw: Any) -> Packet:
