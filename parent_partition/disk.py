@@ -283,14 +283,7 @@ class DiskBackend:
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` return only after ``fdatasync``."""
-        if self._read_only:
-            raise DiskError(errno.EROFS, f"{self._path}: write to a read-only image")
-        view = memoryview(data).cast("B")
-        self._check_range("write", offset, len(view))
-        if len(view) == 0 and not fua:
-            return
-        if not self._write_nowait(offset, view, fua):
-            await self._run(self._pwrite, offset, view, fua)
+        await self.write_soon(offset, data, fua)
 
     def write_soon(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> asyncio.Future[None]:
         """``write`` without a coroutine: a future done once the data is written (durable, with ``fua``);

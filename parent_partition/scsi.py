@@ -670,34 +670,9 @@ class ScsiController:
         except Exception:
             return _internal_failure()
 
-    def read_cached(self, lun: int, cdb: bytes, data_in_length: int) -> bytes | bytearray | None:
-        """The data of a plain READ(10)/(16) served from the page cache without awaiting anything (the command
-        is then GOOD), or None when it needs the full path (``execute``): not a READ, an error to report,
-        or data not cached."""
-        disk = self._disks.get(lun)
-        if disk is None or len(cdb) < 10 or cdb[1] & 0xE1:
-            return None
-        op = cdb[0]
-        if op == Op.READ10:
-            lba, count = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
-        elif op == Op.READ16 and len(cdb) >= 16:
-            lba, count = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
-        else:
-            return None
-        if not 0 < count <= disk.max_transfer_blocks or lba >= disk.blocks or count > disk.blocks - lba:
-            return None
-        length = count * disk.block_size
-        if data_in_length < length:
-            return None
-        read_cached = disk.read_cached
-        return read_cached(lba * disk.block_size, length) if read_cached is not None else None
-
-    def start_rw(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
-                 data_in_length: int) -> tuple[asyncio.Future[Any], int] | None:
-        """A plain READ or WRITE (10)/(16) that passes every check ``execute`` makes, started on the backend
-        without a coroutine: (a future for its data or its completion, the bytes it moves). None when the
-        command needs the full path: not a READ/WRITE, an error to report, or a backend without
-        ``read_soon``/``write_soon``. Finish it with :meth:`rw_result`."""
+    def _plain_transfer(self, lun: int, cdb: bytes) -> tuple[ScsiDisk, int, int, int] | None:
+        """(disk, opcode, offset, length) of a READ or WRITE (10)/(16) whose CDB passes every check
+        ``execute`` makes, or None when the command needs the full path (which says what is wrong)."""
         disk = self._disks.get(lun)
         if disk is None or len(cdb) < 10 or cdb[1] & 0xE1:  # RD/WRPROTECT, RELADR: the full path says why
             return None
@@ -710,7 +685,30 @@ class ScsiController:
             return None
         if not 0 < count <= disk.max_transfer_blocks or lba >= disk.blocks or count > disk.blocks - lba:
             return None
-        offset, length = lba * disk.block_size, count * disk.block_size
+        return disk, op, lba * disk.block_size, count * disk.block_size
+
+    def read_cached(self, lun: int, cdb: bytes, data_in_length: int) -> bytes | bytearray | None:
+        """The data of a plain READ(10)/(16) served from the page cache without awaiting anything (the command
+        is then GOOD), or None when it needs the full path (``execute``): not a READ, an error to report,
+        or data not cached."""
+        plain = self._plain_transfer(lun, cdb)
+        if plain is None:
+            return None
+        disk, op, offset, length = plain
+        if op not in (Op.READ10, Op.READ16) or data_in_length < length or disk.read_cached is None:
+            return None
+        return disk.read_cached(offset, length)
+
+    def start_rw(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
+                 data_in_length: int) -> tuple[asyncio.Future[Any], int] | None:
+        """A plain READ or WRITE (10)/(16) that passes every check ``execute`` makes, started on the backend
+        without a coroutine: (a future for its data or its completion, the bytes it moves). None when the
+        command needs the full path: not a READ/WRITE, an error to report, or a backend without
+        ``read_soon``/``write_soon``. Finish it with :meth:`rw_result`."""
+        plain = self._plain_transfer(lun, cdb)
+        if plain is None:
+            return None
+        disk, op, offset, length = plain
         try:
             if op in (Op.READ10, Op.READ16):
                 if data_in_length < length or disk.read_soon is None:

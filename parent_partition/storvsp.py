@@ -29,7 +29,7 @@ from vmbus_proto.devices.base import Handshake
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from .scsi import LunConfig, ScsiController, open_disks
+from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
 from .vsp import HandshakeVsp, OpenChannelInfo
 
 DEFAULT_QUEUE_DEPTH = 256
@@ -145,9 +145,7 @@ class StorageVsp(HandshakeVsp):
                    srb: vstor.ExecuteSrb, done: asyncio.Future[Any], length: int, reading: bool) -> None:
         if channel.closed or done.cancelled():
             return  # the guest went: nobody to answer
-        result = ScsiController.rw_result(done, length, reading)
-        answer = _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
-                             result.data if reading else b"")
+        answer = _result_completion(pkt, srb, ScsiController.rw_result(done, length, reading), reading)
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
             queue.add(sending, lambda t: _task_failed(t, channel, info, self.name))
@@ -163,9 +161,7 @@ class StorageVsp(HandshakeVsp):
         reading = srb.data_in == READ
         data_out = pkt.data if srb.data_in == WRITE and want else None
         result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0)
-        answer = _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
-                             result.data if reading else b"")
-        await _send_quietly(channel, answer)
+        await _send_quietly(channel, _result_completion(pkt, srb, result, reading))
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""
@@ -222,6 +218,12 @@ def _completion(pkt: Packet, srb: vstor.ExecuteSrb, srb_status: int, scsi_status
     """The VM_PKT_COMP answering ``pkt``: COMPLETE_IO, with READ data riding along into its GPA range."""
     payload = vstor.pack_complete_io(srb, srb_status, scsi_status, transferred, sense, len(pkt.payload))
     return Packet(COMP, 0, pkt.trans_id, payload, data=data)
+
+
+def _result_completion(pkt: Packet, srb: vstor.ExecuteSrb, result: ScsiResult, reading: bool) -> Packet:
+    """The completion of a command the SCSI target ran: its outcome, and its data for a READ."""
+    return _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
+                       result.data if reading else b"")
 
 
 def parse_request(pkt: Packet) -> tuple[int, vstor.ExecuteSrb | None]:

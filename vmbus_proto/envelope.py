@@ -93,7 +93,7 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
     if (type(ptype) is int and type(flags) is int and not flags & ~1 and type(trans_id) is int
             and 0 <= trans_id < 1 << 64 and type(payload) is bytes and len(payload) <= max_payload):
         if ext is None and ptype in _INBAND_OR_COMP:
-            return Packet(ptype, flags, trans_id, payload, data=data, size=24 + ((len(payload) + 7) & ~7))
+            return Packet(ptype, flags, trans_id, payload, data=data)
         if ptype == _GPA_DIRECT and type(ext) is list and len(ext) == 1:
             r = ext[0]
             if type(r) is list and len(r) == 3:
@@ -101,10 +101,7 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
                 if (type(count) is int and type(offset) is int and type(pfns) is list and count > 0
                         and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
                         and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
-                    # descriptor, GPA-direct header, one gpa_range, padded payload, trailer
-                    size = 40 + 8 * len(pfns) + ((len(payload) + 7) & ~7)
-                    return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data,
-                                  size=size)
+                    return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data)
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):

@@ -412,13 +412,11 @@ def pack_complete_io(req: ExecuteSrb, srb_status: int, scsi_status: int, transfe
                      request_payload_len: int = VSTOR_PACKET_SIZE) -> bytes:
     """The COMPLETE_IO for ``req``: OpenVMM copies the request's vmscsi_request, fills in the outcome (sense in
     the union, its length, the bytes moved), puts the NTSTATUS in the header and sizes it like the request."""
-    status = _SRB_TO_NT.get(srb_status & ~(SRB_STATUS_AUTOSENSE_VALID | SRB_STATUS_QUEUE_FROZEN),
-                            NtStatus.IO_DEVICE_ERROR)
     sense = sense[:SENSE_BUFFER_SIZE]
-    out = SRB_PACKET.pack(_COMPLETE_IO, 0, status, req.length, srb_status, scsi_status, req.port_number,
-                          req.path_id, req.target_id, req.lun, req.cdb_length, len(sense), req.data_in,
-                          req.reserved, transferred, sense, req.reserve, req.queue_tag, req.queue_action,
-                          req.srb_flags, req.time_out_value, req.queue_sort_key)
+    out = SRB_PACKET.pack(_COMPLETE_IO, 0, srb_status_to_nt_status(srb_status), req.length, srb_status,
+                          scsi_status, req.port_number, req.path_id, req.target_id, req.lun, req.cdb_length,
+                          len(sense), req.data_in, req.reserved, transferred, sense, req.reserve, req.queue_tag,
+                          req.queue_action, req.srb_flags, req.time_out_value, req.queue_sort_key)
     return out if request_payload_len >= VSTOR_PACKET_SIZE else out[:completion_size(request_payload_len)]
 
 
