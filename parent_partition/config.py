@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbus_proto.devices import storage as vstor
+from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.versions import HOST_SUPPORTED, parse_version
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
@@ -55,6 +56,7 @@ class Config:
     stall_timeout: float = 60.0  # a child that leaves our writes unread this long is dropped
     shutdown_timeout: float = 10.0  # per shutdown stage
     max_frame: int = 4 * 1024 * 1024 + 64 * 1024
+    channel_data_window: int = DEFAULT_DATA_WINDOW  # inline data a child may have in flight per channel
     max_gpadls: int = 256
     max_partitions: int = 4096
     devices: dict[str, bool] = field(default_factory=lambda: {d: d != "echo" for d in DEVICES})
@@ -91,6 +93,10 @@ class Config:
             if type(value) is not type(current):
                 raise ValueError(f"{source}: {key} must be {type(current).__name__}")
             setattr(self, key, value)
+        window = self.channel_data_window
+        if not (MIN_DATA_WINDOW <= window <= MAX_DATA_WINDOW and window % 8 == 0):
+            raise ValueError(f"{source}: channel_data_window must be a multiple of 8 from "
+                             f"{MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}")
 
     @property
     def data_path(self) -> Path:
