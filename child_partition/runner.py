@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import uuid
 from typing import Any
@@ -93,8 +94,8 @@ class ChildPartition:
                     await self.nbd.start(self.nbd_url, serving=False)
                 except OSError as exc:
                     self.nbd = None
-                    raise NbdListenError(f"cannot listen for NBD on {self.nbd_url}: "
-                                         f"{exc.strerror or exc}") from exc
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise NbdListenError(f"cannot listen for NBD on {self.nbd_url}: {reason}") from exc
             status = await self._run(stop)
             return status or self.exit_status
         finally:

@@ -889,7 +889,8 @@ async def test_write_same_unmap_punches_and_without_unmap_zeroes_allocated(ctl: 
     assert_sense(await ctl.execute(0, write_same16(0, 1), bytes(100), 0), ILLEGAL, 0x24)
     for flag in (0x10, 0x01, 0x20):
         assert_sense(await ctl.execute(0, write_same16(0, 1, flags=flag), bytes(512), 0), ILLEGAL, 0x24)
-    assert_sense(await ctl.execute(2, write_same16(0, 1, unmap=True), bytes(512), 0), DATA_PROTECT, 0x27, srb=ERROR_SENSE)
+    r = await ctl.execute(2, write_same16(0, 1, unmap=True), bytes(512), 0)
+    assert_sense(r, DATA_PROTECT, 0x27, srb=ERROR_SENSE)
 
 
 async def test_get_lba_status_reports_the_images_holes(ctl: ScsiController, tmp_path: Path) -> None:
