@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio
-.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean
+.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,5 +46,13 @@ integration: $(STAMP) sysdeps
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
 
+# `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
 clean:
-	rm -rf $(VENV) run var .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	@if [ -d var ]; then echo "kept ./var (the VMs' disk images); 'make clean-disks' deletes it"; fi
+
+clean-disks:
+	@if [ -d var ]; then echo "deleting the VMs' disk images in ./var:"; find var -name '*.img' -printf '  %p\n'; \
+	  rm -rf var; else echo "no ./var: no disk images to delete"; fi
+
+distclean: clean clean-disks
