@@ -1,5 +1,5 @@
-"""NBD server: exports a child partition's disk (a ``BlockDevice``) so that real NBD clients -- qemu-img, qemu-io,
-nbdcopy, nbdinfo, the kernel's nbd-client -- can act as the guest's block layer.
+"""NBD server: exports a child partition's disks (``BlockDevice``s, one export per LUN) so that real NBD clients --
+qemu-img, qemu-io, nbdcopy, nbdinfo, the kernel's nbd-client -- can act as the guest's block layer.
 
 What is mirrored is the NBD protocol as defined in the NBD protocol spec, NetworkBlockDevice/nbd doc/proto.md
 (section names below are that document's):
@@ -7,39 +7,48 @@ What is mirrored is the NBD protocol as defined in the NBD protocol spec, Networ
 * "Fixed newstyle negotiation": NBDMAGIC, IHAVEOPT, handshake flags FIXED_NEWSTYLE | NO_ZEROES; client flags
   other than C_FIXED_NEWSTYLE | C_NO_ZEROES drop the connection. Option haggling ("Option types"):
   NBD_OPT_EXPORT_NAME (old-style end, 124 zero bytes unless C_NO_ZEROES; an unknown name is a hard
-  disconnect because this option cannot fail), NBD_OPT_ABORT, NBD_OPT_LIST, NBD_OPT_INFO and NBD_OPT_GO
-  with NBD_INFO_EXPORT always, NBD_INFO_BLOCK_SIZE always (a server may send it unrequested), NBD_INFO_NAME
-  and NBD_INFO_DESCRIPTION when requested. NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY,
-  NBD_OPT_EXTENDED_HEADERS and every unknown option get NBD_REP_ERR_UNSUP (NOTLS mode, simple replies
-  only); NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT get NBD_REP_ERR_INVALID because they
-  require structured replies; an unknown export gets NBD_REP_ERR_UNKNOWN; oversized option data is skipped
-  and answered NBD_REP_ERR_TOO_BIG. The empty name is the default export and names the one export.
-* "Transmission" with "Simple reply message"s only: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with
-  NO_HOLE) and DISC. Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM (if the device discards),
+  disconnect because this option cannot fail), NBD_OPT_ABORT, NBD_OPT_LIST (every export, with its
+  description), NBD_OPT_INFO and NBD_OPT_GO with NBD_INFO_EXPORT always, NBD_INFO_BLOCK_SIZE always (a server
+  may send it unrequested), NBD_INFO_NAME and NBD_INFO_DESCRIPTION when requested. NBD_OPT_STRUCTURED_REPLY is
+  acknowledged. NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT ("Metadata querying") know one
+  context, ``base:allocation``; SET needs structured replies first, and a selection made for one export does
+  not carry over to another. NBD_OPT_STARTTLS, NBD_OPT_EXTENDED_HEADERS and every unknown option get
+  NBD_REP_ERR_UNSUP (NOTLS mode); an unknown export gets NBD_REP_ERR_UNKNOWN; oversized option data is
+  skipped and answered NBD_REP_ERR_TOO_BIG. The empty name is the default export: the first one added.
+* "Transmission": NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with NO_HOLE), BLOCK_STATUS (with REQ_ONE,
+  once base:allocation is selected) and DISC. Replies are simple ("Simple reply message") unless structured
+  replies were negotiated; then a READ is always one structured chunk (OFFSET_DATA, or ERROR with a message),
+  so is any failure, and BLOCK_STATUS is one BLOCK_STATUS chunk; other successes stay simple, as the spec
+  allows. Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM (if the device discards),
   SEND_WRITE_ZEROES, CAN_MULTI_CONN, and READ_ONLY (which drops TRIM and WRITE_ZEROES). CAN_MULTI_CONN holds
   because every connection reaches the one device, whose flush covers every completed write whoever issued
   it, and the read-modify-write locks are shared by all connections. NBD_CMD_FLAG_FUA reaches the device
-  as ``write(fua=True)`` on every piece of the request (and as a flush after a TRIM).
+  as ``write(fua=True)`` on every piece of the request (and as a flush after a TRIM or WRITE_ZEROES).
   Requests are served concurrently and replied to out of order, bounded per connection by request count
   and by payload bytes (the socket stops being read when the budget is spent). NBD_CMD_DISC and server
   shutdown finish the requests in flight before closing ("Terminating the transmission phase").
+* Sparseness: TRIM is one device ``discard`` of the whole blocks inside the range; WRITE_ZEROES is one device
+  ``write_zeroes`` of its whole blocks, which may deallocate them unless the client set NO_HOLE (edge blocks
+  by read-modify-write). BLOCK_STATUS reports the device's ``block_status`` as base:allocation extents
+  (NBD_STATE_HOLE, NBD_STATE_ZERO), clipped to the request.
 * "Block size constraints": minimum 1 -- unaligned requests are served by read-modify-write of the edge
   blocks, serialised per block across all connections, so clients that never ask (NBD_OPT_EXPORT_NAME,
   or GO without NBD_INFO_BLOCK_SIZE) get the spec's defaults; preferred max(4096, device block); maximum
-  the device's ``max_transfer`` raised to the spec's 1 MiB floor and capped at 32 MiB. Whatever reaches
-  the device is split into aligned pieces of at most ``max_transfer``. The advertised maximum binds READ and
-  WRITE only for a client that asked for NBD_INFO_BLOCK_SIZE in its NBD_OPT_GO; other clients may send them
-  up to 2^25 bytes, which the spec says must not be treated as abuse. TRIM and WRITE_ZEROES carry no
-  payload and are served at any length inside the export: the spec would let WRITE_ZEROES over the maximum
-  fail with NBD_EINVAL, but nbdcopy (libnbd 1.14) zeroes whole holes of tens of MiB in one request.
-* "Error values": out of range is NBD_EINVAL for READ and TRIM and NBD_ENOSPC for WRITE and WRITE_ZEROES;
-  writes to a read-only export NBD_EPERM; unknown commands, flags not valid for the command (DF, REQ_ONE,
-  FAST_ZERO: never advertised), a FLUSH with offset or length, and lengths over the limit NBD_EINVAL. The
-  payload of a refused WRITE is still read and dropped, so the stream stays in step. A request with bad
-  magic is a hard disconnect.
+  the device's ``max_transfer`` raised to the spec's 1 MiB floor and capped at 32 MiB. Reads and writes
+  reach the device split into aligned pieces of at most ``max_transfer``. The advertised maximum binds READ
+  and WRITE only for a client that asked for NBD_INFO_BLOCK_SIZE in its NBD_OPT_GO; other clients may send
+  them up to 2^25 bytes, which the spec says must not be treated as abuse. TRIM, WRITE_ZEROES and
+  BLOCK_STATUS carry no payload and are served at any length inside the export: the spec would let
+  WRITE_ZEROES over the maximum fail with NBD_EINVAL, but nbdcopy (libnbd 1.14) zeroes whole holes of tens of
+  MiB in one request.
+* "Error values": out of range is NBD_EINVAL for READ, TRIM and BLOCK_STATUS and NBD_ENOSPC for WRITE and
+  WRITE_ZEROES; writes to a read-only export NBD_EPERM; unknown commands, flags not valid for the command
+  (DF, FAST_ZERO: never advertised), a FLUSH with offset or length, BLOCK_STATUS without a selected context,
+  and lengths over the limit NBD_EINVAL. The payload of a refused WRITE is still read and dropped, so the
+  stream stays in step. A request with bad magic is a hard disconnect.
 
-Not implemented: TLS, structured replies (and so block status and DF), extended headers, NBD_CMD_CACHE,
-fast zero, oldstyle negotiation.
+Not implemented: TLS, extended headers, DF (READ is always one chunk anyway), NBD_CMD_CACHE, fast zero,
+oldstyle negotiation.
 """
 
 from __future__ import annotations
