@@ -172,15 +172,18 @@ class ChildPartition:
         if self.nbd is None:
             return
         try:
+            added = []
             for lun, disk in sorted(self.disks.items()):
                 name = self.export_name(lun)
                 if name in self.nbd.exports or not disk.size:
                     continue
                 self.nbd.add_export(disk, name, f"{self.name} LUN {lun}: {disk.vendor} {disk.product}".strip())
-                self.log.info("disk exported over NBD", lun=lun, uri=self.nbd.uri_for(name), size=disk.size,
-                              read_only=disk.read_only)
+                added.append((lun, name, disk))
             if self.nbd.exports:
                 await self.nbd.serve()
+            for lun, name, disk in added:  # said once clients can connect
+                self.log.info("disk exported over NBD", lun=lun, uri=self.nbd.uri_for(name), size=disk.size,
+                              read_only=disk.read_only)
         except (OSError, ValueError) as exc:
             self.log.error("cannot export the disks over NBD; shutting the VM down", error=str(exc))
             self.exit_status = 1
