@@ -268,7 +268,19 @@ class StorageVsc(HandshakeVsc):
                           read_only=disk.read_only, discard=disk.provisioning, max_transfer=disk.max_transfer)
 
 
-class ScsiLun:
+class DiskFacts:
+    """What the guest learns about a disk when it scans it: the ``BlockDevice`` geometry and the INQUIRY
+    identity. Class-level defaults until a scan fills them in."""
+
+    size: int = 0
+    block_size: int = SECTOR
+    read_only: bool = False
+    max_transfer: int = vstor.DEFAULT_MAX_TRANSFER_BYTES
+    vendor: str = ""
+    product: str = ""
+
+
+class ScsiLun(DiskFacts):
     """One LUN as the guest's block layer sees it: a Linux sd disk (drivers/scsi/sd.c) on the StorVSC.
 
     ``probe`` is sd's revalidate: INQUIRY, READ CAPACITY(16) (LBPME, LBPRZ), MODE SENSE for write-protect and
@@ -283,13 +295,8 @@ class ScsiLun:
     def __init__(self, vsc: StorageVsc, lun: int) -> None:
         self.vsc = vsc
         self.lun = lun
-        self.size = 0
-        self.block_size = SECTOR
-        self.read_only = False
         self.max_transfer = vsc.max_transfer
         self.write_cache = True
-        self.vendor = ""
-        self.product = ""
         self.lbpme = False
         self.lbprz = False
         self.provisioning: str | None = None  # "ws16", "unmap" or None: how discards are sent
@@ -476,7 +483,7 @@ class ScsiLun:
         return extents
 
 
-class GuestDisk:
+class GuestDisk(DiskFacts):
     """One LUN of the guest as a stable ``BlockDevice`` across reconnects, like a SCSI disk whose host adapter
     is reset: while the storage channel is down (or the LUN is missing from it), I/O waits (up to
     ``reattach_timeout``) for the driver to come back, and a request cut off by the loss is retried once on
@@ -488,13 +495,7 @@ class GuestDisk:
         self.disk: ScsiLun | None = None
         self._attached = asyncio.Event()
         self.reattach_timeout = reattach_timeout
-        self.size = 0
-        self.block_size = SECTOR
-        self.read_only = False
-        self.max_transfer = vstor.DEFAULT_MAX_TRANSFER_BYTES
         self.supports_discard = False
-        self.vendor = ""
-        self.product = ""
 
     def attach(self, vsc: StorageVsc) -> bool:
         """Bind to this LUN on ``vsc``; False (and left detached) if the controller has no such LUN."""
