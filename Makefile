@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio
-.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean
+.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
 # PYTHONWARNINGS=ignore silences setuptools' notice about editable installs in the build subprocess.
 $(RUN_STAMP): pyproject.toml
@@ -54,5 +54,13 @@ integration: $(STAMP) sysdeps
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
 
+# `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
 clean:
-	rm -rf $(VENV) run var .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	@if [ -d var ]; then echo "kept ./var (the VMs' disk images); 'make clean-disks' deletes it"; fi
+
+clean-disks:
+	@if [ -d var ]; then echo "deleting the VMs' disk images in ./var:"; find var -name '*.img' -printf '  %p\n'; \
+	  rm -rf var; else echo "no ./var: no disk images to delete"; fi
+
+distclean: clean clean-disks

@@ -14,7 +14,7 @@ from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.versions import parse_version
 
 from .nbd import parse_listen
-from .runner import ChildPartition
+from .runner import ChildPartition, NbdListenError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--size", help="bytes of each disk to use (default: all)")
     st.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw/rw")
     st.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    st.add_argument("--keep-disks", action="store_true",
+                    help="leave the partitions' disks as the run left them (default: discard them at the end)")
+    st.add_argument("--data-dir", metavar="DIR",
+                    help="the parent's data directory (same host): also delete the images it created for the run")
     return p
 
 
@@ -73,4 +77,8 @@ async def _run(args: argparse.Namespace, versions: list[int] | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     child = ChildPartition(args.connect, args.name, trace=args.trace, versions=versions,
                            reconnect=not args.no_reconnect, nbd=args.nbd)
-    return await child.run(stop)
+    try:
+        return await child.run(stop)
+    except NbdListenError as exc:
+        print(f"child-partition: {exc}", file=sys.stderr)
+        return 1
