@@ -70,9 +70,9 @@ async def _storage_guest(url: str, name: str) -> tuple[GuestBus, StorageVsc]:
 
 
 def _writes(vsc: StorageVsc) -> list[asyncio.Task[tuple[bytes, bytes]]]:
-    blocks = BLOCK // 512
+    lun0 = vsc.disks[0]
     return [asyncio.get_running_loop().create_task(
-        vsc._srb(vsc._rw_cdb(True, i * blocks, blocks, False), struct.pack("<I", i) * (BLOCK // 4), 0, 0))
+        vsc._srb(lun0._rw_cdb(True, i * BLOCK, BLOCK, False), struct.pack("<I", i) * (BLOCK // 4), 0, 0))
         for i in range(WRITES)]
 
 
@@ -99,7 +99,7 @@ async def test_guest_that_withholds_credit_cannot_deadlock_the_parent(
     failed = [i for i, t in enumerate(writes) if not vsc._succeeded(t.result()[0])]
     assert not failed, f"WRITEs {failed[:5]}... failed"
     for i in (0, WRITES // 2, WRITES - 1):  # every acknowledged write is on the disk
-        assert await vsc.read(i * BLOCK, BLOCK) == struct.pack("<I", i) * (BLOCK // 4)
+        assert await vsc.disks[0].read(i * BLOCK, BLOCK) == struct.pack("<I", i) * (BLOCK // 4)
     await vsc.detach()
     await asyncio.wait_for(bus.unload(), 30)
     bus.close()
