@@ -237,7 +237,7 @@ def test_storage_protocol_versions_are_configurable(workdir: Path) -> None:
     try:
         vm = child(workdir, p.unix, "vm1")
         vm.wait_event("disk attached")
-        assert p.wait_event("device protocol negotiated", device="storage")["version"] == "0x600"
+        assert p.wait_event("device protocol negotiated", device="storage")["version"] == "6.0"
         assert vm.stop() == 0
     finally:
         p.stop()
