@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -32,12 +33,13 @@ from rich.text import Text
 
 from vmbus_proto.devices.catalogue import ALL as DEVICES
 
-from .demo_storage import StorageWorkload
+from .demo_storage import NbdError, StorageWorkload
 from .narration import INTRO, STOPPING, STYLES, Gutter, Record, body_text, build_story, is_trace, render_records
 
 PROTOCOL = {spec.name: spec.protocol for spec in DEVICES}
 START_TIMEOUT = 60.0  # a loaded machine can take a while to start four Python processes
 STOP_TIMEOUT = 30.0
+PROGRESS_EVERY = 5  # seconds between progress lines when the output is not a terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", type=float, default=2.0, metavar="SECONDS",
                    help="pause after each stage of the narrated walk (default 2; 0 = no pauses)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
-                   help="stop by itself this many seconds after starting (default: run until Ctrl-C)")
+                   help="stop by itself once the VMs have done disk I/O this long (default: run until Ctrl-C)")
     p.add_argument("--port", type=int, metavar="N",
                    help="the parent's TCP port on 127.0.0.1 (default: any free port, printed at start)")
     p.add_argument("--listen", action="append", metavar="URL",
@@ -72,6 +74,8 @@ class Proc:
         self.records: list[Record] = []
         self.changed = asyncio.Event()
         self._on_record = on_record
+        self.started = time.monotonic()
+        self.up_after = 0.0  # seconds from start to "all offered channels open"
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -97,6 +101,8 @@ class Proc:
         while True:
             for rec in self.records[seen:]:
                 if rec.get("event") == event:
+                    if event == "all offered channels open":
+                        self.up_after = time.monotonic() - self.started
                     return rec
             seen = len(self.records)
             if stop.is_set():
@@ -154,7 +160,6 @@ class Demo:
         self.workdir = workdir
         self.procs: dict[str, Proc] = {}
         self.echo: set[str] = set()  # partitions whose every line is printed as it comes (while stopping)
-        self.live: Live | None = None
         self.failed = False
         self.endpoints: dict[str, str] = {}
 
@@ -252,7 +257,9 @@ class Demo:
         stages = build_story([*vm1.records[:upto + 1], *parent_side])
         for n, stage in enumerate(stages, 1):
             self.stage(n, len(stages), stage.title, stage.explanation, style=STYLES["vm1"] + " bold")
-            for line in render_records(stage.records):
+            if stage.key == "ready":
+                self.print(Gutter("vm1", self.summary("vm1", vm1.records[upto])))
+            for line in render_records(stage.records if stage.key != "ready" else []):
                 self.print(line)
             await self.pause()
             if self.stop.is_set():
@@ -262,7 +269,6 @@ class Demo:
         self.print()
         self.print(Rule(Text(" vm2 and vm3 start the same way (shown in one line each) ", style="bold"),
                         align="left", style="dim"))
-        started = time.monotonic()
         others = ["vm2", "vm3"]
         for who in others:
             await self.spawn(who, self.child_cmd(who, self.endpoints[who], trace=False))
@@ -270,11 +276,13 @@ class Demo:
             rec = await self.procs[who].wait_event("all offered channels open", self.stop)
             if rec is None:
                 return
-            self.print(Gutter(who, self.summary(who, rec, time.monotonic() - started)))
+            self.print(Gutter(who, self.summary(who, rec)))
         await self.pause()
 
-    def summary(self, who: str, ready: Record, seconds: float) -> Text:
-        recs = self.procs[who].records
+    def summary(self, who: str, ready: Record) -> Text:
+        """One line for a VM that is up: its transport, time to come up, and every negotiated version."""
+        proc = self.procs[who]
+        recs, seconds = proc.records, proc.up_after
         vmbus = next((r.get("version") for r in recs if r.get("event") == "VMBus negotiated"), "?")
         versions: dict[str, str] = ready.get("versions", {})
         text = Text.assemble(("up", "bold"), f" over {self.endpoints[who]} in {seconds:.1f}s: ",
@@ -295,24 +303,34 @@ class Demo:
             "Each VM's disk is exported over NBD by the VM itself. The demo writes stamped 4 KiB blocks and "
             "reads them back: every request goes NBD → the VM's StorVSC → an EXECUTE_SRB on its VMBus ring → "
             "the parent's StorVSP → the VM's disk image, and the answer comes back as a COMPLETE_IO. "
-            + ("Ctrl-C stops." if not self.args.duration else "It stops by itself when --duration is up."),
+            + ("Ctrl-C stops." if not self.args.duration else f"It stops by itself after {self.args.duration:g}s."),
             style="italic"), (0, 2)))
         storage = StorageWorkload(self.args.iodepth)
         for who in names:
             via = "unix" if self.endpoints[who].startswith("unix:") else "tcp"
             storage.add(who, via, str(self.workdir / f"{who}.nbd"))
-        await storage.start()
+        try:
+            await storage.start()
+        except (OSError, NbdError, asyncio.IncompleteReadError) as exc:
+            await storage.stop()
+            raise DemoError(f"cannot reach the VMs' disks over NBD: {exc}") from None
         workloads = [storage]  # network (ping between VMs) and consoles join here as they are built
+        if self.args.duration:
+            asyncio.get_running_loop().call_later(self.args.duration, self.stop.set)
         try:
             with Live(self._view(workloads), console=self.console, refresh_per_second=4) as live:
-                self.live = live
-                while not self.stop.is_set():
+                for tick in itertools.count(1):
                     await self.pause(1.0)
+                    if self.stop.is_set():
+                        break
                     for w in workloads:
                         w.sample()
                     live.update(self._view(workloads))
+                    if not self.console.is_terminal and tick % PROGRESS_EVERY == 0:
+                        for w in workloads:  # a log or a pipe gets a line per VM now and then instead
+                            for name, line in w.progress():
+                                self.print(Gutter(name, line))
         finally:
-            self.live = None
             for w in workloads:
                 await w.stop()
         for vm in storage.vms:
@@ -359,8 +377,6 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
     with tempfile.TemporaryDirectory(prefix="vmbus-demo-") as tmp:
         demo = Demo(args, console, stop, Path(tmp))
         try:
@@ -379,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pace < 0 or args.duration < 0 or args.iodepth < 1:
         print("parent-partition demo: --pace and --duration must be >= 0 and --iodepth >= 1", file=sys.stderr)
         return 2
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    # On a terminal rich follows its width; into a pipe or a file, 120 columns unless COLUMNS says otherwise.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
     with _no_echoed_ctrl_c():
         return asyncio.run(_main(args, console))
 

@@ -233,6 +233,11 @@ class StorageWorkload:
                       f"[bold red]{vm.errors}[/]" if vm.errors else "0")
         return Group(caption, t)
 
+    def progress(self) -> list[tuple[str, Text]]:
+        """One line per VM, for output that is not a terminal."""
+        return [(vm.name, Text(f"disk: completed={vm.completed} errors={vm.errors} IOPS={vm.iops:.0f} "
+                               f"MB/s={vm.mbps:.2f}")) for vm in self.vms]
+
     async def stop(self) -> None:
         """Let the requests in flight finish, then disconnect every client."""
         self._stopping.set()
