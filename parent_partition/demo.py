@@ -23,7 +23,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-parent", action="store_true",
                    help="run the parent with --trace too and show its side of vm1's lifecycle")
     return p
+
+
+class Workload(Protocol):
+    """Something the VMs do while a person watches: one part of the live view (disk I/O today; network and
+    consoles plug in the same way)."""
+
+    async def stop(self) -> None: ...
+
+    def sample(self) -> None: ...
+
+    def view(self) -> Group: ...
+
+    def progress(self) -> list[tuple[str, Text]]: ...
 
 
 class DemoError(Exception):
@@ -314,7 +327,7 @@ class Demo:
         except (OSError, NbdError, asyncio.IncompleteReadError) as exc:
             await storage.stop()
             raise DemoError(f"cannot reach the VMs' disks over NBD: {exc}") from None
-        workloads = [storage]  # network (ping between VMs) and consoles join here as they are built
+        workloads: list[Workload] = [storage]  # network (ping between VMs) and consoles join here
         if self.args.duration:
             asyncio.get_running_loop().call_later(self.args.duration, self.stop.set)
         try:
@@ -338,7 +351,7 @@ class Demo:
                 self.failed = True
                 self.print(Gutter(vm.name, Text(f"{vm.errors} disk errors; last: {vm.last_error}", style="bold red")))
 
-    def _view(self, workloads: list[StorageWorkload]) -> Group:
+    def _view(self, workloads: list[Workload]) -> Group:
         hint = "Ctrl-C to stop" if not self.args.duration else f"stops after --duration {self.args.duration:g}s"
         return Group(*(w.view() for w in workloads), Text(hint, style="dim"))
 
