@@ -335,6 +335,7 @@ class Demo:
                 for tick in itertools.count(1):
                     await self.pause(1.0)
                     if self.stop.is_set():
+                        live.update(self._view(workloads, final=True))
                         break
                     for w in workloads:
                         w.sample()
@@ -351,9 +352,9 @@ class Demo:
                 self.failed = True
                 self.print(Gutter(vm.name, Text(f"{vm.errors} disk errors; last: {vm.last_error}", style="bold red")))
 
-    def _view(self, workloads: list[Workload]) -> Group:
-        hint = "Ctrl-C to stop" if not self.args.duration else f"stops after --duration {self.args.duration:g}s"
-        return Group(*(w.view() for w in workloads), Text(hint, style="dim"))
+    def _view(self, workloads: list[Workload], final: bool = False) -> Group:
+        hint = ("Ctrl-C to stop" if not self.args.duration else f"stops after --duration {self.args.duration:g}s")
+        return Group(*(w.view() for w in workloads), Text("" if final else hint, style="dim"))
 
     # ---- stopping ---------------------------------------------------------------------------------------
 

@@ -14,8 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 BIN = Path(sys.executable).parent
 DEADLINE = 120.0  # four Python processes start on a loaded two-core machine
@@ -23,6 +25,8 @@ DEADLINE = 120.0  # four Python processes start on a loaded two-core machine
 
 class Demo:
     """A demo process whose stdout lines are collected by a thread."""
+
+    running: list[Demo] = []
 
     def __init__(self, cwd: Path, *args: str) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
@@ -32,6 +36,7 @@ class Demo:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
+        Demo.running.append(self)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -62,6 +67,21 @@ class Demo:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"demo did not exit within {timeout:g}s; last lines:\n{self.text[-3000:]}") from None
+
+
+@pytest.fixture(autouse=True)
+def stop_demos() -> Iterator[None]:
+    """A failed test still stops its demo the way a user would (Ctrl-C), so no partition is left running."""
+    yield
+    while Demo.running:
+        demo = Demo.running.pop()
+        if demo.proc.poll() is None:
+            demo.proc.send_signal(signal.SIGINT)
+            try:
+                demo.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                demo.proc.kill()
+                demo.proc.wait()
 
 
 def disk_counts(text: str) -> dict[str, tuple[int, int]]:
