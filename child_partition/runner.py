@@ -140,7 +140,8 @@ class ChildPartition:
         await asyncio.gather(*(self._attach(o) for o in sorted(offers.values(), key=lambda o: o.child_relid)))
         self.log.info("all offered channels open", channels=len(self.vscs),
                       devices=sorted(v.spec.name for v in self.vscs.values()),
-                      versions={v.spec.name: hex(v.version) for v in self.vscs.values() if v.version is not None})
+                      versions={v.spec.name: v.spec.version_text(v.version)
+                                for v in self.vscs.values() if v.version is not None})
         await self._export_disk()
         self.ready.set()
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -161,7 +162,7 @@ class ChildPartition:
         vsc = cls(self.bus, self.memory, offer, self.log)
         self.vscs[offer.child_relid] = vsc
         await vsc.attach()
-        vsc.log.info("device ready", version=hex(vsc.version) if vsc.version is not None else None)
+        vsc.log.info("device ready", version=vsc.spec.version_text(vsc.version) if vsc.version is not None else None)
         if isinstance(vsc, StorageVsc):
             for lun in sorted(vsc.disks):
                 self.disks.setdefault(lun, GuestDisk(lun)).attach(vsc)

@@ -168,7 +168,7 @@ class PartitionConnection(FramedConnection):
         self.add_channel(ch)
         ok = True
         try:
-            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log))
+            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log, trace=self.daemon.config.trace))
         except Exception as exc:
             ok = False
             log.error("device failed to open", error=str(exc))
