@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = summary
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_at_end"] = list(os.getloadavg())
+    results["meta"]["calibration_at_end"] = end = machine.calibrate()
+    console.print(f"calibration at the end: {machine.calibration_line(end)}; load average "
+                  f"{' '.join(f'{x:.2f}' for x in results['meta']['loadavg_at_end'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     console.log(f"results written to {args.json} ({results['meta']['duration_s']} s)")

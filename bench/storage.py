@@ -41,7 +41,7 @@ CACHE_MODES = ("warm", "fio-default")
 IMAGE_BYTES = 1 << 30
 SETUP = 1.0  # seconds a load run takes to connect, negotiate and scan its disk
 RAMP = 0.5
-DISK_LOG_WAIT = 15.0  # seconds to wait for the parent's "disk closed" line after a run
+DISK_LOG_WAIT = 60.0  # seconds to wait for the parent's "disk closed" line (it flushes the run's writes first)
 
 
 def fio(image: Path, rw: str, bs: str, iodepth: int, seconds: float, invalidate: bool) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]
                            if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)}
     out["samples_iops"] = [round(r["iops"]) for r in runs]
-    out["iops_min"], out["iops_max"] = min(out["samples_iops"]), max(out["samples_iops"])
+    out["iops_min"], out["iops_max"] = min(r["iops"] for r in runs), max(r["iops"] for r in runs)
     out["errors"] = [e for r in runs for e in r.get("errors", [])]
     if "per_io" in runs[0]:
         out["per_io"] = {name: {k: statistics.median(r["per_io"][name][k] for r in runs if "per_io" in r)
