@@ -146,25 +146,28 @@ def run_echo(args: argparse.Namespace, workdir: Path, console: Console) -> list[
     return rows
 
 
+def _k(x: float) -> str:
+    return f"{x / 1000:,.1f}k" if x >= 10_000 else f"{x:,.0f}"
+
+
 def echo_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="Round trips: (a) raw uvloop echo vs (b) VMBus channel through the parent "
-                    "(CPU µs per round trip; other CPU = cores used by other processes meanwhile)")
-    for col in ("size", "transport", "in flight", "(b) packet", "(a) raw rt/s", "(a') framed rt/s",
-                "(b) VMBus rt/s", "(b) MB/s", "(b)/(a)", "(b)/(a')", "(a) server µs", "(b) parent µs",
+    t = Table(title="Round trips: (a) raw uvloop echo vs (b) VMBus channel through the parent (medians, with the "
+                    "range over the repeats; CPU µs per round trip; other CPU = cores used by other processes "
+                    "meanwhile)")
+    for col in ("size", "transport", "in flight", "(b) packet", "(a) raw rt/s", "(a) range", "(a') framed rt/s",
+                "(b) VMBus rt/s", "(b) range", "(b) MB/s", "(b)/(a)", "(b)/(a')", "(a) server µs", "(b) parent µs",
                 "(b) guest µs", "other CPU"):
         t.add_column(col, justify="left" if col in ("transport", "(b) packet") else "right")
     for r in rows:
         a, a2, b = r["raw"], r["framed"], r["vmbus"]
         t.add_row(f"{r['size'] // 1024} KiB", r["transport"], str(r["window"]), r["packet"],
-                  f"{a['rtt_per_s']:,.0f}", f"{a2['rtt_per_s']:,.0f}", f"{b['rtt_per_s']:,.0f}",
+                  f"{a['rtt_per_s']:,.0f}", f"{_k(a['rtt_per_s_min'])}-{_k(a['rtt_per_s_max'])}",
+                  f"{a2['rtt_per_s']:,.0f}", f"{b['rtt_per_s']:,.0f}",
+                  f"{_k(b['rtt_per_s_min'])}-{_k(b['rtt_per_s_max'])}",
                   f"{b['mb_per_s']:,.0f}", f"{r['ratio']:.3f}", f"{r['ratio_vs_framed']:.3f}",
                   f"{a.get('server_us_per_rt', 0):.2f}", f"{b.get('server_us_per_rt', 0):.2f}",
                   f"{b.get('client_us_per_rt', 0):.2f}", f"{max(a['other_cpu'], b['other_cpu']):.2f}")
     return t
-
-
-def _k(x: float) -> str:
-    return f"{x / 1000:,.1f}k" if x >= 10_000 else f"{x:,.0f}"
 
 
 def counters_table(results: dict[str, Any]) -> Table:

@@ -101,7 +101,8 @@ def ranges(files: list[dict[str, Any]]) -> str:
         cpu_part = f", parent {min(cpu):.0f}-{max(cpu):.0f} µs/op" if cpu else ""
         parts.append(f"{job}: {_num(min(vm))}-{_num(max(vm))} {rows[0]['unit']} (ratio {min(ratio):.2f}-"
                      f"{max(ratio):.2f}{cpu_part}; {len(rows)} runs)")
-    return f"Range over {len(files)} result files from {len(machines)} machine descriptions: " + "; ".join(parts)
+    return (f"Range over {len(files)} result file(s) from {len(machines)} machine description(s): "
+            + "; ".join(parts))
 
 
 def main(argv: list[str] | None = None) -> int:

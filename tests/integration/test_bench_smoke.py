@@ -108,3 +108,11 @@ def test_bench_quick_run(tmp_path: Path) -> None:
             assert (reads if "read" in row["rw"] else writes) > 0, f"{where}: the disk counted no I/O: {disk}"
     probe = results["storage_image"]["nowait_probe"]
     assert probe["ok"] + probe["eagain"] + probe["short"] + probe["unsupported"] == probe["reads"], probe
+
+    # The README's table renders from this run: one row per echo cell and storage job, and the range line.
+    table = subprocess.run([sys.executable, "-m", "bench.table", "--ranges", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == len(results["echo"]) + len(results["storage"]), table.stdout
+    assert "Range over 1 result file(s)" in table.stdout, table.stdout
