@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             results["storage"] = rows_st
             results["storage_image"] = image
             probe = image["nowait_probe"]
-            console.log(f"image: {image['resident_after_prefill']:.0%} cached after the prefill, "
+            console.log(f"image on {image['fs']['fstype']}: {image['resident_after_prefill']:.0%} cached after the "
+                        "prefill, "
                         f"{image['resident_after_warm']:.0%} after reading it through ({image['warm_s']} s); "
                         f"RWF_NOWAIT probe: {probe['ok']:,} hits / {probe['eagain']:,} EAGAIN / "
                         f"{probe['unsupported']:,} unsupported of {probe['reads']:,}, "

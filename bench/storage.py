@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 
 from . import pagecache
+from .machine import fs_type
 from .meter import ProcMeter
 from .parent import REPO_ROOT, ParentProcess, child_env, start_parent
 
@@ -143,7 +144,8 @@ def prepare_image(workdir: Path) -> tuple[Path, dict[str, Any]]:
     subprocess.run(["fio", "--name=prefill", f"--filename={image}", f"--size={IMAGE_BYTES}", "--rw=write",
                     "--bs=1M", "--ioengine=psync", "--end_fsync=1", "--output-format=terse"],
                    check=True, capture_output=True, timeout=300)
-    info: dict[str, Any] = {"resident_after_prefill": round(pagecache.resident_fraction(image), 4)}
+    info: dict[str, Any] = {"fs": fs_type(image.parent),
+                            "resident_after_prefill": round(pagecache.resident_fraction(image), 4)}
     info["warm_s"] = round(pagecache.warm(image), 3)
     info["resident_after_warm"] = round(pagecache.resident_fraction(image), 4)
     info["nowait_probe"] = pagecache.nowait_probe(image)

@@ -106,6 +106,8 @@ def test_bench_quick_run(tmp_path: Path) -> None:
             assert disk["reads_nowait_refused"] <= disk["reads_pool"], f"{where}: a refused read went nowhere: {disk}"
             # Every I/O of the run reached the disk one way or the other (the scan's reads come on top).
             assert (reads if "read" in row["rw"] else writes) > 0, f"{where}: the disk counted no I/O: {disk}"
+    assert results["storage_image"]["fs"]["fstype"] not in ("", "unknown"), results["storage_image"]["fs"]
+    assert results["storage_image"]["cache_mode"] == "warm", results["storage_image"]
     probe = results["storage_image"]["nowait_probe"]
     assert probe["ok"] + probe["eagain"] + probe["short"] + probe["unsupported"] == probe["reads"], probe
 
