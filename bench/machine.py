@@ -105,7 +105,7 @@ def fs_type(path: Path) -> dict[str, str]:
 
 
 def python_build() -> dict[str, Any]:
-    config = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    config = str(sysconfig.get_config_var("CONFIG_ARGS") or "")  # a distribution build may not show its PGO/LTO here
     return {"version": sys.version.split()[0], "implementation": platform.python_implementation(),
             "compiler": platform.python_compiler(), "pgo": "--enable-optimizations" in config,
             "lto": "--with-lto" in config, "executable": sys.executable}
