@@ -12,7 +12,11 @@ filesystem of the benchmark's working directory, memory, load and CPU pressure a
   /dev/zero, in ns per call, minus a zero-argument builtin that makes no syscall (the Python-side cost of
   the call). Mitigations (retpolines, IBPB/SRSO, PTI) show up here;
 * a wake-up calibration: a one-byte ping-pong between two processes over a socketpair, in µs per round
-  trip. Every VMBus round trip costs at least one such wake-up when the processes are not batching.
+  trip. Every VMBus round trip costs at least one such wake-up when the processes are not batching;
+* copy calibrations: copying 1 MiB in user space (between two existing buffers, GB/s), and 64 KiB through a Unix
+  socketpair in this process (a ``send`` and a ``recv_into``: two kernel copies, no wake-up), in µs. The
+  64 KiB echo cells cost the parent about twice as much on one machine as on another with the same code,
+  while the 1 KiB cells did not move: these say whether the machine copies more slowly.
 
 Best of several short tries (the minimum is the least disturbed by other load); the whole takes about
 half a second. The benchmark calibrates at its start and again at its end: on these shared machines the
@@ -166,8 +170,40 @@ def _ping_pong_us(rounds: int = 5000, tries: int = 3) -> float:
     return best
 
 
+def _copy_gb_per_s(size: int = 1 << 20) -> float:
+    """memmove of ``size`` bytes between two existing buffers (no allocation, so no page faults)."""
+    src, dst = bytearray(size), bytearray(size)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            dst[:] = src
+
+    return size / _best_ns(run, 50)
+
+
+def _socket_64k_us(size: int = 64 * 1024) -> float:
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * size)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * size)
+        data, buf = bytes(size), bytearray(size)
+        view = memoryview(buf)
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                a.sendall(data)
+                got = 0
+                while got < size:
+                    got += b.recv_into(view[got:])
+
+        return _best_ns(run, 200) / 1000
+    finally:
+        a.close()
+        b.close()
+
+
 def calibrate() -> dict[str, float]:
-    """Python loops per second, syscall ns, process wake-up µs (best of a few short tries each)."""
+    """Python loops per second, syscall ns, process wake-up µs, copy speed (best of a few short tries each)."""
     py_ns = _best_ns(_python_work, 50_000)
     builtin_ns = _best_ns(_loop(sys.getrecursionlimit), 50_000)
     getppid_ns = _best_ns(_loop(os.getppid), 50_000)
@@ -181,7 +217,9 @@ def calibrate() -> dict[str, float]:
             "python_builtin_call_ns": round(builtin_ns, 1),
             "syscall_getppid_ns": round(getppid_ns - builtin_ns, 1),
             "syscall_read_devzero_ns": round(read_ns - lambda_ns, 1),
-            "process_wakeup_roundtrip_us": round(_ping_pong_us(), 2)}
+            "process_wakeup_roundtrip_us": round(_ping_pong_us(), 2),
+            "copy_1mib_gb_per_s": round(_copy_gb_per_s(), 2),
+            "socket_64k_send_recv_us": round(_socket_64k_us(), 2)}
 
 
 def describe(workdir: Path) -> dict[str, Any]:
@@ -213,7 +251,8 @@ def _psi_some_avg10() -> float | None:
 def calibration_line(cal: dict[str, float]) -> str:
     return (f"{cal['python_loops_per_s']:,} Python loops/s, getppid {cal['syscall_getppid_ns']:.0f} ns, "
             f"read(/dev/zero) {cal['syscall_read_devzero_ns']:.0f} ns, process wake-up round trip "
-            f"{cal['process_wakeup_roundtrip_us']:.1f} µs")
+            f"{cal['process_wakeup_roundtrip_us']:.1f} µs, 1 MiB copy {cal['copy_1mib_gb_per_s']:.1f} GB/s, 64 KiB "
+            f"through a socketpair {cal['socket_64k_send_recv_us']:.1f} µs")
 
 
 def summary_lines(m: dict[str, Any], loadavg: list[float]) -> list[str]:

@@ -13,7 +13,9 @@ Per process and per operation (``per_op``), from /proc only (no ptrace, no root,
   epoll_wait is not counted, but each blocking one is a voluntary context switch;
 * ``vol_cs`` / ``invol_cs``: voluntary (the process slept: nothing to do) and involuntary (preempted)
   context switches, /proc/PID/status. Few voluntary switches per operation means the process batches;
-* ``runq_wait_us``: time runnable but waiting for a CPU (/proc/PID/schedstat), summed over its threads.
+* ``runq_wait_us``: time runnable but waiting for a CPU (/proc/PID/schedstat), summed over its threads;
+* ``minor_faults``: minor page faults (/proc/PID/stat): fresh memory touched, e.g. glibc serving bulk
+  buffers with new mmaps (what made the 64 KiB and 1 MiB runs bimodal before ``vmbus_proto/aio/malloc.py``).
 
 Threads are included in all of them (the parent's disk pool threads count as the parent).
 """
@@ -25,7 +27,8 @@ from typing import Any
 
 import psutil
 
-COUNTERS = ("user_us", "sys_us", "read_syscalls", "write_syscalls", "vol_cs", "invol_cs", "runq_wait_us")
+COUNTERS = ("user_us", "sys_us", "read_syscalls", "write_syscalls", "vol_cs", "invol_cs", "runq_wait_us",
+            "minor_faults")
 
 
 def _busy(t: Any) -> float:
@@ -49,6 +52,15 @@ def _runq_wait_us(pid: int) -> float:
     return total / 1000
 
 
+def _minor_faults(pid: int) -> float:
+    """Field 10 of /proc/PID/stat (after the parenthesised command name, which may hold spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return float(fh.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def sample(proc: psutil.Process) -> dict[str, float]:
     """Cumulative counters of one process (all its threads)."""
     with proc.oneshot():
@@ -60,7 +72,8 @@ def sample(proc: psutil.Process) -> dict[str, float]:
         except (psutil.AccessDenied, AttributeError):
             reads = writes = float("nan")
     return {"user_us": cpu.user * 1e6, "sys_us": cpu.system * 1e6, "read_syscalls": reads, "write_syscalls": writes,
-            "vol_cs": float(ctx.voluntary), "invol_cs": float(ctx.involuntary), "runq_wait_us": _runq_wait_us(proc.pid)}
+            "vol_cs": float(ctx.voluntary), "invol_cs": float(ctx.involuntary), "runq_wait_us": _runq_wait_us(proc.pid),
+            "minor_faults": _minor_faults(proc.pid)}
 
 
 def per_op(before: dict[str, float], after: dict[str, float], operations: int) -> dict[str, float]:

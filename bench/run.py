@@ -173,15 +173,16 @@ def echo_table(rows: list[dict[str, Any]]) -> Table:
 def counters_table(results: dict[str, Any]) -> Table:
     """Per operation and process: CPU, read/write syscalls, context switches, run-queue wait (medians)."""
     t = Table(title="Per operation, each process (medians): CPU µs user/sys, read- and write-family syscalls "
-                    "(/proc/PID/io), voluntary / involuntary context switches, run-queue wait µs; steal")
+                    "(/proc/PID/io), voluntary / involuntary context switches, run-queue wait µs, minor page "
+                    "faults; steal")
     for col in ("job", "process", "CPU µs", "user / sys", "read sc", "write sc", "vol cs", "invol cs",
-                "runq µs", "steal"):
+                "runq µs", "minor flt", "steal"):
         t.add_column(col, justify="left" if col in ("job", "process") else "right")
 
     def add(job: str, who: str, c: dict[str, float], steal: float) -> None:
         t.add_row(job, who, f"{c['cpu_us']:.1f}", f"{c['user_us']:.1f} / {c['sys_us']:.1f}",
                   f"{c['read_syscalls']:.2f}", f"{c['write_syscalls']:.2f}", f"{c['vol_cs']:.3f}",
-                  f"{c['invol_cs']:.3f}", f"{c['runq_wait_us']:.1f}", f"{steal:.1%}")
+                  f"{c['invol_cs']:.3f}", f"{c['runq_wait_us']:.1f}", f"{c['minor_faults']:.2f}", f"{steal:.1%}")
 
     for r in results.get("echo", []):
         job = f"echo {r['size'] // 1024} KiB {r['transport']}"

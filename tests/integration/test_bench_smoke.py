@@ -19,7 +19,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-COUNTERS = {"cpu_us", "user_us", "sys_us", "read_syscalls", "write_syscalls", "vol_cs", "invol_cs", "runq_wait_us"}
+COUNTERS = {"cpu_us", "user_us", "sys_us", "read_syscalls", "write_syscalls", "vol_cs", "invol_cs", "runq_wait_us",
+            "minor_faults"}
 
 
 def check_counters(where: str, per_op: dict[str, dict[str, float]], processes: set[str]) -> None:
@@ -33,7 +34,7 @@ def check_counters(where: str, per_op: dict[str, dict[str, float]], processes: s
 
 def check_calibration(where: str, cal: dict[str, float]) -> None:
     for key in ("python_loops_per_s", "syscall_getppid_ns", "syscall_read_devzero_ns",
-                "process_wakeup_roundtrip_us"):
+                "process_wakeup_roundtrip_us", "copy_1mib_gb_per_s", "socket_64k_send_recv_us"):
         assert math.isfinite(cal[key]) and cal[key] > 0, f"{where}: calibration {key} = {cal[key]!r}"
 
 
