@@ -7,7 +7,7 @@
 One row per job: the baseline (the raw uvloop echo for round trips, fio on the same file for storage), the
 VMBus path, their ratio, and the parent's / the guest's CPU per operation, with the run each row comes
 from. The range line gives, per headline job, the lowest and highest median seen over the given files and
-how many runs and distinct machines (CPU model, family/model/stepping, kernel) they came from. Storage
+how many runs and kernel builds (``uname -r``; older files name no CPU) they came from. Storage
 results from before 2026-12-02, or run with ``--cache fio-default``, measured a partly cold page cache
 (see bench/README.md) and are left out of the storage ranges.
 """
@@ -27,12 +27,13 @@ def _run_label(meta: dict[str, Any]) -> str:
     return f"{meta.get('started', '?')[:16].replace('T', ' ')} (load {load:.1f})"
 
 
-def machine_key(meta: dict[str, Any]) -> str:
+def kernel_of(meta: dict[str, Any]) -> str:
+    """``uname -r`` of the run (older result files only have the platform string, which contains it)."""
     m = meta.get("machine", {})
-    cpu = m.get("cpu", {})
-    kernel = m.get("kernel") or m.get("platform", "?")
-    return f"{cpu.get('model_name', '?')} {cpu.get('cpu_family', '?')}/{cpu.get('model', '?')}/" \
-           f"{cpu.get('stepping', '?')} {kernel}"
+    if m.get("kernel"):
+        return str(m["kernel"])
+    parts = str(m.get("platform", "?")).split("-")
+    return "-".join(parts[1:-3]) if len(parts) > 4 else "?"
 
 
 def warm_storage(results: dict[str, Any]) -> bool:
@@ -86,7 +87,7 @@ HEADLINE = ("echo 1 KiB tcp", "echo 1 KiB unix", "echo 64 KiB tcp", "randread 4k
 
 def ranges(files: list[dict[str, Any]]) -> str:
     seen: dict[str, list[Row]] = {}
-    machines = {machine_key(f["meta"]) for f in files}
+    kernels = {kernel_of(f["meta"]) for f in files}
     for results in files:
         for job, row in rows_of(results).items():
             seen.setdefault(job, []).append(row)
@@ -101,8 +102,8 @@ def ranges(files: list[dict[str, Any]]) -> str:
         cpu_part = f", parent {min(cpu):.0f}-{max(cpu):.0f} µs/op" if cpu else ""
         parts.append(f"{job}: {_num(min(vm))}-{_num(max(vm))} {rows[0]['unit']} (ratio {min(ratio):.2f}-"
                      f"{max(ratio):.2f}{cpu_part}; {len(rows)} runs)")
-    return (f"Range over {len(files)} result file(s) from {len(machines)} machine description(s): "
-            + "; ".join(parts))
+    names = ", ".join(sorted(kernels))
+    return f"Range over {len(files)} result file(s) from {len(kernels)} kernel build(s) ({names}): " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
