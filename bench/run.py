@@ -19,6 +19,11 @@ Scale: one parent with its five real devices; ``--workers`` processes bring up `
     parent RSS before / with all partitions / per partition, and the clean teardown time. Aim: 1,000
     partitions with zero errors.
 
+Every result file and the printed summary start with what tells machines apart (``bench/machine.py``: CPU,
+kernel, mitigations, clocksource, filesystem, Python build, and calibrations of Python speed, syscall cost and
+process wake-up), and every measurement carries each process's CPU, syscalls and context switches per
+operation (``bench/meter.py``) and the steal time. Rates are medians over ``--repeat`` runs, with the range.
+
 Nothing here asserts on timing; numbers are reported as measured on the machine at hand.
 """
 
@@ -29,26 +34,23 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import uvloop
 from rich.console import Console
 from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, vmbus_echo
+from . import echo_raw, machine, vmbus_echo
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
 from .scale import run_scale
-from .storage import run_storage
+from .storage import CACHE_MODES, JOBS, run_storage
 
 SIZES = (1024, 64 * 1024)
 TRANSPORTS = ("tcp", "unix")
@@ -68,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="load processes for the scale test (default 4)")
     p.add_argument("--concurrency", type=int, default=50, help="partitions coming up at once per worker")
     p.add_argument("--only", choices=["echo", "scale", "storage"], help="run one part only")
+    p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
+                   help="storage jobs to run, comma-separated (default: all of randread,randwrite,read,write)")
+    p.add_argument("--cache", choices=CACHE_MODES, default="warm",
+                   help="storage page cache: 'warm' (default; fio --invalidate=0, the image re-read before any run "
+                        "that finds it not all cached) or 'fio-default' (fio drops the cache before its runs, "
+                        "nothing re-warms: the behaviour before 2026-12-02, kept to reproduce it)")
     p.add_argument("--profile", action="store_true",
                    help="also sample the parent and the guest with py-spy during an extra VMBus 1 KiB TCP run")
     p.add_argument("--parent-log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -78,16 +86,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeat = max(1, args.repeat if args.repeat is not None else (1 if args.quick else 3))
     args.partitions = args.partitions if args.partitions is not None else (50 if args.quick else 1000)
     args.warmup = 0.2 if args.quick else 0.5
+    args.storage_jobs = [j for j in args.storage_jobs.split(",") if j]
+    unknown = set(args.storage_jobs) - {j[0] for j in JOBS}
+    if unknown:
+        p.error(f"unknown storage jobs: {', '.join(sorted(unknown))}")
     return args
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run whose rate is the median (lower median for an even count), with every sample's rate."""
+    """Medians over the runs (the rate's range too), every sample's rate, and each counter's median."""
     ordered = sorted(runs, key=lambda r: r["rtt_per_s"])
     pick = dict(ordered[(len(ordered) - 1) // 2])
-    pick["rtt_per_s"] = statistics.median(r["rtt_per_s"] for r in runs)
-    pick["mb_per_s"] = statistics.median(r["mb_per_s"] for r in runs)
+    for key in ("rtt_per_s", "mb_per_s", "server_us_per_rt", "client_us_per_rt", "other_cpu", "steal_frac"):
+        if key in pick:
+            pick[key] = statistics.median(r[key] for r in runs)
     pick["samples_rtt_per_s"] = [round(r["rtt_per_s"], 1) for r in runs]
+    pick["rtt_per_s_min"], pick["rtt_per_s_max"] = ordered[0]["rtt_per_s"], ordered[-1]["rtt_per_s"]
+    if all("per_op" in r for r in runs):
+        pick["per_op"] = {who: {k: statistics.median(r["per_op"][who][k] for r in runs) for k in pick["per_op"][who]}
+                          for who in pick["per_op"]}
     return pick
 
 
@@ -129,20 +146,55 @@ def run_echo(args: argparse.Namespace, workdir: Path, console: Console) -> list[
     return rows
 
 
+def _k(x: float) -> str:
+    return f"{x / 1000:,.1f}k" if x >= 10_000 else f"{x:,.0f}"
+
+
 def echo_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="Round trips: (a) raw uvloop echo vs (b) VMBus channel through the parent "
-                    "(CPU µs per round trip; other CPU = cores used by other processes meanwhile)")
-    for col in ("size", "transport", "in flight", "(b) packet", "(a) raw rt/s", "(a') framed rt/s",
-                "(b) VMBus rt/s", "(b) MB/s", "(b)/(a)", "(b)/(a')", "(a) server µs", "(b) parent µs",
+    t = Table(title="Round trips: (a) raw uvloop echo vs (b) VMBus channel through the parent (medians, with the "
+                    "range over the repeats; CPU µs per round trip; other CPU = cores used by other processes "
+                    "meanwhile)")
+    for col in ("size", "transport", "in flight", "(b) packet", "(a) raw rt/s", "(a) range", "(a') framed rt/s",
+                "(b) VMBus rt/s", "(b) range", "(b) MB/s", "(b)/(a)", "(b)/(a')", "(a) server µs", "(b) parent µs",
                 "(b) guest µs", "other CPU"):
         t.add_column(col, justify="left" if col in ("transport", "(b) packet") else "right")
     for r in rows:
         a, a2, b = r["raw"], r["framed"], r["vmbus"]
         t.add_row(f"{r['size'] // 1024} KiB", r["transport"], str(r["window"]), r["packet"],
-                  f"{a['rtt_per_s']:,.0f}", f"{a2['rtt_per_s']:,.0f}", f"{b['rtt_per_s']:,.0f}",
+                  f"{a['rtt_per_s']:,.0f}", f"{_k(a['rtt_per_s_min'])}-{_k(a['rtt_per_s_max'])}",
+                  f"{a2['rtt_per_s']:,.0f}", f"{b['rtt_per_s']:,.0f}",
+                  f"{_k(b['rtt_per_s_min'])}-{_k(b['rtt_per_s_max'])}",
                   f"{b['mb_per_s']:,.0f}", f"{r['ratio']:.3f}", f"{r['ratio_vs_framed']:.3f}",
                   f"{a.get('server_us_per_rt', 0):.2f}", f"{b.get('server_us_per_rt', 0):.2f}",
                   f"{b.get('client_us_per_rt', 0):.2f}", f"{max(a['other_cpu'], b['other_cpu']):.2f}")
+    return t
+
+
+def counters_table(results: dict[str, Any]) -> Table:
+    """Per operation and process: CPU, read/write syscalls, context switches, run-queue wait (medians)."""
+    t = Table(title="Per operation, each process (medians): CPU µs user/sys, read- and write-family syscalls "
+                    "(/proc/PID/io), voluntary / involuntary context switches, run-queue wait µs, minor page "
+                    "faults; steal")
+    for col in ("job", "process", "CPU µs", "user / sys", "read sc", "write sc", "vol cs", "invol cs",
+                "runq µs", "minor flt", "steal"):
+        t.add_column(col, justify="left" if col in ("job", "process") else "right")
+
+    def add(job: str, who: str, c: dict[str, float], steal: float) -> None:
+        t.add_row(job, who, f"{c['cpu_us']:.1f}", f"{c['user_us']:.1f} / {c['sys_us']:.1f}",
+                  f"{c['read_syscalls']:.2f}", f"{c['write_syscalls']:.2f}", f"{c['vol_cs']:.3f}",
+                  f"{c['invol_cs']:.3f}", f"{c['runq_wait_us']:.1f}", f"{c['minor_faults']:.2f}", f"{steal:.1%}")
+
+    for r in results.get("echo", []):
+        job = f"echo {r['size'] // 1024} KiB {r['transport']}"
+        for part, names in (("raw", {"server": "(a) echo server", "client": "(a) client"}),
+                            ("vmbus", {"server": "(b) parent", "client": "(b) guest"})):
+            for key, label in names.items():
+                if key in r[part].get("per_op", {}):
+                    add(job, label, r[part]["per_op"][key], r[part].get("steal_frac", 0.0))
+    for r in results.get("storage", []):
+        job = f"{r['rw']} {r['bs']} qd{r['iodepth']} {r['transport']}"
+        for who, c in r["vmbus"].get("per_io", {}).items():
+            add(job, who, c, r["vmbus"].get("steal_frac", 0.0))
     return t
 
 
@@ -171,22 +223,30 @@ def scale_table(s: dict[str, Any]) -> Table:
 
 
 def storage_table(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="storage: StorVSC over VMBus vs fio on the same file")
-    for col in ("job", "transport", "fio IOPS", "fio MB/s", "VMBus IOPS", "VMBus MB/s", "ratio", "p50 us",
-                "p99 us", "parent µs/io", "guest µs/io"):
+    t = Table(title="storage: StorVSC over VMBus vs fio on the same file (medians; IOPS range over the repeats; "
+                    "disk: reads inline / refused by RWF_NOWAIT / via the pool, all runs)")
+    for col in ("job", "transport", "fio IOPS", "fio range", "fio µs/io", "VMBus IOPS", "VMBus range",
+                "VMBus MB/s", "ratio", "p50 us", "p99 us", "parent µs/io", "guest µs/io", "cached before",
+                "disk reads"):
         t.add_column(col, justify="right")
     for r in rows:
         f, v = r["fio"], r["vmbus"]
+        disks = [d for d in v.get("samples_disk", []) if d and "reads_inline" in d]
+        reads = "/".join(str(sum(int(d[k]) for d in disks)) for k in ("reads_inline", "reads_nowait_refused",
+                                                                         "reads_pool")) if disks else "-"
+        cached = v.get("samples_cache_resident_before", [])
         t.add_row(f"{r['rw']} {r['bs']} qd{r['iodepth']}", r["transport"], f"{f['iops']:,.0f}",
-                  f"{f['bw_bytes'] / 1e6:,.0f}", f"{v['iops']:,.0f}", f"{v['bw_bytes'] / 1e6:,.0f}",
+                  f"{_k(f['iops_min'])}-{_k(f['iops_max'])}", f"{f.get('fio_us_per_io', 0):,.1f}",
+                  f"{v['iops']:,.0f}", f"{_k(v['iops_min'])}-{_k(v['iops_max'])}", f"{v['bw_bytes'] / 1e6:,.0f}",
                   f"{r['ratio_iops']:.3f}", f"{v['clat_us_p50']:,.0f}", f"{v['clat_us_p99']:,.0f}",
-                  f"{v.get('parent_us_per_io', 0):,.1f}", f"{v.get('guest_us_per_io', 0):,.1f}")
+                  f"{v.get('parent_us_per_io', 0):,.1f}", f"{v.get('guest_us_per_io', 0):,.1f}",
+                  f"{min(cached):.0%}-{max(cached):.0%}" if cached else "-", reads)
     return t
 
 
-def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "uvloop": importlib.metadata.version("uvloop"), "memory_bytes": psutil.virtual_memory().total}
+def describe_machine(workdir: Path) -> dict[str, Any]:
+    return {**machine.describe(workdir), "uvloop": importlib.metadata.version("uvloop"),
+            "psutil": importlib.metadata.version("psutil")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,17 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("warning")
     console = Console()
     if not console.is_terminal:
-        console = Console(width=180)  # keep the tables whole in logs and pipes
+        console = Console(width=240)  # keep the tables whole in logs and pipes
     started = time.monotonic()
-    results: dict[str, Any] = {
-        "meta": {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                 "loadavg_at_start": list(os.getloadavg()),
-                 "machine": machine(),
-                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
-        "aims": {"ratio_1k": AIM_RATIO_1K, "scale_partitions": args.partitions, "scale_errors": 0},
-    }
+    loadavg = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="vmbus-bench-") as tmp:
         workdir = Path(tmp)
+        results: dict[str, Any] = {
+            "meta": {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                     "loadavg_at_start": loadavg,
+                     "machine": describe_machine(workdir),
+                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+            "aims": {"ratio_1k": AIM_RATIO_1K, "scale_partitions": args.partitions, "scale_errors": 0},
+        }
+        for line in machine.summary_lines(results["meta"]["machine"], loadavg):
+            console.print(line)
         if args.only in (None, "echo"):
             rows = run_echo(args, workdir, console)
             results["echo"] = rows
@@ -221,8 +284,17 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]scale error: {e}")
         if args.only in (None, "storage"):
             console.log("storage: child-partition load storage vs fio on the same image file")
-            rows_st = run_storage(workdir / "storage", args.seconds * 2, args.repeat)
+            rows_st, image = run_storage(workdir / "storage", args.seconds * 2, args.repeat, args.cache,
+                                         args.storage_jobs)
             results["storage"] = rows_st
+            results["storage_image"] = image
+            probe = image["nowait_probe"]
+            console.log(f"image on {image['fs']['fstype']}: {image['resident_after_prefill']:.0%} cached after the "
+                        "prefill, "
+                        f"{image['resident_after_warm']:.0%} after reading it through ({image['warm_s']} s); "
+                        f"RWF_NOWAIT probe: {probe['ok']:,} hits / {probe['eagain']:,} EAGAIN / "
+                        f"{probe['unsupported']:,} unsupported of {probe['reads']:,}, "
+                        f"{probe.get('ns_per_read', 0):,} ns per read")
             console.print(storage_table(rows_st))
         if args.profile:
             console.log("profiling the parent and the guest during a VMBus 1 KiB TCP run (py-spy)")
@@ -236,17 +308,30 @@ def main(argv: list[str] | None = None) -> int:
                         console.print(f"  {pct:5.1f}%  {frame}")
                 elif prof:
                     console.print(f"[red]{who} profile: {prof.get('error')}")
+    if results.get("echo") or results.get("storage"):
+        console.print(counters_table(results))
     summary: dict[str, Any] = {}
     for r in results.get("echo", []):
         summary[f"ratio_{r['size'] // 1024}k_{r['transport']}"] = round(r["ratio"], 4)
+        summary[f"parent_us_{r['size'] // 1024}k_{r['transport']}"] = round(r["vmbus"].get("server_us_per_rt", 0), 2)
     for r in results.get("storage", []):
-        summary[f"storage_{r['rw']}_{r['bs']}_{r['transport']}_iops"] = round(r["vmbus"]["iops"])
+        key = f"storage_{r['rw']}_{r['bs']}_{r['transport']}"
+        summary[f"{key}_iops"] = round(r["vmbus"]["iops"])
+        summary[f"{key}_iops_range"] = [r["vmbus"]["iops_min"], r["vmbus"]["iops_max"]]
+        summary[f"{key}_parent_us_per_io"] = round(r["vmbus"].get("parent_us_per_io", 0), 1)
+    cal = results["meta"]["machine"]["calibration"]
+    summary["machine"] = (f"{results['meta']['machine']['cpu'].get('model_name', '?')}, kernel "
+                          f"{results['meta']['machine']['kernel']}, {cal['python_loops_per_s']:,} Python loops/s, "
+                          f"getppid {cal['syscall_getppid_ns']:.0f} ns, load {loadavg[0]:.2f}")
     if "scale" in results:
         summary["scale_errors"] = results["scale"]["errors"]
         summary["channels_per_s"] = round(results["scale"]["channels_per_s"], 1)
     results["summary"] = summary
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_at_end"] = list(os.getloadavg())
+    results["meta"]["calibration_at_end"] = end = machine.calibrate()
+    console.print(f"calibration at the end: {machine.calibration_line(end)}; load average "
+                  f"{' '.join(f'{x:.2f}' for x in results['meta']['loadavg_at_end'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     console.log(f"results written to {args.json} ({results['meta']['duration_s']} s)")

@@ -8,6 +8,15 @@ read through the host's page cache, so the ratio measures what the emulated VMBu
 file I/O itself. Jobs: 4 KiB random read and write at iodepth 32, and 1 MiB sequential read and write at iodepth 8.
 Each job is repeated (fio, TCP, Unix interleaved, in a rotating order) and the medians reported, with the
 CPU each process spent per I/O (parent and guest), which moves less with the machine's load than the rates.
+
+The page cache (``cache="warm"``, the default): fio runs with ``--invalidate=0`` and the image is read
+through before any run that finds it less than fully resident, so every run starts with the whole image
+cached; the resident share before each run is recorded. With ``cache="fio-default"`` fio drops the image's
+pages before each of its runs (its default ``invalidate=1``, and this benchmark's behaviour before
+2026-12-02) and nothing re-warms it: the runs after a fio run then start partly cold, and how much that
+costs depends on the machine's virtual disk. Each VMBus run's disk counters (reads answered inline from the
+page cache, refused by ``RWF_NOWAIT``, sent to the pool) come from the parent's ``disk closed`` log line:
+the parent closes a partition's disk as soon as the partition goes (``idle_close = 0``).
 """
 
 from __future__ import annotations
@@ -22,42 +31,71 @@ from typing import Any
 
 import psutil
 
+from . import pagecache
+from .machine import fs_type
+from .meter import ProcMeter
 from .parent import REPO_ROOT, ParentProcess, child_env, start_parent
 
 JOBS = [("randread", "4k", 32), ("randwrite", "4k", 32), ("read", "1M", 8), ("write", "1M", 8)]
 TRANSPORTS = ("tcp", "unix")
+CACHE_MODES = ("warm", "fio-default")
 IMAGE_BYTES = 1 << 30
 SETUP = 1.0  # seconds a load run takes to connect, negotiate and scan its disk
 RAMP = 0.5
+DISK_LOG_WAIT = 60.0  # seconds to wait for the parent's "disk closed" line (it flushes the run's writes first)
 
 
-def fio(image: Path, rw: str, bs: str, iodepth: int, seconds: float) -> dict[str, Any]:
+def fio(image: Path, rw: str, bs: str, iodepth: int, seconds: float, invalidate: bool) -> dict[str, Any]:
     cmd = ["fio", "--name=baseline", f"--filename={image}", f"--size={IMAGE_BYTES}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={iodepth}", "--ioengine=io_uring", "--direct=0", "--time_based", f"--runtime={seconds}",
-           "--ramp_time=0.5", "--output-format=json"]
+           f"--iodepth={iodepth}", "--ioengine=io_uring", "--direct=0", f"--invalidate={int(invalidate)}",
+           "--time_based", f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 60).stdout
     job = json.loads(out)["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
-    return {"iops": side["iops"], "bw_bytes": side["bw_bytes"],
-            "clat_us_p50": side["clat_ns"]["percentile"].get("50.000000", 0) / 1000,
-            "clat_us_p99": side["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
+    row = {"iops": side["iops"], "bw_bytes": side["bw_bytes"],
+           "clat_us_p50": side["clat_ns"]["percentile"].get("50.000000", 0) / 1000,
+           "clat_us_p99": side["clat_ns"]["percentile"].get("99.000000", 0) / 1000}
+    if side["iops"] and side.get("total_ios"):
+        # fio's own accounting: usr/sys in % of its run, context switches over the run.
+        row["fio_us_per_io"] = (job["usr_cpu"] + job["sys_cpu"]) / 100 / side["iops"] * 1e6
+        row["fio_ctx_per_io"] = job["ctx"] / side["total_ios"]
+    return row
+
+
+def disk_closed_lines(parent: ParentProcess) -> list[dict[str, object]]:
+    return [x for x in parent.log_lines() if x.get("event") == "disk closed"]
+
+
+def _disk_stats(parent: ParentProcess, seen: int) -> dict[str, Any]:
+    """The counters of the disk the last run used: the parent's next ``disk closed`` line."""
+    deadline = time.monotonic() + DISK_LOG_WAIT
+    while True:
+        lines = disk_closed_lines(parent)
+        if len(lines) > seen:
+            return {k: v for k, v in lines[seen].items() if k.startswith(("reads_", "writes_", "nowait_"))}
+        if time.monotonic() > deadline:
+            return {"error": f"no 'disk closed' line from the parent within {DISK_LOG_WAIT:g}s"}
+        time.sleep(0.05)
 
 
 def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
          parent: ParentProcess) -> dict[str, Any]:
-    """One ``child-partition load storage`` run; CPU of both processes sampled inside its measured window."""
+    """One ``child-partition load storage`` run; both processes' counters sampled inside its measured window."""
     cmd = [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", rw, "--bs", bs,
            "--iodepth", str(iodepth), "--runtime", str(seconds), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
            "--json", str(out)]
+    seen = len(disk_closed_lines(parent))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
-    cpu: dict[str, float] = {}
+    counters: dict[str, Any] = {}
+    window = 0.0
     try:
-        guest = psutil.Process(proc.pid)
+        meter = ProcMeter({"parent": parent.ps, "guest": psutil.Process(proc.pid)})
         time.sleep(SETUP + RAMP)  # connect, negotiate, scan, ramp: then the measured part
-        t0, p0, g0 = time.monotonic(), parent.cpu_seconds(), sum(guest.cpu_times()[:2])
+        t0 = time.monotonic()
+        meter.start()
         time.sleep(max(0.5, seconds - 1.0))
-        t1, p1, g1 = time.monotonic(), parent.cpu_seconds(), sum(guest.cpu_times()[:2])
-        cpu = {"parent_cores": (p1 - p0) / (t1 - t0), "guest_cores": (g1 - g0) / (t1 - t0)}
+        window = time.monotonic() - t0
+        counters = meter.stop(1)  # totals over the window; divided by the run's I/O count below
     except psutil.Error:
         pass  # the run ended early; its exit status says why
     _, err = proc.communicate(timeout=seconds + 120)
@@ -66,33 +104,68 @@ def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
     res = json.loads(out.read_text())
     side = res["write"] if "write" in rw else res["read"]
     pct = side["clat_us"]["percentiles"]
-    row = {"iops": side["iops"], "bw_bytes": side["bw_bytes"], "clat_us_p50": pct["50"], "clat_us_p99": pct["99"],
-           "errors": res["errors"]}
-    if cpu and side["iops"]:
-        row["parent_us_per_io"] = cpu["parent_cores"] / side["iops"] * 1e6
-        row["guest_us_per_io"] = cpu["guest_cores"] / side["iops"] * 1e6
+    row: dict[str, Any] = {"iops": side["iops"], "bw_bytes": side["bw_bytes"], "clat_us_p50": pct["50"],
+                           "clat_us_p99": pct["99"], "errors": res["errors"], "disk": _disk_stats(parent, seen)}
+    if counters and side["iops"]:
+        ios = side["iops"] * window
+        per_io = {name: {k: round(v / ios, 3) for k, v in c.items()} for name, c in counters["per_op"].items()}
+        row.update(per_io=per_io, steal_frac=counters["steal_frac"],
+                   parent_us_per_io=per_io["parent"]["cpu_us"], guest_us_per_io=per_io["guest"]["cpu_us"])
     return row
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of each figure over the repeats, with every sample's IOPS."""
-    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    """The median of each figure over the repeats, the IOPS of every run and their range."""
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]
+                           if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)}
     out["samples_iops"] = [round(r["iops"]) for r in runs]
+    out["iops_min"], out["iops_max"] = min(r["iops"] for r in runs), max(r["iops"] for r in runs)
     out["errors"] = [e for r in runs for e in r.get("errors", [])]
+    if "per_io" in runs[0]:
+        out["per_io"] = {name: {k: statistics.median(r["per_io"][name][k] for r in runs if "per_io" in r)
+                                for k in runs[0]["per_io"][name]} for name in runs[0]["per_io"]}
+    for extra in ("disk", "cache_resident_before"):
+        if extra in runs[0]:
+            out[f"samples_{extra}"] = [r.get(extra) for r in runs]
     return out
 
 
-def run_storage(workdir: Path, seconds: float, repeat: int = 1) -> list[dict[str, Any]]:
+def _before_run(image: Path, cache: str) -> float:
+    """Re-warm the image if it is not all cached (``warm`` mode); the resident share the run starts with."""
+    if cache == "warm" and pagecache.resident_fraction(image) < 0.999:
+        pagecache.warm(image)
+    return round(pagecache.resident_fraction(image), 4)
+
+
+def prepare_image(workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """The prefilled 1 GiB image, read through once; what the page cache and RWF_NOWAIT do with it here."""
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "disk.img"
     subprocess.run(["fio", "--name=prefill", f"--filename={image}", f"--size={IMAGE_BYTES}", "--rw=write",
                     "--bs=1M", "--ioengine=psync", "--end_fsync=1", "--output-format=terse"],
                    check=True, capture_output=True, timeout=300)
-    parent = start_parent(workdir / "parent", {"storage"}, log_level="warning",
-                          extra_config=f'\n[[storage.lun]]\nlun = 0\npath = "{image}"\n')
+    info: dict[str, Any] = {"fs": fs_type(image.parent),
+                            "resident_after_prefill": round(pagecache.resident_fraction(image), 4)}
+    info["warm_s"] = round(pagecache.warm(image), 3)
+    info["resident_after_warm"] = round(pagecache.resident_fraction(image), 4)
+    info["nowait_probe"] = pagecache.nowait_probe(image)
+    return image, info
+
+
+def run_storage(workdir: Path, seconds: float, repeat: int = 1, cache: str = "warm",
+                jobs: list[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per job and transport, and what the image looked like (``prepare_image``)."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}")
+    image, info = prepare_image(workdir)
+    info["cache_mode"] = cache
+    parent = start_parent(workdir / "parent", {"storage"}, log_level="info",
+                          extra_config=f'\n[storage]\nidle_close = 0\n\n[[storage.lun]]\nlun = 0\npath = "{image}"\n')
     rows: list[dict[str, Any]] = []
     try:
         for rw, bs, depth in JOBS:
+            if jobs and rw not in jobs:
+                continue
             base: list[dict[str, Any]] = []
             mine: dict[str, list[dict[str, Any]]] = {t: [] for t in TRANSPORTS}
             ratios: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
@@ -103,11 +176,13 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1) -> list[dict[str
                 order = order[i % 3:] + order[:i % 3]
                 runs: dict[str, dict[str, Any]] = {}
                 for what in order:
+                    resident = _before_run(image, cache)
                     if what == "fio":
-                        runs[what] = fio(image, rw, bs, depth, seconds)
+                        runs[what] = fio(image, rw, bs, depth, seconds, invalidate=cache == "fio-default")
                     else:
                         runs[what] = ours(parent.endpoint(what), rw, bs, depth, seconds,
                                           workdir / f"{rw}-{what}-{i}.json", parent)
+                    runs[what]["cache_resident_before"] = resident
                 base.append(runs["fio"])
                 for transport in TRANSPORTS:
                     mine[transport].append(runs[transport])
@@ -119,4 +194,4 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1) -> list[dict[str
                              "samples_ratio": [round(r, 3) for r in ratios[transport]]})
     finally:
         parent.stop()
-    return rows
+    return rows, info

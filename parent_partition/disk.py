@@ -20,6 +20,11 @@ it. Everything else (uncached reads, writes, fdatasync, fallocate, open, close) 
 pool shared by all disks, through a per-disk submission queue that pool workers drain in batches (one
 thread hop per batch). Each disk may occupy at most ``max_inflight`` workers, so one slow image cannot
 starve every other partition's disk.
+
+Each disk counts how its I/O went (:meth:`DiskBackend.stats`: reads answered inline, refused by
+``RWF_NOWAIT`` and sent to the pool, writes inline and pooled) and logs the counts when it closes
+(``disk closed``), so a slow run can be told apart from a cold page cache or a filesystem without
+non-blocking buffered I/O (tmpfs answers EOPNOTSUPP: then every read takes the pool).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from vmbus_proto.aio import logs
 
 __all__ = [
     "BLOCK_SIZE",
@@ -153,6 +160,12 @@ class DiskBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nowait_read = _RWF_NOWAIT != 0
         self._nowait_write = _RWF_NOWAIT != 0
+        # How the I/O went (plain ints: only the loop's thread counts).
+        self.reads_inline = 0  # answered from the page cache on the loop's thread
+        self.reads_nowait_refused = 0  # RWF_NOWAIT said EAGAIN or read short: not (all) cached
+        self.reads_pool = 0  # handed to a pool thread (after a refusal, or with no RWF_NOWAIT at all)
+        self.writes_inline = 0
+        self.writes_pool = 0
 
     # -- opening and closing ---------------------------------------------------------------------
 
@@ -219,6 +232,7 @@ class DiskBackend:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             await asyncio.get_running_loop().run_in_executor(self._pool(), _close_quietly, fd)
+        logs.get(component="disk").info("disk closed", path=str(self._path), **self.stats())
 
     def close_sync(self) -> None:
         """Close without a loop (startup error paths, tests); only valid when no I/O is in flight."""
@@ -252,6 +266,12 @@ class DiskBackend:
     def closed(self) -> bool:
         return self._closed
 
+    def stats(self) -> dict[str, int | bool]:
+        """How this disk's I/O went so far, and whether non-blocking reads and writes are still tried."""
+        return {"reads_inline": self.reads_inline, "reads_nowait_refused": self.reads_nowait_refused,
+                "reads_pool": self.reads_pool, "writes_inline": self.writes_inline, "writes_pool": self.writes_pool,
+                "nowait_read": self._nowait_read, "nowait_write": self._nowait_write}
+
     # -- I/O -------------------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -262,12 +282,14 @@ class DiskBackend:
         data = self.read_cached(offset, length)
         if data is not None:
             return bytes(data)
+        self.reads_pool += 1
         return await self._run(self._pread, offset, length)
 
     def read_soon(self, offset: int, length: int) -> asyncio.Future[bytes]:
         """An uncached ``read`` without a coroutine: a future that the pool completes with the data (or a
         ``DiskError``). For a caller that answers in a done callback instead of a task per request."""
         self._check_range("read", offset, length)
+        self.reads_pool += 1
         return self._submit(self._pread, offset, length)
 
     def read_cached(self, offset: int, length: int) -> bytearray | None:
@@ -278,9 +300,11 @@ class DiskBackend:
         buf = bytearray(length)
         try:
             if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
+                self.reads_inline += 1
                 return buf
+            self.reads_nowait_refused += 1
         except BlockingIOError:
-            pass
+            self.reads_nowait_refused += 1
         except OSError:
             self._nowait_read = False  # not supported here: always use the pool
         return None
@@ -297,9 +321,11 @@ class DiskBackend:
         view = memoryview(data).cast("B")
         self._check_range("write", offset, len(view))
         if (len(view) == 0 and not fua) or self._write_nowait(offset, view, fua):
+            self.writes_inline += 1
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
+        self.writes_pool += 1
         return self._submit(self._pwrite, offset, view, fua)
 
     def _write_nowait(self, offset: int, view: memoryview, fua: bool) -> bool:

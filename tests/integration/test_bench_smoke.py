@@ -1,20 +1,59 @@
 """Smoke test for ``python -m bench.run``: it runs end to end and writes the results it promises.
 
-Only shape and correctness are checked (every cell measured, nothing failed); never timing.
+Only shape and correctness are checked (every cell measured, nothing failed, the machine described, the
+per-process counters and the disk's I/O counters recorded and consistent); never timing.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+COUNTERS = {"cpu_us", "user_us", "sys_us", "read_syscalls", "write_syscalls", "vol_cs", "invol_cs", "runq_wait_us",
+            "minor_faults"}
+
+
+def check_counters(where: str, per_op: dict[str, dict[str, float]], processes: set[str]) -> None:
+    assert set(per_op) == processes, f"{where}: counters for {sorted(per_op)}, expected {sorted(processes)}"
+    for name, c in per_op.items():
+        assert set(c) >= COUNTERS, f"{where} {name}: missing counters {sorted(COUNTERS - set(c))}"
+        bad = {k: v for k, v in c.items() if not (math.isfinite(v) and v >= 0)}
+        assert not bad, f"{where} {name}: counters not finite and >= 0: {bad}"
+        assert c["cpu_us"] > 0, f"{where} {name}: no CPU time per operation"
+
+
+def check_calibration(where: str, cal: dict[str, float]) -> None:
+    for key in ("python_loops_per_s", "syscall_getppid_ns", "syscall_read_devzero_ns",
+                "process_wakeup_roundtrip_us", "copy_1mib_gb_per_s", "socket_64k_send_recv_us"):
+        assert math.isfinite(cal[key]) and cal[key] > 0, f"{where}: calibration {key} = {cal[key]!r}"
+
+
+def check_machine(meta: dict[str, Any]) -> None:
+    m = meta["machine"]
+    assert m["cpu"].get("model_name"), f"no CPU model name: {m['cpu']}"
+    assert m["cpu"]["cpus"] >= 1, m["cpu"]
+    assert isinstance(m["cpu"]["flags_of_note"], list), m["cpu"]
+    assert m["kernel"] == platform.release(), f"kernel {m['kernel']!r}, uname -r says {platform.release()!r}"
+    assert isinstance(m["mitigations"], dict), m["mitigations"]
+    assert all(isinstance(v, str) and v for v in m["mitigations"].values()), m["mitigations"]
+    assert m["clocksource"] and m["clocksource"] != "unknown", f"clocksource {m['clocksource']!r}"
+    assert m["workdir_fs"]["fstype"] not in ("", "unknown"), f"work dir filesystem: {m['workdir_fs']}"
+    assert m["python"]["version"] == platform.python_version(), m["python"]
+    assert 0 < m["memory_available_bytes"] <= m["memory_bytes"], (m["memory_available_bytes"], m["memory_bytes"])
+    check_calibration("start", m["calibration"])
+    check_calibration("end", meta["calibration_at_end"])
+    load = meta["loadavg_at_start"]
+    assert len(load) == 3 and all(math.isfinite(x) and x >= 0 for x in load), f"load average {load}"
 
 
 @pytest.mark.timeout(200)
@@ -25,7 +64,9 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert {"meta", "aims", "echo", "scale", "storage", "summary"} <= set(results)
+    assert {"meta", "aims", "echo", "scale", "storage", "storage_image", "summary"} <= set(results)
+    check_machine(results["meta"])
+    assert "Python loops/s" in proc.stdout and "mitigations" in proc.stdout, "no machine summary printed"
 
     cells = {(row["size"], row["transport"]) for row in results["echo"]}
     assert cells == {(1024, "tcp"), (1024, "unix"), (65536, "tcp"), (65536, "unix")}
@@ -34,6 +75,9 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         for part in ("raw", "framed", "vmbus"):
             assert row[part]["rtt_per_s"] > 0
             assert row[part]["round_trips"] > 0
+            assert row[part]["rtt_per_s_min"] <= row[part]["rtt_per_s"] <= row[part]["rtt_per_s_max"]
+            assert 0 <= row[part]["steal_frac"] <= 1, row[part]["steal_frac"]
+            check_counters(f"echo {row['size']} {row['transport']} {part}", row[part]["per_op"], {"server", "client"})
         assert row["ratio"] > 0
 
     scale = results["scale"]
@@ -51,3 +95,27 @@ def test_bench_quick_run(tmp_path: Path) -> None:
         assert row["vmbus"]["errors"] == []
         assert row["vmbus"]["iops"] > 0 and row["fio"]["iops"] > 0 and row["ratio_iops"] > 0
         assert row["vmbus"]["parent_us_per_io"] > 0 and row["vmbus"]["guest_us_per_io"] > 0
+        where = f"storage {row['rw']} {row['transport']}"
+        assert row["vmbus"]["iops_min"] <= row["vmbus"]["iops"] <= row["vmbus"]["iops_max"], where
+        check_counters(where, row["vmbus"]["per_io"], {"parent", "guest"})
+        for resident in row["vmbus"]["samples_cache_resident_before"]:
+            assert 0 <= resident <= 1, f"{where}: resident share {resident}"
+        for disk in row["vmbus"]["samples_disk"]:
+            assert "error" not in disk, f"{where}: {disk}"
+            reads = disk["reads_inline"] + disk["reads_pool"]
+            writes = disk["writes_inline"] + disk["writes_pool"]
+            assert disk["reads_nowait_refused"] <= disk["reads_pool"], f"{where}: a refused read went nowhere: {disk}"
+            # Every I/O of the run reached the disk one way or the other (the scan's reads come on top).
+            assert (reads if "read" in row["rw"] else writes) > 0, f"{where}: the disk counted no I/O: {disk}"
+    assert results["storage_image"]["fs"]["fstype"] not in ("", "unknown"), results["storage_image"]["fs"]
+    assert results["storage_image"]["cache_mode"] == "warm", results["storage_image"]
+    probe = results["storage_image"]["nowait_probe"]
+    assert probe["ok"] + probe["eagain"] + probe["short"] + probe["unsupported"] == probe["reads"], probe
+
+    # The README's table renders from this run: one row per echo cell and storage job, and the range line.
+    table = subprocess.run([sys.executable, "-m", "bench.table", "--ranges", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == len(results["echo"]) + len(results["storage"]), table.stdout
+    assert "Range over 1 result file(s)" in table.stdout, table.stdout
