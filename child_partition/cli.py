@@ -117,18 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(load)
     devices = load.add_subparsers(dest="device", required=True, metavar="DEVICE")
     st = devices.add_parser("storage", help="fio-style block I/O through StorVSC channels",
-                            description="fio-style block I/O through StorVSC channels: each partition connects, "
+                            description="fio-style block I/O through StorVSC channels: each partition connects,\n"
                                         "opens its storage channel and keeps --iodepth SCSI requests in flight.")
+    add_version(st)
     st.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
     st.add_argument("--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw", "rw"],
                     help="I/O pattern, as fio's --rw")
-    st.add_argument("--bs", default="4k", type=_size, help="block size, a multiple of 512 (as 4k, 1M)")
-    st.add_argument("--iodepth", type=_number(int, 1), default=32, help="requests in flight per partition")
-    st.add_argument("--runtime", type=_number(float, 0.1), default=10.0, help="seconds to measure")
-    st.add_argument("--ramp", type=_number(float, 0), default=0.5, help="seconds of warm-up not measured")
-    st.add_argument("--partitions", type=_number(int, 1), default=1, help="guests to run from this process")
-    st.add_argument("--size", type=_size, help="bytes of each disk to use, as 64M (default: the whole disk)")
-    st.add_argument("--rwmixread", type=_number(int, 0, 100), default=50, help="percent reads for randrw and rw")
+    st.add_argument("--bs", default="4k", metavar="SIZE", type=_size, help="block size, a multiple of 512 (as 4k, 1M)")
+    st.add_argument("--iodepth", metavar="N", type=_number(int, 1), default=32, help="requests in flight per partition")
+    st.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")
+    st.add_argument("--ramp", metavar="SECONDS", type=_number(float, 0), default=0.5,
+                    help="seconds of warm-up not measured")
+    st.add_argument("--partitions", metavar="N", type=_number(int, 1), default=1,
+                    help="guests to run from this process")
+    st.add_argument("--size", metavar="SIZE", type=_size,
+                    help="bytes of each disk to use, as 64M (default: the whole disk)")
+    st.add_argument("--rwmixread", metavar="PERCENT", type=_number(int, 0, 100), default=50,
+                    help="percent reads for randrw and rw")
     st.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
     return p
 

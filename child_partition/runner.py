@@ -246,7 +246,8 @@ class ChildPartition:
         """A driver whose probe failed: log why, give back what it holds; the other devices carry on."""
         self.vscs.pop(vsc.relid, None)
         self.failed_devices[vsc.relid] = vsc.spec.name
-        vsc.log.error("device failed to attach; continuing without it", error=error)
+        vsc.log.error("device failed to attach; continuing without it", error=error,
+                      hint="the parent's log ('device failed to open') says why it refused")
         try:
             await asyncio.wait_for(vsc.detach(), NEGOTIATE_TIMEOUT)
         except (BusError, TimeoutError, ChannelClosed, ConnectionError):

@@ -81,13 +81,17 @@ class Config:
             return cfg
         try:
             with open(path, "rb") as fh:
-                raw = tomllib.load(fh)
+                text = fh.read().decode()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            lines = text.count("\n") + 1
+            why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
+            raise ConfigError(f"{path}: not valid TOML: {why}") from None
         for section in sorted(set(raw) - set(SECTIONS)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(SECTIONS)}")
         for section in SECTIONS:

@@ -204,4 +204,5 @@ def _check_image(entry: LunEntry, source: str | None) -> None:
     except OSError as exc:
         hint = ("; make it writable or set read_only = true"
                 if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
-        raise ConfigError(f"{where}: {exc.strerror or exc}{hint}") from None
+        why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
+        raise ConfigError(f"{where}: {why}{hint}") from None
