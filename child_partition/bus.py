@@ -33,7 +33,8 @@ class ParentRefused(BusError):
 
     ``kind``: ``name-taken`` (another connection holds the partition name), ``hello`` (the parent rejected
     the HELLO, as a name it does not accept), ``envelope`` (no envelope version in common), ``auth`` (no
-    authentication method in common), ``versions`` (no VMBus version in common)."""
+    authentication method in common), ``versions`` (no VMBus version in common), ``not-a-parent`` (what
+    answered does not speak the envelope)."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -100,6 +101,8 @@ class GuestBus(FramedConnection):
     def fail(self, reason: str) -> None:
         if self.close_reason is None:
             self.close_reason = f"this child closed the connection: {reason}"
+        if self.refused is None and not self.hello_future.done():
+            self.refused = ParentRefused("not-a-parent", f"what answers there is no VMBus parent ({reason})")
         super().fail(reason)
 
     def on_connection_lost(self, exc: Exception | None) -> None:

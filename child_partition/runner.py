@@ -61,6 +61,7 @@ _REFUSAL_HINTS = {
     "hello": "check --name: 1-64 printable characters",
     "envelope": "run a parent-partition and a child-partition of the same release",
     "auth": "run a parent-partition and a child-partition of the same release",
+    "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
     "versions": "drop --vmbus-version to offer every version, or offer one that the parent's "
                 "[parent] vmbus_versions lists",
 }

@@ -242,6 +242,7 @@ class FakeParent:
                     conn.sendall(self.reply)
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the thread (Linux)
         self.sock.close()
         self.thread.join(TIMEOUT)
 
@@ -265,7 +266,9 @@ def fake(workdir: Path, request: pytest.FixtureRequest) -> Iterator[FakeParent]:
     (close_frame("FrameError: HELLO partition name must be 1-64 printable characters"), "check --name"),
     (encode_frame(FrameKind.HELLO, 0, Hello(2, "parent").encode()),
      "the parent speaks envelope 2 with auth 'none'; this child speaks envelope 1"),
-], indirect=["fake"])
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+     "what answers there is no VMBus parent (FrameError: frame of "),
+], indirect=["fake"], ids=["envelope", "auth", "name", "parent-envelope", "not-a-parent"])
 def test_permanent_refusal_is_not_retried(fake: FakeParent, workdir: Path, needle: str) -> None:
     vm = child(workdir, fake.url, "vm1")
     assert exited(vm) == 3, "".join(vm.raw)
@@ -275,7 +278,7 @@ def test_permanent_refusal_is_not_retried(fake: FakeParent, workdir: Path, needl
     assert fake.accepted == 1 and not vm.events("reconnecting"), "".join(vm.raw)
 
 
-@pytest.mark.parametrize("fake", [close_frame("parent is shutting down")], indirect=True)
+@pytest.mark.parametrize("fake", [close_frame("parent is shutting down")], indirect=True, ids=["shutting-down"])
 def test_transient_refusal_is_retried_and_no_reconnect_exits_1(fake: FakeParent, workdir: Path) -> None:
     vm = child(workdir, fake.url, "vm1")
     vm.wait_event("reconnecting")
