@@ -1,15 +1,23 @@
 # vmbus-emu: `make demo` runs the narrated multi-partition demo, `make test` the whole suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# .installed-run: the project and its runtime dependencies, enough for the demo; .installed: plus the
+# test and lint tools.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio
-.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean
+.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
-$(STAMP): pyproject.toml
+# PYTHONWARNINGS=ignore silences setuptools' notice about editable installs in the build subprocess.
+$(RUN_STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,7 +33,7 @@ sysdeps:
 	  else echo "missing:$$missing; run: sudo apt-get install -y qemu-utils libnbd-bin fio" >&2; exit 1; fi; \
 	fi
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/parent-partition demo
 
 lint: $(STAMP)
@@ -46,5 +54,13 @@ integration: $(STAMP) sysdeps
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
 
+# `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
 clean:
-	rm -rf $(VENV) run var .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	@if [ -d var ]; then echo "kept ./var (the VMs' disk images); 'make clean-disks' deletes it"; fi
+
+clean-disks:
+	@if [ -d var ]; then echo "deleting the VMs' disk images in ./var:"; find var -name '*.img' -printf '  %p\n'; \
+	  rm -rf var; else echo "no ./var: no disk images to delete"; fi
+
+distclean: clean clean-disks

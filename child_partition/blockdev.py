@@ -12,7 +12,14 @@ Documentation/block/writeback_cache_control.rst):
   not complete until its data is durable; ``flush()`` (``REQ_PREFLUSH``, SCSI SYNCHRONIZE CACHE) makes every
   write that completed before it was called durable, whoever issued it (the cache is the device's, so one
   flush covers all callers);
-* after ``discard()`` (``REQ_OP_DISCARD``, SCSI UNMAP) the range's contents are unspecified until rewritten;
+* after ``discard()`` (``REQ_OP_DISCARD``, SCSI UNMAP or WRITE SAME with UNMAP) the range's contents are
+  unspecified until rewritten;
+* ``write_zeroes(may_unmap=...)`` (``REQ_OP_WRITE_ZEROES``; ``REQ_NOUNMAP`` is ``may_unmap=False``) makes the
+  range read as zeros; with ``may_unmap`` the device may deallocate it instead of writing (a hole);
+* discard and write_zeroes take any whole-block range inside the disk, however long (the device splits it);
+* ``block_status()`` says which ranges are allocated: extents ``(length, flags)`` from ``offset`` on, flags
+  ``EXTENT_HOLE`` (deallocated) and ``EXTENT_ZERO`` (reads as zeros), the NBD ``base:allocation`` bits; a
+  device that cannot tell reports everything allocated;
 * failures raise ``BlockDeviceError`` with ``EIO`` (medium or transport error), ``EPERM`` (write to a
   read-only disk), ``ENOSPC`` (out of space, e.g. a thin backing store) or ``EINVAL`` (a request that breaks
   the rules above).
@@ -31,6 +38,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 SECTOR = 512
 DEFAULT_MAX_TRANSFER = 1024 * 1024
+EXTENT_HOLE = 1 << 0
+EXTENT_ZERO = 1 << 1
 
 T = TypeVar("T")
 
@@ -61,6 +70,10 @@ class BlockDevice(Protocol):
 
     async def discard(self, offset: int, length: int) -> None: ...
 
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None: ...
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
 
 def check_geometry(size: int, block_size: int, max_transfer: int) -> None:
     """Raise ValueError unless the numbers describe a disk a caller can split requests for."""
@@ -72,11 +85,13 @@ def check_geometry(size: int, block_size: int, max_transfer: int) -> None:
         raise ValueError(f"max transfer {max_transfer}: expected a positive multiple of {block_size}")
 
 
-def check_request(dev: BlockDevice, offset: int, length: int, *, writing: bool = False) -> None:
-    """Enforce the request rules of the module docstring; raise BlockDeviceError (EPERM or EINVAL)."""
+def check_request(dev: BlockDevice, offset: int, length: int, *, writing: bool = False,
+                  bounded: bool = True) -> None:
+    """Enforce the request rules of the module docstring (``bounded``: at most ``max_transfer`` bytes); raise
+    BlockDeviceError (EPERM or EINVAL)."""
     if writing and dev.read_only:
         raise BlockDeviceError(errno.EPERM, "read-only disk")
-    if length <= 0 or length > dev.max_transfer:
+    if length <= 0 or (bounded and length > dev.max_transfer):
         raise BlockDeviceError(errno.EINVAL, f"length {length} outside 1..{dev.max_transfer}")
     if offset < 0 or offset % dev.block_size or length % dev.block_size:
         raise BlockDeviceError(errno.EINVAL, f"request {offset}+{length} not aligned to {dev.block_size}")
@@ -85,8 +100,9 @@ def check_request(dev: BlockDevice, offset: int, length: int, *, writing: bool =
 
 
 class MemoryBlockDevice:
-    """A disk in a bytearray. Discarded ranges read back as zeroes. ``counts`` tallies requests by kind
-    (``read``, ``write``, ``fua_write``, ``flush``, ``discard``) so tests can see what reached the device."""
+    """A disk in a bytearray. Discarded ranges read back as zeroes; block status says all is allocated.
+    ``counts`` tallies requests by kind (``read``, ``write``, ``fua_write``, ``flush``, ``discard``,
+    ``write_zeroes``, ``write_zeroes_unmap``) so tests can see what reached the device."""
 
     def __init__(self, size: int, read_only: bool = False, *, block_size: int = SECTOR,
                  max_transfer: int = DEFAULT_MAX_TRANSFER, supports_discard: bool = True) -> None:
@@ -113,11 +129,20 @@ class MemoryBlockDevice:
         self.counts["flush"] += 1
 
     async def discard(self, offset: int, length: int) -> None:
-        check_request(self, offset, length, writing=True)
+        check_request(self, offset, length, writing=True, bounded=False)
         if not self.supports_discard:
             raise BlockDeviceError(errno.EINVAL, "discard not supported")
         self.counts["discard"] += 1
         self.data[offset:offset + length] = bytes(length)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        check_request(self, offset, length, writing=True, bounded=False)
+        self.counts["write_zeroes_unmap" if may_unmap else "write_zeroes"] += 1
+        self.data[offset:offset + length] = bytes(length)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        check_request(self, offset, length, bounded=False)
+        return [(length, 0)]
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -150,6 +175,12 @@ def _pwrite_all(fd: int, view: memoryview, offset: int, flags: int = 0) -> None:
             done += os.pwritev(fd, [view[done:]], offset + done, flags)
         else:
             done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _pwrite_zeros(fd: int, offset: int, length: int) -> None:
+    zeroes = memoryview(bytes(min(length, DEFAULT_MAX_TRANSFER)))
+    for pos in range(offset, offset + length, len(zeroes)):
+        _pwrite_all(fd, zeroes[:min(len(zeroes), offset + length - pos)], pos)
 
 
 class FileBlockDevice:
@@ -236,8 +267,19 @@ class FileBlockDevice:
     async def flush(self) -> None:
         await self._io(lambda: os.fdatasync(self.fd))
 
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        if may_unmap and self.supports_discard:
+            await self.discard(offset, length)  # a punched hole reads as zeros, and so does the fallback
+            return
+        check_request(self, offset, length, writing=True, bounded=False)
+        await self._io(lambda: _pwrite_zeros(self.fd, offset, length))
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        check_request(self, offset, length, bounded=False)
+        return [(length, 0)]
+
     async def discard(self, offset: int, length: int) -> None:
-        check_request(self, offset, length, writing=True)
+        check_request(self, offset, length, writing=True, bounded=False)
 
         def run() -> None:
             if self._punch:
@@ -248,6 +290,6 @@ class FileBlockDevice:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
                         raise
                     self._punch = False
-            _pwrite_all(self.fd, memoryview(bytes(length)), offset)
+            _pwrite_zeros(self.fd, offset, length)
 
         await self._io(run)

@@ -78,7 +78,7 @@ class GuestBus(FramedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.name).encode())
+        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.name, data_window=self.data_window).encode())
 
     def on_hello(self, frame: Frame) -> None:
         if self.hello_future.done():
@@ -89,6 +89,7 @@ class GuestBus(FramedConnection):
                       f"this child speaks envelope {ENVELOPE_VERSION} with no authentication")
             self.refused = ParentRefused("envelope", reason)
             raise FrameError(reason)
+        self.peer_data_window = hello.data_window
         self.hello_future.set_result(hello)
 
     def on_close_frame(self, reason: str) -> None:
@@ -236,22 +237,23 @@ class GuestBus(FramedConnection):
                            userdata: bytes = b"", name: str = "") -> Channel:
         """OPENCHANNEL on a ring GPADL of ``pages`` pages; returns the channel once the host accepted."""
         rings = ChannelRings(relid, host=False, guest_to_host_data=ring_data_size(downstream_offset),
-                             host_to_guest_data=ring_data_size(pages - downstream_offset))
+                             host_to_guest_data=ring_data_size(pages - downstream_offset),
+                             window_in=self.data_window, window_out=self.peer_data_window)
         ch = Channel(self, relid, rings, name=name, log=self.log.bind(relid=relid))
-        self.channels[relid] = ch
+        self.add_channel(ch)
         fut = self._wait(("open", relid))
         self.core.open_channel(relid, gpadl, downstream_offset, userdata, now=self._now())
         self._flush_core()
         try:
             await fut
         except BaseException:
-            self.channels.pop(relid, None)
+            self.remove_channel(relid)
             ch.close()
             raise
         return ch
 
     def close_channel(self, relid: int) -> None:
-        ch = self.channels.pop(relid, None)
+        ch = self.remove_channel(relid)
         if ch is not None:
             ch.close()
         if relid in self.core.channels:

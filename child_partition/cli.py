@@ -20,7 +20,7 @@ from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER
 
 from .nbd import parse_listen
-from .runner import ChildPartition
+from .runner import ChildPartition, NbdListenError
 
 DESCRIPTION = """\
 A child partition: the guest side of VMBus. It connects to a parent partition (parent-partition serve),
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(its disks are kept under that name)")
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
     run.add_argument("--nbd", metavar="URL", type=_nbd,
-                     help="export the VM's disk over NBD at HOST:PORT, tcp://HOST:PORT or unix:PATH, so qemu-img, "
-                          "qemu-io and nbdcopy can use it (default: not exported)")
+                     help="export the VM's disks over NBD at HOST:PORT, tcp://HOST:PORT or unix:PATH (LUN 0 as NAME, "
+                          "LUN n as NAME-lunN), so qemu-img, qemu-io and nbdcopy can use them (default: not exported)")
     run.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
                      help=f"a VMBus version to offer, as 5.3; repeat for several, newest first "
                           f"(default: {versions})")
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rwmixread", metavar="PERCENT", type=_number(int, 0, 100), default=50,
                     help="percent reads for randrw and rw")
     st.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
+    st.add_argument("--keep-disks", action="store_true",
+                    help="leave the partitions' disks as the run left them (default: discard them at the end)")
+    st.add_argument("--data-dir", metavar="DIR",
+                    help="the parent's data directory (same host): also delete the images it created for the run")
     return p
 
 
@@ -156,7 +160,11 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     child = ChildPartition(args.connect, args.name, trace=args.trace, versions=args.vmbus_version,
                            reconnect=not args.no_reconnect, nbd=args.nbd)
-    status = await child.run(stop)
+    try:
+        status = await child.run(stop)
+    except NbdListenError as exc:
+        print(f"child-partition: error: {exc}", file=sys.stderr)
+        return 1
     if child.failure:
         print(f"child-partition: error: {child.failure}", file=sys.stderr, flush=True)
     return status

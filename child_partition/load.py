@@ -5,6 +5,12 @@ other offers are left unopened, as a guest without those drivers would), and the
 requests in flight through the same block-device path that NBD uses: READ(10)/WRITE(10) EXECUTE_SRBs
 with the data in guest pages. Results are reported the way fio reports them (IOPS, bandwidth, completion
 latency percentiles from an HDR histogram), and as JSON with ``--json``.
+
+The parent creates a sparse image for each new partition name (``<data_dir>/<name>/lun0.img``), and every run
+uses fresh names, so the tool cleans up after itself unless ``--keep-disks``: before unloading, each guest
+discards its whole disk (SCSI WRITE SAME/UNMAP, as ``blkdiscard`` would), which hands the space back to the
+host; with ``--data-dir`` (the parent's, on this host) it also deletes the emptied images and their
+directories, which nothing in VMBus can ask the parent to do.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -31,7 +38,7 @@ from vmbus_proto.devices import storage as vstor
 from .bus import GuestBus
 from .guest_memory import GuestMemory
 from .runner import open_bus
-from .storvsc import StorageVsc
+from .storvsc import ScsiLun, StorageVsc
 
 PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
 MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
@@ -56,6 +63,8 @@ class Job:
     rwmixread: int = 50
     ramp: float = 0.5
     max_ios: int = 100_000_000  # a count bound on top of the time bound
+    keep_disks: bool = False
+    data_dir: str | None = None  # the parent's data directory, to delete the images from
 
 
 @dataclass(slots=True)
@@ -87,6 +96,7 @@ class Totals:
     seconds: float = 0.0
     partitions_ok: int = 0
     errors: list[str] = field(default_factory=list)
+    cleanup: list[str] = field(default_factory=list)  # what happened to the partitions' disks
 
 
 class Partition:
@@ -109,10 +119,16 @@ class Partition:
             raise RuntimeError("the parent offers no storage controller")
         self.vsc = StorageVsc(self.bus, self.memory, offer, self.log)
         await self.vsc.attach()
+        if 0 not in self.vsc.disks:
+            raise RuntimeError("the storage controller has no disk at LUN 0")
+
+    @property
+    def disk(self) -> ScsiLun:
+        assert self.vsc is not None
+        return self.vsc.disks[0]
 
     async def run(self, deadline: float, measure_from: float) -> None:
-        assert self.vsc is not None
-        job, vsc = self.job, self.vsc
+        job, vsc = self.job, self.disk
         span = min(job.size or vsc.size, vsc.size)
         blocks = max(1, span // job.bs)
         payload = os.urandom(job.bs)
@@ -152,6 +168,16 @@ class Partition:
 
         await asyncio.gather(*(worker() for _ in range(job.iodepth)))
 
+    async def discard_disks(self) -> str:
+        """Hand every writable disk's space back to the host (a whole-disk discard); what was done."""
+        assert self.vsc is not None
+        done = []
+        for lun, disk in self.vsc.disks.items():
+            if disk.supports_discard:
+                await disk.discard(0, disk.size)
+                done.append(f"LUN {lun} discarded")
+        return ", ".join(done) or "nothing to discard"
+
     async def stop(self) -> None:
         if self.vsc is not None:
             await self.vsc.detach()
@@ -188,8 +214,34 @@ async def run_storage(url: str, job: Job, console: Console, live: bool) -> Total
         totals.read.merge(p.read)
         totals.write.merge(p.write)
     totals.seconds = max(1e-9, min(time.monotonic(), deadline) - measure_from)
+    if not job.keep_disks:
+        discarded = await asyncio.gather(*(p.discard_disks() for p in ready), return_exceptions=True)
+        for p, outcome in zip(ready, discarded, strict=True):
+            text = outcome if isinstance(outcome, str) else f"discard failed: {outcome}"
+            totals.cleanup.append(f"{p.name}: {text}")
     await asyncio.gather(*(p.stop() for p in ready), return_exceptions=True)
+    if not job.keep_disks and job.data_dir is not None:
+        totals.cleanup.extend(remove_images(Path(job.data_dir), [p.name for p in parts]))
     return totals
+
+
+def remove_images(data_dir: Path, names: list[str]) -> list[str]:
+    """Delete the images the parent created for these partitions (``<data_dir>/<name>/lun<N>.img``) and the
+    directories they leave empty; the names are the tool's own (``load-<pid>-<i>``), so nothing else is hit."""
+    done = []
+    for name in names:
+        directory = data_dir / name
+        images = sorted(directory.glob("lun*.img"))
+        for image in images:
+            image.unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            if directory.exists():
+                done.append(f"{name}: removed {len(images)} image(s), kept {directory}: {exc.strerror}")
+                continue
+        done.append(f"{name}: removed {len(images)} image(s) from {directory}")
+    return done
 
 
 async def _progress(runs: asyncio.Future[Any], parts: list[Partition], job: Job, console: Console, live: bool,
@@ -232,7 +284,7 @@ def _dir_json(d: Direction, seconds: float, bs: int) -> dict[str, Any]:
 def results_json(url: str, job: Job, t: Totals) -> dict[str, Any]:
     return {"job": {"rw": job.rw, "bs": job.bs, "iodepth": job.iodepth, "runtime": job.runtime,
                     "partitions": job.partitions, "rwmixread": job.rwmixread, "size": job.size, "connect": url},
-            "seconds": t.seconds, "partitions_ok": t.partitions_ok, "errors": t.errors,
+            "seconds": t.seconds, "partitions_ok": t.partitions_ok, "errors": t.errors, "disks": t.cleanup,
             "read": _dir_json(t.read, t.seconds, job.bs), "write": _dir_json(t.write, t.seconds, job.bs)}
 
 
@@ -257,6 +309,8 @@ def render(url: str, job: Job, t: Totals, console: Console) -> None:
         for i in range(0, len(cells), 4):
             console.print("     | " + ", ".join(cells[i:i + 4]) + ("," if i + 4 < len(cells) else ""))
     console.print(f"  partitions: {t.partitions_ok} ok, {len(t.errors)} failed")
+    for line in t.cleanup:
+        console.print(f"  disks: {line}")
     for err in t.errors[:10]:
         console.print(f"  [red]error[/]: {err}")
 
@@ -266,7 +320,7 @@ def main(args: Any) -> int:
 
     job = Job(rw=args.rw, bs=parse_size(args.bs), iodepth=args.iodepth, runtime=args.runtime,
               partitions=args.partitions, size=parse_size(args.size) if args.size else 0,
-              rwmixread=args.rwmixread, ramp=args.ramp)
+              rwmixread=args.rwmixread, ramp=args.ramp, keep_disks=args.keep_disks, data_dir=args.data_dir)
     if job.bs <= 0 or job.bs % 512:
         print("child-partition load: --bs must be a positive multiple of 512", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""NBD server: exports a child partition's disk (a ``BlockDevice``) so that real NBD clients -- qemu-img, qemu-io,
-nbdcopy, nbdinfo, the kernel's nbd-client -- can act as the guest's block layer.
+"""NBD server: exports a child partition's disks (``BlockDevice``s, one export per LUN) so that real NBD clients --
+qemu-img, qemu-io, nbdcopy, nbdinfo, the kernel's nbd-client -- can act as the guest's block layer.
 
 What is mirrored is the NBD protocol as defined in the NBD protocol spec, NetworkBlockDevice/nbd doc/proto.md
 (section names below are that document's):
@@ -7,39 +7,48 @@ What is mirrored is the NBD protocol as defined in the NBD protocol spec, Networ
 * "Fixed newstyle negotiation": NBDMAGIC, IHAVEOPT, handshake flags FIXED_NEWSTYLE | NO_ZEROES; client flags
   other than C_FIXED_NEWSTYLE | C_NO_ZEROES drop the connection. Option haggling ("Option types"):
   NBD_OPT_EXPORT_NAME (old-style end, 124 zero bytes unless C_NO_ZEROES; an unknown name is a hard
-  disconnect because this option cannot fail), NBD_OPT_ABORT, NBD_OPT_LIST, NBD_OPT_INFO and NBD_OPT_GO
-  with NBD_INFO_EXPORT always, NBD_INFO_BLOCK_SIZE always (a server may send it unrequested), NBD_INFO_NAME
-  and NBD_INFO_DESCRIPTION when requested. NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY,
-  NBD_OPT_EXTENDED_HEADERS and every unknown option get NBD_REP_ERR_UNSUP (NOTLS mode, simple replies
-  only); NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT get NBD_REP_ERR_INVALID because they
-  require structured replies; an unknown export gets NBD_REP_ERR_UNKNOWN; oversized option data is skipped
-  and answered NBD_REP_ERR_TOO_BIG. The empty name is the default export and names the one export.
-* "Transmission" with "Simple reply message"s only: NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with
-  NO_HOLE) and DISC. Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM (if the device discards),
+  disconnect because this option cannot fail), NBD_OPT_ABORT, NBD_OPT_LIST (every export, with its
+  description), NBD_OPT_INFO and NBD_OPT_GO with NBD_INFO_EXPORT always, NBD_INFO_BLOCK_SIZE always (a server
+  may send it unrequested), NBD_INFO_NAME and NBD_INFO_DESCRIPTION when requested. NBD_OPT_STRUCTURED_REPLY is
+  acknowledged. NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT ("Metadata querying") know one
+  context, ``base:allocation``; SET needs structured replies first, and a selection made for one export does
+  not carry over to another. NBD_OPT_STARTTLS, NBD_OPT_EXTENDED_HEADERS and every unknown option get
+  NBD_REP_ERR_UNSUP (NOTLS mode); an unknown export gets NBD_REP_ERR_UNKNOWN; oversized option data is
+  skipped and answered NBD_REP_ERR_TOO_BIG. The empty name is the default export: the first one added.
+* "Transmission": NBD_CMD_READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with NO_HOLE), BLOCK_STATUS (with REQ_ONE,
+  once base:allocation is selected) and DISC. Replies are simple ("Simple reply message") unless structured
+  replies were negotiated; then a READ is always one structured chunk (OFFSET_DATA, or ERROR with a message),
+  so is any failure, and BLOCK_STATUS is one BLOCK_STATUS chunk; other successes stay simple, as the spec
+  allows. Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM (if the device discards),
   SEND_WRITE_ZEROES, CAN_MULTI_CONN, and READ_ONLY (which drops TRIM and WRITE_ZEROES). CAN_MULTI_CONN holds
   because every connection reaches the one device, whose flush covers every completed write whoever issued
   it, and the read-modify-write locks are shared by all connections. NBD_CMD_FLAG_FUA reaches the device
-  as ``write(fua=True)`` on every piece of the request (and as a flush after a TRIM).
+  as ``write(fua=True)`` on every piece of the request (and as a flush after a TRIM or WRITE_ZEROES).
   Requests are served concurrently and replied to out of order, bounded per connection by request count
   and by payload bytes (the socket stops being read when the budget is spent). NBD_CMD_DISC and server
   shutdown finish the requests in flight before closing ("Terminating the transmission phase").
+* Sparseness: TRIM is one device ``discard`` of the whole blocks inside the range; WRITE_ZEROES is one device
+  ``write_zeroes`` of its whole blocks, which may deallocate them unless the client set NO_HOLE (edge blocks
+  by read-modify-write). BLOCK_STATUS reports the device's ``block_status`` as base:allocation extents
+  (NBD_STATE_HOLE, NBD_STATE_ZERO), clipped to the request.
 * "Block size constraints": minimum 1 -- unaligned requests are served by read-modify-write of the edge
   blocks, serialised per block across all connections, so clients that never ask (NBD_OPT_EXPORT_NAME,
   or GO without NBD_INFO_BLOCK_SIZE) get the spec's defaults; preferred max(4096, device block); maximum
-  the device's ``max_transfer`` raised to the spec's 1 MiB floor and capped at 32 MiB. Whatever reaches
-  the device is split into aligned pieces of at most ``max_transfer``. The advertised maximum binds READ and
-  WRITE only for a client that asked for NBD_INFO_BLOCK_SIZE in its NBD_OPT_GO; other clients may send them
-  up to 2^25 bytes, which the spec says must not be treated as abuse. TRIM and WRITE_ZEROES carry no
-  payload and are served at any length inside the export: the spec would let WRITE_ZEROES over the maximum
-  fail with NBD_EINVAL, but nbdcopy (libnbd 1.14) zeroes whole holes of tens of MiB in one request.
-* "Error values": out of range is NBD_EINVAL for READ and TRIM and NBD_ENOSPC for WRITE and WRITE_ZEROES;
-  writes to a read-only export NBD_EPERM; unknown commands, flags not valid for the command (DF, REQ_ONE,
-  FAST_ZERO: never advertised), a FLUSH with offset or length, and lengths over the limit NBD_EINVAL. The
-  payload of a refused WRITE is still read and dropped, so the stream stays in step. A request with bad
-  magic is a hard disconnect.
+  the device's ``max_transfer`` raised to the spec's 1 MiB floor and capped at 32 MiB. Reads and writes
+  reach the device split into aligned pieces of at most ``max_transfer``. The advertised maximum binds READ
+  and WRITE only for a client that asked for NBD_INFO_BLOCK_SIZE in its NBD_OPT_GO; other clients may send
+  them up to 2^25 bytes, which the spec says must not be treated as abuse. TRIM, WRITE_ZEROES and
+  BLOCK_STATUS carry no payload and are served at any length inside the export: the spec would let
+  WRITE_ZEROES over the maximum fail with NBD_EINVAL, but nbdcopy (libnbd 1.14) zeroes whole holes of tens of
+  MiB in one request.
+* "Error values": out of range is NBD_EINVAL for READ, TRIM and BLOCK_STATUS and NBD_ENOSPC for WRITE and
+  WRITE_ZEROES; writes to a read-only export NBD_EPERM; unknown commands, flags not valid for the command
+  (DF, FAST_ZERO: never advertised), a FLUSH with offset or length, BLOCK_STATUS without a selected context,
+  and lengths over the limit NBD_EINVAL. The payload of a refused WRITE is still read and dropped, so the
+  stream stays in step. A request with bad magic is a hard disconnect.
 
-Not implemented: TLS, structured replies (and so block status and DF), extended headers, NBD_CMD_CACHE,
-fast zero, oldstyle negotiation.
+Not implemented: TLS, extended headers, DF (READ is always one chunk anyway), NBD_CMD_CACHE, fast zero,
+oldstyle negotiation.
 """
 
 from __future__ import annotations
@@ -140,6 +149,19 @@ NBD_CMD_FLAG_DF = 1 << 2
 NBD_CMD_FLAG_REQ_ONE = 1 << 3
 NBD_CMD_FLAG_FAST_ZERO = 1 << 4
 
+# Structured replies ("Structured reply chunk message") and the base:allocation context.
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1  # our context id for it
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+MAX_EXTENTS = 1024  # descriptors in one block status reply
+
 # Error values: the wire numbers are the spec's, whatever this platform's errno numbering. NBD_EOVERFLOW and
 # NBD_ENOTSUP are reserved for DF and fast zero, which this server never advertises.
 NBD_EPERM = 1
@@ -160,6 +182,7 @@ OPTION_HEADER = struct.Struct(">QII")
 OPTION_REPLY = struct.Struct(">QIII")
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
+CHUNK = struct.Struct(">IHHQI")
 
 # Limits.
 MAX_REQUEST = 32 * 1024 * 1024  # 2^25: the spec's portable READ/WRITE limit, never to be treated as abuse
@@ -287,10 +310,9 @@ class _Export:
         if flags & NBD_FLAG_SEND_WRITE_ZEROES:
             self.command_flags[NBD_CMD_WRITE_ZEROES] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE
         self.locks = _BlockLocks()
-        self._zeroes: memoryview | None = None
+        if self.size:  # NBD_CMD_BLOCK_STATUS, once a client has selected base:allocation
+            self.command_flags[NBD_CMD_BLOCK_STATUS] = NBD_CMD_FLAG_REQ_ONE
 
-    def matches(self, name: str) -> bool:
-        return name in ("", self.name)
 
     async def _pieces(self, offset: int, length: int, fn: Callable[[int, int], Awaitable[T]]) -> list[T]:
         """``fn(offset, length)`` over ``max_transfer`` pieces, a few at a time; results in order."""
@@ -364,13 +386,9 @@ class _Export:
             span[offset - start:offset - start + length] = view
             await self._write_aligned(start, memoryview(span), fua)
 
-    def _zero_buffer(self) -> memoryview:
-        if self._zeroes is None:
-            self._zeroes = memoryview(bytes(self.step))
-        return self._zeroes
-
-    async def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        """Zero the range by writing zeroes: a discard is not guaranteed to read back as zeroes."""
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_unmap: bool) -> None:
+        """Zero the range: whole blocks as one device write-zeroes (which may punch a hole unless the client
+        said NO_HOLE), partial edge blocks by read-modify-write."""
         if length == 0:
             return
         start = -(-offset // self.block) * self.block
@@ -380,23 +398,40 @@ class _Export:
             return
         if offset < start:
             await self.write(offset, bytes(start - offset), fua)
-        zeroes = self._zero_buffer()
-
-        async def piece(pos: int, n: int) -> None:
-            await self.device.write(pos, zeroes[:n], fua)
-
-        await self._pieces(start, end - start, piece)
+        await self.device.write_zeroes(start, end - start, may_unmap)
         if end < offset + length:
             await self.write(end, bytes(offset + length - end), fua)
+        if fua:
+            await self.device.flush()
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         """Discard the whole blocks inside the range (the spec lets a server round a TRIM inwards)."""
         start = -(-offset // self.block) * self.block
         end = (offset + length) // self.block * self.block
         if start < end:
-            await self._pieces(start, end - start, self.device.discard)
+            await self.device.discard(start, end - start)
         if fua:
             await self.device.flush()
+
+    async def block_status(self, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+        """base:allocation extents from ``offset``: (length, NBD_STATE_* flags), none past the request."""
+        start = offset - offset % self.block
+        end = min(-(-(offset + length) // self.block) * self.block, self.size)
+        extents: list[tuple[int, int]] = []
+        pos, cursor = offset, start
+        for n, flags in await self.device.block_status(start, end - start):
+            cursor += n
+            piece = min(cursor, offset + length) - pos
+            if piece <= 0:
+                continue
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + piece, flags)
+            else:
+                extents.append((piece, flags))
+            pos += piece
+            if len(extents) >= MAX_EXTENTS or pos >= offset + length:
+                break
+        return extents[:1] if one else extents[:MAX_EXTENTS]
 
     async def flush(self) -> None:
         await self.device.flush()
@@ -408,7 +443,9 @@ class _Connection:
     def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  log: Any) -> None:
         self.server = server
-        self.export = server.export
+        self.export: _Export | None = None  # chosen by NBD_OPT_GO / NBD_OPT_EXPORT_NAME
+        self.structured = False  # NBD_OPT_STRUCTURED_REPLY acknowledged
+        self.contexts: tuple[str, list[int]] | None = None  # export name and selected meta context ids
         self.reader = reader
         self.writer = writer
         self.log = log
@@ -445,8 +482,10 @@ class _Connection:
             if not ok:
                 reason = "client aborted negotiation"
                 return
-            self.log.info("nbd transmission", flags=hex(self.export.flags), size=self.export.size,
-                          block_size_acked=self.block_size_acked)
+            assert self.export is not None
+            self.log.info("nbd transmission", export=self.export.name, flags=hex(self.export.flags),
+                          size=self.export.size, block_size_acked=self.block_size_acked,
+                          structured=self.structured, contexts=self.contexts[1] if self.contexts else [])
             reason = await self._transmission()
         except NbdProtocolError as exc:
             reason = f"protocol violation: {exc}"
@@ -486,8 +525,9 @@ class _Connection:
         self.log.debug("nbd option refused", option=opt, reply=hex(rep), message=message)
         await self._opt_reply(opt, rep, message.encode()[:MAX_STRING])
 
-    def _export_info(self) -> bytes:
-        return struct.pack(">QH", self.export.size, self.export.flags)
+    @staticmethod
+    def _export_info(export: _Export) -> bytes:
+        return struct.pack(">QH", export.size, export.flags)
 
     async def _handshake(self) -> bool:
         """Option haggling; True once transmission is to start, False after NBD_OPT_ABORT."""
@@ -504,9 +544,11 @@ class _Connection:
                 if length > MAX_STRING:
                     raise NbdProtocolError(f"export name of {length} bytes")
                 name = (await self.reader.readexactly(length)).decode(errors="replace")
-                if not self.export.matches(name):
+                export = self.server.lookup(name)
+                if export is None:
                     raise NbdProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
-                await self._send(self._export_info() + (b"" if no_zeroes else bytes(124)))
+                await self._send(self._export_info(export) + (b"" if no_zeroes else bytes(124)))
+                self._enter(export)
                 return True
             if length > MAX_OPTION_DATA:
                 await self._skip(length)
@@ -522,9 +564,13 @@ class _Connection:
                 if await self._opt_info(opt, data) and opt == NBD_OPT_GO:
                     return True
             elif opt == NBD_OPT_STRUCTURED_REPLY:
-                await self._opt_error(opt, NBD_REP_ERR_UNSUP, "structured replies are not supported")
+                if data:
+                    await self._opt_error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                else:
+                    self.structured = True
+                    await self._opt_reply(opt, NBD_REP_ACK)
             elif opt in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
-                await self._opt_error(opt, NBD_REP_ERR_INVALID, "metadata contexts need structured replies")
+                await self._opt_meta_context(opt, data)
             elif opt == NBD_OPT_STARTTLS:
                 await self._opt_error(opt, NBD_REP_ERR_UNSUP, "TLS is not supported")
             else:
@@ -535,10 +581,69 @@ class _Connection:
         if data:
             await self._opt_error(NBD_OPT_LIST, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
             return
-        name = self.export.name.encode()
-        await self._opt_reply(NBD_OPT_LIST, NBD_REP_SERVER,
-                              struct.pack(">I", len(name)) + name + self.export.description.encode())
+        for export in self.server.exports.values():
+            name = export.name.encode()
+            await self._opt_reply(NBD_OPT_LIST, NBD_REP_SERVER,
+                                  struct.pack(">I", len(name)) + name + export.description.encode())
         await self._opt_reply(NBD_OPT_LIST, NBD_REP_ACK)
+
+    @staticmethod
+    def _strings(data: bytes, pos: int, count: int) -> list[str] | None:
+        """``count`` length-prefixed UTF-8 strings from ``pos`` filling the rest of ``data``, or None."""
+        out: list[str] = []
+        for _ in range(count):
+            if pos + 4 > len(data):
+                return None
+            (n,) = struct.unpack_from(">I", data, pos)
+            if n > MAX_STRING or pos + 4 + n > len(data):
+                return None
+            try:
+                out.append(data[pos + 4:pos + 4 + n].decode())
+            except UnicodeDecodeError:
+                return None
+            pos += 4 + n
+        return out if pos == len(data) else None
+
+    async def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        """NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT ("Metadata querying"): one context,
+        base:allocation; SET needs structured replies first and replaces any earlier selection."""
+        if opt == NBD_OPT_SET_META_CONTEXT and not self.structured:
+            await self._opt_error(opt, NBD_REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+            return
+        parsed = None
+        if len(data) >= 8:
+            (name_len,) = struct.unpack_from(">I", data)
+            if name_len <= min(MAX_STRING, len(data) - 8):
+                (count,) = struct.unpack_from(">I", data, 4 + name_len)
+                queries = self._strings(data, 8 + name_len, count)
+                if queries is not None:
+                    try:
+                        parsed = (data[4:4 + name_len].decode(), queries)
+                    except UnicodeDecodeError:
+                        parsed = None
+        if parsed is None:
+            await self._opt_error(opt, NBD_REP_ERR_INVALID, "malformed meta context request")
+            return
+        name, queries = parsed
+        if self.server.lookup(name) is None:
+            await self._opt_error(opt, NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if opt == NBD_OPT_LIST_META_CONTEXT:
+            chosen = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        else:
+            chosen = BASE_ALLOCATION in queries
+        if chosen:
+            await self._opt_reply(opt, NBD_REP_META_CONTEXT,
+                                  struct.pack(">I", BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+        if opt == NBD_OPT_SET_META_CONTEXT:
+            self.contexts = (name, [BASE_ALLOCATION_ID] if chosen else [])
+        await self._opt_reply(opt, NBD_REP_ACK)
+
+    def _enter(self, export: _Export) -> None:
+        """Transmission on ``export``; meta contexts selected for another export do not carry over."""
+        self.export = export
+        if self.contexts is not None and self.server.lookup(self.contexts[0]) is not export:
+            self.contexts = None
 
     async def _opt_info(self, opt: int, data: bytes) -> bool:
         """NBD_OPT_INFO / NBD_OPT_GO; True if the export was accepted."""
@@ -559,30 +664,30 @@ class _Connection:
             await self._opt_error(opt, NBD_REP_ERR_INVALID, "export name is not UTF-8")
             return False
         wanted = set(struct.unpack_from(f">{count}H", data, 6 + name_len))
-        if not self.export.matches(name):
+        e = self.server.lookup(name)
+        if e is None:
             await self._opt_error(opt, NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
             return False
-        info = struct.pack(">H", NBD_INFO_EXPORT) + self._export_info()
+        info = struct.pack(">H", NBD_INFO_EXPORT) + self._export_info(e)
         await self._opt_reply(opt, NBD_REP_INFO, info)
         if NBD_INFO_NAME in wanted:
-            await self._opt_reply(opt, NBD_REP_INFO, struct.pack(">H", NBD_INFO_NAME) + self.export.name.encode())
-        if NBD_INFO_DESCRIPTION in wanted and self.export.description:
-            await self._opt_reply(opt, NBD_REP_INFO,
-                                  struct.pack(">H", NBD_INFO_DESCRIPTION) + self.export.description.encode())
-        e = self.export
+            await self._opt_reply(opt, NBD_REP_INFO, struct.pack(">H", NBD_INFO_NAME) + e.name.encode())
+        if NBD_INFO_DESCRIPTION in wanted and e.description:
+            await self._opt_reply(opt, NBD_REP_INFO, struct.pack(">H", NBD_INFO_DESCRIPTION) + e.description.encode())
         await self._opt_reply(opt, NBD_REP_INFO,
                               struct.pack(">HIII", NBD_INFO_BLOCK_SIZE, e.min_block, e.preferred_block, e.max_block))
         await self._opt_reply(opt, NBD_REP_ACK)
-        if opt == NBD_OPT_GO and NBD_INFO_BLOCK_SIZE in wanted:
-            self.block_size_acked = True
-            self.max_payload = e.max_block
+        if opt == NBD_OPT_GO:
+            self._enter(e)
+            if NBD_INFO_BLOCK_SIZE in wanted:
+                self.block_size_acked = True
+                self.max_payload = e.max_block
         return True
 
     # -- transmission ------------------------------------------------------------------------------------------
 
-    def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
+    def _check(self, e: _Export, cmd: int, flags: int, offset: int, length: int) -> int:
         """The error for a request that must not reach the device, or 0."""
-        e = self.export
         writes = cmd in (NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES)
         if writes and e.read_only:
             return NBD_EPERM
@@ -593,14 +698,35 @@ class _Connection:
             return NBD_EINVAL
         if cmd == NBD_CMD_FLUSH:
             return NBD_EINVAL if offset or length else 0
+        if cmd == NBD_CMD_BLOCK_STATUS and (not self.contexts or not self.contexts[1] or not length):
+            return NBD_EINVAL  # no context selected (the spec's SHOULD), or nothing asked
         if offset + length > e.size:
             return NBD_ENOSPC if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES) else NBD_EINVAL
         if cmd in (NBD_CMD_READ, NBD_CMD_WRITE) and length > self.max_payload:
             return NBD_EINVAL
         return 0
 
-    async def _reply(self, handle: int, error: int, data: Iterable[bytes | memoryview] = ()) -> None:
-        await self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle), *data)
+    async def _reply(self, handle: int, error: int, data: Iterable[bytes | memoryview] = (), *,
+                     cmd: int = NBD_CMD_WRITE, offset: int = 0, message: str = "") -> None:
+        """The reply to one request: simple, except that with structured replies a READ (data or error) is
+        always structured ("Structured reply chunk message"), and so is a failure, to carry its message."""
+        if not self.structured or (cmd != NBD_CMD_READ and not error):
+            await self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle), *data)
+        elif error:
+            text = message.encode()[:MAX_STRING]
+            await self._chunk(handle, NBD_REPLY_TYPE_ERROR, struct.pack(">IH", error, len(text)), text)
+        else:
+            parts = list(data)
+            n = sum(len(part) for part in parts)
+            if n:
+                await self._chunk(handle, NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset), *parts)
+            else:
+                await self._chunk(handle, NBD_REPLY_TYPE_NONE)
+
+    async def _chunk(self, handle: int, kind: int, *payload: bytes | memoryview) -> None:
+        """One structured reply chunk, the final one (every reply here is a single chunk)."""
+        n = sum(len(part) for part in payload)
+        await self._send(CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, kind, handle, n), *payload)
 
     async def _transmission(self) -> str:
         read = self.reader.readexactly
@@ -612,13 +738,14 @@ class _Connection:
             self.requests += 1
             if cmd == NBD_CMD_DISC:
                 return "NBD_CMD_DISC"
-            error = self._check(cmd, flags, offset, length)
+            assert self.export is not None
+            error = self._check(self.export, cmd, flags, offset, length)
             if error:
                 if cmd == NBD_CMD_WRITE:
                     await self._skip(length)  # keep the stream in step
                 self.log.debug("nbd request refused", cmd=COMMAND_NAMES.get(cmd, cmd), offset=offset,
                                length=length, flags=flags, error=error)
-                await self._reply(handle, error)
+                await self._reply(handle, error, cmd=cmd, message=f"{COMMAND_NAMES.get(cmd, cmd)} refused")
                 continue
             charge = await self.budget.acquire(length if cmd in (NBD_CMD_READ, NBD_CMD_WRITE) else 0)
             payload = b""
@@ -635,9 +762,11 @@ class _Connection:
     async def _serve(self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytes,
                      charge: int) -> None:
         e = self.export
+        assert e is not None
         fua = bool(flags & NBD_CMD_FLAG_FUA)
         try:
             data: list[bytes | memoryview] = []
+            message = ""
             try:
                 if cmd == NBD_CMD_READ:
                     data = await e.read(offset, length)
@@ -647,31 +776,39 @@ class _Connection:
                     await e.flush()
                 elif cmd == NBD_CMD_TRIM:
                     await e.trim(offset, length, fua)
+                elif cmd == NBD_CMD_BLOCK_STATUS:
+                    extents = await e.block_status(offset, length, bool(flags & NBD_CMD_FLAG_REQ_ONE))
+                    body = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
+                        struct.pack(">II", n, f) for n, f in extents)
+                    await self._chunk(handle, NBD_REPLY_TYPE_BLOCK_STATUS, body)
+                    return
                 else:
-                    await e.write_zeroes(offset, length, fua)
+                    await e.write_zeroes(offset, length, fua, not flags & NBD_CMD_FLAG_NO_HOLE)
                 error = 0
             except Exception as exc:
                 error = nbd_errno(exc)
                 data = []
+                message = str(exc)
                 self.log.warning("nbd request failed", cmd=COMMAND_NAMES.get(cmd, cmd), offset=offset,
                                  length=length, error=error, exc=repr(exc))
-            await self._reply(handle, error, data)
+            await self._reply(handle, error, data, cmd=cmd, offset=offset, message=message)
         finally:
             self.budget.release(charge)
 
 
 class NbdServer:
-    """Serves one export of ``device`` over TCP or a Unix socket to any number of clients."""
+    """Serves exports of block devices over TCP or a Unix socket to any number of clients: ``device`` (if
+    given) as ``export_name``, and more with :meth:`add_export`. The first export is also the default one
+    (the empty name)."""
 
-    def __init__(self, device: BlockDevice, export_name: str = "", *, description: str = "", log: Any = None,
-                 max_inflight: int = MAX_INFLIGHT, max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+    def __init__(self, device: BlockDevice | None = None, export_name: str = "", *, description: str = "",
+                 log: Any = None, max_inflight: int = MAX_INFLIGHT, max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        for what, text in (("export name", export_name), ("description", description)):
-            if len(text.encode()) > MAX_STRING or "\0" in text:
-                raise ValueError(f"{what}: at most {MAX_STRING} UTF-8 bytes, no NUL")
         if max_inflight < 1 or max_inflight_bytes < 1:
             raise ValueError("in-flight limits must be positive")
-        self.export = _Export(device, export_name, description)
+        self.exports: dict[str, _Export] = {}
+        if device is not None:
+            self.add_export(device, export_name, description)
         self.log = log if log is not None else logs.get(component="nbd", export=export_name)
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
@@ -684,19 +821,47 @@ class NbdServer:
         self._next_id = 0
         self._closing = False
 
+    def add_export(self, device: BlockDevice, name: str, description: str = "") -> None:
+        """Serve ``device`` as ``name`` to clients that connect from now on."""
+        for what, text in (("export name", name), ("description", description)):
+            if len(text.encode()) > MAX_STRING or "\0" in text:
+                raise ValueError(f"{what}: at most {MAX_STRING} UTF-8 bytes, no NUL")
+        if name in self.exports or (not name and self.exports):
+            raise ValueError(f"export name {name!r} is taken (the empty name is the first export's)")
+        self.exports[name] = _Export(device, name, description)
+
+    def lookup(self, name: str) -> _Export | None:
+        """The export a client names; the empty name is the default (first) export."""
+        if not name:
+            return next(iter(self.exports.values()), None)
+        return self.exports.get(name)
+
+    @property
+    def export(self) -> _Export:
+        """The default export."""
+        export = self.lookup("")
+        if export is None:
+            raise LookupError("no exports")
+        return export
+
     @property
     def uri(self) -> str:
-        """The export as an NBD URI (``nbd://HOST:PORT/NAME`` or ``nbd+unix:///NAME?socket=PATH``)."""
+        """The default export's NBD URI (``nbd://HOST:PORT/NAME`` or ``nbd+unix:///NAME?socket=PATH``)."""
+        return self.uri_for(self.export.name)
+
+    def uri_for(self, export_name: str) -> str:
+        """An export's NBD URI."""
         kind, where, port = parse_listen(self.address)
-        name = quote(self.export.name, safe="")
+        name = quote(export_name, safe="")
         if kind == "unix":
             return f"nbd+unix:///{name}?socket={quote(where, safe='/')}"
         host = f"[{where}]" if ":" in where else where
         return f"nbd://{host}:{port}/{name}"
 
-    async def start(self, url: str) -> str:
+    async def start(self, url: str, serving: bool = True) -> str:
         """Listen on ``tcp://HOST:PORT`` (port 0 picks one), ``HOST:PORT`` or ``unix:PATH``; returns the bound
-        address in the same form (also in ``.address``)."""
+        address in the same form (also in ``.address``). With ``serving=False`` the address is bound (so a
+        busy port fails here) but connections wait in the backlog until :meth:`serve`."""
         if self._server is not None:
             raise RuntimeError("already started")
         kind, where, port = parse_listen(url)
@@ -704,18 +869,32 @@ class NbdServer:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(where).st_mode):
                     os.unlink(where)  # a stale socket from a previous run
-            self._server = await asyncio.start_unix_server(self._accept, where, limit=STREAM_LIMIT)
+            self._server = await asyncio.start_unix_server(self._accept, where, limit=STREAM_LIMIT,
+                                                           start_serving=serving)
             st = os.lstat(where)
             self._unix_path, self._unix_ino = where, (st.st_dev, st.st_ino)
             self.address = f"unix:{where}"
         else:
             self._server = await asyncio.start_server(self._accept, where, port, limit=STREAM_LIMIT,
-                                                      reuse_address=True)
+                                                      reuse_address=True, start_serving=serving)
             host, bound = self._server.sockets[0].getsockname()[:2]
             self.address = f"tcp://[{host}]:{bound}" if ":" in host else f"tcp://{host}:{bound}"
-        self.log.info("nbd server listening", address=self.address, uri=self.uri, size=self.export.size,
-                      read_only=self.export.read_only, max_transfer=self.export.step)
+        if serving:
+            self._listening()
         return self.address
+
+    async def serve(self) -> None:
+        """Start accepting connections on the address bound by ``start(url, serving=False)``."""
+        if self._server is None:
+            raise RuntimeError("not started")
+        if not self._server.is_serving():
+            await self._server.start_serving()
+            self._listening()
+
+    def _listening(self) -> None:
+        self.log.info("nbd server listening", address=self.address,
+                      exports={e.name: {"uri": self.uri_for(e.name), "size": e.size, "read_only": e.read_only}
+                               for e in self.exports.values()})
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closing:  # accepted just before close() stopped listening

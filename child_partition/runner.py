@@ -7,6 +7,10 @@ torn down, then UNLOAD waits for UNLOAD_RESPONSE (drivers/hv/vmbus_drv.c ``hv_ke
 ``vmbus_initiate_unload``). A lost connection is retried with exponential backoff and renegotiated;
 a refusal no retry can change (the name is taken, no version in common) ends the run. A device that fails
 to open costs that device only, as a Linux driver whose probe fails leaves the other devices bound.
+
+With ``--nbd`` every LUN the StorVSC finds is exported over NBD: LUN 0 as the partition's name (and as the
+default export), LUN n as ``<name>-lun<n>``. The NBD address is bound before the VM is brought up, so a busy
+port ends the run before any VMBus traffic.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from typing import Any
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import ChannelClosed
-from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
@@ -46,10 +49,6 @@ EXIT_OK = 0  # unloaded cleanly after stop
 EXIT_LOST = 1  # the parent could not be reached or the session ended, and reconnecting is off
 EXIT_REFUSED = 3  # the parent refused this child, or the address can never be connected to
 
-
-
-class CannotRun(Exception):
-    """This child cannot run as configured (a local resource it was told to use cannot be had)."""
 
 
 # connect() errors that mean "no parent there yet": retried.
@@ -96,16 +95,38 @@ class ChildPartition:
         self.sessions = 0
         self.nbd_url = nbd
         self.nbd: NbdServer | None = None
-        self.disk = GuestDisk()
+        self.disks: dict[int, GuestDisk] = {}  # by LUN, kept across reconnects
+        self.exit_status = 0
+        self._stop: asyncio.Event | None = None
         self.failure: str | None = None  # why run() gave up, in one line
         self.negotiated = False  # a session of ours was accepted (its name was ours)
         self.failed_devices: dict[int, str] = {}  # relid -> why its driver could not attach
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    @property
+    def disk(self) -> GuestDisk:
+        """LUN 0."""
+        return self.disks.setdefault(0, GuestDisk(0))
+
+    def export_name(self, lun: int) -> str:
+        """The NBD export name of a LUN."""
+        return self.name if lun == 0 else f"{self.name}-lun{lun}"
+
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until ``stop`` is set; returns the exit status (0 after a clean unload)."""
+        """Run until ``stop`` is set; returns the exit status (0 after a clean unload). Raises NbdListenError,
+        before connecting to the parent, if the NBD address cannot be bound."""
+        self._stop = stop
         try:
-            return await self._run(stop)
+            if self.nbd_url is not None:
+                self.nbd = NbdServer(log=self.log.bind(component="nbd"))
+                try:
+                    await self.nbd.start(self.nbd_url, serving=False)
+                except OSError as exc:
+                    self.nbd = None
+                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise NbdListenError(f"cannot listen for NBD on {self.nbd_url}: {reason}") from exc
+            status = await self._run(stop)
+            return status or self.exit_status
         finally:
             if self.nbd is not None:
                 await self.nbd.close()
@@ -137,9 +158,6 @@ class ChildPartition:
             try:
                 await self._session(self.bus, stop)
                 backoff = 0.1
-            except CannotRun as exc:
-                await self._forget(self.bus)
-                return self._give_up(EXIT_REFUSED, str(exc))
             except ParentRefused as exc:
                 await self._forget(self.bus)
                 # Our own previous connection may still hold the name until the parent notices it is gone.
@@ -201,18 +219,13 @@ class ChildPartition:
             if isinstance(result, BaseException):
                 raise result
         devices = sorted(v.spec.name for v in self.vscs.values())
-        versions = {v.spec.name: hex(v.version) for v in self.vscs.values() if v.version is not None}
+        versions = {v.spec.name: v.spec.version_text(v.version) for v in self.vscs.values() if v.version is not None}
         if self.failed_devices:
             self.log.warning("offered channels open except the failed devices", channels=len(self.vscs),
                              devices=devices, failed=sorted(self.failed_devices.values()))
         else:
             self.log.info("all offered channels open", channels=len(self.vscs), devices=devices, versions=versions)
-        try:
-            await self._export_disk()
-        except OSError as exc:
-            with contextlib.suppress(BusError, TimeoutError, ChannelClosed, ConnectionError):
-                await self.shutdown(bus)
-            raise CannotRun(f"cannot export the disk over NBD at {self.nbd_url}: {os_reason(exc)}") from None
+        await self._export_disk()
         self.ready.set()
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         lost: asyncio.Future[Any] = bus.closed_future
@@ -239,9 +252,10 @@ class ChildPartition:
                 raise  # the connection went, not the device
             await self._drop_device(vsc, str(exc) or type(exc).__name__)
             return
-        vsc.log.info("device ready", version=hex(vsc.version) if vsc.version is not None else None)
+        vsc.log.info("device ready", version=vsc.spec.version_text(vsc.version) if vsc.version is not None else None)
         if isinstance(vsc, StorageVsc):
-            self.disk.attach(vsc)
+            for lun in sorted(vsc.disks):
+                self.disks.setdefault(lun, GuestDisk(lun)).attach(vsc)
 
     async def _drop_device(self, vsc: Vsc, error: str) -> None:
         """A driver whose probe failed: log why, give back what it holds; the other devices carry on."""
@@ -255,19 +269,35 @@ class ChildPartition:
             vsc.forget()
 
     async def _export_disk(self) -> None:
-        """Serve the guest's disk over NBD once it has been attached (kept across reconnects)."""
-        if self.nbd_url is None or self.nbd is not None or not self.disk.size:
+        """Serve every LUN over NBD once attached (exports are kept across reconnects; a LUN that appears
+        later is added). If that fails the VM is unloaded cleanly and the run ends with status 1."""
+        if self.nbd is None:
             return
-        self.nbd = NbdServer(self.disk, export_name=self.name, log=self.log.bind(component="nbd"))
-        await self.nbd.start(self.nbd_url)
-        self.log.info("disk exported over NBD", uri=self.nbd.uri, size=self.disk.size,
-                      read_only=self.disk.read_only)
+        try:
+            added = []
+            for lun, disk in sorted(self.disks.items()):
+                name = self.export_name(lun)
+                if name in self.nbd.exports or not disk.size:
+                    continue
+                self.nbd.add_export(disk, name, f"{self.name} LUN {lun}: {disk.vendor} {disk.product}".strip())
+                added.append((lun, name, disk))
+            if self.nbd.exports:
+                await self.nbd.serve()
+            for lun, name, disk in added:  # said once clients can connect
+                self.log.info("disk exported over NBD", lun=lun, uri=self.nbd.uri_for(name), size=disk.size,
+                              read_only=disk.read_only)
+        except (OSError, ValueError) as exc:
+            self.log.error("cannot export the disks over NBD; shutting the VM down", error=str(exc))
+            self.exit_status = 1
+            if self._stop is not None:
+                self._stop.set()
 
     async def _rescinded(self, relid: int) -> None:
         vsc = self.vscs.pop(relid, None)
         self.log.info("offer rescinded", relid=relid, device=vsc.spec.name if vsc else None)
-        if vsc is not None and vsc is self.disk.vsc:
-            self.disk.detach()
+        for disk in self.disks.values():
+            if vsc is not None and vsc is disk.vsc:
+                disk.detach()
         if vsc is not None:
             await vsc.detach(rescinded=True)
         if self.bus is not None:
@@ -291,7 +321,8 @@ class ChildPartition:
         if self.nbd is not None:
             await self.nbd.close()  # in-flight NBD requests finish on the channel first
             self.nbd = None
-        self.disk.detach()
+        for disk in self.disks.values():
+            disk.detach()
         await asyncio.gather(*(v.detach() for v in list(self.vscs.values())))
         self.vscs.clear()
         await asyncio.wait_for(bus.unload(), NEGOTIATE_TIMEOUT)
@@ -301,12 +332,17 @@ class ChildPartition:
 
     async def _forget(self, bus: GuestBus | None) -> None:
         """After a lost connection: guest-side state goes; pages are returned."""
-        self.disk.detach()
+        for disk in self.disks.values():
+            disk.detach()
         for vsc in self.vscs.values():
             vsc.forget()
         self.vscs.clear()
         if bus is not None:
             bus.close()
+
+
+class NbdListenError(Exception):
+    """The NBD address given with ``--nbd`` cannot be bound (e.g. the port is in use)."""
 
 
 async def _wait(stop: asyncio.Event, delay: float) -> bool:

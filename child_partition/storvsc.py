@@ -24,7 +24,7 @@ from vmbus_proto.devices import storage as vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
 
-from .blockdev import BlockDeviceError
+from .blockdev import EXTENT_HOLE, EXTENT_ZERO, BlockDeviceError
 from .guest_memory import GuestMemory
 from .vsc import HandshakeVsc
 
@@ -48,6 +48,8 @@ _SRB_SUCCESS = int(vstor.SrbStatus.SUCCESS)
 _COMP = int(PacketType.COMP)
 _READ_DIRECTION = int(vstor.DataDirection.READ)
 _OP_COMPLETE_IO = int(vstor.Operation.COMPLETE_IO)
+SD_MAX_WS16_BLOCKS = 0x7FFFFF  # Linux sd's cap on one WRITE SAME(16)
+LBA_STATUS_ALLOCATION = 8 + 16 * 256  # GET LBA STATUS: header and up to 256 descriptors
 SENSE_KEY_NAMES = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST",
                    0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT"}
 
@@ -136,24 +138,17 @@ class BufferPool:
 
 
 class StorageVsc(HandshakeVsc):
-    """The VSC plus the guest's view of LUN 0 as a ``BlockDevice``."""
+    """The VSC; ``disks`` holds the guest's view of each LUN it found as a ``BlockDevice`` (:class:`ScsiLun`)."""
 
     module = vstor
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.size = 0
-        self.block_size = SECTOR
-        self.read_only = False
         self.max_transfer = vstor.DEFAULT_MAX_TRANSFER_BYTES
-        self.supports_discard = False
-        self.write_cache = True
         self.luns: list[int] = []
-        self.vendor = ""
-        self.product = ""
+        self.disks: dict[int, ScsiLun] = {}
         self.pool: BufferPool | None = None
         self._slots: asyncio.Semaphore | None = None
-        self.lun = 0
 
     def open_userdata(self) -> bytes:
         return bytes(24)  # Linux passes a zeroed vmstorage_channel_properties
@@ -191,7 +186,7 @@ class StorageVsc(HandshakeVsc):
     async def command(self, cdb: bytes, data_out: Buffer | None = None, data_in: int = 0,
                       lun: int | None = None) -> ScsiReply:
         """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read."""
-        payload, data = await self._srb(cdb, data_out, data_in, self.lun if lun is None else lun)
+        payload, data = await self._srb(cdb, data_out, data_in, 0 if lun is None else lun)
         return self._reply(payload, data)
 
     async def _srb(self, cdb: bytes, data_out: Buffer | None, data_in: int, lun: int) -> tuple[bytes, bytes]:
@@ -247,43 +242,130 @@ class StorageVsc(HandshakeVsc):
         return bool(op == _OP_COMPLETE_IO and srb_status & 0x3F == _SRB_SUCCESS and scsi_status == 0)
 
     async def scan(self) -> None:
-        """What the Linux SCSI midlayer and sd do on a new target (scsi_scan.c, sd.c)."""
+        """What the Linux SCSI midlayer does on a new target (scsi_scan.c): REPORT LUNS, then sd probes each
+        LUN that answers INQUIRY as a disk. LUN 0 is probed even if REPORT LUNS fails."""
         luns = await self.command(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 4096) + b"\0\0", data_in=4096)
+        found = [0]
         if luns.ok and len(luns.data) >= 8:
             n = struct.unpack_from(">I", luns.data)[0] // 8
-            self.luns = [struct.unpack_from(">H", luns.data, 8 + 8 * i)[0] & 0x3FFF for i in range(n)
-                         if 16 + 8 * i <= len(luns.data)]
+            found = [struct.unpack_from(">H", luns.data, 8 + 8 * i)[0] & 0x3FFF for i in range(n)
+                     if 16 + 8 * i <= len(luns.data)] or [0]
+        self.luns = found
+        self.disks = {}
+        first_error: BlockDeviceError | None = None
+        for lun in found:
+            disk = ScsiLun(self, lun)
+            try:
+                if await disk.probe():
+                    self.disks[lun] = disk
+            except BlockDeviceError as exc:
+                self.log.warning("LUN probe failed", lun=lun, error=str(exc))
+                first_error = first_error or exc
+        if not self.disks and first_error is not None:
+            raise first_error
+        for disk in self.disks.values():
+            self.log.info("disk attached", lun=disk.lun, vendor=disk.vendor, product=disk.product, size=disk.size,
+                          read_only=disk.read_only, discard=disk.provisioning, max_transfer=disk.max_transfer)
+
+
+class DiskFacts:
+    """What the guest learns about a disk when it scans it: the ``BlockDevice`` geometry and the INQUIRY
+    identity. Class-level defaults until a scan fills them in."""
+
+    size: int = 0
+    block_size: int = SECTOR
+    read_only: bool = False
+    max_transfer: int = vstor.DEFAULT_MAX_TRANSFER_BYTES
+    vendor: str = ""
+    product: str = ""
+
+
+class ScsiLun(DiskFacts):
+    """One LUN as the guest's block layer sees it: a Linux sd disk (drivers/scsi/sd.c) on the StorVSC.
+
+    ``probe`` is sd's revalidate: INQUIRY, READ CAPACITY(16) (LBPME, LBPRZ), MODE SENSE for write-protect and
+    the caching page, and with LBPME the Block Limits and Logical Block Provisioning VPD pages (0xB0, 0xB2).
+    Discard and write-zeroes follow ``sd_discard_mode`` / ``sd_setup_write_zeroes_cmnd``: WRITE SAME(16) with
+    UNMAP=1 when the target says LBPWS (and for write-zeroes only when it also says LBPRZ, since the hole must
+    read as zeros), UNMAP when it says only LBPU, and WRITE SAME(16) without UNMAP for a write-zeroes that must
+    stay allocated (``REQ_NOUNMAP``). Block status is GET LBA STATUS (SBC-3), which Linux does not send but
+    a target with LBPME must answer.
+    """
+
+    def __init__(self, vsc: StorageVsc, lun: int) -> None:
+        self.vsc = vsc
+        self.lun = lun
+        self.max_transfer = vsc.max_transfer
+        self.write_cache = True
+        self.lbpme = False
+        self.lbprz = False
+        self.provisioning: str | None = None  # "ws16", "unmap" or None: how discards are sent
+        self.max_discard_blocks = 0
+        self.max_ws_blocks = 0
+        self.block_status_supported = True
+
+    @property
+    def supports_discard(self) -> bool:
+        return self.provisioning is not None
+
+    async def command(self, cdb: bytes, data_out: Buffer | None = None, data_in: int = 0) -> ScsiReply:
+        return await self.vsc.command(cdb, data_out, data_in, lun=self.lun)
+
+    async def probe(self) -> bool:
+        """Read the LUN's geometry and capabilities; False if it is not a disk that is present."""
         inq = await self.command(bytes([0x12, 0, 0, 0, 96, 0]), data_in=96)
         if not inq.ok:
-            raise inq.error("INQUIRY")
+            raise inq.error(f"INQUIRY of LUN {self.lun}")
+        if not inq.data or inq.data[0] & 0x1F != 0x00 or inq.data[0] >> 5:
+            return False  # not a direct-access device, or not present (qualifier 011b)
         self.vendor = inq.data[8:16].decode("ascii", "replace").strip()
         self.product = inq.data[16:32].decode("ascii", "replace").strip()
         cap = await self.command(bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + b"\0\0", data_in=32)
         if not cap.ok:
-            raise cap.error("READ CAPACITY(16)")
+            raise cap.error(f"READ CAPACITY(16) of LUN {self.lun}")
         last_lba, block = struct.unpack_from(">QI", cap.data)
         self.block_size = block
         self.size = (last_lba + 1) * block
-        self.supports_discard = bool(cap.data[14] & 0x80)  # LBPME
+        self.lbpme, self.lbprz = bool(cap.data[14] & 0x80), bool(cap.data[14] & 0x40)
         sense = await self.command(bytes([0x1A, 0, 0x3F, 0, 255, 0]), data_in=255)
         if sense.ok and len(sense.data) >= 4:
             self.read_only = bool(sense.data[2] & 0x80)
         cache = await self.command(bytes([0x1A, 0x08, 0x08, 0, 255, 0]), data_in=255)
         if cache.ok and len(cache.data) >= 7:
             self.write_cache = bool(cache.data[4 + 2] & 0x04)
-        self.log.info("disk attached", vendor=self.vendor, product=self.product, size=self.size,
-                      read_only=self.read_only, luns=self.luns, max_transfer=self.max_transfer)
+        if self.lbpme and not self.read_only:
+            await self._provisioning()
+        return True
+
+    async def _provisioning(self) -> None:
+        limits = await self.command(bytes([0x12, 0x01, 0xB0, 0, 64, 0]), data_in=64)
+        lbp = await self.command(bytes([0x12, 0x01, 0xB2, 0, 8, 0]), data_in=8)
+        if not (limits.ok and len(limits.data) >= 44 and lbp.ok and len(lbp.data) >= 6):
+            return
+        max_unmap = struct.unpack_from(">I", limits.data, 20)[0]
+        self.max_ws_blocks = min(struct.unpack_from(">Q", limits.data, 36)[0], SD_MAX_WS16_BLOCKS)
+        lbpu, lbpws = bool(lbp.data[5] & 0x80), bool(lbp.data[5] & 0x40)
+        self.lbprz = self.lbprz and bool(lbp.data[5] & 0x04)
+        if lbpws and self.max_ws_blocks:
+            self.provisioning, self.max_discard_blocks = "ws16", self.max_ws_blocks
+        elif lbpu and max_unmap:
+            self.provisioning, self.max_discard_blocks = "unmap", min(max_unmap, 0xFFFFFFFF)
 
     # ---- BlockDevice ------------------------------------------------------------------------------------
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise BlockDeviceError(errno.EINVAL, f"{offset}+{length} is outside the {self.size}-byte disk")
-        if offset % SECTOR or length % SECTOR:
-            raise BlockDeviceError(errno.EINVAL, "I/O must be in whole 512-byte sectors")
+        if offset % self.block_size or length % self.block_size:
+            raise BlockDeviceError(errno.EINVAL, f"I/O must be in whole {self.block_size}-byte blocks")
 
-    @staticmethod
-    def _rw_cdb(write: bool, lba: int, blocks: int, fua: bool) -> bytes:
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if self.read_only:
+            raise BlockDeviceError(errno.EPERM, "the disk is write-protected")
+
+    def _rw_cdb(self, write: bool, offset: int, length: int, fua: bool) -> bytes:
+        lba, blocks = offset // self.block_size, length // self.block_size
         if lba + blocks <= 0xFFFFFFFF and blocks <= 0xFFFF:
             return struct.pack(">BBIBHB", 0x2A if write else 0x28, 0x08 if fua else 0, lba, 0, blocks, 0)
         return struct.pack(">BBQIBB", 0x8A if write else 0x88, 0x08 if fua else 0, lba, blocks, 0, 0)
@@ -298,16 +380,14 @@ class StorageVsc(HandshakeVsc):
         return b"".join(parts)
 
     async def _read_chunk(self, offset: int, length: int) -> bytes:
-        payload, data = await self._srb(self._rw_cdb(False, offset // SECTOR, length // SECTOR, False), None,
-                                        length, self.lun)
-        if len(data) != length or not self._succeeded(payload):
-            raise self._reply(payload, data).error(f"READ at {offset}")
+        vsc = self.vsc
+        payload, data = await vsc._srb(self._rw_cdb(False, offset, length, False), None, length, self.lun)
+        if len(data) != length or not vsc._succeeded(payload):
+            raise vsc._reply(payload, data).error(f"READ at {offset}")
         return data
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._check(offset, len(data))
-        if self.read_only:
-            raise BlockDeviceError(errno.EPERM, "the disk is write-protected")
+        self._check_write(offset, len(data))
         view = memoryview(data)
         if len(view) <= self.max_transfer:
             await self._write_chunk(offset, view, fua)
@@ -316,92 +396,163 @@ class StorageVsc(HandshakeVsc):
                                for o in range(offset, offset + len(data), self.max_transfer)))
 
     async def _write_chunk(self, offset: int, data: memoryview, fua: bool) -> None:
-        payload, _ = await self._srb(self._rw_cdb(True, offset // SECTOR, len(data) // SECTOR, fua), data, 0,
-                                     self.lun)
-        if not self._succeeded(payload):
-            raise self._reply(payload, b"").error(f"WRITE at {offset}")
+        vsc = self.vsc
+        payload, _ = await vsc._srb(self._rw_cdb(True, offset, len(data), fua), data, 0, self.lun)
+        if not vsc._succeeded(payload):
+            raise vsc._reply(payload, b"").error(f"WRITE at {offset}")
 
     async def flush(self) -> None:
         reply = await self.command(bytes([0x35]) + bytes(9))
         if not reply.ok:
             raise reply.error("SYNCHRONIZE CACHE")
 
+    async def _write_same(self, offset: int, length: int, unmap: bool) -> None:
+        """WRITE SAME(16) of a zero block over the range, in commands of at most MAXIMUM WRITE SAME LENGTH."""
+        bs = self.block_size
+        zero = bytes(bs)
+        for pos in range(offset, offset + length, self.max_ws_blocks * bs):
+            blocks = min(self.max_ws_blocks, (offset + length - pos) // bs)
+            cdb = struct.pack(">BBQIBB", 0x93, 0x08 if unmap else 0, pos // bs, blocks, 0, 0)
+            reply = await self.command(cdb, data_out=zero)
+            if not reply.ok:
+                raise reply.error(f"WRITE SAME(16){' UNMAP' if unmap else ''} at {pos}")
+
+    async def _unmap(self, offset: int, length: int) -> None:
+        bs = self.block_size
+        for pos in range(offset, offset + length, self.max_discard_blocks * bs):
+            blocks = min(self.max_discard_blocks, (offset + length - pos) // bs)
+            descriptor = struct.pack(">QI4x", pos // bs, blocks)
+            params = struct.pack(">HH4x", 6 + len(descriptor), len(descriptor)) + descriptor
+            reply = await self.command(struct.pack(">BB4xBHB", 0x42, 0, 0, len(params), 0), data_out=params)
+            if not reply.ok:
+                raise reply.error(f"UNMAP at {pos}")
+
     async def discard(self, offset: int, length: int) -> None:
-        self._check(offset, length)
-        if not self.supports_discard:
-            raise BlockDeviceError(errno.EOPNOTSUPP, "the disk does not support UNMAP")
-        lba, blocks = offset // SECTOR, length // SECTOR
-        descriptors = b""
-        while blocks:
-            n = min(blocks, 0xFFFFFFFF)
-            descriptors += struct.pack(">QI4x", lba, n)
-            lba, blocks = lba + n, blocks - n
-        params = struct.pack(">HH4x", 6 + len(descriptors), len(descriptors)) + descriptors
-        cdb = struct.pack(">BB4xBHB", 0x42, 0, 0, len(params), 0)
-        reply = await self.command(cdb, data_out=params)
+        self._check_write(offset, length)
+        if self.provisioning == "ws16":
+            await self._write_same(offset, length, unmap=True)
+        elif self.provisioning == "unmap":
+            await self._unmap(offset, length)
+        else:
+            raise BlockDeviceError(errno.EOPNOTSUPP, "the disk does not support discard")
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self._check_write(offset, length)
+        if may_unmap and self.lbprz and self.provisioning == "ws16":
+            await self._write_same(offset, length, unmap=True)  # the target punches a hole
+        elif self.max_ws_blocks:
+            await self._write_same(offset, length, unmap=False)
+        else:
+            zeroes = memoryview(bytes(min(length, self.max_transfer)))
+            for pos in range(offset, offset + length, len(zeroes)):
+                await self.write(pos, zeroes[:min(len(zeroes), offset + length - pos)])
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents from ``offset`` (at most ``length`` bytes) from one GET LBA STATUS."""
+        self._check(offset - offset % self.block_size, 0)  # a length may end anywhere: NBD clips it
+        if not self.block_status_supported or length <= 0:
+            return [(length, 0)]
+        bs = self.block_size
+        cdb = struct.pack(">BBQIBB", 0x9E, 0x12, offset // bs, LBA_STATUS_ALLOCATION, 0, 0)
+        reply = await self.command(cdb, data_in=LBA_STATUS_ALLOCATION)
         if not reply.ok:
-            raise reply.error(f"UNMAP at {offset}")
+            key = reply.sense[2] & 0x0F if len(reply.sense) > 2 else 0
+            if key == 0x5 and len(reply.sense) > 12 and reply.sense[12] in (0x20, 0x24):
+                self.block_status_supported = False  # not a service action this target knows
+                return [(length, 0)]
+            raise reply.error(f"GET LBA STATUS at {offset}")
+        end = offset + length
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        count = (min(struct.unpack_from(">I", reply.data)[0] + 4, len(reply.data)) - 8) // 16
+        for i in range(max(0, count)):
+            lba, blocks, status = struct.unpack_from(">QIB", reply.data, 8 + 16 * i)
+            d_end = min((lba + blocks) * bs, end)
+            if lba * bs > pos or d_end <= pos:
+                break  # not contiguous with what we have: stop here
+            flags = (EXTENT_HOLE | (EXTENT_ZERO if self.lbprz else 0)) if status == 1 else 0
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + d_end - pos, flags)
+            else:
+                extents.append((d_end - pos, flags))
+            pos = d_end
+            if pos >= end:
+                break
+        if not extents:
+            raise BlockDeviceError(errno.EIO, f"GET LBA STATUS at {offset} described nothing there")
+        return extents
 
 
-class GuestDisk:
-    """The guest's disk as one stable ``BlockDevice`` across reconnects, like a SCSI disk whose host adapter
-    is reset: while the storage channel is down, I/O waits (up to ``reattach_timeout``) for the driver to
-    come back, and a request cut off by the loss is retried once on the new channel (block writes are
-    idempotent)."""
+class GuestDisk(DiskFacts):
+    """One LUN of the guest as a stable ``BlockDevice`` across reconnects, like a SCSI disk whose host adapter
+    is reset: while the storage channel is down (or the LUN is missing from it), I/O waits (up to
+    ``reattach_timeout``) for the driver to come back, and a request cut off by the loss is retried once on
+    the new channel (block writes are idempotent)."""
 
-    def __init__(self, reattach_timeout: float = 30.0) -> None:
+    def __init__(self, lun: int = 0, reattach_timeout: float = 30.0) -> None:
+        self.lun = lun
         self.vsc: StorageVsc | None = None
+        self.disk: ScsiLun | None = None
         self._attached = asyncio.Event()
         self.reattach_timeout = reattach_timeout
-        self.size = 0
-        self.block_size = SECTOR
-        self.read_only = False
-        self.max_transfer = vstor.DEFAULT_MAX_TRANSFER_BYTES
         self.supports_discard = False
 
-    def attach(self, vsc: StorageVsc) -> None:
-        if self.size and vsc.size != self.size:
-            vsc.log.warning("disk size changed across reconnect", old=self.size, new=vsc.size)
-        self.vsc = vsc
-        self.size, self.block_size, self.read_only = vsc.size, vsc.block_size, vsc.read_only
-        self.max_transfer, self.supports_discard = vsc.max_transfer, vsc.supports_discard
+    def attach(self, vsc: StorageVsc) -> bool:
+        """Bind to this LUN on ``vsc``; False (and left detached) if the controller has no such LUN."""
+        disk = vsc.disks.get(self.lun)
+        if disk is None:
+            return False
+        if self.size and disk.size != self.size:
+            vsc.log.warning("disk size changed across reconnect", lun=self.lun, old=self.size, new=disk.size)
+        self.vsc, self.disk = vsc, disk
+        self.size, self.block_size, self.read_only = disk.size, disk.block_size, disk.read_only
+        self.max_transfer, self.supports_discard = disk.max_transfer, disk.supports_discard
+        self.vendor, self.product = disk.vendor, disk.product
         self._attached.set()
+        return True
 
     def detach(self) -> None:
-        self.vsc = None
+        self.vsc = self.disk = None
         self._attached.clear()
 
-    async def _current(self) -> StorageVsc:
-        if self.vsc is None:
+    async def _current(self) -> ScsiLun:
+        if self.disk is None:
             try:
                 await asyncio.wait_for(self._attached.wait(), self.reattach_timeout)
             except TimeoutError:
                 raise BlockDeviceError(errno.EIO, "the storage channel did not come back") from None
-        assert self.vsc is not None
-        return self.vsc
+        assert self.disk is not None
+        return self.disk
 
     async def _do(self, op: Any) -> Any:
-        vsc = await self._current()
+        disk = await self._current()
         try:
-            return await op(vsc)
+            return await op(disk)
         except (ChannelClosed, ConnectionError) as exc:
-            if self.vsc is vsc:
+            if self.disk is disk:
                 self.detach()
-            vsc = await self._current()
+            disk = await self._current()
             try:
-                return await op(vsc)
+                return await op(disk)
             except (ChannelClosed, ConnectionError):
                 raise BlockDeviceError(errno.EIO, f"storage channel lost: {exc}") from None
 
     async def read(self, offset: int, length: int) -> bytes:
-        data: bytes = await self._do(lambda v: v.read(offset, length))
+        data: bytes = await self._do(lambda d: d.read(offset, length))
         return data
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        await self._do(lambda v: v.write(offset, data, fua))
+        await self._do(lambda d: d.write(offset, data, fua))
 
     async def flush(self) -> None:
-        await self._do(lambda v: v.flush())
+        await self._do(lambda d: d.flush())
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._do(lambda v: v.discard(offset, length))
+        await self._do(lambda d: d.discard(offset, length))
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        await self._do(lambda d: d.write_zeroes(offset, length, may_unmap))
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        extents: list[tuple[int, int]] = await self._do(lambda d: d.block_status(offset, length))
+        return extents

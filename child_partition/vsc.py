@@ -18,7 +18,7 @@ from typing import Any
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import echo, keyboard, mouse, network, video
-from vmbus_proto.devices.base import DeviceSpec, Handshake, Incoming
+from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeTrace, Incoming
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE
 
@@ -110,14 +110,22 @@ class HandshakeVsc(Vsc):
     async def handshake(self, channel: Channel) -> None:
         hs: Handshake = self.module.VscHandshake()
         self.hs = hs
-        for out in hs.start():
-            await channel.send(out.to_packet())
-        while not hs.done:
+        trace = HandshakeTrace(self.module.describe) if self.bus.trace else None
+        outs = hs.start()
+        while True:
+            for out in outs:
+                if trace is not None:
+                    self.log.info(trace.sent("G>H", out))
+                await channel.send(out.to_packet())
+            if hs.done:
+                break
             if hs.failed:
                 raise DeviceProtocolError(f"{self.spec.name}: {hs.failed}")
             pkt = await channel.recv()
-            for out in hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload)):
-                await channel.send(out.to_packet())
+            got = Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload)
+            if trace is not None:
+                self.log.info(trace.received("H>G", got))
+            outs = hs.receive(got)
         self.version = hs.negotiated_version
 
     async def run(self, channel: Channel) -> None:

@@ -21,7 +21,7 @@ child partitions that connect to it (child-partition run --connect URL --name NA
 
 CONFIG_HELP = """\
 TOML file of settings; flags override it. Tables: [parent] (listen, data_dir, trace, log_level,
-vmbus_versions, handshake_timeout, stall_timeout, shutdown_timeout, max_frame, max_gpadls,
+vmbus_versions, handshake_timeout, stall_timeout, shutdown_timeout, max_frame, channel_data_window, max_gpadls,
 max_partitions), [storage] (disk_size, queue_depth, max_transfer_bytes, idle_close, protocol_versions),
 [[storage.lun]] (lun, size, path, read_only, partitions: one per extra LUN or replacement LUN 0), and
 [devices] (storage, network, video, keyboard, mouse, echo = true|false). See README.md."""

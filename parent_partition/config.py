@@ -11,6 +11,7 @@ from typing import Any
 from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.devices import storage as vstor
+from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.versions import HOST_SUPPORTED
 
 from .scsi import MAX_LUNS
@@ -67,6 +68,7 @@ class Config:
     stall_timeout: float = 60.0  # a child that leaves our writes unread this long is dropped
     shutdown_timeout: float = 10.0  # per shutdown stage
     max_frame: int = 4 * 1024 * 1024 + 64 * 1024
+    channel_data_window: int = DEFAULT_DATA_WINDOW  # inline data a child may have in flight per channel
     max_gpadls: int = 256
     max_partitions: int = 4096
     devices: dict[str, bool] = field(default_factory=lambda: {d: d != "echo" for d in DEVICES})
@@ -246,6 +248,13 @@ def _count(minimum: int = 1) -> Callable[[Any], int]:
     return check
 
 
+def _data_window(v: Any) -> int:
+    if (not isinstance(v, int) or isinstance(v, bool) or not MIN_DATA_WINDOW <= v <= MAX_DATA_WINDOW
+            or v % 8):
+        raise ValueError(f"must be a multiple of 8 from {MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}, not {v!r}")
+    return v
+
+
 _STORAGE_KEYS: dict[str, Callable[[Any], Any]] = {
     "disk_size": _sectors, "queue_depth": _count(), "max_transfer_bytes": _count(512), "idle_close": _idle,
     "protocol_versions": _vstor_versions,
@@ -257,5 +266,6 @@ _PARENT_KEYS: dict[str, Callable[[Any], Any]] = {
     "listen": _listen, "data_dir": _text, "trace": _flag, "log_level": _level, "vmbus_versions": _versions,
     "handshake_timeout": _seconds, "stall_timeout": _seconds, "shutdown_timeout": _seconds,
     "max_frame": _count(MIN_FRAME), "max_gpadls": _count(), "max_partitions": _count(),
+    "channel_data_window": _data_window,
 }
 

@@ -30,7 +30,7 @@ class PartitionConnection(FramedConnection):
     def __init__(self, daemon: ParentDaemon, transport_name: str) -> None:
         cfg = daemon.config
         super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
-                         log=daemon.log.bind(transport=transport_name))
+                         data_window=cfg.channel_data_window, log=daemon.log.bind(transport=transport_name))
         self.daemon = daemon
         self.partition: str | None = None
         self.peer = "?"
@@ -97,6 +97,7 @@ class PartitionConnection(FramedConnection):
             self.fail(f"partition name {hello.partition!r} is already connected")
             return
         self.partition = hello.partition
+        self.peer_data_window = hello.data_window
         self.daemon.partitions[hello.partition] = self
         self.log = self.log.bind(partition=hello.partition)
         cfg = self.daemon.config
@@ -104,7 +105,8 @@ class PartitionConnection(FramedConnection):
         self.core = core.HostConnection([v.offer(hello.partition) for v in self.daemon.vsps],
                                         supported=cfg.vmbus_versions,
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls))
-        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.daemon.name).encode())
+        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.daemon.name,
+                                                  data_window=self.data_window).encode())
         self.log.info("partition connected")
 
     def on_control(self, frame: Frame) -> None:
@@ -145,11 +147,8 @@ class PartitionConnection(FramedConnection):
                     self._handshake_timer = None
                 self.log.info("VMBus connected", version=version_text(act.version))
             elif isinstance(act, core.Disconnected):
+                # No timer: a guest that unloaded (firmware, kexec, kdump) may contact again much later.
                 self.log.info("VMBus disconnected", reason=act.reason)
-                if act.reason == "unload" and self._handshake_timer is None:
-                    # An unloaded guest must contact again (or go) within the handshake timeout.
-                    self._handshake_timer = asyncio.get_running_loop().call_later(
-                        self.daemon.config.handshake_timeout, self._handshake_expired)
             elif isinstance(act, core.ChannelFreed):
                 self.log.info("rescinded channel released", relid=act.relid, device=act.name)
 
@@ -163,16 +162,17 @@ class PartitionConnection(FramedConnection):
         vsp = self.vsps[act.offer.name]
         log = self.log.bind(relid=p.relid, device=vsp.name)
         rings = ChannelRings(p.relid, host=True, guest_to_host_data=p.guest_to_host_data,
-                             host_to_guest_data=p.host_to_guest_data)
+                             host_to_guest_data=p.host_to_guest_data, window_in=self.data_window,
+                             window_out=self.peer_data_window)
         ch = Channel(self, p.relid, rings, name=vsp.name, log=log)
-        self.channels[p.relid] = ch
+        self.add_channel(ch)
         ok = True
         try:
-            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log))
+            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log, trace=self.daemon.config.trace))
         except Exception as exc:
             ok = False
             log.error("device failed to open", error=str(exc))
-            self.channels.pop(p.relid, None)
+            self.remove_channel(p.relid)
             ch.close()
         if self.closing or self.core is None:
             if ok:
@@ -185,7 +185,7 @@ class PartitionConnection(FramedConnection):
         self._run_actions()
 
     async def _device_close(self, act: core.DeviceClose) -> None:
-        ch = self.channels.pop(act.relid, None)
+        ch = self.remove_channel(act.relid)
         vsp = self.vsps[act.offer.name]
         if ch is not None:
             await vsp.close(ch)

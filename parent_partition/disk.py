@@ -5,7 +5,10 @@ Mirrors the backend half of OpenVMM's storage stack (vm/devices/storage/disk_bac
 vm/devices/storage/disk_file) for a plain raw image: byte ``n`` of the image is byte ``n`` of the disk.
 The image is created sparse (``ftruncate``) at its configured size on first use; an existing image keeps
 its size. UNMAP punches holes (``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``, Linux
-fallocate(2)); where the filesystem cannot, the range is overwritten with zeros instead.
+fallocate(2)); where the filesystem cannot, the range is overwritten with zeros instead, so a deallocated
+range always reads as zeros (the target may report LBPRZ). Zeroing that must keep the range allocated
+(WRITE SAME without UNMAP) uses ``FALLOC_FL_ZERO_RANGE``, or writes zeros. Which ranges are allocated
+(GET LBA STATUS) comes from ``lseek(SEEK_DATA / SEEK_HOLE)`` on the image (lseek(2)).
 
 Durability follows SBC-3 with the write cache enabled: a plain write returns once the data is in the
 host's page cache; a write with FUA, and ``flush`` (SYNCHRONIZE CACHE), return only after ``fdatasync``.
@@ -51,6 +54,7 @@ _ZERO_CHUNK = 1 << 20  # zero-fill fallback for discard writes at most this much
 
 _FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 # Filesystems without hole punching answer with one of these.
 _NO_PUNCH = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
@@ -327,6 +331,24 @@ class DiskBackend:
             return True
         return await self._run(self._punch, offset, length)
 
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range and keep it allocated (``FALLOC_FL_ZERO_RANGE``; zeros written where the filesystem
+        cannot)."""
+        if self._read_only:
+            raise DiskError(errno.EROFS, f"{self._path}: write to a read-only image")
+        self._check_range("write zeroes", offset, length)
+        if length:
+            await self._run(self._zero_range, offset, length)
+
+    async def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
+        """At most ``limit`` extents (start, length, allocated) covering ``offset``.. in order, from the image's
+        SEEK_DATA / SEEK_HOLE; they stop at ``offset + length``. A filesystem without them reports one
+        allocated extent."""
+        self._check_range("map", offset, length)
+        if length == 0 or limit <= 0:
+            return []
+        return await self._run(self._map, offset, length, limit)
+
     # -- machinery -------------------------------------------------------------------------------
 
     def _pool(self) -> concurrent.futures.Executor:
@@ -434,6 +456,41 @@ class DiskBackend:
                                       f"{os.strerror(code)}")
         self._pwrite_zeros(offset, length)
         return False
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        if _fallocate is not None:
+            if _fallocate(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                return
+            code = ctypes.get_errno() or errno.EIO
+            if code not in _NO_PUNCH:
+                raise DiskError(code, f"{self._path}: zero range of {length} bytes at {offset}: "
+                                      f"{os.strerror(code)}")
+        self._pwrite_zeros(offset, length)
+
+    def _map(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
+        end = offset + length
+        extents: list[tuple[int, int, bool]] = []
+        pos = offset
+        try:
+            while pos < end and len(extents) < limit:
+                try:
+                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: no data at or after pos (a hole to the end)
+                        raise
+                    data = end
+                if data > pos:
+                    extents.append((pos, min(data, end) - pos, False))
+                    pos = min(data, end)
+                    continue
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+                extents.append((pos, hole - pos, True))
+                pos = hole
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP) and not extents:
+                return [(offset, length, True)]  # no SEEK_DATA here: everything counts as allocated
+            raise _oserror(f"{self._path}: map at {pos}", exc) from exc
+        return extents
 
     def _pwrite_zeros(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))

@@ -14,11 +14,19 @@ Commands a disk answers (anything else is CHECK CONDITION, ILLEGAL REQUEST, ASC 
   there is never deferred sense to report.
 * INQUIRY (0x12): standard data (104 bytes, OpenVMM's ``INQUIRY_DATA_TEMPLATE`` layout: SPC-3, response
   format 2, CmdQue, "Msft" / "Virtual Disk" / "1.0 ") and VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2.
-* READ CAPACITY (10) (0x25) and SERVICE ACTION IN (16) / READ CAPACITY (16) (0x9E/0x10).
+* READ CAPACITY (10) (0x25) and SERVICE ACTION IN (16) / READ CAPACITY (16) (0x9E/0x10): LBPME and LBPRZ
+  on a writable disk (a deallocated block reads as zeros: a punched hole, or zeros where none can be punched).
+* SERVICE ACTION IN (16) / GET LBA STATUS (0x9E/0x12): mapped and deallocated extents from the image's
+  SEEK_DATA / SEEK_HOLE (SBC-3 5.5; a device with LBPME must support it).
 * READ (10) / (16) (0x28 / 0x88), WRITE (10) / (16) (0x2A / 0x8A); FUA on a WRITE means durable on return.
 * SYNCHRONIZE CACHE (10) / (16) (0x35 / 0x91): GOOD only after ``fdatasync``.
 * MODE SENSE (6) / (10) (0x1A / 0x5A): the caching page (0x08, WCE=1) and all pages (0x3F).
 * UNMAP (0x42): punches holes.
+* WRITE SAME (16) (0x93): the block repeated over the range; with UNMAP=1 and a zero block the range is
+  deallocated (a hole, which reads back as that zero block), as Linux sd sends for a discard or a
+  REQ_OP_WRITE_ZEROES that may unmap once VPD 0xB2 says LBPWS (sd.c ``sd_setup_write_same16_cmnd``); a zero
+  block without UNMAP zeroes the range and keeps it allocated (ZERO_RANGE). VPD 0xB0 sets WSNZ (a count of
+  0 is refused) and the MAXIMUM WRITE SAME LENGTH.
 
 REPORT LUNS (0xA0) is answered by :class:`ScsiController` for every LUN, present or not.
 
@@ -57,6 +65,7 @@ __all__ = [
     "MAX_LUNS",
     "MAX_UNMAP_DESCRIPTORS",
     "MAX_UNMAP_LBA_COUNT",
+    "MAX_WRITE_SAME_BLOCKS",
     "PRODUCT_ID",
     "PRODUCT_REVISION",
     "SENSE_LENGTH",
@@ -98,6 +107,7 @@ class Op(enum.IntEnum):
     READ16 = 0x88
     WRITE16 = 0x8A
     SYNCHRONIZE_CACHE16 = 0x91
+    WRITE_SAME16 = 0x93
     SERVICE_ACTION_IN16 = 0x9E
     REPORT_LUNS = 0xA0
 
@@ -108,7 +118,7 @@ CDB_LENGTH: dict[int, int] = {
     Op.TEST_UNIT_READY: 6, Op.REQUEST_SENSE: 6, Op.INQUIRY: 6, Op.MODE_SENSE6: 6, Op.START_STOP_UNIT: 6,
     Op.PREVENT_ALLOW_MEDIUM_REMOVAL: 6, Op.READ_CAPACITY10: 10, Op.READ10: 10, Op.WRITE10: 10,
     Op.SYNCHRONIZE_CACHE10: 10, Op.UNMAP: 10, Op.MODE_SENSE10: 10, Op.READ16: 16, Op.WRITE16: 16,
-    Op.SYNCHRONIZE_CACHE16: 16, Op.SERVICE_ACTION_IN16: 16, Op.REPORT_LUNS: 12,
+    Op.SYNCHRONIZE_CACHE16: 16, Op.SERVICE_ACTION_IN16: 16, Op.REPORT_LUNS: 12, Op.WRITE_SAME16: 16,
 }
 
 
@@ -158,6 +168,12 @@ VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
 OPTIMAL_GRANULARITY_BLOCKS = 8  # 4 KiB: the host filesystem's block, the unit a hole is punched in
 MAX_UNMAP_LBA_COUNT = 1 << 22  # 2 GiB per UNMAP, so even the zero-filling fallback finishes promptly
 MAX_UNMAP_DESCRIPTORS = 256
+MAX_WRITE_SAME_BLOCKS = MAX_UNMAP_LBA_COUNT  # VPD 0xB0 MAXIMUM WRITE SAME LENGTH
+SA_READ_CAPACITY16 = 0x10  # SERVICE ACTION IN (16) service actions (SBC-3)
+SA_GET_LBA_STATUS = 0x12
+LBA_STATUS_MAPPED = 0x0  # GET LBA STATUS provisioning status (SBC-3 table 62)
+LBA_STATUS_DEALLOCATED = 0x1
+_WRITE_SAME_CHUNK = 1 << 20  # a non-zero WRITE SAME pattern is written this many bytes at a time
 MAX_LUNS = 255  # Linux storvsc: LUNs 0..254 per target
 DEFAULT_DISK_BYTES = 1 << 30
 
@@ -294,6 +310,10 @@ class BlockBackend(Protocol):
 
     async def discard(self, offset: int, length: int) -> bool: ...
 
+    async def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    async def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]: ...
+
     async def close(self) -> None: ...
 
 
@@ -365,6 +385,7 @@ class ScsiDisk:
             Op.SYNCHRONIZE_CACHE10: self._synchronize_cache,
             Op.SYNCHRONIZE_CACHE16: self._synchronize_cache,
             Op.UNMAP: self._unmap,
+            Op.WRITE_SAME16: self._write_same,
         }
 
     async def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
@@ -456,6 +477,7 @@ class ScsiDisk:
 
     def _block_limits(self) -> bytes:
         body = bytearray(60)
+        body[0] = 0x01  # WSNZ: a WRITE SAME of 0 blocks is refused, not "to the end"
         _U16.pack_into(body, 2, OPTIMAL_GRANULARITY_BLOCKS)  # optimal transfer length granularity
         _U32.pack_into(body, 4, self.max_transfer_blocks)  # maximum transfer length
         if self.unmap_supported:
@@ -463,13 +485,15 @@ class ScsiDisk:
             _U32.pack_into(body, 20, MAX_UNMAP_DESCRIPTORS)
             _U32.pack_into(body, 24, OPTIMAL_GRANULARITY_BLOCKS)  # optimal unmap granularity
             _U32.pack_into(body, 28, 0x80000000)  # UGAVALID, alignment 0
+        if not self.read_only:
+            _U64.pack_into(body, 32, MAX_WRITE_SAME_BLOCKS)  # maximum WRITE SAME length
         return bytes(body)
 
     def _provisioning(self) -> bytes:
         # Threshold exponent: the smallest e >= 1 with (blocks >> e) < 2**32 (SBC-3 6.5.8).
         exponent = max(1, (self.blocks >> 32).bit_length())
         if self.unmap_supported:
-            return bytes((exponent, 0x80, 0x02, 0x00))  # LBPU; provisioning type thin
+            return bytes((exponent, 0xC4, 0x02, 0x00))  # LBPU, LBPWS, LBPRZ; provisioning type thin
         return bytes((exponent, 0x00, 0x00, 0x00))
 
     # -- capacity ----------------------------------------------------------------------------------
@@ -482,15 +506,52 @@ class ScsiDisk:
         return req.reply(_U32.pack(last) + _U32.pack(self.block_size), 8)
 
     async def _service_action_in16(self, req: _Request) -> ScsiResult:
-        if req.cdb[1] & 0x1F != 0x10:  # READ CAPACITY (16) is the only service action we have
+        action = req.cdb[1] & 0x1F
+        if action == SA_GET_LBA_STATUS:
+            return await self._get_lba_status(req)
+        if action != SA_READ_CAPACITY16:
             raise _illegal(Asc.INVALID_FIELD_IN_CDB)
         allocation = _U32.unpack_from(req.cdb, 10)[0]
         data = bytearray(32)
         _U64.pack_into(data, 0, self.blocks - 1)
         _U32.pack_into(data, 8, self.block_size)
         if self.unmap_supported:
-            data[14] = 0x80  # LBPME; LBPRZ stays 0, as OpenVMM (zeros after unmap are not promised)
+            # LBPME and LBPRZ: unlike OpenVMM's generic disks, a deallocated block here is a hole in a file
+            # (or zeros written where no hole can be punched), which reads as zeros.
+            data[14] = 0xC0
         return req.reply(bytes(data), allocation)
+
+    async def _get_lba_status(self, req: _Request) -> ScsiResult:
+        """GET LBA STATUS (SBC-3 5.5): descriptors from the starting LBA on, as many as the allocation length
+        holds; each extent is mapped or deallocated as the image's SEEK_DATA / SEEK_HOLE say."""
+        lba, allocation = _U64.unpack_from(req.cdb, 2)[0], _U32.unpack_from(req.cdb, 10)[0]
+        if lba >= self.blocks:
+            raise _illegal(Asc.LBA_OUT_OF_RANGE)
+        room = (min(allocation, req.data_in_length) - 8) // 16
+        bs = self.block_size
+        body = b""
+        if room > 0:
+            try:
+                extents = await self.backend.allocation(lba * bs, (self.blocks - lba) * bs, room)
+            except DiskError as exc:
+                return _io_failure(exc, writing=False)
+            descriptors = []
+            for start, length, allocated in extents:
+                end = start + length
+                # A block that is partly data is mapped: data rounds outwards, holes inwards.
+                if allocated:
+                    first, last = start // bs, -(-end // bs)
+                else:
+                    first, last = -(-start // bs), end // bs
+                first, last = max(first, lba), min(last, self.blocks)
+                if last > first:
+                    status = LBA_STATUS_MAPPED if allocated else LBA_STATUS_DEALLOCATED
+                    descriptors.append((first, last - first, status))
+            body = b"".join(_U64.pack(first) + _U32.pack(n) + bytes((status, 0, 0, 0))
+                            for first, n, status in descriptors)
+        # PARAMETER DATA LENGTH counts the bytes after itself, had the allocation length held them all.
+        payload = _U32.pack(4 + len(body)) + bytes(4) + body
+        return req.reply(payload, allocation)
 
     # -- MODE SENSE --------------------------------------------------------------------------------
 
@@ -615,6 +676,37 @@ class ScsiDisk:
         except DiskError as exc:
             return _io_failure(exc, writing=True)
         return _good(transferred=length)
+
+
+    async def _write_same(self, req: _Request) -> ScsiResult:
+        cdb = req.cdb
+        if cdb[1] & 0xE0 or cdb[1] & 0x10 or cdb[1] & 0x01:  # WRPROTECT, ANCHOR, NDOB: not supported
+            raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+        unmap = bool(cdb[1] & 0x08)
+        lba, count = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        if count == 0 or count > MAX_WRITE_SAME_BLOCKS:  # WSNZ=1
+            raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+        self._lba_range(lba, count)
+        bs = self.block_size
+        if len(req.data_out) < bs:
+            raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+        if self.read_only:
+            raise _write_protected()
+        block = bytes(memoryview(req.data_out).cast("B")[:bs])
+        offset, length = lba * bs, count * bs
+        try:
+            if block.count(0) == bs:
+                if unmap and self.unmap_supported:
+                    await self.backend.discard(offset, length)  # LBPRZ: the hole reads as this block
+                else:
+                    await self.backend.write_zeroes(offset, length)
+            else:
+                pattern = block * max(1, min(count, _WRITE_SAME_CHUNK // bs))
+                for pos in range(offset, offset + length, len(pattern)):
+                    await self.backend.write(pos, pattern[:min(len(pattern), offset + length - pos)])
+        except DiskError as exc:
+            return _io_failure(exc, writing=True)
+        return _good(transferred=bs)
 
 
 class ScsiController:

@@ -17,7 +17,7 @@ from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices import echo, keyboard, mouse, network, video
-from vmbus_proto.devices.base import DeviceSpec, Handshake, Incoming, Outgoing
+from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeTrace, Incoming, Outgoing
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 from vmbus_proto.server import OfferSpec, OpenParams
@@ -30,6 +30,7 @@ class OpenChannelInfo:
     partition: str
     params: OpenParams
     log: Any
+    trace: bool = False  # --trace: log the device's handshake packets, decoded
 
 
 class Vsp(abc.ABC):
@@ -112,14 +113,26 @@ class HandshakeVsp(Vsp):
 
     async def serve(self, channel: Channel, info: OpenChannelInfo) -> None:
         hs = self.make_handshake()
-        await send_all(channel, hs.start())
+        trace = HandshakeTrace(self.module.describe) if info.trace else None
+        await self._send_traced(channel, info, trace, hs.start())
         while not hs.done:
-            pkt = await channel.recv()
-            await send_all(channel, hs.receive(incoming(pkt)))
+            pkt = incoming(await channel.recv())
+            if trace is not None:
+                info.log.info(trace.received("G>H", pkt))
+            await self._send_traced(channel, info, trace, hs.receive(pkt))
         self.handshakes += 1
+        version = hs.negotiated_version
         info.log.info("device protocol negotiated", device=self.name,
-                      version=f"{hs.negotiated_version:#x}" if hs.negotiated_version is not None else None)
+                      version=self.spec.version_text(version) if version is not None else None)
         await self.after_handshake(channel, info, hs)
+
+    @staticmethod
+    async def _send_traced(channel: Channel, info: OpenChannelInfo, trace: HandshakeTrace | None,
+                           outs: list[Outgoing]) -> None:
+        if trace is not None:
+            for o in outs:
+                info.log.info(trace.sent("H>G", o))
+        await send_all(channel, outs)
 
     async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
         """The device's I/O path. Until a device has one, its packets are logged and dropped."""

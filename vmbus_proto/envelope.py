@@ -29,14 +29,21 @@ def _unpack(body: bytes | memoryview, what: str) -> Any:
 
 # ---- HELLO ----------------------------------------------------------------------------------------------
 
+DEFAULT_DATA_WINDOW = 8 * 1024 * 1024  # inline data in flight per channel and direction (docs §7.6)
+MIN_DATA_WINDOW = 1024 * 1024
+MAX_DATA_WINDOW = 1 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     envelope: int
     partition: str  # the child's name (child to parent) or the host's (parent to child)
     auth: str = "none"  # the place for the challenge-response step
+    data_window: int = DEFAULT_DATA_WINDOW  # inline data bytes the sender accepts in flight per channel
 
     def encode(self) -> bytes:
-        return _packb({"envelope": self.envelope, "partition": self.partition, "auth": self.auth})
+        return _packb({"envelope": self.envelope, "partition": self.partition, "auth": self.auth,
+                       "data_window": self.data_window})
 
     @classmethod
     def decode(cls, body: bytes | memoryview) -> Hello:
@@ -48,7 +55,10 @@ class Hello:
             raise FrameError("HELLO needs envelope (int), partition (str) and auth (str)")
         if not 0 < len(name) <= 64 or not name.isprintable():
             raise FrameError("HELLO partition name must be 1-64 printable characters")
-        return cls(env, name, auth)
+        window = obj.get("data_window", DEFAULT_DATA_WINDOW)
+        if type(window) is not int or not MIN_DATA_WINDOW <= window <= MAX_DATA_WINDOW or window % 8:
+            raise FrameError(f"HELLO data_window must be a multiple of 8 from {MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}")
+        return cls(env, name, auth, window)
 
 
 # ---- CLOSE ----------------------------------------------------------------------------------------------
@@ -137,11 +147,18 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
 
 # ---- SIGNAL ---------------------------------------------------------------------------------------------
 
+_READER_FIELDS = frozenset({"read_index", "interrupt_mask", "data_read_index"})
+_WRITER_FIELDS = frozenset({"write_index", "pending_send_sz", "data_pending_sz"})
+_SIGNAL_FIELDS = ("read_index", "interrupt_mask", "write_index", "pending_send_sz", "data_read_index",
+                  "data_pending_sz")
+
 @dataclass(frozen=True, slots=True)
 class Signal:
     """Ring header fields for ring ``ring`` (0 guest-to-host, 1 host-to-guest) of a channel.
 
     The reader sends read_index and interrupt_mask; the writer sends write_index and pending_send_sz.
+    ``data_read_index`` and ``data_pending_sz`` are the same two fields for the channel's data window in
+    that direction (the inline GPA data a stream carries; ``vmbus_proto.channel``).
     """
 
     ring: int
@@ -149,10 +166,12 @@ class Signal:
     interrupt_mask: int | None = None
     write_index: int | None = None
     pending_send_sz: int | None = None
+    data_read_index: int | None = None
+    data_pending_sz: int | None = None
 
     def encode(self) -> bytes:
         out: dict[str, int] = {"ring": self.ring}
-        for name in ("read_index", "interrupt_mask", "write_index", "pending_send_sz"):
+        for name in _SIGNAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -167,13 +186,13 @@ class Signal:
         for key, value in obj.items():
             if key == "ring":
                 continue
-            if key not in ("read_index", "interrupt_mask", "write_index", "pending_send_sz"):
+            if key not in _SIGNAL_FIELDS:
                 raise FrameError(f"SIGNAL has unknown field {key!r}")
             if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
                 raise FrameError(f"SIGNAL {key} must be a u32")
             fields[key] = value
-        reader = "read_index" in fields or "interrupt_mask" in fields
-        writer = "write_index" in fields or "pending_send_sz" in fields
+        reader = not _READER_FIELDS.isdisjoint(fields)
+        writer = not _WRITER_FIELDS.isdisjoint(fields)
         if reader and writer:
             raise FrameError("SIGNAL mixes the reader's and the writer's fields")
         return cls(ring=int(obj["ring"]), **fields)

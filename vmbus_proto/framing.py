@@ -20,7 +20,7 @@ from .packets import Buffer
 HEADER = struct.Struct("<IBBHII")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024 + 64 * 1024  # a 4 MiB transfer plus its descriptor
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2  # 2: per-channel data windows (HELLO data_window, SIGNAL data_read_index)
 
 
 class FrameKind(enum.IntEnum):

@@ -19,7 +19,7 @@ import msgpack
 
 from .errors import MessageError
 from .guids import CLASS_NAMES
-from .versions import Version
+from .versions import Version, version_text
 
 MAX_MESSAGE_SIZE = 240  # HV_MESSAGE_PAYLOAD_SIZE: a SynIC message payload, VMBus header included
 GPADL_HEADER_MAX_PFNS = 26  # one of 27 u64 slots goes to the range header
@@ -154,6 +154,8 @@ class Message:
                 text = stripped.hex() if stripped else "0"
             elif kind == "pfns":
                 text = _pfn_text(value)
+            elif name == "vmbus_version_requested":
+                text = f"{value:#x}({version_text(value)})"
             elif name in _HEX_FIELDS:
                 text = f"{value:#x}"
             else:

@@ -123,6 +123,11 @@ class RingReader:
     def free(self) -> int:
         return self.data_size - self.used
 
+    @property
+    def uncredited(self) -> int:
+        """Bytes consumed that the writer has not been told of yet."""
+        return self._read_total - self._credited
+
     def arrive(self, size: int) -> bool:
         """A packet of ring size ``size`` was written; returns whether it raises an interrupt."""
         used = self._recv_total - self._read_total

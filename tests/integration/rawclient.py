@@ -13,7 +13,7 @@ from vmbus_proto.gpadl import split
 from vmbus_proto.packets import Packet
 
 
-def connect(url: str, timeout: float = 5.0) -> socket.socket:
+def connect(url: str, timeout: float = 15.0) -> socket.socket:
     if url.startswith("unix:"):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
@@ -31,7 +31,7 @@ class Closed(Exception):
 
 
 class RawClient:
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 15.0) -> None:
         self.sock = connect(url, timeout)
         self.decoder = FrameDecoder()
         self.pending: list[Frame] = []
@@ -53,7 +53,7 @@ class RawClient:
     def send_packet(self, relid: int, pkt: Packet) -> None:
         self.send_frame(FrameKind.PACKET, relid, encode_packet(pkt), bytes(pkt.data))
 
-    def next_frame(self, timeout: float = 5.0) -> Frame:
+    def next_frame(self, timeout: float = 15.0) -> Frame:
         deadline = time.monotonic() + timeout
         while not self.pending:
             remaining = deadline - time.monotonic()
@@ -70,29 +70,29 @@ class RawClient:
                     self.pending.append(f)
         return self.pending.pop(0)
 
-    def expect_kind(self, kind: int, timeout: float = 5.0) -> Frame:
+    def expect_kind(self, kind: int, timeout: float = 15.0) -> Frame:
         while True:
             f = self.next_frame(timeout)
             if f.kind == kind:
                 return f
 
-    def recv_message(self, timeout: float = 5.0) -> m.Message:
+    def recv_message(self, timeout: float = 15.0) -> m.Message:
         return m.decode(self.expect_kind(FrameKind.CONTROL, timeout).body)
 
-    def expect(self, msgtype: type[m.Message], timeout: float = 5.0) -> Any:
+    def expect(self, msgtype: type[m.Message], timeout: float = 15.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             msg = self.recv_message(max(0.01, deadline - time.monotonic()))
             if isinstance(msg, msgtype):
                 return msg
 
-    def recv_packet(self, relid: int, timeout: float = 5.0) -> Packet:
+    def recv_packet(self, relid: int, timeout: float = 15.0) -> Packet:
         while True:
             f = self.expect_kind(FrameKind.PACKET, timeout)
             if f.relid == relid:
                 return decode_packet(f.body, f.data, 1 << 20)
 
-    def wait_closed(self, timeout: float = 5.0) -> str | None:
+    def wait_closed(self, timeout: float = 15.0) -> str | None:
         """Read until the peer closes; returns the CLOSE frame's reason, if one came."""
         deadline = time.monotonic() + timeout
         while True:

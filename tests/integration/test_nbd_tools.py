@@ -10,6 +10,8 @@ import json
 import os
 import random
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +20,10 @@ import pytest
 
 from child_partition.blockdev import MemoryBlockDevice
 from child_partition.nbd import NbdServer
+from child_partition.runner import ChildPartition
+from child_partition.storvsc import ScsiLun
+
+from .conftest import BIN, Parent, Proc, child
 
 pytestmark = pytest.mark.integration
 
@@ -229,3 +235,208 @@ async def test_read_only_disk_is_read_only_to_the_tools(sockdir: Path, tmp_path:
     finally:
         await srv.close()
     assert not os.path.exists(sockdir / "ro.nbd")
+
+
+# -- a child partition's LUNs through the whole stack: NBD -> StorVSC -> VMBus -> StorVSP -> image ---------------
+
+LUNS_CONFIG = """
+[[storage.lun]]
+lun = 1
+size = {size}
+
+[[storage.lun]]
+lun = 2
+path = "{ro}"
+read_only = true
+"""
+BIG = 256 * MiB
+
+
+def allocated(path: Path) -> int:
+    """Bytes the image really occupies on disk."""
+    return os.stat(path).st_blocks * 512
+
+
+def uri(sock: Path, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+@pytest.fixture
+def luns_parent(tmp_path: Path) -> Iterator[tuple[Parent, Path]]:
+    ro = tmp_path / "ro.img"
+    ro.write_bytes(b"\x42" * (4 * MiB))
+    p = Parent(tmp_path / "parent", LUNS_CONFIG.format(size=BIG, ro=ro))
+    yield p, ro
+    p.stop()
+
+
+def vm(workdir: Path, parent: Parent, name: str = "vm1") -> tuple[Proc, Path]:
+    sock = workdir / f"{name}.nbd"
+    proc = child(workdir, parent.unix, name, "--nbd", f"unix:{sock}")
+    proc.wait_for(lambda r: r.get("event") == "nbd server listening", timeout=30)
+    return proc, sock
+
+
+async def test_every_lun_is_an_export_with_its_size_and_read_only_flag(luns_parent: tuple[Parent, Path],
+                                                                        tmp_path: Path) -> None:
+    parent, ro = luns_parent
+    proc, sock = vm(tmp_path, parent)
+    try:
+        _, out = await run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}")
+        exports = {e["export-name"]: e for e in json.loads(out)["exports"]}
+        assert sorted(exports) == ["vm1", "vm1-lun1", "vm1-lun2"], exports
+        assert [exports[n]["export-size"] for n in ("vm1", "vm1-lun1", "vm1-lun2")] == [1 << 30, BIG, 4 * MiB]
+        assert [exports[n]["is_read_only"] for n in ("vm1", "vm1-lun1", "vm1-lun2")] == [False, False, True]
+        assert exports["vm1-lun1"]["can_trim"] is True and exports["vm1-lun2"]["can_trim"] is False
+        # The read-only LUN reads the image and refuses writes at the NBD layer.
+        await qemu_io(uri(sock, "vm1-lun2"), "read -P 0x42 0 4M", read_only=True)
+        status, out = await run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri(sock, "vm1-lun2"), check=False)
+        assert status != 0 and "Permission denied" in out, out
+        assert ro.read_bytes() == b"\x42" * (4 * MiB)
+        # Each LUN is its own image: a pattern on LUN 1 is not on LUN 0.
+        await qemu_io(uri(sock, "vm1-lun1"), "write -P 0x6c 1M 64k")
+        await qemu_io(uri(sock, "vm1"), "read -P 0 1M 64k")
+        assert proc.stop() == 0
+    finally:
+        proc.stop()
+
+
+async def test_write_zeroes_and_trim_punch_holes_in_the_parents_image(luns_parent: tuple[Parent, Path],
+                                                                       tmp_path: Path) -> None:
+    parent, _ = luns_parent
+    proc, sock = vm(tmp_path, parent)
+    image = tmp_path / "parent" / "var" / "vm1" / "lun1.img"
+    try:
+        target = uri(sock, "vm1-lun1")
+        # Stale data over the first 64 MiB, that the conversion has to zero.
+        await qemu_io(target, "write -P 0xee 0 64M")
+        assert allocated(image) >= 64 * MiB
+        src = tmp_path / "sparse.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", str(src), str(BIG))
+        await run("qemu-io", "-f", "qcow2", str(src), "-c", "write -P 0x11 0 4M", "-c", "write -P 0x22 100M 4M",
+                  "-c", "write -P 0x33 255M 1M")
+        await run("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", str(src), target)
+        _, out = await run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), target)
+        assert "Images are identical" in out
+        # 9 MiB of data; zeroing the rest punched holes instead of writing 247 MiB of zeros.
+        assert allocated(image) <= 16 * MiB, f"{allocated(image) // MiB} MiB allocated after the conversion"
+        # WRITE_ZEROES with NO_HOLE (qemu-io write -z without -u) keeps the range allocated; with -u it may punch.
+        before = allocated(image)
+        await qemu_io(target, "write -z 200M 8M")
+        assert allocated(image) >= before + 8 * MiB - 64 * 1024, "write -z (NO_HOLE) punched a hole"
+        await qemu_io(target, "write -z -u 200M 8M", "read -P 0 200M 8M")
+        assert allocated(image) <= before + 64 * 1024, "write -z -u did not punch a hole"
+        # TRIM (qemu-io discard) deallocates too.
+        await qemu_io(target, "discard 0 4M", "read -P 0 0 4M")
+        assert allocated(image) <= before - 4 * MiB + 64 * 1024
+    finally:
+        proc.stop()
+
+
+async def test_nbdinfo_map_shows_the_images_data_and_holes(luns_parent: tuple[Parent, Path], tmp_path: Path) -> None:
+    parent, _ = luns_parent
+    proc, sock = vm(tmp_path, parent)
+    try:
+        target = uri(sock, "vm1-lun1")
+        await qemu_io(target, "write -P 0x01 8M 2M", "write -P 0x02 100M 1M", "write -P 0x03 255M 1M")
+        _, out = await run("nbdinfo", "--map", "--json", target)
+        extents = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+        data, hole = 0, 3  # base:allocation: 3 = hole|zero
+        assert extents == [(0, 8 * MiB, hole), (8 * MiB, 2 * MiB, data), (10 * MiB, 90 * MiB, hole),
+                           (100 * MiB, MiB, data), (101 * MiB, 154 * MiB, hole), (255 * MiB, MiB, data)], extents
+        # The same through qemu-img map, which reads base:allocation too.
+        _, out = await run("qemu-img", "map", "--output=json", "-f", "raw", target)
+        mapped = [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
+        assert mapped == [(8 * MiB, 2 * MiB), (100 * MiB, MiB), (255 * MiB, MiB)], mapped
+    finally:
+        proc.stop()
+
+
+async def test_nbd_on_a_busy_port_is_one_line_before_the_vm_comes_up(parent: Parent, tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        mark = parent.mark()
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "child-partition"), "run", "--connect", parent.unix, "--name", "vm1", "--nbd",
+            f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
+        text = err.decode()
+        assert proc.returncode == 1, text
+        expected = f"child-partition: error: cannot listen for NBD on 127.0.0.1:{port}: Address already in use"
+        assert text.strip() == expected, text
+        assert not [r for r in parent.lines[mark:] if r.get("event") == "partition connected"], "the VM came up"
+    finally:
+        busy.close()
+
+
+async def test_data_protect_from_the_target_reaches_a_real_tool(luns_parent: tuple[Parent, Path],
+                                                                 sockdir: Path) -> None:
+    """The read-only LUN exported WITHOUT the NBD read-only flag, in this test only, through a device that sends
+    qemu-io's writes as raw WRITE(10)s (a SCSI pass-through, as sg_raw would): the guest's own write-protect
+    check is skipped, the StorVSP's SCSI target answers DATA PROTECT / WRITE PROTECTED, and qemu-io sees EPERM."""
+    parent, ro = luns_parent
+    guest = ChildPartition(parent.unix, "vm-pt", reconnect=False)
+    stop = asyncio.Event()
+    running = asyncio.create_task(guest.run(stop))
+    try:
+        await asyncio.wait_for(guest.ready.wait(), 30)
+        lun = guest.disks[2]
+        assert lun.read_only and lun.disk is not None
+        passthrough = PassThrough(lun.disk)
+        srv = NbdServer(passthrough, "lun2-passthrough")
+        await srv.start(f"unix:{sockdir / 'pt.nbd'}")
+        try:
+            assert json.loads((await run("nbdinfo", "--json", srv.uri))[1])["exports"][0]["is_read_only"] is False
+            status, out = await run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", srv.uri, check=False)
+            assert status != 0 and "Operation not permitted" in out, out
+        finally:
+            await srv.close()
+        assert passthrough.senses and all(s[2] & 0x0F == 0x7 and s[12] == 0x27 for s in passthrough.senses), \
+            f"no DATA PROTECT / WRITE PROTECTED sense seen: {passthrough.senses}"
+        assert ro.read_bytes() == b"\x42" * (4 * MiB)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(running, 30) == 0
+
+
+class PassThrough(MemoryBlockDevice):
+    """A LUN whose writes go out as raw WRITE(10) CDBs, recording the sense of each refusal."""
+
+    def __init__(self, lun: ScsiLun) -> None:
+        super().__init__(lun.size, max_transfer=lun.max_transfer)
+        self.lun = lun
+        self.senses: list[bytes] = []
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.lun.read(offset, length)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, offset // 512, 0, len(data) // 512, 0)
+        reply = await self.lun.command(cdb, data_out=data)
+        if not reply.ok:
+            self.senses.append(reply.sense)
+            raise reply.error(f"WRITE(10) at {offset}")
+
+
+async def test_load_storage_cleans_up_its_disks_unless_kept(parent: Parent, tmp_path: Path) -> None:
+    data_dir = tmp_path / "parent" / "var"
+
+    def dirs() -> set[Path]:
+        return set(data_dir.iterdir()) if data_dir.exists() else set()
+
+    base = [str(BIN / "child-partition"), "load", "storage", "--connect", parent.unix, "--rw", "write", "--bs",
+            "64k", "--iodepth", "4", "--runtime", "0.5", "--ramp", "0", "--size", "16M"]
+    seen = dirs()
+    _, out = await run(*base, "--keep-disks")
+    (kept,) = dirs() - seen
+    assert allocated(kept / "lun0.img") >= MiB, f"--keep-disks: the written data is gone\n{out}"
+    seen = dirs()
+    _, out = await run(*base)  # without the data dir: the disk is discarded, its space handed back
+    (discarded,) = dirs() - seen
+    assert "LUN 0 discarded" in out and allocated(discarded / "lun0.img") < MiB, out
+    seen = dirs()
+    _, out = await run(*base, "--data-dir", str(data_dir))  # and with it, the image and its directory go
+    assert dirs() == seen and "removed 1 image(s)" in out, out

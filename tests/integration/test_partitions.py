@@ -20,8 +20,8 @@ def test_children_over_tcp_and_unix_open_every_channel_and_unload(parent: Parent
         ready = vm.wait_event("all offered channels open")
         assert ready["channels"] == 5 and ready["devices"] == DEVICES
         # Each device completed its real protocol-version handshake, newest versions first.
-        assert ready["versions"] == {"storage": "0x602", "network": "0x60001", "video": "0x50003",
-                                     "keyboard": "0x10000", "mouse": "0x20000"}
+        assert ready["versions"] == {"storage": "6.2", "network": "6.1", "video": "3.5",
+                                     "keyboard": "1.0", "mouse": "2.0"}
         assert vm.events("VMBus negotiated")[0]["version"] == "6.0"
     assert len(parent.events("channel open")) == 10
     for vm in (vm1, vm2):

@@ -21,7 +21,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmbus_proto import messages as m
-from vmbus_proto.envelope import Hello, Signal, decode_close, decode_packet, encode_close, encode_packet
+from vmbus_proto.envelope import (
+    DEFAULT_DATA_WINDOW,
+    MAX_DATA_WINDOW,
+    MIN_DATA_WINDOW,
+    Hello,
+    Signal,
+    decode_close,
+    decode_packet,
+    encode_close,
+    encode_packet,
+)
 from vmbus_proto.errors import FrameError, MessageError, PacketError, ProtocolError
 from vmbus_proto.framing import HEADER, HEADER_SIZE, FrameDecoder, FrameKind, encode_frame, frame_parts
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
@@ -639,7 +649,8 @@ def test_decode_packet_random_bytes(raw: bytes) -> None:
 
 def test_signal_round_trips() -> None:
     for sig in (Signal(0, read_index=8, interrupt_mask=1), Signal(1, write_index=0xFFFFFFF8, pending_send_sz=16),
-                Signal(1, interrupt_mask=0), Signal(0)):
+                Signal(1, interrupt_mask=0), Signal(0), Signal(0, read_index=8, data_read_index=4096),
+                Signal(1, write_index=8, pending_send_sz=0, data_pending_sz=65536)):
         assert Signal.decode(sig.encode()) == sig
 
 
@@ -653,6 +664,9 @@ def test_signal_round_trips() -> None:
     {"ring": 0, "pending_send_sz": 8.0},
     {"ring": 0, "pending_send_sz": None},
     {"ring": 0, "bogus": 1},
+    {"ring": 0, "data_read_index": 8, "data_pending_sz": 8},  # the data window's reader and writer fields
+    {"ring": 0, "read_index": 8, "data_pending_sz": 8},
+    {"ring": 0, "data_read_index": 2**32},
 ])
 def test_signal_decode_rejects(obj: Any) -> None:
     with pytest.raises(FrameError):
@@ -665,12 +679,16 @@ def test_signal_decode_garbage() -> None:
 
 
 def test_hello_round_trip_and_validation() -> None:
-    hello = Hello(1, "child-0", "none")
+    hello = Hello(2, "child-0", "none", data_window=2 << 20)
     assert Hello.decode(hello.encode()) == hello
-    assert Hello.decode(_body({"envelope": 1, "partition": "x"})) == Hello(1, "x", "none")
+    assert Hello.decode(_body({"envelope": 2, "partition": "x"})) == Hello(2, "x", "none", DEFAULT_DATA_WINDOW)
     for bad in ([1], {"partition": "x"}, {"envelope": "1", "partition": "x"}, {"envelope": 1},
                 {"envelope": 1, "partition": ""}, {"envelope": 1, "partition": "x" * 65},
-                {"envelope": 1, "partition": "a\nb"}, {"envelope": 1, "partition": "x", "auth": 5}):
+                {"envelope": 1, "partition": "a\nb"}, {"envelope": 1, "partition": "x", "auth": 5},
+                {"envelope": 2, "partition": "x", "data_window": MIN_DATA_WINDOW - 8},
+                {"envelope": 2, "partition": "x", "data_window": MAX_DATA_WINDOW + 8},
+                {"envelope": 2, "partition": "x", "data_window": MIN_DATA_WINDOW + 1},
+                {"envelope": 2, "partition": "x", "data_window": "big"}):
         with pytest.raises(FrameError):
             Hello.decode(_body(bad))
     with pytest.raises(FrameError):

@@ -164,7 +164,7 @@ def test_storage_failure_lists_every_version_tried() -> None:
     vsc = storage.VscHandshake()
     wire(vsc, storage.VspHandshake(supported={0x0200}))
     assert vsc.failed is not None
-    assert "0x0602, 0x0600, 0x0501" in vsc.failed
+    assert "6.2, 6.0, 5.1" in vsc.failed
     assert "0xc0000059" in vsc.failed
 
 

@@ -363,3 +363,41 @@ async def test_cached_reads_are_served_without_a_pool_thread(tmp_path: Path, mon
     assert await b.read(4096, 4096) == b"\x5a" * 4096
     assert len(submitted) == 1
     await b.close()
+
+
+# -- zeroing and the allocation map ----------------------------------------------------------------
+
+async def test_write_zeroes_keeps_the_range_allocated(backend: DiskBackend) -> None:
+    await backend.write(0, b"\x11" * (2 * MiB))
+    await backend.flush()
+    before = os.stat(backend.path).st_blocks
+    await backend.write_zeroes(4096, MiB)
+    assert await backend.read(0, 2 * MiB) == b"\x11" * 4096 + bytes(MiB) + b"\x11" * (MiB - 4096)
+    assert os.stat(backend.path).st_blocks >= before - 8  # not a hole
+    assert await backend.allocation(0, 2 * MiB, 16) == [(0, 2 * MiB, True)]
+
+
+async def test_write_zeroes_falls_back_to_writing_zeros(backend: DiskBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(disk_mod, "_fallocate", unsupported)
+    await backend.write(0, b"\x22" * MiB)
+    await backend.write_zeroes(512, 1024)
+    assert await backend.read(0, 2048) == b"\x22" * 512 + bytes(1024) + b"\x22" * 512
+
+
+async def test_allocation_follows_seek_data_and_seek_hole(backend: DiskBackend) -> None:
+    size = backend.size
+    assert await backend.allocation(0, size, 16) == [(0, size, False)]  # a fresh sparse image
+    await backend.write(MiB, b"\x01" * MiB)
+    await backend.write(size - 4096, b"\x02" * 4096)
+    assert await backend.allocation(0, size, 16) == [
+        (0, MiB, False), (MiB, MiB, True), (2 * MiB, size - 4096 - 2 * MiB, False), (size - 4096, 4096, True)]
+    assert await backend.allocation(MiB + 512, MiB, 16) == [(MiB + 512, MiB - 512, True), (2 * MiB, 512, False)]
+    assert await backend.allocation(0, size, 2) == [(0, MiB, False), (MiB, MiB, True)]  # limit
+    await backend.discard(MiB, MiB)
+    assert (await backend.allocation(0, size, 16))[0] == (0, size - 4096, False)
+    with pytest.raises(DiskError):
+        await backend.allocation(size - 512, 1024, 4)

@@ -11,7 +11,7 @@ import random
 import socket
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,7 @@ class RecordingDevice(MemoryBlockDevice):
         self.active = 0
         self.peak = 0
         self.fail: dict[str, BaseException] = {}
+        self.extents: list[tuple[int, int]] | None = None
 
     async def _enter(self, op: str, offset: int) -> None:
         self.active += 1
@@ -75,8 +76,35 @@ class RecordingDevice(MemoryBlockDevice):
         await self._enter("discard", offset)
         await super().discard(offset, length)
 
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.calls.append(("write_zeroes", offset, length, may_unmap))
+        await self._enter("write_zeroes", offset)
+        await super().write_zeroes(offset, length, may_unmap)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``self.extents`` (a map of the whole disk: (length, flags)) cut to start at ``offset``."""
+        self.calls.append(("block_status", offset, length, False))
+        await self._enter("block_status", offset)
+        if self.extents is None:
+            return await super().block_status(offset, length)
+        out, pos = [], 0
+        for n, flags in self.extents:
+            if pos + n > offset:
+                out.append((pos + n - max(pos, offset), flags))
+            pos += n
+        return out
+
     def ops(self, op: str) -> list[tuple[str, int, int, bool]]:
         return [c for c in self.calls if c[0] == op]
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (up to TIMEOUT) for ``condition``; fail saying ``what`` did not happen."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what}: not within {TIMEOUT} s")
+        await asyncio.sleep(0.005)
 
 
 class Client:
@@ -311,14 +339,16 @@ async def test_unknown_export_is_err_unknown_and_haggling_goes_on(server: NbdSer
     await c.close()
 
 
-async def test_structured_replies_meta_contexts_tls_and_unknown_options_are_refused(server: NbdServer) -> None:
+async def test_bad_meta_context_requests_tls_and_unknown_options_are_refused(server: NbdServer) -> None:
     c = await Client.connect(server.address)
     await c.greeting()
     refused = [
-        (nbd.NBD_OPT_STRUCTURED_REPLY, b"", nbd.NBD_REP_ERR_UNSUP),
+        # SET_META_CONTEXT before structured replies were negotiated
         (nbd.NBD_OPT_SET_META_CONTEXT, b"\0\0\0\x04disk\0\0\0\x01\0\0\0\x0fbase:allocation",
          nbd.NBD_REP_ERR_INVALID),
-        (nbd.NBD_OPT_LIST_META_CONTEXT, b"\0\0\0\0\0\0\0\0", nbd.NBD_REP_ERR_INVALID),
+        (nbd.NBD_OPT_LIST_META_CONTEXT, b"\0\0\0\0\0\0\0\x01\0\0\0\x09base", nbd.NBD_REP_ERR_INVALID),  # overruns
+        (nbd.NBD_OPT_LIST_META_CONTEXT, b"\0\0\0\x04nope\0\0\0\0", nbd.NBD_REP_ERR_UNKNOWN),
+        (nbd.NBD_OPT_STRUCTURED_REPLY, b"x", nbd.NBD_REP_ERR_INVALID),
         (nbd.NBD_OPT_STARTTLS, b"", nbd.NBD_REP_ERR_UNSUP),
         (nbd.NBD_OPT_EXTENDED_HEADERS, b"", nbd.NBD_REP_ERR_UNSUP),
         (nbd.NBD_OPT_PEEK_EXPORT, b"", nbd.NBD_REP_ERR_UNSUP),
@@ -560,8 +590,7 @@ async def test_requests_in_flight_are_bounded_per_connection(device: RecordingDe
         await c.go("disk")
         device.hold_all = asyncio.Event()
         handles = {c.request(nbd.NBD_CMD_READ, i * 4096, 4096) for i in range(20)}
-        await asyncio.sleep(0.2)
-        assert device.active == 4
+        await until(lambda: device.active == 4, "4 reads held at the device")
         device.hold_all.set()
         assert {(await c.reply())[0] for _ in range(20)} == handles
         assert device.peak == 4
@@ -579,10 +608,10 @@ async def test_payload_bytes_in_flight_are_bounded(device: RecordingDevice, sock
         device.hold_all = asyncio.Event()
         handles = {c.request(nbd.NBD_CMD_WRITE, i * 64 * 1024, 64 * 1024, payload=b"p" * 64 * 1024)
                    for i in range(10)}
-        await asyncio.sleep(0.2)
-        assert device.active == 4  # 4 x 64 KiB; the rest waits in the socket
+        await until(lambda: device.active == 4, "4 writes held at the device")  # 4 x 64 KiB
         device.hold_all.set()
         assert {(await c.reply())[0] for _ in range(10)} == handles
+        assert device.peak == 4  # the rest waited in the socket all along
         assert device.data[:640 * 1024] == b"p" * 640 * 1024
         await c.close()
     finally:
@@ -720,3 +749,136 @@ async def test_file_device_through_nbd(sockdir: Path) -> None:
         with pytest.raises(BlockDeviceError) as info:
             await ro.write(0, bytes(512))
         assert info.value.errno == errno.EPERM
+
+
+# -- several exports, structured replies, base:allocation ------------------------------------------------------
+
+
+async def structured(c: Client) -> tuple[int, int, int, bytes]:
+    """(flags, type, handle, payload) of the next structured reply chunk."""
+    magic, flags, kind, handle, length = struct.unpack(">IHHQI", await c.recv(20))
+    assert magic == nbd.NBD_STRUCTURED_REPLY_MAGIC, hex(magic)
+    return flags, kind, handle, await c.recv(length)
+
+
+def meta_request(name: str, *queries: str) -> bytes:
+    raw = name.encode()
+    body = b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+    return struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries)) + body
+
+
+async def test_every_export_is_listed_and_reachable_by_name(device: RecordingDevice, sockdir: Path) -> None:
+    other = RecordingDevice(MiB, read_only=True)
+    other.data[:3] = b"ro!"
+    srv = NbdServer(device, "vm1", description="vm1 LUN 0")
+    srv.add_export(other, "vm1-lun1", "vm1 LUN 1")
+    with pytest.raises(ValueError, match="taken"):
+        srv.add_export(other, "vm1-lun1")
+    await srv.start(f"unix:{sockdir / 'multi.sock'}")
+    try:
+        c = await Client.connect(srv.address)
+        await c.greeting()
+        c.option(nbd.NBD_OPT_LIST)
+        assert await c.opt_reply(nbd.NBD_OPT_LIST) == (nbd.NBD_REP_SERVER, b"\0\0\0\x03vm1vm1 LUN 0")
+        assert await c.opt_reply(nbd.NBD_OPT_LIST) == (nbd.NBD_REP_SERVER, b"\0\0\0\x08vm1-lun1vm1 LUN 1")
+        assert await c.opt_reply(nbd.NBD_OPT_LIST) == (nbd.NBD_REP_ACK, b"")
+        rep, infos = await c.info(nbd.NBD_OPT_INFO, "vm1-lun1")
+        assert rep == nbd.NBD_REP_ACK
+        assert struct.unpack(">QH", infos[nbd.NBD_INFO_EXPORT])[0] == MiB
+        await c.go("vm1-lun1")
+        assert c.size == MiB and c.tflags & nbd.NBD_FLAG_READ_ONLY
+        assert await c.read(0, 3) == b"ro!"
+        assert await c.write(0, b"no") == nbd.NBD_EPERM
+        await c.close()
+        c = await Client.connect(srv.address)  # the empty name is the first export
+        await c.greeting()
+        await c.go("")
+        assert c.size == SIZE and not c.tflags & nbd.NBD_FLAG_READ_ONLY
+        await c.close()
+    finally:
+        await srv.close()
+
+
+async def test_structured_replies_carry_reads_and_errors(server: NbdServer, device: RecordingDevice) -> None:
+    c = await Client.connect(server.address)
+    await c.greeting()
+    c.option(nbd.NBD_OPT_STRUCTURED_REPLY)
+    assert await c.opt_reply(nbd.NBD_OPT_STRUCTURED_REPLY) == (nbd.NBD_REP_ACK, b"")
+    await c.go("disk")
+    device.data[4096:4100] = b"data"
+    handle = c.request(nbd.NBD_CMD_READ, 4096, 4)
+    c.reads.pop(handle)
+    assert await structured(c) == (nbd.NBD_REPLY_FLAG_DONE, nbd.NBD_REPLY_TYPE_OFFSET_DATA, handle,
+                                   struct.pack(">Q", 4096) + b"data")
+    handle = c.request(nbd.NBD_CMD_READ, SIZE, 1)  # out of range: an error chunk, never a simple reply
+    c.reads.pop(handle)
+    flags, kind, got, payload = await structured(c)
+    assert (flags, kind, got) == (nbd.NBD_REPLY_FLAG_DONE, nbd.NBD_REPLY_TYPE_ERROR, handle)
+    error, n = struct.unpack_from(">IH", payload)
+    assert error == nbd.NBD_EINVAL and len(payload) == 6 + n and payload[6:].decode()
+    device.fail["read"] = BlockDeviceError(errno.EIO, "medium error")
+    handle = c.request(nbd.NBD_CMD_READ, 0, 512)
+    c.reads.pop(handle)
+    flags, kind, got, payload = await structured(c)
+    assert kind == nbd.NBD_REPLY_TYPE_ERROR and struct.unpack_from(">I", payload)[0] == nbd.NBD_EIO
+    assert b"medium error" in payload
+    device.fail.clear()
+    assert await c.write(0, b"simple") == 0  # a reply without payload may stay simple
+    await c.close()
+
+
+async def test_base_allocation_block_status(server: NbdServer, device: RecordingDevice) -> None:
+    c = await Client.connect(server.address)
+    await c.greeting()
+    c.option(nbd.NBD_OPT_LIST_META_CONTEXT, meta_request("disk"))  # no queries: every context
+    assert await c.opt_reply(nbd.NBD_OPT_LIST_META_CONTEXT) == (
+        nbd.NBD_REP_META_CONTEXT, struct.pack(">I", nbd.BASE_ALLOCATION_ID) + b"base:allocation")
+    assert await c.opt_reply(nbd.NBD_OPT_LIST_META_CONTEXT) == (nbd.NBD_REP_ACK, b"")
+    c.option(nbd.NBD_OPT_STRUCTURED_REPLY)
+    assert (await c.opt_reply(nbd.NBD_OPT_STRUCTURED_REPLY))[0] == nbd.NBD_REP_ACK
+    c.option(nbd.NBD_OPT_SET_META_CONTEXT, meta_request("disk", "qemu:dirty-bitmap:x", "base:allocation"))
+    assert await c.opt_reply(nbd.NBD_OPT_SET_META_CONTEXT) == (
+        nbd.NBD_REP_META_CONTEXT, struct.pack(">I", nbd.BASE_ALLOCATION_ID) + b"base:allocation")
+    assert await c.opt_reply(nbd.NBD_OPT_SET_META_CONTEXT) == (nbd.NBD_REP_ACK, b"")
+    await c.go("disk")
+    hole = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
+    device.extents = [(MiB, 0), (2 * MiB, hole), (MiB, 0)]
+    handle = c.request(nbd.NBD_CMD_BLOCK_STATUS, 1000, 3 * MiB)
+    flags, kind, got, payload = await structured(c)
+    assert (flags, kind, got) == (nbd.NBD_REPLY_FLAG_DONE, nbd.NBD_REPLY_TYPE_BLOCK_STATUS, handle)
+    assert payload == struct.pack(">7I", nbd.BASE_ALLOCATION_ID, MiB - 1000, 0, 2 * MiB, hole, 1000, 0)
+    assert device.ops("block_status")[-1][1] == 512  # asked from the block holding the offset
+    handle = c.request(nbd.NBD_CMD_BLOCK_STATUS, MiB, MiB, nbd.NBD_CMD_FLAG_REQ_ONE)
+    assert (await structured(c))[3] == struct.pack(">III", nbd.BASE_ALLOCATION_ID, MiB, hole)
+    handle = c.request(nbd.NBD_CMD_BLOCK_STATUS, SIZE - 512, 1024)  # past the end: an error chunk
+    flags, kind, got, payload = await structured(c)
+    assert (kind, got, struct.unpack_from(">I", payload)[0]) == (nbd.NBD_REPLY_TYPE_ERROR, handle, nbd.NBD_EINVAL)
+    await c.close()
+    # A client that selected nothing may not ask.
+    c = await Client.connect(server.address)
+    await c.greeting()
+    c.option(nbd.NBD_OPT_STRUCTURED_REPLY)
+    await c.opt_reply(nbd.NBD_OPT_STRUCTURED_REPLY)
+    c.option(nbd.NBD_OPT_SET_META_CONTEXT, meta_request("disk", "qemu:allocation-depth"))
+    assert await c.opt_reply(nbd.NBD_OPT_SET_META_CONTEXT) == (nbd.NBD_REP_ACK, b"")
+    await c.go("disk")
+    handle = c.request(nbd.NBD_CMD_BLOCK_STATUS, 0, 512)
+    flags, kind, got, payload = await structured(c)
+    assert (kind, got, struct.unpack_from(">I", payload)[0]) == (nbd.NBD_REPLY_TYPE_ERROR, handle, nbd.NBD_EINVAL)
+    await c.close()
+
+
+async def test_write_zeroes_may_punch_unless_no_hole_and_trim_is_one_discard(server: NbdServer,
+                                                                            device: RecordingDevice) -> None:
+    c = await connected(server)
+    device.data[:] = b"\x77" * SIZE
+    assert await c.call(nbd.NBD_CMD_WRITE_ZEROES, 100, 3 * MiB) == (0, b"")
+    assert device.ops("write_zeroes") == [("write_zeroes", 512, 3 * MiB - 512, True)]  # whole blocks in one go
+    assert device.data[100:100 + 3 * MiB] == bytes(3 * MiB) and device.data[99] == 0x77
+    device.calls.clear()
+    assert await c.call(nbd.NBD_CMD_WRITE_ZEROES, 0, 2 * MiB, nbd.NBD_CMD_FLAG_NO_HOLE) == (0, b"")
+    assert device.ops("write_zeroes") == [("write_zeroes", 0, 2 * MiB, False)]
+    device.calls.clear()
+    assert await c.call(nbd.NBD_CMD_TRIM, 0, SIZE) == (0, b"")
+    assert device.ops("discard") == [("discard", 0, SIZE, False)]
+    await c.close()

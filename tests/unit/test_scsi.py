@@ -21,6 +21,7 @@ from parent_partition.scsi import (
     CDB_LENGTH,
     MAX_UNMAP_DESCRIPTORS,
     MAX_UNMAP_LBA_COUNT,
+    MAX_WRITE_SAME_BLOCKS,
     LunConfig,
     Op,
     ScsiController,
@@ -152,6 +153,15 @@ class FakeBackend:
         self._maybe_fail()
         return True
 
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self.calls.append(("write_zeroes", offset, length))
+        self._maybe_fail()
+
+    async def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int, bool]]:
+        self.calls.append(("allocation", offset, length))
+        self._maybe_fail()
+        return [(offset, length, True)]
+
     async def close(self) -> None:
         self.calls.append(("close", 0, 0))
 
@@ -273,10 +283,11 @@ async def test_vpd_block_limits(ctl: ScsiController) -> None:
     assert struct.unpack_from(">I", d, 24)[0] == MAX_UNMAP_DESCRIPTORS
     assert struct.unpack_from(">I", d, 28)[0] == 8  # optimal unmap granularity
     assert struct.unpack_from(">I", d, 32)[0] == 0x80000000  # UGAVALID, alignment 0
-    assert struct.unpack_from(">Q", d, 36)[0] == 0  # no WRITE SAME
+    assert struct.unpack_from(">Q", d, 36)[0] == MAX_WRITE_SAME_BLOCKS
+    assert d[4] & 0x01  # WSNZ
     ro = (await ctl.execute(2, inquiry(1, 0xB0), None, 255)).data
     assert struct.unpack_from(">I", ro, 8)[0] == 512
-    assert ro[20:36] == bytes(16)  # no unmap on a read-only disk
+    assert ro[20:44] == bytes(24)  # no unmap and no WRITE SAME on a read-only disk
 
 
 async def test_vpd_block_limits_follow_the_controller(tmp_path: Path) -> None:
@@ -296,7 +307,7 @@ async def test_vpd_characteristics_and_provisioning(ctl: ScsiController) -> None
     d = (await ctl.execute(0, inquiry(1, 0xB2), None, 255)).data
     assert d[:4] == bytes((0, 0xB2, 0, 4))
     assert d[4] == 1  # threshold exponent
-    assert d[5] == 0x80  # LBPU=1, LBPWS=0, LBPWS10=0, LBPRZ=0
+    assert d[5] == 0xC4  # LBPU=1, LBPWS=1, LBPWS10=0, LBPRZ=1
     assert d[6] & 0x07 == 2  # thin
     ro = (await ctl.execute(2, inquiry(1, 0xB2), None, 255)).data
     assert ro[5] == 0 and ro[6] == 0
@@ -324,12 +335,12 @@ async def test_read_capacity16(ctl: ScsiController) -> None:
     assert (last, block) == (DISK0 // 512 - 1, 512)
     assert r.data[13] & 0x0F == 0  # one logical block per physical block
     assert r.data[14] & 0x80  # LBPME
-    assert not r.data[14] & 0x40  # LBPRZ
+    assert r.data[14] & 0x40  # LBPRZ: a hole in the image reads as zeros
     ro = await ctl.execute(2, read_capacity16(), None, 32)
     assert struct.unpack_from(">Q", ro.data)[0] == DISK2 // 512 - 1
     assert ro.data[14] == 0
     assert len((await ctl.execute(0, read_capacity16(alloc=12), None, 32)).data) == 12
-    assert_sense(await ctl.execute(0, read_capacity16(action=0x12), None, 32), ILLEGAL, 0x24)
+    assert_sense(await ctl.execute(0, read_capacity16(action=0x11), None, 32), ILLEGAL, 0x24)
 
 
 async def test_capacity_beyond_32_bits() -> None:
@@ -639,7 +650,7 @@ async def test_unmap_lba_count_limit() -> None:
 # -- unsupported and malformed ---------------------------------------------------------------------
 
 async def test_invalid_opcodes(ctl: ScsiController) -> None:
-    for op in (0x08, 0x0A, 0x15, 0x2F, 0x41, 0x4D, 0x5E, 0x93, 0xA3, 0xA8, 0xFF):
+    for op in (0x08, 0x0A, 0x15, 0x2F, 0x41, 0x4D, 0x5E, 0x92, 0xA3, 0xA8, 0xFF):
         assert_sense(await ctl.execute(0, bytes((op,)) + bytes(15), None, 512), ILLEGAL, 0x20)
     assert_sense(await ctl.execute(0, b"", None, 0), ILLEGAL, 0x20)
 
@@ -816,3 +827,89 @@ def test_random_cdbs_never_crash(tmp_path: Path) -> None:
 
 def _not_cached(*args: object) -> int:
     raise BlockingIOError(11, "would block (not in the page cache)")
+
+
+# -- WRITE SAME (16) and GET LBA STATUS ------------------------------------------------------------
+
+def write_same16(lba: int, count: int, unmap: bool = False, flags: int = 0) -> bytes:
+    return struct.pack(">BBQIBB", Op.WRITE_SAME16, (0x08 if unmap else 0) | flags, lba, count, 0, 0)
+
+
+def get_lba_status(lba: int, alloc: int = 8 + 16 * 32) -> bytes:
+    return struct.pack(">BBQIBB", Op.SERVICE_ACTION_IN16, 0x12, lba, alloc, 0, 0)
+
+
+async def fill(ctl: ScsiController, lba: int, data: bytes) -> None:
+    """WRITE(10)s of at most the maximum transfer length."""
+    step = DEFAULT_MAX_TRANSFER_BYTES
+    for pos in range(0, len(data), step):
+        piece = data[pos:pos + step]
+        assert_good(await ctl.execute(0, rw10(Op.WRITE10, lba + pos // 512, len(piece) // 512), piece, 0))
+
+
+async def read_back(ctl: ScsiController, lba: int, length: int) -> bytes:
+    step = DEFAULT_MAX_TRANSFER_BYTES
+    parts = [(await ctl.execute(0, rw10(Op.READ10, lba + pos // 512, min(step, length - pos) // 512), None,
+                                step)).data for pos in range(0, length, step)]
+    return b"".join(parts)
+
+
+def lba_status(data: bytes) -> list[tuple[int, int, int]]:
+    n = (struct.unpack_from(">I", data)[0] - 4) // 16
+    assert len(data) >= 8 + 16 * n, "parameter data length beyond the data"
+    return [struct.unpack_from(">QIB", data, 8 + 16 * i) for i in range(n)]
+
+
+async def test_write_same_unmap_punches_and_without_unmap_zeroes_allocated(ctl: ScsiController,
+                                                                           tmp_path: Path) -> None:
+    path = image(tmp_path)
+    blocks = DISK0 // 512
+    await fill(ctl, 0, b"\xab" * MiB)
+    await fill(ctl, 4096, b"\xcd" * MiB)
+    await ctl.flush()
+    allocated = os.stat(path).st_blocks
+    assert allocated >= 2 * MiB // 512
+    # UNMAP=1 with a zero block: deallocated (a hole), reads back as zeros.
+    r = await ctl.execute(0, write_same16(0, 2048, unmap=True), bytes(512), 0)
+    assert_good(r)
+    assert os.stat(path).st_blocks <= allocated - MiB // 512
+    assert await read_back(ctl, 0, MiB) == bytes(MiB)
+    assert lba_status((await ctl.execute(0, get_lba_status(0), None, 8 + 16 * 32)).data)[0] == (0, 4096, 1)
+    # UNMAP=0 with a zero block: zeros that stay allocated (NO_HOLE).
+    assert_good(await ctl.execute(0, write_same16(4096, 2048), bytes(512), 0))
+    assert await read_back(ctl, 4096, MiB) == bytes(MiB)
+    descriptors = lba_status((await ctl.execute(0, get_lba_status(4096), None, 8 + 16 * 32)).data)
+    assert descriptors[0] == (4096, 2048, 0), descriptors
+    # A pattern is repeated over the range, UNMAP or not (it cannot be a hole).
+    assert_good(await ctl.execute(0, write_same16(10, 3, unmap=True), b"\x5a" * 512, 0))
+    assert (await ctl.execute(0, rw10(Op.READ10, 9, 5), None, 2560)).data == bytes(512) + b"\x5a" * 1536 + bytes(512)
+    # Refusals: 0 blocks (WSNZ), past the end, no data block, ANCHOR/NDOB/WRPROTECT, read-only.
+    assert_sense(await ctl.execute(0, write_same16(0, 0), bytes(512), 0), ILLEGAL, 0x24)
+    assert_sense(await ctl.execute(0, write_same16(blocks - 1, 2), bytes(512), 0), ILLEGAL, 0x21)
+    assert_sense(await ctl.execute(0, write_same16(0, 1), bytes(100), 0), ILLEGAL, 0x24)
+    for flag in (0x10, 0x01, 0x20):
+        assert_sense(await ctl.execute(0, write_same16(0, 1, flags=flag), bytes(512), 0), ILLEGAL, 0x24)
+    r = await ctl.execute(2, write_same16(0, 1, unmap=True), bytes(512), 0)
+    assert_sense(r, DATA_PROTECT, 0x27, srb=ERROR_SENSE)
+
+
+async def test_get_lba_status_reports_the_images_holes(ctl: ScsiController, tmp_path: Path) -> None:
+    blocks = DISK0 // 512
+    # A fresh sparse image is one deallocated extent.
+    r = await ctl.execute(0, get_lba_status(0), None, 8 + 16 * 32)
+    assert_good(r)
+    assert lba_status(r.data) == [(0, blocks, 1)]
+    # Data at 1 MiB..2 MiB (LBA 2048..4095) and in the last 4 KiB.
+    await fill(ctl, 2048, b"\x01" * MiB)
+    await fill(ctl, blocks - 8, b"\x02" * 4096)
+    r = await ctl.execute(0, get_lba_status(0), None, 8 + 16 * 32)
+    assert lba_status(r.data) == [(0, 2048, 1), (2048, 2048, 0), (4096, blocks - 8 - 4096, 1), (blocks - 8, 8, 0)]
+    # From an LBA inside an extent; and an allocation length with room for only one descriptor.
+    assert lba_status((await ctl.execute(0, get_lba_status(3000), None, 8 + 16 * 32)).data)[0] == (3000, 1096, 0)
+    r = await ctl.execute(0, get_lba_status(0, alloc=24), None, 24)
+    assert len(r.data) == 24 and struct.unpack_from(">QIB", r.data, 8) == (0, 2048, 1)
+    # Out of range; and the read-only disk still answers (everything it has is mapped or a hole).
+    assert_sense(await ctl.execute(0, get_lba_status(blocks), None, 64), ILLEGAL, 0x21)
+    r = await ctl.execute(2, get_lba_status(0), None, 64)
+    assert_good(r)
+    assert lba_status(r.data)[0][0] == 0

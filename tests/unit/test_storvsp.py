@@ -43,9 +43,6 @@ class Recorder:
     def send_signal(self, relid: int, sig: Signal) -> None:
         self.signals.append(sig)
 
-    def inbound_consumed(self, n: int) -> None:
-        pass
-
 
 def host_channel() -> tuple[Channel, Recorder]:
     conn = Recorder()
@@ -55,7 +52,7 @@ def host_channel() -> tuple[Channel, Recorder]:
 
 def deliver(ch: Channel, pkt: Packet) -> None:
     """What the connection does with a PACKET frame for an open channel."""
-    ch.rings.arrive(pkt.ring_size)
+    ch.rings.arrive(pkt.ring_size, len(pkt.data))
     ch._deliver(pkt)
 
 
@@ -225,19 +222,19 @@ async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Pa
     for i in range(20):
         deliver(ch_b, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=bytes([i]) * 4096))
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             while len(sent_b.packets) < 20:
                 await asyncio.sleep(0.01)
         for i in range(20):
             deliver(ch_b, srb(0x28, 8 * i, 8, trans_id=100 + i))
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             while len(sent_b.packets) < 40:
                 await asyncio.sleep(0.01)
         assert [bytes(p.data) for p in sent_b.packets[20:]] == [bytes([i]) * 4096 for i in range(20)]
         assert sent_a.packets == []  # A is still stuck, and only A
     finally:
         release.set()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while len(sent_a.packets) < 10:
             await asyncio.sleep(0.01)
     for task in tasks:
@@ -263,9 +260,11 @@ async def test_disk_pool_requests_count_against_the_queue_depth(tmp_path: Path,
     count against the queue depth, and the data read back is what was written."""
     release = threading.Event()
     real_pwrite = os.pwrite
+    entered: list[int] = []
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
-        release.wait(10)
+        entered.append(offset)
+        release.wait(30)
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
@@ -276,18 +275,20 @@ async def test_disk_pool_requests_count_against_the_queue_depth(tmp_path: Path,
     try:
         for i in range(10):
             deliver(ch, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=bytes([i + 1]) * 4096))
-        await asyncio.sleep(0.2)
-        assert len(ch._queue) == 6 and sent.packets == []  # four with the disk, six still in the ring
+        async with asyncio.timeout(30):  # four go to the disk and stay there; the VSP then stops taking more
+            while len(ch._queue) > 6 or not entered:
+                await asyncio.sleep(0.01)
+        assert len(ch._queue) == 6 and sent.packets == []
     finally:
         release.set()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while len(sent.packets) < 10:
             await asyncio.sleep(0.01)
     assert sorted(p.trans_id for p in sent.packets) == list(range(1, 11))
     assert all(completion_status(p) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096) for p in sent.packets)
     for i in range(10):
         deliver(ch, srb(0x28, 8 * i, 8, trans_id=100 + i))
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while len(sent.packets) < 20:
             await asyncio.sleep(0.01)
     assert {p.trans_id: bytes(p.data) for p in sent.packets[10:]} == {
@@ -305,7 +306,7 @@ async def test_a_failed_disk_write_is_a_medium_error_and_the_channel_goes_on(tmp
     ch, sent, ctl, task = await _image_vsp(tmp_path)
     monkeypatch.setattr(os, "pwrite", pwrite)
     deliver(ch, srb(0x2A, 0, 8, trans_id=1, data=b"x" * 4096))
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while not sent.packets:
             await asyncio.sleep(0.01)
     monkeypatch.undo()
@@ -314,7 +315,7 @@ async def test_a_failed_disk_write_is_a_medium_error_and_the_channel_goes_on(tmp
     sense = fields[15]
     assert (sense[2] & 0x0F, sense[12]) == (0x03, 0x0C)  # MEDIUM ERROR, WRITE ERROR
     deliver(ch, srb(0x2A, 0, 8, trans_id=2, data=b"y" * 4096))  # the next one works
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while len(sent.packets) < 2:
             await asyncio.sleep(0.01)
     assert completion_status(sent.packets[1]) == (vstor.Operation.COMPLETE_IO, 0, 1, 4096)
@@ -334,7 +335,7 @@ async def test_short_cdbs_are_check_condition_on_every_path(tmp_path: Path) -> N
         fields[10], fields[15] = len(cdb), cdb
         payload = vstor.SRB_PACKET.pack(*fields)
         deliver(ch, Packet(pkt.type, pkt.flags, pkt.trans_id, payload, pkt.ranges))
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):
         while len(sent.packets) < 5:
             await asyncio.sleep(0.01)
     for p in sent.packets:

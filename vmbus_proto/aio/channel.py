@@ -69,9 +69,7 @@ class Channel:
             w.set_result(None)
 
     def _consume(self, pkt: Packet) -> None:
-        if pkt.data:
-            self.conn.inbound_consumed(len(pkt.data))
-        sig = self.rings.consume(pkt.ring_size)
+        sig = self.rings.consume(pkt.ring_size, len(pkt.data))
         if sig is not None:
             self.conn.send_signal(self.relid, sig)
 
@@ -107,38 +105,38 @@ class Channel:
 
     def try_send(self, pkt: Packet) -> bool:
         """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
-        size = pkt.ring_size
-        writer = self.rings.writer
-        if self.closed or self._blocked_writers or not writer.can_write(size):
+        size, data, rings = pkt.ring_size, len(pkt.data), self.rings
+        if self.closed or self._blocked_writers or not rings.can_send(size, data):
             return False
-        writer.write(size)
+        rings.sent(size, data)
         self.conn.send_packet(self.relid, pkt)
         return True
 
     async def send(self, pkt: Packet) -> None:
         """Write one packet, waiting for ring space like a blocked writer."""
-        size = pkt.ring_size
-        if not self.rings.writer.fits_ever(size):
-            raise LocalProtocolError(f"a {size}-byte packet can never fit a "
-                                     f"{self.rings.writer.data_size}-byte ring")
+        size, data, rings = pkt.ring_size, len(pkt.data), self.rings
+        if not rings.fits_ever(size, data):
+            raise LocalProtocolError(f"a {size}-byte packet with {data} bytes of data can never fit a "
+                                     f"{rings.writer.data_size}-byte ring and a "
+                                     f"{rings.data_writer.data_size}-byte data window")
         if self.closed:
             raise ChannelClosed(f"channel {self.relid} closed")
-        if not self._blocked_writers and self.rings.can_send(size):
-            self.rings.sent(size)
+        if not self._blocked_writers and rings.can_send(size, data):
+            rings.sent(size, data)
             self.conn.send_packet(self.relid, pkt)
             return
         self._blocked_writers += 1  # later packets queue behind this one, in order
         try:
-            await self._send_blocked(pkt, size)
+            await self._send_blocked(pkt, size, data)
         finally:
             self._blocked_writers -= 1
 
-    async def _send_blocked(self, pkt: Packet, size: int) -> None:
+    async def _send_blocked(self, pkt: Packet, size: int, data: int) -> None:
         async with self._send_lock:
-            while not self.rings.can_send(size):
+            while not self.rings.can_send(size, data):
                 if self.closed:
                     raise ChannelClosed(f"channel {self.relid} closed")
-                self.conn.send_signal(self.relid, self.rings.block(size))
+                self.conn.send_signal(self.relid, self.rings.block(size, data))
                 self._space_waiter = asyncio.get_running_loop().create_future()
                 try:
                     await self._space_waiter
@@ -146,7 +144,7 @@ class Channel:
                     self._space_waiter = None
             if self.closed:
                 raise ChannelClosed(f"channel {self.relid} closed")
-            self.rings.sent(size)
+            self.rings.sent(size, data)
             self.conn.send_packet(self.relid, pkt)
 
     async def complete(self, trans_id: int, payload: bytes, data: Buffer = b"") -> None:
@@ -179,7 +177,6 @@ class Channel:
         if self.closed:
             return
         self.closed = True
-        self.conn.inbound_consumed(sum(len(p.data) for p in self._queue))
         self._queue.clear()
         for w in (self._recv_waiter, self._space_waiter):
             if w is not None and not w.done():

@@ -4,9 +4,11 @@ It stands in for the SynIC message and event plumbing of Hyper-V (Linux drivers/
 ``vmbus_post_msg`` / ``vmbus_set_event``): one connection per child partition carries every control
 message and every channel's packets, multiplexed by relid the way asyncssh multiplexes channels.
 
-Backpressure is honest: a transport whose write buffer is over its high-water mark stops our reading
-(nothing we read can make more output pile up), and bytes queued in channels that devices have not
-consumed yet stop reading too. A peer that leaves us paused for ``stall_timeout`` is disconnected.
+Flow control never needs the socket (docs/protocol.md §7.6): every byte a peer may send on a channel is
+covered by credit it can see, its ring for descriptors and its data window for inline data, so a
+connection always reads; what it holds for a peer is bounded by the credit it granted. Only output beyond
+what credit can explain (control replies a peer does not read) stops reading, and a peer that leaves us
+so for ``stall_timeout`` is disconnected. TCP keepalive finds a peer that vanished without a FIN or RST.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Any, cast
 
 import structlog
 
-from ..envelope import Signal, decode_close, decode_packet, encode_close, encode_packet
+from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close, decode_packet, encode_close, encode_packet
 from ..errors import ProtocolError
 from ..framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameKind, frame_parts
 from ..packets import Buffer, Packet
 from .channel import Channel
 
-DEFAULT_WRITE_HIGH = 4 * 1024 * 1024
-DEFAULT_INBOUND_HIGH = 32 * 1024 * 1024
+CONTROL_WRITE_HIGH = 1024 * 1024  # output allowed beyond what the open channels' credit can explain
+KEEPALIVE = (10, 5, 3)  # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: a silent dead peer found in ~25 s
 _DISCARD = bytearray(64 * 1024)
 FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
 BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
@@ -36,9 +38,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     A ``BufferedProtocol``: the transport reads straight into the decoder's buffers (``get_buffer``), so
     bulk data is copied once, by the kernel, on its way to the frame that carries it."""
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, write_high: int = DEFAULT_WRITE_HIGH,
-                 inbound_high: int = DEFAULT_INBOUND_HIGH, stall_timeout: float = 60.0,
-                 max_payload: int = 64 * 1024, log: Any = None) -> None:
+    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, write_high: int = CONTROL_WRITE_HIGH,
+                 stall_timeout: float = 60.0, max_payload: int = 64 * 1024,
+                 data_window: int = DEFAULT_DATA_WINDOW, log: Any = None) -> None:
         self.decoder = FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
         self.channels: dict[int, Channel] = {}
@@ -46,14 +48,13 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.max_payload = max_payload
         self.stall_timeout = stall_timeout
+        self.data_window = data_window  # what we accept in flight per channel (our HELLO says it)
+        self.peer_data_window = DEFAULT_DATA_WINDOW  # what the peer accepts (its HELLO says it)
         self._write_high = write_high
         self._wbuf: list[Buffer] = []
         self._flush_scheduled = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._inbound = 0
-        self._inbound_high = inbound_high
-        self._reading_paused_by: set[str] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
         self.closed_future: asyncio.Future[str] = asyncio.get_event_loop().create_future()
         self.bytes_in = 0
@@ -63,10 +64,40 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.transport.set_write_buffer_limits(high=self._write_high, low=self._write_high // 4)
+        self._set_write_limits()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            idle, interval, count = KEEPALIVE
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+    # ---- channels ---------------------------------------------------------------------------------------
+
+    def add_channel(self, ch: Channel) -> None:
+        """Route ``ch``'s frames to it; its credit raises what we may buffer for the peer."""
+        self.channels[ch.relid] = ch
+        self._set_write_limits()
+
+    def remove_channel(self, relid: int) -> Channel | None:
+        ch = self.channels.pop(relid, None)
+        if ch is not None:
+            self._set_write_limits()
+        return ch
+
+    @property
+    def write_limit(self) -> int:
+        """Output we buffer before we stop reading: what the open channels' credit lets us send (each
+        packet's frame at most twice its ring size, plus the peer's data window) and ``write_high`` more."""
+        return self._write_high + sum(2 * ch.rings.writer.data_size + ch.rings.data_writer.data_size
+                                      for ch in self.channels.values())
+
+    def _set_write_limits(self) -> None:
+        if self.transport is not None and not self.closing:
+            high = self.write_limit
+            self.transport.set_write_buffer_limits(high=high, low=high // 2)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.closing:
@@ -108,12 +139,20 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.on_connection_lost(exc)
 
     def pause_writing(self) -> None:
+        """More output waits than credit explains: the peer is not reading. Stop reading it (nothing it
+        sends may add to the pile) and drop it if it stays so for ``stall_timeout``."""
         self._write_paused = True
-        self._pause_reading("write")
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+            self._stall_timer = asyncio.get_event_loop().call_later(self.stall_timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._resume_reading("write")
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)
@@ -149,9 +188,7 @@ class FramedConnection(asyncio.BufferedProtocol):
                 self.on_unknown_channel(frame)
                 return
             pkt = decode_packet(frame.body, frame.data, self.max_payload)
-            ch.rings.reader.arrive(pkt.ring_size)
-            if pkt.data:
-                self.inbound_queued(len(pkt.data))
+            ch.rings.arrive(pkt.ring_size, len(pkt.data))
             ch._deliver(pkt)
         elif kind == FrameKind.SIGNAL:
             sig = Signal.decode(frame.body)
@@ -167,41 +204,16 @@ class FramedConnection(asyncio.BufferedProtocol):
         elif kind == FrameKind.CLOSE:
             self.on_close_frame(decode_close(frame.body))
 
-    # ---- inbound flow control ---------------------------------------------------------------------------
-
-    def inbound_queued(self, n: int) -> None:
-        self._inbound += n
-        if self._inbound > self._inbound_high:
-            self._pause_reading("inbound")
-
-    def inbound_consumed(self, n: int) -> None:
-        if not n:
-            return
-        self._inbound -= n
-        if self._inbound <= self._inbound_high // 2:
-            self._resume_reading("inbound")
-
-    def _pause_reading(self, why: str) -> None:
-        if not self._reading_paused_by and self.transport is not None and not self.closing:
-            self.transport.pause_reading()
-        if why == "write" and self._stall_timer is None and not self.closing:
-            self._stall_timer = asyncio.get_event_loop().call_later(self.stall_timeout, self._stalled)
-        self._reading_paused_by.add(why)
-
-    def _resume_reading(self, why: str) -> None:
-        if why not in self._reading_paused_by:
-            return
-        self._reading_paused_by.discard(why)
-        if why == "write" and self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-        if not self._reading_paused_by and self.transport is not None and not self.closing:
-            self.transport.resume_reading()
-
     def _stalled(self) -> None:
-        if self._write_paused and not self.closing:
-            self.fail(f"peer has not read for {self.stall_timeout:g}s with "
-                      f"{self.transport.get_write_buffer_size() if self.transport else 0} bytes waiting")
+        """The peer read nothing for ``stall_timeout``. A CLOSE frame would queue behind what it does not
+        read, so it is reset instead: the reason is in our log, and our buffers go at once."""
+        if not self._write_paused or self.closing or self.transport is None:
+            return
+        self.log.error("protocol error, closing connection",
+                       error=f"peer has not read for {self.stall_timeout:g}s with "
+                             f"{self.transport.get_write_buffer_size()} bytes waiting (limit {self.write_limit})")
+        self.closing = True
+        self.transport.abort()
 
     # ---- output -----------------------------------------------------------------------------------------
 

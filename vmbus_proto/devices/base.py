@@ -9,12 +9,14 @@ protocol and handshake state machine live once, in its module here, and both its
 from __future__ import annotations
 
 import abc
+import enum
+import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import DeviceProtocolError, LocalProtocolError
+from ..errors import DeviceProtocolError, LocalProtocolError, ProtocolError
 from ..packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
 
@@ -29,6 +31,21 @@ class DeviceSpec:
     mmio_megabytes: int
     ring_bytes: int  # per-direction ring size a Linux guest opens with, header page included
     max_packet: int  # the guest driver's max_pkt_size: hosts must not send bigger in-band packets
+    protocol: str = ""  # the device protocol's name as its README and trace print it: "VSTOR", "NVSP", ...
+    version_text: Callable[[int], str] = hex  # a negotiated protocol version as people write it ("6.2")
+
+
+def major_minor_text(version: int) -> str:
+    """``major << 16 | minor`` as "major.minor" (NVSP, SYNTHHID, keyboard, VMBus itself)."""
+    return f"{version >> 16}.{version & 0xFFFF}"
+
+
+def name_text(prefix: str, names: type[enum.IntEnum], value: int) -> str:
+    """A device message number as the Linux driver names it, with the number: ``SYNTHVID_VERSION_REQUEST(1)``."""
+    try:
+        return f"{prefix}{names(value).name}({value})"
+    except ValueError:
+        return f"{prefix}UNKNOWN({value})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +169,49 @@ class VscVersionHandshake(Handshake):
             return [self._request()]
         self._failed = failure
         return []
+
+
+# ---- the teaching trace of a device's handshake packets ---------------------------------------------------
+
+Describe = Callable[[bytes, int, "bytes | None"], str]
+
+_PACKET_TEXT: dict[int, str] = {PacketType.DATA_INBAND: "VM_PKT_DATA_INBAND", PacketType.DATA_USING_GPA_DIRECT:
+                "VM_PKT_DATA_USING_GPA_DIRECT", PacketType.DATA_USING_XFER_PAGES: "VM_PKT_DATA_USING_XFER_PAGES",
+                PacketType.COMP: "VM_PKT_COMP"}
+_MAX_REMEMBERED = 64
+
+
+class HandshakeTrace:
+    """One ``--trace`` line per device packet of a handshake, from either side of the channel.
+
+    ``describe(payload, packet_type, request)`` is the device module's decoder; a completion is described
+    together with the request it answers (matched by transaction id), since a VSTOR or NVSP completion
+    means something only next to its request. Undecodable packets are described, never raised on.
+    """
+
+    def __init__(self, describe: Describe) -> None:
+        self.describe = describe
+        self._requests: dict[int, bytes] = {}
+
+    def line(self, arrow: str, packet_type: int, trans_id: int, completion_requested: bool, payload: bytes) -> str:
+        request = None
+        if packet_type == PacketType.COMP:
+            request = self._requests.pop(trans_id, None)
+        elif completion_requested and len(self._requests) < _MAX_REMEMBERED:
+            self._requests[trans_id] = bytes(payload)
+        if packet_type == PacketType.COMP and not payload:
+            text = "completion"  # hid-hyperv's and the keyboard's requests may get an empty one
+        else:
+            try:
+                text = self.describe(payload, packet_type, request)
+            except (ProtocolError, struct.error, ValueError) as exc:
+                text = f"undecodable ({len(payload)} bytes: {exc})"
+        kind = _PACKET_TEXT.get(packet_type, f"packet type {packet_type}")
+        framing = f"{kind}, trans_id={trans_id:#x}" + (", completion requested" if completion_requested else "")
+        return f"{arrow} {text}  [{framing}]"
+
+    def sent(self, arrow: str, out: Outgoing) -> str:
+        return self.line(arrow, out.type, out.trans_id, out.completion_requested, out.payload)
+
+    def received(self, arrow: str, packet: Incoming) -> str:
+        return self.line(arrow, packet.type, packet.trans_id, packet.completion_requested, packet.payload)

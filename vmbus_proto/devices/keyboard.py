@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .. import guids
 from ..errors import DeviceProtocolError
 from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
     "DEFAULT_SUPPORTED",
@@ -35,8 +35,10 @@ __all__ = [
     "Version",
     "VscHandshake",
     "VspHandshake",
+    "describe",
     "pack_message",
     "unpack_message",
+    "version_text",
 ]
 
 
@@ -178,6 +180,24 @@ class LedIndicators:
         return cls(*_LED.unpack_from(body))
 
 
+version_text = major_minor_text  # SYNTH_KBD_VERSION: 0x10000 -> "1.0"
+
+
+def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request: bytes | None = None) -> str:
+    """One ``--trace`` line for a synthetic keyboard message."""
+    msg_type, body = unpack_message(payload)
+    text = name_text("SYNTH_KBD_", MessageType, msg_type)
+    if msg_type == MessageType.PROTOCOL_REQUEST:
+        return f"{text} version={version_text(ProtocolRequest.unpack(body).version)}"
+    if msg_type == MessageType.PROTOCOL_RESPONSE:
+        r = ProtocolResponse.unpack(body)
+        return f"{text} proto_status={r.proto_status:#x}" + (" (ACCEPTED)" if r.accepted else " (refused)")
+    if msg_type == MessageType.EVENT:
+        ev = KeyEvent.unpack(body)
+        return f"{text} make_code={ev.make_code:#04x} info={ev.info:#x}"
+    return text
+
+
 SPEC = DeviceSpec(
     name="keyboard",
     class_id=guids.SYNTH_KEYBOARD,
@@ -186,6 +206,8 @@ SPEC = DeviceSpec(
     mmio_megabytes=0,
     ring_bytes=36 * 1024 + 4096,  # KBD_VSC_SEND_RING_BUFFER_SIZE = VMBUS_RING_SIZE(36 KiB)
     max_packet=4096,  # hyperv-keyboard leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
+    protocol="SYNTH_KBD",
+    version_text=version_text,
 )
 
 
@@ -219,7 +241,7 @@ class VscHandshake(VscVersionHandshake):
             self.negotiated_version = self.candidate
             self._done = True
             return []
-        offered = ", ".join(f"{v:#010x}" for v in self.versions)
+        offered = ", ".join(version_text(v) for v in self.versions)
         return self._refused(f"host refused every keyboard protocol version ({offered})")
 
 

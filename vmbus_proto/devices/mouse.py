@@ -22,7 +22,7 @@ from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
 from ..packets import PacketType
 from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
     "DEFAULT_DEVICE_INFO",
@@ -46,8 +46,10 @@ __all__ = [
     "Version",
     "VscHandshake",
     "VspHandshake",
+    "describe",
     "pack_message",
     "unpack_message",
+    "version_text",
 ]
 
 
@@ -274,6 +276,28 @@ DEFAULT_DEVICE_INFO = InitialDeviceInfo(
     report_descriptor=REPORT_DESCRIPTOR,
 )
 
+version_text = major_minor_text  # SYNTHHID_INPUT_VERSION: 0x20000 -> "2.0"
+
+
+def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request: bytes | None = None) -> str:
+    """One ``--trace`` line for a synthhid message."""
+    msg_type, body = unpack_message(payload)
+    text = name_text("SYNTH_HID_", MessageType, msg_type)
+    if msg_type == MessageType.PROTOCOL_REQUEST:
+        return f"{text} version={version_text(ProtocolRequest.unpack(body).version)}"
+    if msg_type == MessageType.PROTOCOL_RESPONSE:
+        r = ProtocolResponse.unpack(body)
+        return f"{text} version_requested={version_text(r.version_requested)} approved={r.approved}"
+    if msg_type == MessageType.INITIAL_DEVICE_INFO:
+        info = InitialDeviceInfo.unpack(body)
+        return (f"{text} vendor={info.info.vendor:#06x} product={info.info.product:#06x}"
+                f" report_descriptor={len(info.report_descriptor)} bytes")
+    if msg_type == MessageType.INPUT_REPORT:
+        rep = MouseReport.unpack(body)
+        return f"{text} buttons={rep.buttons:#x} x={rep.x} y={rep.y} wheel={rep.wheel}"
+    return text
+
+
 SPEC = DeviceSpec(
     name="mouse",
     class_id=guids.SYNTHHID_MOUSE,
@@ -282,6 +306,8 @@ SPEC = DeviceSpec(
     mmio_megabytes=0,
     ring_bytes=36 * 1024 + 4096,  # INPUTVSC ring: VMBUS_RING_SIZE(36 KiB)
     max_packet=4096,  # hid-hyperv leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
+    protocol="SYNTHHID",
+    version_text=version_text,
 )
 
 
@@ -326,7 +352,7 @@ class VscHandshake(VscVersionHandshake):
             if response.approved:
                 self.negotiated_version = self.candidate
                 return []
-            offered = ", ".join(f"{v:#010x}" for v in self.versions)
+            offered = ", ".join(version_text(v) for v in self.versions)
             return self._refused(f"host refused every synthhid version ({offered})")
         if msg_type != MessageType.INITIAL_DEVICE_INFO:
             raise DeviceProtocolError(f"synthhid message type {msg_type} while waiting for INITIAL_DEVICE_INFO")

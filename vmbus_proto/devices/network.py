@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
 from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
     "DEFAULT_SUPPORTED",
@@ -37,9 +37,11 @@ __all__ = [
     "Version",
     "VscHandshake",
     "VspHandshake",
+    "describe",
     "host_message_size",
     "pack_message",
     "unpack_message",
+    "version_text",
 ]
 
 
@@ -187,6 +189,43 @@ class InitComplete:
         return cls(*_INIT_COMPLETE.unpack_from(body))
 
 
+def version_text(version: int) -> str:
+    """An NVSP protocol version as people write it: 0x60001 -> "6.1"; versions 1 and 2 have odd codes (2, 0x30002)."""
+    return _OLD_VERSIONS.get(version) or major_minor_text(version)
+
+
+_OLD_VERSIONS: dict[int, str] = {Version.V1: "1", Version.V2: "2"}
+
+
+# Linux names the message types by the NVSP version that introduced them: NVSP_MSG1_TYPE_SEND_NDIS_VER, ...
+_GENERATIONS = ((135, "NVSP_MSG6_TYPE_"), (131, "NVSP_MSG5_TYPE_"), (128, "NVSP_MSG4_TYPE_"),
+                (109, "NVSP_MSG2_TYPE_"), (100, "NVSP_MSG1_TYPE_"), (0, "NVSP_MSG_TYPE_"))
+
+
+def _type_text(msg_type: int) -> str:
+    prefix = next(p for first, p in _GENERATIONS if msg_type >= first)
+    return name_text(prefix, MessageType, msg_type)
+
+
+def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request: bytes | None = None) -> str:
+    """One ``--trace`` line for an NVSP message (INIT_COMPLETE is read next to the INIT it answers)."""
+    msg_type, body = unpack_message(payload)
+    text = _type_text(msg_type)
+    if msg_type == MessageType.INIT:
+        init = Init.unpack(body)
+        return (f"{text} min_protocol_ver={version_text(init.min_protocol_ver)}"
+                f" max_protocol_ver={version_text(init.max_protocol_ver)}")
+    if msg_type != MessageType.INIT_COMPLETE:
+        return text
+    done = InitComplete.unpack(body)
+    text += f" status={name_text('NVSP_STAT_', Status, done.status)} max_mdl_chain_len={done.max_mdl_chain_len}"
+    if request is not None:
+        asked_type, asked = unpack_message(request)
+        if asked_type == MessageType.INIT:
+            text += f" for version {version_text(Init.unpack(asked).max_protocol_ver)}"
+    return text
+
+
 # Our fixed instance id (OpenVMM takes a vNIC's instance id from its configuration).
 _INSTANCE = uuid.UUID("4322ba74-7a19-4fb4-a8d7-81d2f0892bed")
 
@@ -200,6 +239,8 @@ SPEC = DeviceSpec(
     # NETVSC_MAX_PKT_SIZE: transfer-page header with 562 ranges (16 + 8 + 562 * 8)
     # + sizeof(nvsp_message) (40) + the 16-entry u32 send table (64) = 4624.
     max_packet=16 + 8 + 562 * 8 + NVSP_MESSAGE_SIZE + 16 * 4,
+    protocol="NVSP",
+    version_text=version_text,
 )
 
 
@@ -239,7 +280,7 @@ class VscHandshake(VscVersionHandshake):
             self.max_mdl_chain_len = complete.max_mdl_chain_len
             self._done = True
             return []
-        offered = ", ".join(f"{v:#x}" for v in self.versions)
+        offered = ", ".join(version_text(v) for v in self.versions)
         return self._refused(f"host refused every NVSP protocol version ({offered}); last status {complete.status}")
 
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from .. import guids
 from ..errors import DeviceProtocolError, LocalProtocolError
 from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, name_text
 
 __all__ = [
     "CHANNEL_PROPERTIES_SIZE",
@@ -57,9 +57,11 @@ __all__ = [
     "VspHandshake",
     "VstorPacket",
     "completion_size",
+    "describe",
     "pack_completion",
     "pack_request",
     "srb_status_to_nt_status",
+    "version_text",
 ]
 
 
@@ -420,6 +422,49 @@ def pack_complete_io(req: ExecuteSrb, srb_status: int, scsi_status: int, transfe
     return out if request_payload_len >= VSTOR_PACKET_SIZE else out[:completion_size(request_payload_len)]
 
 
+def version_text(version: int) -> str:
+    """``VMSTOR_PROTO_VERSION(major, minor)`` as people write it: 0x0602 -> "6.2"."""
+    return f"{version >> 8 & 0xFF}.{version & 0xFF}"
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"STATUS_{NtStatus(status).name}({status:#010x})"
+    except ValueError:
+        return f"{status:#010x}"
+
+
+_OP = "VSTOR_OPERATION_"
+
+
+def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request: bytes | None = None) -> str:
+    """One ``--trace`` line for a VSTOR packet (a completion is read next to the ``request`` it answers)."""
+    msg = VstorPacket.unpack(payload)
+    text = name_text(_OP, Operation, msg.operation)
+    if msg.operation == Operation.QUERY_PROTOCOL_VERSION:
+        return f"{text} version={version_text(ProtocolVersion.unpack(msg.body).major_minor)}"
+    if msg.operation == Operation.EXECUTE_SRB:
+        srb = VmscsiRequest.unpack(msg.body)
+        return f"{text} lun={srb.lun} cdb={srb.cdb.hex()} data_transfer_length={srb.data_transfer_length}"
+    if msg.operation == Operation.CREATE_SUB_CHANNELS:
+        _need(msg.body, _SUB_CHANNELS.size, "CREATE_SUB_CHANNELS")
+        return f"{text} count={_SUB_CHANNELS.unpack_from(msg.body)[0]}"
+    if msg.operation != Operation.COMPLETE_IO:
+        return text
+    text += f" status={_status_text(msg.status)}"
+    if request is None or len(request) < VSTOR_HEADER_SIZE:
+        return text
+    asked = VstorPacket.unpack(request).operation
+    text += " for " + name_text("", Operation, asked)
+    if asked == Operation.QUERY_PROTOCOL_VERSION:
+        text += f" version={version_text(ProtocolVersion.unpack(msg.body).major_minor)}"
+    elif asked == Operation.QUERY_PROPERTIES and msg.status == NtStatus.SUCCESS:
+        props = ChannelProperties.unpack(msg.body)
+        text += (f" max_channel_cnt={props.max_channel_cnt} flags={props.flags:#x}"
+                 f" max_transfer_bytes={props.max_transfer_bytes}")
+    return text
+
+
 # Our fixed instance id (OpenVMM derives a SCSI controller's instance id from its configuration).
 _INSTANCE = uuid.UUID("5250ce2e-32b7-4d3b-8d3f-06ff771a11de")
 
@@ -431,6 +476,8 @@ SPEC = DeviceSpec(
     mmio_megabytes=0,
     ring_bytes=128 * 1024 + 4096,  # VMBUS_RING_SIZE(storvsc_ringbuffer_size = 128 KiB)
     max_packet=16 + VSTOR_PACKET_SIZE,  # STORVSC_MAX_PKT_SIZE = descriptor + sizeof(vstor_packet)
+    protocol="VSTOR",
+    version_text=version_text,
 )
 
 
@@ -526,7 +573,7 @@ class VscHandshake(Handshake):
             self._index += 1
             if self._index < len(self.versions):
                 return [self._query_version()]
-            offered = ", ".join(f"{v:#06x}" for v in self.versions)
+            offered = ", ".join(version_text(v) for v in self.versions)
             return self._fail(f"host refused every VSTOR protocol version ({offered}); "
                               f"last status {msg.status:#010x}")
         if msg.status != NtStatus.SUCCESS:

@@ -20,7 +20,7 @@ from .. import guids
 from ..errors import DeviceProtocolError
 from ..packets import PacketType
 from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake
+from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, name_text
 
 __all__ = [
     "ACCEPTED_WITH_VERSION_EXCHANGE",
@@ -36,11 +36,13 @@ __all__ = [
     "VersionResponse",
     "VscHandshake",
     "VspHandshake",
+    "describe",
     "make_version",
     "pack_message",
     "unpack_message",
     "version_major",
     "version_minor",
+    "version_text",
 ]
 
 
@@ -152,6 +154,24 @@ class VersionResponse:
         return cls(*_VERSION_RESPONSE.unpack_from(body))
 
 
+def version_text(version: int) -> str:
+    """``SYNTHVID_VERSION(major, minor)`` as people write it: 0x50003 -> "3.5"."""
+    return f"{version_major(version)}.{version_minor(version)}"
+
+
+def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request: bytes | None = None) -> str:
+    """One ``--trace`` line for a synthvid message."""
+    msg_type, body = unpack_message(payload)
+    text = name_text("SYNTHVID_", MessageType, msg_type)
+    if msg_type == MessageType.VERSION_REQUEST:
+        return f"{text} version={version_text(VersionRequest.unpack(body).version)}"
+    if msg_type == MessageType.VERSION_RESPONSE:
+        r = VersionResponse.unpack(body)
+        return (f"{text} version={version_text(r.version)} is_accepted={r.is_accepted}"
+                f" max_video_outputs={r.max_video_outputs}")
+    return text
+
+
 SPEC = DeviceSpec(
     name="video",
     class_id=guids.SYNTHVID,
@@ -160,6 +180,8 @@ SPEC = DeviceSpec(
     mmio_megabytes=8,  # OpenVMM FRAMEBUFFER_SIZE
     ring_bytes=256 * 1024 + 4096,  # VMBUS_RING_SIZE(256 KiB)
     max_packet=MAX_VMBUS_PACKET_SIZE,
+    protocol="SYNTHVID",
+    version_text=version_text,
 )
 
 
@@ -195,7 +217,7 @@ class VscHandshake(VscVersionHandshake):
             self.max_video_outputs = response.max_video_outputs
             self._done = True
             return []
-        offered = ", ".join(f"{version_major(v)}.{version_minor(v)}" for v in self.versions)
+        offered = ", ".join(version_text(v) for v in self.versions)
         return self._refused(f"host refused every synthvid version ({offered})")
 
 

@@ -1,0 +1,172 @@
+"""`parent-partition demo` as a real process: the narrated walk, the summaries, the disk work and clean stops.
+
+Each test waits for lines of the demo's own output (a condition), never for a time; --pace 0 removes the
+pauses of the walk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+DEADLINE = 120.0  # four Python processes start on a loaded two-core machine
+
+
+class Demo:
+    """A demo process whose stdout lines are collected by a thread."""
+
+    running: list[Demo] = []
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+        self.proc = subprocess.Popen([str(BIN / "parent-partition"), "demo", *args], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        Demo.running.append(self)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self.lines)
+
+    def wait_until(self, what: str, pred: Callable[[str], bool], timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred("".join(self.lines)):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "".join(self.lines[-40:])
+                    raise AssertionError(f"demo never showed {what}; last lines:\n{tail}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait(self, timeout: float = DEADLINE) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"demo did not exit within {timeout:g}s; last lines:\n{self.text[-3000:]}") from None
+
+
+@pytest.fixture(autouse=True)
+def stop_demos() -> Iterator[None]:
+    """A failed test still stops its demo the way a user would (Ctrl-C), so no partition is left running."""
+    yield
+    while Demo.running:
+        demo = Demo.running.pop()
+        if demo.proc.poll() is None:
+            demo.proc.send_signal(signal.SIGINT)
+            try:
+                demo.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                demo.proc.kill()
+                demo.proc.wait()
+
+
+def disk_counts(text: str) -> dict[str, tuple[int, int]]:
+    """The latest (completed, errors) per VM from the demo's progress lines."""
+    counts: dict[str, tuple[int, int]] = {}
+    for who, done, errors in re.findall(r"(vm\d) │ disk: completed=(\d+) errors=(\d+)", text):
+        counts[who] = (int(done), int(errors))
+    return counts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_clean_end(demo: Demo, code: int) -> str:
+    out = demo.text
+    assert code == 0, f"demo exited with {code}:\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-3000:]
+    assert out.count("unloaded cleanly") == 3, "not every child unloaded cleanly:\n" + out[-3000:]
+    assert "parent partition stopped" in out and "clean shutdown" in out, out[-3000:]
+    return out
+
+
+def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after_duration(tmp_path: Path) -> None:
+    port = free_port()
+    demo = Demo(tmp_path, "--pace", "0", "--duration", "6", "--port", str(port))
+    out = assert_clean_end(demo, demo.wait())
+    assert f"listening on tcp://127.0.0.1:{port}" in out
+    # The walk: every stage of vm1's lifecycle with its explanation.
+    for title in ("1/10  Connecting: the VMBus version", "2/10  Offers", "3/10  storage channel: sharing the ring "
+                  "pages (GPADL)", "4/10  storage channel: opening the channel", "5/10  storage: the VSTOR handshake",
+                  "6/10  network", "7/10  video", "8/10  keyboard", "9/10  mouse", "10/10  vm1 is up"):
+        assert title in out, f"stage {title!r} missing"
+    words = " ".join(out.split())  # explanations wrap
+    assert "newest first" in words and "Guest Physical Address Descriptor List" in words
+    # The devices' own packets, with their real names and numbers, and versions as the README writes them.
+    for packet in ("VSTOR_OPERATION_BEGIN_INITIALIZATION(7)", "VSTOR_OPERATION_QUERY_PROTOCOL_VERSION(9) version=6.2",
+                   "NVSP_MSG_TYPE_INIT(1) min_protocol_ver=6.1", "SYNTHVID_VERSION_REQUEST(1) version=3.5",
+                   "SYNTH_KBD_PROTOCOL_REQUEST(1) version=1.0", "SYNTH_HID_PROTOCOL_REQUEST(0) version=2.0",
+                   "SYNTH_HID_INITIAL_DEVICE_INFO(2)"):
+        assert packet in out, f"device packet {packet!r} missing"
+    assert "0x602" not in out and "0x50003" not in out
+    # vm2 and vm3: one summary line each, not a full trace.
+    for who in ("vm1", "vm2", "vm3"):
+        assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 6\.0 · storage VSTOR 6\.2 · network NVSP 6\.1 · "
+                         r"video SYNTHVID 3\.5 · keyboard SYNTH_KBD 1\.0 · mouse SYNTHHID 2\.0", out), who
+    assert out.count("CHANNELMSG_INITIATE_CONTACT") == 1, "only vm1's lifecycle is traced"
+    # The disk work: the final table has every VM with completed requests and no errors.
+    rows = dict(re.findall(r"│ (vm\d) │ (?:tcp|unix)\s+│\s+[\d,]+ │\s+[\d.,]+ │\s+([\d,]+) │\s+0 │", out))
+    assert set(rows) == {"vm1", "vm2", "vm3"}, "the final table lacks a VM, or shows errors:\n" + out[-2000:]
+    assert all(int(n.replace(",", "")) > 0 for n in rows.values()), rows
+
+
+def test_ctrl_c_while_the_vms_work_stops_everything_cleanly(tmp_path: Path) -> None:
+    demo = Demo(tmp_path, "--pace", "0")
+    demo.wait_until("disk progress for all three VMs",
+                    lambda text: len(c := disk_counts(text)) == 3 and all(done > 0 for done, _ in c.values()))
+    demo.proc.send_signal(signal.SIGINT)
+    out = assert_clean_end(demo, demo.wait())
+    assert all(errors == 0 for _, errors in disk_counts(out).values()), out[-2000:]
+    # vm1's teardown is traced: close, GPADL teardown, unload.
+    for msg in ("CHANNELMSG_CLOSECHANNEL(7)", "CHANNELMSG_GPADL_TEARDOWN(11)", "CHANNELMSG_GPADL_TORNDOWN(12)",
+                "CHANNELMSG_UNLOAD(16)", "CHANNELMSG_UNLOAD_RESPONSE(17)"):
+        assert msg in out, f"{msg} missing from the traced teardown"
+
+
+def test_ctrl_c_during_a_pause_of_the_walk_stops_at_once_and_cleanly(tmp_path: Path) -> None:
+    """A long --pace: Ctrl-C in the pause after the parent came up ends the demo; no child was started."""
+    sock = tmp_path / "demo.sock"
+    demo = Demo(tmp_path, "--pace", "600", "--listen", f"tcp://127.0.0.1:{free_port()}", "--listen", f"unix:{sock}")
+    demo.wait_until("the parent listening", lambda text: "listening on" in text)
+    assert sock.exists()
+    demo.proc.send_signal(signal.SIGINT)
+    code = demo.wait()
+    out = demo.text
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out and "1/10" not in out and "unloaded cleanly" not in out, out[-3000:]
+    assert "parent partition stopped" in out and "clean shutdown" in out, out[-3000:]
+    assert not sock.exists(), "the parent left its Unix socket behind"
+
+
+def test_demo_help_documents_its_options() -> None:
+    out = subprocess.run([str(BIN / "parent-partition"), "demo", "--help"], check=True, capture_output=True,
+                         text=True, timeout=60).stdout
+    for option in ("--pace", "--duration", "--port", "--listen", "--trace-parent", "--data-dir", "--iodepth"):
+        assert option in out, f"{option} is not in demo --help"
