@@ -4,6 +4,7 @@ processes, real sockets, real files."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import socket
@@ -129,14 +130,30 @@ def test_unusable_lun_image_stops_the_parent_at_start(workdir: Path, kind: str, 
     assert f"parent.toml: [[storage.lun]] lun 1: path '{image}'" in line and needle in line, line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """``path`` cannot be opened for writing, even by root (immutable), for the block's duration."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    if subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without the immutable attribute")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def test_unwritable_lun_image_must_be_read_only(workdir: Path) -> None:
     image = workdir / "disk.img"
     workdir.mkdir(parents=True, exist_ok=True)
     image.write_bytes(b"\0" * 4096)
-    image.chmod(0o444)
-    code, line = serve(workdir, config=f'[[storage.lun]]\nlun = 1\npath = "{image}"\n')
-    assert code == 2 and "set read_only = true" in line, line
+    with unwritable(image):
+        code, line = serve(workdir, config=f'[[storage.lun]]\nlun = 1\npath = "{image}"\n')
+        assert code == 2 and line.endswith("; make it writable or set read_only = true"), line
+        p = Parent(workdir / "ro", f'[[storage.lun]]\nlun = 1\npath = "{image}"\nread_only = true\n')
+        assert p.stop() == 0, "a read-only LUN on an unwritable image did not start and stop cleanly"
 
 
 def test_unusable_data_dir(workdir: Path) -> None:
