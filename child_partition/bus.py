@@ -28,6 +28,32 @@ class BusError(Exception):
     """The host refused or never answered a request."""
 
 
+class ParentRefused(BusError):
+    """The parent refused this guest for a reason a retry cannot fix (docs/protocol.md §3, §5).
+
+    ``kind``: ``name-taken`` (another connection holds the partition name), ``hello`` (the parent rejected
+    the HELLO, as a name it does not accept), ``envelope`` (no envelope version in common), ``auth`` (no
+    authentication method in common), ``versions`` (no VMBus version in common), ``not-a-parent`` (what
+    answered does not speak the envelope)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+# The CLOSE reasons a parent gives a HELLO it will not accept however often it is sent (the wording of
+# parent_partition/connection.py ``on_hello`` and docs/protocol.md §3). Anything else (shutting down,
+# partition limit, handshake timeout) may pass, so it is retried.
+_REFUSALS = (("name-taken", "partition name "), ("envelope", "envelope version "),
+             ("auth", "authentication method "), ("hello", "FrameError: HELLO "))
+
+
+def refusal_kind(reason: str) -> str | None:
+    """The kind of a permanent refusal in a CLOSE reason received before the parent's HELLO, else None."""
+    return next((kind for kind, prefix in _REFUSALS if reason.startswith(prefix)), None)
+
+
 class GuestBus(FramedConnection):
     def __init__(self, name: str, *, trace: bool = False, versions: list[int] | None = None,
                  timeout: float = core.DEFAULT_TIMEOUT, log: Any = None) -> None:
@@ -41,6 +67,8 @@ class GuestBus(FramedConnection):
         self.offers: dict[int, m.OfferChannel] = {}
         self.on_rescind: Callable[[int], None] | None = None
         self.on_offer: Callable[[m.OfferChannel], None] | None = None
+        self.close_reason: str | None = None
+        self.refused: ParentRefused | None = None
 
     # ---- connection -------------------------------------------------------------------------------------
 
@@ -57,20 +85,31 @@ class GuestBus(FramedConnection):
             raise FrameError("second HELLO from the host")
         hello = Hello.decode(frame.body)
         if hello.envelope != ENVELOPE_VERSION or hello.auth != "none":
-            raise FrameError(f"the parent speaks envelope {hello.envelope} with auth {hello.auth!r}; "
-                             f"this child speaks envelope {ENVELOPE_VERSION} with no authentication")
+            reason = (f"the parent speaks envelope {hello.envelope} with auth {hello.auth!r}; "
+                      f"this child speaks envelope {ENVELOPE_VERSION} with no authentication")
+            self.refused = ParentRefused("envelope", reason)
+            raise FrameError(reason)
         self.peer_data_window = hello.data_window
         self.hello_future.set_result(hello)
 
     def on_close_frame(self, reason: str) -> None:
-        self.log.warning("parent closed the connection", reason=reason)
         self.close_reason = reason
+        kind = None if self.hello_future.done() else refusal_kind(reason)
+        if kind is not None:
+            self.refused = ParentRefused(kind, reason)
         self.close()
+
+    def fail(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = f"this child closed the connection: {reason}"
+        if self.refused is None and not self.hello_future.done():
+            self.refused = ParentRefused("not-a-parent", f"what answers there is no VMBus parent ({reason})")
+        super().fail(reason)
 
     def on_connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        err = ConnectionResetError(getattr(self, "close_reason", None) or "connection to the parent lost")
+        err = self.refused or ConnectionResetError(self.close_reason or "connection to the parent lost")
         if not self.hello_future.done():
             self.hello_future.set_exception(err)
         for fut in self._waiters.values():
@@ -129,7 +168,7 @@ class GuestBus(FramedConnection):
             if isinstance(ev, core.VersionNegotiated):
                 self._resolve(("version", 0), ev.version)
             elif isinstance(ev, core.VersionRefused):
-                self._resolve(("version", 0), error=BusError(ev.reason))
+                self._resolve(("version", 0), error=ParentRefused("versions", ev.reason))
             elif isinstance(ev, core.OfferReceived):
                 self.offers[ev.offer.child_relid] = ev.offer
                 if self.on_offer is not None and self.core.state == core.GuestConnState.READY:

@@ -1,4 +1,5 @@
-"""``child-partition``: run a guest VM's VMBus side against a parent partition."""
+"""``child-partition``: run a guest VM's VMBus side against a parent partition (what Linux's hv_vmbus and
+its device drivers do in a Hyper-V guest)."""
 
 from __future__ import annotations
 
@@ -6,44 +7,134 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import uvloop
 
 from vmbus_proto.aio import logs, malloc
-from vmbus_proto.aio.endpoint import parse_endpoint
-from vmbus_proto.versions import parse_version
+from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
+from vmbus_proto.envelope import Hello
+from vmbus_proto.errors import FrameError
+from vmbus_proto.framing import ENVELOPE_VERSION
+from vmbus_proto.versions import GUEST_ORDER
 
 from .nbd import parse_listen
 from .runner import ChildPartition, NbdListenError
 
+DESCRIPTION = """\
+A child partition: the guest side of VMBus. It connects to a parent partition (parent-partition serve),
+negotiates a VMBus version, opens a channel for every device offered (storage, network, video, keyboard,
+mouse) and keeps them running until interrupted."""
+
+RUN_EPILOG = """\
+exit status: 0 after a clean unload (SIGINT or SIGTERM); 1 when the parent cannot be reached or the session
+ends and --no-reconnect is given; 2 for a mistake in the arguments; 3 when the parent refuses this child
+for a reason retrying cannot fix (the name is taken, no VMBus version in common) or the --connect address
+can never be connected to. The reason is the last line on stderr."""
+
+URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
+
+
+def _name(text: str) -> str:
+    """argparse type: a partition name the parent accepts (its HELLO rule: 1-64 printable characters)."""
+    try:
+        Hello.decode(Hello(ENVELOPE_VERSION, text).encode())
+    except FrameError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(exc).removeprefix('HELLO ')}") from None
+    return text
+
+
+def _nbd(url: str) -> str:
+    try:
+        parse_listen(url)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return url
+
+
+def _number(kind: Callable[[str], float], low: float, high: float | None = None) -> Callable[[str], float]:
+    """argparse type: a number of ``kind`` in [low, high]."""
+    def check(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}" if high is not None
+                                             else f"{text} must be at least {low:g}")
+        return value
+    return check
+
+
+def _size(text: str) -> str:
+    """argparse type: a byte count as fio writes it (4k, 1M, 512)."""
+    from .load import parse_size  # noqa: PLC0415 - only the load tool needs it (and rich)
+
+    try:
+        if parse_size(text) <= 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4k, 1M or 512") from None
+    return text
+
+
+def _output(text: str) -> str:
+    """argparse type: a file that can be written when the run ends."""
+    where = Path(text)
+    if where.is_dir() or not where.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: not a file in an existing directory")
+    return text
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="child-partition", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="connect, negotiate, open every offered channel and run the guest")
-    run.add_argument("--connect", required=True, metavar="URL", help="tcp://HOST:PORT or unix:PATH")
-    run.add_argument("--name", required=True, help="this partition's name (unique per parent)")
+    versions = ", ".join(v.text for v in GUEST_ORDER)
+    p = ArgumentParser(prog="child-partition", description=DESCRIPTION)
+    add_version(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="connect, negotiate, open every offered channel and run the guest",
+                         description=DESCRIPTION, epilog=RUN_EPILOG)
+    add_version(run)
+    run.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    run.add_argument("--name", required=True, type=_name,
+                     help="this partition's name: 1-64 printable characters, unique among the parent's children "
+                          "(its disks are kept under that name)")
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
-    run.add_argument("--nbd", metavar="URL", help="export the VM's disk over NBD: HOST:PORT, tcp://HOST:PORT "
-                                                 "or unix:PATH (qemu-img, qemu-io, nbdcopy can then use it)")
-    run.add_argument("--vmbus-version", action="append", metavar="V",
-                     help="versions to try, newest first (e.g. 5.3); default: 6.0 down to 0.13")
-    run.add_argument("--no-reconnect", action="store_true", help="exit instead of reconnecting")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--json-logs", action="store_true", help="JSON log lines even on a terminal")
-    load = sub.add_parser("load", help="generate load from one or many partitions")
-    devices = load.add_subparsers(dest="device", required=True)
-    st = devices.add_parser("storage", help="fio-style block I/O through StorVSC channels")
-    st.add_argument("--connect", required=True, metavar="URL", help="tcp://HOST:PORT or unix:PATH")
-    st.add_argument("--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw", "rw"])
-    st.add_argument("--bs", default="4k", help="block size (e.g. 4k, 1M)")
-    st.add_argument("--iodepth", type=int, default=32, help="requests in flight per partition")
-    st.add_argument("--runtime", type=float, default=10.0, help="seconds to measure")
-    st.add_argument("--ramp", type=float, default=0.5, help="seconds of warm-up not measured")
-    st.add_argument("--partitions", type=int, default=1, help="guests to run from this process")
-    st.add_argument("--size", help="bytes of each disk to use (default: all)")
-    st.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw/rw")
-    st.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    run.add_argument("--nbd", metavar="URL", type=_nbd,
+                     help="export the VM's disks over NBD at HOST:PORT, tcp://HOST:PORT or unix:PATH (LUN 0 as NAME, "
+                          "LUN n as NAME-lunN), so qemu-img, qemu-io and nbdcopy can use them (default: not exported)")
+    run.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
+                     help=f"a VMBus version to offer, as 5.3; repeat for several, newest first "
+                          f"(default: {versions})")
+    run.add_argument("--no-reconnect", action="store_true",
+                     help="exit with the reason instead of waiting for the parent or reconnecting to it")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="least severe level logged")
+    run.add_argument("--json-logs", action="store_true",
+                     help="log JSON lines even on a terminal (they are the default elsewhere)")
+    load = sub.add_parser("load", help="generate load from one or many partitions",
+                          description="Generate load on a parent's devices from partitions run in this process.")
+    add_version(load)
+    devices = load.add_subparsers(dest="device", required=True, metavar="DEVICE")
+    st = devices.add_parser("storage", help="fio-style block I/O through StorVSC channels",
+                            description="fio-style block I/O through StorVSC channels: each partition connects,\n"
+                                        "opens its storage channel and keeps --iodepth SCSI requests in flight.")
+    add_version(st)
+    st.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    st.add_argument("--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw", "rw"],
+                    help="I/O pattern, as fio's --rw")
+    st.add_argument("--bs", default="4k", metavar="SIZE", type=_size, help="block size, a multiple of 512 (as 4k, 1M)")
+    st.add_argument("--iodepth", metavar="N", type=_number(int, 1), default=32, help="requests in flight per partition")
+    st.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")
+    st.add_argument("--ramp", metavar="SECONDS", type=_number(float, 0), default=0.5,
+                    help="seconds of warm-up not measured")
+    st.add_argument("--partitions", metavar="N", type=_number(int, 1), default=1,
+                    help="guests to run from this process")
+    st.add_argument("--size", metavar="SIZE", type=_size,
+                    help="bytes of each disk to use, as 64M (default: the whole disk)")
+    st.add_argument("--rwmixread", metavar="PERCENT", type=_number(int, 0, 100), default=50,
+                    help="percent reads for randrw and rw")
+    st.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
     st.add_argument("--keep-disks", action="store_true",
                     help="leave the partitions' disks as the run left them (default: discard them at the end)")
     st.add_argument("--data-dir", metavar="DIR",
@@ -58,27 +149,22 @@ def main(argv: list[str] | None = None) -> int:
         from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
 
         return load_main(args)
-    try:
-        parse_endpoint(args.connect)
-        if args.nbd:
-            parse_listen(args.nbd)
-        versions = [int(parse_version(v)) for v in args.vmbus_version] if args.vmbus_version else None
-    except ValueError as exc:
-        print(f"child-partition: {exc}", file=sys.stderr)
-        return 2
     logs.setup(args.log_level, json=True if args.json_logs else None)
-    return uvloop.run(_run(args, versions))
+    return uvloop.run(_run(args))
 
 
-async def _run(args: argparse.Namespace, versions: list[int] | None) -> int:
+async def _run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    child = ChildPartition(args.connect, args.name, trace=args.trace, versions=versions,
+    child = ChildPartition(args.connect, args.name, trace=args.trace, versions=args.vmbus_version,
                            reconnect=not args.no_reconnect, nbd=args.nbd)
     try:
-        return await child.run(stop)
+        status = await child.run(stop)
     except NbdListenError as exc:
-        print(f"child-partition: {exc}", file=sys.stderr)
+        print(f"child-partition: error: {exc}", file=sys.stderr)
         return 1
+    if child.failure:
+        print(f"child-partition: error: {child.failure}", file=sys.stderr, flush=True)
+    return status

@@ -4,7 +4,9 @@ The guest-side order is Linux's: vmbus_connect (INITIATE_CONTACT, newest version
 probe a driver per offer (GPADL for the ring, OPENCHANNEL, device handshake); on rescind the driver is
 removed (CLOSECHANNEL, no teardown, RELID_RELEASED); on shutdown every channel is closed and its GPADL
 torn down, then UNLOAD waits for UNLOAD_RESPONSE (drivers/hv/vmbus_drv.c ``hv_kexec_handler`` /
-``vmbus_initiate_unload``). A lost connection is retried with exponential backoff and renegotiated.
+``vmbus_initiate_unload``). A lost connection is retried with exponential backoff and renegotiated;
+a refusal no retry can change (the name is taken, no version in common) ends the run. A device that fails
+to open costs that device only, as a Linux driver whose probe fails leaves the other devices bound.
 
 With ``--nbd`` every LUN the StorVSC finds is exported over NBD: LUN 0 as the partition's name (and as the
 default export), LUN n as ``<name>-lun<n>``. The NBD address is bound before the VM is brought up, so a busy
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
+import socket
+import stat
 import uuid
 from typing import Any
 
@@ -24,10 +29,10 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import ChannelClosed
 from vmbus_proto.aio.endpoint import parse_endpoint
-from vmbus_proto.errors import ProtocolError
+from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
 
-from .bus import BusError, GuestBus
+from .bus import BusError, GuestBus, ParentRefused
 from .guest_memory import GuestMemory
 from .nbd import NbdServer
 from .storvsc import GuestDisk, StorageVsc
@@ -38,6 +43,27 @@ VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {
     cls.spec.class_id: cls for cls in (StorageVsc, NetworkVsc, VideoVsc, KeyboardVsc, MouseVsc, EchoVsc)}
 
 NEGOTIATE_TIMEOUT = 30.0
+
+# Exit statuses of ``ChildPartition.run`` (2 is left to usage errors, as argparse uses it).
+EXIT_OK = 0  # unloaded cleanly after stop
+EXIT_LOST = 1  # the parent could not be reached or the session ended, and reconnecting is off
+EXIT_REFUSED = 3  # the parent refused this child, or the address can never be connected to
+
+
+
+# connect() errors that mean "no parent there yet": retried.
+_NOT_YET = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                      errno.ECONNRESET, errno.EAGAIN, errno.ECONNABORTED})
+# What to do about each kind of ParentRefused.
+_REFUSAL_HINTS = {
+    "name-taken": "choose another --name (or stop the child that uses this one)",
+    "hello": "check --name: 1-64 printable characters",
+    "envelope": "run a parent-partition and a child-partition of the same release",
+    "auth": "run a parent-partition and a child-partition of the same release",
+    "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
+    "versions": "drop --vmbus-version to offer every version, or offer one that the parent's "
+                "[parent] vmbus_versions lists",
+}
 
 
 async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
@@ -72,6 +98,9 @@ class ChildPartition:
         self.disks: dict[int, GuestDisk] = {}  # by LUN, kept across reconnects
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
+        self.failure: str | None = None  # why run() gave up, in one line
+        self.negotiated = False  # a session of ours was accepted (its name was ours)
+        self.failed_devices: dict[int, str] = {}  # relid -> why its driver could not attach
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -105,43 +134,97 @@ class ChildPartition:
 
     async def _run(self, stop: asyncio.Event) -> int:
         backoff = 0.1
+        waiting = False  # the last connect found no parent (the hint how to start one is given once)
         while not stop.is_set():
             try:
                 self.bus = await open_bus(self.url, self.name, trace=self.trace, versions=self.versions,
                                           log=self.log)
             except OSError as exc:
-                self.log.warning("cannot reach the parent", url=self.url, error=str(exc), retry_in=round(backoff, 2))
-                if not self.reconnect or await _wait(stop, backoff):
-                    return 0 if stop.is_set() else 1
+                reason, not_yet = self._connect_failed(exc)
+                if not not_yet:
+                    return self._give_up(EXIT_REFUSED, f"cannot connect to the parent at {self.url}: {reason}")
+                if not self.reconnect:
+                    return self._give_up(EXIT_LOST, f"no parent at {self.url} ({reason}); start one with "
+                                                    f"'parent-partition serve --listen {self.url}'")
+                hint = {} if waiting else {"hint": f"start one with: parent-partition serve --listen {self.url}"}
+                self.log.warning("waiting for the parent", url=self.url, error=reason, retry_in=round(backoff, 2),
+                                 **hint)
+                waiting = True
+                if await _wait(stop, backoff):
+                    break
                 backoff = min(backoff * 2, 5.0)
                 continue
+            waiting = False
             try:
                 await self._session(self.bus, stop)
                 backoff = 0.1
+            except ParentRefused as exc:
+                await self._forget(self.bus)
+                # Our own previous connection may still hold the name until the parent notices it is gone.
+                if not (exc.kind == "name-taken" and self.negotiated and self.reconnect):
+                    return self._give_up(EXIT_REFUSED, self._refusal(exc))
+                self.log.warning("the parent still holds this partition's previous connection", error=str(exc))
             except (ConnectionError, BusError, TimeoutError, ChannelClosed, ProtocolError) as exc:
-                self.log.warning("session with the parent ended", error=str(exc) or type(exc).__name__)
+                error = str(exc) or type(exc).__name__
                 await self._forget(self.bus)
                 if not self.reconnect:
-                    return 1
-                delay = backoff * (0.5 + random.random())
-                self.log.info("reconnecting", retry_in=round(delay, 2))
-                if await _wait(stop, delay):
-                    break
-                backoff = min(backoff * 2, 5.0)
-        return 0
+                    return self._give_up(EXIT_LOST, f"the session with the parent at {self.url} ended: {error}")
+                self.log.warning("session with the parent ended", error=error)
+            delay = backoff * (0.5 + random.random())
+            self.log.info("reconnecting", retry_in=round(delay, 2))
+            if await _wait(stop, delay):
+                break
+            backoff = min(backoff * 2, 5.0)
+        return EXIT_OK
+
+    def _give_up(self, status: int, why: str) -> int:
+        """End the run: ``failure`` is the one line the command prints."""
+        self.failure = why
+        return status
+
+    def _refusal(self, exc: ParentRefused) -> str:
+        if exc.kind == "name-taken":
+            what = f"partition name {self.name!r} is already connected to the parent at {self.url}"
+        else:
+            what = f"the parent at {self.url} refused this child: {exc.reason}"
+        return f"{what}; {_REFUSAL_HINTS[exc.kind]}"
+
+    def _connect_failed(self, exc: OSError) -> tuple[str, bool]:
+        """Why a connect failed, and whether that means the parent is not there yet (retry) rather than
+        that the address never can work."""
+        if isinstance(exc, socket.gaierror):
+            return f"cannot resolve the host: {exc.strerror}", exc.errno == socket.EAI_AGAIN
+        if exc.errno == errno.ENOENT:
+            return "no socket file there", True
+        if exc.errno == errno.ECONNREFUSED and self.url.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                if not stat.S_ISSOCK(os.stat(parse_endpoint(self.url)[1]).st_mode):
+                    return "that path is not a socket", False
+        text = os.strerror(exc.errno) if exc.errno else str(exc)
+        return text[:1].lower() + text[1:], exc.errno in _NOT_YET
 
     async def _session(self, bus: GuestBus, stop: asyncio.Event) -> None:
         self.sessions += 1
+        self.failed_devices.clear()
         offers = await asyncio.wait_for(bus.negotiate(), NEGOTIATE_TIMEOUT)
+        self.negotiated = True
         self.version = bus.core.version
         self.log.info("VMBus negotiated", version=version_text(bus.core.version), offers=len(offers))
         bus.on_rescind = lambda relid: self._spawn(self._rescinded(relid))
         bus.on_offer = lambda offer: self._spawn(self._attach(offer))
-        await asyncio.gather(*(self._attach(o) for o in sorted(offers.values(), key=lambda o: o.child_relid)))
-        self.log.info("all offered channels open", channels=len(self.vscs),
-                      devices=sorted(v.spec.name for v in self.vscs.values()),
-                      versions={v.spec.name: v.spec.version_text(v.version)
-                                for v in self.vscs.values() if v.version is not None})
+        # Every driver probes; a device's own failure is logged by _attach, anything else ends the session.
+        results = await asyncio.gather(*(self._attach(o) for o in sorted(offers.values(), key=lambda o: o.child_relid)),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        devices = sorted(v.spec.name for v in self.vscs.values())
+        versions = {v.spec.name: v.spec.version_text(v.version) for v in self.vscs.values() if v.version is not None}
+        if self.failed_devices:
+            self.log.warning("offered channels open except the failed devices", channels=len(self.vscs),
+                             devices=devices, failed=sorted(self.failed_devices.values()))
+        else:
+            self.log.info("all offered channels open", channels=len(self.vscs), devices=devices, versions=versions)
         await self._export_disk()
         self.ready.set()
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
@@ -150,7 +233,7 @@ class ChildPartition:
         stopped.cancel()
         if bus.closed_future.done():
             self.ready.clear()
-            raise ConnectionResetError(getattr(bus, "close_reason", None) or "connection to the parent lost")
+            raise ConnectionResetError(bus.close_reason or "connection to the parent lost")
         await self.shutdown(bus)
 
     async def _attach(self, offer: m.OfferChannel) -> None:
@@ -159,13 +242,31 @@ class ChildPartition:
             self.log.info("no driver for offer", relid=offer.child_relid, class_id=str(offer.if_type))
             return
         assert self.bus is not None
-        vsc = cls(self.bus, self.memory, offer, self.log)
+        bus = self.bus
+        vsc = cls(bus, self.memory, offer, self.log)
         self.vscs[offer.child_relid] = vsc
-        await vsc.attach()
+        try:
+            await vsc.attach()
+        except (BusError, TimeoutError, DeviceProtocolError, ChannelClosed) as exc:
+            if bus.closing or isinstance(exc, ParentRefused):
+                raise  # the connection went, not the device
+            await self._drop_device(vsc, str(exc) or type(exc).__name__)
+            return
         vsc.log.info("device ready", version=vsc.spec.version_text(vsc.version) if vsc.version is not None else None)
         if isinstance(vsc, StorageVsc):
             for lun in sorted(vsc.disks):
                 self.disks.setdefault(lun, GuestDisk(lun)).attach(vsc)
+
+    async def _drop_device(self, vsc: Vsc, error: str) -> None:
+        """A driver whose probe failed: log why, give back what it holds; the other devices carry on."""
+        self.vscs.pop(vsc.relid, None)
+        self.failed_devices[vsc.relid] = vsc.spec.name
+        vsc.log.error("device failed to attach; continuing without it", error=error,
+                      hint="the parent's log ('device failed to open') says why it refused")
+        try:
+            await asyncio.wait_for(vsc.detach(), NEGOTIATE_TIMEOUT)
+        except (BusError, TimeoutError, ChannelClosed, ConnectionError):
+            vsc.forget()
 
     async def _export_disk(self) -> None:
         """Serve every LUN over NBD once attached (exports are kept across reconnects; a LUN that appears
@@ -205,7 +306,13 @@ class ChildPartition:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A hot-added device or a rescind whose connection went meanwhile: the session loop reports that.
+            self.log.debug("background task ended with the connection", error=str(task.exception()))
 
     async def shutdown(self, bus: GuestBus) -> None:
         """Close every channel, tear down its GPADL, then UNLOAD."""

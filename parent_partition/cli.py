@@ -1,4 +1,4 @@
-"""``parent-partition``: the VMBus host daemon's command line."""
+"""``parent-partition``: the VMBus host daemon's command line (the Hyper-V host's VMBus server and VSPs)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,47 @@ import sys
 import uvloop
 
 from vmbus_proto.aio import logs, malloc
+from vmbus_proto.aio.cli import ArgumentParser, add_version, endpoint
 
-from .config import Config
-from .daemon import ParentDaemon
+from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError
+from .daemon import ParentDaemon, StartupError
+
+DESCRIPTION = """\
+The parent partition: a VMBus host that offers storage, network, video, keyboard and mouse devices to the
+child partitions that connect to it (child-partition run --connect URL --name NAME)."""
+
+CONFIG_HELP = """\
+TOML file of settings; flags override it. Tables: [parent] (listen, data_dir, trace, log_level,
+vmbus_versions, handshake_timeout, stall_timeout, shutdown_timeout, max_frame, channel_data_window, max_gpadls,
+max_partitions), [storage] (disk_size, queue_depth, max_transfer_bytes, idle_close, protocol_versions),
+[[storage.lun]] (lun, size, path, read_only, partitions: one per extra LUN or replacement LUN 0), and
+[devices] (storage, network, video, keyboard, mouse, echo = true|false). See README.md."""
+
+EPILOG = """\
+exit status: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when a listener cannot be bound,
+2 for a mistake in the flags or the configuration (the message names it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parent-partition", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the VMBus host with the storage, network, video and HID VSPs")
-    serve.add_argument("--listen", action="append", metavar="URL",
-                       help="tcp://HOST:PORT or unix:PATH; may repeat (default: tcp://127.0.0.1:6464 and "
-                            "unix:./run/vmbus.sock)")
-    serve.add_argument("--data-dir", metavar="DIR", help="where disks live (default ./var)")
-    serve.add_argument("--config", metavar="FILE", help="TOML file ([parent] and [devices] tables)")
+    p = ArgumentParser(prog="parent-partition", description=DESCRIPTION)
+    add_version(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the VMBus host with the storage, network, video and HID VSPs",
+                           description=DESCRIPTION, epilog=EPILOG)
+    add_version(serve)
+    serve.add_argument("--listen", action="append", metavar="URL", type=endpoint,
+                       help=f"tcp://HOST:PORT (port 0: any free port) or unix:PATH to accept children on; "
+                            f"may repeat (default: {DEFAULT_TCP} and {DEFAULT_UNIX}, or [parent] listen)")
+    serve.add_argument("--data-dir", metavar="DIR",
+                       help="directory for the partitions' disk images, created if missing "
+                            "(default: ./var, or [parent] data_dir)")
+    serve.add_argument("--config", metavar="FILE", help=CONFIG_HELP + " (default: none; built-in settings)")
     serve.add_argument("--trace", action="store_true", help="log every control message, decoded")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--json-logs", action="store_true", help="JSON log lines even on a terminal")
-    sub.add_parser("demo", help="a parent and three children as real processes, narrated (see --help)",
+    serve.add_argument("--log-level", choices=LOG_LEVELS,
+                       help="least severe level logged (default: info, or [parent] log_level)")
+    serve.add_argument("--json-logs", action="store_true",
+                       help="log JSON lines even on a terminal (they are the default elsewhere)")
+    sub.add_parser("demo", help="a parent and three children as real processes, narrated (see demo --help)",
                    add_help=False)
     return p
 
@@ -41,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = Config.load(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"parent-partition: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return _fail(exc, 2)
     if args.listen:
         config.listen = args.listen
     if args.data_dir:
@@ -56,18 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     malloc.tune()
     try:
         uvloop.run(serve(config))
-    except OSError as exc:
-        print(f"parent-partition: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:
+        return _fail(exc, 2)
+    except (StartupError, OSError) as exc:
+        return _fail(exc, 1)
     return 0
+
+
+def _fail(exc: Exception, status: int) -> int:
+    print(f"parent-partition: error: {exc}", file=sys.stderr)
+    return status
 
 
 async def serve(config: Config) -> None:
     daemon = ParentDaemon(config)
+    await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await daemon.start()
     await stop.wait()
     await daemon.shutdown()

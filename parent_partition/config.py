@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmbus_proto.aio.cli import vmbus_version
+from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.devices import storage as vstor
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
-from vmbus_proto.versions import HOST_SUPPORTED, parse_version
+from vmbus_proto.versions import HOST_SUPPORTED
+
+from .scsi import MAX_LUNS
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
 DEFAULT_UNIX = "unix:./run/vmbus.sock"
 DEVICES = ("storage", "network", "video", "keyboard", "mouse", "echo")
+SECTIONS = ("parent", "storage", "devices")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_FRAME = 64 * 1024 + 4096  # a 64 KiB in-band payload and its framing
+
+
+class ConfigError(ValueError):
+    """A setting (from the TOML file or a flag) is wrong; the message names it and says what it must be."""
 
 
 @dataclass(slots=True)
@@ -61,42 +73,52 @@ class Config:
     max_partitions: int = 4096
     devices: dict[str, bool] = field(default_factory=lambda: {d: d != "echo" for d in DEVICES})
     storage: StorageConfig = field(default_factory=StorageConfig)
+    source: str | None = None  # the TOML file these settings came from
 
     @classmethod
     def load(cls, path: str | None) -> Config:
-        cfg = cls()
+        """The defaults, overridden by the TOML file at ``path``; a ConfigError names the file and the key."""
+        cfg = cls(source=path)
         if path is None:
             return cfg
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read().decode()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            lines = text.count("\n") + 1
+            why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
+            raise ConfigError(f"{path}: not valid TOML: {why}") from None
+        for section in sorted(set(raw) - set(SECTIONS)):
+            raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(SECTIONS)}")
+        for section in SECTIONS:
+            if not isinstance(raw.get(section, {}), dict):
+                raise ConfigError(f"{path}: {section} must be a table ([{section}])")
         cfg.apply(raw.get("parent", {}), source=path)
-        devices = raw.get("devices", {})
-        for name, enabled in devices.items():
-            if name not in DEVICES or not isinstance(enabled, bool):
-                raise ValueError(f"{path}: [devices] {name} must be one of {DEVICES} = true|false")
+        for name, enabled in raw.get("devices", {}).items():
+            if name not in DEVICES:
+                raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(DEVICES)}")
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"{path}: [devices] {name} must be true or false, not {enabled!r}")
             cfg.devices[name] = enabled
         cfg.storage = _storage(raw.get("storage", {}), path)
-        unknown = set(raw) - {"parent", "devices", "storage"}
-        if unknown:
-            raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         return cfg
 
     def apply(self, values: dict[str, Any], source: str) -> None:
-        known = {f.name: f for f in fields(self)}
-        for key, raw in values.items():
-            if key not in known or key in ("devices", "storage"):
-                raise ValueError(f"{source}: unknown setting {key!r}")
-            value = [int(parse_version(str(v))) for v in raw] if key == "vmbus_versions" else raw
-            current = getattr(self, key)
-            if isinstance(current, float) and isinstance(value, int):
-                value = float(value)
-            if type(value) is not type(current):
-                raise ValueError(f"{source}: {key} must be {type(current).__name__}")
-            setattr(self, key, value)
-        window = self.channel_data_window
-        if not (MIN_DATA_WINDOW <= window <= MAX_DATA_WINDOW and window % 8 == 0):
-            raise ValueError(f"{source}: channel_data_window must be a multiple of 8 from "
-                             f"{MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}")
+        """Set ``[parent]`` keys, each checked (``source`` names the file in errors)."""
+        for key, value in values.items():
+            check = _PARENT_KEYS.get(key)
+            if check is None:
+                raise ConfigError(f"{source}: [parent] {key}: unknown setting; known: {', '.join(_PARENT_KEYS)}")
+            try:
+                setattr(self, key, check(value))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: [parent] {key}: {exc}") from None
 
     @property
     def data_path(self) -> Path:
@@ -108,49 +130,142 @@ def _storage(raw: dict[str, Any], source: str) -> StorageConfig:
     for key, value in raw.items():
         if key == "lun":
             if not isinstance(value, list):
-                raise ValueError(f"{source}: [[storage.lun]] must be an array of tables")
-            cfg.luns = [_lun(v, source) for v in value]
-        elif key == "idle_close":
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{source}: storage.idle_close must be a number of seconds")
-            cfg.idle_close = float(value)
-        elif key == "protocol_versions":
-            cfg.protocol_versions = _vstor_versions(value, source)
-        elif key in ("disk_size", "queue_depth", "max_transfer_bytes"):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{source}: storage.{key} must be a positive integer")
-            setattr(cfg, key, value)
-        else:
-            raise ValueError(f"{source}: unknown setting storage.{key}")
-    if cfg.disk_size % 512:
-        raise ValueError(f"{source}: storage.disk_size must be a multiple of 512")
+                raise ConfigError(f"{source}: [storage] lun must be an array of tables ([[storage.lun]])")
+            cfg.luns = [_lun(i, v, source) for i, v in enumerate(value, 1)]
+            continue
+        check = _STORAGE_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{source}: [storage] {key}: unknown setting; "
+                              f"known: {', '.join([*_STORAGE_KEYS, 'lun'])}")
+        try:
+            setattr(cfg, key, check(value))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [storage] {key}: {exc}") from None
     return cfg
 
 
-def _vstor_versions(raw: Any, source: str) -> list[int]:
+def _vstor_versions(raw: Any) -> list[int]:
     """VSTOR versions as "major.minor" strings (the ones Hyper-V has: 2.0, 4.2, 5.1, 6.0, 6.2)."""
     known = {f"{v >> 8}.{v & 0xFF}": int(v) for v in vstor.Version}
     if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v in known for v in raw):
-        raise ValueError(f"{source}: storage.protocol_versions must be a non-empty list of "
-                         f"{', '.join(map(repr, known))}")
+        raise ValueError(f"must be a non-empty list of {', '.join(map(repr, known))}, not {raw!r}")
     return [known[v] for v in raw]
 
 
-def _lun(raw: Any, source: str) -> LunEntry:
-    if not isinstance(raw, dict) or not isinstance(raw.get("lun"), int):
-        raise ValueError(f"{source}: each [[storage.lun]] needs an integer lun")
-    unknown = set(raw) - {"lun", "size", "path", "read_only", "partitions"}
-    if unknown:
-        raise ValueError(f"{source}: unknown [[storage.lun]] keys {sorted(unknown)}")
-    entry = LunEntry(lun=raw["lun"], size=raw.get("size", 1 << 30), path=raw.get("path"),
-                     read_only=raw.get("read_only", False), partitions=raw.get("partitions"))
-    if not isinstance(entry.size, int) or entry.size <= 0 or entry.size % 512:
-        raise ValueError(f"{source}: storage.lun {entry.lun}: size must be a positive multiple of 512")
-    if entry.path is not None and not isinstance(entry.path, str):
-        raise ValueError(f"{source}: storage.lun {entry.lun}: path must be a string")
-    if not isinstance(entry.read_only, bool):
-        raise ValueError(f"{source}: storage.lun {entry.lun}: read_only must be true or false")
-    if entry.partitions is not None and not (isinstance(entry.partitions, list)
-                                             and all(isinstance(p, str) for p in entry.partitions)):
-        raise ValueError(f"{source}: storage.lun {entry.lun}: partitions must be a list of names")
+def _sectors(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 512:
+        raise ValueError(f"must be a positive multiple of 512 bytes, not {v!r}")
+    return v
+
+
+def _idle(v: Any) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"must be a number of seconds (0 or more), not {v!r}")
+    return float(v)
+
+
+def _lun_number(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < MAX_LUNS:
+        raise ValueError(f"must be an integer in 0-{MAX_LUNS - 1}, not {v!r}")
+    return v
+
+
+def _optional_path(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be the path of an existing disk image, not {v!r}")
+    return v
+
+
+def _partitions(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+        raise ValueError(f'must be a list of partition names, as in ["vm1", "vm2"], not {v!r}')
+    return v
+
+
+def _lun(index: int, raw: Any, source: str) -> LunEntry:
+    where = f"{source}: [[storage.lun]] #{index}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    if "lun" not in raw:
+        raise ConfigError(f"{where} needs lun = N (0-{MAX_LUNS - 1})")
+    entry = LunEntry(lun=0)
+    for key, value in raw.items():
+        check = _LUN_KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{where} {key}: unknown setting; known: {', '.join(_LUN_KEYS)}")
+        try:
+            setattr(entry, key, check(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
     return entry
+
+
+# ---- checks of single values: each returns the value to store or raises ValueError("must be ...") -------
+
+def _listen(v: Any) -> list[str]:
+    if not isinstance(v, list) or not v or not all(isinstance(u, str) for u in v):
+        raise ValueError('must be a non-empty list of URLs, as in ["tcp://127.0.0.1:6464", "unix:./run/vmbus.sock"]')
+    for url in v:
+        parse_endpoint(url)
+    return v
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, not {v!r}")
+    return v
+
+
+def _level(v: Any) -> str:
+    if v not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(map(repr, LOG_LEVELS))}, not {v!r}")
+    return str(v)
+
+
+def _versions(v: Any) -> list[int]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise ValueError(f'must be a non-empty list of version strings, as in ["6.0", "5.3"], not {v!r}')
+    return [vmbus_version(x) for x in v]
+
+
+def _seconds(v: Any) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+        raise ValueError(f"must be a positive number of seconds, not {v!r}")
+    return float(v)
+
+
+def _count(minimum: int = 1) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"must be an integer of at least {minimum}, not {v!r}")
+        return v
+    return check
+
+
+def _data_window(v: Any) -> int:
+    if (not isinstance(v, int) or isinstance(v, bool) or not MIN_DATA_WINDOW <= v <= MAX_DATA_WINDOW
+            or v % 8):
+        raise ValueError(f"must be a multiple of 8 from {MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}, not {v!r}")
+    return v
+
+
+_STORAGE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "disk_size": _sectors, "queue_depth": _count(), "max_transfer_bytes": _count(512), "idle_close": _idle,
+    "protocol_versions": _vstor_versions,
+}
+_LUN_KEYS: dict[str, Callable[[Any], Any]] = {
+    "lun": _lun_number, "size": _sectors, "path": _optional_path, "read_only": _flag, "partitions": _partitions,
+}
+_PARENT_KEYS: dict[str, Callable[[Any], Any]] = {
+    "listen": _listen, "data_dir": _text, "trace": _flag, "log_level": _level, "vmbus_versions": _versions,
+    "handshake_timeout": _seconds, "stall_timeout": _seconds, "shutdown_timeout": _seconds,
+    "max_frame": _count(MIN_FRAME), "max_gpadls": _count(), "max_partitions": _count(),
+    "channel_data_window": _data_window,
+}
+

@@ -8,21 +8,28 @@ accepting, rescind every offer, drain in-flight I/O and flush the backends, then
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import stat
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.aio.endpoint import parse_endpoint
 
-from .config import Config
+from .config import Config, ConfigError, LunEntry
 from .connection import PartitionConnection
-from .disk import shutdown_default_executor
+from .disk import DiskBackend, shutdown_default_executor
 from .scsi import LunConfig
 from .storvsp import StorageVsp
 from .vsp import EchoVsp, KeyboardVsp, MouseVsp, NetworkVsp, VideoVsp, Vsp
+
+
+class StartupError(Exception):
+    """The daemon cannot start: a listener cannot be bound (the message says which and why)."""
 
 
 def build_vsps(config: Config) -> list[Vsp]:
@@ -62,32 +69,48 @@ class ParentDaemon:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.config.data_path.mkdir(parents=True, exist_ok=True)
-        for url in self.config.listen:
-            kind, where, port = parse_endpoint(url)
-            if kind == "tcp":
-                server = await loop.create_server(lambda: PartitionConnection(self, "tcp"), where, port,
-                                                  reuse_address=True, backlog=1024)
-                sock = server.sockets[0]
-                host, bound = sock.getsockname()[:2]
-                self.endpoints.append(f"tcp://{host}:{bound}")
-            else:
-                path = Path(where)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if path.is_socket():
-                    if _unix_in_use(path):
-                        raise OSError(f"{path}: another parent is listening there")
-                    path.unlink()
-                server = await loop.create_unix_server(lambda: PartitionConnection(self, "unix"), str(path),
-                                                       backlog=1024)
-                os.chmod(path, 0o660)
-                self._unix_paths.append(path)
-                self.endpoints.append(f"unix:{path}")
-            self.servers.append(server)
+        """Check the data directory and LUN images (ConfigError), then bind every listener (StartupError)."""
+        check_paths(self.config)
+        try:
+            for url in self.config.listen:
+                try:
+                    await self._listen(url)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {url}: {os_reason(exc)}{_listen_hint(exc)}") from None
+        except BaseException:
+            for server in self.servers:
+                server.close()
+            for path in self._unix_paths:
+                path.unlink(missing_ok=True)
+            raise
         self.accepting = True
         self.log.info("parent partition listening", listen=self.endpoints,
                       devices=[v.name for v in self.vsps], data_dir=str(self.config.data_path))
+
+    async def _listen(self, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        kind, where, port = parse_endpoint(url)
+        if kind == "tcp":
+            server = await loop.create_server(lambda: PartitionConnection(self, "tcp"), where, port,
+                                              reuse_address=True, backlog=1024)
+            sock = server.sockets[0]
+            host, bound = sock.getsockname()[:2]
+            self.endpoints.append(f"tcp://{host}:{bound}")
+        else:
+            path = Path(where)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                if _unix_in_use(path):
+                    raise OSError(errno.EADDRINUSE, "another parent is listening there")
+                path.unlink()
+            elif path.exists() or path.is_symlink():
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
+            server = await loop.create_unix_server(lambda: PartitionConnection(self, "unix"), str(path),
+                                                   backlog=1024)
+            self._unix_paths.append(path)
+            os.chmod(path, 0o660)
+            self.endpoints.append(f"unix:{path}")
+        self.servers.append(server)
 
     async def shutdown(self) -> None:
         """Stop accepting, rescind every offer, drain I/O, flush backends, close."""
@@ -137,3 +160,49 @@ def _unix_in_use(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def _listen_hint(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "; is another parent-partition running? stop it or choose another --listen"
+    if exc.errno == errno.EACCES:
+        return "; choose a path or port this user may use"
+    return ""
+
+
+# ---- start-up checks: what would otherwise fail later, for every child, with an opaque status -----------
+
+def check_paths(config: Config) -> None:
+    """The data directory can hold disks and every configured LUN image can be opened as configured."""
+    data = config.data_path
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"data directory {data}: {os_reason(exc)}; choose another --data-dir") from None
+    if not os.access(data, os.W_OK | os.X_OK):
+        raise ConfigError(f"data directory {data}: not writable by this user; choose another --data-dir")
+    for entry in config.storage.luns:
+        if entry.path is not None:
+            _check_image(entry, config.source)
+
+
+def _check_image(entry: LunEntry, source: str | None) -> None:
+    path = entry.path
+    assert path is not None
+    where = f"{source + ': ' if source else ''}[[storage.lun]] lun {entry.lun}: path {path!r}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; create the image (qemu-img create -f raw {path} 1G) "
+                          f"or fix the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {os_reason(exc)}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ConfigError(f"{where} is not a regular file or block device")
+    try:
+        DiskBackend.open(path, None, False, entry.read_only).close_sync()
+    except OSError as exc:
+        hint = ("; make it writable or set read_only = true"
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
+        why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
+        raise ConfigError(f"{where}: {why}{hint}") from None

@@ -365,7 +365,7 @@ async def test_nbd_on_a_busy_port_is_one_line_before_the_vm_comes_up(parent: Par
         _, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
         text = err.decode()
         assert proc.returncode == 1, text
-        expected = f"child-partition: cannot listen for NBD on 127.0.0.1:{port}: Address already in use"
+        expected = f"child-partition: error: cannot listen for NBD on 127.0.0.1:{port}: Address already in use"
         assert text.strip() == expected, text
         assert not [r for r in parent.lines[mark:] if r.get("event") == "partition connected"], "the VM came up"
     finally:

@@ -238,4 +238,4 @@ def test_unknown_storage_protocol_version_is_a_config_error(workdir: Path) -> No
     proc = subprocess.run([str(Path(sys.executable).parent / "parent-partition"), "serve", "--config", str(cfg)],
                           check=False, capture_output=True, text=True, timeout=60, cwd=workdir)
     assert proc.returncode == 2
-    assert "storage.protocol_versions must be a non-empty list of '2.0', '4.2', '5.1', '6.0', '6.2'" in proc.stderr
+    assert "[storage] protocol_versions: must be a non-empty list of '2.0', '4.2', '5.1', '6.0', '6.2'" in proc.stderr
