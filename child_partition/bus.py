@@ -17,7 +17,7 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.envelope import Hello
+from vmbus_proto.envelope import REFUSAL_CODES, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.ring import ring_data_size
@@ -42,9 +42,9 @@ class ParentRefused(BusError):
         self.reason = reason
 
 
-# The CLOSE reasons a parent gives a HELLO it will not accept however often it is sent (the wording of
-# parent_partition/connection.py ``on_hello`` and docs/protocol.md §3). Anything else (shutting down,
-# partition limit, handshake timeout) may pass, so it is retried.
+# The CLOSE reasons a parent gives a HELLO it will not accept however often it is sent, for a parent that
+# sends no ``code`` (docs/protocol.md §3, §8). Anything else (shutting down, partition limit, handshake
+# timeout) may pass, so it is retried.
 _REFUSALS = (("name-taken", "partition name "), ("envelope", "envelope version "),
              ("auth", "authentication method "), ("hello", "FrameError: HELLO "))
 
@@ -92,9 +92,9 @@ class GuestBus(FramedConnection):
         self.peer_data_window = hello.data_window
         self.hello_future.set_result(hello)
 
-    def on_close_frame(self, reason: str) -> None:
+    def on_close_frame(self, reason: str, code: str | None) -> None:
         self.close_reason = reason
-        kind = None if self.hello_future.done() else refusal_kind(reason)
+        kind = None if self.hello_future.done() else code if code in REFUSAL_CODES else refusal_kind(reason)
         if kind is not None:
             self.refused = ParentRefused(kind, reason)
         self.close()

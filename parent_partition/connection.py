@@ -86,15 +86,20 @@ class PartitionConnection(FramedConnection):
     def on_hello(self, frame: Frame) -> None:
         if self.partition is not None:
             raise FrameError("second HELLO on one connection")
-        hello = Hello.decode(frame.body)
+        try:
+            hello = Hello.decode(frame.body)
+        except FrameError as exc:
+            self._refuse("hello", f"FrameError: {exc}")
+            return
         if hello.envelope != ENVELOPE_VERSION:
-            self.fail(f"envelope version {hello.envelope} is not supported (this parent speaks {ENVELOPE_VERSION})")
+            self._refuse("envelope", f"envelope version {hello.envelope} is not supported "
+                                     f"(this parent speaks {ENVELOPE_VERSION})")
             return
         if hello.auth != "none":
-            self.fail(f"authentication method {hello.auth!r} is not offered by this parent")
+            self._refuse("auth", f"authentication method {hello.auth!r} is not offered by this parent")
             return
         if hello.partition in self.daemon.partitions:
-            self.fail(f"partition name {hello.partition!r} is already connected")
+            self._refuse("name-taken", f"partition name {hello.partition!r} is already connected")
             return
         self.partition = hello.partition
         self.peer_data_window = hello.data_window
@@ -108,6 +113,11 @@ class PartitionConnection(FramedConnection):
         self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.daemon.name,
                                                   data_window=self.data_window).encode())
         self.log.info("partition connected")
+
+    def _refuse(self, code: str, reason: str) -> None:
+        """A HELLO this parent will not accept however often it comes: not a protocol error, a refusal."""
+        self.log.warning("partition refused", code=code, reason=reason)
+        self.close(reason, code)
 
     def on_control(self, frame: Frame) -> None:
         if self.core is None:

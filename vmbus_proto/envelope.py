@@ -63,18 +63,29 @@ class Hello:
 
 # ---- CLOSE ----------------------------------------------------------------------------------------------
 
-def encode_close(reason: str) -> bytes:
-    return _packb({"reason": reason})
+# Why a parent refused a HELLO, for a child to act on without parsing the reason's words (docs §8).
+REFUSAL_CODES = frozenset({"name-taken", "envelope", "auth", "hello"})
+
+
+def encode_close(reason: str, code: str | None = None) -> bytes:
+    return _packb({"reason": reason, "code": code} if code else {"reason": reason})
 
 
 def decode_close(body: bytes | memoryview) -> str:
+    return decode_close_code(body)[0]
+
+
+def decode_close_code(body: bytes | memoryview) -> tuple[str, str | None]:
+    """A CLOSE body's reason and its optional ``code``; never raises (a CLOSE is the peer's last word)."""
     try:
         obj = _unpack(body, "CLOSE")
     except FrameError:
-        return "(undecodable CLOSE)"
-    if isinstance(obj, Mapping) and isinstance(obj.get("reason"), str):
-        return str(obj["reason"])
-    return "(no reason)"
+        return "(undecodable CLOSE)", None
+    if not isinstance(obj, Mapping):
+        return "(no reason)", None
+    reason = obj.get("reason")
+    code = obj.get("code")
+    return (reason if isinstance(reason, str) else "(no reason)"), (code if isinstance(code, str) else None)
 
 
 # ---- PACKET ---------------------------------------------------------------------------------------------

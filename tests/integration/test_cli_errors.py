@@ -264,8 +264,8 @@ class FakeParent:
         self.thread.join(TIMEOUT)
 
 
-def close_frame(reason: str) -> bytes:
-    return encode_frame(FrameKind.CLOSE, 0, encode_close(reason))
+def close_frame(reason: str, code: str | None = None) -> bytes:
+    return encode_frame(FrameKind.CLOSE, 0, encode_close(reason, code))
 
 
 @pytest.fixture
@@ -294,6 +294,14 @@ def test_permanent_refusal_is_not_retried(fake: FakeParent, workdir: Path, needl
     assert line.startswith(f"child-partition: error: the parent at {fake.url} refused this child: "), line
     assert needle in line, line
     assert fake.accepted == 1 and not vm.events("reconnecting"), "".join(vm.raw)
+
+
+@pytest.mark.parametrize("fake", [close_frame("ce nom est déjà pris", "name-taken")], indirect=True, ids=["coded"])
+def test_refusal_code_is_read_not_the_wording(fake: FakeParent, workdir: Path) -> None:
+    vm = child(workdir, fake.url, "vm1")
+    assert exited(vm) == 3, "".join(vm.raw)
+    assert last_line(vm).endswith("is already connected to the parent at " + fake.url +
+                                  "; choose another --name (or stop the child that uses this one)"), last_line(vm)
 
 
 @pytest.mark.parametrize("fake", [close_frame("parent is shutting down")], indirect=True, ids=["shutting-down"])

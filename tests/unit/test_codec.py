@@ -28,6 +28,7 @@ from vmbus_proto.envelope import (
     Hello,
     Signal,
     decode_close,
+    decode_close_code,
     decode_packet,
     encode_close,
     encode_packet,
@@ -697,6 +698,10 @@ def test_hello_round_trip_and_validation() -> None:
 
 def test_close_reason() -> None:
     assert decode_close(encode_close("going away")) == "going away"
+    assert decode_close_code(encode_close("taken", "name-taken")) == ("taken", "name-taken")
+    assert decode_close_code(encode_close("bye")) == ("bye", None)
+    assert decode_close_code(_body({"reason": "x", "code": 7})) == ("x", None)
+    assert decode_close_code(_body([1])) == ("(no reason)", None)
     assert decode_close(b"\xc1") == "(undecodable CLOSE)"
     assert decode_close(_body({"reason": 5})) == "(no reason)"
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import structlog
 
-from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close, decode_packet, encode_close, encode_packet
+from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close_code, decode_packet, encode_close, encode_packet
 from ..errors import ProtocolError
 from ..framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameKind, frame_parts
 from ..packets import Buffer, Packet
@@ -166,8 +166,8 @@ class FramedConnection(asyncio.BufferedProtocol):
     def on_hello(self, frame: Frame) -> None:
         raise NotImplementedError
 
-    def on_close_frame(self, reason: str) -> None:
-        self.log.info("peer closed the connection", reason=reason)
+    def on_close_frame(self, reason: str, code: str | None) -> None:
+        self.log.info("peer closed the connection", reason=reason, code=code)
         self.close()
 
     def on_unknown_channel(self, frame: Frame) -> None:
@@ -202,7 +202,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         elif kind == FrameKind.HELLO:
             self.on_hello(frame)
         elif kind == FrameKind.CLOSE:
-            self.on_close_frame(decode_close(frame.body))
+            self.on_close_frame(*decode_close_code(frame.body))
 
     def _stalled(self) -> None:
         """The peer read nothing for ``stall_timeout``. A CLOSE frame would queue behind what it does not
@@ -263,15 +263,16 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.log.error("protocol error, closing connection", error=reason)
         self._close_with(reason)
 
-    def close(self, reason: str = "") -> None:
+    def close(self, reason: str = "", code: str | None = None) -> None:
+        """Close, telling the peer ``reason`` (and a machine-readable ``code``) in a CLOSE frame if given."""
         if self.closing:
             return
-        self._close_with(reason)
+        self._close_with(reason, code)
 
-    def _close_with(self, reason: str) -> None:
+    def _close_with(self, reason: str, code: str | None = None) -> None:
         if self.transport is not None and not self.transport.is_closing():
             if reason:
-                self._wbuf.extend(frame_parts(FrameKind.CLOSE, 0, encode_close(reason)))
+                self._wbuf.extend(frame_parts(FrameKind.CLOSE, 0, encode_close(reason, code)))
             self.flush()
             self.closing = True
             self.transport.close()
