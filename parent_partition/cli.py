@@ -92,10 +92,10 @@ def _fail(exc: Exception, status: int) -> int:
 
 async def serve(config: Config) -> None:
     daemon = ParentDaemon(config)
-    await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal right after "listening" is clean
         loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
     await stop.wait()
     await daemon.shutdown()
