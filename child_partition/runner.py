@@ -50,7 +50,6 @@ EXIT_LOST = 1  # the parent could not be reached or the session ended, and recon
 EXIT_REFUSED = 3  # the parent refused this child, or the address can never be connected to
 
 
-
 # connect() errors that mean "no parent there yet": retried.
 _NOT_YET = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
                       errno.ECONNRESET, errno.EAGAIN, errno.ECONNABORTED})
