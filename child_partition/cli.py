@@ -13,7 +13,7 @@ from pathlib import Path
 import uvloop
 
 from vmbus_proto.aio import logs, malloc
-from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
+from vmbus_proto.aio.cli import ArgumentParser, add_version, checked_url, connect_endpoint, vmbus_version_arg
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
@@ -45,12 +45,7 @@ def _name(text: str) -> str:
     return text
 
 
-def _nbd(url: str) -> str:
-    try:
-        parse_listen(url)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return url
+_nbd = checked_url(parse_listen)
 
 
 def _number(kind: Callable[[str], float], low: float, high: float | None = None) -> Callable[[str], float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from typing import NoReturn
 
@@ -55,13 +56,19 @@ def add_version(parser: argparse.ArgumentParser) -> None:
                         help="print the version and exit")
 
 
-def endpoint(url: str) -> str:
-    """argparse type: a ``tcp://HOST:PORT`` or ``unix:PATH`` URL (checked, returned as given)."""
-    try:
-        parse_endpoint(url)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return url
+def checked_url(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that checks a URL with ``parse`` and returns it as given."""
+    def check(url: str) -> str:
+        try:
+            parse(url)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return url
+    return check
+
+
+endpoint = checked_url(parse_endpoint)
+"""argparse type: a ``tcp://HOST:PORT`` or ``unix:PATH`` URL (checked, returned as given)."""
 
 
 def connect_endpoint(url: str) -> str:
