@@ -20,7 +20,7 @@ from child_partition.bus import GuestBus
 from child_partition.guest_memory import GUEST_PFN_BASE, GuestMemory
 from child_partition.runner import open_bus
 from vmbus_proto.aio.channel import Channel
-from vmbus_proto.devices import echo
+from vmbus_proto.devices.echo import protocol as echo
 from vmbus_proto.packets import PAGE_SIZE
 
 from .meter import CpuMeter

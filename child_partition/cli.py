@@ -19,7 +19,7 @@ from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER
 
-from .nbd import parse_listen
+from .devices.storage.nbd import parse_listen
 from .runner import ChildPartition, NbdListenError
 
 DESCRIPTION = """\

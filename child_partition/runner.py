@@ -33,10 +33,14 @@ from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus, ParentRefused
+from .devices.echo.vsc import EchoVsc
+from .devices.input.vsc import KeyboardVsc, MouseVsc
+from .devices.network.vsc import NetworkVsc
+from .devices.storage.nbd import NbdServer
+from .devices.storage.vsc import GuestDisk, StorageVsc
+from .devices.video.vsc import VideoVsc
 from .guest_memory import GuestMemory
-from .nbd import NbdServer
-from .storvsc import GuestDisk, StorageVsc
-from .vsc import EchoVsc, KeyboardVsc, MouseVsc, NetworkVsc, VideoVsc, Vsc
+from .vsc import Vsc
 
 # The guest's drivers, bound to offers by class GUID (Linux's hv_vmbus_device_id tables).
 VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {

@@ -17,7 +17,6 @@ from typing import Any
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices import echo, keyboard, mouse, network, video
 from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeTrace, Incoming
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE
@@ -132,25 +131,3 @@ class HandshakeVsc(Vsc):
         while True:
             pkt = await channel.recv()
             self.log.debug("device packet", type=pkt.type, length=len(pkt.payload))
-
-
-class NetworkVsc(HandshakeVsc):
-    module = network
-
-
-class VideoVsc(HandshakeVsc):
-    module = video
-
-
-class KeyboardVsc(HandshakeVsc):
-    module = keyboard
-
-
-class MouseVsc(HandshakeVsc):
-    module = mouse
-
-
-class EchoVsc(Vsc):
-    """The diagnostic echo device's guest half (benchmarks only)."""
-
-    spec = echo.SPEC

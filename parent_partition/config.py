@@ -10,11 +10,11 @@ from typing import Any
 
 from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
-from vmbus_proto.devices import storage as vstor
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.versions import HOST_SUPPORTED
 
-from .scsi import MAX_LUNS
+from .devices.storage.scsi import MAX_LUNS
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
 DEFAULT_UNIX = "unix:./run/vmbus.sock"

@@ -22,10 +22,14 @@ from vmbus_proto.aio.endpoint import parse_endpoint
 
 from .config import Config, ConfigError, LunEntry
 from .connection import PartitionConnection
-from .disk import DiskBackend, shutdown_default_executor
-from .scsi import LunConfig
-from .storvsp import StorageVsp
-from .vsp import EchoVsp, KeyboardVsp, MouseVsp, NetworkVsp, VideoVsp, Vsp
+from .devices.echo.vsp import EchoVsp
+from .devices.input.vsp import KeyboardVsp, MouseVsp
+from .devices.network.vsp import NetworkVsp
+from .devices.storage.disk import DiskBackend, shutdown_default_executor
+from .devices.storage.scsi import LunConfig
+from .devices.storage.vsp import StorageVsp
+from .devices.video.vsp import VideoVsp
+from .vsp import Vsp
 
 
 class StartupError(Exception):

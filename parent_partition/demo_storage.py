@@ -22,7 +22,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from child_partition.nbd import (
+from child_partition.devices.storage.nbd import (
     IHAVEOPT,
     NBD_CMD_DISC,
     NBD_CMD_READ,

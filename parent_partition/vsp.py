@@ -16,10 +16,9 @@ from types import ModuleType
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices import echo, keyboard, mouse, network, video
 from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeTrace, Incoming, Outgoing
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+from vmbus_proto.packets import Packet
 from vmbus_proto.server import OfferSpec, OpenParams
 
 
@@ -140,42 +139,3 @@ class HandshakeVsp(Vsp):
             pkt = await channel.recv()
             info.log.warning("packet for a device I/O path that is not implemented yet", device=self.name,
                              type=pkt.type, trans_id=pkt.trans_id, length=len(pkt.payload))
-
-
-class NetworkVsp(HandshakeVsp):
-    module = network
-
-
-class VideoVsp(HandshakeVsp):
-    module = video
-
-
-class KeyboardVsp(HandshakeVsp):
-    module = keyboard
-
-
-class MouseVsp(HandshakeVsp):
-    module = mouse
-
-
-class EchoVsp(Vsp):
-    """Diagnostic device for the benchmark: completes every request with its own payload, and sends
-    GPA-direct data back into the request's ranges (as a storage READ would)."""
-
-    spec = echo.SPEC
-
-    async def serve(self, channel: Channel, info: OpenChannelInfo) -> None:
-        recv, recv_nowait, try_send, send = channel.recv, channel.recv_nowait, channel.try_send, channel.send
-        comp = PacketType.COMP
-        while True:
-            pkt: Packet | None = await recv()
-            while pkt is not None:  # answer everything already queued without a coroutine switch each
-                if pkt.type == comp:
-                    raise DeviceProtocolError("unsolicited completion")
-                if pkt.flags & FLAG_COMPLETION_REQUESTED:
-                    out = Packet(comp, 0, pkt.trans_id, pkt.payload, data=pkt.data)
-                    if not try_send(out):
-                        await send(out)
-                pkt = recv_nowait()
-
-

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from child_partition.bus import GuestBus
+from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.guest_memory import GuestMemory
 from child_partition.runner import open_bus
-from child_partition.storvsc import StorageVsc
 from vmbus_proto.aio import logs
 from vmbus_proto.guids import SCSI
 

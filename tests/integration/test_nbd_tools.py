@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from child_partition.blockdev import MemoryBlockDevice
-from child_partition.nbd import NbdServer
+from child_partition.devices.storage.blockdev import MemoryBlockDevice
+from child_partition.devices.storage.nbd import NbdServer
+from child_partition.devices.storage.vsc import ScsiLun
 from child_partition.runner import ChildPartition
-from child_partition.storvsc import ScsiLun
 
 from .conftest import BIN, Parent, Proc, child
 

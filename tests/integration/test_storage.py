@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vmbus_proto.devices import storage as vstor
 from vmbus_proto.devices.base import Incoming
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import encode_packet
 from vmbus_proto.framing import FrameKind
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType

@@ -13,7 +13,7 @@ from parent_partition.config import Config, ConfigError
 from parent_partition.daemon import check_paths
 from vmbus_proto.aio.cli import HelpFormatter, vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
-from vmbus_proto.devices import storage as vstor
+from vmbus_proto.devices.storage import vstor
 
 
 def load(tmp_path: Path, text: str) -> Config:

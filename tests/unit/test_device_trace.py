@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from vmbus_proto.devices import keyboard, mouse, network, storage, video
 from vmbus_proto.devices.base import HandshakeTrace, Incoming, Outgoing
+from vmbus_proto.devices.input import keyboard, mouse
+from vmbus_proto.devices.network import nvsp as network
+from vmbus_proto.devices.storage import vstor as storage
+from vmbus_proto.devices.video import synthvid as video
 from vmbus_proto.packets import PacketType
 
 

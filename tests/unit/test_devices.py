@@ -13,8 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmbus_proto import guids
-from vmbus_proto.devices import catalogue, keyboard, mouse, network, storage, video
+from vmbus_proto.devices import catalogue
 from vmbus_proto.devices.base import Handshake, Incoming, Outgoing
+from vmbus_proto.devices.input import keyboard, mouse
+from vmbus_proto.devices.network import nvsp as network
+from vmbus_proto.devices.storage import vstor as storage
+from vmbus_proto.devices.video import synthvid as video
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PacketType
 from vmbus_proto.pipe import PIPE_HEADER, PIPE_PARTIAL

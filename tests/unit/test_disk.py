@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from parent_partition import disk as disk_mod
-from parent_partition.disk import BLOCK_SIZE, DiskBackend, DiskError
+from parent_partition.devices.storage import disk as disk_mod
+from parent_partition.devices.storage.disk import BLOCK_SIZE, DiskBackend, DiskError
 
 MiB = 1 << 20
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from parent_partition.disk import DiskBackend
+from parent_partition.devices.storage.disk import DiskBackend
 
 MiB = 1 << 20
 READ_KEYS = ("reads_inline", "reads_nowait_refused", "reads_pool")

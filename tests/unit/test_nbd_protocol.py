@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from child_partition import nbd
-from child_partition.blockdev import BlockDevice, BlockDeviceError, FileBlockDevice, MemoryBlockDevice
-from child_partition.nbd import NbdServer, parse_listen
+from child_partition.devices.storage import nbd
+from child_partition.devices.storage.blockdev import BlockDevice, BlockDeviceError, FileBlockDevice, MemoryBlockDevice
+from child_partition.devices.storage.nbd import NbdServer, parse_listen
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB

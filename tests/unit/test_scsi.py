@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parent_partition.disk import DiskError
-from parent_partition.scsi import (
+from parent_partition.devices.storage.disk import DiskError
+from parent_partition.devices.storage.scsi import (
     CDB_LENGTH,
     MAX_UNMAP_DESCRIPTORS,
     MAX_UNMAP_LBA_COUNT,
@@ -31,7 +31,7 @@ from parent_partition.scsi import (
     open_disks,
     partition_dir_name,
 )
-from vmbus_proto.devices.storage import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
+from vmbus_proto.devices.storage.vstor import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
 
 MiB = 1 << 20
 DISK0 = 4 * MiB  # LUN 0: writable, 8192 blocks

@@ -15,14 +15,14 @@ from typing import Any, cast
 
 import pytest
 
-from parent_partition.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
-from parent_partition.storvsp import StorageVsp, parse_request
+from parent_partition.devices.storage.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
+from parent_partition.devices.storage.vsp import StorageVsp, parse_request
 from parent_partition.vsp import OpenChannelInfo
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.devices import storage as vstor
 from vmbus_proto.devices.base import Handshake
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import Signal
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import uuid
 
-from . import keyboard, mouse, network, storage, video
 from .base import DeviceSpec
+from .input import keyboard, mouse
+from .network import nvsp as network
+from .storage import vstor as storage
+from .video import synthvid as video
 
 __all__ = ["ALL", "BY_CLASS"]
 

@@ -15,10 +15,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import guids
-from ..errors import DeviceProtocolError
-from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
+from ... import guids
+from ...errors import DeviceProtocolError
+from ...packets import PacketType
+from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
     "DEFAULT_SUPPORTED",

@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import guids
-from ..errors import DeviceProtocolError
-from ..packets import PacketType
-from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, name_text
+from ... import guids
+from ...errors import DeviceProtocolError
+from ...packets import PacketType
+from ...pipe import pipe_unwrap, pipe_wrap
+from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, name_text
 
 __all__ = [
     "ACCEPTED_WITH_VERSION_EXCHANGE",

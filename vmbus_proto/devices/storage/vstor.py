@@ -18,10 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import guids
-from ..errors import DeviceProtocolError, LocalProtocolError
-from ..packets import PacketType
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, name_text
+from ... import guids
+from ...errors import DeviceProtocolError, LocalProtocolError
+from ...packets import PacketType
+from ..base import DeviceSpec, Handshake, Incoming, Outgoing, name_text
 
 __all__ = [
     "CHANNEL_PROPERTIES_SIZE",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from .base import DeviceSpec
+from ..base import DeviceSpec
 
 SPEC = DeviceSpec(name="echo", class_id=uuid.UUID("8c4e1d6a-3b1f-5e0a-9a57-7e6d2f0b1e01"),
                   default_instance=uuid.UUID("8c4e1d6a-3b1f-5e0a-9a57-7e6d2f0b1e02"), pipe_mode=False,

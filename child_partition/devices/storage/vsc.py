@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices import storage as vstor
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
 
+from ...guest_memory import GuestMemory
+from ...vsc import HandshakeVsc
 from .blockdev import EXTENT_HOLE, EXTENT_ZERO, BlockDeviceError
-from .guest_memory import GuestMemory
-from .vsc import HandshakeVsc
 
 SECTOR = 512
 MAX_OUTSTANDING = 256

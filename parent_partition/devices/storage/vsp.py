@@ -24,13 +24,13 @@ from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices import storage as vstor
 from vmbus_proto.devices.base import Handshake
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
+from ...vsp import HandshakeVsp, OpenChannelInfo
 from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
-from .vsp import HandshakeVsp, OpenChannelInfo
 
 DEFAULT_QUEUE_DEPTH = 256
 

@@ -18,11 +18,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import guids
-from ..errors import DeviceProtocolError, LocalProtocolError
-from ..packets import PacketType
-from ..pipe import pipe_unwrap, pipe_wrap
-from .base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
+from ... import guids
+from ...errors import DeviceProtocolError, LocalProtocolError
+from ...packets import PacketType
+from ...pipe import pipe_unwrap, pipe_wrap
+from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
     "DEFAULT_DEVICE_INFO",
