@@ -13,14 +13,15 @@ from pathlib import Path
 import uvloop
 
 from vmbus_proto.aio import logs, malloc
-from vmbus_proto.aio.cli import ArgumentParser, add_version, checked_url, connect_endpoint, vmbus_version_arg
+from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER
 
-from .devices.storage.nbd import parse_listen
-from .runner import ChildPartition, NbdListenError
+from .devices import service_classes
+from .runner import ChildPartition
+from .vsc import GuestServiceError
 
 DESCRIPTION = """\
 A child partition: the guest side of VMBus. It connects to a parent partition (parent-partition serve),
@@ -43,9 +44,6 @@ def _name(text: str) -> str:
     except FrameError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {str(exc).removeprefix('HELLO ')}") from None
     return text
-
-
-_nbd = checked_url(parse_listen)
 
 
 def _number(kind: Callable[[str], float], low: float, high: float | None = None) -> Callable[[str], float]:
@@ -95,9 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this partition's name: 1-64 printable characters, unique among the parent's children "
                           "(its disks are kept under that name)")
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
-    run.add_argument("--nbd", metavar="URL", type=_nbd,
-                     help="export the VM's disks over NBD at HOST:PORT, tcp://HOST:PORT or unix:PATH (LUN 0 as NAME, "
-                          "LUN n as NAME-lunN), so qemu-img, qemu-io and nbdcopy can use them (default: not exported)")
     run.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
                      help=f"a VMBus version to offer, as 5.3; repeat for several, newest first "
                           f"(default: {versions})")
@@ -107,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="least severe level logged")
     run.add_argument("--json-logs", action="store_true",
                      help="log JSON lines even on a terminal (they are the default elsewhere)")
+    for service in service_classes():  # each device's guest service adds its own options (storage: --nbd)
+        service.add_arguments(run)
     load = sub.add_parser("load", help="generate load from one or many partitions",
                           description="Generate load on a parent's devices from partitions run in this process.")
     add_version(load)
@@ -148,16 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     return uvloop.run(_run(args))
 
 
+_RUN_ARGS = {"command", "connect", "name", "trace", "vmbus_version", "no_reconnect", "log_level", "json_logs"}
+
+
 async def _run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    options = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS}  # the guest services' own options
     child = ChildPartition(args.connect, args.name, trace=args.trace, versions=args.vmbus_version,
-                           reconnect=not args.no_reconnect, nbd=args.nbd)
+                           reconnect=not args.no_reconnect, **options)
     try:
         status = await child.run(stop)
-    except NbdListenError as exc:
+    except GuestServiceError as exc:
         print(f"child-partition: error: {exc}", file=sys.stderr)
         return 1
     if child.failure:

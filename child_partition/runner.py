@@ -8,9 +8,10 @@ torn down, then UNLOAD waits for UNLOAD_RESPONSE (drivers/hv/vmbus_drv.c ``hv_ke
 a refusal no retry can change (the name is taken, no version in common) ends the run. A device that fails
 to open costs that device only, as a Linux driver whose probe fails leaves the other devices bound.
 
-With ``--nbd`` every LUN the StorVSC finds is exported over NBD: LUN 0 as the partition's name (and as the
-default export), LUN n as ``<name>-lun<n>``. The NBD address is bound before the VM is brought up, so a busy
-port ends the run before any VMBus traffic.
+The runner names no device: drivers come from the registry by class GUID, sub-channel offers go to their
+primary's driver (Linux ``vmbus_onoffer`` → the primary's ``sc_creation_callback``), and what a device
+gives the rest of the guest (storage: its disks and their NBD export) is its guest service, told
+``on_ready``/``on_lost`` as drivers come and go.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import os
 import random
 import socket
 import stat
-import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
@@ -33,18 +33,11 @@ from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus, ParentRefused
-from .devices.echo.vsc import EchoVsc
-from .devices.input.vsc import KeyboardVsc, MouseVsc
-from .devices.network.vsc import NetworkVsc
-from .devices.storage.nbd import NbdServer
-from .devices.storage.vsc import GuestDisk, StorageVsc
-from .devices.video.vsc import VideoVsc
+from .devices import service_classes, vsc_classes
 from .guest_memory import GuestMemory
-from .vsc import Vsc
+from .vsc import GuestContext, GuestService, GuestServiceError, Vsc
 
-# The guest's drivers, bound to offers by class GUID (Linux's hv_vmbus_device_id tables).
-VSC_BY_CLASS: dict[uuid.UUID, type[Vsc]] = {
-    cls.spec.class_id: cls for cls in (StorageVsc, NetworkVsc, VideoVsc, KeyboardVsc, MouseVsc, EchoVsc)}
+S = TypeVar("S", bound=GuestService)
 
 NEGOTIATE_TIMEOUT = 30.0
 
@@ -82,8 +75,9 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
-                 versions: list[int] | None = None, reconnect: bool = True, nbd: str | None = None,
-                 log: Any = None) -> None:
+                 versions: list[int] | None = None, reconnect: bool = True, log: Any = None,
+                 **options: Any) -> None:
+        """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at)."""
         self.url = url
         self.name = name
         self.trace = trace
@@ -96,9 +90,8 @@ class ChildPartition:
         self.version = 0
         self.ready = asyncio.Event()
         self.sessions = 0
-        self.nbd_url = nbd
-        self.nbd: NbdServer | None = None
-        self.disks: dict[int, GuestDisk] = {}  # by LUN, kept across reconnects
+        ctx = GuestContext(name, self.log, options)
+        self.services: dict[type[GuestService], GuestService] = {cls: cls(ctx) for cls in service_classes()}
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
         self.failure: str | None = None  # why run() gave up, in one line
@@ -106,34 +99,27 @@ class ChildPartition:
         self.failed_devices: dict[int, str] = {}  # relid -> why its driver could not attach
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    @property
-    def disk(self) -> GuestDisk:
-        """LUN 0."""
-        return self.disks.setdefault(0, GuestDisk(0))
-
-    def export_name(self, lun: int) -> str:
-        """The NBD export name of a LUN."""
-        return self.name if lun == 0 else f"{self.name}-lun{lun}"
+    def service(self, cls: type[S]) -> S:
+        """This child's instance of a guest service (``StorageService`` holds the disks)."""
+        svc = self.services[cls]
+        assert isinstance(svc, cls)
+        return svc
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until ``stop`` is set; returns the exit status (0 after a clean unload). Raises NbdListenError,
-        before connecting to the parent, if the NBD address cannot be bound."""
+        """Run until ``stop`` is set; returns the exit status (0 after a clean unload). Raises
+        GuestServiceError, before connecting to the parent, if a guest service cannot start (a busy NBD
+        port)."""
         self._stop = stop
+        started: list[GuestService] = []
         try:
-            if self.nbd_url is not None:
-                self.nbd = NbdServer(log=self.log.bind(component="nbd"))
-                try:
-                    await self.nbd.start(self.nbd_url, serving=False)
-                except OSError as exc:
-                    self.nbd = None
-                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise NbdListenError(f"cannot listen for NBD on {self.nbd_url}: {reason}") from exc
+            for svc in self.services.values():
+                await svc.start()
+                started.append(svc)
             status = await self._run(stop)
             return status or self.exit_status
         finally:
-            if self.nbd is not None:
-                await self.nbd.close()
-                self.nbd = None
+            for svc in started:
+                await svc.close()
 
     async def _run(self, stop: asyncio.Event) -> int:
         backoff = 0.1
@@ -228,7 +214,7 @@ class ChildPartition:
                              devices=devices, failed=sorted(self.failed_devices.values()))
         else:
             self.log.info("all offered channels open", channels=len(self.vscs), devices=devices, versions=versions)
-        await self._export_disk()
+        await self._session_ready()
         self.ready.set()
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         lost: asyncio.Future[Any] = bus.closed_future
@@ -240,7 +226,10 @@ class ChildPartition:
         await self.shutdown(bus)
 
     async def _attach(self, offer: m.OfferChannel) -> None:
-        cls = VSC_BY_CLASS.get(offer.if_type)
+        if offer.sub_channel_index:
+            await self._attach_subchannel(offer)
+            return
+        cls = vsc_classes().get(offer.if_type)
         if cls is None:
             self.log.info("no driver for offer", relid=offer.child_relid, class_id=str(offer.if_type))
             return
@@ -256,9 +245,26 @@ class ChildPartition:
             await self._drop_device(vsc, str(exc) or type(exc).__name__)
             return
         vsc.log.info("device ready", version=vsc.spec.version_text(vsc.version) if vsc.version is not None else None)
-        if isinstance(vsc, StorageVsc):
-            for lun in sorted(vsc.disks):
-                self.disks.setdefault(lun, GuestDisk(lun)).attach(vsc)
+        if cls.Service is not None:
+            await self.services[cls.Service].on_ready(vsc)
+
+    def _primary_of(self, offer: m.OfferChannel) -> Vsc | None:
+        return next((v for v in self.vscs.values()
+                     if (v.offer.if_type, v.offer.if_instance) == (offer.if_type, offer.if_instance)), None)
+
+    async def _attach_subchannel(self, offer: m.OfferChannel) -> None:
+        primary = self._primary_of(offer)
+        if primary is None:
+            self.log.warning("sub-channel offer without its primary", relid=offer.child_relid,
+                             index=offer.sub_channel_index)
+            return
+        try:
+            await primary.on_subchannel_offer(offer)
+        except (BusError, TimeoutError, DeviceProtocolError, ChannelClosed) as exc:
+            if primary.bus.closing or isinstance(exc, ParentRefused):
+                raise
+            primary.log.error("sub-channel failed to open; the device goes on without it", relid=offer.child_relid,
+                              error=str(exc) or type(exc).__name__)
 
     async def _drop_device(self, vsc: Vsc, error: str) -> None:
         """A driver whose probe failed: log why, give back what it holds; the other devices carry on."""
@@ -271,38 +277,31 @@ class ChildPartition:
         except (BusError, TimeoutError, ChannelClosed, ConnectionError):
             vsc.forget()
 
-    async def _export_disk(self) -> None:
-        """Serve every LUN over NBD once attached (exports are kept across reconnects; a LUN that appears
-        later is added). If that fails the VM is unloaded cleanly and the run ends with status 1."""
-        if self.nbd is None:
-            return
-        try:
-            added = []
-            for lun, disk in sorted(self.disks.items()):
-                name = self.export_name(lun)
-                if name in self.nbd.exports or not disk.size:
-                    continue
-                self.nbd.add_export(disk, name, f"{self.name} LUN {lun}: {disk.vendor} {disk.product}".strip())
-                added.append((lun, name, disk))
-            if self.nbd.exports:
-                await self.nbd.serve()
-            for lun, name, disk in added:  # said once clients can connect
-                self.log.info("disk exported over NBD", lun=lun, uri=self.nbd.uri_for(name), size=disk.size,
-                              read_only=disk.read_only)
-        except (OSError, ValueError) as exc:
-            self.log.error("cannot export the disks over NBD; shutting the VM down", error=str(exc))
-            self.exit_status = 1
-            if self._stop is not None:
-                self._stop.set()
+    async def _session_ready(self) -> None:
+        """Tell each guest service the session is up; one that fails unloads the VM cleanly (status 1)."""
+        for svc in self.services.values():
+            try:
+                await svc.session_ready()
+            except GuestServiceError as exc:
+                self.log.error("a guest service failed; shutting the VM down", error=str(exc))
+                self.exit_status = 1
+                if self._stop is not None:
+                    self._stop.set()
+
+    def _lost(self, vsc: Vsc) -> None:
+        if vsc.Service is not None:
+            self.services[vsc.Service].on_lost(vsc)
 
     async def _rescinded(self, relid: int) -> None:
         vsc = self.vscs.pop(relid, None)
-        self.log.info("offer rescinded", relid=relid, device=vsc.spec.name if vsc else None)
-        for disk in self.disks.values():
-            if vsc is not None and vsc is disk.vsc:
-                disk.detach()
+        owner = next((v for v in self.vscs.values() if relid in v.subchannels), None)
+        device = vsc or owner
+        self.log.info("offer rescinded", relid=relid, device=device.spec.name if device else None)
         if vsc is not None:
+            self._lost(vsc)
             await vsc.detach(rescinded=True)
+        elif owner is not None:
+            await owner.on_subchannel_rescind(relid)
         if self.bus is not None:
             self.bus.release_relid(relid)
 
@@ -321,11 +320,10 @@ class ChildPartition:
         """Close every channel, tear down its GPADL, then UNLOAD."""
         for task in list(self._tasks):
             task.cancel()
-        if self.nbd is not None:
-            await self.nbd.close()  # in-flight NBD requests finish on the channel first
-            self.nbd = None
-        for disk in self.disks.values():
-            disk.detach()
+        for svc in self.services.values():
+            await svc.close()  # in-flight service requests (NBD) finish on the channels first
+        for vsc in self.vscs.values():
+            self._lost(vsc)
         await asyncio.gather(*(v.detach() for v in list(self.vscs.values())))
         self.vscs.clear()
         await asyncio.wait_for(bus.unload(), NEGOTIATE_TIMEOUT)
@@ -335,17 +333,12 @@ class ChildPartition:
 
     async def _forget(self, bus: GuestBus | None) -> None:
         """After a lost connection: guest-side state goes; pages are returned."""
-        for disk in self.disks.values():
-            disk.detach()
         for vsc in self.vscs.values():
+            self._lost(vsc)
             vsc.forget()
         self.vscs.clear()
         if bus is not None:
             bus.close()
-
-
-class NbdListenError(Exception):
-    """The NBD address given with ``--nbd`` cannot be bound (e.g. the port is in use)."""
 
 
 async def _wait(stop: asyncio.Event, delay: float) -> bool:

@@ -6,18 +6,25 @@ drivers/hid/hid-hyperv.c ``mousevsc_probe``, drivers/input/serio/hyperv-keyboard
 allocate ring pages, share them with a GPADL, open the channel with the send ring first and the
 receive ring at the downstream offset, then run the device's protocol-version handshake. Teardown is
 the real order: CLOSECHANNEL, then GPADL_TEARDOWN (skipped when rescinded).
+
+The plug-in contract, guest side: a VSC class names its device ``spec`` and, if the device serves the rest
+of the guest (a disk and its NBD export, a NIC, a console), its ``Service``: one object per child process,
+kept across reconnects, told ``on_ready``/``on_lost`` as its VSCs come and go, so the runner holds no
+device code. Sub-channel offers (``sub_channel_index`` > 0) go to the primary's VSC, which opens them as
+Linux's ``vmbus_set_sc_create_callback`` drivers do (storvsc ``storvsc_sc_created``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-from types import ModuleType
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeTrace, Incoming
+from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeModule, HandshakeTrace, Incoming
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE
 
@@ -27,10 +34,51 @@ from .guest_memory import GuestMemory
 HANDSHAKE_TIMEOUT = 10.0  # Linux waits 5-10 s for these answers (hid-hyperv, hyperv_fb, hyperv-keyboard)
 
 
+@dataclass(slots=True)
+class GuestContext:
+    """What a guest service gets from the child partition it serves."""
+
+    name: str  # the partition's name
+    log: Any
+    options: dict[str, Any] = field(default_factory=dict)  # the service's command-line options
+
+
+class GuestServiceError(Exception):
+    """A guest service cannot start (its message is the one line the command prints)."""
+
+
+class GuestService:
+    """A device's service to the rest of the guest, one per child process, kept across reconnects."""
+
+    def __init__(self, ctx: GuestContext) -> None:
+        self.ctx = ctx
+        self.log = ctx.log
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this service's options to ``child-partition run``."""
+
+    async def start(self) -> None:
+        """Before the first connection (bind what must be bound); GuestServiceError ends the run."""
+
+    async def on_ready(self, vsc: Vsc) -> None:
+        """``vsc`` attached: its channel is open and its handshake done."""
+
+    def on_lost(self, vsc: Vsc) -> None:
+        """``vsc`` went (rescinded, shut down, or the connection was lost)."""
+
+    async def session_ready(self) -> None:
+        """Every offered channel of this session is open (or failed)."""
+
+    async def close(self) -> None:
+        """The child is stopping: end the service (in-flight work finishes on the channels first)."""
+
+
 class Vsc:
     """One device's guest half on one channel."""
 
-    spec: DeviceSpec
+    spec: ClassVar[DeviceSpec]
+    Service: ClassVar[type[GuestService] | None] = None
 
     def __init__(self, bus: GuestBus, memory: GuestMemory, offer: m.OfferChannel, log: Any) -> None:
         self.bus = bus
@@ -43,6 +91,7 @@ class Vsc:
         self.ring_pfns: list[int] = []
         self.version: int | None = None
         self._reader: asyncio.Task[None] | None = None
+        self.subchannels: dict[int, SubChannel] = {}  # by relid, open
 
     @property
     def ring_pages(self) -> int:
@@ -71,8 +120,30 @@ class Vsc:
     async def run(self, channel: Channel) -> None:
         """The device's steady state after its handshake."""
 
+    async def on_subchannel_offer(self, offer: m.OfferChannel) -> None:
+        """A sub-channel of this device was offered. Drivers that use sub-channels open them here
+        (``open_subchannel``); the others leave the offer alone, as a Linux driver without an
+        ``sc_creation_callback`` does."""
+
+    async def open_subchannel(self, offer: m.OfferChannel) -> SubChannel:
+        """Ring GPADL and OPENCHANNEL for a sub-channel, the same ring size as the primary (storvsc opens
+        sub-channels with ``storvsc_ringbuffer_size``, netvsc with its own)."""
+        sc = SubChannel(self, offer)
+        await sc.open()
+        self.subchannels[sc.relid] = sc
+        return sc
+
+    async def on_subchannel_rescind(self, relid: int) -> None:
+        """A sub-channel was rescinded: close it (no teardown; the runner releases the relid)."""
+        sc = self.subchannels.pop(relid, None)
+        if sc is not None:
+            await sc.close(rescinded=True)
+
     async def detach(self, rescinded: bool = False) -> None:
-        """CLOSECHANNEL, then GPADL_TEARDOWN unless rescinded; frees the ring pages."""
+        """Sub-channels first, then CLOSECHANNEL, then GPADL_TEARDOWN unless rescinded; frees the ring
+        pages (Linux ``vmbus_close`` closes the sub-channels before the primary)."""
+        subs, self.subchannels = list(self.subchannels.values()), {}
+        await asyncio.gather(*(sc.close(rescinded=rescinded) for sc in subs))
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -87,15 +158,53 @@ class Vsc:
 
     def forget(self) -> None:
         """Return this driver's guest pages (after a detach, or when the connection was lost)."""
+        for sc in self.subchannels.values():
+            sc.forget()
+        self.subchannels.clear()
         if self.ring_pfns:
             self.memory.free(self.ring_pfns)
+            self.ring_pfns = []
+
+
+class SubChannel:
+    """One open sub-channel of a VSC: its own rings and GPADL, the primary's device protocol."""
+
+    def __init__(self, primary: Vsc, offer: m.OfferChannel) -> None:
+        self.primary = primary
+        self.offer = offer
+        self.relid = offer.child_relid
+        self.channel: Channel | None = None
+        self.gpadl: int | None = None
+        self.ring_pfns: list[int] = []
+
+    async def open(self) -> None:
+        vsc, pages = self.primary, self.primary.ring_pages
+        self.ring_pfns = vsc.memory.alloc(2 * pages)
+        self.gpadl = await vsc.bus.create_gpadl(self.relid, self.ring_pfns)
+        self.channel = await vsc.bus.open_channel(self.relid, self.gpadl, 2 * pages, pages, vsc.open_userdata(),
+                                                  name=vsc.spec.name)
+
+    async def close(self, rescinded: bool = False) -> None:
+        bus = self.primary.bus
+        if self.channel is not None:
+            bus.close_channel(self.relid)
+            self.channel = None
+        if self.gpadl is not None:
+            gid, self.gpadl = self.gpadl, None
+            if not rescinded:
+                await bus.teardown_gpadl(self.relid, gid)
+        self.forget()
+
+    def forget(self) -> None:
+        if self.ring_pfns:
+            self.primary.memory.free(self.ring_pfns)
             self.ring_pfns = []
 
 
 class HandshakeVsc(Vsc):
     """A VSC whose handshake is its device module's ``VscHandshake``."""
 
-    module: ModuleType
+    module: HandshakeModule
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

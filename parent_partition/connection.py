@@ -3,12 +3,18 @@
 It plays the part of the Hyper-V VMBus server for one guest (OpenVMM vmbus_server/src/lib.rs: one async
 loop driving the synchronous channel state machine): control messages go into the core, the core's
 actions come out as messages to send and device open/close calls on the shared VSPs.
+
+It also holds what the devices of this partition share (OpenVMM gives a device the same): the guest-memory
+view, each channel's GPADL map (a GPADL_TEARDOWN waits until the device let go of that GPADL) and the
+sub-channels each primary has offered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from vmbus_proto import messages as m
 from vmbus_proto import server as core
@@ -20,14 +26,42 @@ from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.versions import version_text
 
-from .vsp import OpenChannelInfo, Vsp
+from .memory import GpadlMap, ShadowMemory
+from .vsp import ChannelResources, Vsp
 
-if TYPE_CHECKING:
-    from .daemon import ParentDaemon
+
+class ConnectionConfig(Protocol):
+    """The settings a partition's connection uses (``config.Config`` has them)."""
+
+    max_frame: int
+    stall_timeout: float
+    channel_data_window: int
+    handshake_timeout: float
+    max_partitions: int
+    vmbus_versions: list[int]
+    max_gpadls: int
+    trace: bool
+
+
+class Host(Protocol):
+    """What a partition's connection sees of the daemon: its settings, its VSPs and the other partitions
+    (only to refuse a second connection under one name and to count toward the limit)."""
+
+    name: str
+    log: Any
+    vsps: list[Vsp]
+    accepting: bool
+    connections: set[PartitionConnection]
+    partitions: dict[str, PartitionConnection]
+
+    @property
+    def config(self) -> ConnectionConfig: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
 
 class PartitionConnection(FramedConnection):
-    def __init__(self, daemon: ParentDaemon, transport_name: str) -> None:
+    def __init__(self, daemon: Host, transport_name: str) -> None:
         cfg = daemon.config
         super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
                          data_window=cfg.channel_data_window, log=daemon.log.bind(transport=transport_name))
@@ -40,6 +74,9 @@ class PartitionConnection(FramedConnection):
         self._tasks: set[asyncio.Task[None]] = set()
         self.opened_channels = 0
         self.dropped_messages = 0
+        self.memory = ShadowMemory()
+        self._gpadl_maps: dict[int, GpadlMap] = {}  # by relid
+        self._subchannels: dict[int, list[int]] = {}  # primary relid -> its sub-channels' relids
 
     # ---- connection lifetime ----------------------------------------------------------------------------
 
@@ -80,6 +117,8 @@ class PartitionConnection(FramedConnection):
     async def _release_devices(self, open_now: list[tuple[Vsp, Channel]]) -> None:
         for vsp, ch in open_now:
             await vsp.close(ch)
+        for gpadls in self._gpadl_maps.values():
+            gpadls.release_all()
 
     # ---- frames -----------------------------------------------------------------------------------------
 
@@ -176,9 +215,11 @@ class PartitionConnection(FramedConnection):
                              window_out=self.peer_data_window)
         ch = Channel(self, p.relid, rings, name=vsp.name, log=log)
         self.add_channel(ch)
+        res = ChannelResources(self.partition or "?", act.offer, p, log, self.gpadl_map(p.relid), self.memory,
+                               Subchannels(self, p.relid, act.offer), self.fail, trace=self.daemon.config.trace)
         ok = True
         try:
-            await vsp.open(ch, OpenChannelInfo(self.partition or "?", p, log, trace=self.daemon.config.trace))
+            await vsp.open(ch, res)
         except Exception as exc:
             ok = False
             log.error("device failed to open", error=str(exc))
@@ -200,8 +241,31 @@ class PartitionConnection(FramedConnection):
         if ch is not None:
             await vsp.close(ch)
             self.log.info("channel closed", relid=act.relid, device=vsp.name)
+        gpadls = self._gpadl_maps.get(act.relid)
+        if gpadls is not None:
+            gpadls.release_all()  # the device's serve task is over: nothing can use them now
         if self.core is not None and not self.closing:
             self.core.close_complete(act.relid, act.seq)
+            self._run_actions()
+
+    def gpadl_map(self, relid: int) -> GpadlMap:
+        """The GPADLs of channel ``relid`` as its device sees them."""
+        gpadls = self._gpadl_maps.get(relid)
+        if gpadls is None:
+            gpadls = self._gpadl_maps[relid] = GpadlMap(lambda gid: self.core.gpadl(relid, gid) if self.core else None,
+                                                        self.memory)
+        return gpadls
+
+    async def _teardown_gpadl(self, act: core.TeardownGpadl) -> None:
+        """OpenVMM ``Action::TeardownGpadl``: the device lets go of the GPADL, then GPADL_TORNDOWN goes out."""
+        gpadls = self._gpadl_maps.get(act.relid)
+        if gpadls is not None:
+            if gpadls.held(act.gpadl):
+                self.log.info("GPADL teardown waits for the device", relid=act.relid, gpadl=act.gpadl,
+                              device=act.offer.name)
+            await gpadls.teardown(act.gpadl)
+        if self.core is not None and not self.closing:
+            self.core.gpadl_released(act.relid, act.gpadl)
             self._run_actions()
 
     # ---- host-initiated ---------------------------------------------------------------------------------
@@ -228,3 +292,40 @@ class PartitionConnection(FramedConnection):
     @property
     def ready(self) -> bool:
         return self.core is not None and self.core.state == core.ConnState.CONNECTED
+
+
+class Subchannels:
+    """Sub-channel offer and revoke for one primary channel of one partition (``vsp.SubchannelControl``)."""
+
+    def __init__(self, conn: PartitionConnection, primary: int, offer: core.OfferSpec) -> None:
+        self.conn = conn
+        self.primary = primary
+        self.primary_offer = offer
+
+    @property
+    def relids(self) -> list[int]:
+        return self.conn._subchannels.setdefault(self.primary, [])
+
+    @property
+    def offered(self) -> int:
+        return len(self.relids)
+
+    def offer(self, count: int) -> list[int]:
+        conn, first = self.conn, self.offered + 1
+        if conn.core is None or conn.closing:
+            return []
+        new = [conn.core.add_offer(dataclasses.replace(self.primary_offer, sub_channel_index=i), primary=self.primary)
+               for i in range(first, first + count)]
+        self.relids.extend(new)
+        conn._run_actions()
+        return new
+
+    def revoke(self) -> None:
+        conn = self.conn
+        relids, conn._subchannels[self.primary] = self.relids, []
+        if conn.core is None or conn.closing:
+            return
+        for relid in relids:
+            if relid in conn.core.channels:
+                conn.core.rescind(relid)
+        conn._run_actions()

@@ -11,8 +11,7 @@ import asyncio
 import errno
 import os
 import socket
-import stat
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +19,24 @@ from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.aio.endpoint import parse_endpoint
 
-from .config import Config, ConfigError, LunEntry
+from .config import Config, ConfigError
 from .connection import PartitionConnection
-from .devices.echo.vsp import EchoVsp
-from .devices.input.vsp import KeyboardVsp, MouseVsp
-from .devices.network.vsp import NetworkVsp
-from .devices.storage.disk import DiskBackend, shutdown_default_executor
-from .devices.storage.scsi import LunConfig
-from .devices.storage.vsp import StorageVsp
-from .devices.video.vsp import VideoVsp
-from .vsp import Vsp
+from .devices import vsp_classes
+from .vsp import HostContext, Vsp
 
 
 class StartupError(Exception):
     """The daemon cannot start: a listener cannot be bound (the message says which and why)."""
 
 
+def host_context(config: Config) -> HostContext:
+    return HostContext(data_path=config.data_path, trace=config.trace, source=config.source)
+
+
 def build_vsps(config: Config) -> list[Vsp]:
-    """The VSPs this parent offers, in catalogue order."""
-    st = config.storage
-
-    def luns_for(partition: str) -> list[LunConfig]:
-        return [LunConfig(lun=lun, size_bytes=size, path=path, read_only=ro)
-                for lun, size, path, ro in st.luns_for(partition)]
-
-    factories: dict[str, Callable[[], Vsp]] = {
-        "storage": lambda: StorageVsp(config.data_path, luns_for, queue_depth=st.queue_depth,
-                                      max_transfer_bytes=st.max_transfer_bytes, idle_close=st.idle_close,
-                                      supported=st.protocol_versions),
-        "network": NetworkVsp, "video": VideoVsp, "keyboard": KeyboardVsp, "mouse": MouseVsp, "echo": EchoVsp,
-    }
-    return [factories[name]() for name, on in config.devices.items() if on]
+    """The VSPs this parent offers, in registry order, each made from its configuration section."""
+    host = host_context(config)
+    return [cls.create(config.section(name), host) for name, cls in vsp_classes().items() if config.devices[name]]
 
 
 class ParentDaemon:
@@ -141,7 +127,6 @@ class ParentDaemon:
             await _bounded(server.wait_closed(), timeout, self.log, "listeners")
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
-        shutdown_default_executor()
         self.log.info("parent partition stopped")
 
 
@@ -177,7 +162,7 @@ def _listen_hint(exc: OSError) -> str:
 # ---- start-up checks: what would otherwise fail later, for every child, with an opaque status -----------
 
 def check_paths(config: Config) -> None:
-    """The data directory can hold disks and every configured LUN image can be opened as configured."""
+    """The data directory can hold disks, and each enabled device's own checks pass (LUN images open)."""
     data = config.data_path
     try:
         data.mkdir(parents=True, exist_ok=True)
@@ -185,28 +170,7 @@ def check_paths(config: Config) -> None:
         raise ConfigError(f"data directory {data}: {os_reason(exc)}; choose another --data-dir") from None
     if not os.access(data, os.W_OK | os.X_OK):
         raise ConfigError(f"data directory {data}: not writable by this user; choose another --data-dir")
-    for entry in config.storage.luns:
-        if entry.path is not None:
-            _check_image(entry, config.source)
-
-
-def _check_image(entry: LunEntry, source: str | None) -> None:
-    path = entry.path
-    assert path is not None
-    where = f"{source + ': ' if source else ''}[[storage.lun]] lun {entry.lun}: path {path!r}"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{where} does not exist; create the image (qemu-img create -f raw {path} 1G) "
-                          f"or fix the path") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: {os_reason(exc)}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ConfigError(f"{where} is not a regular file or block device")
-    try:
-        DiskBackend.open(path, None, False, entry.read_only).close_sync()
-    except OSError as exc:
-        hint = ("; make it writable or set read_only = true"
-                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
-        why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
-        raise ConfigError(f"{where}: {why}{hint}") from None
+    host = host_context(config)
+    for name, cls in vsp_classes().items():
+        if config.devices[name]:
+            cls.check(config.section(name), host)

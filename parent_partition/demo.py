@@ -31,7 +31,7 @@ from rich.padding import Padding
 from rich.rule import Rule
 from rich.text import Text
 
-from vmbus_proto.devices.catalogue import ALL as DEVICES
+from vmbus_proto.devices.registry import ALL as DEVICES
 
 from .demo_storage import NbdError, StorageWorkload
 from .narration import INTRO, STOPPING, STYLES, Gutter, Record, body_text, build_story, is_trace, render_records

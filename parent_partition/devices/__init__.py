@@ -1,0 +1,21 @@
+"""The parent's half of every registered device (``vmbus_proto.devices.registry``), loaded by name."""
+
+from __future__ import annotations
+
+import functools
+
+from vmbus_proto.devices.registry import REGISTRY, load
+
+from ..vsp import Vsp
+
+
+@functools.cache
+def vsp_classes() -> dict[str, type[Vsp]]:
+    """Each registered device's VSP class, by device name, in registry order."""
+    out: dict[str, type[Vsp]] = {}
+    for entry in REGISTRY:
+        cls = load(entry.vsp)
+        if not (isinstance(cls, type) and issubclass(cls, Vsp)) or cls.spec is not entry.spec:
+            raise TypeError(f"registry: {entry.vsp} is not a VSP for the {entry.name} device")
+        out[entry.name] = cls
+    return out

@@ -20,6 +20,7 @@ import pytest
 
 from child_partition.devices.storage.blockdev import MemoryBlockDevice
 from child_partition.devices.storage.nbd import NbdServer
+from child_partition.devices.storage.service import StorageService
 from child_partition.devices.storage.vsc import ScsiLun
 from child_partition.runner import ChildPartition
 
@@ -383,7 +384,7 @@ async def test_data_protect_from_the_target_reaches_a_real_tool(luns_parent: tup
     running = asyncio.create_task(guest.run(stop))
     try:
         await asyncio.wait_for(guest.ready.wait(), 30)
-        lun = guest.disks[2]
+        lun = guest.service(StorageService).disks[2]
         assert lun.read_only and lun.disk is not None
         passthrough = PassThrough(lun.disk)
         srv = NbdServer(passthrough, "lun2-passthrough")

@@ -45,10 +45,10 @@ echo = true
     assert cfg.vmbus_versions == [0x50003, 0x40000]
     assert cfg.handshake_timeout == 2.0 and isinstance(cfg.handshake_timeout, float)
     assert cfg.log_level == "debug" and cfg.devices["echo"] is True
-    assert cfg.storage.disk_size == 4096 and cfg.storage.idle_close == 0.0
-    assert cfg.storage.protocol_versions == [vstor.Version.WIN10]
-    assert cfg.storage.luns_for("vm1") == [(0, 4096, None, False), (2, 1024, None, True)]
-    assert cfg.storage.luns_for("vm2") == [(0, 4096, None, False)]
+    assert cfg.section("storage").disk_size == 4096 and cfg.section("storage").idle_close == 0.0
+    assert cfg.section("storage").protocol_versions == [vstor.Version.WIN10]
+    assert cfg.section("storage").luns_for("vm1") == [(0, 4096, None, False), (2, 1024, None, True)]
+    assert cfg.section("storage").luns_for("vm2") == [(0, 4096, None, False)]
     assert cfg.source == str(tmp_path / "p.toml")
 
 
@@ -67,7 +67,7 @@ echo = true
     ("[parent]\nmax_gpadls = 1.5\n", "[parent] max_gpadls: must be an integer of at least 1, not 1.5"),
     ('[parent]\ndata_dir = ""\n', "[parent] data_dir: must be a non-empty string"),
     ("storage = []\n", "storage must be a table ([storage])"),
-    ("[bogus]\n", "[bogus]: unknown section; known: parent, storage, devices"),
+    ("[bogus]\n", "[bogus]: unknown section; known: parent, devices, storage"),
     ("[storage]\nidle_close = -1\n", "[storage] idle_close: must be a number of seconds (0 or more), not -1"),
     ('[storage]\nprotocol_versions = ["9.9"]\n', "[storage] protocol_versions: must be a non-empty list of"),
     ("[storage]\nlun = 1\n", "[storage] lun must be an array of tables ([[storage.lun]])"),

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmbus_proto import guids
-from vmbus_proto.devices import catalogue
+from vmbus_proto.devices import registry
 from vmbus_proto.devices.base import Handshake, Incoming, Outgoing
 from vmbus_proto.devices.input import keyboard, mouse
 from vmbus_proto.devices.network import nvsp as network
@@ -560,22 +560,23 @@ def test_truncated_packets_raise_only_device_protocol_error(module: ModuleType, 
             vsc.receive(dataclasses.replace(incoming(first_answer), payload=first_answer.payload[:cut]))
 
 
-# --- catalogue --------------------------------------------------------------------------------------------
+# --- registry ---------------------------------------------------------------------------------------------
 
 
-def test_catalogue_order_and_lookup() -> None:
-    assert [spec.name for spec in catalogue.ALL] == ["storage", "network", "video", "keyboard", "mouse"]
-    assert catalogue.BY_CLASS[guids.SCSI] is storage.SPEC
-    assert catalogue.BY_CLASS[guids.NETWORK] is network.SPEC
-    assert catalogue.BY_CLASS[guids.SYNTHVID] is video.SPEC
-    assert catalogue.BY_CLASS[guids.SYNTH_KEYBOARD] is keyboard.SPEC
-    assert catalogue.BY_CLASS[guids.SYNTHHID_MOUSE] is mouse.SPEC
-    assert len({spec.default_instance for spec in catalogue.ALL}) == 5
+def test_registry_order_and_lookup() -> None:
+    assert [spec.name for spec in registry.ALL] == ["storage", "network", "video", "keyboard", "mouse"]
+    assert registry.BY_CLASS[guids.SCSI].spec is storage.SPEC
+    assert registry.BY_CLASS[guids.NETWORK].spec is network.SPEC
+    assert registry.BY_CLASS[guids.SYNTHVID].spec is video.SPEC
+    assert registry.BY_CLASS[guids.SYNTH_KEYBOARD].spec is keyboard.SPEC
+    assert registry.BY_CLASS[guids.SYNTHHID_MOUSE].spec is mouse.SPEC
+    assert len({e.spec.default_instance for e in registry.REGISTRY}) == len(registry.REGISTRY)
+    assert len({e.spec.class_id for e in registry.REGISTRY}) == len(registry.REGISTRY)
 
 
 def test_specs_carry_linux_ring_sizes_and_offer_flags() -> None:
     table = {spec.name: (spec.pipe_mode, spec.mmio_megabytes, spec.ring_bytes, spec.max_packet)
-             for spec in catalogue.ALL}
+             for spec in registry.ALL}
     assert table == {
         "storage": (False, 0, 135168, 80),
         "network": (False, 0, 528384, 4624),

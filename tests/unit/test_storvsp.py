@@ -17,7 +17,7 @@ import pytest
 
 from parent_partition.devices.storage.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
 from parent_partition.devices.storage.vsp import StorageVsp, parse_request
-from parent_partition.vsp import OpenChannelInfo
+from parent_partition.vsp import ChannelResources
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.channel import ChannelRings
@@ -106,9 +106,13 @@ class GatedBackend:
         pass
 
 
+def resources(partition: str) -> ChannelResources:
+    return ChannelResources.standalone(partition, StorageVsp().offer(partition), cast(Any, None), logs.get())
+
+
 async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController) -> asyncio.Task[None]:
     vsp.controllers["vm1"] = ctl
-    info = OpenChannelInfo("vm1", cast(Any, None), logs.get())
+    info = resources("vm1")
     return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None)))
 
 
@@ -214,7 +218,7 @@ async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Pa
     tasks = []
     for name, (ch, _) in channels.items():
         vsp.controllers[name] = ctls[name]
-        info = OpenChannelInfo(name, cast(Any, None), logs.get())
+        info = resources(name)
         tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None))))
     (ch_a, sent_a), (ch_b, sent_b) = channels["a"], channels["b"]
     for i in range(10):

@@ -14,7 +14,7 @@ import struct
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from ..errors import DeviceProtocolError, LocalProtocolError, ProtocolError
 from ..packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
@@ -171,9 +171,28 @@ class VscVersionHandshake(Handshake):
         return []
 
 
+Describe = Callable[[bytes, int, "bytes | None"], str]
+
+
+class HandshakeModule(Protocol):
+    """What a device protocol module (``vmbus_proto.devices.<dev>.<protocol>``) gives its VSP and its VSC:
+    the device's spec, the two sides of its handshake, and its packet decoder for ``--trace``."""
+
+    @property
+    def SPEC(self) -> DeviceSpec: ...
+
+    @property
+    def VspHandshake(self) -> Callable[..., Handshake]: ...
+
+    @property
+    def VscHandshake(self) -> Callable[..., Handshake]: ...
+
+    @property
+    def describe(self) -> Describe: ...
+
+
 # ---- the teaching trace of a device's handshake packets ---------------------------------------------------
 
-Describe = Callable[[bytes, int, "bytes | None"], str]
 
 _PACKET_TEXT: dict[int, str] = {PacketType.DATA_INBAND: "VM_PKT_DATA_INBAND", PacketType.DATA_USING_GPA_DIRECT:
                 "VM_PKT_DATA_USING_GPA_DIRECT", PacketType.DATA_USING_XFER_PAGES: "VM_PKT_DATA_USING_XFER_PAGES",

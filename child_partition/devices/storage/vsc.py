@@ -27,8 +27,9 @@ from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
 from ...guest_memory import GuestMemory
 from ...vsc import HandshakeVsc
 from .blockdev import EXTENT_HOLE, EXTENT_ZERO, BlockDeviceError
+from .disk import DiskFacts
+from .service import StorageService
 
-SECTOR = 512
 MAX_OUTSTANDING = 256
 # One EXECUTE_SRB as Linux storvsc_queuecommand fills it: vstor_packet (operation, flags, status) and its
 # 52-byte vmscsi_request (length, srb/scsi status, port, path, target, lun, cdb_length, sense_info_length,
@@ -141,6 +142,7 @@ class StorageVsc(HandshakeVsc):
     """The VSC; ``disks`` holds the guest's view of each LUN it found as a ``BlockDevice`` (:class:`ScsiLun`)."""
 
     module = vstor
+    Service = StorageService
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -266,18 +268,6 @@ class StorageVsc(HandshakeVsc):
         for disk in self.disks.values():
             self.log.info("disk attached", lun=disk.lun, vendor=disk.vendor, product=disk.product, size=disk.size,
                           read_only=disk.read_only, discard=disk.provisioning, max_transfer=disk.max_transfer)
-
-
-class DiskFacts:
-    """What the guest learns about a disk when it scans it: the ``BlockDevice`` geometry and the INQUIRY
-    identity. Class-level defaults until a scan fills them in."""
-
-    size: int = 0
-    block_size: int = SECTOR
-    read_only: bool = False
-    max_transfer: int = vstor.DEFAULT_MAX_TRANSFER_BYTES
-    vendor: str = ""
-    product: str = ""
 
 
 class ScsiLun(DiskFacts):
@@ -480,79 +470,4 @@ class ScsiLun(DiskFacts):
                 break
         if not extents:
             raise BlockDeviceError(errno.EIO, f"GET LBA STATUS at {offset} described nothing there")
-        return extents
-
-
-class GuestDisk(DiskFacts):
-    """One LUN of the guest as a stable ``BlockDevice`` across reconnects, like a SCSI disk whose host adapter
-    is reset: while the storage channel is down (or the LUN is missing from it), I/O waits (up to
-    ``reattach_timeout``) for the driver to come back, and a request cut off by the loss is retried once on
-    the new channel (block writes are idempotent)."""
-
-    def __init__(self, lun: int = 0, reattach_timeout: float = 30.0) -> None:
-        self.lun = lun
-        self.vsc: StorageVsc | None = None
-        self.disk: ScsiLun | None = None
-        self._attached = asyncio.Event()
-        self.reattach_timeout = reattach_timeout
-        self.supports_discard = False
-
-    def attach(self, vsc: StorageVsc) -> bool:
-        """Bind to this LUN on ``vsc``; False (and left detached) if the controller has no such LUN."""
-        disk = vsc.disks.get(self.lun)
-        if disk is None:
-            return False
-        if self.size and disk.size != self.size:
-            vsc.log.warning("disk size changed across reconnect", lun=self.lun, old=self.size, new=disk.size)
-        self.vsc, self.disk = vsc, disk
-        self.size, self.block_size, self.read_only = disk.size, disk.block_size, disk.read_only
-        self.max_transfer, self.supports_discard = disk.max_transfer, disk.supports_discard
-        self.vendor, self.product = disk.vendor, disk.product
-        self._attached.set()
-        return True
-
-    def detach(self) -> None:
-        self.vsc = self.disk = None
-        self._attached.clear()
-
-    async def _current(self) -> ScsiLun:
-        if self.disk is None:
-            try:
-                await asyncio.wait_for(self._attached.wait(), self.reattach_timeout)
-            except TimeoutError:
-                raise BlockDeviceError(errno.EIO, "the storage channel did not come back") from None
-        assert self.disk is not None
-        return self.disk
-
-    async def _do(self, op: Any) -> Any:
-        disk = await self._current()
-        try:
-            return await op(disk)
-        except (ChannelClosed, ConnectionError) as exc:
-            if self.disk is disk:
-                self.detach()
-            disk = await self._current()
-            try:
-                return await op(disk)
-            except (ChannelClosed, ConnectionError):
-                raise BlockDeviceError(errno.EIO, f"storage channel lost: {exc}") from None
-
-    async def read(self, offset: int, length: int) -> bytes:
-        data: bytes = await self._do(lambda d: d.read(offset, length))
-        return data
-
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        await self._do(lambda d: d.write(offset, data, fua))
-
-    async def flush(self) -> None:
-        await self._do(lambda d: d.flush())
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self._do(lambda d: d.discard(offset, length))
-
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        await self._do(lambda d: d.write_zeroes(offset, length, may_unmap))
-
-    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        extents: list[tuple[int, int]] = await self._do(lambda d: d.block_status(offset, length))
         return extents

@@ -18,25 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel, ChannelClosed
+from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.devices.storage import vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from ...vsp import HandshakeVsp, OpenChannelInfo
+from ...settings import ConfigError
+from ...vsp import HandshakeVsp, HostContext, OpenChannelInfo
+from .disk import DiskBackend, shutdown_default_executor
 from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
+from .settings import LunEntry, StorageSettings
 
 DEFAULT_QUEUE_DEPTH = 256
 
 
 class StorageVsp(HandshakeVsp):
     module = vstor
+    Settings = StorageSettings
 
     def __init__(self, data_dir: Path | None = None, luns_for: Callable[[str], list[LunConfig]] | None = None,
                  queue_depth: int = DEFAULT_QUEUE_DEPTH, max_transfer_bytes: int = vstor.DEFAULT_MAX_TRANSFER_BYTES,
@@ -53,6 +61,23 @@ class StorageVsp(HandshakeVsp):
         self.idle_close = idle_close
         self.requests = 0
         self.log = logs.get(component="storvsp")
+
+    @classmethod
+    def create(cls, settings: StorageSettings, host: HostContext) -> StorageVsp:
+        def luns_for(partition: str) -> list[LunConfig]:
+            return [LunConfig(lun=lun, size_bytes=size, path=path, read_only=ro)
+                    for lun, size, path, ro in settings.luns_for(partition)]
+
+        return cls(host.data_path, luns_for, queue_depth=settings.queue_depth,
+                   max_transfer_bytes=settings.max_transfer_bytes, idle_close=settings.idle_close,
+                   supported=settings.protocol_versions)
+
+    @classmethod
+    def check(cls, settings: StorageSettings, host: HostContext) -> None:
+        """Every configured LUN image exists and opens as configured (read-only or not)."""
+        for entry in settings.lun:
+            if entry.path is not None:
+                _check_image(entry, host.source)
 
     async def controller(self, partition: str) -> ScsiController:
         """The partition's own disks, opened on its first channel open and kept across reconnects."""
@@ -169,6 +194,7 @@ class StorageVsp(HandshakeVsp):
             for err in await ctl.close():
                 self.log.error("disk flush failed at shutdown", partition=partition, error=str(err))
         self.controllers.clear()
+        shutdown_default_executor()
 
 
 class _Inflight:
@@ -268,3 +294,25 @@ EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
 READ, WRITE = int(vstor.DataDirection.READ), int(vstor.DataDirection.WRITE)
 SUCCESS = int(vstor.SrbStatus.SUCCESS)
 _SRB_SIZE, _SRB_UNPACK = vstor.SRB_PACKET.size, vstor.SRB_PACKET.unpack_from
+
+
+def _check_image(entry: LunEntry, source: str | None) -> None:
+    path = entry.path
+    assert path is not None
+    where = f"{source + ': ' if source else ''}[[storage.lun]] lun {entry.lun}: path {path!r}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; create the image (qemu-img create -f raw {path} 1G) "
+                          f"or fix the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {os_reason(exc)}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ConfigError(f"{where} is not a regular file or block device")
+    try:
+        DiskBackend.open(path, None, False, entry.read_only).close_sync()
+    except OSError as exc:
+        hint = ("; make it writable or set read_only = true"
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
+        why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
+        raise ConfigError(f"{where}: {why}{hint}") from None
