@@ -75,6 +75,8 @@ class PartitionConnection(FramedConnection):
         self.opened_channels = 0
         self.dropped_messages = 0
         self.memory = ShadowMemory()
+        self.idle = asyncio.Event()  # no channel open (shutdown waits for every partition's)
+        self.idle.set()
         self._gpadl_maps: dict[int, GpadlMap] = {}  # by relid
         self._subchannels: dict[int, list[int]] = {}  # primary relid -> its sub-channels' relids
 
@@ -109,6 +111,7 @@ class PartitionConnection(FramedConnection):
         # Release this child's channels and GPADLs only; every other partition is untouched.
         open_now = [(self.vsps[ch.name], ch) for ch in list(self.channels.values()) if ch.name in self.vsps]
         self.channels.clear()
+        self.idle.set()
         if open_now:
             self.daemon.spawn(self._release_devices(open_now))
         self.log.info("partition disconnected", channels_released=len(open_now),
@@ -119,6 +122,16 @@ class PartitionConnection(FramedConnection):
             await vsp.close(ch)
         for gpadls in self._gpadl_maps.values():
             gpadls.release_all()
+
+    def add_channel(self, ch: Channel) -> None:
+        super().add_channel(ch)
+        self.idle.clear()
+
+    def remove_channel(self, relid: int) -> Channel | None:
+        ch = super().remove_channel(relid)
+        if not self.channels:
+            self.idle.set()
+        return ch
 
     # ---- frames -----------------------------------------------------------------------------------------
 

@@ -129,10 +129,9 @@ class ParentDaemon:
             path.unlink(missing_ok=True)
         self.log.info("parent partition stopped")
 
-
     async def _until_idle(self) -> None:
-        while any(conn.channels for conn in self.connections):
-            await asyncio.sleep(0.01)
+        while busy := [conn for conn in self.connections if not conn.idle.is_set()]:
+            await busy[0].idle.wait()
 
 
 async def _bounded(aw: Any, timeout: float, log: Any, stage: str) -> None:

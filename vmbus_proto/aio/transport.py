@@ -115,6 +115,10 @@ class FramedConnection(asyncio.BufferedProtocol):
                 self._dispatch(frame)
         except ProtocolError as exc:
             self.fail(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # Our own bug, not the peer's: it costs this connection only, with the traceback in our log.
+            self.log.exception("internal error while handling a frame; closing the connection")
+            self._close_with(f"internal error: {type(exc).__name__}")
 
     def _stopped(self) -> bool:
         return self.closing

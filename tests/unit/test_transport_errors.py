@@ -1,0 +1,43 @@
+"""A bug of ours in a Protocol callback costs that connection only: a CLOSE frame saying so, a log line with
+the traceback, and no exception escaping into the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from structlog.testing import capture_logs
+
+from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.envelope import decode_close_code
+from vmbus_proto.framing import Frame, FrameDecoder, FrameKind, frame_parts
+
+
+class Buggy(FramedConnection):
+    def on_control(self, frame: Frame) -> None:
+        raise RuntimeError("a bug in the handler")
+
+
+async def test_an_exception_in_a_frame_handler_closes_that_connection_with_a_reason() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    with capture_logs() as logs:
+        _, conn = await loop.create_connection(Buggy, sock=ours)
+        await loop.sock_sendall(theirs, b"".join(frame_parts(FrameKind.CONTROL, 0, b"\x80")))
+        decoder, frames = FrameDecoder(1 << 20), []
+        while not frames:
+            chunk = await asyncio.wait_for(loop.sock_recv(theirs, 65536), 10)
+            assert chunk, "the connection closed without a CLOSE frame"
+            buf = decoder.get_buffer(len(chunk))
+            buf[:len(chunk)] = chunk
+            frames = list(decoder.buffer_updated(len(chunk)))
+        await asyncio.wait_for(conn.closed_future, 10)
+    theirs.close()
+    assert frames[0].kind == FrameKind.CLOSE
+    assert decode_close_code(frames[0].body)[0] == "internal error: RuntimeError"
+    logged = [e for e in logs if e["log_level"] == "error"]
+    assert logged and "internal error" in str(logged[0]["event"]) and logged[0].get("exc_info"), logs
+    assert not errors, errors  # nothing reached the loop's exception handler
