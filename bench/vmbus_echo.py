@@ -48,7 +48,7 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
     """Completed requests per second over ``seconds`` after ``warmup``, ``window`` in flight."""
     data_pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
     memory = GuestMemory((2 * (echo.SPEC.ring_bytes // PAGE_SIZE) + window * data_pages + 16) * PAGE_SIZE)
-    bus = await asyncio.wait_for(open_bus(url, name), 30.0)
+    bus = await asyncio.wait_for(open_bus(url, name, memory=memory), 30.0)
     ch, gpadl, _ = await asyncio.wait_for(_open_echo(bus, memory), 60.0)
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     completed = 0

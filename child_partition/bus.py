@@ -3,25 +3,30 @@
 What Linux's vmbus driver does for its devices (drivers/hv/connection.c ``vmbus_connect``,
 channel_mgmt.c ``vmbus_request_offers``, channel.c ``vmbus_open`` / ``vmbus_close`` /
 ``vmbus_establish_gpadl`` / ``vmbus_teardown_gpadl``), each as an awaitable that waits for the host's
-answer; the host's answers and unsolicited messages (RESCIND) arrive as events.
+answer; the host's answers and unsolicited messages (RESCIND) arrive as events. Like ``vmbus_connect`` it
+takes the interrupt page and the two monitor pages from guest memory, and returns them when the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 
 from vmbus_proto import client as core
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.channel import ChannelRings
+from vmbus_proto.client import Request
 from vmbus_proto.envelope import REFUSAL_CODES, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
+from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.ring import ring_data_size
 from vmbus_proto.versions import GUEST_ORDER
+
+from .guest_memory import GuestMemory
 
 
 class BusError(Exception):
@@ -56,13 +61,19 @@ def refusal_kind(reason: str) -> str | None:
 
 class GuestBus(FramedConnection):
     def __init__(self, name: str, *, trace: bool = False, versions: list[int] | None = None,
-                 timeout: float = core.DEFAULT_TIMEOUT, log: Any = None) -> None:
+                 timeout: float = core.DEFAULT_TIMEOUT, memory: GuestMemory | None = None, log: Any = None) -> None:
+        """``memory``: the partition's guest memory, where the connection's three pages come from (a bus given
+        none keeps a private three-page memory: its page numbers then overlap the VSCs' own)."""
         super().__init__(log=log)
         self.name = name
         self.trace = trace
-        self.core = core.GuestConnection(versions=versions or GUEST_ORDER, timeout=timeout)
+        self.memory = memory if memory is not None else GuestMemory(3 * PAGE_SIZE)
+        # vmbus_connect: the interrupt page, then the parent->child and child->parent monitor pages.
+        self.connection_pfns = [self.memory.alloc(1)[0] for _ in range(3)]
+        self.core = core.GuestConnection(core.ConnectionPages.from_pfns(*self.connection_pfns),
+                                         versions=versions or GUEST_ORDER, timeout=timeout)
         self.hello_future: asyncio.Future[Hello] = asyncio.get_event_loop().create_future()
-        self._waiters: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._waiters: dict[tuple[Request, int], asyncio.Future[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.offers: dict[int, m.OfferChannel] = {}
         self.on_rescind: Callable[[int], None] | None = None
@@ -109,6 +120,9 @@ class GuestBus(FramedConnection):
     def on_connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for pfn in self.connection_pfns:  # vmbus_disconnect frees the interrupt and monitor pages
+            self.memory.free([pfn])
+        self.connection_pfns = []
         err = self.refused or ConnectionResetError(self.close_reason or "connection to the parent lost")
         if not self.hello_future.done():
             self.hello_future.set_exception(err)
@@ -122,7 +136,7 @@ class GuestBus(FramedConnection):
     def _flush_core(self) -> None:
         for msg in self.core.messages():
             if self.trace:
-                self.log.info("G>H " + msg.describe())
+                self.log.info("G>H " + msg.describe(self.core.version))
             self.send_frame(FrameKind.CONTROL, 0, msg.encode())
         self._arm_timer()
 
@@ -148,13 +162,14 @@ class GuestBus(FramedConnection):
         except MessageError as exc:
             self.log.warning("control message from the host dropped", reason=str(exc))
             return
-        if self.trace:
-            self.log.info("H>G " + msg.describe())
+        if self.trace:  # a VERSION_RESPONSE's fields depend on the version it answers
+            version = self.core.contacting_version if isinstance(msg, m.VersionResponse) else self.core.version
+            self.log.info("H>G " + msg.describe(version))
         self.core.receive(msg, self._now())
         self._handle_events()
         self._flush_core()
 
-    def _resolve(self, key: tuple[str, int], value: Any = None, error: Exception | None = None) -> None:
+    def _resolve(self, key: tuple[Request, int], value: Any = None, error: Exception | None = None) -> None:
         fut = self._waiters.pop(key, None)
         if fut is None or fut.done():
             return
@@ -165,46 +180,52 @@ class GuestBus(FramedConnection):
 
     def _handle_events(self) -> None:
         for ev in self.core.events():
-            if isinstance(ev, core.VersionNegotiated):
-                self._resolve(("version", 0), ev.version)
-            elif isinstance(ev, core.VersionRefused):
-                self._resolve(("version", 0), error=ParentRefused("versions", ev.reason))
-            elif isinstance(ev, core.OfferReceived):
+            self._handle_event(ev)
+
+    def _handle_event(self, ev: core.Event) -> None:
+        match ev:
+            case core.VersionNegotiated():
+                self._resolve((Request.VERSION, 0), ev.version)
+            case core.VersionRefused():
+                self._resolve((Request.VERSION, 0), error=ParentRefused("versions", ev.reason))
+            case core.OfferReceived():
                 self.offers[ev.offer.child_relid] = ev.offer
                 if self.on_offer is not None and self.core.state == core.GuestConnState.READY:
                     self.on_offer(ev.offer)
-            elif isinstance(ev, core.AllOffersDelivered):
-                self._resolve(("offers", 0), dict(self.offers))
-            elif isinstance(ev, core.GpadlCreated):
-                self._resolve(("gpadl", ev.gpadl), error=None if ev.ok else BusError(
+            case core.AllOffersDelivered():
+                self._resolve((Request.OFFERS, 0), dict(self.offers))
+            case core.GpadlCreated():
+                self._resolve((Request.GPADL, ev.gpadl), error=None if ev.ok else BusError(
                     f"GPADL {ev.gpadl:#x} refused (status {ev.status:#x})"), value=ev.gpadl)
-            elif isinstance(ev, core.OpenResult):
-                self._resolve(("open", ev.relid), error=None if ev.ok else BusError(
+            case core.OpenResult():
+                self._resolve((Request.OPEN, ev.relid), error=None if ev.ok else BusError(
                     f"OPENCHANNEL for relid {ev.relid} refused (status {ev.status:#x})"))
-            elif isinstance(ev, core.GpadlTorndown):
-                self._resolve(("teardown", ev.gpadl))
-            elif isinstance(ev, core.Rescinded):
+            case core.GpadlTorndown():
+                self._resolve((Request.TEARDOWN, ev.gpadl))
+            case core.Rescinded():
                 self.offers.pop(ev.relid, None)
                 err = BusError(f"relid {ev.relid} rescinded")
-                for key in [k for k in self._waiters if k in (("open", ev.relid), ("modify", ev.relid))]:
+                for key in [k for k in self._waiters if k in ((Request.OPEN, ev.relid), (Request.MODIFY, ev.relid))]:
                     self._resolve(key, error=err)
                 ch = self.channels.get(ev.relid)
                 if ch is not None:
                     ch.close()
                 if self.on_rescind is not None:
                     self.on_rescind(ev.relid)
-            elif isinstance(ev, core.UnloadComplete):
-                self._resolve(("unload", 0))
-            elif isinstance(ev, core.ModifyChannelResult):
-                self._resolve(("modify", ev.relid), ev.status)
-            elif isinstance(ev, core.Unexpected):
+            case core.UnloadComplete():
+                self._resolve((Request.UNLOAD, 0))
+            case core.ModifyChannelResult():
+                self._resolve((Request.MODIFY, ev.relid), ev.status)
+            case core.Unexpected():
                 self.log.warning("unexpected message from the host dropped", reason=ev.reason)
-            elif isinstance(ev, core.TimedOut):
-                self.log.error("the host never answered", request=ev.what, key=hex(ev.key))
-                waiter = (ev.what, 0 if ev.what == "version" else ev.key)
+            case core.TimedOut():
+                self.log.error("the host never answered", request=str(ev.what), key=hex(ev.key))
+                waiter = (ev.what, 0 if ev.what == Request.VERSION else ev.key)
                 self._resolve(waiter, error=BusError(f"no answer to the {ev.what} request {ev.key:#x}"))
+            case _:
+                assert_never(ev)
 
-    def _wait(self, key: tuple[str, int]) -> asyncio.Future[Any]:
+    def _wait(self, key: tuple[Request, int]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[key] = fut
         return fut
@@ -214,8 +235,8 @@ class GuestBus(FramedConnection):
     async def negotiate(self) -> dict[int, m.OfferChannel]:
         """HELLO, INITIATE_CONTACT newest version first, then REQUESTOFFERS until ALLOFFERS_DELIVERED."""
         await self.hello_future
-        version = self._wait(("version", 0))
-        offers = self._wait(("offers", 0))
+        version = self._wait((Request.VERSION, 0))
+        offers = self._wait((Request.OFFERS, 0))
         self.core.connect(self._now())
         self._flush_core()
         try:
@@ -228,7 +249,7 @@ class GuestBus(FramedConnection):
 
     async def create_gpadl(self, relid: int, pfns: list[int]) -> int:
         gid = self.core.create_gpadl(relid, pfns, self._now())
-        fut = self._wait(("gpadl", gid))
+        fut = self._wait((Request.GPADL, gid))
         self._flush_core()
         await fut
         return gid
@@ -241,7 +262,7 @@ class GuestBus(FramedConnection):
                              window_in=self.data_window, window_out=self.peer_data_window)
         ch = Channel(self, relid, rings, name=name, log=self.log.bind(relid=relid))
         self.add_channel(ch)
-        fut = self._wait(("open", relid))
+        fut = self._wait((Request.OPEN, relid))
         self.core.open_channel(relid, gpadl, downstream_offset, userdata, now=self._now())
         self._flush_core()
         try:
@@ -265,7 +286,7 @@ class GuestBus(FramedConnection):
             return
         if not self.core.teardown_gpadl(relid, gpadl, self._now()):
             return  # rescinded: Linux skips the teardown
-        fut = self._wait(("teardown", gpadl))
+        fut = self._wait((Request.TEARDOWN, gpadl))
         self._flush_core()
         await fut
 
@@ -275,7 +296,9 @@ class GuestBus(FramedConnection):
             self._flush_core()
 
     async def unload(self) -> None:
-        fut = self._wait(("unload", 0))
+        """UNLOAD and its answer; below 3.0 nothing is sent (the child just closes)."""
+        fut = self._wait((Request.UNLOAD, 0))
         self.core.unload(self._now())
+        self._handle_events()
         self._flush_core()
         await fut

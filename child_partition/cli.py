@@ -17,7 +17,7 @@ from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, v
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
-from vmbus_proto.versions import GUEST_ORDER
+from vmbus_proto.versions import GUEST_ORDER, guest_order
 
 from .devices import service_classes
 from .runner import ChildPartition
@@ -80,6 +80,14 @@ def _output(text: str) -> str:
     return text
 
 
+def _max_version(text: str) -> list[int]:
+    """``--vmbus-max-version``: Linux's version list from that version down (hv_vmbus.max_version)."""
+    try:
+        return [int(v) for v in guest_order(vmbus_version_arg(text))]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     versions = ", ".join(v.text for v in GUEST_ORDER)
     p = ArgumentParser(prog="child-partition", description=DESCRIPTION)
@@ -93,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this partition's name: 1-64 printable characters, unique among the parent's children "
                           "(its disks are kept under that name)")
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
-    run.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
-                     help=f"a VMBus version to offer, as 5.3; repeat for several, newest first "
-                          f"(default: {versions})")
+    offered = run.add_mutually_exclusive_group()
+    offered.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
+                         help=f"a VMBus version to offer, as 5.3; repeat for several, newest first; any known "
+                              f"version, 1.1 and 0.13 too (default: {versions}, as a current Linux guest)")
+    offered.add_argument("--vmbus-max-version", metavar="V", type=_max_version,
+                         help="offer Linux's VMBus versions from V down, as hv_vmbus.max_version does; 6.0 "
+                              "starts at 6.0, as kernels with the 2025 'default VMBus version 6.0' series")
     run.add_argument("--no-reconnect", action="store_true",
                      help="exit with the reason instead of waiting for the parent or reconnecting to it")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -145,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     return uvloop.run(_run(args))
 
 
-_RUN_ARGS = {"command", "connect", "name", "trace", "vmbus_version", "no_reconnect", "log_level", "json_logs"}
+_RUN_ARGS = {"command", "connect", "name", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect", "log_level",
+             "json_logs"}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -154,7 +167,8 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     options = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS}  # the guest services' own options
-    child = ChildPartition(args.connect, args.name, trace=args.trace, versions=args.vmbus_version,
+    child = ChildPartition(args.connect, args.name, trace=args.trace,
+                           versions=args.vmbus_version or args.vmbus_max_version,
                            reconnect=not args.no_reconnect, **options)
     try:
         status = await child.run(stop)

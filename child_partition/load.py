@@ -112,7 +112,7 @@ class Partition:
         self.live_ios = 0
 
     async def start(self) -> None:
-        self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log), 30)
+        self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log, memory=self.memory), 30)
         offers: dict[int, m.OfferChannel] = await asyncio.wait_for(self.bus.negotiate(), 30)
         offer = next((o for o in offers.values() if o.if_type == vstor.SPEC.class_id), None)
         if offer is None:

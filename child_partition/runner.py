@@ -57,7 +57,7 @@ _REFUSAL_HINTS = {
     "envelope": "run a parent-partition and a child-partition of the same release",
     "auth": "run a parent-partition and a child-partition of the same release",
     "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
-    "versions": "drop --vmbus-version to offer every version, or offer one that the parent's "
+    "versions": "drop --vmbus-version to offer Linux's versions (5.3 to 2.4), or offer one that the parent's "
                 "[parent] vmbus_versions lists",
 }
 
@@ -127,7 +127,7 @@ class ChildPartition:
         while not stop.is_set():
             try:
                 self.bus = await open_bus(self.url, self.name, trace=self.trace, versions=self.versions,
-                                          log=self.log)
+                                          memory=self.memory, log=self.log)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
                 if not not_yet:

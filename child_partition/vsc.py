@@ -95,6 +95,10 @@ class Vsc:
 
     @property
     def ring_pages(self) -> int:
+        """Pages of each ring, its header page included: the spec's per-direction ``ring_bytes`` as the Linux
+        driver passes them to ``vmbus_open`` (already page-aligned, ``VMBUS_RING_SIZE`` applied)."""
+        if self.spec.ring_bytes % PAGE_SIZE or self.spec.ring_bytes < 2 * PAGE_SIZE:
+            raise ValueError(f"{self.spec.name}: ring of {self.spec.ring_bytes} bytes is not 2 or more whole pages")
         return self.spec.ring_bytes // PAGE_SIZE
 
     def open_userdata(self) -> bytes:
@@ -215,8 +219,13 @@ class HandshakeVsc(Vsc):
         super().__init__(bus, memory, offer, log)
         self.hs: Handshake | None = None
 
-    async def handshake(self, channel: Channel) -> None:
+    def new_handshake(self) -> Handshake:
+        """The device module's VSC handshake for this channel (a VSC whose versions depend on the bus overrides it)."""
         hs: Handshake = self.module.VscHandshake()
+        return hs
+
+    async def handshake(self, channel: Channel) -> None:
+        hs = self.new_handshake()
         self.hs = hs
         trace = HandshakeTrace(self.module.describe) if self.bus.trace else None
         outs = hs.start()

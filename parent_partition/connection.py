@@ -182,7 +182,7 @@ class PartitionConnection(FramedConnection):
             self._run_actions()
             return
         if self.daemon.config.trace:
-            self.log.info("G>H " + msg.describe())
+            self.log.info("G>H " + msg.describe(self.core.version or None))
         self.core.receive(msg)
         self._run_actions()
 
@@ -193,7 +193,7 @@ class PartitionConnection(FramedConnection):
         for act in self.core.actions():
             if isinstance(act, core.Send):
                 if self.daemon.config.trace:
-                    self.log.info("H>G " + act.message.describe())
+                    self.log.info("H>G " + act.message.describe(self.core.version or None))
                 self.send_frame(FrameKind.CONTROL, 0, act.message.encode())
             elif isinstance(act, core.DeviceOpen):
                 self._spawn(self._device_open(act))

@@ -61,7 +61,8 @@ DEVICE_EXPLAIN = {
                 "(min = max), newest first, until INIT_COMPLETE says NVSP_STAT_SUCCESS. In a full guest the "
                 "receive and send buffers and RNDIS come next; this emulator's network stops at the handshake."),
     "video": ("video: ring, open and the SYNTHVID handshake",
-              "The framebuffer driver asks for SYNTHVID versions newest first (3.5, then 3.2); VERSION_RESPONSE "
+              "The framebuffer driver asks for the SYNTHVID version its VMBus version calls for (3.5 at VMBus 5.3; "
+              "3.5 then 3.2 at 4.0 and 5.0; 3.2 at 2.4 and 3.0); VERSION_RESPONSE "
               "accepts one and says how many screens the host has. This channel is in pipe mode: each message "
               "carries a small pipe header before the SYNTHVID one."),
     "keyboard": ("keyboard: ring, open and the SYNTH_KBD handshake",

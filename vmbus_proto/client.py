@@ -1,8 +1,10 @@
 """The guest (child partition) side of the VMBus control plane, sans-IO.
 
-Mirrors Linux drivers/hv/connection.c (``vmbus_connect``: INITIATE_CONTACT newest version first, falling
-back on a not-supported VERSION_RESPONSE), drivers/hv/channel_mgmt.c (offers, rescind, ``vmbus_onoffer``
-and friends, ``enum vmbus_channel_state`` OFFER → OPENING → OPENED) and drivers/hv/channel.c
+Mirrors Linux drivers/hv/connection.c (``vmbus_connect``: INITIATE_CONTACT for each of ``vmbus_versions[]``
+newest first, falling back on a not-supported VERSION_RESPONSE; ``vmbus_negotiate_version``: the interrupt
+page below 5.0, msg_sint from 5.0, both monitor pages always, and only ``version_supported`` decides),
+drivers/hv/channel_mgmt.c (offers, rescind, ``vmbus_onoffer`` and friends, ``enum vmbus_channel_state``
+OFFER → OPENING → OPENED; ``vmbus_initiate_unload``: no UNLOAD below 3.0) and drivers/hv/channel.c
 (``__vmbus_open``, ``vmbus_close_internal``: CLOSECHANNEL, then GPADL_TEARDOWN; a rescinded channel skips
 the teardown and sends RELID_RELEASED), and OpenVMM vmbus_client/src/lib.rs.
 
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 from . import messages as m
 from .errors import LocalProtocolError
 from .gpadl import FIRST_GPADL_HANDLE, split
-from .messages import STATUS_SUCCESS, ConnectionState, MsgType
-from .versions import GUEST_ORDER, VMBUS_MESSAGE_SINT, Version
+from .messages import STATUS_SUCCESS, MsgType
+from .versions import GUEST_ORDER, VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_SINT, Version, version_text
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -39,6 +41,40 @@ class GuestChanState(enum.Enum):
     OFFERED = "offered"  # Linux CHANNEL_OFFER_STATE / CHANNEL_OPEN_STATE: ready to open
     OPENING = "opening"
     OPEN = "open"
+
+
+class GpadlState(enum.StrEnum):
+    """A GPADL of one channel, as the guest sees it."""
+
+    CREATING = "creating"  # GPADL_HEADER (+ BODY) sent, waiting for GPADL_CREATED
+    CREATED = "created"
+    TEARING_DOWN = "tearing_down"  # GPADL_TEARDOWN sent, waiting for GPADL_TORNDOWN
+
+
+class Request(enum.StrEnum):
+    """What a guest request waits for (the host's answer); the key of a deadline and of ``TimedOut``."""
+
+    VERSION = "version"  # VERSION_RESPONSE, keyed by the version asked for
+    OFFERS = "offers"  # ALLOFFERS_DELIVERED
+    GPADL = "gpadl"  # GPADL_CREATED, keyed by GPADL id
+    OPEN = "open"  # OPENCHANNEL_RESULT, keyed by relid
+    TEARDOWN = "teardown"  # GPADL_TORNDOWN, keyed by GPADL id
+    MODIFY = "modify"  # MODIFYCHANNEL_RESPONSE, keyed by relid
+    UNLOAD = "unload"  # UNLOAD_RESPONSE
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPages:
+    """The guest pages ``vmbus_connect`` allocates and names in INITIATE_CONTACT, as guest physical addresses:
+    the interrupt page (sent below 5.0 only) and the two monitor pages (parent→child, child→parent)."""
+
+    int_page: int
+    monitor_page1: int
+    monitor_page2: int
+
+    @classmethod
+    def from_pfns(cls, int_page: int, monitor_page1: int, monitor_page2: int) -> ConnectionPages:
+        return cls(int_page << 12, monitor_page1 << 12, monitor_page2 << 12)
 
 
 # ---- events --------------------------------------------------------------------------------------------
@@ -113,10 +149,9 @@ class Unexpected:
 
 @dataclass(frozen=True, slots=True)
 class TimedOut:
-    """A request the host never answered: ``what`` is version, offers, gpadl, open, teardown, modify or
-    unload, and ``key`` the version, GPADL id or relid it was about."""
+    """A request the host never answered, and ``key`` the version, GPADL id or relid it was about."""
 
-    what: str
+    what: Request
     key: int
 
 
@@ -131,7 +166,7 @@ class GuestChannel:
     rescinded: bool = False
     openid: int = 0
     ring_gpadl: int | None = None
-    gpadls: dict[int, str] = field(default_factory=dict)  # id -> "creating" | "created" | "tearing_down"
+    gpadls: dict[int, GpadlState] = field(default_factory=dict)
 
     @property
     def relid(self) -> int:
@@ -141,11 +176,14 @@ class GuestChannel:
 class GuestConnection:
     """The guest's VMBus state. Commands queue messages; ``receive`` turns host messages into events."""
 
-    def __init__(self, versions: Iterable[int] = GUEST_ORDER, timeout: float = DEFAULT_TIMEOUT,
-                 first_gpadl: int = FIRST_GPADL_HANDLE) -> None:
+    def __init__(self, pages: ConnectionPages, versions: Iterable[int] = GUEST_ORDER,
+                 timeout: float = DEFAULT_TIMEOUT, first_gpadl: int = FIRST_GPADL_HANDLE) -> None:
         self.versions = [int(v) for v in versions]
         if not self.versions:
             raise ValueError("at least one VMBus version to try")
+        if not (pages.int_page and pages.monitor_page1 and pages.monitor_page2):
+            raise ValueError("the interrupt page and both monitor pages need a guest physical address")
+        self.pages = pages
         self.timeout = timeout
         self.state = GuestConnState.DISCONNECTED
         self.version = 0
@@ -153,7 +191,7 @@ class GuestConnection:
         self.channels: dict[int, GuestChannel] = {}
         self._try = 0
         self._next_gpadl = first_gpadl
-        self._deadlines: dict[tuple[str, int], float] = {}
+        self._deadlines: dict[tuple[Request, int], float] = {}
         self._out: list[m.Message] = []
         self._events: list[Event] = []
         self._now = 0.0
@@ -168,10 +206,10 @@ class GuestConnection:
         out, self._events = self._events, []
         return out
 
-    def _wait(self, what: str, key: int) -> None:
+    def _wait(self, what: Request, key: int) -> None:
         self._deadlines[(what, key)] = self._now + self.timeout
 
-    def _done(self, what: str, key: int) -> bool:
+    def _done(self, what: Request, key: int) -> bool:
         return self._deadlines.pop((what, key), None) is not None
 
     def get_timer(self) -> float | None:
@@ -185,7 +223,7 @@ class GuestConnection:
                 self._events.append(TimedOut(*key))
 
     @property
-    def outstanding(self) -> list[tuple[str, int]]:
+    def outstanding(self) -> list[tuple[Request, int]]:
         """Requests still waiting for the host's answer."""
         return list(self._deadlines)
 
@@ -199,13 +237,22 @@ class GuestConnection:
         self._try = 0
         self._contact()
 
+    @property
+    def contacting_version(self) -> int | None:
+        """The version the INITIATE_CONTACT in flight asks for (what a VERSION_RESPONSE answers), else None."""
+        return self.versions[self._try] if self.state == GuestConnState.CONTACTING else None
+
     def _contact(self) -> None:
         v = self.versions[self._try]
-        # From 5.0 the interrupt page field carries msg_sint (byte 0); Linux sends VMBUS_MESSAGE_SINT.
-        union = VMBUS_MESSAGE_SINT if v >= Version.WIN10_V5 else 0
+        # Below 5.0 the union is the interrupt page's GPA; from 5.0 byte 0 is msg_sint (Linux sends
+        # VMBUS_MESSAGE_SINT) and byte 1 msg_vtl (0: this guest runs in VTL0). The monitor pages go always,
+        # target_vcpu is the VP of VMBUS_CONNECT_CPU (0).
+        union = VMBUS_MESSAGE_SINT if v >= Version.WIN10_V5 else self.pages.int_page
         self.state = GuestConnState.CONTACTING
-        self._out.append(m.InitiateContact(vmbus_version_requested=v, interrupt_page=union))
-        self._wait("version", v)
+        self._out.append(m.InitiateContact(vmbus_version_requested=v, interrupt_page=union,
+                                           monitor_page1=self.pages.monitor_page1,
+                                           monitor_page2=self.pages.monitor_page2))
+        self._wait(Request.VERSION, v)
 
     def create_gpadl(self, relid: int, pfns: list[int], now: float | None = None) -> int:
         ch = self._open_channel_obj(relid)
@@ -214,9 +261,9 @@ class GuestConnection:
         header, bodies = split(relid, gid, pfns)
         self._out.append(header)
         self._out.extend(bodies)
-        ch.gpadls[gid] = "creating"
+        ch.gpadls[gid] = GpadlState.CREATING
         self._tick(now)
-        self._wait("gpadl", gid)
+        self._wait(Request.GPADL, gid)
         return gid
 
     def open_channel(self, relid: int, gpadl: int, downstream_offset: int, userdata: bytes = b"",
@@ -231,7 +278,7 @@ class GuestConnection:
                                        downstream_ringbuffer_pageoffset=downstream_offset,
                                        target_vp=target_vp, userdata=userdata))
         self._tick(now)
-        self._wait("open", relid)
+        self._wait(Request.OPEN, relid)
 
     def close_channel(self, relid: int) -> None:
         """CLOSECHANNEL (no reply); the channel is ready to open again at once."""
@@ -239,7 +286,7 @@ class GuestConnection:
         if ch.state == GuestChanState.OFFERED:
             return
         ch.state = GuestChanState.OFFERED
-        self._done("open", relid)
+        self._done(Request.OPEN, relid)
         self._out.append(m.CloseChannel(child_relid=relid))
 
     def teardown_gpadl(self, relid: int, gpadl: int, now: float | None = None) -> bool:
@@ -248,21 +295,21 @@ class GuestConnection:
         if ch.rescinded:
             ch.gpadls.pop(gpadl, None)
             return False
-        ch.gpadls[gpadl] = "tearing_down"
+        ch.gpadls[gpadl] = GpadlState.TEARING_DOWN
         if ch.ring_gpadl == gpadl and ch.state == GuestChanState.OFFERED:
             ch.ring_gpadl = None
         self._out.append(m.GpadlTeardown(child_relid=relid, gpadl=gpadl))
         self._tick(now)
-        self._wait("teardown", gpadl)
+        self._wait(Request.TEARDOWN, gpadl)
         return True
 
     def release_relid(self, relid: int) -> None:
         """RELID_RELEASED, after a rescinded channel was closed (Linux ``hv_process_channel_removal``)."""
         ch = self.channels.pop(relid)
         for gid in ch.gpadls:
-            self._deadlines.pop(("gpadl", gid), None)
-            self._deadlines.pop(("teardown", gid), None)
-        self._deadlines.pop(("open", relid), None)
+            self._deadlines.pop((Request.GPADL, gid), None)
+            self._deadlines.pop((Request.TEARDOWN, gid), None)
+        self._deadlines.pop((Request.OPEN, relid), None)
         self._out.append(m.RelidReleased(child_relid=relid))
 
     def modify_channel(self, relid: int, target_vp: int) -> None:
@@ -270,19 +317,24 @@ class GuestConnection:
             raise LocalProtocolError("MODIFYCHANNEL needs VMBus 4.1")
         self._out.append(m.ModifyChannel(child_relid=relid, target_vp=target_vp))
         if self.version >= Version.WIN10_V5_3:
-            self._wait("modify", relid)
+            self._wait(Request.MODIFY, relid)
 
     def unload(self, now: float | None = None) -> None:
+        """UNLOAD, answered by UNLOAD_RESPONSE. Linux ``vmbus_initiate_unload``: "Pre-Win2012R2 hosts don't
+        support reconnect", so below 3.0 nothing is sent and the guest is unloaded at once (it just closes)."""
+        self._tick(now)
+        if self.version < Version.WIN8_1:
+            self._unloaded()
+            return
         self.state = GuestConnState.UNLOADING
         self._out.append(m.Unload())
-        self._tick(now)
-        if self.version >= Version.WIN7:
-            self._wait("unload", 0)
-        else:  # UNLOAD_RESPONSE exists from WIN7 on; an older host sends nothing back
-            self._deadlines.clear()
-            self.channels.clear()
-            self.state = GuestConnState.UNLOADED
-            self._events.append(UnloadComplete())
+        self._wait(Request.UNLOAD, 0)
+
+    def _unloaded(self) -> None:
+        self._deadlines.clear()
+        self.channels.clear()
+        self.state = GuestConnState.UNLOADED
+        self._events.append(UnloadComplete())
 
     def _tick(self, now: float | None) -> None:
         if now is not None:
@@ -319,24 +371,20 @@ class GuestConnection:
             self._unexpected(msg, f"VERSION_RESPONSE while {self.state.value}")
             return
         v = self.versions[self._try]
-        self._done("version", v)
+        self._done(Request.VERSION, v)
+        # Linux vmbus_negotiate_version checks version_supported alone; connection_state is not read.
         if msg.version_supported:
-            if msg.connection_state != ConnectionState.SUCCESSFUL:
-                self.state = GuestConnState.FAILED
-                self._events.append(VersionRefused(
-                    f"host accepted {Version(v).text} but reported connection_state {msg.connection_state}"))
-                return
             self.version = v
-            self.msg_conn_id = msg.msg_conn_id if v >= Version.WIN10_V5 else 1
+            self.msg_conn_id = msg.msg_conn_id if v >= Version.WIN10_V5 else VMBUS_MESSAGE_CONNECTION_ID
             self.state = GuestConnState.REQUESTING_OFFERS
             self._events.append(VersionNegotiated(v, self.msg_conn_id))
             self._out.append(m.RequestOffers())
-            self._wait("offers", 0)
+            self._wait(Request.OFFERS, 0)
             return
         self._try += 1
         if self._try >= len(self.versions):
             self.state = GuestConnState.FAILED
-            tried = ", ".join(Version(x).text if x in Version._value2member_map_ else hex(x) for x in self.versions)
+            tried = ", ".join(version_text(x) for x in self.versions)
             self._events.append(VersionRefused(f"host refused every VMBus version tried ({tried})"))
             return
         self._contact()
@@ -365,7 +413,7 @@ class GuestConnection:
         if self.state != GuestConnState.REQUESTING_OFFERS:
             self._unexpected(msg, f"ALLOFFERS_DELIVERED while {self.state.value}")
             return
-        self._done("offers", 0)
+        self._done(Request.OFFERS, 0)
         self.state = GuestConnState.READY
         self._events.append(AllOffersDelivered())
 
@@ -377,22 +425,22 @@ class GuestConnection:
             return
         ch.rescinded = True
         # Linux wakes every request waiting on the channel (open, GPADL, modify).
-        self._deadlines.pop(("open", ch.relid), None)
-        self._deadlines.pop(("modify", ch.relid), None)
+        self._deadlines.pop((Request.OPEN, ch.relid), None)
+        self._deadlines.pop((Request.MODIFY, ch.relid), None)
         for gid in ch.gpadls:
-            self._deadlines.pop(("gpadl", gid), None)
+            self._deadlines.pop((Request.GPADL, gid), None)
         self._events.append(Rescinded(ch.relid))
 
     def _on_gpadl_created(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlCreated)
         ch = self.channels.get(msg.child_relid)
-        if ch is None or ch.gpadls.get(msg.gpadl) != "creating":
+        if ch is None or ch.gpadls.get(msg.gpadl) != GpadlState.CREATING:
             self._unexpected(msg, f"GPADL_CREATED for GPADL {msg.gpadl:#x} not being created")
             return
-        self._done("gpadl", msg.gpadl)
+        self._done(Request.GPADL, msg.gpadl)
         ok = msg.creation_status == STATUS_SUCCESS
         if ok:
-            ch.gpadls[msg.gpadl] = "created"
+            ch.gpadls[msg.gpadl] = GpadlState.CREATED
         else:
             del ch.gpadls[msg.gpadl]
         self._events.append(GpadlCreated(ch.relid, msg.gpadl, ok, msg.creation_status))
@@ -403,7 +451,7 @@ class GuestConnection:
         if ch is None or ch.state != GuestChanState.OPENING or msg.openid != ch.openid:
             self._unexpected(msg, f"OPENCHANNEL_RESULT for relid {msg.child_relid} not opening")
             return
-        self._done("open", ch.relid)
+        self._done(Request.OPEN, ch.relid)
         ok = msg.status == STATUS_SUCCESS
         ch.state = GuestChanState.OPEN if ok else GuestChanState.OFFERED
         self._events.append(OpenResult(ch.relid, ok, msg.status))
@@ -411,9 +459,9 @@ class GuestConnection:
     def _on_gpadl_torndown(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlTorndown)
         for ch in self.channels.values():
-            if ch.gpadls.get(msg.gpadl) == "tearing_down":
+            if ch.gpadls.get(msg.gpadl) == GpadlState.TEARING_DOWN:
                 del ch.gpadls[msg.gpadl]
-                self._done("teardown", msg.gpadl)
+                self._done(Request.TEARDOWN, msg.gpadl)
                 self._events.append(GpadlTorndown(ch.relid, msg.gpadl))
                 return
         self._unexpected(msg, f"GPADL_TORNDOWN for GPADL {msg.gpadl:#x} not being torn down")
@@ -422,14 +470,11 @@ class GuestConnection:
         if self.state != GuestConnState.UNLOADING:
             self._unexpected(msg, f"UNLOAD_RESPONSE while {self.state.value}")
             return
-        self._deadlines.clear()
-        self.channels.clear()
-        self.state = GuestConnState.UNLOADED
-        self._events.append(UnloadComplete())
+        self._unloaded()
 
     def _on_modify_response(self, msg: m.Message) -> None:
         assert isinstance(msg, m.ModifyChannelResponse)
-        if not self._done("modify", msg.child_relid):
+        if not self._done(Request.MODIFY, msg.child_relid):
             self._unexpected(msg, f"MODIFYCHANNEL_RESPONSE for relid {msg.child_relid} not modifying")
             return
         self._events.append(ModifyChannelResult(msg.child_relid, msg.status))

@@ -140,10 +140,11 @@ class Message:
     def _binary_layout(self, version: int | None) -> tuple[tuple[str, str], ...]:
         return self.LAYOUT
 
-    def describe(self) -> str:
-        """One line for ``--trace``: real name, number and fields."""
+    def describe(self, version: int | None = None) -> str:
+        """One line for ``--trace``: real name, number and the fields the real message has. ``version`` is as
+        for ``to_binary``: a VERSION_RESPONSE shows ``supported_features`` only when it answers 6.0 or later."""
         parts = []
-        for name, kind in self.LAYOUT:
+        for name, kind in self._binary_layout(version):
             value = getattr(self, name)
             if kind == "guid":
                 text = str(value)
@@ -353,7 +354,8 @@ class InitiateContact(Message):
 class VersionResponse(Message):
     """VERSION_RESPONSE (16 bytes); ``supported_features`` makes it VersionResponse2 (20 bytes), which the
     host sends only when it accepts 6.0 or later (OpenVMM channels.rs ``send_version_response_with_target``).
-    Our map always carries the field; ``to_binary(version)`` gives the real size for the version answered."""
+    Our map always carries the field; ``to_binary(version)`` gives the real size for the version answered and
+    ``describe(version)`` the real fields (a guest knows the version it asked for, as it knows the length)."""
 
     MSGTYPE = MsgType.VERSION_RESPONSE
     LAYOUT = (("version_supported", "B"), ("connection_state", "B"), ("padding", "H"),

@@ -29,6 +29,17 @@ def ring_data_size(pages: int) -> int:
     return (pages - 1) * PAGE_SIZE
 
 
+HV_RING_HEADER_SIZE = PAGE_SIZE  # sizeof(struct hv_ring_buffer): the header is padded to one page
+VMBUS_DEFAULT_MAX_PKT_SIZE = 4096  # a channel's max_pkt_size unless its driver sets another
+
+
+def vmbus_ring_size(payload: int) -> int:
+    """Linux ``VMBUS_RING_SIZE(payload)`` with 4 KiB pages: a payload of 32 KiB or more holds its own header
+    page (``VMBUS_HEADER_ADJ`` = 0, since commit b8209544296e), a smaller one gets an extra header page."""
+    adjust = 0 if payload >= 8 * HV_RING_HEADER_SIZE else HV_RING_HEADER_SIZE
+    return -(-(adjust + payload) // PAGE_SIZE) * PAGE_SIZE
+
+
 @dataclass(slots=True)
 class RingStats:
     packets: int = 0

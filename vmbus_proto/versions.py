@@ -27,8 +27,29 @@ class Version(enum.IntEnum):
         return version_text(self.value)
 
 
-# Newest first, as a guest tries them (the 2025 Linux series puts 6.0 ahead of 5.3).
-GUEST_ORDER: tuple[Version, ...] = tuple(sorted(Version, reverse=True))
+def version_text(v: int) -> str:
+    return f"{v >> 16}.{v & 0xFFFF}"
+
+
+# Linux drivers/hv/connection.c ``vmbus_versions[]``, newest first: WIN7 and WS2008 "are no longer supported
+# in Linux guests and are not listed". The 2025 series ("Set default VMBus version to 6.0") puts 6.0 at its
+# head and raises the ``max_version`` module parameter to it; before that ``max_version`` is 5.3.
+LINUX_VERSIONS: tuple[Version, ...] = (
+    Version.WIN10_V6_0, Version.WIN10_V5_3, Version.WIN10_V5_2, Version.WIN10_V5_1, Version.WIN10_V5,
+    Version.WIN10_V4_1, Version.WIN10, Version.WIN8_1, Version.WIN8)
+LINUX_MAX_VERSION = Version.WIN10_V5_3  # hv_vmbus.max_version on a current kernel without the 6.0 series
+
+
+def guest_order(max_version: int = LINUX_MAX_VERSION) -> tuple[Version, ...]:
+    """What ``vmbus_connect`` tries, in its order: every listed version not above ``max_version``."""
+    order = tuple(v for v in LINUX_VERSIONS if v <= max_version)
+    if not order:
+        raise ValueError(f"no VMBus version a Linux guest lists is at most {version_text(max_version)}")
+    return order
+
+
+# What our guest tries by default: a current Linux guest's order, 5.3 down to 2.4.
+GUEST_ORDER: tuple[Version, ...] = guest_order()
 # What the host accepts by default: every version OpenVMM's server accepts.
 HOST_SUPPORTED: frozenset[Version] = frozenset(Version)
 
@@ -36,10 +57,6 @@ HOST_SUPPORTED: frozenset[Version] = frozenset(Version)
 VMBUS_MESSAGE_CONNECTION_ID = 1
 VMBUS_MESSAGE_CONNECTION_ID_4 = 4
 VMBUS_MESSAGE_SINT = 2
-
-
-def version_text(v: int) -> str:
-    return f"{v >> 16}.{v & 0xFFFF}"
 
 
 def parse_version(text: str) -> Version:

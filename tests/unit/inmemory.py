@@ -9,6 +9,7 @@ from vmbus_proto import messages as m
 from vmbus_proto import server as s
 from vmbus_proto.guids import NETWORK, SCSI, SYNTHVID
 
+GUEST_PAGES = c.ConnectionPages.from_pfns(0x100, 0x101, 0x102)  # interrupt page, two monitor pages
 OFFERS = [
     s.OfferSpec("storage", SCSI, uuid.UUID(int=1)),
     s.OfferSpec("network", NETWORK, uuid.UUID(int=2)),
@@ -22,7 +23,7 @@ class Bus:
         kw = {} if host_versions is None else {"supported": host_versions}
         self.host = s.HostConnection(OFFERS if offers is None else offers, **kw)  # type: ignore[arg-type]
         gkw = {} if guest_versions is None else {"versions": guest_versions}
-        self.guest = c.GuestConnection(**gkw)  # type: ignore[arg-type]
+        self.guest = c.GuestConnection(GUEST_PAGES, **gkw)  # type: ignore[arg-type]
         self.auto_device = auto_device
         self.events: list[c.Event] = []
         self.dropped: list[s.Dropped] = []

@@ -575,15 +575,19 @@ def test_registry_order_and_lookup() -> None:
 
 
 def test_specs_carry_linux_ring_sizes_and_offer_flags() -> None:
-    table = {spec.name: (spec.pipe_mode, spec.mmio_megabytes, spec.ring_bytes, spec.max_packet)
+    """Pages per direction, header page included, as a current x86 Linux guest opens them (vmbus-core.md §6.5):
+    VMBUS_RING_SIZE adds no header page to a payload of 32 KiB or more; hyperv_fb passes RING_BUFSIZE as is.
+    Max packet: storvsc/netvsc set max_pkt_size, hyperv_fb, hid-hyperv and hyperv-keyboard keep 4096."""
+    table = {spec.name: (spec.pipe_mode, spec.mmio_megabytes, spec.ring_bytes // 4096, spec.max_packet)
              for spec in registry.ALL}
     assert table == {
-        "storage": (False, 0, 135168, 80),
-        "network": (False, 0, 528384, 4624),
-        "video": (True, 8, 266240, 0x4000),
-        "keyboard": (False, 0, 40960, 4096),
-        "mouse": (True, 0, 40960, 4096),
+        "storage": (False, 0, 32, 80),
+        "network": (False, 0, 128, 4624),
+        "video": (True, 8, 64, 4096),
+        "keyboard": (False, 0, 9, 4096),
+        "mouse": (True, 0, 9, 4096),
     }
+    assert all(spec.ring_bytes % 4096 == 0 for spec in registry.ALL)
     assert str(video.SPEC.default_instance) == "5620e0c7-8062-4dce-aeb7-520c7ef76171"
     assert str(mouse.SPEC.default_instance) == "58f75a6d-d949-4320-99e1-a2a2576d581c"
     assert str(keyboard.SPEC.default_instance) == "d34b2567-b9b6-42b9-8778-0a4ec0b955bf"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ... import guids
 from ...errors import DeviceProtocolError
 from ...packets import PacketType
+from ...ring import VMBUS_DEFAULT_MAX_PKT_SIZE, vmbus_ring_size
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
@@ -204,8 +205,8 @@ SPEC = DeviceSpec(
     default_instance=uuid.UUID("d34b2567-b9b6-42b9-8778-0a4ec0b955bf"),  # OpenVMM keyboard instance
     pipe_mode=False,
     mmio_megabytes=0,
-    ring_bytes=36 * 1024 + 4096,  # KBD_VSC_SEND_RING_BUFFER_SIZE = VMBUS_RING_SIZE(36 KiB)
-    max_packet=4096,  # hyperv-keyboard leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
+    ring_bytes=vmbus_ring_size(36 * 1024),  # KBD_VSC_SEND_RING_BUFFER_SIZE = VMBUS_RING_SIZE(36 KiB): 9 pages
+    max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hyperv-keyboard leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
     protocol="SYNTH_KBD",
     version_text=version_text,
 )

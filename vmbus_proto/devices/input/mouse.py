@@ -22,6 +22,7 @@ from ... import guids
 from ...errors import DeviceProtocolError, LocalProtocolError
 from ...packets import PacketType
 from ...pipe import pipe_unwrap, pipe_wrap
+from ...ring import VMBUS_DEFAULT_MAX_PKT_SIZE, vmbus_ring_size
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
@@ -304,8 +305,8 @@ SPEC = DeviceSpec(
     default_instance=uuid.UUID("58f75a6d-d949-4320-99e1-a2a2576d581c"),  # OpenVMM mouse INSTANCE_GUID
     pipe_mode=True,
     mmio_megabytes=0,
-    ring_bytes=36 * 1024 + 4096,  # INPUTVSC ring: VMBUS_RING_SIZE(36 KiB)
-    max_packet=4096,  # hid-hyperv leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
+    ring_bytes=vmbus_ring_size(36 * 1024),  # INPUTVSC_SEND/RECV_RING_BUFFER_SIZE = VMBUS_RING_SIZE(36 KiB): 9 pages
+    max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hid-hyperv leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
     protocol="SYNTHHID",
     version_text=version_text,
 )

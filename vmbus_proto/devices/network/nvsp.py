@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ... import guids
 from ...errors import DeviceProtocolError, LocalProtocolError
 from ...packets import PacketType
+from ...ring import vmbus_ring_size
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, major_minor_text, name_text
 
 __all__ = [
@@ -235,7 +236,7 @@ SPEC = DeviceSpec(
     default_instance=_INSTANCE,
     pipe_mode=False,
     mmio_megabytes=0,
-    ring_bytes=128 * 4096 + 4096,  # netvsc_ring_bytes = VMBUS_RING_SIZE(ring_size = 128 pages)
+    ring_bytes=vmbus_ring_size(128 * 4096),  # netvsc_ring_bytes = VMBUS_RING_SIZE(ring_size = 128 pages): 128 pages
     # NETVSC_MAX_PKT_SIZE: transfer-page header with 562 ranges (16 + 8 + 562 * 8)
     # + sizeof(nvsp_message) (40) + the 16-entry u32 send table (64) = 4624.
     max_packet=16 + 8 + 562 * 8 + NVSP_MESSAGE_SIZE + 16 * 4,

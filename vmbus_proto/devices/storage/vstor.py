@@ -21,6 +21,7 @@ from typing import NamedTuple
 from ... import guids
 from ...errors import DeviceProtocolError, LocalProtocolError
 from ...packets import PacketType
+from ...ring import vmbus_ring_size
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, name_text
 
 __all__ = [
@@ -474,7 +475,7 @@ SPEC = DeviceSpec(
     default_instance=_INSTANCE,
     pipe_mode=False,
     mmio_megabytes=0,
-    ring_bytes=128 * 1024 + 4096,  # VMBUS_RING_SIZE(storvsc_ringbuffer_size = 128 KiB)
+    ring_bytes=vmbus_ring_size(128 * 1024),  # VMBUS_RING_SIZE(storvsc_ringbuffer_size = 128 KiB): 32 pages
     max_packet=16 + VSTOR_PACKET_SIZE,  # STORVSC_MAX_PKT_SIZE = descriptor + sizeof(vstor_packet)
     protocol="VSTOR",
     version_text=version_text,

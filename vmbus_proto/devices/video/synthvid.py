@@ -20,6 +20,8 @@ from ... import guids
 from ...errors import DeviceProtocolError
 from ...packets import PacketType
 from ...pipe import pipe_unwrap, pipe_wrap
+from ...ring import VMBUS_DEFAULT_MAX_PKT_SIZE
+from ...versions import Version as VmbusVersion
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, VscVersionHandshake, name_text
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "VscHandshake",
     "VspHandshake",
     "describe",
+    "linux_versions",
     "make_version",
     "pack_message",
     "unpack_message",
@@ -80,11 +83,22 @@ class Version(enum.IntEnum):
 
 VERSION_MAJOR = 3
 ACCEPTED_WITH_VERSION_EXCHANGE = 2  # OpenVMM's is_accepted
-MAX_VMBUS_PACKET_SIZE = 0x4000
+MAX_VMBUS_PACKET_SIZE = 0x4000  # hyperv_fb MAX_VMBUS_PKT_SIZE: its receive buffer, not the channel's max_pkt_size
 SYNTHVID_HEADER_SIZE = 8
 
-# hyperv_fb on a WIN10 host: 3.5, then 3.2 (WIN8/8.1 hosts get 3.2 only).
+# hyperv_fb on a WIN10 (4.0) or WIN10_V5 (5.0) host: 3.5, then 3.2.
 LINUX_VERSIONS: tuple[int, ...] = (Version.WIN10, Version.WIN8)
+
+
+def linux_versions(vmbus_version: int) -> tuple[int, ...]:
+    """The synthvid versions hyperv_fb ``synthvid_connect_vsp`` tries, by the negotiated VMBus version: 4.0 and
+    5.0 try 3.5 then 3.2; 2.4 and 3.0 try 3.2 only; every other version (4.1, 5.1 to 6.0) tries 3.5 only."""
+    if vmbus_version in (VmbusVersion.WIN10, VmbusVersion.WIN10_V5):
+        return LINUX_VERSIONS
+    if vmbus_version in (VmbusVersion.WIN8, VmbusVersion.WIN8_1):
+        return (Version.WIN8,)
+    return (Version.WIN10,)
+
 DEFAULT_SUPPORTED: frozenset[int] = frozenset(Version)
 
 _HEADER = struct.Struct("<II")
@@ -178,15 +192,16 @@ SPEC = DeviceSpec(
     default_instance=uuid.UUID("5620e0c7-8062-4dce-aeb7-520c7ef76171"),  # OpenVMM video offer()
     pipe_mode=True,
     mmio_megabytes=8,  # OpenVMM FRAMEBUFFER_SIZE
-    ring_bytes=256 * 1024 + 4096,  # VMBUS_RING_SIZE(256 KiB)
-    max_packet=MAX_VMBUS_PACKET_SIZE,
+    ring_bytes=256 * 1024,  # RING_BUFSIZE, given to vmbus_open as is (no VMBUS_RING_SIZE): 64 pages
+    max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hyperv_fb leaves the channel's max_pkt_size at the default
     protocol="SYNTHVID",
     version_text=version_text,
 )
 
 
 class VscHandshake(VscVersionHandshake):
-    """hyperv_fb ``synthvid_connect_vsp``: VERSION_REQUEST per candidate until ``is_accepted != 0``.
+    """hyperv_fb ``synthvid_connect_vsp``: VERSION_REQUEST per candidate until ``is_accepted != 0``; the
+    candidates depend on the VMBus version (``for_vmbus``, ``linux_versions``).
 
     Like Linux ``synthvid_send``, requests go without COMPLETION_REQUESTED, numbered from 1.
     """
@@ -197,6 +212,11 @@ class VscHandshake(VscVersionHandshake):
     def __init__(self, versions: Sequence[int] = LINUX_VERSIONS) -> None:
         super().__init__(versions)
         self.max_video_outputs = 0
+
+    @classmethod
+    def for_vmbus(cls, vmbus_version: int) -> VscHandshake:
+        """What hyperv_fb offers once the bus negotiated ``vmbus_version``."""
+        return cls(linux_versions(vmbus_version))
 
     def _request(self) -> Outgoing:
         body = VersionRequest(self.candidate).pack()
