@@ -190,7 +190,8 @@ def test_storage_sequence_and_completion_bytes() -> None:
     assert all(len(o.payload) == 64 for o in vsc_sent + vsp_sent)
     assert vsp_sent[0].payload == bytes.fromhex("01000000 00000000 00000000") + bytes(52)
     assert vsp_sent[1].payload == bytes.fromhex("01000000 00000000 00000000 02060000") + bytes(48)
-    props = bytes.fromhex("00000000 0000 0000 00000000 00000400 0000000000000000")
+    # WIN8 and later: SUPPORTS_MULTI_CHANNEL even with no sub-channels to give (OpenVMM process_primary).
+    props = bytes.fromhex("00000000 0000 0000 01000000 00000400 0000000000000000")
     assert vsp_sent[2].payload == bytes.fromhex("01000000 00000000 00000000") + props + bytes(28)
 
 
@@ -336,13 +337,15 @@ def test_execute_srb_and_complete_io_structs_match_the_field_by_field_layout(
     assert fast.operation == storage.Operation.EXECUTE_SRB and fast.flags == storage.REQUEST_COMPLETION_FLAG
     assert fast[3:] == tuple(dataclasses.astuple(slow))
     assert fast.cdb == slow.cdb
-    # OpenVMM's completion: the request's vmscsi_request with the outcome filled in, sized like the request.
+    # OpenVMM handle_completion: a fresh vmscsi_request (length 52, cdb_length 16, sense_info_ex_length 0x14,
+    # the rest zero) with the outcome, sized like the request.
     sense = sense[:storage.SENSE_BUFFER_SIZE]
-    answer = dataclasses.replace(slow, srb_status=srb_status, scsi_status=scsi_status, sense_info_length=len(sense),
-                                 data_transfer_length=transferred, data=sense.ljust(storage.SENSE_BUFFER_SIZE, b"\0"))
+    answer = storage.VmscsiRequest(length=52, srb_status=srb_status, scsi_status=scsi_status, cdb_length=16,
+                                   sense_info_length=0x14, data_in=0, data_transfer_length=transferred,
+                                   data=sense.ljust(storage.SENSE_BUFFER_SIZE, b"\0"))
     expected = storage.pack_completion(storage.srb_status_to_nt_status(srb_status), answer.pack(),
                                        request_payload_len=len(payload))
-    assert storage.pack_complete_io(fast, srb_status, scsi_status, transferred, sense, len(payload)) == expected
+    assert storage.pack_complete_io(srb_status, scsi_status, transferred, sense, len(payload)) == expected
 
 
 def test_srb_status_to_nt_status() -> None:

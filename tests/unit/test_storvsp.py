@@ -16,13 +16,14 @@ from typing import Any, cast
 import pytest
 
 from parent_partition.devices.storage.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
-from parent_partition.devices.storage.vsp import StorageVsp, parse_request
+from parent_partition.devices.storage.vsp import StorageVsp
 from parent_partition.vsp import OpenChannelInfo
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.devices.base import Handshake
+from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
+from vmbus_proto.devices.storage.vstor import parse_request
 from vmbus_proto.envelope import Signal
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
@@ -106,10 +107,23 @@ class GatedBackend:
         pass
 
 
-async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController) -> asyncio.Task[None]:
+def ready_handshake(version: int = vstor.Version.WIN10, max_channel_cnt: int = 0) -> vstor.VspHandshake:
+    """A StorVSP handshake taken to Ready as a Linux guest does (BEGIN, version, properties, END)."""
+    hs = vstor.VspHandshake(max_channel_cnt=max_channel_cnt)
+    steps = [(vstor.Operation.BEGIN_INITIALIZATION, b""),
+             (vstor.Operation.QUERY_PROTOCOL_VERSION, vstor.ProtocolVersion(version).pack()),
+             (vstor.Operation.QUERY_PROPERTIES, b""), (vstor.Operation.END_INITIALIZATION, b"")]
+    for op, body in steps:
+        hs.receive(Incoming(PacketType.DATA_INBAND, vstor.VMBUS_RQST_INIT, True, vstor.pack_request(op, body)))
+    assert hs.done
+    return hs
+
+
+async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController, hs: vstor.VspHandshake | None = None
+                ) -> asyncio.Task[None]:
     vsp.controllers["vm1"] = ctl
     info = OpenChannelInfo("vm1", cast(Any, None), logs.get())
-    return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None)))
+    return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, hs or ready_handshake()))
 
 
 async def settle() -> None:
@@ -170,8 +184,10 @@ async def test_a_read_past_the_end_is_check_condition_not_a_crash(tmp_path: Path
     await settle()
     by_id = {p.trans_id: vstor.SRB_PACKET.unpack(p.payload) for p in sent.packets}
     past_end, no_lun = by_id[7], by_id[8]
+    # OpenVMM scsidisk validate_data_cdb*: an LBA range past the end is ScsiError::IllegalRequest(ILLEGAL_BLOCK),
+    # which process_result answers INVALID_REQUEST (not ERROR: that is for a backend's DiskError::IllegalBlock).
     assert past_end[4] == vstor.SrbStatus.INVALID_REQUEST | vstor.SRB_STATUS_AUTOSENSE_VALID
-    assert past_end[5] == 2 and past_end[11] == 18  # CHECK CONDITION with 18 bytes of fixed sense
+    assert past_end[5] == 2 and past_end[11] == 0x14  # CHECK CONDITION; the sense field's size, as OpenVMM
     sense = past_end[15]
     assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x05, 0x21, 0x00)  # ILLEGAL REQUEST, LBA OUT OF RANGE
     assert no_lun[4] == vstor.SrbStatus.INVALID_LUN and no_lun[2] == vstor.NtStatus.DEVICE_DOES_NOT_EXIST
@@ -215,7 +231,7 @@ async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Pa
     for name, (ch, _) in channels.items():
         vsp.controllers[name] = ctls[name]
         info = OpenChannelInfo(name, cast(Any, None), logs.get())
-        tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None))))
+        tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, ready_handshake())))
     (ch_a, sent_a), (ch_b, sent_b) = channels["a"], channels["b"]
     for i in range(10):
         deliver(ch_a, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=b"A" * 4096))
@@ -379,5 +395,5 @@ def test_parse_request_reads_a_pre_win8_request_with_the_extension_as_zeros() ->
     op, req = parse_request(Packet(full.type, 1, 1, full.payload[:vstor.VSTOR_PACKET_SIZE_V1], full.ranges))
     assert op == vstor.Operation.EXECUTE_SRB and req is not None
     assert (req.cdb, req.data_transfer_length, req.queue_tag, req.time_out_value) == (full.payload[28:38], 4096, 0, 0)
-    assert vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)[:4] == b"\1\0\0\0"
-    assert len(vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)) == 48
+    assert vstor.pack_complete_io(1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)[:4] == b"\1\0\0\0"
+    assert len(vstor.pack_complete_io(1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)) == 48

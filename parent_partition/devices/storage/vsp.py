@@ -26,8 +26,7 @@ from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.devices.storage import vstor
-from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+from vmbus_proto.packets import Packet, PacketType
 
 from ...vsp import HandshakeVsp, OpenChannelInfo
 from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
@@ -99,7 +98,8 @@ class StorageVsp(HandshakeVsp):
 
     async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
         ctl = await self.controller(info.partition)
-        queue = _Inflight(self.queue_depth)
+        assert isinstance(hs, vstor.VspHandshake)
+        queue = _Inflight(self.queue_depth, hs)
         recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:
             while True:
@@ -119,25 +119,24 @@ class StorageVsp(HandshakeVsp):
         answered when it is done."""
         op, srb = parse_request(pkt)
         if srb is None:
-            return Packet(COMP, 0, pkt.trans_id, self._control_answer(op, pkt))
+            return Packet(COMP, 0, pkt.trans_id, _control_answer(op, pkt, queue.hs, info))
         self.requests += 1
-        if srb.path_id or srb.target_id:
-            return _completion(pkt, srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0)
         reading = srb.data_in == READ
-        if reading:
-            # A READ whose data is in the page cache completes right here.
-            data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
-            if data is not None:
-                return _completion(pkt, srb, SUCCESS, 0, len(data), data=data)
-        # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback; anything
-        # else (and every error case) runs the whole SCSI path in a task.
-        started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
-                               srb.data_transfer_length if reading else 0)
-        if started is not None:
-            io, length = started
-            queue.add(io, lambda done: self._answer_rw(channel, info, queue, pkt, srb, done, length, reading))
-            return None
-        task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb))
+        if not (srb.path_id or srb.target_id):  # our LUNs sit at path 0, target 0; the rest take the full path
+            if reading:
+                # A READ whose data is in the page cache completes right here.
+                data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
+                if data is not None:
+                    return _completion(pkt, SUCCESS, 0, len(data), b"", data)
+            # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback;
+            # anything else (and every error case) runs the whole SCSI path in a task.
+            started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
+                                   srb.data_transfer_length if reading else 0)
+            if started is not None:
+                io, length = started
+                queue.add(io, lambda done: self._answer_rw(channel, info, queue, pkt, srb, done, length, reading))
+                return None
+        task = asyncio.get_running_loop().create_task(self._execute(channel, info, ctl, pkt, srb))
         queue.add(task, lambda done: _task_failed(done, channel, info, self.name))
         return None
 
@@ -145,23 +144,21 @@ class StorageVsp(HandshakeVsp):
                    srb: vstor.ExecuteSrb, done: asyncio.Future[Any], length: int, reading: bool) -> None:
         if channel.closed or done.cancelled():
             return  # the guest went: nobody to answer
-        answer = _result_completion(pkt, srb, ScsiController.rw_result(done, length, reading), reading)
+        result = ScsiController.rw_result(done, length, reading, info.log, srb.data)  # data: the CDB
+        answer = _result_completion(pkt, result, reading)
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
             queue.add(sending, lambda t: _task_failed(t, channel, info, self.name))
 
-    def _control_answer(self, op: int, pkt: Packet) -> bytes:
-        if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
-            return vstor.pack_completion(vstor.NtStatus.SUCCESS, request_payload_len=len(pkt.payload))
-        # Initialization packets after Ready are out of order (OpenVMM: INVALID_DEVICE_STATE).
-        return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=len(pkt.payload))
-
-    async def _execute(self, channel: Channel, ctl: ScsiController, pkt: Packet, srb: vstor.ExecuteSrb) -> None:
+    async def _execute(self, channel: Channel, info: OpenChannelInfo, ctl: ScsiController, pkt: Packet,
+                       srb: vstor.ExecuteSrb) -> None:
         want = srb.data_transfer_length
         reading = srb.data_in == READ
         data_out = pkt.data if srb.data_in == WRITE and want else None
-        result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0)
-        await _send_quietly(channel, _result_completion(pkt, srb, result, reading))
+        result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0, path_id=srb.path_id,
+                                   target_id=srb.target_id,
+                                   log=info.log.bind(path_id=srb.path_id, target_id=srb.target_id, lun=srb.lun))
+        await _send_quietly(channel, _result_completion(pkt, result, reading))
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""
@@ -172,10 +169,12 @@ class StorageVsp(HandshakeVsp):
 
 
 class _Inflight:
-    """Requests taken off the ring and not answered yet (tasks and disk futures): at most ``depth``."""
+    """Requests taken off the ring and not answered yet (tasks and disk futures): at most ``depth``. Kept per
+    channel with the channel's handshake ``hs`` (the Ready state's CREATE_SUB_CHANNELS goes to it)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, hs: vstor.VspHandshake) -> None:
         self.depth = depth
+        self.hs = hs
         self.pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
 
@@ -209,62 +208,41 @@ async def _send_quietly(channel: Channel, answer: Packet) -> None:
 
 def _task_failed(task: asyncio.Future[Any], channel: Channel, info: OpenChannelInfo, name: str) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
-        info.log.error("storage request failed", error=repr(exc))
+        info.log.error("storage request failed; closing the partition's connection", exc_info=exc)
         channel.conn.fail(f"{name} relid {channel.relid}: internal device error")
 
 
-def _completion(pkt: Packet, srb: vstor.ExecuteSrb, srb_status: int, scsi_status: int, transferred: int,
-                sense: bytes = b"", data: bytes | bytearray = b"") -> Packet:
+def _control_answer(op: int, pkt: Packet, hs: vstor.VspHandshake, info: OpenChannelInfo) -> bytes:
+    """The completion of a recognized operation other than EXECUTE_SRB once the channel is Ready (OpenVMM
+    ``handle_packet``): the resets are no-ops that succeed; CREATE_SUB_CHANNELS goes to the handshake
+    (INVALID_PARAMETER when refused); initialization packets are out of order (INVALID_DEVICE_STATE)."""
+    size = len(pkt.payload)
+    if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
+        return vstor.pack_completion(vstor.NtStatus.SUCCESS, request_payload_len=size)
+    if op == vstor.Operation.CREATE_SUB_CHANNELS:
+        count = vstor.parse_create_sub_channels(pkt.payload[vstor.VSTOR_HEADER_SIZE:])
+        status = hs.create_sub_channels(count)
+        if status != vstor.NtStatus.SUCCESS:
+            info.log.warning("cannot create sub-channels", requested=count, maximum=hs.max_channel_cnt)
+        return vstor.pack_completion(status, request_payload_len=size)
+    info.log.warning("unexpected VSTOR packet on a ready channel", operation=op)
+    return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=size)
+
+
+def _completion(pkt: Packet, srb_status: int, scsi_status: int, transferred: int, sense: bytes,
+                data: bytes | bytearray) -> Packet:
     """The VM_PKT_COMP answering ``pkt``: COMPLETE_IO, with READ data riding along into its GPA range."""
-    payload = vstor.pack_complete_io(srb, srb_status, scsi_status, transferred, sense, len(pkt.payload))
-    return Packet(COMP, 0, pkt.trans_id, payload, data=data)
+    return Packet(COMP, 0, pkt.trans_id, pack_complete_io(srb_status, scsi_status, transferred, sense,
+                                                          len(pkt.payload)), data=data)
 
 
-def _result_completion(pkt: Packet, srb: vstor.ExecuteSrb, result: ScsiResult, reading: bool) -> Packet:
+def _result_completion(pkt: Packet, result: ScsiResult, reading: bool) -> Packet:
     """The completion of a command the SCSI target ran: its outcome, and its data for a READ."""
-    return _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
+    return _completion(pkt, result.srb_status, result.scsi_status, result.transferred, result.sense,
                        result.data if reading else b"")
 
 
-def parse_request(pkt: Packet) -> tuple[int, vstor.ExecuteSrb | None]:
-    """Validate one guest packet the way OpenVMM ``parse_packet`` does; raise on a protocol violation.
-    Returns the operation and, for EXECUTE_SRB, the request."""
-    if pkt.type == COMP:
-        raise DeviceProtocolError("unsolicited completion on the storage channel")
-    if not pkt.flags & FLAG_COMPLETION_REQUESTED:
-        raise DeviceProtocolError("storage request without COMPLETION_REQUESTED")
-    payload = pkt.payload
-    srb: vstor.ExecuteSrb | None
-    if len(payload) >= _SRB_SIZE:  # the usual whole vstor_packet: read it all in one go
-        srb = vstor.ExecuteSrb._make(_SRB_UNPACK(payload))
-        op = srb.operation
-    else:
-        op, srb = vstor.VstorPacket.unpack(payload).operation, None
-    if op != EXECUTE_SRB:
-        if pkt.ranges or pkt.data:
-            raise DeviceProtocolError(f"vstor operation {op} carries a data buffer")
-        return op, None
-    if srb is None:
-        srb = vstor.unpack_execute_srb(payload)
-    if srb.cdb_length > vstor.MAX_CDB_LENGTH or srb.cdb_length == 0:
-        raise DeviceProtocolError(f"EXECUTE_SRB with cdb_length {srb.cdb_length}")
-    want = srb.data_transfer_length
-    ranges = pkt.ranges
-    if len(ranges) > 1:
-        raise DeviceProtocolError(f"EXECUTE_SRB with {len(ranges)} GPA ranges (at most 1)")
-    have = ranges[0].byte_count if ranges else 0
-    if want and have < want:
-        raise DeviceProtocolError(f"EXECUTE_SRB for {want} bytes with a {have}-byte buffer")
-    if srb.data_in == WRITE:
-        if want and len(pkt.data) != want:
-            raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
-    elif pkt.data:
-        raise DeviceProtocolError("data sent to the host with a request that does not write")
-    return op, srb
-
-
 COMP = int(PacketType.COMP)
-EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
 READ, WRITE = int(vstor.DataDirection.READ), int(vstor.DataDirection.WRITE)
 SUCCESS = int(vstor.SrbStatus.SUCCESS)
-_SRB_SIZE, _SRB_UNPACK = vstor.SRB_PACKET.size, vstor.SRB_PACKET.unpack_from
+parse_request, pack_complete_io = vstor.parse_request, vstor.pack_complete_io
