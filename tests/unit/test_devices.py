@@ -260,6 +260,51 @@ def test_storage_create_sub_channels_before_end_initialization() -> None:
     assert vsp.done
 
 
+def _to_properties(vsp: storage.VspHandshake, version: int) -> storage.ChannelProperties:
+    vsp.receive(stor_request(storage.Operation.BEGIN_INITIALIZATION))
+    vsp.receive(stor_request(storage.Operation.QUERY_PROTOCOL_VERSION, storage.ProtocolVersion(version).pack()))
+    (props,) = vsp.receive(stor_request(storage.Operation.QUERY_PROPERTIES))
+    return storage.ChannelProperties.unpack(storage.VstorPacket.unpack(props.payload).body)
+
+
+@pytest.mark.parametrize("max_channel_cnt", [0, 4])
+@pytest.mark.parametrize("version", list(storage.Version), ids=[storage.version_text(v) for v in storage.Version])
+def test_storage_multi_channel_flag_for_every_version_from_win8(version: int, max_channel_cnt: int) -> None:
+    """OpenVMM process_primary: ``multi_channel_supported = version >= Win8`` sets SUPPORTS_MULTI_CHANNEL and
+    announces the maximum (even 0); before WIN8 neither, and CREATE_SUB_CHANNELS is then out of order."""
+    vsp = storage.VspHandshake(max_channel_cnt=max_channel_cnt)
+    props = _to_properties(vsp, version)
+    multi = version >= storage.Version.WIN8
+    assert bool(props.flags & storage.ChannelFlags.SUPPORTS_MULTI_CHANNEL) == multi, f"flags {props.flags:#x}"
+    assert props.max_channel_cnt == (max_channel_cnt if multi else 0)
+    (reply,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 1)))
+    expected = (storage.NtStatus.SUCCESS if max_channel_cnt else storage.NtStatus.INVALID_PARAMETER) if multi \
+        else storage.NtStatus.INVALID_DEVICE_STATE
+    assert storage.VstorPacket.unpack(reply.payload).status == expected
+
+
+def test_storage_create_sub_channels_refused_until_granted() -> None:
+    """With no sub-channels configured every request for one is INVALID_PARAMETER and may be retried; a count
+    of 0 is within the maximum of 0 (OpenVMM enable_subchannels: ``count > max`` is the only refusal)."""
+    vsp = storage.VspHandshake()
+    _to_properties(vsp, storage.Version.WIN10)
+    for count in (1, 0xFFFF):
+        (refused,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", count)))
+        assert storage.VstorPacket.unpack(refused.payload).status == storage.NtStatus.INVALID_PARAMETER
+        assert vsp.sub_channel_count is None
+    (zero,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 0)))
+    assert storage.VstorPacket.unpack(zero.payload).status == storage.NtStatus.SUCCESS
+    assert vsp.sub_channel_count == 0
+    assert storage.parse_create_sub_channels(struct.pack("<H", 7) + bytes(50)) == 7
+    with pytest.raises(DeviceProtocolError, match="CREATE_SUB_CHANNELS"):
+        storage.parse_create_sub_channels(b"\x01")
+
+
+def test_storage_host_notification_is_a_bare_vstor_packet() -> None:
+    assert storage.pack_host_notification(storage.Operation.ENUMERATE_BUS) == bytes.fromhex("0b000000") + bytes(60)
+    assert len(storage.pack_host_notification(storage.Operation.ENUMERATE_BUS, storage.request_size(0x0402))) == 48
+
+
 def test_storage_vsc_ignores_unsolicited_enumerate_bus() -> None:
     vsc = storage.VscHandshake()
     vsc.start()
