@@ -5,7 +5,11 @@ midlayer scans the target (REPORT LUNS, INQUIRY, READ CAPACITY(16), MODE SENSE f
 caching page; drivers/scsi/sd.c), then ``storvsc_queuecommand`` sends each command as EXECUTE_SRB: an
 in-band packet without data, or a GPA-direct packet with exactly one range over the guest buffer
 (``storvsc_do_io``), COMPLETION_REQUESTED, and a bounded number outstanding. Requests are split at the
-``max_transfer_bytes`` the host advertised (rounded down to 4 KiB, as ``storvsc_probe`` does).
+``max_transfer_bytes`` the host advertised (rounded down to 4 KiB, as ``storvsc_probe`` does). A LUN whose
+INQUIRY says CmdQue gets tagged SRBs (QUEUE_ACTION_ENABLE | NO_QUEUE_FREEZE, SP_UNTAGGED, SIMPLE_TAG), as
+``sdev->tagged_supported`` makes ``storvsc_queuecommand`` send. An ENUMERATE_BUS or REMOVE_DEVICE from the
+host (trans_id 0) starts ``storvsc_host_scan``'s rescan. CDBs come from vmbus_proto/devices/storage/scsi.py,
+the definitions the host's SCSI target parses.
 
 Guest buffers are guest pages: WRITE data is copied into them and travels with the request, READ data
 arrives with the completion and is written into them, exactly where the host would have DMA'd it.

@@ -30,11 +30,16 @@ Commands a disk answers (anything else is CHECK CONDITION, ILLEGAL REQUEST, ASC 
 
 REPORT LUNS (0xA0) is answered by :class:`ScsiController` for every LUN, present or not.
 
-Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsupported command or page, and
-an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST; a write to a read-only disk is DATA
-PROTECT / WRITE PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C
-writing) with SRB ERROR. Whenever sense is returned the SRB status carries AUTOSENSE_VALID (0x80), as
-OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
+Opcodes, statuses and sense codes are the protocol package's (vmbus_proto/devices/storage/scsi.py), the
+same definitions the guest builds its CDBs from.
+
+Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsupported command or page,
+and an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST (OpenVMM validates the range from the
+CDB: ``ScsiError::IllegalRequest(ILLEGAL_BLOCK)``); a write to a read-only disk is DATA PROTECT / WRITE
+PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C writing) with SRB
+ERROR; a failure of our own (a bug, an unexpected exception) is logged with its traceback and answered
+HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense is returned the SRB status carries
+AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
 """
 
 from __future__ import annotations
@@ -201,13 +206,10 @@ def _internal_failure(log: Any, cdb: bytes, exc: BaseException | None = None) ->
     """A bug of ours or an unexpected backend failure: logged with its traceback (``exc``, or the exception
     being handled), then answered as HARDWARE ERROR / INTERNAL TARGET FAILURE so the guest is never left
     waiting."""
-    (log if log is not None else _LOG).error("SCSI command failed; answering HARDWARE ERROR",
-                                             opcode=f"{cdb[0]:#04x}" if cdb else None,
-                                             exc_info=exc if exc is not None else True)
+    (log if log is not None else logs.get(component="scsi")).error(
+        "SCSI command failed; answering HARDWARE ERROR", opcode=f"{cdb[0]:#04x}" if cdb else None,
+        exc_info=exc if exc is not None else True)
     return _check(SrbStatus.ERROR, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
-
-
-_LOG = logs.get(component="scsi")
 
 
 def inquiry_data(device_type: int = DEVICE_TYPE_DISK, *, identity: bool = True, cmdque: bool = True) -> bytes:
@@ -654,10 +656,11 @@ class ScsiDisk:
 class ScsiController:
     """The LUNs behind one (path, target) of the synthetic SCSI controller.
 
-    REPORT LUNS is answered here for any LUN. A LUN with no disk answers as OpenVMM storvsp does: INQUIRY
-    gets standard data with peripheral type 0x7F (not present; vendor/product/revision zeroed unless LUN 0)
-    and SUCCESS, a VPD request gets INVALID_REQUEST, and anything else CHECK CONDITION with SRB INVALID_LUN
-    and no sense (Linux then removes the LUN).
+    REPORT LUNS is answered here for any LUN (listing nothing at another path or target). A LUN with no disk,
+    and any LUN at another (path, target), answers as OpenVMM storvsp does: INQUIRY gets standard data with
+    peripheral type 0x7F (not present; vendor/product/revision zeroed unless LUN 0) and SUCCESS, a VPD
+    request gets INVALID_REQUEST, and anything else CHECK CONDITION with SRB INVALID_LUN and no sense (Linux
+    then removes the LUN).
     """
 
     def __init__(self, disks: Mapping[int, ScsiDisk] | None = None, *, path_id: int = 0, target_id: int = 0,

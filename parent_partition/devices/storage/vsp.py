@@ -1,13 +1,14 @@
 """StorVSP: the synthetic SCSI controller's host half, serving VSTOR over VMBus onto disk images.
 
 Mirrors OpenVMM vm/devices/storage/storvsp/src/lib.rs: after the VSTOR handshake (``VspHandshake``) every
-EXECUTE_SRB is parsed (``parse_packet``), its data buffer checked (0 or 1 GPA range, at least
-``data_transfer_length`` long), run against the partition's SCSI controller, and completed with a
-COMPLETE_IO that echoes the transaction id and carries SRB status, SCSI status, the bytes transferred
-and fixed-format sense (``send_vmbus_packet``; completions sized 12 + min(request, 52)). At most
-``queue_depth`` requests are in flight per channel (OpenVMM ``io_queue_depth``, default 256): at the cap
-the VSP stops reading the ring, so the guest's ring fills and it blocks. RESET_LUN/ADAPTER/BUS complete
-with SUCCESS as no-ops.
+packet is parsed (``vstor.parse_request``, OpenVMM ``parse_packet``: an unrecognized operation is a protocol
+error), an EXECUTE_SRB's data buffer checked (0 or 1 GPA range, at least ``data_transfer_length`` long), run
+against the partition's SCSI controller at its (path, target, LUN), and completed with a COMPLETE_IO that
+echoes the transaction id and carries a fresh vmscsi_request with the SRB status, SCSI status, the bytes
+transferred and fixed-format sense (``handle_completion``, ``send_vmbus_packet``; completions sized
+12 + min(request, 52)). At most ``queue_depth`` requests are in flight per channel (OpenVMM
+``io_queue_depth``, default 256): at the cap the VSP stops reading the ring, so the guest's ring fills and it
+blocks. RESET_LUN/ADAPTER/BUS complete with SUCCESS as no-ops; CREATE_SUB_CHANNELS goes to the handshake.
 
 Over a stream the READ data rides with the completion and WRITE data with the request (DESIGN.md). One
 wake-up serves every request already queued on the ring: a READ whose data is in the page cache is
