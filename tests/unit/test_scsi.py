@@ -430,10 +430,11 @@ async def test_lba_out_of_range(ctl: ScsiController) -> None:
 
 
 async def test_data_length_rules(ctl: ScsiController, tmp_path: Path) -> None:
-    # Too little data for the blocks the CDB names: ILLEGAL REQUEST / INVALID FIELD IN CDB.
-    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 2), b"x" * 1023, 0), ILLEGAL, 0x24)
-    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 1), None, 0), ILLEGAL, 0x24)
-    assert_sense(await ctl.execute(0, rw10(Op.READ10, 0, 2), None, 1023), ILLEGAL, 0x24)
+    # Too little data for the blocks the CDB names: ILLEGAL REQUEST / 0x21, as OpenVMM's validate_data_cdb*
+    # (``len > max`` is ILLEGAL_BLOCK) with SRB INVALID_REQUEST.
+    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 2), b"x" * 1023, 0), ILLEGAL, 0x21)
+    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 1), None, 0), ILLEGAL, 0x21)
+    assert_sense(await ctl.execute(0, rw10(Op.READ10, 0, 2), None, 1023), ILLEGAL, 0x21)
     assert image(tmp_path).stat().st_blocks == 0
     # More than needed: only the CDB's blocks move (as OpenVMM's subrange(0, tx)).
     r = await ctl.execute(0, rw10(Op.WRITE10, 0, 1), b"y" * 512 + b"z" * 512, 0)

@@ -555,9 +555,10 @@ class ScsiDisk:
         if count > self.max_transfer_blocks:
             raise _illegal(Asc.INVALID_FIELD_IN_CDB)
         offset, length = lba * self.block_size, count * self.block_size
+        # A guest buffer shorter than the blocks asked for: OpenVMM validate_data_cdb* says ILLEGAL_BLOCK (0x21).
         if writing:
             if len(req.data_out) < length:
-                raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+                raise _illegal(Asc.LBA_OUT_OF_RANGE)
             if self.read_only:
                 raise _write_protected()
             try:
@@ -566,7 +567,7 @@ class ScsiDisk:
                 return _io_failure(exc, writing=True)
             return _good(transferred=length)
         if req.data_in_length < length:
-            raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+            raise _illegal(Asc.LBA_OUT_OF_RANGE)
         try:
             data = await self.backend.read(offset, length)
         except DiskError as exc:
