@@ -223,5 +223,3 @@ class HandshakeVsp(Vsp):
             res.log.warning("packet for a device I/O path that is not implemented yet", device=self.name,
                             type=pkt.type, trans_id=pkt.trans_id, length=len(pkt.payload))
 
-
-OpenChannelInfo = ChannelResources  # the contract-1 name, until every device says ChannelResources

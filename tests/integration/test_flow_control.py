@@ -23,6 +23,7 @@ from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.guest_memory import GuestMemory
 from child_partition.runner import open_bus
 from vmbus_proto.aio import logs
+from vmbus_proto.devices.storage.scsi import read_write_cdb
 from vmbus_proto.guids import SCSI
 
 from .conftest import Parent, Proc, bystander_of
@@ -72,7 +73,8 @@ async def _storage_guest(url: str, name: str) -> tuple[GuestBus, StorageVsc]:
 def _writes(vsc: StorageVsc) -> list[asyncio.Task[tuple[bytes, bytes]]]:
     lun0 = vsc.disks[0]
     return [asyncio.get_running_loop().create_task(
-        vsc._srb(lun0._rw_cdb(True, i * BLOCK, BLOCK, False), struct.pack("<I", i) * (BLOCK // 4), 0, 0))
+        vsc._srb(read_write_cdb(True, i * BLOCK // lun0.block_size, BLOCK // lun0.block_size),
+                 struct.pack("<I", i) * (BLOCK // 4), 0, 0, lun0.modes[0]))
         for i in range(WRITES)]
 
 

@@ -42,7 +42,7 @@ def run_traced(module: object) -> list[str]:
                " version=6.2",
                "G>H VSTOR_OPERATION_QUERY_PROPERTIES(10)",
                "H>G VSTOR_OPERATION_COMPLETE_IO(1) status=STATUS_SUCCESS(0x00000000) for QUERY_PROPERTIES(10)"
-               " max_channel_cnt=0 flags=0x0 max_transfer_bytes=262144",
+               " max_channel_cnt=0 flags=0x1 max_transfer_bytes=262144",
                "G>H VSTOR_OPERATION_END_INITIALIZATION(8)",
                "H>G VSTOR_OPERATION_COMPLETE_IO(1) status=STATUS_SUCCESS(0x00000000) for END_INITIALIZATION(8)"]),
     (network, ["G>H NVSP_MSG_TYPE_INIT(1) min_protocol_ver=6.1 max_protocol_ver=6.1",

@@ -190,7 +190,8 @@ def test_storage_sequence_and_completion_bytes() -> None:
     assert all(len(o.payload) == 64 for o in vsc_sent + vsp_sent)
     assert vsp_sent[0].payload == bytes.fromhex("01000000 00000000 00000000") + bytes(52)
     assert vsp_sent[1].payload == bytes.fromhex("01000000 00000000 00000000 02060000") + bytes(48)
-    props = bytes.fromhex("00000000 0000 0000 00000000 00000400 0000000000000000")
+    # WIN8 and later: SUPPORTS_MULTI_CHANNEL even with no sub-channels to give (OpenVMM process_primary).
+    props = bytes.fromhex("00000000 0000 0000 01000000 00000400 0000000000000000")
     assert vsp_sent[2].payload == bytes.fromhex("01000000 00000000 00000000") + props + bytes(28)
 
 
@@ -257,6 +258,51 @@ def test_storage_create_sub_channels_before_end_initialization() -> None:
     assert storage.VstorPacket.unpack(again.payload).status == storage.NtStatus.INVALID_DEVICE_STATE
     vsp.receive(stor_request(storage.Operation.END_INITIALIZATION))
     assert vsp.done
+
+
+def _to_properties(vsp: storage.VspHandshake, version: int) -> storage.ChannelProperties:
+    vsp.receive(stor_request(storage.Operation.BEGIN_INITIALIZATION))
+    vsp.receive(stor_request(storage.Operation.QUERY_PROTOCOL_VERSION, storage.ProtocolVersion(version).pack()))
+    (props,) = vsp.receive(stor_request(storage.Operation.QUERY_PROPERTIES))
+    return storage.ChannelProperties.unpack(storage.VstorPacket.unpack(props.payload).body)
+
+
+@pytest.mark.parametrize("max_channel_cnt", [0, 4])
+@pytest.mark.parametrize("version", list(storage.Version), ids=[storage.version_text(v) for v in storage.Version])
+def test_storage_multi_channel_flag_for_every_version_from_win8(version: int, max_channel_cnt: int) -> None:
+    """OpenVMM process_primary: ``multi_channel_supported = version >= Win8`` sets SUPPORTS_MULTI_CHANNEL and
+    announces the maximum (even 0); before WIN8 neither, and CREATE_SUB_CHANNELS is then out of order."""
+    vsp = storage.VspHandshake(max_channel_cnt=max_channel_cnt)
+    props = _to_properties(vsp, version)
+    multi = version >= storage.Version.WIN8
+    assert bool(props.flags & storage.ChannelFlags.SUPPORTS_MULTI_CHANNEL) == multi, f"flags {props.flags:#x}"
+    assert props.max_channel_cnt == (max_channel_cnt if multi else 0)
+    (reply,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 1)))
+    expected = (storage.NtStatus.SUCCESS if max_channel_cnt else storage.NtStatus.INVALID_PARAMETER) if multi \
+        else storage.NtStatus.INVALID_DEVICE_STATE
+    assert storage.VstorPacket.unpack(reply.payload).status == expected
+
+
+def test_storage_create_sub_channels_refused_until_granted() -> None:
+    """With no sub-channels configured every request for one is INVALID_PARAMETER and may be retried; a count
+    of 0 is within the maximum of 0 (OpenVMM enable_subchannels: ``count > max`` is the only refusal)."""
+    vsp = storage.VspHandshake()
+    _to_properties(vsp, storage.Version.WIN10)
+    for count in (1, 0xFFFF):
+        (refused,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", count)))
+        assert storage.VstorPacket.unpack(refused.payload).status == storage.NtStatus.INVALID_PARAMETER
+        assert vsp.sub_channel_count is None
+    (zero,) = vsp.receive(stor_request(storage.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 0)))
+    assert storage.VstorPacket.unpack(zero.payload).status == storage.NtStatus.SUCCESS
+    assert vsp.sub_channel_count == 0
+    assert storage.parse_create_sub_channels(struct.pack("<H", 7) + bytes(50)) == 7
+    with pytest.raises(DeviceProtocolError, match="CREATE_SUB_CHANNELS"):
+        storage.parse_create_sub_channels(b"\x01")
+
+
+def test_storage_host_notification_is_a_bare_vstor_packet() -> None:
+    assert storage.pack_host_notification(storage.Operation.ENUMERATE_BUS) == bytes.fromhex("0b000000") + bytes(60)
+    assert len(storage.pack_host_notification(storage.Operation.ENUMERATE_BUS, storage.request_size(0x0402))) == 48
 
 
 def test_storage_vsc_ignores_unsolicited_enumerate_bus() -> None:
@@ -336,13 +382,15 @@ def test_execute_srb_and_complete_io_structs_match_the_field_by_field_layout(
     assert fast.operation == storage.Operation.EXECUTE_SRB and fast.flags == storage.REQUEST_COMPLETION_FLAG
     assert fast[3:] == tuple(dataclasses.astuple(slow))
     assert fast.cdb == slow.cdb
-    # OpenVMM's completion: the request's vmscsi_request with the outcome filled in, sized like the request.
+    # OpenVMM handle_completion: a fresh vmscsi_request (length 52, cdb_length 16, sense_info_ex_length 0x14,
+    # the rest zero) with the outcome, sized like the request.
     sense = sense[:storage.SENSE_BUFFER_SIZE]
-    answer = dataclasses.replace(slow, srb_status=srb_status, scsi_status=scsi_status, sense_info_length=len(sense),
-                                 data_transfer_length=transferred, data=sense.ljust(storage.SENSE_BUFFER_SIZE, b"\0"))
+    answer = storage.VmscsiRequest(length=52, srb_status=srb_status, scsi_status=scsi_status, cdb_length=16,
+                                   sense_info_length=0x14, data_in=0, data_transfer_length=transferred,
+                                   data=sense.ljust(storage.SENSE_BUFFER_SIZE, b"\0"))
     expected = storage.pack_completion(storage.srb_status_to_nt_status(srb_status), answer.pack(),
                                        request_payload_len=len(payload))
-    assert storage.pack_complete_io(fast, srb_status, scsi_status, transferred, sense, len(payload)) == expected
+    assert storage.pack_complete_io(srb_status, scsi_status, transferred, sense, len(payload)) == expected
 
 
 def test_srb_status_to_nt_status() -> None:

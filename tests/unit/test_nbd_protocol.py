@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
+import json
 import os
 import random
 import socket
@@ -19,6 +21,7 @@ import pytest
 from child_partition.devices.storage import nbd
 from child_partition.devices.storage.blockdev import BlockDevice, BlockDeviceError, FileBlockDevice, MemoryBlockDevice
 from child_partition.devices.storage.nbd import NbdServer, parse_listen
+from vmbus_proto.aio import logs
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
@@ -545,6 +548,25 @@ async def test_device_errors_become_nbd_errors(server: NbdServer, device: Record
     device.fail.clear()
     assert await c.write(0, b"ok") == 0 and await c.read(0, 2) == b"ok"
     await c.close()
+
+
+async def test_an_unexpected_device_failure_is_logged_with_its_traceback(device: RecordingDevice,
+                                                                         sockdir: Path) -> None:
+    out = io.StringIO()
+    logs.setup("debug", stream=out, json=True)  # before the server binds its logger
+    server = NbdServer(device, "disk")
+    await server.start(f"unix:{sockdir / 'nbd.sock'}")
+    c = await connected(server)
+    device.fail["read"] = RuntimeError("transport fell over")
+    assert await c.call(nbd.NBD_CMD_READ, 0, 512) == (nbd.NBD_EIO, b"")
+    device.fail["read"] = BlockDeviceError(errno.EIO, "medium error")
+    assert await c.call(nbd.NBD_CMD_READ, 0, 512) == (nbd.NBD_EIO, b"")
+    failed = [json.loads(x) for x in out.getvalue().splitlines() if "nbd request failed" in x]
+    assert len(failed) == 2, failed
+    assert "Traceback" in failed[0].get("exception", "") and "transport fell over" in failed[0]["exception"]
+    assert "exception" not in failed[1], "a device error (the guest's answer) was logged as a bug"
+    await c.close()
+    await server.close(grace=1.0)
 
 
 async def test_bad_request_magic_hangs_up(server: NbdServer) -> None:

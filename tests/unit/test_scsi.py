@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
+import json
 import os
 import random
 import struct
@@ -31,6 +33,8 @@ from parent_partition.devices.storage.scsi import (
     open_disks,
     partition_dir_name,
 )
+from vmbus_proto.aio import logs
+from vmbus_proto.devices.storage import scsi as wire_scsi
 from vmbus_proto.devices.storage.vstor import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
 
 MiB = 1 << 20
@@ -426,10 +430,11 @@ async def test_lba_out_of_range(ctl: ScsiController) -> None:
 
 
 async def test_data_length_rules(ctl: ScsiController, tmp_path: Path) -> None:
-    # Too little data for the blocks the CDB names: ILLEGAL REQUEST / INVALID FIELD IN CDB.
-    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 2), b"x" * 1023, 0), ILLEGAL, 0x24)
-    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 1), None, 0), ILLEGAL, 0x24)
-    assert_sense(await ctl.execute(0, rw10(Op.READ10, 0, 2), None, 1023), ILLEGAL, 0x24)
+    # Too little data for the blocks the CDB names: ILLEGAL REQUEST / 0x21, as OpenVMM's validate_data_cdb*
+    # (``len > max`` is ILLEGAL_BLOCK) with SRB INVALID_REQUEST.
+    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 2), b"x" * 1023, 0), ILLEGAL, 0x21)
+    assert_sense(await ctl.execute(0, rw10(Op.WRITE10, 0, 1), None, 0), ILLEGAL, 0x21)
+    assert_sense(await ctl.execute(0, rw10(Op.READ10, 0, 2), None, 1023), ILLEGAL, 0x21)
     assert image(tmp_path).stat().st_blocks == 0
     # More than needed: only the CDB's blocks move (as OpenVMM's subrange(0, tx)).
     r = await ctl.execute(0, rw10(Op.WRITE10, 0, 1), b"y" * 512 + b"z" * 512, 0)
@@ -576,6 +581,46 @@ async def test_other_commands_to_an_absent_lun(ctl: ScsiController, lun: int) ->
         r = await ctl.execute(lun, cdb, None, 512)
         assert r == ScsiResult(SrbStatus.INVALID_LUN, CHECK)
         assert not r.srb_status & SRB_STATUS_AUTOSENSE_VALID and r.sense == b""
+
+
+@pytest.mark.parametrize(("path", "target"), [(0, 1), (3, 0)])
+async def test_another_path_or_target_is_absent(ctl: ScsiController, path: int, target: int) -> None:
+    """OpenVMM keys disks by (path, target, lun): a present LUN number elsewhere is absent, REPORT LUNS empty."""
+    where = {"path_id": path, "target_id": target}
+    assert (await ctl.execute(0, report_luns(), None, 256, **where)).data == bytes(8)
+    assert (await ctl.execute(0, inquiry(), None, 255, **where)).data[0] == 0x7F
+    r = await ctl.execute(0, rw10(Op.READ10, 0, 1), None, 512, **where)
+    assert r == ScsiResult(SrbStatus.INVALID_LUN, CHECK), "a READ to another target reached the disk"
+
+
+def test_the_guest_cdb_builders_are_what_the_target_parses() -> None:
+    """vmbus_proto's CDBs (what StorVSC sends) match this file's independent golden builders."""
+    assert wire_scsi.read_write_cdb(False, 0x1234, 8) == rw10(Op.READ10, 0x1234, 8)
+    assert wire_scsi.read_write_cdb(True, 7, 1, fua=True) == rw10(Op.WRITE10, 7, 1, 0x08)
+    assert wire_scsi.read_write_cdb(False, 1 << 32, 8) == rw16(Op.READ16, 1 << 32, 8)
+    assert wire_scsi.read_write_cdb(True, 0, 0x10000) == rw16(Op.WRITE16, 0, 0x10000)
+    assert wire_scsi.inquiry_cdb(96) == inquiry(alloc=96)
+    assert wire_scsi.inquiry_cdb(64, page=0xB0) == inquiry(1, 0xB0, 64)
+    assert wire_scsi.mode_sense6_cdb(0x08, 255, dbd=True) == mode_sense6(0x08, dbd=True)
+    assert wire_scsi.read_capacity16_cdb(32) == read_capacity16()
+    assert wire_scsi.report_luns_cdb(256) == report_luns()
+    assert wire_scsi.synchronize_cache10_cdb() == sync10()
+    assert wire_scsi.unmap_cdb(24) == unmap_cdb(24) and wire_scsi.unmap_parameters(5, 9) == unmap_params([(5, 9)])
+    two = struct.pack(">I4x", 16) + bytes((0, 0)) + bytes(6) + bytes((0, 2)) + bytes(6)
+    assert wire_scsi.report_luns(two) == [0, 2]
+    assert wire_scsi.report_luns(struct.pack(">I4x", 16) + bytes(8)) == [0]  # cut to the allocation length
+
+
+async def test_an_unexpected_backend_failure_is_logged_before_hardware_error() -> None:
+    out = io.StringIO()
+    logs.setup("debug", stream=out, json=True)
+    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    fut.set_exception(ValueError("pool worker bug"))
+    r = ScsiController.rw_result(fut, 4096, True, logs.get(partition="vm1", relid=1), rw10(Op.READ10, 0, 8))
+    assert_sense(r, 0x4, 0x44, srb=ERROR_SENSE)
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines() if "HARDWARE ERROR" in x]
+    assert (line["partition"], line["relid"], line["opcode"]) == ("vm1", 1, "0x28")
+    assert "pool worker bug" in line["exception"] and "ValueError" in line["exception"], line
 
 
 async def test_controller_attach_detach() -> None:

@@ -7,22 +7,26 @@ backend whose writes wait until the test lets them go, so the queue-depth cap ca
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import struct
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from parent_partition.devices.storage.scsi import LunConfig, ScsiController, ScsiDisk, open_disks
-from parent_partition.devices.storage.vsp import StorageVsp, parse_request
+from parent_partition.devices.storage.vsp import StorageVsp
 from parent_partition.vsp import ChannelResources
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.devices.base import Handshake
+from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
+from vmbus_proto.devices.storage.vstor import parse_request
 from vmbus_proto.envelope import Signal
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
@@ -110,10 +114,23 @@ def resources(partition: str) -> ChannelResources:
     return ChannelResources.standalone(partition, StorageVsp().offer(partition), cast(Any, None), logs.get())
 
 
-async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController) -> asyncio.Task[None]:
+def ready_handshake(version: int = vstor.Version.WIN10, max_channel_cnt: int = 0) -> vstor.VspHandshake:
+    """A StorVSP handshake taken to Ready as a Linux guest does (BEGIN, version, properties, END)."""
+    hs = vstor.VspHandshake(max_channel_cnt=max_channel_cnt)
+    steps = [(vstor.Operation.BEGIN_INITIALIZATION, b""),
+             (vstor.Operation.QUERY_PROTOCOL_VERSION, vstor.ProtocolVersion(version).pack()),
+             (vstor.Operation.QUERY_PROPERTIES, b""), (vstor.Operation.END_INITIALIZATION, b"")]
+    for op, body in steps:
+        hs.receive(Incoming(PacketType.DATA_INBAND, vstor.VMBUS_RQST_INIT, True, vstor.pack_request(op, body)))
+    assert hs.done
+    return hs
+
+
+async def serve(vsp: StorageVsp, ch: Channel, ctl: ScsiController, hs: vstor.VspHandshake | None = None
+                ) -> asyncio.Task[None]:
     vsp.controllers["vm1"] = ctl
     info = resources("vm1")
-    return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None)))
+    return asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, hs or ready_handshake()))
 
 
 async def settle() -> None:
@@ -174,8 +191,10 @@ async def test_a_read_past_the_end_is_check_condition_not_a_crash(tmp_path: Path
     await settle()
     by_id = {p.trans_id: vstor.SRB_PACKET.unpack(p.payload) for p in sent.packets}
     past_end, no_lun = by_id[7], by_id[8]
+    # OpenVMM scsidisk validate_data_cdb*: an LBA range past the end is ScsiError::IllegalRequest(ILLEGAL_BLOCK),
+    # which process_result answers INVALID_REQUEST (not ERROR: that is for a backend's DiskError::IllegalBlock).
     assert past_end[4] == vstor.SrbStatus.INVALID_REQUEST | vstor.SRB_STATUS_AUTOSENSE_VALID
-    assert past_end[5] == 2 and past_end[11] == 18  # CHECK CONDITION with 18 bytes of fixed sense
+    assert past_end[5] == 2 and past_end[11] == 0x14  # CHECK CONDITION; the sense field's size, as OpenVMM
     sense = past_end[15]
     assert (sense[2] & 0x0F, sense[12], sense[13]) == (0x05, 0x21, 0x00)  # ILLEGAL REQUEST, LBA OUT OF RANGE
     assert no_lun[4] == vstor.SrbStatus.INVALID_LUN and no_lun[2] == vstor.NtStatus.DEVICE_DOES_NOT_EXIST
@@ -219,7 +238,7 @@ async def test_a_stuck_disk_of_one_partition_does_not_stall_another(tmp_path: Pa
     for name, (ch, _) in channels.items():
         vsp.controllers[name] = ctls[name]
         info = resources(name)
-        tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, cast(Handshake, None))))
+        tasks.append(asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, ready_handshake())))
     (ch_a, sent_a), (ch_b, sent_b) = channels["a"], channels["b"]
     for i in range(10):
         deliver(ch_a, srb(0x2A, 8 * i, 8, trans_id=i + 1, data=b"A" * 4096))
@@ -383,5 +402,153 @@ def test_parse_request_reads_a_pre_win8_request_with_the_extension_as_zeros() ->
     op, req = parse_request(Packet(full.type, 1, 1, full.payload[:vstor.VSTOR_PACKET_SIZE_V1], full.ranges))
     assert op == vstor.Operation.EXECUTE_SRB and req is not None
     assert (req.cdb, req.data_transfer_length, req.queue_tag, req.time_out_value) == (full.payload[28:38], 4096, 0, 0)
-    assert vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)[:4] == b"\1\0\0\0"
-    assert len(vstor.pack_complete_io(req, 1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)) == 48
+    assert vstor.pack_complete_io(1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)[:4] == b"\1\0\0\0"
+    assert len(vstor.pack_complete_io(1, 0, 4096, request_payload_len=vstor.VSTOR_PACKET_SIZE_V1)) == 48
+
+
+# ---- fidelity to OpenVMM storvsp: completions, absent paths and targets, control operations once Ready ---------
+
+TAGGED_READ_FLAGS = 0x14A  # Linux storvsc_queuecommand, tagged device: SYNCH off, QUEUE_ACTION, NO_QUEUE_FREEZE, IN
+
+
+def command(cdb: bytes, *, trans_id: int, data_in: int = 0, path: int = 0, target: int = 0, lun: int = 0,
+            port: int = 0, flags: int = 0, tag: int = 0, action: int = 0) -> Packet:
+    """An EXECUTE_SRB reading up to ``data_in`` bytes (or none) at (path, target, lun)."""
+    direction = vstor.DataDirection.READ if data_in else vstor.DataDirection.UNKNOWN
+    payload = vstor.SRB_PACKET.pack(
+        vstor.Operation.EXECUTE_SRB, vstor.REQUEST_COMPLETION_FLAG, 0, vstor.VMSCSI_REQUEST_SIZE, 0, 0, port, path,
+        target, lun, len(cdb), vstor.SENSE_BUFFER_SIZE, direction, 0, data_in, cdb, 0, tag, action, flags, 60, 0)
+    if not data_in:
+        return Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, trans_id, payload)
+    rng = GpaRange(data_in, 0, tuple(range(0x300, 0x300 + (data_in + 4095) // 4096)))
+    return Packet(PacketType.DATA_USING_GPA_DIRECT, FLAG_COMPLETION_REQUESTED, trans_id, payload, (rng,))
+
+
+def control(op: int, body: bytes = b"", trans_id: int = 1) -> Packet:
+    return Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, trans_id, vstor.pack_request(op, body))
+
+
+async def answers(sent: Recorder, count: int) -> dict[int, Packet]:
+    """The completions sent so far by trans_id, once there are ``count`` of them (10 s deadline)."""
+    async def enough() -> None:
+        while len(sent.packets) < count:
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(enough(), 10)
+    return {p.trans_id: p for p in sent.packets}
+
+
+async def one_disk(tmp_path: Path, size: int = 64 * 1024) -> ScsiController:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(size))
+    return await open_disks(tmp_path, "vm1", [LunConfig(lun=0, path=str(image))])
+
+
+async def test_complete_io_is_a_fresh_vmscsi_request_as_openvmm_builds_it(tmp_path: Path) -> None:
+    """OpenVMM handle_completion: length 52, cdb_length 16, sense_info_ex_length 0x14, the outcome, all else 0 —
+    nothing of the request (port, LUN, direction, queue tag, flags, timeout) is echoed. The tagged flags Linux
+    sends for a CmdQue disk are taken as they are."""
+    ctl = await one_disk(tmp_path)
+    ch, sent = host_channel()
+    task = await serve(StorageVsp(), ch, ctl)
+    deliver(ch, command(bytes.fromhex("28000000000000000800"), trans_id=5, data_in=4096, port=2, lun=0,
+                        flags=TAGGED_READ_FLAGS, tag=0xFF, action=0x20))
+    deliver(ch, command(bytes.fromhex("28000000010000000800"), trans_id=6, data_in=4096))  # LBA 256 > 127
+    got = await answers(sent, 2)
+    assert vstor.SRB_PACKET.unpack(got[5].payload) == (
+        vstor.Operation.COMPLETE_IO, 0, vstor.NtStatus.SUCCESS, 52, vstor.SrbStatus.SUCCESS, 0, 0, 0, 0, 0, 16, 0x14,
+        0, 0, 4096, bytes(20), 0, 0, 0, 0, 0, 0), "a good READ's completion is not OpenVMM's fresh vmscsi_request"
+    assert len(got[5].data) == 4096
+    bad = vstor.SRB_PACKET.unpack(got[6].payload)
+    assert (bad[3], bad[10], bad[11], bad[14]) == (52, 16, 0x14, 0), "a failed READ's completion fields differ"
+    assert bad[15][:14] == bytes.fromhex("70000500000000 0a00000000 2100"), "sense is not ILLEGAL REQUEST/0x21"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+@pytest.mark.parametrize(("path", "target"), [(0, 1), (1, 0), (7, 1)])
+async def test_another_path_or_target_answers_as_an_absent_lun(tmp_path: Path, path: int, target: int) -> None:
+    """OpenVMM keys disks by (path, target, lun): elsewhere INQUIRY says 0x7F, REPORT LUNS lists nothing and any
+    other command is INVALID_LUN (Linux then drops the LUN) — never INVALID_TARGET_ID."""
+    ctl = await one_disk(tmp_path)
+    ch, sent = host_channel()
+    task = await serve(StorageVsp(), ch, ctl)
+    where = {"path": path, "target": target}
+    deliver(ch, command(bytes.fromhex("120000006000"), trans_id=1, data_in=96, **where))
+    deliver(ch, command(bytes.fromhex("a000000000000000100000 00".replace(" ", "")), trans_id=2, data_in=16, **where))
+    deliver(ch, command(bytes(6), trans_id=3, **where))  # TEST UNIT READY
+    deliver(ch, command(bytes.fromhex("28000000000000000800"), trans_id=4, data_in=4096, **where))
+    got = {tid: (vstor.SRB_PACKET.unpack(p.payload), p.data) for tid, p in (await answers(sent, 4)).items()}
+    (inq, inq_data), (luns, luns_data) = got[1], got[2]
+    assert inq[4] == vstor.SrbStatus.SUCCESS and inq_data[0] == 0x7F, f"INQUIRY at {where}: {inq[4]:#x}"
+    assert luns[4] == vstor.SrbStatus.SUCCESS and luns_data[:4] == bytes(4), f"REPORT LUNS at {where} lists LUNs"
+    for tid in (3, 4):
+        fields = got[tid][0]
+        assert (fields[4], fields[5], fields[2]) == (vstor.SrbStatus.INVALID_LUN, 2,
+                                                     vstor.NtStatus.DEVICE_DOES_NOT_EXIST), f"command {tid}"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+async def test_control_operations_once_ready_answer_as_openvmm(tmp_path: Path) -> None:
+    ctl = await one_disk(tmp_path)
+    ch, sent = host_channel()
+    hs = ready_handshake()
+    task = await serve(StorageVsp(), ch, ctl, hs)
+    deliver(ch, control(vstor.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 1), trans_id=1))  # above max 0
+    deliver(ch, control(vstor.Operation.CREATE_SUB_CHANNELS, struct.pack("<H", 0), trans_id=2))  # 0 <= max 0
+    deliver(ch, control(vstor.Operation.RESET_BUS, trans_id=3))
+    deliver(ch, control(vstor.Operation.BEGIN_INITIALIZATION, trans_id=4))
+    got = {tid: vstor.VstorPacket.unpack(p.payload) for tid, p in (await answers(sent, 4)).items()}
+    assert got[1].status == vstor.NtStatus.INVALID_PARAMETER, "a refused CREATE_SUB_CHANNELS is not INVALID_PARAMETER"
+    assert got[2].status == vstor.NtStatus.SUCCESS and hs.sub_channel_count == 0
+    assert got[3].status == vstor.NtStatus.SUCCESS
+    assert got[4].status == vstor.NtStatus.INVALID_DEVICE_STATE
+    assert all(p.operation == vstor.Operation.COMPLETE_IO for p in got.values())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await ctl.close()
+
+
+@pytest.mark.parametrize("op", [vstor.Operation.REMOVE_DEVICE, vstor.Operation.ENUMERATE_BUS, 99])
+async def test_an_unrecognized_operation_after_initialization_is_a_protocol_error(tmp_path: Path, op: int) -> None:
+    """OpenVMM parse_packet: PacketError::UnrecognizedOperation stops the channel's worker, in any state."""
+    ctl = await one_disk(tmp_path)
+    ch, sent = host_channel()
+    task = await serve(StorageVsp(), ch, ctl)
+    deliver(ch, control(op))
+    with pytest.raises(DeviceProtocolError, match="unrecognized VSTOR operation"):
+        await asyncio.wait_for(task, 10)
+    assert not sent.packets, "an unrecognized operation was answered"
+    await ctl.close()
+
+
+class FailingFlushBackend(GatedBackend):
+    """A backend whose flush fails with something that is not a DiskError: a bug, as far as SCSI knows."""
+
+    async def flush(self) -> None:
+        raise RuntimeError("flush exploded")
+
+
+async def test_an_internal_failure_is_logged_with_its_traceback_before_hardware_error() -> None:
+    out = io.StringIO()
+    logs.setup("debug", stream=out, json=True)
+    ctl = ScsiController({0: ScsiDisk(cast(Any, FailingFlushBackend()), disk_id=uuid.uuid4())})
+    ch, sent = host_channel()
+    vsp = StorageVsp()
+    vsp.controllers["vm1"] = ctl
+    info = ChannelResources.standalone("vm1", vsp.offer("vm1"), cast(Any, None), logs.get(partition="vm1", relid=1))
+    task = asyncio.get_running_loop().create_task(vsp.after_handshake(ch, info, ready_handshake()))
+    deliver(ch, command(bytes.fromhex("35000000000000000000"), trans_id=9))  # SYNCHRONIZE CACHE(10)
+    fields = vstor.SRB_PACKET.unpack((await answers(sent, 1))[9].payload)
+    assert fields[4] == vstor.SrbStatus.ERROR | vstor.SRB_STATUS_AUTOSENSE_VALID
+    assert (fields[15][2], fields[15][12]) == (0x4, 0x44), "not HARDWARE ERROR / INTERNAL TARGET FAILURE"
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    failed = [line for line in lines if "HARDWARE ERROR" in line["event"]]
+    assert failed, f"no log line for the failure in {lines}"
+    line = failed[0]
+    assert (line["partition"], line["relid"], line["lun"], line["opcode"]) == ("vm1", 1, 0, "0x35")
+    assert "Traceback" in line["exception"] and "flush exploded" in line["exception"], "traceback missing"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -789,8 +789,10 @@ class _Connection:
                 error = nbd_errno(exc)
                 data = []
                 message = str(exc)
+                # A device error is the guest's answer; anything else is a bug of ours: keep its traceback.
                 self.log.warning("nbd request failed", cmd=COMMAND_NAMES.get(cmd, cmd), offset=offset,
-                                 length=length, error=error, exc=repr(exc))
+                                 length=length, error=error, exc=repr(exc),
+                                 exc_info=None if isinstance(exc, (BlockDeviceError, OSError)) else exc)
             await self._reply(handle, error, data, cmd=cmd, offset=offset, message=message)
         finally:
             self.budget.release(charge)

@@ -5,7 +5,11 @@ midlayer scans the target (REPORT LUNS, INQUIRY, READ CAPACITY(16), MODE SENSE f
 caching page; drivers/scsi/sd.c), then ``storvsc_queuecommand`` sends each command as EXECUTE_SRB: an
 in-band packet without data, or a GPA-direct packet with exactly one range over the guest buffer
 (``storvsc_do_io``), COMPLETION_REQUESTED, and a bounded number outstanding. Requests are split at the
-``max_transfer_bytes`` the host advertised (rounded down to 4 KiB, as ``storvsc_probe`` does).
+``max_transfer_bytes`` the host advertised (rounded down to 4 KiB, as ``storvsc_probe`` does). A LUN whose
+INQUIRY says CmdQue gets tagged SRBs (QUEUE_ACTION_ENABLE | NO_QUEUE_FREEZE, SP_UNTAGGED, SIMPLE_TAG), as
+``sdev->tagged_supported`` makes ``storvsc_queuecommand`` send. An ENUMERATE_BUS or REMOVE_DEVICE from the
+host (trans_id 0) starts ``storvsc_host_scan``'s rescan. CDBs come from vmbus_proto/devices/storage/scsi.py,
+the definitions the host's SCSI target parses.
 
 Guest buffers are guest pages: WRITE data is copied into them and travels with the request, READ data
 arrives with the completion and is written into them, exactly where the host would have DMA'd it.
@@ -16,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
-from vmbus_proto.devices.storage import vstor
+from vmbus_proto.devices.storage import scsi, vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
 
@@ -33,14 +38,30 @@ from .service import StorageService
 MAX_OUTSTANDING = 256
 # One EXECUTE_SRB as Linux storvsc_queuecommand fills it: vstor_packet (operation, flags, status) and its
 # 52-byte vmscsi_request (length, srb/scsi status, port, path, target, lun, cdb_length, sense_info_length,
-# data_in, reserved, data_transfer_length, cdb[20], reserve, queue_tag 0xFF, queue_action SIMPLE_TAG,
-# srb_flags, time_out_value 60, queue_sort_key), packed in one go (vstor.SRB_PACKET): the per-I/O hot path.
+# data_in, reserved, data_transfer_length, cdb[20], reserve, queue_tag, queue_action, srb_flags,
+# time_out_value 60, queue_sort_key), packed in one go (vstor.SRB_PACKET): the per-I/O hot path.
 _PACK_SRB = vstor.SRB_PACKET.pack
 _OP_EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
-_SYNC = int(vstor.SrbFlags.DISABLE_SYNCH_TRANSFER)
-_WRITE = (int(vstor.DataDirection.WRITE), _SYNC | int(vstor.SrbFlags.DATA_OUT))
-_READ = (int(vstor.DataDirection.READ), _SYNC | int(vstor.SrbFlags.DATA_IN))
-_NO_DATA = (int(vstor.DataDirection.UNKNOWN), _SYNC)
+SP_UNTAGGED = 0xFF  # queue_tag of a tagged device's request (Linux storvsc_drv.c)
+SRB_SIMPLE_TAG_REQUEST = 0x20  # its queue_action
+
+
+def _srb_modes(tagged: bool) -> tuple[tuple[int, int, int, int], ...]:
+    """(data_in, srb_flags, queue_tag, queue_action) for a write, a read and a command without data, as
+    ``storvsc_queuecommand`` sets them: DISABLE_SYNCH_TRANSFER always; QUEUE_ACTION_ENABLE | NO_QUEUE_FREEZE
+    with SP_UNTAGGED / SIMPLE_TAG when the device is tagged (``sdev->tagged_supported``, from INQUIRY CmdQue);
+    DATA_OUT / DATA_IN by direction (SRB_FLAGS_NO_DATA_TRANSFER is 0)."""
+    flags = int(vstor.SrbFlags.DISABLE_SYNCH_TRANSFER)
+    tag = action = 0
+    if tagged:
+        flags |= vstor.SrbFlags.QUEUE_ACTION_ENABLE | vstor.SrbFlags.NO_QUEUE_FREEZE
+        tag, action = SP_UNTAGGED, SRB_SIMPLE_TAG_REQUEST
+    return ((int(vstor.DataDirection.WRITE), flags | vstor.SrbFlags.DATA_OUT, tag, action),
+            (int(vstor.DataDirection.READ), flags | vstor.SrbFlags.DATA_IN, tag, action),
+            (int(vstor.DataDirection.UNKNOWN), flags, tag, action))
+
+
+UNTAGGED, TAGGED = _srb_modes(False), _srb_modes(True)
 # The fields of a COMPLETE_IO the guest reads: operation, then srb_status, scsi_status, sense_info_length,
 # data_transfer_length and the sense bytes of the returned vmscsi_request.
 _COMPLETION = struct.Struct("<I10xBB5xB2xI20s")
@@ -49,10 +70,15 @@ _SRB_SUCCESS = int(vstor.SrbStatus.SUCCESS)
 _COMP = int(PacketType.COMP)
 _READ_DIRECTION = int(vstor.DataDirection.READ)
 _OP_COMPLETE_IO = int(vstor.Operation.COMPLETE_IO)
+_SRB_INVALID_LUN = int(vstor.SrbStatus.INVALID_LUN)
 SD_MAX_WS16_BLOCKS = 0x7FFFFF  # Linux sd's cap on one WRITE SAME(16)
 LBA_STATUS_ALLOCATION = 8 + 16 * 256  # GET LBA STATUS: header and up to 256 descriptors
-SENSE_KEY_NAMES = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR", 0x5: "ILLEGAL REQUEST",
-                   0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT"}
+REPORT_LUNS_ALLOCATION = 4096
+ILLEGAL = int(scsi.SenseKey.ILLEGAL_REQUEST)
+_SENSE_KEYS = frozenset(int(k) for k in scsi.SenseKey)
+_HOST_SCAN = frozenset({int(vstor.Operation.ENUMERATE_BUS), int(vstor.Operation.REMOVE_DEVICE)})
+_OPERATION = struct.Struct("<I")
+_rw_cdb = scsi.read_write_cdb
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +94,11 @@ class ScsiReply:
         return (self.srb_status & 0x3F) == vstor.SrbStatus.SUCCESS and self.scsi_status == 0
 
     def error(self, what: str) -> BlockDeviceError:
-        key = self.sense[2] & 0x0F if len(self.sense) > 2 else 0
-        asc = (self.sense[12], self.sense[13]) if len(self.sense) > 13 else (0, 0)
-        code = errno.EPERM if key == 0x7 else errno.EINVAL if key == 0x5 else errno.EIO
+        key, asc, ascq = scsi.sense_fields(self.sense)
+        code = errno.EPERM if key == scsi.SenseKey.DATA_PROTECT else errno.EINVAL if key == ILLEGAL else errno.EIO
+        name = scsi.SenseKey(key).name.replace("_", " ") if key in _SENSE_KEYS else hex(key)
         text = (f"{what}: srb_status {self.srb_status:#x} scsi_status {self.scsi_status:#x}"
-                + (f" sense {SENSE_KEY_NAMES.get(key, hex(key))} asc/ascq {asc[0]:#04x}/{asc[1]:#04x}"
-                   if key else ""))
+                + (f" sense {name} asc/ascq {asc:#04x}/{ascq:#04x}" if key else ""))
         return BlockDeviceError(code, text)
 
 
@@ -139,10 +164,17 @@ class BufferPool:
 
 
 class StorageVsc(HandshakeVsc):
-    """The VSC; ``disks`` holds the guest's view of each LUN it found as a ``BlockDevice`` (:class:`ScsiLun`)."""
+    """The VSC; ``disks`` holds the guest's view of each LUN it found as a ``BlockDevice`` (:class:`ScsiLun`).
+
+    When the host says the bus changed (ENUMERATE_BUS or REMOVE_DEVICE, trans_id 0) the VSC rescans as Linux
+    ``storvsc_host_scan`` does, and then calls ``on_luns_changed(added, removed)`` (LUN numbers) if set.
+    """
 
     module = vstor
     Service = StorageService
+    on_luns_changed: Callable[[list[int], list[int]], None] | None = None
+    _rescan_task: asyncio.Task[None] | None = None
+    _rescan_wanted = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -171,14 +203,44 @@ class StorageVsc(HandshakeVsc):
         await self.scan()
 
     def _unsolicited(self, pkt: Any) -> None:
-        # ENUMERATE_BUS / REMOVE_DEVICE arrive in-band with trans_id 0 (Linux rescans; we log).
-        self.log.info("unsolicited storage packet", length=len(pkt.payload))
+        """A host packet that answers nothing (Linux ``storvsc_on_channel_callback`` with trans_id 0)."""
+        payload = pkt.payload
+        if len(payload) < _OPERATION.size:
+            self.log.warning("storage packet too short to carry an operation", length=len(payload))
+            return
+        (op,) = _OPERATION.unpack_from(payload)
+        if pkt.trans_id == 0 and op in _HOST_SCAN:
+            self.request_rescan()  # storvsc_on_receive: queue_work(host_scan_work)
+        else:
+            self.log.warning("unexpected storage packet", operation=op, trans_id=pkt.trans_id, type=pkt.type)
+
+    def request_rescan(self) -> None:
+        """Schedule a rescan; requests that come while one is waiting or running fold into one more pass
+        (a work item queued again while it runs, as Linux's workqueue does)."""
+        self._rescan_wanted = True
+        if self._rescan_task is None or self._rescan_task.done():
+            self._rescan_task = asyncio.get_running_loop().create_task(self._rescan_worker())
+
+    async def _rescan_worker(self) -> None:
+        while self._rescan_wanted:
+            self._rescan_wanted = False
+            try:
+                await self.rescan()
+            except (ChannelClosed, ConnectionError):
+                return  # the channel went: a new one scans from scratch
+            except BlockDeviceError as exc:
+                self.log.warning("storage rescan failed", error=str(exc))
+            except DeviceProtocolError as exc:
+                self.log.error("storage rescan got a malformed answer", error=str(exc))
 
     async def run(self, channel: Channel) -> None:
         """Nothing to poll: completions are routed to their requests by transaction id."""
 
     def forget(self) -> None:
         super().forget()
+        if self._rescan_task is not None:
+            self._rescan_task.cancel()
+            self._rescan_task = None
         if self.pool is not None:
             self.pool.release()
             self.pool = None
@@ -186,13 +248,17 @@ class StorageVsc(HandshakeVsc):
     # ---- SCSI -------------------------------------------------------------------------------------------
 
     async def command(self, cdb: bytes, data_out: Buffer | None = None, data_in: int = 0,
-                      lun: int | None = None) -> ScsiReply:
-        """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read."""
-        payload, data = await self._srb(cdb, data_out, data_in, 0 if lun is None else lun)
+                      lun: int | None = None, modes: tuple[tuple[int, int, int, int], ...] = UNTAGGED) -> ScsiReply:
+        """One EXECUTE_SRB. ``data_out`` bytes are written to the device; ``data_in`` bytes are read. ``modes``
+        is the LUN's (:data:`TAGGED` once its INQUIRY said CmdQue)."""
+        mode = modes[0] if data_out is not None else modes[1] if data_in else modes[2]
+        payload, data = await self._srb(cdb, data_out, data_in, 0 if lun is None else lun, mode)
         return self._reply(payload, data)
 
-    async def _srb(self, cdb: bytes, data_out: Buffer | None, data_in: int, lun: int) -> tuple[bytes, bytes]:
-        """Send one EXECUTE_SRB (``storvsc_queuecommand``); returns the completion's payload and the READ data
+    async def _srb(self, cdb: bytes, data_out: Buffer | None, data_in: int, lun: int,
+                   mode: tuple[int, int, int, int]) -> tuple[bytes, bytes]:
+        """Send one EXECUTE_SRB (``storvsc_queuecommand``); ``mode`` is (data_in, srb_flags, queue_tag,
+        queue_action) from :data:`UNTAGGED` / :data:`TAGGED`. Returns the completion's payload and the READ data
         as it landed in our pages. The per-I/O hot path."""
         channel, pool, slots = self.channel, self.pool, self._slots
         if channel is None or slots is None or pool is None:
@@ -200,11 +266,11 @@ class StorageVsc(HandshakeVsc):
         length = len(data_out) if data_out is not None else data_in
         if length > pool.size:
             raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {pool.size}")
-        direction, flags = _WRITE if data_out is not None else _READ if data_in else _NO_DATA
+        direction, flags, tag, action = mode
         payload = _PACK_SRB(
             _OP_EXECUTE_SRB, vstor.REQUEST_COMPLETION_FLAG, 0,  # vstor_packet header
             vstor.VMSCSI_REQUEST_SIZE, 0, 0, 0, 0, 0, lun, len(cdb),
-            vstor.SENSE_BUFFER_SIZE, direction, 0, length, cdb, 0, 0xFF, 0x20, flags, 60, 0)
+            vstor.SENSE_BUFFER_SIZE, direction, 0, length, cdb, 0, tag, action, flags, 60, 0)
         async with slots:
             if not length:
                 reply = await channel.request(payload)
@@ -243,31 +309,54 @@ class StorageVsc(HandshakeVsc):
         op, srb_status, scsi_status = _COMPLETION_STATUS(payload)
         return bool(op == _OP_COMPLETE_IO and srb_status & 0x3F == _SRB_SUCCESS and scsi_status == 0)
 
-    async def scan(self) -> None:
-        """What the Linux SCSI midlayer does on a new target (scsi_scan.c): REPORT LUNS, then sd probes each
-        LUN that answers INQUIRY as a disk. LUN 0 is probed even if REPORT LUNS fails."""
-        luns = await self.command(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 4096) + b"\0\0", data_in=4096)
-        found = [0]
-        if luns.ok and len(luns.data) >= 8:
-            n = struct.unpack_from(">I", luns.data)[0] // 8
-            found = [struct.unpack_from(">H", luns.data, 8 + 8 * i)[0] & 0x3FFF for i in range(n)
-                     if 16 + 8 * i <= len(luns.data)] or [0]
-        self.luns = found
-        self.disks = {}
+    async def _report_luns(self) -> list[int]:
+        """REPORT LUNS on the target (scsi_scan.c ``scsi_report_lun_scan``); LUN 0 if it fails or lists none."""
+        reply = await self.command(scsi.report_luns_cdb(REPORT_LUNS_ALLOCATION), data_in=REPORT_LUNS_ALLOCATION)
+        return (scsi.report_luns(reply.data) if reply.ok else []) or [0]
+
+    async def _probe(self, luns: list[int]) -> tuple[dict[int, ScsiLun], BlockDeviceError | None]:
+        """sd's probe of each LUN: the disks found, and the first error met."""
+        found: dict[int, ScsiLun] = {}
         first_error: BlockDeviceError | None = None
-        for lun in found:
+        for lun in luns:
             disk = ScsiLun(self, lun)
             try:
                 if await disk.probe():
-                    self.disks[lun] = disk
+                    found[lun] = disk
             except BlockDeviceError as exc:
                 self.log.warning("LUN probe failed", lun=lun, error=str(exc))
                 first_error = first_error or exc
-        if not self.disks and first_error is not None:
-            raise first_error
-        for disk in self.disks.values():
+        for disk in found.values():
             self.log.info("disk attached", lun=disk.lun, vendor=disk.vendor, product=disk.product, size=disk.size,
                           read_only=disk.read_only, discard=disk.provisioning, max_transfer=disk.max_transfer)
+        return found, first_error
+
+    async def scan(self) -> None:
+        """What the Linux SCSI midlayer does on a new target (scsi_scan.c): REPORT LUNS, then sd probes each
+        LUN that answers INQUIRY as a disk. LUN 0 is probed even if REPORT LUNS fails."""
+        self.luns = await self._report_luns()
+        self.disks, first_error = await self._probe(self.luns)
+        if not self.disks and first_error is not None:
+            raise first_error
+
+    async def rescan(self) -> tuple[list[int], list[int]]:
+        """Linux ``storvsc_host_scan``: TEST UNIT READY on every known LUN (one answered INVALID_LUN is removed,
+        ``storvsc_handle_error``), then ``scsi_scan_host``: REPORT LUNS and a probe of each LUN not known yet.
+        Returns (added, removed) and tells ``on_luns_changed`` when either is not empty."""
+        removed: list[int] = []
+        for lun, disk in list(self.disks.items()):
+            reply = await disk.command(scsi.test_unit_ready_cdb())
+            if reply.srb_status & 0x3F == _SRB_INVALID_LUN:
+                removed.append(lun)
+                del self.disks[lun]
+                self.log.info("disk removed", lun=lun)
+        self.luns = await self._report_luns()
+        found, _ = await self._probe([lun for lun in self.luns if lun not in self.disks])
+        self.disks.update(found)
+        added = sorted(found)
+        if (added or removed) and self.on_luns_changed is not None:
+            self.on_luns_changed(added, removed)
+        return added, removed
 
 
 class ScsiLun(DiskFacts):
@@ -293,34 +382,36 @@ class ScsiLun(DiskFacts):
         self.max_discard_blocks = 0
         self.max_ws_blocks = 0
         self.block_status_supported = True
+        self.modes = UNTAGGED  # TAGGED once INQUIRY says CmdQue (Linux sdev->tagged_supported)
 
     @property
     def supports_discard(self) -> bool:
         return self.provisioning is not None
 
     async def command(self, cdb: bytes, data_out: Buffer | None = None, data_in: int = 0) -> ScsiReply:
-        return await self.vsc.command(cdb, data_out, data_in, lun=self.lun)
+        return await self.vsc.command(cdb, data_out, data_in, lun=self.lun, modes=self.modes)
 
     async def probe(self) -> bool:
         """Read the LUN's geometry and capabilities; False if it is not a disk that is present."""
-        inq = await self.command(bytes([0x12, 0, 0, 0, 96, 0]), data_in=96)
+        inq = await self.command(scsi.inquiry_cdb(96), data_in=96)
         if not inq.ok:
             raise inq.error(f"INQUIRY of LUN {self.lun}")
-        if not inq.data or inq.data[0] & 0x1F != 0x00 or inq.data[0] >> 5:
+        if not inq.data or inq.data[0] & 0x1F != scsi.DEVICE_TYPE_DISK or inq.data[0] >> 5:
             return False  # not a direct-access device, or not present (qualifier 011b)
+        self.modes = TAGGED if scsi.inquiry_tagged(inq.data) else UNTAGGED
         self.vendor = inq.data[8:16].decode("ascii", "replace").strip()
         self.product = inq.data[16:32].decode("ascii", "replace").strip()
-        cap = await self.command(bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + b"\0\0", data_in=32)
+        cap = await self.command(scsi.read_capacity16_cdb(32), data_in=32)
         if not cap.ok:
             raise cap.error(f"READ CAPACITY(16) of LUN {self.lun}")
         last_lba, block = struct.unpack_from(">QI", cap.data)
         self.block_size = block
         self.size = (last_lba + 1) * block
         self.lbpme, self.lbprz = bool(cap.data[14] & 0x80), bool(cap.data[14] & 0x40)
-        sense = await self.command(bytes([0x1A, 0, 0x3F, 0, 255, 0]), data_in=255)
+        sense = await self.command(scsi.mode_sense6_cdb(0x3F, 255), data_in=255)
         if sense.ok and len(sense.data) >= 4:
             self.read_only = bool(sense.data[2] & 0x80)
-        cache = await self.command(bytes([0x1A, 0x08, 0x08, 0, 255, 0]), data_in=255)
+        cache = await self.command(scsi.mode_sense6_cdb(0x08, 255, dbd=True), data_in=255)
         if cache.ok and len(cache.data) >= 7:
             self.write_cache = bool(cache.data[4 + 2] & 0x04)
         if self.lbpme and not self.read_only:
@@ -328,8 +419,8 @@ class ScsiLun(DiskFacts):
         return True
 
     async def _provisioning(self) -> None:
-        limits = await self.command(bytes([0x12, 0x01, 0xB0, 0, 64, 0]), data_in=64)
-        lbp = await self.command(bytes([0x12, 0x01, 0xB2, 0, 8, 0]), data_in=8)
+        limits = await self.command(scsi.inquiry_cdb(64, page=0xB0), data_in=64)
+        lbp = await self.command(scsi.inquiry_cdb(8, page=0xB2), data_in=8)
         if not (limits.ok and len(limits.data) >= 44 and lbp.ok and len(lbp.data) >= 6):
             return
         max_unmap = struct.unpack_from(">I", limits.data, 20)[0]
@@ -354,12 +445,6 @@ class ScsiLun(DiskFacts):
         if self.read_only:
             raise BlockDeviceError(errno.EPERM, "the disk is write-protected")
 
-    def _rw_cdb(self, write: bool, offset: int, length: int, fua: bool) -> bytes:
-        lba, blocks = offset // self.block_size, length // self.block_size
-        if lba + blocks <= 0xFFFFFFFF and blocks <= 0xFFFF:
-            return struct.pack(">BBIBHB", 0x2A if write else 0x28, 0x08 if fua else 0, lba, 0, blocks, 0)
-        return struct.pack(">BBQIBB", 0x8A if write else 0x88, 0x08 if fua else 0, lba, blocks, 0, 0)
-
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         if length <= self.max_transfer:
@@ -370,8 +455,9 @@ class ScsiLun(DiskFacts):
         return b"".join(parts)
 
     async def _read_chunk(self, offset: int, length: int) -> bytes:
-        vsc = self.vsc
-        payload, data = await vsc._srb(self._rw_cdb(False, offset, length, False), None, length, self.lun)
+        vsc, bs = self.vsc, self.block_size
+        payload, data = await vsc._srb(_rw_cdb(False, offset // bs, length // bs, False), None, length, self.lun,
+                                       self.modes[1])
         if len(data) != length or not vsc._succeeded(payload):
             raise vsc._reply(payload, data).error(f"READ at {offset}")
         return data
@@ -386,13 +472,14 @@ class ScsiLun(DiskFacts):
                                for o in range(offset, offset + len(data), self.max_transfer)))
 
     async def _write_chunk(self, offset: int, data: memoryview, fua: bool) -> None:
-        vsc = self.vsc
-        payload, _ = await vsc._srb(self._rw_cdb(True, offset, len(data), fua), data, 0, self.lun)
+        vsc, bs = self.vsc, self.block_size
+        payload, _ = await vsc._srb(_rw_cdb(True, offset // bs, len(data) // bs, fua), data, 0, self.lun,
+                                    self.modes[0])
         if not vsc._succeeded(payload):
             raise vsc._reply(payload, b"").error(f"WRITE at {offset}")
 
     async def flush(self) -> None:
-        reply = await self.command(bytes([0x35]) + bytes(9))
+        reply = await self.command(scsi.synchronize_cache10_cdb())
         if not reply.ok:
             raise reply.error("SYNCHRONIZE CACHE")
 
@@ -402,8 +489,7 @@ class ScsiLun(DiskFacts):
         zero = bytes(bs)
         for pos in range(offset, offset + length, self.max_ws_blocks * bs):
             blocks = min(self.max_ws_blocks, (offset + length - pos) // bs)
-            cdb = struct.pack(">BBQIBB", 0x93, 0x08 if unmap else 0, pos // bs, blocks, 0, 0)
-            reply = await self.command(cdb, data_out=zero)
+            reply = await self.command(scsi.write_same16_cdb(pos // bs, blocks, unmap=unmap), data_out=zero)
             if not reply.ok:
                 raise reply.error(f"WRITE SAME(16){' UNMAP' if unmap else ''} at {pos}")
 
@@ -411,9 +497,8 @@ class ScsiLun(DiskFacts):
         bs = self.block_size
         for pos in range(offset, offset + length, self.max_discard_blocks * bs):
             blocks = min(self.max_discard_blocks, (offset + length - pos) // bs)
-            descriptor = struct.pack(">QI4x", pos // bs, blocks)
-            params = struct.pack(">HH4x", 6 + len(descriptor), len(descriptor)) + descriptor
-            reply = await self.command(struct.pack(">BB4xBHB", 0x42, 0, 0, len(params), 0), data_out=params)
+            params = scsi.unmap_parameters(pos // bs, blocks)
+            reply = await self.command(scsi.unmap_cdb(len(params)), data_out=params)
             if not reply.ok:
                 raise reply.error(f"UNMAP at {pos}")
 
@@ -443,11 +528,11 @@ class ScsiLun(DiskFacts):
         if not self.block_status_supported or length <= 0:
             return [(length, 0)]
         bs = self.block_size
-        cdb = struct.pack(">BBQIBB", 0x9E, 0x12, offset // bs, LBA_STATUS_ALLOCATION, 0, 0)
-        reply = await self.command(cdb, data_in=LBA_STATUS_ALLOCATION)
+        reply = await self.command(scsi.get_lba_status_cdb(offset // bs, LBA_STATUS_ALLOCATION),
+                                   data_in=LBA_STATUS_ALLOCATION)
         if not reply.ok:
-            key = reply.sense[2] & 0x0F if len(reply.sense) > 2 else 0
-            if key == 0x5 and len(reply.sense) > 12 and reply.sense[12] in (0x20, 0x24):
+            key, asc, _ = scsi.sense_fields(reply.sense)
+            if key == ILLEGAL and asc in (scsi.Asc.INVALID_COMMAND_OPERATION_CODE, scsi.Asc.INVALID_FIELD_IN_CDB):
                 self.block_status_supported = False  # not a service action this target knows
                 return [(length, 0)]
             raise reply.error(f"GET LBA STATUS at {offset}")

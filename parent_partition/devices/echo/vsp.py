@@ -7,7 +7,7 @@ from vmbus_proto.devices.echo import protocol as echo
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from ...vsp import OpenChannelInfo, Vsp
+from ...vsp import ChannelResources, Vsp
 
 
 class EchoVsp(Vsp):
@@ -16,7 +16,7 @@ class EchoVsp(Vsp):
 
     spec = echo.SPEC
 
-    async def serve(self, channel: Channel, info: OpenChannelInfo) -> None:
+    async def serve(self, channel: Channel, res: ChannelResources) -> None:
         recv, recv_nowait, try_send, send = channel.recv, channel.recv_nowait, channel.try_send, channel.send
         comp = PacketType.COMP
         while True:

@@ -156,6 +156,7 @@ class DiskBackend:
             collections.deque())
         self._lock = threading.Lock()
         self._workers = 0
+        self._workers_gone = asyncio.Event()  # set (on the loop) by the last worker to leave once closed
         self._outstanding: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nowait_read = _RWF_NOWAIT != 0
@@ -222,13 +223,18 @@ class DiskBackend:
         """Refuse new I/O, wait for every operation already in a pool thread, then close the file."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
         jobs = list(self._outstanding)
         if jobs:
             # Shielded: a cancelled closer must not cancel the wait, or the fd could go while a thread uses it.
             await asyncio.shield(asyncio.gather(*jobs, return_exceptions=True))
-        while self._workers:  # a worker may still be handing its last batch back
-            await asyncio.sleep(0.001)
+        while True:  # a worker may still be handing its last batch back: the last one out says so
+            with self._lock:
+                if not self._workers:
+                    break
+                self._workers_gone.clear()
+            await self._workers_gone.wait()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             await asyncio.get_running_loop().run_in_executor(self._pool(), _close_quietly, fd)
@@ -418,6 +424,7 @@ class DiskBackend:
             with self._lock:
                 if not self._queue:
                     self._workers -= 1
+                    last_at_close = self._closed and not self._workers
                     break
                 func, args, fut = self._queue.popleft()
             try:
@@ -429,6 +436,8 @@ class DiskBackend:
                 batch = []
         if batch:
             self._loop.call_soon_threadsafe(_settle, batch)
+        if last_at_close:  # close() is waiting for the workers (only then: no wake-up per idle worker)
+            self._loop.call_soon_threadsafe(self._workers_gone.set)
 
     # The following run in a pool thread.
 

@@ -30,17 +30,21 @@ Commands a disk answers (anything else is CHECK CONDITION, ILLEGAL REQUEST, ASC 
 
 REPORT LUNS (0xA0) is answered by :class:`ScsiController` for every LUN, present or not.
 
-Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsupported command or page, and
-an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST; a write to a read-only disk is DATA
-PROTECT / WRITE PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C
-writing) with SRB ERROR. Whenever sense is returned the SRB status carries AUTOSENSE_VALID (0x80), as
-OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
+Opcodes, statuses and sense codes are the protocol package's (vmbus_proto/devices/storage/scsi.py), the
+same definitions the guest builds its CDBs from.
+
+Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsupported command or page,
+and an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST (OpenVMM validates the range from the
+CDB: ``ScsiError::IllegalRequest(ILLEGAL_BLOCK)``); a write to a read-only disk is DATA PROTECT / WRITE
+PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C writing) with SRB
+ERROR; a failure of our own (a bug, an unexpected exception) is logged with its traceback and answered
+HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense is returned the SRB status carries
+AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import functools
 import hashlib
@@ -52,6 +56,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from vmbus_proto.aio import logs
+from vmbus_proto.devices.storage.scsi import (
+    ASCQ_SPACE_ALLOCATION_FAILED,
+    CDB_LENGTH,
+    DEVICE_NOT_PRESENT,
+    DEVICE_TYPE_DISK,
+    INQUIRY_CMDQUE,
+    SA_GET_LBA_STATUS,
+    SA_READ_CAPACITY16,
+    SENSE_LENGTH,
+    Asc,
+    Op,
+    ScsiStatus,
+    SenseKey,
+    fixed_sense,
+)
 from vmbus_proto.devices.storage.vstor import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
 
 from .disk import BLOCK_SIZE, DiskBackend, DiskError, default_executor
@@ -89,88 +109,15 @@ __all__ = [
 ]
 
 
-class Op(enum.IntEnum):
-    """Operation codes handled here (SPC-3 / SBC-3 numbering)."""
-
-    TEST_UNIT_READY = 0x00
-    REQUEST_SENSE = 0x03
-    INQUIRY = 0x12
-    MODE_SENSE6 = 0x1A
-    START_STOP_UNIT = 0x1B
-    PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
-    READ_CAPACITY10 = 0x25
-    READ10 = 0x28
-    WRITE10 = 0x2A
-    SYNCHRONIZE_CACHE10 = 0x35
-    UNMAP = 0x42
-    MODE_SENSE10 = 0x5A
-    READ16 = 0x88
-    WRITE16 = 0x8A
-    SYNCHRONIZE_CACHE16 = 0x91
-    WRITE_SAME16 = 0x93
-    SERVICE_ACTION_IN16 = 0x9E
-    REPORT_LUNS = 0xA0
-
-
-# Shortest CDB each command needs; a shorter one is ILLEGAL REQUEST / INVALID FIELD IN CDB.
-# Longer ones are fine: VSTOR carries CDBs in a 16-byte field.
-CDB_LENGTH: dict[int, int] = {
-    Op.TEST_UNIT_READY: 6, Op.REQUEST_SENSE: 6, Op.INQUIRY: 6, Op.MODE_SENSE6: 6, Op.START_STOP_UNIT: 6,
-    Op.PREVENT_ALLOW_MEDIUM_REMOVAL: 6, Op.READ_CAPACITY10: 10, Op.READ10: 10, Op.WRITE10: 10,
-    Op.SYNCHRONIZE_CACHE10: 10, Op.UNMAP: 10, Op.MODE_SENSE10: 10, Op.READ16: 16, Op.WRITE16: 16,
-    Op.SYNCHRONIZE_CACHE16: 16, Op.SERVICE_ACTION_IN16: 16, Op.REPORT_LUNS: 12, Op.WRITE_SAME16: 16,
-}
-
-
-class ScsiStatus(enum.IntEnum):
-    """SAM status byte values we return."""
-
-    GOOD = 0x00
-    CHECK_CONDITION = 0x02
-
-
-class SenseKey(enum.IntEnum):
-    NO_SENSE = 0x0
-    NOT_READY = 0x2
-    MEDIUM_ERROR = 0x3
-    HARDWARE_ERROR = 0x4
-    ILLEGAL_REQUEST = 0x5
-    UNIT_ATTENTION = 0x6
-    DATA_PROTECT = 0x7
-
-
-class Asc(enum.IntEnum):
-    """Additional sense codes (SPC-3 Annex D)."""
-
-    NO_ADDITIONAL_SENSE = 0x00
-    WRITE_ERROR = 0x0C
-    UNRECOVERED_READ_ERROR = 0x11
-    PARAMETER_LIST_LENGTH_ERROR = 0x1A
-    INVALID_COMMAND_OPERATION_CODE = 0x20
-    LBA_OUT_OF_RANGE = 0x21
-    INVALID_FIELD_IN_CDB = 0x24
-    INVALID_FIELD_IN_PARAMETER_LIST = 0x26
-    WRITE_PROTECTED = 0x27
-    SAVING_PARAMETERS_NOT_SUPPORTED = 0x39
-    INTERNAL_TARGET_FAILURE = 0x44
-
-
-ASCQ_SPACE_ALLOCATION_FAILED = 0x07  # with ASC 0x27: a thin disk whose host filesystem is full
-
-SENSE_LENGTH = 18
 VENDOR_ID = b"Msft    "
 PRODUCT_ID = b"Virtual Disk    "
 PRODUCT_REVISION = b"1.0 "
 INQUIRY_DATA_LENGTH = 104  # OpenVMM scsi_defs InquiryData (Windows INQUIRYDATA): additional length 99
-DEVICE_TYPE_DISK = 0x00
-DEVICE_NOT_PRESENT = 0x7F  # peripheral qualifier 011b, type 0x1F
 VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
 OPTIMAL_GRANULARITY_BLOCKS = 8  # 4 KiB: the host filesystem's block, the unit a hole is punched in
 MAX_UNMAP_LBA_COUNT = 1 << 22  # 2 GiB per UNMAP, so even the zero-filling fallback finishes promptly
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_WRITE_SAME_BLOCKS = MAX_UNMAP_LBA_COUNT  # VPD 0xB0 MAXIMUM WRITE SAME LENGTH
-SA_READ_CAPACITY16 = 0x10  # SERVICE ACTION IN (16) service actions (SBC-3)
-SA_GET_LBA_STATUS = 0x12
 LBA_STATUS_MAPPED = 0x0  # GET LBA STATUS provisioning status (SBC-3 table 62)
 LBA_STATUS_DEALLOCATED = 0x1
 _WRITE_SAME_CHUNK = 1 << 20  # a non-zero WRITE SAME pattern is written this many bytes at a time
@@ -186,17 +133,6 @@ _WCE = 0x04
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-
-
-def fixed_sense(key: int, asc: int, ascq: int = 0) -> bytes:
-    """18 bytes of fixed-format sense (SPC-3 4.5.3): response code 0x70, additional length 10."""
-    sense = bytearray(SENSE_LENGTH)
-    sense[0] = 0x70
-    sense[2] = key & 0x0F
-    sense[7] = SENSE_LENGTH - 8
-    sense[12] = asc
-    sense[13] = ascq
-    return bytes(sense)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +202,13 @@ def _io_failure(exc: DiskError, writing: bool) -> ScsiResult:
     return _check(SrbStatus.ERROR, SenseKey.MEDIUM_ERROR, asc)
 
 
-def _internal_failure() -> ScsiResult:
+def _internal_failure(log: Any, cdb: bytes, exc: BaseException | None = None) -> ScsiResult:
+    """A bug of ours or an unexpected backend failure: logged with its traceback (``exc``, or the exception
+    being handled), then answered as HARDWARE ERROR / INTERNAL TARGET FAILURE so the guest is never left
+    waiting."""
+    (log if log is not None else logs.get(component="scsi")).error(
+        "SCSI command failed; answering HARDWARE ERROR", opcode=f"{cdb[0]:#04x}" if cdb else None,
+        exc_info=exc if exc is not None else True)
     return _check(SrbStatus.ERROR, SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 
 
@@ -278,7 +220,7 @@ def inquiry_data(device_type: int = DEVICE_TYPE_DISK, *, identity: bool = True, 
     data[2] = 0x05
     data[3] = 0x02
     data[4] = INQUIRY_DATA_LENGTH - 5
-    data[7] = 0x02 if cmdque else 0x00
+    data[7] = INQUIRY_CMDQUE if cmdque else 0x00
     if identity:
         data[8:16] = VENDOR_ID
         data[16:32] = PRODUCT_ID
@@ -389,9 +331,11 @@ class ScsiDisk:
         }
 
     async def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
-                      data_in_length: int) -> ScsiResult:
+                      data_in_length: int, log: Any = None) -> ScsiResult:
         """Run one command. ``data_out`` is what the guest sent (WRITE data, UNMAP parameters);
-        ``data_in_length`` is the size of the guest's buffer for data coming back."""
+        ``data_in_length`` is the size of the guest's buffer for data coming back. A failure of our own is
+        logged on ``log`` (bound to the partition, relid and LUN) with its traceback, then answered as
+        HARDWARE ERROR / INTERNAL TARGET FAILURE."""
         try:
             cdb = bytes(cdb)
             if not cdb:
@@ -405,7 +349,7 @@ class ScsiDisk:
         except _Check as check:
             return check.result
         except Exception:
-            return _internal_failure()
+            return _internal_failure(log, cdb)
 
     async def flush(self) -> None:
         if not self.read_only:
@@ -611,9 +555,10 @@ class ScsiDisk:
         if count > self.max_transfer_blocks:
             raise _illegal(Asc.INVALID_FIELD_IN_CDB)
         offset, length = lba * self.block_size, count * self.block_size
+        # A guest buffer shorter than the blocks asked for: OpenVMM validate_data_cdb* says ILLEGAL_BLOCK (0x21).
         if writing:
             if len(req.data_out) < length:
-                raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+                raise _illegal(Asc.LBA_OUT_OF_RANGE)
             if self.read_only:
                 raise _write_protected()
             try:
@@ -622,7 +567,7 @@ class ScsiDisk:
                 return _io_failure(exc, writing=True)
             return _good(transferred=length)
         if req.data_in_length < length:
-            raise _illegal(Asc.INVALID_FIELD_IN_CDB)
+            raise _illegal(Asc.LBA_OUT_OF_RANGE)
         try:
             data = await self.backend.read(offset, length)
         except DiskError as exc:
@@ -712,10 +657,11 @@ class ScsiDisk:
 class ScsiController:
     """The LUNs behind one (path, target) of the synthetic SCSI controller.
 
-    REPORT LUNS is answered here for any LUN. A LUN with no disk answers as OpenVMM storvsp does: INQUIRY
-    gets standard data with peripheral type 0x7F (not present; vendor/product/revision zeroed unless LUN 0)
-    and SUCCESS, a VPD request gets INVALID_REQUEST, and anything else CHECK CONDITION with SRB INVALID_LUN
-    and no sense (Linux then removes the LUN).
+    REPORT LUNS is answered here for any LUN (listing nothing at another path or target). A LUN with no disk,
+    and any LUN at another (path, target), answers as OpenVMM storvsp does: INQUIRY gets standard data with
+    peripheral type 0x7F (not present; vendor/product/revision zeroed unless LUN 0) and SUCCESS, a VPD
+    request gets INVALID_REQUEST, and anything else CHECK CONDITION with SRB INVALID_LUN and no sense (Linux
+    then removes the LUN).
     """
 
     def __init__(self, disks: Mapping[int, ScsiDisk] | None = None, *, path_id: int = 0, target_id: int = 0,
@@ -749,18 +695,22 @@ class ScsiController:
             raise ValueError(f"LUN {lun} is not attached") from None
 
     async def execute(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
-                      data_in_length: int) -> ScsiResult:
-        """Run one command for ``lun``; never raises for anything the guest can send."""
+                      data_in_length: int, *, path_id: int = 0, target_id: int = 0, log: Any = None) -> ScsiResult:
+        """Run one command for ``lun`` at (``path_id``, ``target_id``); never raises for anything the guest can
+        send. Every LUN of another path or target is absent, as in OpenVMM (its disks are keyed by path,
+        target and LUN). A failure of our own is logged on ``log`` with its traceback (see
+        :meth:`ScsiDisk.execute`)."""
         try:
             cdb = bytes(cdb)
+            here = path_id == self.path_id and target_id == self.target_id
             if cdb[:1] == bytes((Op.REPORT_LUNS,)):
-                return self._report_luns(cdb, max(0, data_in_length))
-            disk = self._disks.get(lun)
+                return self._report_luns(cdb, max(0, data_in_length), self.luns if here else [])
+            disk = self._disks.get(lun) if here else None
             if disk is not None:
-                return await disk.execute(cdb, data_out, data_in_length)
+                return await disk.execute(cdb, data_out, data_in_length, log)
             return self._absent(lun, cdb, max(0, data_in_length))
         except Exception:
-            return _internal_failure()
+            return _internal_failure(log, cdb)
 
     def _plain_transfer(self, lun: int, cdb: bytes) -> tuple[ScsiDisk, int, int, int] | None:
         """(disk, opcode, offset, length) of a READ or WRITE (10)/(16) whose CDB passes every check
@@ -813,20 +763,24 @@ class ScsiController:
             return None  # the full path turns it into the right sense
 
     @staticmethod
-    def rw_result(started: asyncio.Future[Any], length: int, reading: bool) -> ScsiResult:
-        """The outcome of a command begun with :meth:`start_rw`, once its future is done."""
+    def rw_result(started: asyncio.Future[Any], length: int, reading: bool, log: Any = None,
+                  cdb: bytes = b"") -> ScsiResult:
+        """The outcome of a command begun with :meth:`start_rw`, once its future is done (an exception that is
+        not a ``DiskError`` is logged on ``log`` with its traceback)."""
         exc = started.exception()
         if exc is None:
             return _good(started.result()) if reading else _good(transferred=length)
-        return _io_failure(exc, writing=not reading) if isinstance(exc, DiskError) else _internal_failure()
+        if isinstance(exc, DiskError):
+            return _io_failure(exc, writing=not reading)
+        return _internal_failure(log, cdb, exc)
 
-    def _report_luns(self, cdb: bytes, data_in_length: int) -> ScsiResult:
+    def _report_luns(self, cdb: bytes, data_in_length: int, luns: list[int]) -> ScsiResult:
         if len(cdb) < CDB_LENGTH[Op.REPORT_LUNS]:
             return _illegal(Asc.INVALID_FIELD_IN_CDB).result
         select, allocation = cdb[2], _U32.unpack_from(cdb, 6)[0]
         if allocation < 16 or select not in (0x00, 0x01, 0x02):
             return _illegal(Asc.INVALID_FIELD_IN_CDB).result
-        luns = self.luns if select != 0x01 else []  # 0x01: well-known LUNs only, and we have none
+        luns = luns if select != 0x01 else []  # 0x01: well-known LUNs only, and we have none
         body = b"".join(_U16.pack(lun) + bytes(6) for lun in luns)  # single-level, peripheral addressing
         payload = _U32.pack(len(body)) + bytes(4) + body
         return _Request(cdb, b"", data_in_length).reply(payload, allocation)

@@ -1,13 +1,14 @@
 """StorVSP: the synthetic SCSI controller's host half, serving VSTOR over VMBus onto disk images.
 
 Mirrors OpenVMM vm/devices/storage/storvsp/src/lib.rs: after the VSTOR handshake (``VspHandshake``) every
-EXECUTE_SRB is parsed (``parse_packet``), its data buffer checked (0 or 1 GPA range, at least
-``data_transfer_length`` long), run against the partition's SCSI controller, and completed with a
-COMPLETE_IO that echoes the transaction id and carries SRB status, SCSI status, the bytes transferred
-and fixed-format sense (``send_vmbus_packet``; completions sized 12 + min(request, 52)). At most
-``queue_depth`` requests are in flight per channel (OpenVMM ``io_queue_depth``, default 256): at the cap
-the VSP stops reading the ring, so the guest's ring fills and it blocks. RESET_LUN/ADAPTER/BUS complete
-with SUCCESS as no-ops.
+packet is parsed (``vstor.parse_request``, OpenVMM ``parse_packet``: an unrecognized operation is a protocol
+error), an EXECUTE_SRB's data buffer checked (0 or 1 GPA range, at least ``data_transfer_length`` long), run
+against the partition's SCSI controller at its (path, target, LUN), and completed with a COMPLETE_IO that
+echoes the transaction id and carries a fresh vmscsi_request with the SRB status, SCSI status, the bytes
+transferred and fixed-format sense (``handle_completion``, ``send_vmbus_packet``; completions sized
+12 + min(request, 52)). At most ``queue_depth`` requests are in flight per channel (OpenVMM
+``io_queue_depth``, default 256): at the cap the VSP stops reading the ring, so the guest's ring fills and it
+blocks. RESET_LUN/ADAPTER/BUS complete with SUCCESS as no-ops; CREATE_SUB_CHANNELS goes to the handshake.
 
 Over a stream the READ data rides with the completion and WRITE data with the request (DESIGN.md). One
 wake-up serves every request already queued on the ring: a READ whose data is in the page cache is
@@ -30,11 +31,10 @@ from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.devices.storage import vstor
-from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+from vmbus_proto.packets import Packet, PacketType
 
 from ...settings import ConfigError
-from ...vsp import HandshakeVsp, HostContext, OpenChannelInfo
+from ...vsp import ChannelResources, HandshakeVsp, HostContext
 from .disk import DiskBackend, shutdown_default_executor
 from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
 from .settings import LunEntry, StorageSettings
@@ -90,11 +90,11 @@ class StorageVsp(HandshakeVsp):
                 self.controllers[partition] = ctl
             return ctl
 
-    async def open(self, channel: Channel, info: OpenChannelInfo) -> None:
-        await self.controller(info.partition)  # an unopenable disk fails the OPENCHANNEL
-        self._users[info.partition] = self._users.get(info.partition, 0) + 1
-        self._partition_of[channel] = info.partition
-        await super().open(channel, info)
+    async def open(self, channel: Channel, res: ChannelResources) -> None:
+        await self.controller(res.partition)  # an unopenable disk fails the OPENCHANNEL
+        self._users[res.partition] = self._users.get(res.partition, 0) + 1
+        self._partition_of[channel] = res.partition
+        await super().open(channel, res)
 
     async def close(self, channel: Channel) -> None:
         await super().close(channel)
@@ -122,71 +122,69 @@ class StorageVsp(HandshakeVsp):
                 for err in await ctl.close():
                     self.log.error("disk flush failed on close", partition=partition, error=str(err))
 
-    async def after_handshake(self, channel: Channel, info: OpenChannelInfo, hs: Handshake) -> None:
-        ctl = await self.controller(info.partition)
-        queue = _Inflight(self.queue_depth)
+    async def after_handshake(self, channel: Channel, res: ChannelResources, hs: Handshake) -> None:
+        ctl = await self.controller(res.partition)
+        assert isinstance(hs, vstor.VspHandshake)
+        queue = _Inflight(self.queue_depth, hs)
         recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:
             while True:
                 await queue.room()  # at the cap, stop reading the ring
                 pkt: Packet | None = await channel.recv()
                 while pkt is not None:  # serve everything already queued without a coroutine switch each
-                    answer = self._serve(channel, info, ctl, pkt, queue)
+                    answer = self._serve(channel, res, ctl, pkt, queue)
                     if answer is not None and not try_send(answer):
                         await send(answer)
                     pkt = recv_nowait() if not queue.full else None
         finally:
             await queue.drain()  # every request already taken off the ring is answered before the channel goes
 
-    def _serve(self, channel: Channel, info: OpenChannelInfo, ctl: ScsiController, pkt: Packet,
+    def _serve(self, channel: Channel, res: ChannelResources, ctl: ScsiController, pkt: Packet,
                queue: _Inflight) -> Packet | None:
         """Answer ``pkt`` now if that needs no waiting (the completion is returned); else start it, to be
         answered when it is done."""
         op, srb = parse_request(pkt)
         if srb is None:
-            return Packet(COMP, 0, pkt.trans_id, self._control_answer(op, pkt))
+            return Packet(COMP, 0, pkt.trans_id, _control_answer(op, pkt, queue.hs, res))
         self.requests += 1
-        if srb.path_id or srb.target_id:
-            return _completion(pkt, srb, vstor.SrbStatus.INVALID_TARGET_ID, 0, 0)
         reading = srb.data_in == READ
-        if reading:
-            # A READ whose data is in the page cache completes right here.
-            data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
-            if data is not None:
-                return _completion(pkt, srb, SUCCESS, 0, len(data), data=data)
-        # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback; anything
-        # else (and every error case) runs the whole SCSI path in a task.
-        started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
-                               srb.data_transfer_length if reading else 0)
-        if started is not None:
-            io, length = started
-            queue.add(io, lambda done: self._answer_rw(channel, info, queue, pkt, srb, done, length, reading))
-            return None
-        task = asyncio.get_running_loop().create_task(self._execute(channel, ctl, pkt, srb))
-        queue.add(task, lambda done: _task_failed(done, channel, info, self.name))
+        if not (srb.path_id or srb.target_id):  # our LUNs sit at path 0, target 0; the rest take the full path
+            if reading:
+                # A READ whose data is in the page cache completes right here.
+                data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
+                if data is not None:
+                    return _completion(pkt, SUCCESS, 0, len(data), b"", data)
+            # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback;
+            # anything else (and every error case) runs the whole SCSI path in a task.
+            started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
+                                   srb.data_transfer_length if reading else 0)
+            if started is not None:
+                io, length = started
+                queue.add(io, lambda done: self._answer_rw(channel, res, queue, pkt, srb, done, length, reading))
+                return None
+        task = asyncio.get_running_loop().create_task(self._execute(channel, res, ctl, pkt, srb))
+        queue.add(task, lambda done: _task_failed(done, channel, res, self.name))
         return None
 
-    def _answer_rw(self, channel: Channel, info: OpenChannelInfo, queue: _Inflight, pkt: Packet,
+    def _answer_rw(self, channel: Channel, res: ChannelResources, queue: _Inflight, pkt: Packet,
                    srb: vstor.ExecuteSrb, done: asyncio.Future[Any], length: int, reading: bool) -> None:
         if channel.closed or done.cancelled():
             return  # the guest went: nobody to answer
-        answer = _result_completion(pkt, srb, ScsiController.rw_result(done, length, reading), reading)
+        result = ScsiController.rw_result(done, length, reading, res.log, srb.data)  # data: the CDB
+        answer = _result_completion(pkt, result, reading)
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
-            queue.add(sending, lambda t: _task_failed(t, channel, info, self.name))
+            queue.add(sending, lambda t: _task_failed(t, channel, res, self.name))
 
-    def _control_answer(self, op: int, pkt: Packet) -> bytes:
-        if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
-            return vstor.pack_completion(vstor.NtStatus.SUCCESS, request_payload_len=len(pkt.payload))
-        # Initialization packets after Ready are out of order (OpenVMM: INVALID_DEVICE_STATE).
-        return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=len(pkt.payload))
-
-    async def _execute(self, channel: Channel, ctl: ScsiController, pkt: Packet, srb: vstor.ExecuteSrb) -> None:
+    async def _execute(self, channel: Channel, res: ChannelResources, ctl: ScsiController, pkt: Packet,
+                       srb: vstor.ExecuteSrb) -> None:
         want = srb.data_transfer_length
         reading = srb.data_in == READ
         data_out = pkt.data if srb.data_in == WRITE and want else None
-        result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0)
-        await _send_quietly(channel, _result_completion(pkt, srb, result, reading))
+        result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0, path_id=srb.path_id,
+                                   target_id=srb.target_id,
+                                   log=res.log.bind(path_id=srb.path_id, target_id=srb.target_id, lun=srb.lun))
+        await _send_quietly(channel, _result_completion(pkt, result, reading))
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""
@@ -198,10 +196,12 @@ class StorageVsp(HandshakeVsp):
 
 
 class _Inflight:
-    """Requests taken off the ring and not answered yet (tasks and disk futures): at most ``depth``."""
+    """Requests taken off the ring and not answered yet (tasks and disk futures): at most ``depth``. Kept per
+    channel with the channel's handshake ``hs`` (the Ready state's CREATE_SUB_CHANNELS goes to it)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, hs: vstor.VspHandshake) -> None:
         self.depth = depth
+        self.hs = hs
         self.pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
 
@@ -233,67 +233,46 @@ async def _send_quietly(channel: Channel, answer: Packet) -> None:
         await channel.send(answer)
 
 
-def _task_failed(task: asyncio.Future[Any], channel: Channel, info: OpenChannelInfo, name: str) -> None:
+def _task_failed(task: asyncio.Future[Any], channel: Channel, res: ChannelResources, name: str) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
-        info.log.error("storage request failed", error=repr(exc))
-        channel.conn.fail(f"{name} relid {channel.relid}: internal device error")
+        res.log.error("storage request failed; closing the partition's connection", exc_info=exc)
+        res.fail(f"{name} relid {channel.relid}: internal device error")
 
 
-def _completion(pkt: Packet, srb: vstor.ExecuteSrb, srb_status: int, scsi_status: int, transferred: int,
-                sense: bytes = b"", data: bytes | bytearray = b"") -> Packet:
+def _control_answer(op: int, pkt: Packet, hs: vstor.VspHandshake, res: ChannelResources) -> bytes:
+    """The completion of a recognized operation other than EXECUTE_SRB once the channel is Ready (OpenVMM
+    ``handle_packet``): the resets are no-ops that succeed; CREATE_SUB_CHANNELS goes to the handshake
+    (INVALID_PARAMETER when refused); initialization packets are out of order (INVALID_DEVICE_STATE)."""
+    size = len(pkt.payload)
+    if op in (vstor.Operation.RESET_LUN, vstor.Operation.RESET_ADAPTER, vstor.Operation.RESET_BUS):
+        return vstor.pack_completion(vstor.NtStatus.SUCCESS, request_payload_len=size)
+    if op == vstor.Operation.CREATE_SUB_CHANNELS:
+        count = vstor.parse_create_sub_channels(pkt.payload[vstor.VSTOR_HEADER_SIZE:])
+        status = hs.create_sub_channels(count)
+        if status != vstor.NtStatus.SUCCESS:
+            res.log.warning("cannot create sub-channels", requested=count, maximum=hs.max_channel_cnt)
+        return vstor.pack_completion(status, request_payload_len=size)
+    res.log.warning("unexpected VSTOR packet on a ready channel", operation=op)
+    return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=size)
+
+
+def _completion(pkt: Packet, srb_status: int, scsi_status: int, transferred: int, sense: bytes,
+                data: bytes | bytearray) -> Packet:
     """The VM_PKT_COMP answering ``pkt``: COMPLETE_IO, with READ data riding along into its GPA range."""
-    payload = vstor.pack_complete_io(srb, srb_status, scsi_status, transferred, sense, len(pkt.payload))
-    return Packet(COMP, 0, pkt.trans_id, payload, data=data)
+    return Packet(COMP, 0, pkt.trans_id, pack_complete_io(srb_status, scsi_status, transferred, sense,
+                                                          len(pkt.payload)), data=data)
 
 
-def _result_completion(pkt: Packet, srb: vstor.ExecuteSrb, result: ScsiResult, reading: bool) -> Packet:
+def _result_completion(pkt: Packet, result: ScsiResult, reading: bool) -> Packet:
     """The completion of a command the SCSI target ran: its outcome, and its data for a READ."""
-    return _completion(pkt, srb, result.srb_status, result.scsi_status, result.transferred, result.sense,
+    return _completion(pkt, result.srb_status, result.scsi_status, result.transferred, result.sense,
                        result.data if reading else b"")
 
 
-def parse_request(pkt: Packet) -> tuple[int, vstor.ExecuteSrb | None]:
-    """Validate one guest packet the way OpenVMM ``parse_packet`` does; raise on a protocol violation.
-    Returns the operation and, for EXECUTE_SRB, the request."""
-    if pkt.type == COMP:
-        raise DeviceProtocolError("unsolicited completion on the storage channel")
-    if not pkt.flags & FLAG_COMPLETION_REQUESTED:
-        raise DeviceProtocolError("storage request without COMPLETION_REQUESTED")
-    payload = pkt.payload
-    srb: vstor.ExecuteSrb | None
-    if len(payload) >= _SRB_SIZE:  # the usual whole vstor_packet: read it all in one go
-        srb = vstor.ExecuteSrb._make(_SRB_UNPACK(payload))
-        op = srb.operation
-    else:
-        op, srb = vstor.VstorPacket.unpack(payload).operation, None
-    if op != EXECUTE_SRB:
-        if pkt.ranges or pkt.data:
-            raise DeviceProtocolError(f"vstor operation {op} carries a data buffer")
-        return op, None
-    if srb is None:
-        srb = vstor.unpack_execute_srb(payload)
-    if srb.cdb_length > vstor.MAX_CDB_LENGTH or srb.cdb_length == 0:
-        raise DeviceProtocolError(f"EXECUTE_SRB with cdb_length {srb.cdb_length}")
-    want = srb.data_transfer_length
-    ranges = pkt.ranges
-    if len(ranges) > 1:
-        raise DeviceProtocolError(f"EXECUTE_SRB with {len(ranges)} GPA ranges (at most 1)")
-    have = ranges[0].byte_count if ranges else 0
-    if want and have < want:
-        raise DeviceProtocolError(f"EXECUTE_SRB for {want} bytes with a {have}-byte buffer")
-    if srb.data_in == WRITE:
-        if want and len(pkt.data) != want:
-            raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
-    elif pkt.data:
-        raise DeviceProtocolError("data sent to the host with a request that does not write")
-    return op, srb
-
-
 COMP = int(PacketType.COMP)
-EXECUTE_SRB = int(vstor.Operation.EXECUTE_SRB)
 READ, WRITE = int(vstor.DataDirection.READ), int(vstor.DataDirection.WRITE)
 SUCCESS = int(vstor.SrbStatus.SUCCESS)
-_SRB_SIZE, _SRB_UNPACK = vstor.SRB_PACKET.size, vstor.SRB_PACKET.unpack_from
+parse_request, pack_complete_io = vstor.parse_request, vstor.pack_complete_io
 
 
 def _check_image(entry: LunEntry, source: str | None) -> None:

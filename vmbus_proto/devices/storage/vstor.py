@@ -6,7 +6,7 @@ OpenVMM vm/devices/storage/storvsp/src/protocol.rs and lib.rs (``process_primary
 ``send_vmbus_packet``, ``convert_srb_status_to_nt_status``); SRB status codes from OpenVMM
 vm/devices/storage/scsi_defs/src/srb.rs. The channel is raw (no pipe header). Every guest request is an
 in-band packet with COMPLETION_REQUESTED; the host answers each with a VM_PKT_COMP that echoes its
-transaction id and carries operation COMPLETE_IO.
+transaction id and carries operation COMPLETE_IO. The SCSI carried inside EXECUTE_SRB is in ``scsi.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from ... import guids
 from ...errors import DeviceProtocolError, LocalProtocolError
-from ...packets import PacketType
+from ...packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 from ...ring import vmbus_ring_size
 from ..base import DeviceSpec, Handshake, Incoming, Outgoing, name_text
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_SUPPORTED",
     "LINUX_VERSIONS",
     "MAX_CDB_LENGTH",
+    "RECOGNIZED",
     "REQUEST_COMPLETION_FLAG",
     "SENSE_BUFFER_SIZE",
     "SPEC",
@@ -59,9 +60,15 @@ __all__ = [
     "VstorPacket",
     "completion_size",
     "describe",
+    "pack_complete_io",
     "pack_completion",
+    "pack_host_notification",
     "pack_request",
+    "parse_create_sub_channels",
+    "parse_request",
+    "request_size",
     "srb_status_to_nt_status",
+    "unpack_execute_srb",
     "version_text",
 ]
 
@@ -409,18 +416,96 @@ def unpack_execute_srb(payload: bytes) -> ExecuteSrb:
 
 
 _COMPLETE_IO = int(Operation.COMPLETE_IO)
+_PACK_SRB = SRB_PACKET.pack
 
 
-def pack_complete_io(req: ExecuteSrb, srb_status: int, scsi_status: int, transferred: int, sense: bytes = b"",
+def pack_complete_io(srb_status: int, scsi_status: int, transferred: int, sense: bytes = b"",
                      request_payload_len: int = VSTOR_PACKET_SIZE) -> bytes:
-    """The COMPLETE_IO for ``req``: OpenVMM copies the request's vmscsi_request, fills in the outcome (sense in
-    the union, its length, the bytes moved), puts the NTSTATUS in the header and sizes it like the request."""
-    sense = sense[:SENSE_BUFFER_SIZE]
-    out = SRB_PACKET.pack(_COMPLETE_IO, 0, srb_status_to_nt_status(srb_status), req.length, srb_status,
-                          scsi_status, req.port_number, req.path_id, req.target_id, req.lun, req.cdb_length,
-                          len(sense), req.data_in, req.reserved, transferred, sense, req.reserve, req.queue_tag,
-                          req.queue_action, req.srb_flags, req.time_out_value, req.queue_sort_key)
+    """The COMPLETE_IO of one EXECUTE_SRB as OpenVMM ``handle_completion`` builds it: a fresh vmscsi_request
+    (``length`` 52, ``cdb_length`` 16, ``sense_info_ex_length`` 0x14, everything else zero) with the SRB and
+    SCSI status, the bytes moved and the sense in the 20-byte union (AUTOSENSE_VALID is the caller's, set
+    with the sense); the NTSTATUS in the header; sized like the request (``send_vmbus_packet``)."""
+    out = _PACK_SRB(_COMPLETE_IO, 0, _SRB_TO_NT_GET(srb_status & _STATUS_MASK, _IO_DEVICE_ERROR),
+                    VMSCSI_REQUEST_SIZE, srb_status, scsi_status, 0, 0, 0, 0, MAX_CDB_LENGTH, SENSE_BUFFER_SIZE,
+                    0, 0, transferred, sense[:SENSE_BUFFER_SIZE], 0, 0, 0, 0, 0, 0)
     return out if request_payload_len >= VSTOR_PACKET_SIZE else out[:completion_size(request_payload_len)]
+
+
+_SRB_TO_NT_GET = _SRB_TO_NT.get
+_STATUS_MASK = ~(SRB_STATUS_AUTOSENSE_VALID | SRB_STATUS_QUEUE_FROZEN) & 0xFF
+_IO_DEVICE_ERROR = NtStatus.IO_DEVICE_ERROR
+
+
+def pack_host_notification(operation: int, request_size: int = VSTOR_PACKET_SIZE) -> bytes:
+    """An unsolicited host message (ENUMERATE_BUS, REMOVE_DEVICE): in-band with trans_id 0 and no completion
+    wanted, flags 0, status SUCCESS, padded to the negotiated request size (OpenVMM ``send_packet``)."""
+    return VstorPacket(operation, 0, NtStatus.SUCCESS).pack(request_size)
+
+
+def request_size(version: int | None) -> int:
+    """The ``vstor_packet`` size of a protocol version: 64 bytes from WIN8 on, 48 before (``max_request_size``)."""
+    return VSTOR_PACKET_SIZE if version is None or version >= Version.WIN8 else VSTOR_PACKET_SIZE_V1
+
+
+def parse_create_sub_channels(body: bytes) -> int:
+    """The ``sub_channel_count u16`` of a CREATE_SUB_CHANNELS (operation 13)."""
+    _need(body, _SUB_CHANNELS.size, "CREATE_SUB_CHANNELS")
+    count: int = _SUB_CHANNELS.unpack_from(body)[0]
+    return count
+
+
+# Operations OpenVMM's parse_packet understands; anything else is fatal to the channel (the worker stops on
+# PacketError::UnrecognizedOperation, whatever the state; here the connection is closed).
+RECOGNIZED: frozenset[int] = frozenset({
+    Operation.BEGIN_INITIALIZATION, Operation.END_INITIALIZATION, Operation.QUERY_PROTOCOL_VERSION,
+    Operation.QUERY_PROPERTIES, Operation.EXECUTE_SRB, Operation.RESET_LUN, Operation.RESET_ADAPTER,
+    Operation.RESET_BUS, Operation.CREATE_SUB_CHANNELS,
+})
+
+_COMP = int(PacketType.COMP)
+_EXECUTE_SRB = int(Operation.EXECUTE_SRB)
+_WRITE = int(DataDirection.WRITE)
+_SRB_SIZE, _SRB_UNPACK = SRB_PACKET.size, SRB_PACKET.unpack_from
+
+
+def parse_request(pkt: Packet) -> tuple[int, ExecuteSrb | None]:
+    """Validate one guest packet after initialization the way OpenVMM ``parse_packet`` and ``Range::new`` do;
+    raise ``DeviceProtocolError`` on a protocol violation (the channel's connection is then closed).
+    Returns the operation and, for EXECUTE_SRB, the request. The host's per-I/O hot path: one call."""
+    if pkt.type == _COMP:
+        raise DeviceProtocolError("unsolicited completion on the storage channel")
+    if not pkt.flags & FLAG_COMPLETION_REQUESTED:
+        raise DeviceProtocolError("storage request without COMPLETION_REQUESTED")
+    payload = pkt.payload
+    srb: ExecuteSrb | None
+    if len(payload) >= _SRB_SIZE:  # the usual whole vstor_packet: read it all in one go
+        srb = ExecuteSrb._make(_SRB_UNPACK(payload))
+        op = srb.operation
+    else:
+        op, srb = VstorPacket.unpack(payload).operation, None
+    if op != _EXECUTE_SRB:
+        if op not in RECOGNIZED:
+            raise DeviceProtocolError(f"unrecognized VSTOR operation {op}")
+        if pkt.ranges or pkt.data:
+            raise DeviceProtocolError(f"vstor operation {op} carries a data buffer")
+        return op, None
+    if srb is None:
+        srb = unpack_execute_srb(payload)
+    if srb.cdb_length > MAX_CDB_LENGTH or srb.cdb_length == 0:
+        raise DeviceProtocolError(f"EXECUTE_SRB with cdb_length {srb.cdb_length}")
+    want = srb.data_transfer_length
+    ranges = pkt.ranges
+    if len(ranges) > 1:
+        raise DeviceProtocolError(f"EXECUTE_SRB with {len(ranges)} GPA ranges (at most 1)")
+    have = ranges[0].byte_count if ranges else 0
+    if want and have < want:
+        raise DeviceProtocolError(f"EXECUTE_SRB for {want} bytes with a {have}-byte buffer")
+    if srb.data_in == _WRITE:
+        if want and len(pkt.data) != want:
+            raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
+    elif pkt.data:
+        raise DeviceProtocolError("data sent to the host with a request that does not write")
+    return op, srb
 
 
 def version_text(version: int) -> str:
@@ -448,8 +533,7 @@ def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request:
         srb = VmscsiRequest.unpack(msg.body)
         return f"{text} lun={srb.lun} cdb={srb.cdb.hex()} data_transfer_length={srb.data_transfer_length}"
     if msg.operation == Operation.CREATE_SUB_CHANNELS:
-        _need(msg.body, _SUB_CHANNELS.size, "CREATE_SUB_CHANNELS")
-        return f"{text} count={_SUB_CHANNELS.unpack_from(msg.body)[0]}"
+        return f"{text} count={parse_create_sub_channels(msg.body)}"
     if msg.operation != Operation.COMPLETE_IO:
         return text
     text += f" status={_status_text(msg.status)}"
@@ -605,21 +689,15 @@ class _VspState(enum.Enum):
     READY = "ready"
 
 
-# Operations OpenVMM's parse_packet understands; anything else is fatal to the channel.
-_PARSED = frozenset({
-    Operation.BEGIN_INITIALIZATION, Operation.END_INITIALIZATION, Operation.QUERY_PROTOCOL_VERSION,
-    Operation.QUERY_PROPERTIES, Operation.EXECUTE_SRB, Operation.RESET_LUN, Operation.RESET_ADAPTER,
-    Operation.RESET_BUS, Operation.CREATE_SUB_CHANNELS,
-})
-
-
 class VspHandshake(Handshake):
     """StorVSP's primary-channel state machine (OpenVMM ``process_primary``):
     Begin -> QueryVersion -> QueryProperties -> EndInitialization -> Ready.
 
     A packet out of order is completed with INVALID_DEVICE_STATE; an unsupported version with
-    REVISION_MISMATCH (staying in QueryVersion). CREATE_SUB_CHANNELS before END_INITIALIZATION is granted
-    into ``sub_channel_count`` (the caller then offers the sub-channels).
+    REVISION_MISMATCH (staying in QueryVersion); an unrecognized operation is a protocol error. From WIN8 on
+    QUERY_PROPERTIES says SUPPORTS_MULTI_CHANNEL with ``max_channel_cnt`` (which may be 0), as OpenVMM does.
+    CREATE_SUB_CHANNELS (see :meth:`create_sub_channels`) is taken once before END_INITIALIZATION on a
+    multi-channel version, and again on the primary channel once Ready.
     """
 
     def __init__(self, supported: Iterable[int] = DEFAULT_SUPPORTED, *, max_channel_cnt: int = 0,
@@ -639,6 +717,15 @@ class VspHandshake(Handshake):
     def start(self) -> list[Outgoing]:
         return []
 
+    def create_sub_channels(self, count: int) -> NtStatus:
+        """A CREATE_SUB_CHANNELS for ``count`` sub-channels (OpenVMM ``enable_subchannels``): more than the
+        ``max_channel_cnt`` announced is refused with INVALID_PARAMETER; otherwise ``sub_channel_count`` is
+        set (the caller then offers that many) and the answer is SUCCESS."""
+        if count > self.max_channel_cnt:
+            return NtStatus.INVALID_PARAMETER
+        self.sub_channel_count = count
+        return NtStatus.SUCCESS
+
     def receive(self, packet: Incoming) -> list[Outgoing]:
         if self._state is _VspState.READY:
             raise DeviceProtocolError("VSTOR handshake is over: this packet belongs to the I/O path")
@@ -649,7 +736,7 @@ class VspHandshake(Handshake):
         if not packet.completion_requested:
             raise DeviceProtocolError("VSTOR request without COMPLETION_REQUESTED (not transactional)")
         msg = VstorPacket.unpack(packet.payload)
-        if msg.operation not in _PARSED:
+        if msg.operation not in RECOGNIZED:
             raise DeviceProtocolError(f"unrecognized VSTOR operation {msg.operation}")
         status, body = self._step(Operation(msg.operation), msg.body)
         return [Outgoing(pack_completion(status, body, len(packet.payload)), PacketType.COMP, packet.trans_id)]
@@ -657,10 +744,7 @@ class VspHandshake(Handshake):
     def _step(self, op: Operation, body: bytes) -> tuple[int, bytes]:
         # Payloads are parsed whatever the state, as OpenVMM parse_packet does before its state check.
         requested = ProtocolVersion.unpack(body).major_minor if op is Operation.QUERY_PROTOCOL_VERSION else None
-        count: int | None = None
-        if op is Operation.CREATE_SUB_CHANNELS:
-            _need(body, _SUB_CHANNELS.size, "CREATE_SUB_CHANNELS")
-            (count,) = _SUB_CHANNELS.unpack_from(body)
+        count = parse_create_sub_channels(body) if op is Operation.CREATE_SUB_CHANNELS else None
         state = self._state
         if state is _VspState.BEGIN and op is Operation.BEGIN_INITIALIZATION:
             self._state = _VspState.QUERY_VERSION
@@ -670,7 +754,7 @@ class VspHandshake(Handshake):
             if requested not in self.supported:
                 return NtStatus.REVISION_MISMATCH, echo
             self.negotiated_version = requested
-            self.multi_channel = self.max_channel_cnt > 0 and requested >= Version.WIN8
+            self.multi_channel = requested >= Version.WIN8
             self._state = _VspState.QUERY_PROPERTIES
             return NtStatus.SUCCESS, echo
         if state is _VspState.QUERY_PROPERTIES and op is Operation.QUERY_PROPERTIES:
@@ -679,14 +763,13 @@ class VspHandshake(Handshake):
                 flags=ChannelFlags.SUPPORTS_MULTI_CHANNEL if self.multi_channel else 0,
                 max_transfer_bytes=self.max_transfer_bytes)
             self._state = _VspState.END_INITIALIZATION
+            if not self.multi_channel:
+                self.sub_channel_count = 0  # OpenVMM: Some(0), so CREATE_SUB_CHANNELS is out of order
             return NtStatus.SUCCESS, props.pack()
         if state is _VspState.END_INITIALIZATION:
             if op is Operation.END_INITIALIZATION:
                 self._state = _VspState.READY
                 return NtStatus.SUCCESS, b""
-            if count is not None and self.multi_channel and self.sub_channel_count is None:
-                if count > self.max_channel_cnt:
-                    return NtStatus.INVALID_PARAMETER, b""
-                self.sub_channel_count = count
-                return NtStatus.SUCCESS, b""
+            if count is not None and self.sub_channel_count is None:
+                return self.create_sub_channels(count), b""
         return NtStatus.INVALID_DEVICE_STATE, b""
