@@ -247,3 +247,22 @@ async def test_a_signal_with_the_wrong_sides_fields_fails_the_connection() -> No
     link.guest.send_frame(FrameKind.SIGNAL, 1, Signal(0, read_index=0).encode())  # the guest writes ring 0
     await asyncio.wait_for(link.closed(), 30)
     assert link.host.failure is not None and "reader fields" in link.host.failure, link.host.failure
+
+
+async def test_output_the_peer_does_not_read_stops_reading_until_it_drains() -> None:
+    link = MemoryLink(write_high=4096)  # no channels open: nothing the host sends is covered by credit
+    transport = link.host.transport
+    assert transport is not None
+    link.to_guest.pause()  # the guest reads nothing
+    for _ in range(1000):  # a SIGNAL frame is some 20 bytes: 4 KiB of them is a few hundred
+        if not transport.is_reading():
+            break
+        link.host.send_frame(FrameKind.SIGNAL, 99, Signal(1, write_index=0).encode())
+        link.host.flush()
+    assert not transport.is_reading(), f"the host still reads with {transport.get_write_buffer_size()} bytes unread"
+    assert transport.get_write_buffer_size() > 4096
+    link.guest.send_frame(FrameKind.SIGNAL, 98, Signal(0, write_index=0).encode())
+    await until(lambda: link.to_host.buffered > 0, "the guest's frame waits for the host to read")
+    link.to_guest.resume()
+    await until(lambda: link.to_host.buffered == 0, "the host reads again once its output drained")
+    assert transport.is_reading() and not link.host.closing

@@ -34,10 +34,10 @@ from ..gpadl import Gpadl
 from ..packets import PAGE_SIZE, Buffer
 from ..server import OpenParams
 from .channel import Channel
-from .transport import FramedConnection
+from .transport import CONTROL_WRITE_HIGH, FramedConnection
 
 HOST, GUEST = "host", "guest"
-DEFAULT_RING_PAGES = 16  # a ring GPADL of 16 pages: 8 each way, as StorVSC and NetVSC open small rings
+DEFAULT_RING_PAGES = 16  # a ring GPADL of 16 pages: 8 each way (7 data pages and a header page)
 FIRST_RING_PFN = 0x1000  # page numbers a pair names its ring GPADL with when a test gives none
 
 Closer = Callable[[Channel], Awaitable[None]]
@@ -102,6 +102,7 @@ class Wire:
             if taken < len(chunk):
                 self._chunks.appendleft(chunk[taken:])
             tx.drained()
+        tx.drained()
         if self._eof and not self._chunks and not self.paused:
             self._eof = False
             tx.lose(None)
@@ -266,19 +267,20 @@ class MemoryLink:
     (the child's), joined by the wires ``to_host`` and ``to_guest``. Create it inside a running loop.
 
     ``data_window`` is what each side announces in its HELLO (inline GPA data in flight per channel);
-    ``host_data_window``/``guest_data_window`` set one side's alone."""
+    ``host_data_window``/``guest_data_window`` set one side's alone. ``max_frame``, ``max_payload`` and
+    ``write_high`` are the connections' own limits (``FramedConnection``)."""
 
     def __init__(self, *, data_window: int = DEFAULT_DATA_WINDOW, host_data_window: int | None = None,
                  guest_data_window: int | None = None, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_payload: int = 64 * 1024, partition: str = "vm1", log: Any = None) -> None:
+                 max_payload: int = 64 * 1024, write_high: int = CONTROL_WRITE_HIGH, partition: str = "vm1",
+                 log: Any = None) -> None:
         log = log if log is not None else structlog.get_logger()
         self.partition = partition
         hw = data_window if host_data_window is None else host_data_window
         gw = data_window if guest_data_window is None else guest_data_window
-        self.host = PairConnection(HOST, max_frame=max_frame, max_payload=max_payload, data_window=hw,
-                                   log=log.bind(side=HOST, partition=partition))
-        self.guest = PairConnection(GUEST, max_frame=max_frame, max_payload=max_payload, data_window=gw,
-                                    log=log.bind(side=GUEST, partition=partition))
+        conn = {"max_frame": max_frame, "max_payload": max_payload, "write_high": write_high}
+        self.host = PairConnection(HOST, data_window=hw, log=log.bind(side=HOST, partition=partition), **conn)
+        self.guest = PairConnection(GUEST, data_window=gw, log=log.bind(side=GUEST, partition=partition), **conn)
         self.host.peer_data_window, self.guest.peer_data_window = gw, hw  # as the HELLOs would have told
         self.to_host, self.to_guest = Wire("guest>host"), Wire("host>guest")
         self.host.connection_made(MemoryTransport(self.host, self.to_guest, self.to_host, "guest"))
