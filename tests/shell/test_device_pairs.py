@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from child_partition.devices.echo.vsc import EchoVsc
 from child_partition.devices.input.vsc import KeyboardVsc, MouseVsc
 from child_partition.devices.network.vsc import NetworkVsc
 from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.devices.video.vsc import VideoVsc
 from child_partition.vsc import HandshakeVsc
+from parent_partition.devices.echo.vsp import EchoVsp
 from parent_partition.devices.input.vsp import KeyboardVsp, MouseVsp
 from parent_partition.devices.network.vsp import NetworkVsp
 from parent_partition.devices.storage.scsi import LunConfig
@@ -28,7 +31,7 @@ from parent_partition.vsp import HandshakeVsp
 from vmbus_proto.aio.channel import ChannelClosed
 from vmbus_proto.devices.base import VscVersionHandshake
 from vmbus_proto.devices.storage import vstor
-from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
+from vmbus_proto.packets import PAGE_SIZE, GpaRange, Packet, PacketType
 
 from .adapters import DevicePair, attach
 from .waits import until
@@ -157,3 +160,25 @@ async def test_device_handshake_over_the_pair(vsp_cls: type[HandshakeVsp], vsc_c
         await devices.close()
     assert vsp.tasks == {} and devices.bus.torn_down
 
+
+
+async def test_echo_returns_gpa_direct_data_into_the_requests_range() -> None:
+    devices = await attach(EchoVsp(), EchoVsc)
+    try:
+        channel = devices.vsc.channel
+        assert channel is not None
+        data = os.urandom(2 * PAGE_SIZE)
+        reply = await asyncio.wait_for(channel.request(b"ping", (GpaRange(len(data), 0, (0x900, 0x901)),), data), 30)
+        assert (reply.type, reply.payload, bytes(reply.data)) == (PacketType.COMP, b"ping", data)
+    finally:
+        await devices.close()
+
+
+async def test_handshake_trace_lines_from_both_sides() -> None:
+    with capture_logs() as logs:
+        devices = await attach(VideoVsp(), VideoVsc, trace=True)
+        await until(lambda: devices.vsp.handshakes == 1, "the video VSP finished its handshake")  # type: ignore[attr-defined]
+        await devices.close()
+    lines = [e["event"] for e in logs]
+    assert any(line.startswith("G>H SYNTHVID_VERSION_REQUEST") for line in lines), lines
+    assert any(line.startswith("H>G SYNTHVID_VERSION_RESPONSE") for line in lines), lines
