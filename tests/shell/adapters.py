@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from child_partition.bus import BusError
 from child_partition.guest_memory import GuestMemory
 from child_partition.vsc import Vsc
 from parent_partition.vsp import OpenChannelInfo, Vsp
@@ -55,8 +56,12 @@ class HarnessBus:
                            userdata: bytes = b"", name: str = "") -> Channel:
         pair = self.link.open(relid, pages=pages, downstream_offset=downstream_offset, pfns=self.gpadls[gpadl],
                               gpadl=gpadl, userdata=userdata, name=name)
+        try:
+            await open_vsp(self.vsp, pair, trace=self.trace, log=self.log)
+        except Exception as exc:  # the daemon answers OPENCHANNEL_RESULT with an error; the guest's open fails
+            pair.refuse()
+            raise BusError(f"the host refused to open channel {relid}: {exc}") from exc
         self.pairs[relid] = pair
-        await open_vsp(self.vsp, pair, trace=self.trace, log=self.log)
         return pair.guest
 
     def close_channel(self, relid: int) -> None:

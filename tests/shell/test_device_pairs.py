@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from child_partition.bus import BusError
 from child_partition.devices.echo.vsc import EchoVsc
 from child_partition.devices.input.vsc import KeyboardVsc, MouseVsc
 from child_partition.devices.network.vsc import NetworkVsc
@@ -139,6 +140,13 @@ async def test_a_storage_protocol_error_fails_the_partitions_connection(storage:
     await asyncio.wait_for(storage.link.closed(), 30)
     assert storage.link.guest.peer_reason == "storage relid 1: storage request without COMPLETION_REQUESTED"
     assert storage.vsp.errors == 1
+
+
+async def test_a_disk_the_host_cannot_open_fails_the_open(tmp_path: Path) -> None:
+    vsp = StorageVsp(data_dir=tmp_path, luns_for=lambda partition: [LunConfig(lun=0, path=tmp_path / "missing.img")])
+    with pytest.raises(BusError, match="refused to open channel 1"):
+        await attach(vsp, StorageVsc)
+    assert vsp.tasks == {} and vsp.opened == 0
 
 
 HANDSHAKES = [(NetworkVsp, NetworkVsc), (VideoVsp, VideoVsc), (KeyboardVsp, KeyboardVsc), (MouseVsp, MouseVsc)]

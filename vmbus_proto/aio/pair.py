@@ -361,6 +361,12 @@ class ChannelPair:
         """The host takes the channel away (RESCINDCHANNELOFFER): its end now, the guest's on arrival."""
         self._close_side(HOST, m.RescindChannelOffer(child_relid=self.relid))
 
+    def refuse(self) -> None:
+        """The host's device refused the open (OPENCHANNEL_RESULT with an error): both ends drop the channel."""
+        for conn in (self.link.host, self.link.guest):
+            if conn.pairs.pop(self.relid, None) is not None:
+                self._finish(conn.side)
+
     async def closed(self) -> None:
         """Until both ends have finished closing."""
         await asyncio.gather(self.host_closed, self.guest_closed)
