@@ -1,0 +1,194 @@
+"""Shell tier: every VSP against its VSC over an in-memory channel pair, no sockets.
+
+The storage pair serves a real sparse image in a temporary directory; the other devices run their
+protocol-version handshakes (what they do today).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from structlog.testing import capture_logs
+
+from child_partition.bus import BusError
+from child_partition.devices.echo.vsc import EchoVsc
+from child_partition.devices.input.vsc import KeyboardVsc, MouseVsc
+from child_partition.devices.network.vsc import NetworkVsc
+from child_partition.devices.storage.vsc import StorageVsc
+from child_partition.devices.video.vsc import VideoVsc
+from child_partition.vsc import HandshakeVsc
+from parent_partition.devices.echo.vsp import EchoVsp
+from parent_partition.devices.input.vsp import KeyboardVsp, MouseVsp
+from parent_partition.devices.network.vsp import NetworkVsp
+from parent_partition.devices.storage.scsi import LunConfig
+from parent_partition.devices.storage.vsp import StorageVsp
+from parent_partition.devices.video.vsp import VideoVsp
+from parent_partition.vsp import HandshakeVsp
+from vmbus_proto.aio.channel import ChannelClosed
+from vmbus_proto.devices.base import VscVersionHandshake
+from vmbus_proto.devices.storage import vstor
+from vmbus_proto.packets import PAGE_SIZE, GpaRange, Packet, PacketType
+
+from .adapters import DevicePair, attach
+from .waits import until
+
+DISK = 8 * 1024 * 1024
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[DevicePair]:
+    vsp = StorageVsp(data_dir=tmp_path, luns_for=lambda partition: [LunConfig(lun=0, size_bytes=DISK)])
+    devices = await attach(vsp, StorageVsc)
+    try:
+        yield devices
+    finally:
+        await devices.close()
+        await vsp.shutdown()
+
+
+def image(tmp_path: Path) -> Path:
+    return tmp_path / "vm1" / "lun0.img"
+
+
+async def test_storage_handshake_negotiates_the_newest_version_and_scans_the_disk(storage: DevicePair) -> None:
+    vsc, vsp = storage.vsc, storage.vsp
+    assert isinstance(vsc, StorageVsc) and isinstance(vsp, StorageVsp)
+    assert vsc.version == vstor.LINUX_VERSIONS[0], f"negotiated {vsc.version!r}"
+    assert vsp.handshakes == 1 and vsp.errors == 0
+    assert vsc.max_transfer == vstor.DEFAULT_MAX_TRANSFER_BYTES
+    disk = vsc.disks[0]
+    assert (disk.size, disk.block_size, disk.read_only) == (DISK, 512, False)
+    # The rings are the ones the VSC asked for: its ring GPADL, half each way.
+    pair = storage.pair
+    assert pair.params.gpadl.pfns == tuple(vsc.ring_pfns)
+    assert pair.guest.rings.writer.data_size == vstor.SPEC.ring_bytes - PAGE_SIZE
+    assert pair.params.userdata == bytes(24)
+
+
+async def test_storage_inquiry_and_read_capacity(storage: DevicePair) -> None:
+    vsc = storage.vsc
+    assert isinstance(vsc, StorageVsc)
+    inq = await vsc.command(bytes([0x12, 0, 0, 0, 96, 0]), data_in=96)
+    assert inq.ok, inq
+    assert (inq.data[0] & 0x1F, inq.data[8:16], inq.data[16:32].rstrip()) == (0, b"Msft    ", b"Virtual Disk")
+    cap = await vsc.command(bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + b"\0\0", data_in=32)
+    assert cap.ok, cap
+    last_lba, block = struct.unpack_from(">QI", cap.data)
+    assert (last_lba + 1) * block == DISK
+    bad = await vsc.command(bytes([0xFF]) + bytes(5))  # an opcode no target implements
+    assert not bad.ok and bad.scsi_status == 2 and bad.sense[2] & 0x0F == 0x5, bad
+
+
+async def test_storage_write_then_read_real_data(storage: DevicePair, tmp_path: Path) -> None:
+    vsc = storage.vsc
+    assert isinstance(vsc, StorageVsc)
+    disk = vsc.disks[0]
+    data = os.urandom(3 * vsc.max_transfer + 4096)  # split into several EXECUTE_SRBs in flight at once
+    await disk.write(1024 * 1024, data)
+    assert await disk.read(1024 * 1024, len(data)) == data
+    await disk.flush()
+    with image(tmp_path).open("rb") as f:
+        f.seek(1024 * 1024)
+        assert f.read(len(data)) == data, "the image file does not hold what the guest wrote"
+    assert await disk.read(0, 4096) == bytes(4096)
+
+
+async def test_storage_two_hundred_requests_at_once_each_complete_with_their_own_data(storage: DevicePair) -> None:
+    vsc = storage.vsc
+    assert isinstance(vsc, StorageVsc)
+    disk = vsc.disks[0]
+    blocks = [os.urandom(4096) for _ in range(200)]
+    await asyncio.gather(*(disk.write(i * 4096, b) for i, b in enumerate(blocks)))
+    got = await asyncio.gather(*(disk.read(i * 4096, 4096) for i in range(len(blocks))))
+    assert got == blocks
+    assert storage.pair.host.rings.reader.stats.packets >= 400 + 5
+
+
+async def test_a_storage_request_after_the_host_closed_the_channel_fails(storage: DevicePair) -> None:
+    vsc = storage.vsc
+    assert isinstance(vsc, StorageVsc)
+    disk = vsc.disks[0]
+    storage.pair.close_host()
+    await asyncio.wait_for(storage.pair.closed(), 30)
+    with pytest.raises(ChannelClosed):
+        await disk.read(0, 4096)
+    assert storage.vsp.tasks == {}, "the VSP still serves a closed channel"
+
+
+async def test_a_storage_request_after_the_guest_detached_fails(storage: DevicePair) -> None:
+    vsc = storage.vsc
+    assert isinstance(vsc, StorageVsc)
+    disk = vsc.disks[0]
+    pair = storage.pair
+    await vsc.detach()
+    await asyncio.wait_for(pair.closed(), 30)
+    with pytest.raises(ChannelClosed):
+        await disk.read(0, 4096)
+    assert storage.bus.torn_down, "detach did not tear the ring GPADL down"
+
+
+async def test_a_storage_protocol_error_fails_the_partitions_connection(storage: DevicePair) -> None:
+    pair = storage.pair
+    # A request without COMPLETION_REQUESTED breaks VSTOR (OpenVMM storvsp parse_packet).
+    reset = vstor.VstorPacket(vstor.Operation.RESET_BUS).pack()
+    await pair.guest.send(Packet(PacketType.DATA_INBAND, 0, 9, reset))
+    await asyncio.wait_for(storage.link.closed(), 30)
+    assert storage.link.guest.peer_reason == "storage relid 1: storage request without COMPLETION_REQUESTED"
+    assert storage.vsp.errors == 1
+
+
+async def test_a_disk_the_host_cannot_open_fails_the_open(tmp_path: Path) -> None:
+    vsp = StorageVsp(data_dir=tmp_path, luns_for=lambda partition: [LunConfig(lun=0, path=tmp_path / "missing.img")])
+    with pytest.raises(BusError, match="refused to open channel 1"):
+        await attach(vsp, StorageVsc)
+    assert vsp.tasks == {} and vsp.opened == 0
+
+
+HANDSHAKES = [(NetworkVsp, NetworkVsc), (VideoVsp, VideoVsc), (KeyboardVsp, KeyboardVsc), (MouseVsp, MouseVsc)]
+
+
+@pytest.mark.parametrize(("vsp_cls", "vsc_cls"), HANDSHAKES, ids=lambda c: c.__name__)
+async def test_device_handshake_over_the_pair(vsp_cls: type[HandshakeVsp], vsc_cls: type[HandshakeVsc]) -> None:
+    vsp = vsp_cls()
+    devices = await attach(vsp, vsc_cls)
+    try:
+        vsc = devices.vsc
+        assert isinstance(vsc, HandshakeVsc) and isinstance(vsc.hs, VscVersionHandshake)
+        supported = cast(Any, vsp.module).DEFAULT_SUPPORTED  # every handshake module has one
+        expected = next(v for v in vsc.hs.versions if v in supported)
+        assert vsc.version == expected, f"{vsp.name}: negotiated {vsc.version!r}, expected {expected:#x}"
+        await until(lambda: vsp.handshakes == 1, f"the {vsp.name} VSP finished its handshake")
+        assert vsp.errors == 0 and not devices.link.host.closing
+        assert devices.pair.guest.rings.writer.data_size == vsc.spec.ring_bytes - PAGE_SIZE
+    finally:
+        await devices.close()
+    assert vsp.tasks == {} and devices.bus.torn_down
+
+
+
+async def test_echo_returns_gpa_direct_data_into_the_requests_range() -> None:
+    devices = await attach(EchoVsp(), EchoVsc)
+    try:
+        channel = devices.vsc.channel
+        assert channel is not None
+        data = os.urandom(2 * PAGE_SIZE)
+        reply = await asyncio.wait_for(channel.request(b"ping", (GpaRange(len(data), 0, (0x900, 0x901)),), data), 30)
+        assert (reply.type, reply.payload, bytes(reply.data)) == (PacketType.COMP, b"ping", data)
+    finally:
+        await devices.close()
+
+
+async def test_handshake_trace_lines_from_both_sides() -> None:
+    with capture_logs() as logs:
+        devices = await attach(VideoVsp(), VideoVsc, trace=True)
+        await until(lambda: devices.vsp.handshakes == 1, "the video VSP finished its handshake")  # type: ignore[attr-defined]
+        await devices.close()
+    lines = [e["event"] for e in logs]
+    assert any(line.startswith("G>H SYNTHVID_VERSION_REQUEST") for line in lines), lines
+    assert any(line.startswith("H>G SYNTHVID_VERSION_RESPONSE") for line in lines), lines
