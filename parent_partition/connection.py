@@ -27,7 +27,7 @@ from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.versions import version_text
 
 from .memory import GpadlMap, ShadowMemory
-from .vsp import ChannelResources, Vsp
+from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 
 class ConnectionConfig(Protocol):
@@ -228,8 +228,10 @@ class PartitionConnection(FramedConnection):
                              window_out=self.peer_data_window)
         ch = Channel(self, p.relid, rings, name=vsp.name, log=log)
         self.add_channel(ch)
+        primary = next((pr for pr, subs in self._subchannels.items() if p.relid in subs), 0)
+        control: SubchannelControl = NoSubchannels() if primary else Subchannels(self, p.relid, act.offer)
         res = ChannelResources(self.partition or "?", act.offer, p, log, self.gpadl_map(p.relid), self.memory,
-                               Subchannels(self, p.relid, act.offer), self.fail, trace=self.daemon.config.trace)
+                               control, self.fail, trace=self.daemon.config.trace, primary=primary)
         ok = True
         try:
             await vsp.open(ch, res)

@@ -15,14 +15,15 @@ import abc
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeModule, HandshakeTrace, Incoming, Outgoing
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import Packet
+from vmbus_proto.gpadl import Gpadl
+from vmbus_proto.packets import PAGE_SIZE, Packet
 from vmbus_proto.server import OfferSpec, OpenParams
 
 from .memory import GpadlMap, ShadowMemory
@@ -77,16 +78,20 @@ class ChannelResources:
     subchannels: SubchannelControl
     fail: Callable[[str], None]  # end the partition's connection with this reason
     trace: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    primary: int = 0  # a sub-channel's primary relid (0 on a primary)
 
     @classmethod
-    def standalone(cls, partition: str, offer: OfferSpec, params: OpenParams, log: Any,
+    def standalone(cls, partition: str, offer: OfferSpec, params: OpenParams | None, log: Any,
                    fail: Callable[[str], None] | None = None) -> ChannelResources:
         """Resources for a channel outside a VMBus connection (the in-memory pair, unit tests): no GPADLs
-        besides the ring, no sub-channels; ``fail`` defaults to raising."""
+        besides the ring, no sub-channels; ``params`` default to relid 1 with a two-page ring; ``fail``
+        defaults to raising."""
         def raise_(reason: str) -> None:
             raise DeviceProtocolError(reason)
 
+        if params is None:
+            ring = Gpadl(1, 0xE1E10, ((2 * PAGE_SIZE, 0),), (0, 1))
+            params = OpenParams(relid=1, openid=1, gpadl=ring, downstream_offset=1, target_vp=0, userdata=b"")
         memory = ShadowMemory()
         return cls(partition, offer, params, log, GpadlMap(lambda gid: None, memory), memory, NoSubchannels(),
                    fail or raise_)
@@ -98,6 +103,11 @@ class ChannelResources:
     @property
     def sub_channel_index(self) -> int:
         return self.offer.sub_channel_index
+
+    @property
+    def primary_relid(self) -> int:
+        """The primary channel's relid (this channel's own, on a primary)."""
+        return self.primary or self.relid
 
 
 class Vsp(abc.ABC):

@@ -158,9 +158,13 @@ class Channel:
         self._next_trans = tid + 1 if tid < TRANS_ID_MAX else 1
         return tid
 
-    async def request(self, payload: bytes, ranges: tuple[GpaRange, ...] = (), data: Buffer = b"") -> Packet:
-        """Send a request with COMPLETION_REQUESTED and wait for its VM_PKT_COMP (the guest's requestor)."""
-        tid = self._trans_id()
+    async def request(self, payload: bytes, ranges: tuple[GpaRange, ...] = (), data: Buffer = b"",
+                      trans_id: int | None = None) -> Packet:
+        """Send a request with COMPLETION_REQUESTED and wait for its VM_PKT_COMP (the guest's requestor).
+        ``trans_id`` names a fixed id (Linux's VMBUS_RQST_INIT for storvsc's control requests)."""
+        if trans_id is not None and trans_id in self._pending:
+            raise LocalProtocolError(f"transaction id {trans_id:#x} is already waiting for its completion")
+        tid = self._trans_id() if trans_id is None else trans_id
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
         self._pending[tid] = fut
         pkt = Packet(_GPA_DIRECT if ranges else _INBAND, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data)

@@ -24,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.storage import scsi, vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Buffer, GpaRange, PacketType
+from vmbus_proto.versions import Version
 
 from ...guest_memory import GuestMemory
 from ...vsc import HandshakeVsc
@@ -36,6 +38,7 @@ from .disk import DiskFacts
 from .service import StorageService
 
 MAX_OUTSTANDING = 256
+MAX_SUBCHANNELS = 64  # at most this many asked for (Linux: one per online CPU but the first)
 # One EXECUTE_SRB as Linux storvsc_queuecommand fills it: vstor_packet (operation, flags, status) and its
 # 52-byte vmscsi_request (length, srb/scsi status, port, path, target, lun, cdb_length, sense_info_length,
 # data_in, reserved, data_transfer_length, cdb[20], reserve, queue_tag, queue_action, srb_flags,
@@ -182,7 +185,9 @@ class StorageVsc(HandshakeVsc):
         self.luns: list[int] = []
         self.disks: dict[int, ScsiLun] = {}
         self.pool: BufferPool | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._io: list[tuple[Channel, asyncio.Semaphore]] = []  # the primary, then each open sub-channel
+        self._next_io = 0
+        self._per_request = 0  # ring bytes one request may take (sizes each channel's slots)
 
     def open_userdata(self) -> bytes:
         return bytes(24)  # Linux passes a zeroed vmstorage_channel_properties
@@ -195,12 +200,49 @@ class StorageVsc(HandshakeVsc):
         self.max_transfer = max(PAGE_SIZE, max_xfer)
         # Outstanding requests are bounded by what the outbound ring can hold (Linux storvsc_drv_init).
         per_request = (16 + 8 + 8 * (self.max_transfer // PAGE_SIZE + 1)) + vstor.VSTOR_PACKET_SIZE + 8
-        ring_slots = max(1, (channel.rings.writer.data_size // per_request) * 9 // 10)
-        slots = min(MAX_OUTSTANDING, ring_slots)
-        self._slots = asyncio.Semaphore(slots)
+        self._per_request = per_request
+        self._io = [(channel, self._io_slots(channel))]
         self.pool = BufferPool(self.memory, self.max_transfer)
         channel.on_packet = self._unsolicited
+        if hs.supports_multi_channel and hs.max_channel_cnt and self.bus.core.version >= Version.WIN8:
+            await self._create_subchannels(channel, hs.max_channel_cnt)
         await self.scan()
+
+    def _io_slots(self, channel: Channel) -> asyncio.Semaphore:
+        ring_slots = max(1, (channel.rings.writer.data_size // self._per_request) * 9 // 10)
+        return asyncio.Semaphore(min(MAX_OUTSTANDING, ring_slots))
+
+    async def _create_subchannels(self, channel: Channel, count: int) -> None:
+        """Linux ``handle_multichannel_storage``: after END_INITIALIZATION ask for sub-channels with
+        CREATE_SUB_CHANNELS (trans_id VMBUS_RQST_INIT). Linux asks for one per online CPU but the first, up to
+        ``max_channel_cnt``; this guest asks for all the host allows, as one with that many CPUs would. The
+        offers arrive later and are opened by ``on_subchannel_offer`` (``storvsc_sc_created``)."""
+        count = min(count, MAX_SUBCHANNELS)
+        request = vstor.pack_request(vstor.Operation.CREATE_SUB_CHANNELS, vstor.pack_create_sub_channels(count))
+        reply = await channel.request(request, trans_id=vstor.VMBUS_RQST_INIT)
+        status = vstor.VstorPacket.unpack(reply.payload).status
+        if status != vstor.NtStatus.SUCCESS:
+            self.log.warning("the host refused sub-channels; using the primary channel only", requested=count,
+                             status=f"{status:#x}")
+            return
+        self.log.info("sub-channels requested", count=count)
+
+    async def on_subchannel_offer(self, offer: m.OfferChannel) -> None:
+        """``storvsc_sc_created``: open the sub-channel with the primary's ring size; I/O spreads over it."""
+        if self.pool is None:
+            return  # the primary is gone
+        sc = await self.open_subchannel(offer)
+        assert sc.channel is not None
+        sc.channel.on_packet = self._unsolicited
+        self._io.append((sc.channel, self._io_slots(sc.channel)))
+        self.log.info("sub-channel open", subchannel=sc.relid, index=offer.sub_channel_index,
+                      channels=len(self._io))
+
+    async def on_subchannel_rescind(self, relid: int) -> None:
+        sc = self.subchannels.get(relid)
+        if sc is not None:
+            self._io = [(ch, slots) for ch, slots in self._io if ch is not sc.channel]
+        await super().on_subchannel_rescind(relid)
 
     def _unsolicited(self, pkt: Any) -> None:
         """A host packet that answers nothing (Linux ``storvsc_on_channel_callback`` with trans_id 0)."""
@@ -237,6 +279,7 @@ class StorageVsc(HandshakeVsc):
         """Nothing to poll: completions are routed to their requests by transaction id."""
 
     def forget(self) -> None:
+        self._io = []
         super().forget()
         if self._rescan_task is not None:
             self._rescan_task.cancel()
@@ -260,9 +303,12 @@ class StorageVsc(HandshakeVsc):
         """Send one EXECUTE_SRB (``storvsc_queuecommand``); ``mode`` is (data_in, srb_flags, queue_tag,
         queue_action) from :data:`UNTAGGED` / :data:`TAGGED`. Returns the completion's payload and the READ data
         as it landed in our pages. The per-I/O hot path."""
-        channel, pool, slots = self.channel, self.pool, self._slots
-        if channel is None or slots is None or pool is None:
+        io, pool = self._io, self.pool
+        if not io or pool is None or self.channel is None:
             raise ChannelClosed("storage channel is not open")
+        # Spread over the primary and its sub-channels (storvsc picks by CPU; one CPU here: round robin).
+        channel, slots = io[self._next_io % len(io)] if len(io) > 1 else io[0]
+        self._next_io += 1
         length = len(data_out) if data_out is not None else data_in
         if length > pool.size:
             raise BlockDeviceError(errno.EINVAL, f"{length}-byte transfer exceeds {pool.size}")

@@ -31,6 +31,7 @@ from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.devices.storage import vstor
+from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Packet, PacketType
 
 from ...settings import ConfigError
@@ -61,6 +62,7 @@ class StorageVsp(HandshakeVsp):
         self.idle_close = idle_close
         self.requests = 0
         self.log = logs.get(component="storvsp")
+        self._ready: dict[tuple[str, int], vstor.VspHandshake] = {}  # (partition, primary relid) -> handshake
 
     @classmethod
     def create(cls, settings: StorageSettings, host: HostContext) -> StorageVsp:
@@ -70,7 +72,7 @@ class StorageVsp(HandshakeVsp):
 
         return cls(host.data_path, luns_for, queue_depth=settings.queue_depth,
                    max_transfer_bytes=settings.max_transfer_bytes, idle_close=settings.idle_close,
-                   supported=settings.protocol_versions)
+                   supported=settings.protocol_versions, max_channel_cnt=settings.subchannels)
 
     @classmethod
     def check(cls, settings: StorageSettings, host: HostContext) -> None:
@@ -122,9 +124,25 @@ class StorageVsp(HandshakeVsp):
                 for err in await ctl.close():
                     self.log.error("disk flush failed on close", partition=partition, error=str(err))
 
+    async def serve(self, channel: Channel, res: ChannelResources) -> None:
+        if not res.sub_channel_index:
+            await super().serve(channel, res)  # the primary: VSTOR handshake first
+            return
+        # A sub-channel has no handshake of its own: it carries I/O under the primary's (OpenVMM storvsp).
+        hs = self._ready.get((res.partition, res.primary_relid))
+        if hs is None:
+            raise DeviceProtocolError(f"sub-channel {res.relid} opened while its primary {res.primary_relid} "
+                                      f"is not ready")
+        await self.after_handshake(channel, res, hs)
+
     async def after_handshake(self, channel: Channel, res: ChannelResources, hs: Handshake) -> None:
         ctl = await self.controller(res.partition)
         assert isinstance(hs, vstor.VspHandshake)
+        primary = not res.sub_channel_index
+        if primary:
+            self._ready[(res.partition, res.relid)] = hs
+            if hs.sub_channel_count:  # asked for before END_INITIALIZATION
+                offer_subchannels(res, hs.sub_channel_count)
         queue = _Inflight(self.queue_depth, hs)
         recv_nowait, try_send, send = channel.recv_nowait, channel.try_send, channel.send
         try:
@@ -137,6 +155,8 @@ class StorageVsp(HandshakeVsp):
                         await send(answer)
                     pkt = recv_nowait() if not queue.full else None
         finally:
+            if primary:
+                self._ready.pop((res.partition, res.relid), None)
             await queue.drain()  # every request already taken off the ring is answered before the channel goes
 
     def _serve(self, channel: Channel, res: ChannelResources, ctl: ScsiController, pkt: Packet,
@@ -251,6 +271,8 @@ def _control_answer(op: int, pkt: Packet, hs: vstor.VspHandshake, res: ChannelRe
         status = hs.create_sub_channels(count)
         if status != vstor.NtStatus.SUCCESS:
             res.log.warning("cannot create sub-channels", requested=count, maximum=hs.max_channel_cnt)
+        else:
+            offer_subchannels(res, count)
         return vstor.pack_completion(status, request_payload_len=size)
     res.log.warning("unexpected VSTOR packet on a ready channel", operation=op)
     return vstor.pack_completion(vstor.NtStatus.INVALID_DEVICE_STATE, request_payload_len=size)
@@ -295,3 +317,11 @@ def _check_image(entry: LunEntry, source: str | None) -> None:
                 if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
         why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
         raise ConfigError(f"{where}: {why}{hint}") from None
+
+
+def offer_subchannels(res: ChannelResources, count: int) -> None:
+    """Offer sub-channels up to ``count`` in all (OpenVMM ``enable_subchannels``: the count is a total)."""
+    more = count - res.subchannels.offered
+    if more > 0:
+        relids = res.subchannels.offer(more)
+        res.log.info("sub-channels offered", count=len(relids), relids=relids)

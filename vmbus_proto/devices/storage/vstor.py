@@ -62,6 +62,7 @@ __all__ = [
     "describe",
     "pack_complete_io",
     "pack_completion",
+    "pack_create_sub_channels",
     "pack_host_notification",
     "pack_request",
     "parse_create_sub_channels",
@@ -445,6 +446,11 @@ def pack_host_notification(operation: int, request_size: int = VSTOR_PACKET_SIZE
 def request_size(version: int | None) -> int:
     """The ``vstor_packet`` size of a protocol version: 64 bytes from WIN8 on, 48 before (``max_request_size``)."""
     return VSTOR_PACKET_SIZE if version is None or version >= Version.WIN8 else VSTOR_PACKET_SIZE_V1
+
+
+def pack_create_sub_channels(count: int) -> bytes:
+    """The body of a CREATE_SUB_CHANNELS: ``sub_channel_count u16`` (Linux ``handle_multichannel_storage``)."""
+    return _SUB_CHANNELS.pack(count)
 
 
 def parse_create_sub_channels(body: bytes) -> int:
