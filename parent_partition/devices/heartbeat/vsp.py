@@ -19,6 +19,7 @@ from vmbus_proto.aio.channel import Channel
 from vmbus_proto.devices.base import HandshakeTrace, Outgoing
 from vmbus_proto.devices.heartbeat import protocol as heartbeat
 from vmbus_proto.devices.heartbeat.protocol import HeartbeatEvent, HeartbeatHost
+from vmbus_proto.errors import DeviceProtocolError
 
 from ...settings import count, seconds, setting
 from ...vsp import ChannelResources, HostContext, Vsp, incoming, send_all
@@ -40,7 +41,7 @@ class PartitionHeartbeat:
 
     partition: str
     relid: int
-    status: str = "negotiating"  # negotiating, ok, lost, refused, stopped (channel closed)
+    status: str = "negotiating"  # negotiating, ok, lost, refused, failed (bad answer), stopped (channel closed)
     version: str | None = None
     seq: int | None = None  # the last answer's seq_num
     last_answer: float | None = None  # wall-clock time of the last answer (seconds since the epoch)
@@ -98,6 +99,9 @@ class HeartbeatVsp(Vsp):
                     outs = hb.receive(got, loop.time())
                 self._report(hb, record, res)
                 await send_all(channel, outs)
+        except DeviceProtocolError:
+            record.status = "failed"  # the partition's connection goes: Vsp._run logs why
+            raise
         finally:
             self._ended(record, channel, res)
 
@@ -140,6 +144,8 @@ class HeartbeatVsp(Vsp):
     def _ended(self, record: PartitionHeartbeat, channel: Channel, res: ChannelResources) -> None:
         """The channel is gone. A connection that dropped (a killed or crashed guest) is a lost heartbeat;
         a channel the guest closed (or a rescind, or shutdown) just stops it."""
+        if record.status == "failed":
+            return
         if getattr(channel.conn, "closing", False):
             if record.status != "lost":
                 res.log.warning("heartbeat lost", seq=record.seq, reason="connection lost")
