@@ -115,7 +115,7 @@ SPEC = DeviceSpec(
     mmio_megabytes=0,
     ring_bytes=3 * 4096 + 4096,  # HV_UTIL_RING_SEND_SIZE = VMBUS_RING_SIZE(3 * HV_HYP_PAGE_SIZE)
     max_packet=4096,  # hv_util reads HV_HYP_PAGE_SIZE at most; max_pkt_size stays VMBUS_DEFAULT_MAX_PKT_SIZE
-    protocol="heartbeat IC",
+    protocol="IC",
     version_text=version_text,
 )
 
