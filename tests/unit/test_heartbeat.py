@@ -117,10 +117,11 @@ def test_guest_answers_negotiate_in_place_like_vmbus_prep_negotiate_resp() -> No
 
 
 def test_heartbeat_request_and_answer_golden_bytes() -> None:
-    host, guest, _ = negotiated()
-    host.seq = 7
-    host.outstanding = None
-    request = host.handle_timer(1.0)
+    host, guest, first = negotiated()
+    request = [first]
+    for t in range(1, 8):  # answer heartbeats 0..6: the next request carries seq_num 7
+        host.receive(answer_of(guest, request[0]), t - 0.5)
+        request = host.handle_timer(float(t))
     assert [r.payload for r in request] == [HEARTBEAT_REQUEST]
     assert (request[0].type, request[0].trans_id, request[0].completion_requested) == (PacketType.DATA_INBAND,
                                                                                        0, False)

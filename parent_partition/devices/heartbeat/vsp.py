@@ -47,6 +47,7 @@ class PartitionHeartbeat:
     last_answer: float | None = None  # wall-clock time of the last answer (seconds since the epoch)
     answered: int = 0
     missed: int = 0  # intervals the heartbeat in flight has gone unanswered
+    channel_open: bool = True
 
     @property
     def healthy(self) -> bool:
@@ -144,6 +145,7 @@ class HeartbeatVsp(Vsp):
     def _ended(self, record: PartitionHeartbeat, channel: Channel, res: ChannelResources) -> None:
         """The channel is gone. A connection that dropped (a killed or crashed guest) is a lost heartbeat;
         a channel the guest closed (or a rescind, or shutdown) just stops it."""
+        record.channel_open = False
         if record.status == "failed":
             return
         if getattr(channel.conn, "closing", False):
@@ -158,7 +160,7 @@ class HeartbeatVsp(Vsp):
         self.partitions.pop(record.partition, None)
         self.partitions[record.partition] = record
         while len(self.partitions) > MAX_REMEMBERED:
-            gone = next((k for k, r in self.partitions.items() if r.status in ("lost", "stopped")), None)
+            gone = next((k for k, r in self.partitions.items() if not r.channel_open), None)
             if gone is None:
                 break
             del self.partitions[gone]

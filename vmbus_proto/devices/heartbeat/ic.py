@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ...errors import DeviceProtocolError
+from ...errors import DeviceProtocolError, LocalProtocolError
 from ...packets import PacketType
 from ...pipe import PIPE_HEADER, pipe_unwrap, pipe_wrap
 from ..base import Handshake, Incoming, Outgoing, major_minor_text, name_text
@@ -303,7 +303,7 @@ class IcHostNegotiation(Handshake):
 
     def start(self) -> list[Outgoing]:
         if self._started:
-            raise DeviceProtocolError(f"{self.name} NEGOTIATE already sent")
+            raise LocalProtocolError(f"{self.name} NEGOTIATE already sent")
         self._started = True
         body = Negotiate(self.framework_versions, self.message_versions).pack()
         header = IcHeader(0, IcMessageType.NEGOTIATE, 0, len(body), flags=IcFlags.TRANSACTION | IcFlags.REQUEST)
