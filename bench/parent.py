@@ -21,8 +21,10 @@ from pathlib import Path
 
 import psutil
 
+from vmbus_proto.devices.registry import REGISTRY
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICES = ("storage", "network", "video", "keyboard", "mouse", "echo")
+DEVICES = tuple(e.name for e in REGISTRY)  # every registered device: the [devices] table names each
 
 
 def raise_nofile() -> None:

@@ -14,8 +14,8 @@ What is measured (one invocation, results table on stdout and JSON in ``bench/re
     request and its completion. 64 KiB: a GPA-direct request (16 guest pages; the data travels with the
     request and comes back with the completion into guest memory). Same transports, same duration.
     Printed: rate (b), rate (a), ratio (b)/(a). Aim: ratio >= 0.5 at 1 KiB.
-Scale: one parent with its five real devices; ``--workers`` processes bring up ``--partitions`` child
-    partitions over TCP, each opening all five channels. Reported: channels opened per second, errors,
+Scale: one parent with its real devices; ``--workers`` processes bring up ``--partitions`` child
+    partitions over TCP, each opening all their channels. Reported: channels opened per second, errors,
     parent RSS before / with all partitions / per partition, and the clean teardown time. Aim: 1,000
     partitions with zero errors.
 

@@ -1,11 +1,11 @@
 """The scale benchmark's coordinator: N child partitions from a few processes against one parent.
 
-One parent daemon runs with its five real devices (storage, network, video, keyboard, mouse). ``workers``
-processes (``bench.scale_worker``) each bring up their share of partitions over TCP, every partition
-opening all five channels. Measured: channels opened per second (all channels / wall time from the first
-connect to the last partition with all channels open), errors, the parent's RSS before any partition and
-with all N connected (and the difference per partition), and the time for all partitions to shut down
-cleanly.
+One parent daemon runs with its real devices (every device the registry enables by default: storage,
+network, video, keyboard, mouse, heartbeat). ``workers`` processes (``bench.scale_worker``) each bring up
+their share of partitions over TCP, every partition opening all their channels. Measured: channels opened
+per second (all channels / wall time from the first connect to the last partition with all channels open),
+errors, the parent's RSS before any partition and with all N connected (and the difference per partition),
+and the time for all partitions to shut down cleanly.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from vmbus_proto.devices.registry import ALL
+
 from .parent import REPO_ROOT, ParentProcess, child_env, raise_nofile, start_parent
 
-REAL_DEVICES = {"storage", "network", "video", "keyboard", "mouse"}
+REAL_DEVICES = {spec.name for spec in ALL}
 
 
 class Worker:
@@ -31,7 +33,8 @@ class Worker:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.scale_worker", "--url", url, "--count", str(count),
-                 "--prefix", f"w{index}", "--concurrency", str(concurrency), "--timeout", str(timeout)],
+                 "--prefix", f"w{index}", "--channels", str(len(REAL_DEVICES)), "--concurrency", str(concurrency),
+                 "--timeout", str(timeout)],
                 cwd=str(REPO_ROOT), env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
 
     def send(self, command: str) -> None:

@@ -22,6 +22,7 @@ import uvloop
 
 from child_partition.runner import ChildPartition
 from vmbus_proto.aio import logs
+from vmbus_proto.devices.registry import ALL
 
 from .parent import raise_nofile
 
@@ -116,7 +117,7 @@ def main() -> None:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--concurrency", type=int, default=50)
-    p.add_argument("--channels", type=int, default=5, help="channels each partition must open")
+    p.add_argument("--channels", type=int, default=len(ALL), help="channels each partition must open")
     p.add_argument("--memory", type=int, default=8 * 1024 * 1024, help="guest memory per partition (bytes)")
     p.add_argument("--timeout", type=float, default=120.0, help="bound on each phase (s)")
     args = p.parse_args()

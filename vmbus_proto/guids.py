@@ -15,6 +15,7 @@ NETWORK = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")
 SYNTHVID = uuid.UUID("da0a7802-e377-4aac-8e77-0558eb1073f8")
 SYNTHHID_MOUSE = uuid.UUID("cfa8b69e-5b4a-4cc0-b98b-8ba1a1f3f95a")
 SYNTH_KEYBOARD = uuid.UUID("f912ad6d-2b17-48ea-bd65-f927a61c7684")
+HEARTBEAT = uuid.UUID("57164f39-9115-4e78-ab55-382f3bd5422d")  # HV_HEART_BEAT_GUID (hv_util)
 
 CLASS_NAMES: dict[uuid.UUID, str] = {
     SCSI: "storage",
@@ -23,6 +24,7 @@ CLASS_NAMES: dict[uuid.UUID, str] = {
     SYNTHVID: "video",
     SYNTHHID_MOUSE: "mouse",
     SYNTH_KEYBOARD: "keyboard",
+    HEARTBEAT: "heartbeat",
 }
 
 

@@ -113,23 +113,25 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     out = assert_clean_end(demo, demo.wait())
     assert f"listening on tcp://127.0.0.1:{port}" in out
     # The walk: every stage of vm1's lifecycle with its explanation.
-    for title in ("1/10  Connecting: the VMBus version", "2/10  Offers", "3/10  storage channel: sharing the ring "
-                  "pages (GPADL)", "4/10  storage channel: opening the channel", "5/10  storage: the VSTOR handshake",
-                  "6/10  network", "7/10  video", "8/10  keyboard", "9/10  mouse", "10/10  vm1 is up"):
+    for title in ("1/11  Connecting: the VMBus version", "2/11  Offers", "3/11  storage channel: sharing the ring "
+                  "pages (GPADL)", "4/11  storage channel: opening the channel", "5/11  storage: the VSTOR handshake",
+                  "6/11  network", "7/11  video", "8/11  keyboard", "9/11  mouse", "11/11  vm1 is up"):
         assert title in out, f"stage {title!r} missing"
+    assert re.search(r"\b\d+/11  heartbeat: ring, open and handshake", out), "stage of the heartbeat missing"
     words = " ".join(out.split())  # explanations wrap
     assert "newest first" in words and "Guest Physical Address Descriptor List" in words
     # The devices' own packets, with their real names and numbers, and versions as the README writes them.
     for packet in ("VSTOR_OPERATION_BEGIN_INITIALIZATION(7)", "VSTOR_OPERATION_QUERY_PROTOCOL_VERSION(9) version=6.2",
                    "NVSP_MSG_TYPE_INIT(1) min_protocol_ver=6.1", "SYNTHVID_VERSION_REQUEST(1) version=3.5",
                    "SYNTH_KBD_PROTOCOL_REQUEST(1) version=1.0", "SYNTH_HID_PROTOCOL_REQUEST(0) version=2.0",
-                   "SYNTH_HID_INITIAL_DEVICE_INFO(2)"):
+                   "SYNTH_HID_INITIAL_DEVICE_INFO(2)", "ICMSGTYPE_NEGOTIATE(0) icflags=TRANSACTION|REQUEST"):
         assert packet in out, f"device packet {packet!r} missing"
     assert "version=0x602" not in out and "version=0x50003" not in out  # (VMBus 5.3 is 0x50003 in INITIATE_CONTACT)
     # vm2 and vm3: one summary line each, not a full trace.
     for who in ("vm1", "vm2", "vm3"):
         assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 5\.3 · storage VSTOR 6\.2 · network NVSP 6\.1 · "
-                         r"video SYNTHVID 3\.5 · keyboard SYNTH_KBD 1\.0 · mouse SYNTHHID 2\.0", out), who
+                         r"video SYNTHVID 3\.5 · keyboard SYNTH_KBD 1\.0 · mouse SYNTHHID 2\.0 · heartbeat IC 3\.0",
+                         out), who
     assert out.count("CHANNELMSG_INITIATE_CONTACT") == 1, "only vm1's lifecycle is traced"
     # The disk work: the final table has every VM with completed requests and no errors.
     rows = dict(re.findall(r"│ (vm\d) │ (?:tcp|unix)\s+│\s+[\d,]+ │\s+[\d.,]+ │\s+([\d,]+) │\s+0 │", out))

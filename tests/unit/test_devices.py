@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from vmbus_proto import guids
 from vmbus_proto.devices import registry
 from vmbus_proto.devices.base import Handshake, Incoming, Outgoing
+from vmbus_proto.devices.heartbeat import protocol as heartbeat
 from vmbus_proto.devices.input import keyboard, mouse
 from vmbus_proto.devices.network import nvsp as network
 from vmbus_proto.devices.storage import vstor as storage
@@ -612,12 +613,13 @@ def test_truncated_packets_raise_only_device_protocol_error(module: ModuleType, 
 
 
 def test_registry_order_and_lookup() -> None:
-    assert [spec.name for spec in registry.ALL] == ["storage", "network", "video", "keyboard", "mouse"]
+    assert [spec.name for spec in registry.ALL] == ["storage", "network", "video", "keyboard", "mouse", "heartbeat"]
     assert registry.BY_CLASS[guids.SCSI].spec is storage.SPEC
     assert registry.BY_CLASS[guids.NETWORK].spec is network.SPEC
     assert registry.BY_CLASS[guids.SYNTHVID].spec is video.SPEC
     assert registry.BY_CLASS[guids.SYNTH_KEYBOARD].spec is keyboard.SPEC
     assert registry.BY_CLASS[guids.SYNTHHID_MOUSE].spec is mouse.SPEC
+    assert registry.BY_CLASS[guids.HEARTBEAT].spec is heartbeat.SPEC
     assert len({e.spec.default_instance for e in registry.REGISTRY}) == len(registry.REGISTRY)
     assert len({e.spec.class_id for e in registry.REGISTRY}) == len(registry.REGISTRY)
 
@@ -634,6 +636,7 @@ def test_specs_carry_linux_ring_sizes_and_offer_flags() -> None:
         "video": (True, 8, 64, 4096),
         "keyboard": (False, 0, 9, 4096),
         "mouse": (True, 0, 9, 4096),
+        "heartbeat": (True, 0, 4, 4096),
     }
     assert all(spec.ring_bytes % 4096 == 0 for spec in registry.ALL)
     assert str(video.SPEC.default_instance) == "5620e0c7-8062-4dce-aeb7-520c7ef76171"

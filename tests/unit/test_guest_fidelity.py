@@ -42,7 +42,7 @@ def test_vmbus_ring_size_is_linux_macro(payload: int, ring: int) -> None:
 
 def test_each_vsc_opens_linux_ring_pages_per_direction() -> None:
     """The child's VSC for each class opens rings of these many pages per direction; echo keeps its size."""
-    want = {"storage": 32, "network": 128, "video": 64, "keyboard": 9, "mouse": 9, "echo": 65}
+    want = {"storage": 32, "network": 128, "video": 64, "keyboard": 9, "mouse": 9, "heartbeat": 4, "echo": 65}
     got = {cls.spec.name: cls.spec.ring_bytes // PAGE for cls in vsc_classes().values()}
     assert got == want
 

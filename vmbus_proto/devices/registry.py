@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .base import DeviceSpec
 from .echo import protocol as echo
+from .heartbeat import protocol as heartbeat
 from .input import keyboard, mouse
 from .network import nvsp
 from .storage import vstor
@@ -49,6 +50,7 @@ REGISTRY: tuple[DeviceEntry, ...] = (
     DeviceEntry(synthvid.SPEC, f"{_P}.video.vsp:VideoVsp", f"{_C}.video.vsc:VideoVsc"),
     DeviceEntry(keyboard.SPEC, f"{_P}.input.vsp:KeyboardVsp", f"{_C}.input.vsc:KeyboardVsc"),
     DeviceEntry(mouse.SPEC, f"{_P}.input.vsp:MouseVsp", f"{_C}.input.vsc:MouseVsc"),
+    DeviceEntry(heartbeat.SPEC, f"{_P}.heartbeat.vsp:HeartbeatVsp", f"{_C}.heartbeat.vsc:HeartbeatVsc"),
     DeviceEntry(echo.SPEC, f"{_P}.echo.vsp:EchoVsp", f"{_C}.echo.vsc:EchoVsc", enabled=False),  # benchmarks
 )
 
