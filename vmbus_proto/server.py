@@ -523,6 +523,11 @@ class HostConnection:
         ch = self.channels[relid]
         for sub in self.subchannels(relid):
             self.rescind(sub.relid)
+        self._revoke(ch)
+        self._check_disconnected()  # a disconnect may have waited on this channel's GPADL teardown
+
+    def _revoke(self, ch: HostChannel) -> None:
+        relid = ch.relid
         match ch.state:
             case Revoked():
                 return

@@ -1021,6 +1021,7 @@ def test_rescind_while_device_busy_frees_after_release(state: str, ok: bool) -> 
             assert t.device == ["close"] and not any(isinstance(a, s.Send) for a in acts)
             t.answer()
     else:
+        assert isinstance(act, s.DeviceClose)
         t.host.close_complete(1, act.seq)
     assert t.state() == "freed" and not any(k[1] == 1 for k in t.host.gpadls)
 
@@ -1290,7 +1291,8 @@ def test_a_new_initiate_contact_resets_and_waits_for_devices() -> None:
     acts = t.answer()
     assert [a.message for a in acts if isinstance(a, s.Send)] == [m.VersionResponse(version_supported=1,
                                                                                      msg_conn_id=1)]
-    assert s.Disconnected(s.DisconnectReason.RESET) in acts and s.Connected(Version.WIN10_V6_0) in acts  # the newest contact
+    # The newest contact is the one answered.
+    assert s.Disconnected(s.DisconnectReason.RESET) in acts and s.Connected(Version.WIN10_V6_0) in acts
     assert conn_state(t.host) == ConnState.CONNECTED and not t.host.gpadls and not t.host.offers_sent
     assert t.state() == CR
 
