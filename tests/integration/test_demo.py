@@ -115,7 +115,7 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     # The walk: every stage of vm1's lifecycle with its explanation.
     for title in ("1/10  Connecting: the VMBus version", "2/10  Offers", "3/10  storage channel: sharing the ring "
                   "pages (GPADL)", "4/10  storage channel: opening the channel", "5/10  storage: the VSTOR handshake",
-                  "6/10  network", "7/10  video", "8/10  keyboard", "9/10  mouse", "10/10  vm1 is up"):
+                  "6/10  mouse", "7/10  video", "8/10  network", "9/10  keyboard", "10/10  vm1 is up"):
         assert title in out, f"stage {title!r} missing"
     words = " ".join(out.split())  # explanations wrap
     assert "newest first" in words and "Guest Physical Address Descriptor List" in words
@@ -128,8 +128,8 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     assert "0x602" not in out and "0x50003" not in out
     # vm2 and vm3: one summary line each, not a full trace.
     for who in ("vm1", "vm2", "vm3"):
-        assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 6\.0 · storage VSTOR 6\.2 · network NVSP 6\.1 · "
-                         r"video SYNTHVID 3\.5 · keyboard SYNTH_KBD 1\.0 · mouse SYNTHHID 2\.0", out), who
+        assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 6\.0 · storage VSTOR 6\.2 · mouse SYNTHHID 2\.0 · "
+                         r"video SYNTHVID 3\.5 · network NVSP 6\.1 · keyboard SYNTH_KBD 1\.0", out), who
     assert out.count("CHANNELMSG_INITIATE_CONTACT") == 1, "only vm1's lifecycle is traced"
     # The disk work: the final table has every VM with completed requests and no errors.
     rows = dict(re.findall(r"│ (vm\d) │ (?:tcp|unix)\s+│\s+[\d,]+ │\s+[\d.,]+ │\s+([\d,]+) │\s+0 │", out))
