@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from vmbus_proto import messages as m
 from vmbus_proto import server as core
@@ -189,30 +189,47 @@ class PartitionConnection(FramedConnection):
     # ---- the core's actions -----------------------------------------------------------------------------
 
     def _run_actions(self) -> None:
+        """Carry out every action the core has queued, including those that carrying one out queues."""
         assert self.core is not None
-        for act in self.core.actions():
-            if isinstance(act, core.Send):
+        while acts := self.core.actions():
+            for act in acts:
+                self._run_action(act)
+
+    def _run_action(self, act: core.Action) -> None:
+        assert self.core is not None
+        match act:
+            case core.Send(message=msg):
                 if self.daemon.config.trace:
-                    self.log.info("H>G " + act.message.describe(self.core.version or None))
-                self.send_frame(FrameKind.CONTROL, 0, act.message.encode())
-            elif isinstance(act, core.DeviceOpen):
+                    self.log.info("H>G " + msg.describe(self.core.version or None))
+                self.send_frame(FrameKind.CONTROL, 0, msg.encode())
+            case core.DeviceOpen():
                 self._spawn(self._device_open(act))
-            elif isinstance(act, core.DeviceClose):
+            case core.DeviceClose():
                 self._spawn(self._device_close(act))
-            elif isinstance(act, core.Dropped):
+            case core.TeardownGpadl():
+                self._spawn(self._teardown_gpadl(act))
+            case core.Dropped(message=msg, kind=kind, reason=reason):
                 self.dropped_messages += 1
-                self.log.warning("control message dropped", reason=act.reason,
-                                 message=act.message.describe() if act.message else None)
-            elif isinstance(act, core.Connected):
+                self.log.warning("control message dropped", kind=kind.value, reason=reason,
+                                 message=msg.describe() if msg else None)
+            case core.Connected(version=version):
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
-                self.log.info("VMBus connected", version=version_text(act.version))
-            elif isinstance(act, core.Disconnected):
+                self.log.info("VMBus connected", version=version_text(version))
+            case core.Disconnected(reason=reason):
                 # No timer: a guest that unloaded (firmware, kexec, kdump) may contact again much later.
-                self.log.info("VMBus disconnected", reason=act.reason)
-            elif isinstance(act, core.ChannelFreed):
-                self.log.info("rescinded channel released", relid=act.relid, device=act.name)
+                self.log.info("VMBus disconnected", reason=reason.value)
+                self._subchannels.clear()  # an unload or reset ends them; relids are given anew
+                self._gpadl_maps.clear()
+            case core.ChannelFreed(relid=relid, name=name):
+                self.log.info("rescinded channel released", relid=relid, device=name)
+                for subs in self._subchannels.values():
+                    if relid in subs:
+                        subs.remove(relid)
+                self._gpadl_maps.pop(relid, None)
+            case _:
+                assert_never(act)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -290,7 +307,7 @@ class PartitionConnection(FramedConnection):
         if self.core is None:
             return None
         for relid, ch in self.core.channels.items():
-            if ch.offer.name == name and ch.state not in (core.ChanState.REVOKED, core.ChanState.REOFFERED):
+            if ch.offer.name == name and not ch.offer.sub_channel_index and not ch.revoked:
                 self.core.rescind(relid)
                 self._run_actions()
                 return relid

@@ -8,9 +8,16 @@ GPADL_CREATED; a GPADL_BODY for an id not in progress names no relid, so it is d
 errors (a failed MODIFYCHANNEL_RESPONSE from 5.3). Where OpenVMM drops a request that a Linux guest waits
 on forever (OPENCHANNEL in a wrong state), we answer it with a failure instead (reference/vmbus-core.md §10).
 
-Inputs are method calls (``receive``, ``open_complete``, ``close_complete``, ``add_offer``, ``rescind``);
-outputs are pulled with ``actions()``: messages to send, device open/close requests, and diagnostics.
-Device answers carry the sequence number of the request they answer; stale answers are dropped.
+A channel's state is one of the variants below (OpenVMM ``ChannelState``), each carrying only the data that
+state has, so an impossible combination cannot be built. Inputs are method calls (``receive``,
+``open_complete``, ``close_complete``, ``gpadl_released``, ``add_offer``, ``rescind``); outputs are pulled
+with ``actions()``: messages to send, device requests (open, close, GPADL teardown; OpenVMM ``Action``),
+and diagnostics. Device answers carry the sequence number (or GPADL id) of the request they answer; stale
+answers are dropped.
+
+Relids are given as OpenVMM gives channel ids: when the offers go out (the first REQUESTOFFERS of a
+connection), in the order of (interface GUID, instance GUID, sub-channel index), lowest free relid first,
+so the same devices get the same relids on every connection; a hot-added offer takes the lowest free relid.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import enum
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar, assert_never
 
 from . import messages as m
 from .errors import MessageError
@@ -39,6 +47,8 @@ class ConnState(enum.Enum):
 
 
 class ChanState(enum.Enum):
+    """The names of the channel state variants, for logs, traces and tables."""
+
     CLIENT_RELEASED = "client_released"  # offer not sent, or the guest released it
     CLOSED = "closed"  # offered, not open
     OPENING = "opening"  # device asked to open
@@ -54,7 +64,35 @@ class ChanState(enum.Enum):
 class GpadlState(enum.Enum):
     IN_PROGRESS = "in_progress"
     ACCEPTED = "accepted"
-    TEARING_DOWN = "tearing_down"  # teardown received while an open ring uses it: deferred
+    TEARDOWN_DEFERRED = "teardown_deferred"  # torn down while the ring of a live channel: waits for its close
+    TEARING_DOWN = "tearing_down"  # the device was asked (TeardownGpadl): waits for gpadl_released
+
+
+class DropKind(enum.Enum):
+    """Why a guest message was dropped (OpenVMM ``ChannelError`` where it has one), for logs and counters."""
+
+    WRONG_DIRECTION = "wrong_direction"  # a host-to-guest message sent by the guest
+    NOT_CONNECTED = "not_connected"  # anything but INITIATE_CONTACT while not connected
+    VERSION_TOO_OLD = "version_too_old"  # the message needs a newer negotiated version
+    MALFORMED = "malformed"  # did not decode (OpenVMM ParseError)
+    UNKNOWN_RELID = "unknown_relid"  # OpenVMM UnknownChannelId
+    RELEASED_RELID = "released_relid"  # the guest released this relid (OpenVMM ChannelReleased)
+    REVOKED_RELID = "revoked_relid"  # the host rescinded this relid
+    WRONG_STATE = "wrong_state"  # OpenVMM InvalidChannelState / ChannelAlreadyOpen / ChannelNotOpen
+    DUPLICATE_REQUEST_OFFERS = "duplicate_request_offers"  # OpenVMM OffersAlreadySent
+    BAD_RING = "bad_ring"  # OPENCHANNEL's ring GPADL or offset is unusable
+    GPADL_DUPLICATE_ID = "gpadl_duplicate_id"  # OpenVMM DuplicateGpadlId
+    GPADL_LIMIT = "gpadl_limit"  # too many GPADLs on this connection
+    GPADL_INVALID = "gpadl_invalid"  # bad header, ranges or size (OpenVMM InvalidGpaRange)
+    GPADL_UNKNOWN_ID = "gpadl_unknown_id"  # GPADL_BODY for an id not in progress (OpenVMM UnknownGpadlId)
+    GPADL_NOT_ACCEPTED = "gpadl_not_accepted"  # teardown of a GPADL that is not accepted (InvalidGpadlState)
+    GPADL_ON_REVOKED = "gpadl_on_revoked"  # a GPADL completed on a rescinded channel
+    MODIFY_REJECTED = "modify_rejected"  # MODIFYCHANNEL refused (InvalidTargetVp, InterruptsDisabled, ...)
+
+
+class DisconnectReason(enum.Enum):
+    UNLOAD = "unload"  # the guest sent UNLOAD
+    RESET = "reset"  # a new INITIATE_CONTACT while connected (OpenVMM request_disconnect(Reconnect))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +114,12 @@ class OfferSpec:
                               mmio_megabytes=self.mmio_megabytes, user_def=user_def,
                               sub_channel_index=self.sub_channel_index)
 
+    @property
+    def key(self) -> tuple[uuid.UUID, uuid.UUID, int]:
+        """OpenVMM ``OfferKey``, also the order offers go out in (channels.rs handle_request_offers sorts by
+        interface id, then instance id; sub-channels share both and follow their primary by index)."""
+        return (self.if_type, self.if_instance, self.sub_channel_index)
+
 
 @dataclass(frozen=True, slots=True)
 class OpenParams:
@@ -95,6 +139,128 @@ class OpenParams:
     @property
     def host_to_guest_data(self) -> int:
         return ring_data_size(self.gpadl.page_count - self.downstream_offset)
+
+
+# ---- channel states (OpenVMM channels.rs ChannelState) ------------------------------------------------
+
+class _State:
+    __slots__ = ()
+    kind: ClassVar[ChanState]
+
+    @property
+    def name(self) -> str:
+        return self.kind.value
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOp:
+    """A device request in flight on a rescinded channel: an open (``closing`` False) or a close."""
+
+    seq: int
+    params: OpenParams
+    closing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReleased(_State):
+    """Not offered on this connection, or released by the guest."""
+
+    kind: ClassVar[ChanState] = ChanState.CLIENT_RELEASED
+
+
+@dataclass(frozen=True, slots=True)
+class Closed(_State):
+    """Offered to the guest, not open."""
+
+    kind: ClassVar[ChanState] = ChanState.CLOSED
+
+
+@dataclass(frozen=True, slots=True)
+class Opening(_State):
+    """The guest asked to open; the device was asked (request ``seq``)."""
+
+    params: OpenParams
+    seq: int
+    kind: ClassVar[ChanState] = ChanState.OPENING
+
+
+@dataclass(frozen=True, slots=True)
+class Open(_State):
+    params: OpenParams
+    target_vp: int  # from OPENCHANNEL, changed by MODIFYCHANNEL
+    kind: ClassVar[ChanState] = ChanState.OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Closing(_State):
+    """The guest closed; the device was asked to close (request ``seq``)."""
+
+    params: OpenParams
+    seq: int
+    kind: ClassVar[ChanState] = ChanState.CLOSING
+
+
+@dataclass(frozen=True, slots=True)
+class ClosingReopen(_State):
+    """Closing, and the guest asked to open again: ``reopen`` runs once the close is done."""
+
+    params: OpenParams
+    seq: int
+    reopen: m.OpenChannel
+    kind: ClassVar[ChanState] = ChanState.CLOSING_REOPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked(_State):
+    """RESCIND sent (or the guest had already released the relid). ``op`` is a device request still in
+    flight; ``released``: the guest released the relid, so the channel is freed once ``op`` is answered."""
+
+    op: DeviceOp | None = None
+    released: bool = False
+    kind: ClassVar[ChanState] = ChanState.REVOKED
+
+    def __post_init__(self) -> None:
+        if self.released and self.op is None:
+            raise ValueError("a released, idle revoked channel is freed, not kept")
+
+
+@dataclass(frozen=True, slots=True)
+class Reoffered(_State):
+    """Revoked, then offered again (``offer``) before the guest released the relid: offered under the same
+    relid once the guest released it and the device is idle."""
+
+    offer: OfferSpec
+    op: DeviceOp | None = None
+    released: bool = False
+    kind: ClassVar[ChanState] = ChanState.REOFFERED
+
+    def __post_init__(self) -> None:
+        if self.released and self.op is None:
+            raise ValueError("a released, idle reoffered channel is offered again, not kept")
+
+
+@dataclass(frozen=True, slots=True)
+class ClosingClientRelease(_State):
+    """The guest released the relid (or unloaded) while the device's close (``seq``) is pending."""
+
+    params: OpenParams
+    seq: int
+    kind: ClassVar[ChanState] = ChanState.CLOSING_CLIENT_RELEASE
+
+
+@dataclass(frozen=True, slots=True)
+class OpeningClientRelease(_State):
+    """The guest unloaded while the device's open (``seq``) is pending: a successful open is closed again."""
+
+    params: OpenParams
+    seq: int
+    kind: ClassVar[ChanState] = ChanState.OPENING_CLIENT_RELEASE
+
+
+ChannelState = (ClientReleased | Closed | Opening | Open | Closing | ClosingReopen | Revoked | Reoffered
+                | ClosingClientRelease | OpeningClientRelease)
+CHANNEL_STATES: tuple[type[_State], ...] = (ClientReleased, Closed, Opening, Open, Closing, ClosingReopen,
+                                            Revoked, Reoffered, ClosingClientRelease, OpeningClientRelease)
 
 
 # ---- actions (outputs) ---------------------------------------------------------------------------------
@@ -119,11 +285,23 @@ class DeviceClose:
 
 
 @dataclass(frozen=True, slots=True)
+class TeardownGpadl:
+    """The guest tore down GPADL ``gpadl`` of ``relid`` (not the ring of a live channel): the device lets go of
+    it and answers with ``HostConnection.gpadl_released(relid, gpadl)``; only then GPADL_TORNDOWN goes out
+    (OpenVMM ``Action::TeardownGpadl`` / ``gpadl_teardown_complete``)."""
+
+    offer: OfferSpec
+    relid: int
+    gpadl: int
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """A guest message that is invalid here; logged, and answered only where the protocol answers."""
 
     message: m.Message | None
-    reason: str
+    kind: DropKind
+    reason: str  # the human text
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +311,7 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    reason: str  # "unload" or "reset"
+    reason: DisconnectReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +322,7 @@ class ChannelFreed:
     name: str
 
 
-Action = Send | DeviceOpen | DeviceClose | Dropped | Connected | Disconnected | ChannelFreed
+Action = Send | DeviceOpen | DeviceClose | TeardownGpadl | Dropped | Connected | Disconnected | ChannelFreed
 
 
 @dataclass(slots=True)
@@ -158,15 +336,90 @@ class HostGpadl:
 class HostChannel:
     offer: OfferSpec
     relid: int
-    state: ChanState = ChanState.CLIENT_RELEASED
-    params: OpenParams | None = None  # while opening/open/closing
-    reopen: m.OpenChannel | None = None  # the OPENCHANNEL queued by CLOSING_REOPEN
-    seq: int = 0  # sequence number of the device request in flight
-    device_busy: bool = False  # a device open or close is in flight
-    device_open: bool = False  # the device holds the channel open
-    reoffer: OfferSpec | None = None
-    released: bool = False  # a revoked channel's relid was released by the guest
-    target_vp: int = 0
+    state: ChannelState = ClientReleased()
+    primary: int | None = None  # a sub-channel's primary relid
+
+    # Read-only views of the state, for shells, logs and tests.
+    @property
+    def kind(self) -> ChanState:
+        return self.state.kind
+
+    @property
+    def params(self) -> OpenParams | None:
+        """The rings while opening, open or closing (or while a rescinded channel's device holds them)."""
+        match self.state:
+            case Opening(params=p) | Open(params=p) | Closing(params=p) | ClosingReopen(params=p):
+                return p
+            case ClosingClientRelease(params=p) | OpeningClientRelease(params=p):
+                return p
+            case Revoked(op=op) | Reoffered(op=op):
+                return op.params if op is not None else None
+            case ClientReleased() | Closed():
+                return None
+            case _:
+                assert_never(self.state)
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the device open/close in flight, 0 if none."""
+        match self.state:
+            case Opening(seq=s) | Closing(seq=s) | ClosingReopen(seq=s):
+                return s
+            case ClosingClientRelease(seq=s) | OpeningClientRelease(seq=s):
+                return s
+            case Revoked(op=op) | Reoffered(op=op):
+                return op.seq if op is not None else 0
+            case ClientReleased() | Closed() | Open():
+                return 0
+            case _:
+                assert_never(self.state)
+
+    @property
+    def device_busy(self) -> bool:
+        """A device open or close is in flight."""
+        return self.seq != 0
+
+    @property
+    def device_open(self) -> bool:
+        """The device holds the channel open (open, or its close is still pending)."""
+        match self.state:
+            case Open() | Closing() | ClosingReopen() | ClosingClientRelease():
+                return True
+            case Revoked(op=op) | Reoffered(op=op):
+                return op is not None and op.closing
+            case ClientReleased() | Closed() | Opening() | OpeningClientRelease():
+                return False
+            case _:
+                assert_never(self.state)
+
+    @property
+    def revoked(self) -> bool:
+        return isinstance(self.state, Revoked | Reoffered)
+
+    @property
+    def released(self) -> bool:
+        """The guest no longer holds the relid."""
+        match self.state:
+            case ClientReleased() | ClosingClientRelease() | OpeningClientRelease():
+                return True
+            case Revoked(released=r) | Reoffered(released=r):
+                return r
+            case Closed() | Opening() | Open() | Closing() | ClosingReopen():
+                return False
+            case _:
+                assert_never(self.state)
+
+    @property
+    def reoffer(self) -> OfferSpec | None:
+        return self.state.offer if isinstance(self.state, Reoffered) else None
+
+    @property
+    def reopen(self) -> m.OpenChannel | None:
+        return self.state.reopen if isinstance(self.state, ClosingReopen) else None
+
+    @property
+    def target_vp(self) -> int | None:
+        return self.state.target_vp if isinstance(self.state, Open) else None
 
 
 @dataclass(slots=True)
@@ -191,7 +444,7 @@ class HostConnection:
         self._next_action: m.Message | None = None  # UNLOAD or INITIATE_CONTACT waiting for idle
         self._seq = 0
         self._out: list[Action] = []
-        for offer in offers:
+        for offer in sorted(offers, key=lambda o: o.key):
             self.add_offer(offer)
 
     # ---- outputs ---------------------------------------------------------------------------------------
@@ -203,163 +456,242 @@ class HostConnection:
     def _send(self, msg: m.Message) -> None:
         self._out.append(Send(msg))
 
-    def _drop(self, msg: m.Message | None, reason: str) -> None:
-        self._out.append(Dropped(msg, reason))
+    def _drop(self, msg: m.Message | None, kind: DropKind, reason: str) -> None:
+        self._out.append(Dropped(msg, kind, reason))
+
+    # ---- read-only lookups -----------------------------------------------------------------------------
+
+    def gpadl(self, relid: int, gpadl_id: int) -> Gpadl | None:
+        """The accepted GPADL ``gpadl_id`` of ``relid``, or None (unknown, in progress or being torn down)."""
+        g = self.gpadls.get((gpadl_id, relid))
+        return g.gpadl if g is not None and g.state == GpadlState.ACCEPTED else None
+
+    def subchannels(self, primary: int) -> list[HostChannel]:
+        """The sub-channels linked to ``primary``, by sub-channel index."""
+        return sorted((c for c in self.channels.values() if c.primary == primary),
+                      key=lambda c: c.offer.sub_channel_index)
 
     # ---- host-side inputs ------------------------------------------------------------------------------
 
-    def add_offer(self, offer: OfferSpec) -> int:
-        """Offer a device channel. Sent now if offers were already delivered (hot add)."""
+    def add_offer(self, offer: OfferSpec, primary: int | None = None) -> int:
+        """Offer a device channel; returns its relid. Sent now if offers were already delivered (hot add).
+
+        A sub-channel (``sub_channel_index`` >= 1) names its ``primary`` relid, which must be an offered or
+        open primary of the same class and instance. Raises ValueError for an offer that cannot be made."""
+        self._check_primary(offer, primary)
         for ch in self.channels.values():
-            if ch.state == ChanState.REVOKED and self._same_key(ch.offer, offer):
-                ch.state, ch.reoffer = ChanState.REOFFERED, offer
-                return ch.relid
-            if ch.state != ChanState.REVOKED and self._same_key(ch.offer, offer):
-                raise ValueError(f"{offer.name}: an offer with this class and instance exists")
-        relid = next((i for i in range(1, MAX_CHANNELS + 1) if i not in self.channels), 0)
-        if not relid:
-            raise ValueError("no free channel id")
-        ch = HostChannel(offer, relid)
+            if ch.offer.key != offer.key:
+                continue
+            match ch.state:
+                case Revoked(op=op, released=released):
+                    ch.state, ch.primary = Reoffered(offer, op, released), primary
+                    return ch.relid
+                case _:
+                    raise ValueError(f"{offer.name}: an offer with this class and instance exists")
+        relid = self._free_relid()
+        ch = HostChannel(offer, relid, primary=primary)
         self.channels[relid] = ch
         if self.state == ConnState.CONNECTED and self.offers_sent:
-            ch.state = ChanState.CLOSED
+            ch.state = Closed()
             self._send(offer.message(relid))
         return relid
 
-    @staticmethod
-    def _same_key(a: OfferSpec, b: OfferSpec) -> bool:
-        return (a.if_type, a.if_instance, a.sub_channel_index) == (b.if_type, b.if_instance, b.sub_channel_index)
+    def _check_primary(self, offer: OfferSpec, primary: int | None) -> None:
+        if not offer.sub_channel_index:
+            if primary is not None:
+                raise ValueError(f"{offer.name}: a primary channel (sub-channel index 0) has no primary")
+            return
+        p = self.channels.get(primary) if primary is not None else None
+        if p is None or p.primary is not None or p.offer.sub_channel_index:
+            raise ValueError(f"{offer.name}: sub-channel {offer.sub_channel_index} needs the relid of its "
+                             f"primary channel, not {primary}")
+        if (p.offer.if_type, p.offer.if_instance) != (offer.if_type, offer.if_instance):
+            raise ValueError(f"{offer.name}: a sub-channel has its primary's class and instance")
+        if not isinstance(p.state, Closed | Opening | Open):
+            raise ValueError(f"{offer.name}: primary relid {primary} is {p.state.name}, not offered or open")
+
+    def _free_relid(self, taken: Iterable[int] = ()) -> int:
+        used = set(self.channels) | set(taken)
+        relid = next((i for i in range(1, MAX_CHANNELS + 1) if i not in used), 0)
+        if not relid:
+            raise ValueError("no free channel id")
+        return relid
 
     def rescind(self, relid: int) -> None:
-        """Hot-remove a device channel (OpenVMM ``revoke``)."""
+        """Hot-remove a device channel (OpenVMM ``revoke``). Its sub-channels are rescinded first, so the guest
+        sees every sub-channel's RESCIND before the primary's (OpenVMM vmbus_channel channel.rs)."""
         ch = self.channels[relid]
-        st = ch.state
-        if st in (ChanState.REVOKED, ChanState.REOFFERED):
-            return
-        if st == ChanState.CLIENT_RELEASED:
-            self._free(ch)
-            return
-        if st in (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
-            # The guest already let go; once the device answers, the channel is simply gone.
-            ch.reoffer = None
-            ch.state = ChanState.REVOKED
-            ch.released = True
-            self._maybe_free_revoked(ch)
-            return
-        if st == ChanState.OPEN:
-            self._device_close(ch)
-        # OPENING: the device's open answer is turned into a close; CLOSING(_REOPEN): the close finishes.
-        ch.reopen = None
-        ch.state = ChanState.REVOKED
-        self._send(m.RescindChannelOffer(child_relid=relid))
-        self._revoke_gpadls(relid)
+        for sub in self.subchannels(relid):
+            self.rescind(sub.relid)
+        self._revoke(ch)
+        self._check_disconnected()  # a disconnect may have waited on this channel's GPADL teardown
 
-    def _revoke_gpadls(self, relid: int) -> None:
+    def _revoke(self, ch: HostChannel) -> None:
+        relid = ch.relid
+        match ch.state:
+            case Revoked():
+                return
+            case Reoffered(op=op, released=released):
+                ch.state = Revoked(op, released)  # OpenVMM revoke: the pending re-offer is withdrawn
+                return
+            case ClientReleased():
+                self._free(ch)
+                return
+            case ClosingClientRelease(params=p, seq=s) | OpeningClientRelease(params=p, seq=s):
+                # The guest already let go; once the device answers, the channel is simply gone.
+                self._revoke_gpadls(relid, guest_holds=False)
+                ch.state = Revoked(DeviceOp(s, p, isinstance(ch.state, ClosingClientRelease)), released=True)
+                return
+            case Closed():
+                ch.state = Revoked()
+            case Opening(params=p, seq=s):
+                ch.state = Revoked(DeviceOp(s, p, closing=False))  # the open's answer turns into a close
+            case Open(params=p):
+                ch.state = Revoked(DeviceOp(self._device_close(ch), p, closing=True))
+            case Closing(params=p, seq=s) | ClosingReopen(params=p, seq=s):
+                ch.state = Revoked(DeviceOp(s, p, closing=True))  # the close finishes, the re-open is dropped
+            case _:
+                assert_never(ch.state)
+        self._send(m.RescindChannelOffer(child_relid=relid))
+        self._revoke_gpadls(relid, guest_holds=True)
+
+    def _revoke_gpadls(self, relid: int, guest_holds: bool) -> None:
+        """OpenVMM ``revoke``: GPADLs in progress fail, teardowns waiting on the device are answered now."""
         for gid, asm in list(self.in_progress.items()):
             if asm.relid == relid:
                 del self.in_progress[gid]
-                self._send(m.GpadlCreated(child_relid=relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
+                if guest_holds:
+                    self._send(m.GpadlCreated(child_relid=relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
         for (gid, rid), g in list(self.gpadls.items()):
-            if rid == relid and g.state == GpadlState.TEARING_DOWN:
+            if rid == relid and g.state in (GpadlState.TEARDOWN_DEFERRED, GpadlState.TEARING_DOWN):
                 del self.gpadls[(gid, rid)]
-                self._send(m.GpadlTorndown(gpadl=gid))
+                if guest_holds:
+                    self._send(m.GpadlTorndown(gpadl=gid))
 
     def open_complete(self, relid: int, seq: int, ok: bool) -> None:
+        """The device's answer to ``DeviceOpen`` number ``seq``."""
         ch = self.channels.get(relid)
-        if ch is None or seq != ch.seq or not ch.device_busy:
-            return  # stale
-        ch.device_busy = False
-        params = ch.params
-        assert params is not None
-        if ch.state == ChanState.OPENING:
-            if ok:
-                ch.device_open = True
-                ch.state = ChanState.OPEN
-                self._send(m.OpenChannelResult(child_relid=relid, openid=params.openid, status=STATUS_SUCCESS))
-            else:
-                self._unuse_ring(ch)
-                ch.state = ChanState.CLOSED
-                self._send(m.OpenChannelResult(child_relid=relid, openid=params.openid,
-                                               status=STATUS_UNSUCCESSFUL))
-        elif ok:
-            # Revoked or released while opening: the open turns into a close.
-            ch.device_open = True
-            self._device_close(ch)
+        if ch is None or not seq:
+            return
+        match ch.state:
+            case Opening(params=p, seq=s) if s == seq:
+                if ok:
+                    ch.state = Open(p, p.target_vp)
+                    self._send(m.OpenChannelResult(child_relid=relid, openid=p.openid, status=STATUS_SUCCESS))
+                else:
+                    ch.state = Closed()
+                    self._unuse_ring(ch, p)
+                    self._send(m.OpenChannelResult(child_relid=relid, openid=p.openid,
+                                                   status=STATUS_UNSUCCESSFUL))
+            case OpeningClientRelease(params=p, seq=s) if s == seq:
+                if ok:  # released while opening: the open turns into a close
+                    ch.state = ClosingClientRelease(p, self._device_close(ch))
+                else:
+                    self._client_released(ch, p)
+            case Revoked(op=DeviceOp(seq=s, params=p, closing=False), released=r) if s == seq:
+                self._revoked_open_done(ch, None, p, r, ok)
+            case Reoffered(offer=o, op=DeviceOp(seq=s, params=p, closing=False), released=r) if s == seq:
+                self._revoked_open_done(ch, o, p, r, ok)
+            case _:
+                return  # stale
+
+    def _revoked_open_done(self, ch: HostChannel, reoffer: OfferSpec | None, p: OpenParams, released: bool,
+                           ok: bool) -> None:
+        if ok:  # rescinded while opening: the open turns into a close
+            self._set_revoked(ch, reoffer, DeviceOp(self._device_close(ch), p, closing=True), released)
         else:
-            self._unuse_ring(ch)
-            self._after_device_idle(ch)
+            self._unuse_ring(ch, p)
+            self._set_revoked(ch, reoffer, None, released)
 
     def close_complete(self, relid: int, seq: int) -> None:
+        """The device's answer to ``DeviceClose`` number ``seq``."""
         ch = self.channels.get(relid)
-        if ch is None or seq != ch.seq or not ch.device_busy:
+        if ch is None or not seq:
             return
-        ch.device_busy = False
-        ch.device_open = False
-        self._unuse_ring(ch)
-        if ch.state == ChanState.CLOSING:
-            ch.state = ChanState.CLOSED
-        elif ch.state == ChanState.CLOSING_REOPEN:
-            reopen, ch.reopen = ch.reopen, None
-            ch.state = ChanState.CLOSED
-            assert reopen is not None
-            self._open_channel(reopen)
-        else:
-            self._after_device_idle(ch)
+        match ch.state:
+            case Closing(params=p, seq=s) if s == seq:
+                ch.state = Closed()
+                self._unuse_ring(ch, p)
+            case ClosingReopen(params=p, seq=s, reopen=reopen) if s == seq:
+                ch.state = Closed()
+                self._unuse_ring(ch, p)
+                self._open_channel(ch, reopen)
+            case ClosingClientRelease(params=p, seq=s) if s == seq:
+                self._client_released(ch, p)
+            case Revoked(op=DeviceOp(seq=s, params=p, closing=True), released=r) if s == seq:
+                self._unuse_ring(ch, p)
+                self._set_revoked(ch, None, None, r)
+            case Reoffered(offer=o, op=DeviceOp(seq=s, params=p, closing=True), released=r) if s == seq:
+                self._unuse_ring(ch, p)
+                self._set_revoked(ch, o, None, r)
+            case _:
+                return  # stale
 
-    def _after_device_idle(self, ch: HostChannel) -> None:
-        if ch.state in (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
-            ch.state = ChanState.CLIENT_RELEASED
-            self._drop_channel_gpadls(ch.relid)
-            self._check_disconnected()
-        elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
-            self._maybe_free_revoked(ch)
-        elif ch.state == ChanState.OPENING:
-            ch.state = ChanState.CLOSED
+    def gpadl_released(self, relid: int, gpadl: int) -> None:
+        """The device's answer to ``TeardownGpadl``: it no longer uses the GPADL. GPADL_TORNDOWN goes out
+        unless the guest released the relid meanwhile (OpenVMM ``gpadl_teardown_complete``). A stale or
+        repeated call changes nothing."""
+        g = self.gpadls.get((gpadl, relid))
+        if g is None or g.state != GpadlState.TEARING_DOWN:
+            return
+        del self.gpadls[(gpadl, relid)]
+        ch = self.channels.get(relid)
+        if self.state == ConnState.CONNECTED and ch is not None and not ch.released:
+            self._send(m.GpadlTorndown(gpadl=gpadl))
+        self._check_disconnected()
 
-    def _maybe_free_revoked(self, ch: HostChannel) -> None:
+    def _client_released(self, ch: HostChannel, params: OpenParams) -> None:
+        """The device let go of a channel the guest released."""
+        ch.state = ClientReleased()
+        self._unuse_ring(ch, params)
+        self._drop_channel_gpadls(ch.relid)
+        self._check_disconnected()
+
+    def _set_revoked(self, ch: HostChannel, reoffer: OfferSpec | None, op: DeviceOp | None,
+                     released: bool) -> None:
         """A rescinded channel the guest released is freed, or re-offered under the same relid, once the
         device let go of it."""
-        if ch.device_busy or ch.device_open or not ch.released:
-            self._check_disconnected()
-            return
-        if ch.state == ChanState.REVOKED:
+        if op is not None or not released:
+            ch.state = Revoked(op, released) if reoffer is None else Reoffered(reoffer, op, released)
+        elif reoffer is None:
             self._free(ch)
-        elif ch.state == ChanState.REOFFERED:
-            assert ch.reoffer is not None
+        else:
             self._drop_channel_gpadls(ch.relid)
-            ch.offer, ch.reoffer, ch.released = ch.reoffer, None, False
+            ch.offer = reoffer
             if self.state == ConnState.CONNECTED and self.offers_sent:
-                ch.state = ChanState.CLOSED
+                ch.state = Closed()
                 self._send(ch.offer.message(ch.relid))
             else:
-                ch.state = ChanState.CLIENT_RELEASED
+                ch.state = ClientReleased()
         self._check_disconnected()
 
     def _free(self, ch: HostChannel) -> None:
         self.channels.pop(ch.relid, None)
         for key in [k for k in self.gpadls if k[1] == ch.relid]:
             del self.gpadls[key]
+        for sub in self.subchannels(ch.relid):
+            sub.primary = None  # the relid may be reused; a leftover sub-channel is alone now
         self._out.append(ChannelFreed(ch.relid, ch.offer.name))
 
-    def _device_close(self, ch: HostChannel) -> None:
-        self._seq += 1
-        ch.seq = self._seq
-        ch.device_busy = True
-        self._out.append(DeviceClose(ch.offer, ch.relid, ch.seq))
+    def _device_close(self, ch: HostChannel) -> int:
+        seq = self._next_seq()
+        self._out.append(DeviceClose(ch.offer, ch.relid, seq))
+        return seq
 
-    def _unuse_ring(self, ch: HostChannel) -> None:
-        params, ch.params = ch.params, None
-        if params is None:
-            return
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _unuse_ring(self, ch: HostChannel, params: OpenParams) -> None:
+        """The device no longer maps the ring: a teardown of it that waited is answered now."""
         key = (params.gpadl.gpadl, ch.relid)
         g = self.gpadls.get(key)
         if g is None or g.gpadl is not params.gpadl:
             return  # torn down meanwhile (a rescinded channel's ring), maybe its id already reused
         g.ring_users -= 1
-        if g.ring_users == 0 and g.state == GpadlState.TEARING_DOWN:
+        if g.ring_users == 0 and g.state == GpadlState.TEARDOWN_DEFERRED:
             del self.gpadls[key]
-            if self.state == ConnState.CONNECTED and not ch.released and ch.state not in (
-                    ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
+            if self.state == ConnState.CONNECTED and not ch.released:
                 self._send(m.GpadlTorndown(gpadl=key[0]))
 
     # ---- guest messages --------------------------------------------------------------------------------
@@ -368,17 +700,18 @@ class HostConnection:
         """Handle one guest message. Never raises for the guest's mistakes: it drops and reports them."""
         t = msg.MSGTYPE
         if t not in m.GUEST_TO_HOST:
-            self._drop(msg, f"{t.name} is a host-to-guest message")
+            self._drop(msg, DropKind.WRONG_DIRECTION, f"{t.name} is a host-to-guest message")
             return
         if t == MsgType.INITIATE_CONTACT:
             assert isinstance(msg, m.InitiateContact)
             self._on_initiate_contact(msg)
             return
         if self.state != ConnState.CONNECTED:
-            self._drop(msg, f"{t.name} while {self.state.value}")
+            self._drop(msg, DropKind.NOT_CONNECTED, f"{t.name} while {self.state.value}")
             return
         if self.version < m.MIN_VERSION.get(t, 0):
-            self._drop(msg, f"{t.name} needs a newer VMBus version than {Version(self.version).text}")
+            self._drop(msg, DropKind.VERSION_TOO_OLD,
+                       f"{t.name} needs a newer VMBus version than {Version(self.version).text}")
             return
         handler = _HANDLERS[t]
         handler(self, msg)
@@ -394,14 +727,18 @@ class HostConnection:
         elif err.msgtype == MsgType.GPADL_BODY and gid is not None and gid in self.in_progress:
             asm = self.in_progress.pop(gid)
             self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=gid, creation_status=STATUS_UNSUCCESSFUL))
-        self._drop(None, str(err))
+        self._drop(None, DropKind.MALFORMED, str(err))
 
     def _channel(self, msg: m.Message, relid: int) -> HostChannel | None:
         ch = self.channels.get(relid)
         if ch is None:
-            self._drop(msg, f"unknown relid {relid}")
+            self._drop(msg, DropKind.UNKNOWN_RELID, f"unknown relid {relid}")
             return None
         return ch
+
+    def _wrong_state(self, msg: m.Message, ch: HostChannel) -> None:
+        kind = DropKind.RELEASED_RELID if ch.released else DropKind.WRONG_STATE
+        self._drop(msg, kind, f"{msg.MSGTYPE.name} for relid {ch.relid} while {ch.state.name}")
 
     def _on_initiate_contact(self, msg: m.InitiateContact) -> None:
         if self.state == ConnState.DISCONNECTED:
@@ -439,39 +776,57 @@ class HostConnection:
 
     def _on_request_offers(self, msg: m.Message) -> None:
         if self.offers_sent:
-            self._drop(msg, "REQUESTOFFERS was already answered on this connection")
+            self._drop(msg, DropKind.DUPLICATE_REQUEST_OFFERS, "REQUESTOFFERS was already answered on this connection")
             return
         self.offers_sent = True
-        # Relids are given when a device is added, so they are stable across reconnects already
-        # (OpenVMM sorts by interface id for that); offers go out in relid order.
+        self._assign_relids()
         for ch in sorted(self.channels.values(), key=lambda c: c.relid):
-            if ch.state == ChanState.CLIENT_RELEASED:
-                ch.state = ChanState.CLOSED
+            if isinstance(ch.state, ClientReleased):
+                ch.state = Closed()
                 self._send(ch.offer.message(ch.relid))
         self._send(m.AllOffersDelivered())
+
+    def _assign_relids(self) -> None:
+        """OpenVMM handle_request_offers + prepare_channel: relids go to the channels in key order, lowest
+        free relid first. Only channels no one holds are renumbered (at the first REQUESTOFFERS of a
+        connection that is every channel: a disconnect releases them all)."""
+        held = {r for r, ch in self.channels.items()
+                if not isinstance(ch.state, ClientReleased) or any(k[1] == r for k in self.gpadls)}
+        movable = sorted((ch for r, ch in self.channels.items() if r not in held), key=lambda c: c.offer.key)
+        free = (i for i in range(1, MAX_CHANNELS + 1) if i not in held)
+        new = {ch.relid: next(free) for ch in movable}
+        for ch in movable:
+            ch.relid = new[ch.relid]
+        for ch in self.channels.values():
+            if ch.primary is not None:
+                ch.primary = new.get(ch.primary, ch.primary)
+        self.channels = {ch.relid: ch for ch in self.channels.values()}
 
     def _on_gpadl_header(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GpadlHeader)
         ch = self.channels.get(msg.child_relid)
-        if ch is None or ch.released or ch.state in _RELEASED:
-            self._gpadl_failed(msg, f"GPADL {msg.gpadl:#x} for unknown or released relid {msg.child_relid}")
+        if ch is None or ch.released:
+            self._gpadl_failed(msg, DropKind.UNKNOWN_RELID if ch is None else DropKind.RELEASED_RELID,
+                               f"GPADL {msg.gpadl:#x} for unknown or released relid {msg.child_relid}")
             return
         if msg.gpadl in self.in_progress:
-            self._gpadl_failed(msg, f"duplicate in-progress GPADL id {msg.gpadl:#x}")
+            self._gpadl_failed(msg, DropKind.GPADL_DUPLICATE_ID, f"duplicate in-progress GPADL id {msg.gpadl:#x}")
             return
         if (msg.gpadl, msg.child_relid) in self.gpadls:
-            self._gpadl_failed(msg, f"GPADL id {msg.gpadl:#x} already exists on relid {msg.child_relid}")
+            self._gpadl_failed(msg, DropKind.GPADL_DUPLICATE_ID,
+                               f"GPADL id {msg.gpadl:#x} already exists on relid {msg.child_relid}")
             return
         if len(self.gpadls) + len(self.in_progress) >= self.limits.max_gpadls:
-            self._gpadl_failed(msg, f"GPADL limit of {self.limits.max_gpadls} reached")
+            self._gpadl_failed(msg, DropKind.GPADL_LIMIT, f"GPADL limit of {self.limits.max_gpadls} reached")
             return
         try:
             asm = GpadlAssembly.from_header(msg)
         except MessageError as exc:
-            self._gpadl_failed(msg, str(exc))
+            self._gpadl_failed(msg, DropKind.GPADL_INVALID, str(exc))
             return
         if asm.expected_pfns > self.limits.max_gpadl_pages:
-            self._gpadl_failed(msg, f"GPADL of {asm.expected_pfns} pages exceeds {self.limits.max_gpadl_pages}")
+            self._gpadl_failed(msg, DropKind.GPADL_INVALID,
+                               f"GPADL of {asm.expected_pfns} pages exceeds {self.limits.max_gpadl_pages}")
             return
         self._gpadl_progress(asm, msg)
 
@@ -483,14 +838,14 @@ class HostConnection:
             # completed has left the in-progress map, so a late body lands here too and leaves it intact.
             done = sorted(relid for gid, relid in self.gpadls if gid == msg.gpadl)
             note = f" (not in progress; complete on relid {', '.join(map(str, done))})" if done else ""
-            self._drop(msg, f"GPADL_BODY for unknown GPADL id {msg.gpadl:#x}{note}")
+            self._drop(msg, DropKind.GPADL_UNKNOWN_ID, f"GPADL_BODY for unknown GPADL id {msg.gpadl:#x}{note}")
             return
         try:
             asm.add(msg.pfns)
         except MessageError as exc:
             del self.in_progress[msg.gpadl]
             self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=msg.gpadl, creation_status=STATUS_UNSUCCESSFUL))
-            self._drop(msg, str(exc))
+            self._drop(msg, DropKind.GPADL_INVALID, str(exc))
             return
         self._gpadl_progress(asm, msg)
 
@@ -500,58 +855,67 @@ class HostConnection:
             return
         self.in_progress.pop(asm.gpadl, None)
         ch = self.channels.get(asm.relid)
-        if ch is None or ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
+        if ch is None or ch.revoked:
             # OpenVMM channels.rs gpadl_updated: a GPADL that completes on a revoked channel is answered
             # GPADL_CREATED(STATUS_UNSUCCESSFUL) and removed, so a later teardown of it is an unknown GPADL.
             self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_UNSUCCESSFUL))
-            self._drop(msg, f"GPADL {asm.gpadl:#x} completed on rescinded relid {asm.relid}")
+            self._drop(msg, DropKind.GPADL_ON_REVOKED, f"GPADL {asm.gpadl:#x} completed on rescinded relid {asm.relid}")
             return
         self.gpadls[(asm.gpadl, asm.relid)] = HostGpadl(Gpadl(asm.relid, asm.gpadl, asm.ranges, tuple(asm.pfns)))
         self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_SUCCESS))
 
-    def _gpadl_failed(self, msg: m.GpadlHeader, reason: str) -> None:
+    def _gpadl_failed(self, msg: m.GpadlHeader, kind: DropKind, reason: str) -> None:
         self._send(m.GpadlCreated(child_relid=msg.child_relid, gpadl=msg.gpadl, creation_status=STATUS_UNSUCCESSFUL))
-        self._drop(msg, reason)
+        self._drop(msg, kind, reason)
 
     def _on_gpadl_teardown(self, msg: m.Message) -> None:
+        """OpenVMM handle_gpadl_teardown: on a revoked channel answered at once; otherwise the device lets go
+        first -- the ring of a live channel when that channel closes, any other GPADL via TeardownGpadl."""
         assert isinstance(msg, m.GpadlTeardown)
         ch = self._channel(msg, msg.child_relid)
         if ch is None:
             return
-        if ch.released or ch.state in _RELEASED:
-            self._drop(msg, f"GPADL_TEARDOWN for relid {ch.relid}, which the guest released")
+        if ch.released:
+            self._drop(msg, DropKind.RELEASED_RELID,
+                       f"GPADL_TEARDOWN for relid {ch.relid}, which the guest released")
             return
         key = (msg.gpadl, msg.child_relid)
         g = self.gpadls.get(key)
         if g is None or g.state != GpadlState.ACCEPTED:
-            self._drop(msg, f"GPADL {msg.gpadl:#x} on relid {msg.child_relid} is not an accepted GPADL")
+            self._drop(msg, DropKind.GPADL_NOT_ACCEPTED,
+                       f"GPADL {msg.gpadl:#x} on relid {msg.child_relid} is not an accepted GPADL")
             return
-        if ch.state in (ChanState.REVOKED, ChanState.REOFFERED) or g.ring_users == 0:
+        if ch.revoked:
             del self.gpadls[key]
             self._send(m.GpadlTorndown(gpadl=msg.gpadl))
-            return
-        g.state = GpadlState.TEARING_DOWN  # answered once the ring using it is closed
+        elif g.ring_users:
+            g.state = GpadlState.TEARDOWN_DEFERRED  # answered once the ring using it is closed
+        else:
+            g.state = GpadlState.TEARING_DOWN
+            self._out.append(TeardownGpadl(ch.offer, ch.relid, msg.gpadl))
 
     def _on_open_channel(self, msg: m.Message) -> None:
         assert isinstance(msg, m.OpenChannel)
         ch = self._channel(msg, msg.child_relid)
         if ch is None:
             return
-        st = ch.state
-        if st == ChanState.CLOSED:
-            self._open_channel(msg)
-        elif st == ChanState.CLOSING:
-            ch.state, ch.reopen = ChanState.CLOSING_REOPEN, msg
-        elif st in (ChanState.REVOKED, ChanState.REOFFERED):
-            self._drop(msg, f"OPENCHANNEL for rescinded relid {ch.relid} ignored")
-        elif st in (ChanState.OPEN, ChanState.CLOSING_REOPEN):
-            self._open_failed(msg, f"OPENCHANNEL for relid {ch.relid} while {st.value}")
-        else:
-            # OPENING: the pending open will be answered; released: the guest does not know the relid.
-            self._drop(msg, f"OPENCHANNEL for relid {ch.relid} while {st.value}")
+        match ch.state:
+            case Closed():
+                self._open_channel(ch, msg)
+            case Closing(params=p, seq=s):
+                ch.state = ClosingReopen(p, s, msg)
+            case Revoked() | Reoffered():
+                self._drop(msg, DropKind.REVOKED_RELID, f"OPENCHANNEL for rescinded relid {ch.relid} ignored")
+            case Open() | ClosingReopen():
+                self._open_failed(msg, DropKind.WRONG_STATE,
+                                  f"OPENCHANNEL for relid {ch.relid} while {ch.state.name}")
+            case Opening() | ClientReleased() | ClosingClientRelease() | OpeningClientRelease():
+                # OPENING: the pending open will be answered; released: the guest does not know the relid.
+                self._wrong_state(msg, ch)
+            case _:
+                assert_never(ch.state)
 
-    def _open_channel(self, msg: m.OpenChannel) -> None:
-        ch = self.channels[msg.child_relid]
+    def _open_channel(self, ch: HostChannel, msg: m.OpenChannel) -> None:
         g = self.gpadls.get((msg.ringbuffer_gpadlhandle, msg.child_relid))
         reason = None
         if g is None:
@@ -564,58 +928,64 @@ class HostConnection:
             reason = (f"downstream offset {msg.downstream_ringbuffer_pageoffset} leaves a ring without a "
                       f"header and a data page in {g.gpadl.page_count} pages")
         if reason is not None or g is None:
-            self._open_failed(msg, reason or "")
+            self._open_failed(msg, DropKind.BAD_RING, reason or "")
             return
         g.ring_users += 1
-        ch.params = OpenParams(relid=ch.relid, openid=msg.openid, gpadl=g.gpadl,
-                               downstream_offset=msg.downstream_ringbuffer_pageoffset,
-                               target_vp=msg.target_vp, userdata=msg.userdata)
-        ch.target_vp = msg.target_vp
-        ch.state = ChanState.OPENING
-        self._seq += 1
-        ch.seq = self._seq
-        ch.device_busy = True
-        self._out.append(DeviceOpen(ch.offer, ch.params, ch.seq))
+        params = OpenParams(relid=ch.relid, openid=msg.openid, gpadl=g.gpadl,
+                            downstream_offset=msg.downstream_ringbuffer_pageoffset,
+                            target_vp=msg.target_vp, userdata=msg.userdata)
+        ch.state = Opening(params, self._next_seq())
+        self._out.append(DeviceOpen(ch.offer, params, ch.state.seq))
 
-    def _open_failed(self, msg: m.OpenChannel, reason: str) -> None:
+    def _open_failed(self, msg: m.OpenChannel, kind: DropKind, reason: str) -> None:
         self._send(m.OpenChannelResult(child_relid=msg.child_relid, openid=msg.openid, status=STATUS_UNSUCCESSFUL))
-        self._drop(msg, reason)
+        self._drop(msg, kind, reason)
 
     def _on_close_channel(self, msg: m.Message) -> None:
         assert isinstance(msg, m.CloseChannel)
         ch = self._channel(msg, msg.child_relid)
         if ch is None:
             return
-        if ch.state == ChanState.OPEN:
-            ch.state = ChanState.CLOSING
-            self._device_close(ch)
-        elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
-            pass  # a rescinded guest still closes; nothing to do
-        else:
-            self._drop(msg, f"CLOSECHANNEL for relid {ch.relid} while {ch.state.value}")
+        match ch.state:
+            case Open(params=p):
+                # OpenVMM: the device's close of a primary revokes its sub-channels first.
+                self._rescind_subchannels(ch)
+                ch.state = Closing(p, self._device_close(ch))
+            case Revoked() | Reoffered():
+                pass  # a rescinded guest still closes; nothing to do
+            case _:
+                self._wrong_state(msg, ch)
+
+    def _rescind_subchannels(self, ch: HostChannel) -> None:
+        for sub in self.subchannels(ch.relid):
+            self.rescind(sub.relid)
 
     def _on_relid_released(self, msg: m.Message) -> None:
         assert isinstance(msg, m.RelidReleased)
         ch = self._channel(msg, msg.child_relid)
         if ch is None:
             return
-        if ch.state == ChanState.CLOSED:
-            ch.state = ChanState.CLIENT_RELEASED
-            self._drop_channel_gpadls(ch.relid)
-        elif ch.state in (ChanState.REVOKED, ChanState.REOFFERED):
-            ch.released = True
-            self._drop_channel_gpadls(ch.relid)
-            self._maybe_free_revoked(ch)
-        elif ch.state == ChanState.CLOSING:
-            ch.state = ChanState.CLOSING_CLIENT_RELEASE
-            self._drop_channel_gpadls(ch.relid)
-        else:
-            self._drop(msg, f"RELID_RELEASED for relid {ch.relid} while {ch.state.value}")
+        match ch.state:
+            case Closed():
+                self._rescind_subchannels(ch)
+                ch.state = ClientReleased()
+                self._drop_channel_gpadls(ch.relid)
+            case Revoked(op=op) | Reoffered(op=op):
+                self._drop_channel_gpadls(ch.relid)
+                self._set_revoked(ch, ch.reoffer, op, True)
+            case Closing(params=p, seq=s):
+                ch.state = ClosingClientRelease(p, s)
+                self._drop_channel_gpadls(ch.relid)
+            case _:
+                self._wrong_state(msg, ch)
 
     def _drop_channel_gpadls(self, relid: int) -> None:
+        """The guest let go of a relid: its GPADLs go, except a ring still mapped and a teardown the device
+        has not answered yet (OpenVMM client_release_channel keeps TearingDown)."""
         for gid in [g for g, a in self.in_progress.items() if a.relid == relid]:
             del self.in_progress[gid]
-        for key in [k for k, g in self.gpadls.items() if k[1] == relid and g.ring_users == 0]:
+        for key in [k for k, g in self.gpadls.items()
+                    if k[1] == relid and g.ring_users == 0 and g.state != GpadlState.TEARING_DOWN]:
             del self.gpadls[key]
 
     def _on_unload(self, msg: m.Message) -> None:
@@ -632,14 +1002,14 @@ class HostConnection:
             reason = "target_vp 0xFFFFFFFF cannot disable interrupts"  # OpenVMM InvalidTargetVp
         elif ch is None:
             reason = "unknown relid"
-        elif ch.state != ChanState.OPEN:
-            reason = f"channel {ch.state.value}"  # OpenVMM InvalidChannelState
-        elif ch.target_vp == VP_INDEX_DISABLE_INTERRUPT:
+        elif not isinstance(ch.state, Open):
+            reason = f"channel {ch.state.name}"  # OpenVMM InvalidChannelState
+        elif ch.state.target_vp == VP_INDEX_DISABLE_INTERRUPT:
             reason = "channel opened with target_vp 0xFFFFFFFF (interrupts disabled)"  # OpenVMM InterruptsDisabled
-        if reason is None and ch is not None:
-            ch.target_vp = msg.target_vp
+        if reason is None and ch is not None and isinstance(ch.state, Open):
+            ch.state = Open(ch.state.params, msg.target_vp)
         else:
-            self._drop(msg, f"MODIFYCHANNEL for relid {msg.child_relid}: {reason}")
+            self._drop(msg, DropKind.MODIFY_REJECTED, f"MODIFYCHANNEL for relid {msg.child_relid}: {reason}")
         if self.version >= Version.WIN10_V5_3:
             self._send(m.ModifyChannelResponse(child_relid=msg.child_relid,
                                                status=0 if reason is None else STATUS_UNSUCCESSFUL - (1 << 32)))
@@ -651,36 +1021,42 @@ class HostConnection:
         self.in_progress.clear()
         for ch in list(self.channels.values()):
             self._client_release(ch)
+        # OpenVMM: closing a primary revokes its sub-channels; revoking a released channel removes it, so
+        # sub-channels are not offered again on the next connection (the device offers them when asked).
+        for ch in list(self.channels.values()):
+            if ch.primary is not None and ch.relid in self.channels:
+                self.rescind(ch.relid)
         self._check_disconnected()
 
     def _client_release(self, ch: HostChannel) -> None:
-        st = ch.state
-        if st == ChanState.CLOSED:
-            ch.state = ChanState.CLIENT_RELEASED
-        elif st == ChanState.OPEN:
-            ch.state = ChanState.CLOSING_CLIENT_RELEASE
-            self._device_close(ch)
-        elif st in (ChanState.CLOSING, ChanState.CLOSING_REOPEN):
-            ch.state, ch.reopen = ChanState.CLOSING_CLIENT_RELEASE, None
-        elif st == ChanState.OPENING:
-            ch.state = ChanState.OPENING_CLIENT_RELEASE
-        elif st in (ChanState.REVOKED, ChanState.REOFFERED):
-            ch.released = True
-            self._maybe_free_revoked(ch)
+        match ch.state:
+            case Closed():
+                ch.state = ClientReleased()
+            case Open(params=p):
+                ch.state = ClosingClientRelease(p, self._device_close(ch))
+            case Closing(params=p, seq=s) | ClosingReopen(params=p, seq=s):
+                ch.state = ClosingClientRelease(p, s)
+            case Opening(params=p, seq=s):
+                ch.state = OpeningClientRelease(p, s)
+            case Revoked(op=op) | Reoffered(op=op):
+                self._set_revoked(ch, ch.reoffer, op, True)
+            case ClientReleased() | ClosingClientRelease() | OpeningClientRelease():
+                pass
+            case _:
+                assert_never(ch.state)
         self._drop_channel_gpadls(ch.relid)
 
     def _idle(self) -> bool:
-        return not any(ch.device_busy or ch.device_open for ch in self.channels.values())
+        """Every relid released and no device request in flight: no channel open or being opened/closed, no
+        GPADL teardown pending (OpenVMM are_channels_reset)."""
+        return (all(ch.released and not (ch.device_busy or ch.device_open) for ch in self.channels.values())
+                and not any(g.state == GpadlState.TEARING_DOWN for g in self.gpadls.values()))
 
     def _check_disconnected(self) -> None:
         if self.state != ConnState.DISCONNECTING or not self._idle():
             return
         for ch in list(self.channels.values()):
-            if ch.state == ChanState.REOFFERED and ch.reoffer is not None:
-                ch.offer, ch.reoffer, ch.state = ch.reoffer, None, ChanState.CLIENT_RELEASED
-            elif ch.state in (ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE):
-                ch.state = ChanState.CLIENT_RELEASED
-            elif ch.state == ChanState.REVOKED:
+            if isinstance(ch.state, Revoked):
                 self._free(ch)  # an unload or reset releases every relid the guest held
         self.gpadls.clear()
         self.in_progress.clear()
@@ -688,21 +1064,18 @@ class HostConnection:
         self.offers_sent = False
         action, self._next_action = self._next_action, None
         if isinstance(action, m.InitiateContact):
-            self._out.append(Disconnected("reset"))
+            self._out.append(Disconnected(DisconnectReason.RESET))
             self._accept_contact(action)
         else:
             if self.version >= Version.WIN7:
                 self._send(m.UnloadResponse())
-            self._out.append(Disconnected("unload"))
+            self._out.append(Disconnected(DisconnectReason.UNLOAD))
             self.version = 0
 
     # ---- host shutdown / peer loss ---------------------------------------------------------------------
 
     def open_channels(self) -> list[HostChannel]:
         return [c for c in self.channels.values() if c.device_open or c.device_busy]
-
-
-_RELEASED = (ChanState.CLIENT_RELEASED, ChanState.CLOSING_CLIENT_RELEASE, ChanState.OPENING_CLIENT_RELEASE)
 
 
 def _u32(value: object) -> int | None:

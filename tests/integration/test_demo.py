@@ -115,7 +115,8 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     # The walk: every stage of vm1's lifecycle with its explanation.
     for title in ("1/11  Connecting: the VMBus version", "2/11  Offers", "3/11  storage channel: sharing the ring "
                   "pages (GPADL)", "4/11  storage channel: opening the channel", "5/11  storage: the VSTOR handshake",
-                  "6/11  network", "7/11  video", "8/11  keyboard", "9/11  mouse", "11/11  vm1 is up"):
+                  "6/11  heartbeat", "7/11  mouse", "8/11  video", "9/11  network", "10/11  keyboard",
+                  "11/11  vm1 is up"):
         assert title in out, f"stage {title!r} missing"
     assert re.search(r"\b\d+/11  heartbeat: ring, open and handshake", out), "stage of the heartbeat missing"
     words = " ".join(out.split())  # explanations wrap
@@ -129,8 +130,8 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     assert "version=0x602" not in out and "version=0x50003" not in out  # (VMBus 5.3 is 0x50003 in INITIATE_CONTACT)
     # vm2 and vm3: one summary line each, not a full trace.
     for who in ("vm1", "vm2", "vm3"):
-        assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 5\.3 · storage VSTOR 6\.2 · network NVSP 6\.1 · "
-                         r"video SYNTHVID 3\.5 · keyboard SYNTH_KBD 1\.0 · mouse SYNTHHID 2\.0 · heartbeat IC 3\.0",
+        assert re.search(rf"{who} │ up over \S+ in [\d.]+s: VMBus 5\.3 · heartbeat IC 3\.0 · storage VSTOR 6\.2 · "
+                         r"mouse SYNTHHID 2\.0 · video SYNTHVID 3\.5 · network NVSP 6\.1 · keyboard SYNTH_KBD 1\.0",
                          out), who
     assert out.count("CHANNELMSG_INITIATE_CONTACT") == 1, "only vm1's lifecycle is traced"
     # The disk work: the final table has every VM with completed requests and no errors.

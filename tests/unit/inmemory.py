@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import assert_never
 
 from vmbus_proto import client as c
 from vmbus_proto import messages as m
@@ -27,7 +28,7 @@ class Bus:
         self.auto_device = auto_device
         self.events: list[c.Event] = []
         self.dropped: list[s.Dropped] = []
-        self.device_ops: list[s.DeviceOpen | s.DeviceClose] = []
+        self.device_ops: list[s.DeviceOpen | s.DeviceClose | s.TeardownGpadl] = []
         self.trace: list[str] = []
 
     def pump(self) -> None:
@@ -41,26 +42,35 @@ class Bus:
                 self.host.receive(wire)
             for act in self.host.actions():
                 moved = True
-                if isinstance(act, s.Send):
-                    wire = m.decode(act.message.encode())
-                    assert wire == act.message
-                    self.trace.append("H>G " + wire.describe())
-                    self.guest.receive(wire)
-                elif isinstance(act, s.Dropped):
-                    self.dropped.append(act)
-                elif isinstance(act, s.DeviceOpen | s.DeviceClose):
-                    self.device_ops.append(act)
-                    if self.auto_device:
-                        self.complete(act)
+                match act:
+                    case s.Send():
+                        wire = m.decode(act.message.encode())
+                        assert wire == act.message
+                        self.trace.append("H>G " + wire.describe())
+                        self.guest.receive(wire)
+                    case s.Dropped():
+                        self.dropped.append(act)
+                    case s.DeviceOpen() | s.DeviceClose() | s.TeardownGpadl():
+                        self.device_ops.append(act)
+                        if self.auto_device:
+                            self.complete(act)
+                    case s.Connected() | s.Disconnected() | s.ChannelFreed():
+                        pass
+                    case _:
+                        assert_never(act)
             self.events.extend(self.guest.events())
             if not moved:
                 return
 
-    def complete(self, act: s.DeviceOpen | s.DeviceClose, ok: bool = True) -> None:
-        if isinstance(act, s.DeviceOpen):
-            self.host.open_complete(act.params.relid, act.seq, ok)
-        else:
-            self.host.close_complete(act.relid, act.seq)
+    def complete(self, act: s.DeviceOpen | s.DeviceClose | s.TeardownGpadl, ok: bool = True) -> None:
+        """The device answers a request (a GPADL teardown always succeeds)."""
+        match act:
+            case s.DeviceOpen():
+                self.host.open_complete(act.params.relid, act.seq, ok)
+            case s.DeviceClose():
+                self.host.close_complete(act.relid, act.seq)
+            case s.TeardownGpadl():
+                self.host.gpadl_released(act.relid, act.gpadl)
 
     def of(self, kind: type) -> list:  # type: ignore[type-arg]
         return [e for e in self.events if isinstance(e, kind)]

@@ -47,13 +47,13 @@ def test_open_close_teardown_unload() -> None:
     gid = bus.open(relid)
     assert bus.of(c.GpadlCreated)[0].ok
     assert bus.of(c.OpenResult)[0].ok
-    assert bus.host.channels[relid].state == s.ChanState.OPEN
+    assert bus.host.channels[relid].kind == s.ChanState.OPEN
     params = bus.device_ops[0].params  # type: ignore[union-attr]
     assert params.guest_to_host_data == 3 * 4096 and params.host_to_guest_data == 3 * 4096
     bus.guest.close_channel(relid)
     bus.guest.teardown_gpadl(relid, gid)
     bus.pump()
-    assert bus.host.channels[relid].state == s.ChanState.CLOSED
+    assert bus.host.channels[relid].kind == s.ChanState.CLOSED
     assert bus.of(c.GpadlTorndown) == [c.GpadlTorndown(relid, gid)]
     bus.guest.unload()
     bus.pump()
@@ -115,17 +115,17 @@ def test_reopen_while_closing() -> None:
     bus.pump()
     bus.guest.close_channel(relid)
     bus.pump()
-    assert bus.host.channels[relid].state == s.ChanState.CLOSING
+    assert bus.host.channels[relid].kind == s.ChanState.CLOSING
     bus.guest.open_channel(relid, gid, 4)
     bus.pump()
-    assert bus.host.channels[relid].state == s.ChanState.CLOSING_REOPEN
+    assert bus.host.channels[relid].kind == s.ChanState.CLOSING_REOPEN
     bus.complete(bus.device_ops[-1])  # the close
     bus.pump()
     assert isinstance(bus.device_ops[-1], s.DeviceOpen)
     bus.complete(bus.device_ops[-1])
     bus.pump()
     assert [e.ok for e in bus.of(c.OpenResult)] == [True, True]
-    assert bus.host.channels[relid].state == s.ChanState.OPEN
+    assert bus.host.channels[relid].kind == s.ChanState.OPEN
 
 
 def test_rescind_of_open_channel_then_release_and_reoffer() -> None:
@@ -140,14 +140,14 @@ def test_rescind_of_open_channel_then_release_and_reoffer() -> None:
     assert bus.of(c.Rescinded) == [c.Rescinded(relid)]
     assert isinstance(bus.device_ops[-1], s.DeviceClose)
     bus.host.add_offer(spec)  # re-offer before the guest released: same relid later
-    assert bus.host.channels[relid].state == s.ChanState.REOFFERED
+    assert bus.host.channels[relid].kind == s.ChanState.REOFFERED
     bus.guest.close_channel(relid)
     assert not bus.guest.teardown_gpadl(relid, gid)  # rescinded: Linux skips the teardown
     bus.guest.release_relid(relid)
     bus.pump()
     reoffers = [e for e in bus.of(c.OfferReceived) if e.offer.child_relid == relid]
     assert len(reoffers) == 2
-    assert bus.host.channels[relid].state == s.ChanState.CLOSED
+    assert bus.host.channels[relid].kind == s.ChanState.CLOSED
     bus.open(relid)
     assert bus.of(c.OpenResult)[-1].ok
 
@@ -162,7 +162,7 @@ def test_second_initiate_contact_is_a_full_reset() -> None:
     bus.pump()
     assert bus.guest.state == c.GuestConnState.READY
     assert not bus.host.open_channels()
-    assert bus.host.channels[relid].state == s.ChanState.CLOSED
+    assert bus.host.channels[relid].kind == s.ChanState.CLOSED
     assert not bus.host.gpadls
     assert isinstance(bus.device_ops[-1], s.DeviceClose)
 
