@@ -11,20 +11,16 @@ import uvloop
 
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, endpoint
+from vmbus_proto.devices.registry import REGISTRY
 
-from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError
+from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError, tables_help
 from .daemon import ParentDaemon, StartupError
 
-DESCRIPTION = """\
-The parent partition: a VMBus host that offers storage, network, video, keyboard and mouse devices to the
-child partitions that connect to it (child-partition run --connect URL --name NAME)."""
+DESCRIPTION = f"""\
+The parent partition: a VMBus host that offers its devices ({", ".join(e.name for e in REGISTRY if e.enabled)})
+to the child partitions that connect to it (child-partition run --connect URL --name NAME)."""
 
-CONFIG_HELP = """\
-TOML file of settings; flags override it. Tables: [parent] (listen, data_dir, trace, log_level,
-vmbus_versions, handshake_timeout, stall_timeout, shutdown_timeout, max_frame, channel_data_window, max_gpadls,
-max_partitions), [storage] (disk_size, queue_depth, max_transfer_bytes, idle_close, protocol_versions),
-[[storage.lun]] (lun, size, path, read_only, partitions: one per extra LUN or replacement LUN 0), and
-[devices] (storage, network, video, keyboard, mouse, echo = true|false). See README.md."""
+CONFIG_HELP = "TOML file of settings; flags override it. Tables: {tables}. See README.md. (default: none)"
 
 EPILOG = """\
 exit status: 0 after a clean shutdown (SIGINT or SIGTERM), 1 when a listener cannot be bound,
@@ -35,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="parent-partition", description=DESCRIPTION)
     add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the VMBus host with the storage, network, video and HID VSPs",
+    serve = sub.add_parser("serve", help="run the VMBus host with every device's VSP",
                            description=DESCRIPTION, epilog=EPILOG)
     add_version(serve)
     serve.add_argument("--listen", action="append", metavar="URL", type=endpoint,
@@ -44,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR",
                        help="directory for the partitions' disk images, created if missing "
                             "(default: ./var, or [parent] data_dir)")
-    serve.add_argument("--config", metavar="FILE", help=CONFIG_HELP + " (default: none; built-in settings)")
+    serve.add_argument("--config", metavar="FILE", help=CONFIG_HELP.format(tables=tables_help()))
     serve.add_argument("--trace", action="store_true", help="log every control message, decoded")
     serve.add_argument("--log-level", choices=LOG_LEVELS,
                        help="least severe level logged (default: info, or [parent] log_level)")

@@ -20,7 +20,7 @@ from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_
 from vmbus_proto.versions import HOST_SUPPORTED
 
 from .devices import vsp_classes
-from .settings import ConfigError, count, flag, parse_section, seconds, setting, text
+from .settings import ConfigError, count, describe, flag, parse_section, seconds, setting, text
 
 __all__ = ["Config", "ConfigError"]
 
@@ -127,3 +127,12 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+
+def tables_help() -> str:
+    """Every table a config file may have, with its keys (``serve --config`` help)."""
+    tables = describe("parent", Config)
+    for name, settings in Config().sections.items():
+        tables += describe(name, type(settings))
+    tables.append(f"[devices] ({', '.join(BY_NAME)} = true|false)")
+    return ", ".join(tables)

@@ -17,13 +17,17 @@ from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.segment import Segment
 from rich.text import Text
 
+from vmbus_proto.devices.registry import BY_NAME
+
 Record = dict[str, Any]
 
+DETAILED = "storage"  # the channel whose GPADL and open are shown step by step
 STYLES = {"parent": "bold magenta", "vm1": "cyan", "vm2": "green", "vm3": "yellow", "demo": "bold"}
 GUTTER = 8  # "  parent │ " minus the bar
 
-INTRO = ("A parent partition (the host) runs one VMBus server per child and four VSPs shared by every child: "
-         "storage, network, video and input (keyboard and mouse). Each child partition (a guest VM) runs one "
+INTRO = ("A parent partition (the host) runs one VMBus server per child and VSPs shared by every child: "
+         "storage, network, video, input (keyboard and mouse) and the heartbeat integration service. Each child "
+         "partition (a guest VM) runs one "
          "VSC per device. Below, vm1's whole VMBus lifecycle is shown step by step from its own --trace; "
          "vm2 and vm3 then start the same way, and all three put their disks to work.")
 
@@ -48,30 +52,6 @@ EXPLAIN = {
     "ready": ("vm1 is up",
               "Every offered channel is open and every device handshake is done. vm1 also exports its SCSI disk "
               "over NBD, so real tools (qemu-img, qemu-io, nbdcopy) can use the VM's disk."),
-}
-
-DEVICE_EXPLAIN = {
-    "storage": ("storage: the VSTOR handshake",
-                "StorVSC and StorVSP agree on VSTOR: BEGIN_INITIALIZATION, QUERY_PROTOCOL_VERSION newest first "
-                "(a refusal is REVISION_MISMATCH and the guest tries older), QUERY_PROPERTIES (sub-channels, the "
-                "largest transfer), END_INITIALIZATION. Each request asks for a completion and gets a COMPLETE_IO. "
-                "Then the guest scans the SCSI target (REPORT LUNS, INQUIRY, READ CAPACITY) and has a disk."),
-    "network": ("network: ring, open and the NVSP handshake",
-                "Same GPADL and open as storage. Then NetVSC sends NVSP_MSG_TYPE_INIT with one version at a time "
-                "(min = max), newest first, until INIT_COMPLETE says NVSP_STAT_SUCCESS. In a full guest the "
-                "receive and send buffers and RNDIS come next; this emulator's network stops at the handshake."),
-    "video": ("video: ring, open and the SYNTHVID handshake",
-              "The framebuffer driver asks for the SYNTHVID version its VMBus version calls for (3.5 at VMBus 5.3; "
-              "3.5 then 3.2 at 4.0 and 5.0; 3.2 at 2.4 and 3.0); VERSION_RESPONSE "
-              "accepts one and says how many screens the host has. This channel is in pipe mode: each message "
-              "carries a small pipe header before the SYNTHVID one."),
-    "keyboard": ("keyboard: ring, open and the SYNTH_KBD handshake",
-                 "The keyboard VSC sends SYNTH_KBD_PROTOCOL_REQUEST for version 1.0; the ACCEPTED bit in the "
-                 "response makes it a keyboard, and key presses then arrive as SYNTH_KBD_EVENT scan codes."),
-    "mouse": ("mouse: ring, open and the SYNTHHID handshake",
-              "The mouse VSC asks for SYNTHHID 2.0. On approval the host sends INITIAL_DEVICE_INFO, a USB HID "
-              "descriptor and report descriptor, and the guest acknowledges it: the mouse is then an ordinary HID "
-              "device fed by INPUT_REPORTs."),
 }
 
 STOPPING = ("Each child closes every channel (CLOSECHANNEL), takes its ring pages back (GPADL_TEARDOWN, answered "
@@ -152,8 +132,8 @@ def build_story(records: Iterable[Record]) -> list[Stage]:
     """vm1's records (and the parent's for vm1, each tagged ``who``) in the stages of the lifecycle.
 
     Records are grouped by what they belong to (the connection, the offers, one channel by relid); within a
-    stage they keep their time order. The first channel is shown in three stages (GPADL, open, handshake), the
-    others in one each, since their GPADL and open read the same.
+    stage they keep their time order. Storage's channel is shown first, in three stages (GPADL, open,
+    handshake), the others in one each in offer order, since their GPADL and open read the same.
     """
     by_key: dict[str, list[Record]] = {}
     devices: dict[int, str] = {}
@@ -167,11 +147,16 @@ def build_story(records: Iterable[Record]) -> list[Stage]:
         by_key.setdefault(key, []).append(rec)
         last = key
     relids = sorted({int(k.split(":")[1]) for k in by_key if ":" in k})
+    # One channel is shown in three stages: storage's, whose GPADL needs GPADL_BODY messages too.
+    detailed = next((r for r in relids if devices.get(r) == DETAILED), relids[0] if relids else 0)
+    relids = sorted(relids, key=lambda r: r != detailed)
     stages = [Stage("connect", *EXPLAIN["connect"]), Stage("offers", *EXPLAIN["offers"])]
-    for n, relid in enumerate(relids):
+    for relid in relids:
         device = devices.get(relid, f"relid {relid}")
-        title, explanation = DEVICE_EXPLAIN.get(device, (f"{device}: ring, open and handshake", ""))
-        if n == 0:
+        spec = BY_NAME[device].spec if device in BY_NAME else None
+        title = spec.title if spec and spec.title else f"{device}: ring, open and handshake"
+        explanation = spec.explain if spec else ""
+        if relid == detailed:
             stages += [Stage(f"gpadl:{relid}", f"{device} channel: " + EXPLAIN["gpadl"][0], EXPLAIN["gpadl"][1]),
                        Stage(f"open:{relid}", f"{device} channel: " + EXPLAIN["open"][0], EXPLAIN["open"][1]),
                        Stage(f"device:{relid}", title, explanation)]

@@ -41,7 +41,16 @@ class NoSettings:
 
 
 def keys(cls: type[Any]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
+    """The keys of a section: its settings, then its arrays of tables."""
+    return [f.name for f in dataclasses.fields(cls) if "check" in f.metadata or "table" in f.metadata]
+
+
+def describe(name: str, cls: type[Any]) -> list[str]:
+    """``[name] (key, ...)`` and one ``[[name.key]] (...)`` per array of tables, for ``--help``."""
+    fields = dataclasses.fields(cls)
+    out = [f"[{name}] ({', '.join(f.name for f in fields if 'check' in f.metadata)})"]
+    out += [f"[[{name}.{f.name}]] ({', '.join(keys(f.metadata['table']))})" for f in fields if "table" in f.metadata]
+    return out
 
 
 def parse_section(cls: type[T], raw: Any, where: str, source: str, obj: T | None = None) -> T:

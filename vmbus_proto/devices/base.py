@@ -33,6 +33,8 @@ class DeviceSpec:
     max_packet: int  # the guest driver's max_pkt_size: hosts must not send bigger in-band packets
     protocol: str = ""  # the device protocol's name as its README and trace print it: "VSTOR", "NVSP", ...
     version_text: Callable[[int], str] = hex  # a negotiated protocol version as people write it ("6.2")
+    title: str = ""  # the teaching view (the demo's narration): what this channel's setup is called ...
+    explain: str = ""  # ... and what happens in it, in a few sentences
 
 
 def major_minor_text(version: int) -> str:

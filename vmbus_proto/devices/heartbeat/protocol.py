@@ -118,6 +118,12 @@ SPEC = DeviceSpec(
     max_packet=4096,  # hv_util reads HV_HYP_PAGE_SIZE at most; max_pkt_size stays VMBUS_DEFAULT_MAX_PKT_SIZE
     protocol="IC",
     version_text=version_text,
+    title="heartbeat: ring, open and the IC NEGOTIATE",
+    explain=(
+        "An integration service (Linux hv_util). The host speaks first: ICMSGTYPE_NEGOTIATE lists the "
+        "framework and heartbeat versions it knows, and the guest answers in the same buffer with the newest "
+        "of each it shares. Then every two seconds the host sends ICMSGTYPE_HEARTBEAT with a sequence number "
+        "and the guest answers with that number plus one; a guest that stops answering is reported lost."),
 )
 
 

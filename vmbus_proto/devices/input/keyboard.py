@@ -209,6 +209,10 @@ SPEC = DeviceSpec(
     max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hyperv-keyboard leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
     protocol="SYNTH_KBD",
     version_text=version_text,
+    title="keyboard: ring, open and the SYNTH_KBD handshake",
+    explain=(
+        "The keyboard VSC sends SYNTH_KBD_PROTOCOL_REQUEST for version 1.0; the ACCEPTED bit in the response "
+        "makes it a keyboard, and key presses then arrive as SYNTH_KBD_EVENT scan codes."),
 )
 
 

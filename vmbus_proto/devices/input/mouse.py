@@ -309,6 +309,11 @@ SPEC = DeviceSpec(
     max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hid-hyperv leaves max_pkt_size at VMBUS_DEFAULT_MAX_PKT_SIZE
     protocol="SYNTHHID",
     version_text=version_text,
+    title="mouse: ring, open and the SYNTHHID handshake",
+    explain=(
+        "The mouse VSC asks for SYNTHHID 2.0. On approval the host sends INITIAL_DEVICE_INFO, a USB HID "
+        "descriptor and report descriptor, and the guest acknowledges it: the mouse is then an ordinary HID "
+        "device fed by INPUT_REPORTs."),
 )
 
 

@@ -242,6 +242,11 @@ SPEC = DeviceSpec(
     max_packet=16 + 8 + 562 * 8 + NVSP_MESSAGE_SIZE + 16 * 4,
     protocol="NVSP",
     version_text=version_text,
+    title="network: ring, open and the NVSP handshake",
+    explain=(
+        "Same GPADL and open as storage. Then NetVSC sends NVSP_MSG_TYPE_INIT with one version at a time (min "
+        "= max), newest first, until INIT_COMPLETE says NVSP_STAT_SUCCESS. In a full guest the receive and "
+        "send buffers and RNDIS come next; this emulator's network stops at the handshake."),
 )
 
 

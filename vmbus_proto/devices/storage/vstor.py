@@ -569,6 +569,12 @@ SPEC = DeviceSpec(
     max_packet=16 + VSTOR_PACKET_SIZE,  # STORVSC_MAX_PKT_SIZE = descriptor + sizeof(vstor_packet)
     protocol="VSTOR",
     version_text=version_text,
+    title="storage: the VSTOR handshake",
+    explain=(
+        "StorVSC and StorVSP agree on VSTOR: BEGIN_INITIALIZATION, QUERY_PROTOCOL_VERSION newest first (a "
+        "refusal is REVISION_MISMATCH and the guest tries older), QUERY_PROPERTIES (sub-channels, the largest "
+        "transfer), END_INITIALIZATION. Each request asks for a completion and gets a COMPLETE_IO. Then the "
+        "guest scans the SCSI target (REPORT LUNS, INQUIRY, READ CAPACITY) and has a disk."),
 )
 
 

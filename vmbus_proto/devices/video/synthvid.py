@@ -196,6 +196,12 @@ SPEC = DeviceSpec(
     max_packet=VMBUS_DEFAULT_MAX_PKT_SIZE,  # hyperv_fb leaves the channel's max_pkt_size at the default
     protocol="SYNTHVID",
     version_text=version_text,
+    title="video: ring, open and the SYNTHVID handshake",
+    explain=(
+        "The framebuffer driver asks for the SYNTHVID version its VMBus version calls for (3.5 at VMBus 5.3; "
+        "3.5 then 3.2 at 4.0 and 5.0; 3.2 at 2.4 and 3.0); VERSION_RESPONSE accepts one and says how many "
+        "screens the host has. This channel is in pipe mode: each message carries a small pipe header before "
+        "the SYNTHVID one."),
 )
 
 
