@@ -38,7 +38,7 @@ async def test_rescind_then_reoffer_with_a_live_child(tmp_path: Path) -> None:
         relid = conn.rescind("storage")
         assert relid is not None
         # The guest closes the rescinded channel, skips the GPADL teardown and releases the relid.
-        await asyncio.to_thread(vm.wait_event, "G>H CHANNELMSG_RELID_RELEASED(13) child_relid=1")
+        await asyncio.to_thread(vm.wait_event, f"G>H CHANNELMSG_RELID_RELEASED(13) child_relid={relid}")
         await _until(lambda: relid not in conn.core.channels)  # type: ignore[union-attr]
         trace = [r["event"] for r in vm.lines if r["event"].startswith(("G>H", "H>G"))]
         i = trace.index(f"H>G CHANNELMSG_RESCIND_CHANNELOFFER(2) child_relid={relid}")
