@@ -158,6 +158,7 @@ class StorageVsp(HandshakeVsp):
             if primary:
                 self._ready.pop((res.partition, res.relid), None)
             await queue.drain()  # every request already taken off the ring is answered before the channel goes
+            res.log.info("storage channel done", requests=queue.served, sub_channel=res.sub_channel_index)
 
     def _serve(self, channel: Channel, res: ChannelResources, ctl: ScsiController, pkt: Packet,
                queue: _Inflight) -> Packet | None:
@@ -167,6 +168,7 @@ class StorageVsp(HandshakeVsp):
         if srb is None:
             return Packet(COMP, 0, pkt.trans_id, _control_answer(op, pkt, queue.hs, res))
         self.requests += 1
+        queue.served += 1
         reading = srb.data_in == READ
         if not (srb.path_id or srb.target_id):  # our LUNs sit at path 0, target 0; the rest take the full path
             if reading:
@@ -222,6 +224,7 @@ class _Inflight:
     def __init__(self, depth: int, hs: vstor.VspHandshake) -> None:
         self.depth = depth
         self.hs = hs
+        self.served = 0  # requests taken off this channel's ring
         self.pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
 
