@@ -10,6 +10,7 @@ the VM is brought up, so a busy port ends the run before any VMBus traffic.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ class StorageService(GuestService):
         self.disks: dict[int, GuestDisk] = {}  # by LUN, kept across reconnects
         self.nbd_url: str | None = ctx.options.get("nbd")
         self.nbd: NbdServer | None = None
-        self.failed: str | None = None
+        self._session_up = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -62,8 +64,32 @@ class StorageService(GuestService):
         storage: StorageVsc = vsc  # type: ignore[assignment]  # this service's VSC is the StorVSC
         for lun in sorted(storage.disks):
             self.disks.setdefault(lun, GuestDisk(lun)).attach(storage)
+        storage.on_luns_changed = lambda added, removed: self.luns_changed(storage, added, removed)
+
+    def luns_changed(self, vsc: StorageVsc, added: list[int], removed: list[int]) -> None:
+        """After a rescan (the host's ENUMERATE_BUS): a new LUN becomes a disk (and an NBD export once the
+        session is up); a LUN that went makes its disk wait for it, as a Linux sd device whose LUN vanished
+        fails its I/O after the timeout."""
+        for lun in removed:
+            disk = self.disks.get(lun)
+            if disk is not None and disk.vsc is vsc:
+                disk.detach()
+        for lun in added:
+            self.disks.setdefault(lun, GuestDisk(lun)).attach(vsc)
+        self.log.info("storage LUNs changed", added=added, removed=removed)
+        if added and self.nbd is not None and self._session_up:
+            task = asyncio.get_running_loop().create_task(self._export_quietly())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _export_quietly(self) -> None:
+        try:
+            await self.session_ready()
+        except GuestServiceError as exc:
+            self.log.error("cannot export a new LUN over NBD", error=str(exc))
 
     def on_lost(self, vsc: Vsc) -> None:
+        self._session_up = False
         for disk in self.disks.values():
             if disk.vsc is vsc:
                 disk.detach()
@@ -71,6 +97,7 @@ class StorageService(GuestService):
     async def session_ready(self) -> None:
         """Serve every LUN over NBD once attached (exports are kept across reconnects; a LUN that appears
         later is added). A failure is a GuestServiceError: the VM is unloaded and the run ends with status 1."""
+        self._session_up = True
         if self.nbd is None:
             return
         try:
@@ -90,6 +117,8 @@ class StorageService(GuestService):
             raise GuestServiceError(f"cannot export the disks over NBD: {exc}") from exc
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self.nbd is not None:
             await self.nbd.close()  # in-flight NBD requests finish on the channel first
             self.nbd = None
