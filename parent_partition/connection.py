@@ -248,7 +248,8 @@ class PartitionConnection(FramedConnection):
         primary = next((pr for pr, subs in self._subchannels.items() if p.relid in subs), 0)
         control: SubchannelControl = NoSubchannels() if primary else Subchannels(self, p.relid, act.offer)
         res = ChannelResources(self.partition or "?", act.offer, p, log, self.gpadl_map(p.relid), self.memory,
-                               control, self.fail, trace=self.daemon.config.trace, primary=primary)
+                               control, self.fail, trace=self.daemon.config.trace, primary=primary,
+                               connection_lost=lambda: self.closing)
         ok = True
         try:
             await vsp.open(ch, res)

@@ -79,6 +79,7 @@ class ChannelResources:
     fail: Callable[[str], None]  # end the partition's connection with this reason
     trace: bool = False
     primary: int = 0  # a sub-channel's primary relid (0 on a primary)
+    connection_lost: Callable[[], bool] = lambda: False  # the partition's connection is gone (not just the channel)
 
     @classmethod
     def standalone(cls, partition: str, offer: OfferSpec, params: OpenParams | None, log: Any,
@@ -208,6 +209,8 @@ class HandshakeVsp(Vsp):
         trace = HandshakeTrace(self.module.describe) if res.trace else None
         await self._send_traced(channel, res, trace, hs.start())
         while not hs.done:
+            if hs.failed:
+                raise DeviceProtocolError(f"{self.name} handshake failed: {hs.failed}")
             pkt = incoming(await channel.recv())
             if trace is not None:
                 res.log.info(trace.received("G>H", pkt))

@@ -148,7 +148,7 @@ class HeartbeatVsp(Vsp):
         record.channel_open = False
         if record.status == "failed":
             return
-        if getattr(channel.conn, "closing", False):
+        if res.connection_lost():
             if record.status != "lost":
                 res.log.warning("heartbeat lost", seq=record.seq, reason="connection lost")
             record.status = "lost"
