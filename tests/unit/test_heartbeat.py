@@ -396,6 +396,7 @@ async def start_vsp(vsp: HeartbeatVsp, failures: list[str]) -> tuple[Channel, Gu
     rings = ChannelRings(3, host=True, guest_to_host_data=3 * 4096, host_to_guest_data=3 * 4096)
     ch = Channel(cast(Any, conn), 3, rings, name="heartbeat")
     res = ChannelResources.standalone("vm1", vsp.offer("vm1"), cast(Any, None), logs.get(), fail=failures.append)
+    res.connection_lost = lambda: conn.closing
     await vsp.open(ch, res)
     return ch, Guest(ch, conn)
 
