@@ -234,7 +234,14 @@ class PartitionConnection(FramedConnection):
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A device open, close or teardown that raised is our bug: it costs this partition's connection."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("internal error in a device operation; closing the connection", exc_info=exc)
+            self._close_with(f"internal error: {type(exc).__name__}")
 
     async def _device_open(self, act: core.DeviceOpen) -> None:
         p = act.params
@@ -255,7 +262,8 @@ class PartitionConnection(FramedConnection):
             await vsp.open(ch, res)
         except Exception as exc:
             ok = False
-            log.error("device failed to open", error=str(exc))
+            # An OS error (a disk that cannot be opened) is expected; anything else is logged with its traceback.
+            log.error("device failed to open", error=str(exc), exc_info=None if isinstance(exc, OSError) else exc)
             self.remove_channel(p.relid)
             ch.close()
         if self.closing or self.core is None:
