@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from .netns import netns_factory, tap_allowed  # noqa: F401  (network namespace fixtures)
+
 BIN = Path(sys.executable).parent
 
 
