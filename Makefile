@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3
+SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3
 .PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
 # PYTHONWARNINGS=ignore silences setuptools' notice about editable installs in the build subprocess.
@@ -27,10 +28,10 @@ sysdeps:
 	@missing=""; for t in $(SYSTOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing qemu-utils libnbd-bin fio (missing:$$missing)"; \
+	    echo "installing $(SYSPKGS) (missing:$$missing)"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils libnbd-bin fio >/dev/null; \
-	  else echo "missing:$$missing; run: sudo apt-get install -y qemu-utils libnbd-bin fio" >&2; exit 1; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
+	  else echo "missing:$$missing; run: sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi; \
 	fi
 
 demo: $(RUN_STAMP)
