@@ -46,7 +46,7 @@ from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, machine, vmbus_echo
+from . import echo_raw, machine, net_veth, vmbus_echo
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
 from .scale import run_scale
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, help="child partitions in the scale test (default 1000, quick 50)")
     p.add_argument("--workers", type=int, default=4, help="load processes for the scale test (default 4)")
     p.add_argument("--concurrency", type=int, default=50, help="partitions coming up at once per worker")
-    p.add_argument("--only", choices=["echo", "scale", "storage"], help="run one part only")
+    p.add_argument("--only", choices=["echo", "scale", "storage", "network"], help="run one part only")
     p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
                    help="storage jobs to run, comma-separated (default: all of randread,randwrite,read,write)")
     p.add_argument("--cache", choices=CACHE_MODES, default="warm",
@@ -244,6 +244,20 @@ def storage_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
+def network_table(net: dict[str, Any]) -> Table:
+    t = Table(title="network: iperf3 TCP between two namespaces (medians, range over the repeats; CPU % of one "
+                    "core per process, iperf3's accounting; server CPU s per Gbit from /proc)")
+    for col in ("path", "direction", "Gbit/s", "range", "retransmits", "client CPU %", "server CPU %",
+                "server CPU s/Gbit"):
+        t.add_column(col, justify="left" if col in ("path", "direction") else "right")
+    for direction in ("forward", "reverse"):
+        r = net[direction]
+        t.add_row(net["path"], "A->B" if direction == "forward" else "B->A (-R)", f"{r['gbit_per_s']:.2f}",
+                  f"{r['gbit_per_s_min']:.2f}-{r['gbit_per_s_max']:.2f}", f"{r['retransmits']:,}",
+                  f"{r['client_cpu_pct']:.0f}", f"{r['server_cpu_pct']:.0f}", f"{r['server_cpu_s_per_gbit']}")
+    return t
+
+
 def describe_machine(workdir: Path) -> dict[str, Any]:
     return {**machine.describe(workdir), "uvloop": importlib.metadata.version("uvloop"),
             "psutil": importlib.metadata.version("psutil")}
@@ -296,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{probe['unsupported']:,} unsupported of {probe['reads']:,}, "
                         f"{probe.get('ns_per_read', 0):,} ns per read")
             console.print(storage_table(rows_st))
+        if args.only in (None, "network"):
+            console.log(f"network: iperf3 over a veth pair between two namespaces, {args.seconds:g} s per run")
+            veth = net_veth.run_veth(args.seconds, args.repeat)
+            results["network"] = {"veth": veth}
+            if "error" in veth:
+                console.print(f"[red]network baseline not measured: {veth['error']}")
+            else:
+                console.print(network_table(veth))
         if args.profile:
             console.log("profiling the parent and the guest during a VMBus 1 KiB TCP run (py-spy)")
             results["profile"] = profile_vmbus(workdir, args.json.parent, max(args.seconds, 3.0),
@@ -319,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{key}_iops"] = round(r["vmbus"]["iops"])
         summary[f"{key}_iops_range"] = [r["vmbus"]["iops_min"], r["vmbus"]["iops_max"]]
         summary[f"{key}_parent_us_per_io"] = round(r["vmbus"].get("parent_us_per_io", 0), 1)
+    veth = results.get("network", {}).get("veth", {})
+    if "forward" in veth:
+        summary["network_veth_gbit_per_s"] = [veth["forward"]["gbit_per_s"], veth["reverse"]["gbit_per_s"]]
     cal = results["meta"]["machine"]["calibration"]
     summary["machine"] = (f"{results['meta']['machine']['cpu'].get('model_name', '?')}, kernel "
                           f"{results['meta']['machine']['kernel']}, {cal['python_loops_per_s']:,} Python loops/s, "
