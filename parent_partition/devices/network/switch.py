@@ -100,10 +100,6 @@ class PortCounters:
     # Egress: queue_full (the owner is not taking frames), too_big (over the receiving port's max_frame).
     drops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
-    def as_dict(self) -> dict[str, object]:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drops"},
-                "drops": dict(self.drops)}
-
 
 @dataclasses.dataclass
 class SwitchCounters:
@@ -118,9 +114,11 @@ class SwitchCounters:
     table_full: int = 0        # sources not learned because the table was full
     drops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
-    def as_dict(self) -> dict[str, object]:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drops"},
-                "drops": dict(self.drops)}
+
+def counters_dict(c: PortCounters | SwitchCounters) -> dict[str, object]:
+    """A counters dataclass as plain data (its drop Counter as a dict)."""
+    return {**{f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "drops"},
+            "drops": dict(c.drops)}
 
 
 class _Entry:
@@ -388,8 +386,8 @@ class Switch:
 
     def stats(self) -> dict[str, object]:
         """Switch-wide and per-port counters, and the table size, as plain data."""
-        return {"switch": self.counters.as_dict(), "macs": len(self._table),
-                "ports": {n: {"mac": format_mac(p.mac), "queued": p.pending(), **p.counters.as_dict()}
+        return {"switch": counters_dict(self.counters), "macs": len(self._table),
+                "ports": {n: {"mac": format_mac(p.mac), "queued": p.pending(), **counters_dict(p.counters)}
                           for n, p in self.ports.items()}}
 
 
