@@ -99,8 +99,7 @@ async def ping(nic: Nic, stack: GuestStack, target: str, count: int | None, inte
             stats.rtts.append(reply.rtt)
             print(reply_line(reply), file=out, flush=True)
 
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = stack.now()
     requests: set[asyncio.Task[None]] = set()
     stopped = asyncio.ensure_future(stop.wait())
     try:
@@ -114,7 +113,7 @@ async def ping(nic: Nic, stack: GuestStack, target: str, count: int | None, inte
         # The last replies, each bounded by its own timeout; an interrupt cuts the wait short.
         while not stop.is_set() and (waiting := [task for task in requests if not task.done()]):
             await asyncio.wait([stopped, *waiting], return_when=asyncio.FIRST_COMPLETED)
-        elapsed = loop.time() - start
+        elapsed = stack.now() - start
     finally:
         for task in (*requests, stopped):
             task.cancel()

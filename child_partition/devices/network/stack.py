@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,7 +223,9 @@ class GuestStack:
         return self.address.ip
 
     def now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
+        """The stack's clock: ``time.monotonic``, which asyncio's own loop uses too. (uvloop's ``loop.time()``
+        is libuv's cached millisecond clock: too coarse for sub-millisecond round trips.)"""
+        return self._clock() if self._clock else time.monotonic()
 
     # -- receive (sans-IO) ---------------------------------------------------------------------------------------
 
