@@ -8,7 +8,9 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable
+from ipaddress import IPv4Interface
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -22,6 +24,9 @@ from vmbus_proto.versions import GUEST_ORDER, guest_order
 from .devices import service_classes
 from .runner import ChildPartition
 from .vsc import GuestServiceError
+
+if TYPE_CHECKING:
+    from .devices.network.ping import NicFactory
 
 DESCRIPTION = """\
 A child partition: the guest side of VMBus. It connects to a parent partition (parent-partition serve),
@@ -88,6 +93,45 @@ def _max_version(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _interface(text: str) -> IPv4Interface:
+    """argparse type: an IPv4 address with its prefix length, as 10.1.2.3/8."""
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the prefix length too, as 10.1.2.3/8")
+    try:
+        return IPv4Interface(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+PING_DESCRIPTION = """\
+Send ICMP echo requests to another partition through the parent's virtual switch, as iputils ping does.
+This partition connects with --name, brings up its NetVSC and runs a minimal IPv4 stack (ARP and ICMP echo)
+on it. Addresses: each partition's is derived from its name (10.0.0.0/8, SHA-256 of the name), so TARGET may be
+another partition's name or an IPv4 address."""
+
+PING_EPILOG = "exit status: 0 when any reply came, 1 when none did (or the parent cannot be reached), 2 for a " \
+              "mistake in the arguments or a target that is not on this network."
+
+
+def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    ping = sub.add_parser("ping", help="ping another partition (ICMP echo over the NetVSC)",
+                          description=PING_DESCRIPTION, epilog=PING_EPILOG)
+    add_version(ping)
+    ping.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    ping.add_argument("--name", required=True, type=_name, help="this partition's name (unique among the children)")
+    ping.add_argument("--address", metavar="A/N", type=_interface,
+                      help="this partition's IPv4 address and prefix (default: derived from --name, in 10.0.0.0/8)")
+    ping.add_argument("-c", dest="count", metavar="COUNT", type=_number(int, 1),
+                      help="stop after COUNT requests (default: until interrupted)")
+    ping.add_argument("-i", dest="interval", metavar="INTERVAL", type=_number(float, 0.001), default=1.0,
+                      help="seconds between requests")
+    ping.add_argument("-W", dest="timeout", metavar="TIMEOUT", type=_number(float, 0.001), default=10.0,
+                      help="seconds to wait for each reply")
+    ping.add_argument("-s", dest="size", metavar="SIZE", type=_number(int, 0, 65507), default=56,
+                      help="data bytes per request (56 makes 84 with the IPv4 and ICMP headers)")
+    ping.add_argument("target", metavar="TARGET", help="another partition's name, or an IPv4 address")
+
+
 def build_parser() -> argparse.ArgumentParser:
     versions = ", ".join(v.text for v in GUEST_ORDER)
     p = ArgumentParser(prog="child-partition", description=DESCRIPTION)
@@ -116,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log JSON lines even on a terminal (they are the default elsewhere)")
     for service in service_classes():  # each device's guest service adds its own options (storage: --nbd)
         service.add_arguments(run)
+    _add_ping(sub)
     load = sub.add_parser("load", help="generate load from one or many partitions",
                           description="Generate load on a parent's devices from partitions run in this process.")
     add_version(load)
@@ -146,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None) -> int:
+    """The command. ``nic_factory`` brings up the NIC ``ping`` uses (see devices/network/ping.py)."""
     args = build_parser().parse_args(argv)
+    if args.command == "ping":
+        return _ping(args, nic_factory)
     malloc.tune()
     if args.command == "load":
         from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
@@ -178,3 +226,19 @@ async def _run(args: argparse.Namespace) -> int:
     if child.failure:
         print(f"child-partition: error: {child.failure}", file=sys.stderr, flush=True)
     return status
+
+
+def _ping(args: argparse.Namespace, nic_factory: NicFactory | None) -> int:
+    from .devices.network.ping import run_ping  # noqa: PLC0415 - only ping needs the guest stack
+
+    if nic_factory is None:
+        print("child-partition: error: ping: this child has no NetVSC NIC to ping from", file=sys.stderr)
+        return 1
+
+    async def interruptible() -> int:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await run_ping(args, nic_factory, stop=stop)
+
+    return uvloop.run(interruptible())

@@ -1,0 +1,155 @@
+"""``child-partition ping``: iputils ``ping`` over the guest stack. Same output (``PING``, one line per reply,
+``From ... Destination Host Unreachable``, the statistics block) and exit status (0 when any reply came, 1 when
+none did, 2 for a usage error).
+
+:func:`ping` runs over any :class:`~.nic.Nic` and :class:`~.stack.GuestStack`. :func:`run_ping` is the
+command: it takes the parsed arguments and a :data:`NicFactory` that brings up the NIC (the CLI passes the
+NetVSC's, tests pass an in-memory one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
+from typing import TextIO
+
+from .nic import Nic, NicError
+from .stack import ICMP, IPV4, EchoReply, GuestStack, HostUnreachable, address_for_name, target_address
+
+#: Brings up a NIC for the parsed ``ping`` arguments (--connect, --name) and takes it down on exit.
+NicFactory = Callable[[argparse.Namespace], AbstractAsyncContextManager[Nic]]
+
+EXIT_REPLIED, EXIT_NO_REPLY, EXIT_USAGE = 0, 1, 2
+LINK_WAIT = 5.0  # seconds to wait for carrier after the NIC comes up
+
+
+@dataclass
+class PingStats:
+    transmitted: int = 0
+    errors: int = 0
+    rtts: list[float] = field(default_factory=list)  # seconds, one per reply
+
+    def summary(self, label: str, elapsed: float) -> list[str]:
+        """iputils' closing block."""
+        received = len(self.rtts)
+        loss = 100.0 * (self.transmitted - received) / self.transmitted if self.transmitted else 0.0
+        errors = f", +{self.errors} errors" if self.errors else ""
+        lines = ["", f"--- {label} ping statistics ---",
+                 f"{self.transmitted} packets transmitted, {received} received{errors}, {loss:g}% packet loss, "
+                 f"time {round(elapsed * 1000)}ms"]
+        if received:
+            ms = [rtt * 1000 for rtt in self.rtts]
+            avg = sum(ms) / received
+            mdev = math.sqrt(max(sum(t * t for t in ms) / received - avg * avg, 0.0))
+            lines.append(f"rtt min/avg/max/mdev = {min(ms):.3f}/{avg:.3f}/{max(ms):.3f}/{mdev:.3f} ms")
+        return lines
+
+
+def format_ms(rtt: float) -> str:
+    """A round-trip time as iputils prints it: three significant digits."""
+    ms = rtt * 1000
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+async def ping(nic: Nic, stack: GuestStack, target: str, count: int | None, interval: float, timeout: float,
+               size: int, out: TextIO, *, err: TextIO | None = None, stop: asyncio.Event | None = None) -> int:
+    """Ping ``target`` (an address or a partition name) ``count`` times (None: until ``stop`` is set), one
+    request every ``interval`` seconds, each waiting up to ``timeout`` for its reply, with ``size`` data bytes.
+    Prints as iputils does (errors to ``err``, stderr by default) and returns the exit status."""
+    err = err or sys.stderr
+    try:
+        dst = target_address(target)
+    except ValueError as exc:
+        print(f"ping: {exc}", file=err)
+        return EXIT_USAGE
+    if dst not in stack.address.network:
+        print(f"ping: connect: Network is unreachable ({dst} is outside {stack.address.network})", file=err)
+        return EXIT_USAGE
+    if IPV4.size + ICMP.size + size > nic.mtu:
+        print(f"ping: local error: message too long, mtu={nic.mtu}", file=err)
+        return EXIT_USAGE
+    stop = stop or asyncio.Event()
+    data = bytes(i & 0xFF for i in range(size))
+    ident = os.getpid() & 0xFFFF
+    stats = PingStats()
+    print(f"PING {target} ({dst}) {size}({size + IPV4.size + ICMP.size}) bytes of data.", file=out, flush=True)
+
+    async def one(seq: int) -> None:
+        try:
+            reply = await stack.echo(dst, seq, data, ident=ident, timeout=timeout)
+        except HostUnreachable:
+            stats.errors += 1
+            print(f"From {stack.ip} icmp_seq={seq} Destination Host Unreachable", file=out, flush=True)
+            return
+        if reply is not None:
+            stats.rtts.append(reply.rtt)
+            print(reply_line(reply), file=out, flush=True)
+
+    start = stack.now()
+    requests: set[asyncio.Task[None]] = set()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        seq = 0
+        while (count is None or seq < count) and not stop.is_set() and not nic.closed:
+            seq += 1
+            stats.transmitted += 1
+            requests.add(asyncio.create_task(one(seq)))
+            if seq != count:
+                await asyncio.wait([stopped], timeout=interval)
+        # The last replies, each bounded by its own timeout; an interrupt cuts the wait short.
+        while not stop.is_set() and (waiting := [task for task in requests if not task.done()]):
+            await asyncio.wait([stopped, *waiting], return_when=asyncio.FIRST_COMPLETED)
+        elapsed = stack.now() - start
+    finally:
+        for task in (*requests, stopped):
+            task.cancel()
+        await asyncio.gather(*requests, stopped, return_exceptions=True)
+    for line in stats.summary(target, elapsed):
+        print(line, file=out)
+    out.flush()
+    return EXIT_REPLIED if stats.rtts else EXIT_NO_REPLY
+
+
+def reply_line(reply: EchoReply) -> str:
+    return (f"{reply.size} bytes from {reply.source}: icmp_seq={reply.seq} ttl={reply.ttl} "
+            f"time={format_ms(reply.rtt)} ms")
+
+
+def own_address(args: argparse.Namespace) -> IPv4Interface:
+    """``--address`` if given, else the one derived from ``--name``."""
+    address: IPv4Interface | None = args.address
+    return address if address is not None else address_for_name(args.name)
+
+
+async def run_ping(args: argparse.Namespace, nic_factory: NicFactory, *, out: TextIO | None = None,
+                   err: TextIO | None = None, stop: asyncio.Event | None = None) -> int:
+    """The ``ping`` command: bring up the NIC, run the stack on it, ping, take it all down."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        async with nic_factory(args) as nic:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(nic.wait_link(), LINK_WAIT)
+            if not nic.link_up:
+                print("ping: connect: Network is unreachable (the NIC's link is down)", file=err)
+                return EXIT_USAGE
+            async with GuestStack(nic, own_address(args)) as stack:
+                return await ping(nic, stack, args.target, args.count, args.interval, args.timeout, args.size,
+                                  out, err=err, stop=stop)
+    except (OSError, NicError) as exc:
+        print(f"ping: {exc}", file=err)
+        return EXIT_NO_REPLY
