@@ -1,12 +1,216 @@
-"""NetVSC: the guest half of the synthetic network adapter (Linux drivers/net/hyperv/netvsc.c). Today
-it runs the NVSP version handshake only."""
+"""NetVSC: the guest half of the synthetic network adapter (Linux drivers/net/hyperv/netvsc.c,
+rndis_filter.c, netvsc_drv.c).
+
+The NVSP/RNDIS state machine is ``vmbus_proto.devices.network.guest.NvspGuest``, driven in Linux's order:
+after NVSP INIT, NDIS_CONFIG and SEND_NDIS_VER, the receive buffer (16 MiB of guest pages shared by a GPADL,
+SEND_RECV_BUF) and the send buffer (1 MiB, SEND_SEND_BUF), then RNDIS INITIALIZE and the queries and sets
+Linux makes, until the NIC is up. This driver owns those pages and the GPADLs, moves packets, and gives the
+rest of the guest a :class:`~.nic.Nic`. Removal is Linux's ``netvsc_device_remove``: RNDIS HALT, REVOKE of
+both buffers, CLOSECHANNEL, then the buffer GPADLs torn down.
+
+Over a stream a transfer-page packet brings the bytes of the ranges it names, which are copied into the
+receive buffer before they are read; a frame copied into a send-buffer section travels with its
+SEND_RNDIS_PKT (docs/protocol.md §7.4).
+"""
 
 from __future__ import annotations
 
-from vmbus_proto.devices.network import nvsp
+import asyncio
+import contextlib
+from typing import Any
 
+from vmbus_proto.aio.channel import Channel, ChannelClosed
+from vmbus_proto.devices.network import guest as netguest
+from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network.buffers import DEFAULT_RECEIVE_BUFFER, DEFAULT_SEND_BUFFER
+from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
+
+from ...guest_memory import GuestMemory
 from ...vsc import HandshakeVsc
+from .nic import Nic
+from .service import NetworkService
+
+SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
+
+
+class PageView:
+    """A buffer of contiguous guest pages as offsets (the receive or send buffer the GPADL shares)."""
+
+    def __init__(self, memory: GuestMemory, pfns: list[int]) -> None:
+        self.base = memory.offset_of(pfns[0])
+        self.size = len(pfns) * PAGE_SIZE
+        self.view = memory.view
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise nvsp.NvspError(f"bytes {offset}..{offset + length} are outside a {self.size}-byte buffer")
+        return bytes(self.view[self.base + offset:self.base + offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise nvsp.NvspError(f"bytes {offset}..{offset + len(data)} are outside a {self.size}-byte buffer")
+        self.view[self.base + offset:self.base + offset + len(data)] = data
 
 
 class NetworkVsc(HandshakeVsc):
     module = nvsp
+    Service = NetworkService
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.guest: netguest.NvspGuest | None = None
+        self.nic: NetVscNic | None = None
+        self.buffers: dict[str, tuple[int, list[int]]] = {}  # "receive"/"send" -> (GPADL id, pages)
+        self._ready = asyncio.Event()
+        self._torn_down = asyncio.Event()
+        self._failed: str | None = None
+        self._backlog: list[Packet] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def handshake(self, channel: Channel) -> None:
+        await super().handshake(channel)  # NVSP INIT, newest first
+        recv_gpadl, recv = await self._share("receive", DEFAULT_RECEIVE_BUFFER)
+        send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
+        self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
+                                        send_gpadl=send_gpadl, send_view=send, send_size=send.size,
+                                        version=self.version)
+        self.guest.start()
+        await self.flush(channel)
+        while not self._ready.is_set():  # Linux's probe: every setup answer, then the NIC is up
+            pkt = await asyncio.wait_for(channel.recv(), SETUP_TIMEOUT)
+            await self._receive(channel, pkt)
+            if self._failed:
+                raise DeviceProtocolError(f"network setup failed: {self._failed}")
+
+    async def _share(self, which: str, size: int) -> tuple[int, PageView]:
+        pfns = self.memory.alloc(size // PAGE_SIZE)
+        gpadl = await self.bus.create_gpadl(self.relid, pfns)
+        self.buffers[which] = (gpadl, pfns)
+        return gpadl, PageView(self.memory, pfns)
+
+    async def run(self, channel: Channel) -> None:
+        while True:
+            await self._receive(channel, await channel.recv())
+
+    async def _receive(self, channel: Channel, pkt: Packet) -> None:
+        guest = self.guest
+        assert guest is not None
+        if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
+            self._absorb(pkt)
+        try:
+            events = guest.receive(pkt)
+        except (nvsp.NvspError, rndis.RndisError) as exc:
+            raise DeviceProtocolError(str(exc)) from None
+        for event in events:
+            self._event(event)
+        await self.flush(channel)
+
+    def _absorb(self, pkt: Packet) -> None:
+        """The host's writes into our receive buffer, which travelled with the packet: copy them in."""
+        guest = self.guest
+        assert guest is not None
+        data, pos = memoryview(pkt.data), 0
+        for offset, length in pkt.xfer_ranges:
+            if 0 <= offset and offset + length <= guest.recv_size and pos + length <= len(data):
+                guest.recv_view.write(offset, bytes(data[pos:pos + length]))
+            pos += length
+
+    def _event(self, event: netguest.Event) -> None:
+        match event:
+            case netguest.Ready():
+                guest = self.guest
+                assert guest is not None
+                self.nic = NetVscNic(self, guest.mac, guest.mtu)
+                self.nic.set_link(guest.connected)
+                self._ready.set()
+                self.log.info("NIC up", mac=":".join(f"{b:02x}" for b in guest.mac), mtu=guest.mtu,
+                              link_speed=guest.link_speed)
+            case netguest.Failed(reason=reason):
+                self._failed = reason
+            case netguest.FramesReceived(frames=frames):
+                if self.nic is not None:
+                    for frame, _info in frames:
+                        self.nic.deliver(frame)
+            case netguest.LinkChanged(connected=up):
+                if self.nic is not None:
+                    self.nic.set_link(up)
+            case netguest.TornDown():
+                self._torn_down.set()
+            case netguest.SubchannelsGranted() | netguest.SendTableChanged():
+                pass  # no sub-channels are asked for yet
+
+    def packets(self) -> list[Packet]:
+        """What the state machine wants sent, each send-buffer section's bytes riding with its packet."""
+        guest = self.guest
+        assert guest is not None
+        out = guest.data_to_send()
+        for pkt in out:
+            if pkt.type == PacketType.DATA_INBAND and not pkt.data and pkt.payload[:4] == _RNDIS_PKT:
+                message = nvsp.decode(pkt.payload)
+                if isinstance(message, nvsp.SendRndisPacket) and message.send_buf_section_index != nvsp.NO_SECTION:
+                    offset = message.send_buf_section_index * nvsp.SEND_SECTION_SIZE
+                    pkt.data = guest.send_view.read(offset, message.send_buf_section_size)
+        return out
+
+    async def flush(self, channel: Channel) -> None:
+        self._backlog += self.packets()
+        while self._backlog:
+            pkt = self._backlog.pop(0)
+            if not channel.try_send(pkt):
+                await channel.send(pkt)
+        if self.nic is not None:
+            self.nic.tx_room()
+
+    def transmit(self, frame: bytes) -> bool:
+        """The NIC's transmit: into the state machine now, onto the ring now or by the flusher."""
+        guest, channel = self.guest, self.channel
+        if guest is None or channel is None or self._backlog:
+            return False
+        guest.send_frame(frame)
+        for pkt in self.packets():
+            if self._backlog or not channel.try_send(pkt):
+                self._backlog.append(pkt)
+        if self._backlog and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self.flush(channel))
+        return True
+
+    async def detach(self, rescinded: bool = False) -> None:
+        """netvsc_device_remove: HALT, the buffers revoked, CLOSECHANNEL, then the buffer GPADLs torn down."""
+        guest, channel = self.guest, self.channel
+        if self.nic is not None:
+            self.nic.close()
+        if guest is not None and channel is not None and not rescinded and guest.ready:
+            with contextlib.suppress(ChannelClosed, TimeoutError, DeviceProtocolError):
+                guest.close()
+                await self.flush(channel)
+                await asyncio.wait_for(self._torn_down.wait(), SETUP_TIMEOUT)
+        await super().detach(rescinded)
+        for gpadl, pfns in list(self.buffers.values()):
+            if not rescinded:
+                with contextlib.suppress(ChannelClosed, ConnectionError):
+                    await self.bus.teardown_gpadl(self.relid, gpadl)
+            self.memory.free(pfns)
+        self.buffers.clear()
+
+    def forget(self) -> None:
+        if self.nic is not None:
+            self.nic.close()
+        for _, pfns in self.buffers.values():
+            self.memory.free(pfns)
+        self.buffers.clear()
+        super().forget()
+
+
+_RNDIS_PKT = int(nvsp.MessageType.SEND_RNDIS_PKT).to_bytes(4, "little")
+
+
+class NetVscNic(Nic):
+    """The NetVSC as the guest's network interface."""
+
+    def __init__(self, vsc: NetworkVsc, mac: bytes, mtu: int) -> None:
+        super().__init__(mac, mtu)
+        self.vsc = vsc
+
+    def _transmit(self, frame: bytes) -> bool:
+        return self.vsc.transmit(frame)

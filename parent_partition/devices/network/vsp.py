@@ -1,12 +1,214 @@
-"""NetVSP: the host half of the synthetic network adapter (Linux drivers/net/hyperv, OpenVMM netvsp).
-Today it runs the NVSP version handshake only."""
+"""NetVSP: the host half of the synthetic network adapter, on a learning virtual switch.
+
+Mirrors OpenVMM vm/devices/net/netvsp (``initialize``, ``main_loop``, ``process_endpoint_rx``): the NVSP/RNDIS
+state machine is ``vmbus_proto.devices.network.host.NvspHost``; this device moves its packets, looks up and
+holds the receive and send buffer GPADLs the guest names (SEND_RECV_BUF / SEND_SEND_BUF), joins the
+partition's NIC to the switch as a port, hands the guest's transmits to the switch and writes what the
+switch forwards into receive-buffer sub-allocations (transfer-page packets). A guest that stops completing
+receives keeps every sub-allocation: further frames are dropped and counted, nothing is buffered.
+
+Over a stream the host cannot map the guest's buffers: a transfer-page packet carries the bytes of the
+ranges it names (the guest copies them into its receive buffer), and a send-buffer section's bytes travel
+with the SEND_RNDIS_PKT that names it (docs/protocol.md §7.4).
+"""
 
 from __future__ import annotations
 
-from vmbus_proto.devices.network import nvsp
+import asyncio
+import contextlib
+from typing import Any
 
-from ...vsp import HandshakeVsp
+from vmbus_proto.aio.channel import Channel
+from vmbus_proto.devices.network import host as nethost
+from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.packets import Packet
+
+from ...memory import GpadlHold
+from ...vsp import ChannelResources, HostContext, Vsp
+from .settings import NetworkSettings
+from .switch import Frame, Port, PortDetached, Switch, format_mac, mac_for
+
+RX_BATCH = 64  # frames taken off the switch port per wake-up
 
 
-class NetworkVsp(HandshakeVsp):
-    module = nvsp
+class StreamReceiveView:
+    """The host's view of a receive buffer over a stream: what ``NvspHost`` writes at an offset waits here
+    until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, bytes] = {}
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self._pending.get(offset, b"")
+        return data[:length]
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._pending[offset] = bytes(data)
+
+    def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
+        return b"".join(self._pending.pop(offset, b"") for offset, _ in ranges)
+
+
+class StreamSendView:
+    """The host's view of the send buffer over a stream: the section a SEND_RNDIS_PKT names is the data
+    that travelled with that packet."""
+
+    def __init__(self) -> None:
+        self.current = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        if len(self.current) < length:
+            raise nvsp.NvspError(f"send-buffer section of {length} bytes came with {len(self.current)} bytes of data")
+        return bytes(self.current[:length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise nvsp.NvspError("the host never writes the guest's send buffer")
+
+
+class NetworkVsp(Vsp):
+    spec = nvsp.SPEC
+    Settings = NetworkSettings
+
+    def __init__(self, settings: NetworkSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or NetworkSettings()
+        self.switch = Switch(mtu=self.settings.mtu, queue_frames=self.settings.port_queue_frames)
+        self.hosts: dict[str, nethost.NvspHost] = {}  # by partition: the NIC's protocol state (counters)
+
+    @classmethod
+    def create(cls, settings: NetworkSettings, host: HostContext) -> NetworkVsp:
+        return cls(settings)
+
+    async def serve(self, channel: Channel, res: ChannelResources) -> None:
+        if res.sub_channel_index:
+            raise DeviceProtocolError("NetVSP offers no sub-channels yet")
+        st = self.settings
+        mac = mac_for(res.partition, st.mac_style)
+        host = nethost.NvspHost(mac, link_speed=st.link_speed_mbps * 1_000_000)
+        nic = _Nic(channel, res, host)
+        port: Port | None = None
+        try:
+            port = self.switch.attach(res.partition, mac)
+            nic.port = port
+            self.hosts[res.partition] = host
+            res.log.info("NIC on the virtual switch", mac=format_mac(mac))
+            pump = asyncio.get_running_loop().create_task(nic.pump())
+            try:
+                await nic.run()
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, PortDetached):
+                    await pump
+        except (nvsp.NvspError, rndis.RndisError) as exc:
+            raise DeviceProtocolError(str(exc)) from None
+        finally:
+            nic.release()
+            if port is not None:
+                port.detach()
+            if self.hosts.get(res.partition) is host:
+                del self.hosts[res.partition]
+            res.log.info("NIC off the switch", **_counters(host))
+
+
+class _Nic:
+    """One partition's NIC on one channel: NVSP packets in, frames to the switch, frames from it out."""
+
+    def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost) -> None:
+        self.channel, self.res, self.host = channel, res, host
+        self.port: Port | None = None
+        self.rx_view = StreamReceiveView()
+        self.send_view = StreamSendView()
+        self.holds: dict[str, GpadlHold] = {}
+        self._out: list[Packet] = []
+        self._ready = False
+
+    async def run(self) -> None:
+        channel, host = self.channel, self.host
+        while True:
+            pkt = await channel.recv()
+            self.send_view.current = pkt.data
+            for event in host.receive(pkt):
+                self._event(event)
+            await self.flush()
+
+    def _event(self, event: nethost.Event) -> None:
+        host, res = self.host, self.res
+        match event:
+            case nethost.ReceiveBufferRequested(gpadl_handle=gid):
+                hold = self._hold("receive", gid)
+                if hold is None:
+                    host.refuse_receive_buffer()
+                else:
+                    host.attach_receive_buffer(self.rx_view, self._size(hold))
+            case nethost.SendBufferRequested(gpadl_handle=gid):
+                hold = self._hold("send", gid)
+                if hold is None:
+                    host.refuse_send_buffer()
+                else:
+                    host.attach_send_buffer(self.send_view, self._size(hold))
+            case nethost.FramesSent(frames=frames):
+                port = self.port
+                if port is not None:
+                    for frame, _info in frames:
+                        port.send_nowait(frame)
+            case nethost.DataPathReady():
+                res.log.info("RNDIS initialized", nvsp=nvsp.version_text(host.version or 0), mtu=host.mtu)
+            case nethost.PacketFilterChanged(filter=value):
+                res.log.info("packet filter", filter=f"{value:#x}")
+            case nethost.BufferRevoked(receive=receive):
+                hold = self.holds.pop("receive" if receive else "send", None)
+                if hold is not None:
+                    hold.release()
+            case nethost.Halted():
+                res.log.info("RNDIS halted")
+            case nethost.SubchannelsRequested() | nethost.DataPathSwitched():
+                pass  # no sub-channels are granted (max 0) and there is no VF to switch to
+
+    def _hold(self, which: str, gpadl_id: int) -> GpadlHold | None:
+        try:
+            hold = self.res.gpadls.hold(gpadl_id, on_teardown=lambda: self._torn_down(which))
+        except DeviceProtocolError as exc:
+            self.res.log.warning(f"{which} buffer refused", gpadl=gpadl_id, error=str(exc))
+            return None
+        self.holds[which] = hold
+        return hold
+
+    def _torn_down(self, which: str) -> None:
+        """The guest tore a buffer down while it is in use (it should revoke first): let go of it."""
+        hold = self.holds.pop(which, None)
+        if hold is not None:
+            self.res.log.warning(f"{which} buffer torn down before it was revoked")
+            hold.release()
+
+    @staticmethod
+    def _size(hold: GpadlHold) -> int:
+        return sum(count for count, _ in hold.gpadl.ranges)
+
+    async def pump(self) -> None:
+        """Frames the switch forwards to this NIC, into receive-buffer sub-allocations."""
+        port, host = self.port, self.host
+        assert port is not None
+        while True:
+            frames: list[Frame] = await port.recv_batch(RX_BATCH)
+            host.deliver([(f.data, rndis.NO_INFO) for f in frames])
+            await self.flush()
+
+    async def flush(self) -> None:
+        channel = self.channel
+        for pkt in self.host.data_to_send():
+            if pkt.xfer_ranges:
+                pkt.data = self.rx_view.take(pkt.xfer_ranges)
+            if not channel.try_send(pkt):
+                await channel.send(pkt)
+
+    def release(self) -> None:
+        for hold in self.holds.values():
+            hold.release()
+        self.holds.clear()
+
+
+def _counters(host: nethost.NvspHost) -> dict[str, Any]:
+    c = host.counters
+    return {"tx_frames": c.tx_frames, "rx_frames": c.rx_frames, "rx_dropped_no_room": c.rx_dropped_no_room,
+            "rx_dropped_filter": c.rx_dropped_filter}

@@ -1,0 +1,23 @@
+"""The ``[network]`` section: the synthetic NIC every partition gets and the virtual switch joining them
+(Hyper-V's per-VM network adapter on a virtual switch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...settings import count, setting
+
+
+def _mac_style(v: Any) -> str:
+    if v not in ("local", "hyperv"):
+        raise ValueError(f"must be 'local' (02:xx:..., locally administered) or 'hyperv' (00:15:5d:...), not {v!r}")
+    return str(v)
+
+
+@dataclass(slots=True)
+class NetworkSettings:
+    mtu: int = setting(1500, check=count(576, 9000))  # the switch's MTU (the guest's NDIS_CONFIG asks for MTU + 14)
+    link_speed_mbps: int = setting(10_000, check=count(10))  # what OID_GEN_LINK_SPEED reports
+    mac_style: str = setting("local", check=_mac_style)  # how a partition's MAC is made from its name
+    port_queue_frames: int = setting(1024, check=count(16))  # frames waiting for a partition before drops
