@@ -603,6 +603,8 @@ class PacketInfo:
         return cls(**fields)  # type: ignore[arg-type]
 
 
+NO_INFO = PacketInfo()  # a frame without per-packet info
+
 _U32_PPIS: dict[int, str] = {PpiType.TCPIP_CHKSUM: "checksum", PpiType.TCP_LARGESEND: "lso", PpiType.IEEE_8021Q: "vlan",
              PpiType.NBL_HASH_VALUE: "hash_value"}
 
