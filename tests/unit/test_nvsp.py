@@ -71,7 +71,8 @@ def test_describe_names_every_type(message: nvsp.NvspMessage, completion: bool, 
 
 
 def test_describe_examples() -> None:
-    assert nvsp.describe(nvsp.encode(nvsp.SendNdisVersion(6, 30))) == "NVSP_MSG1_TYPE_SEND_NDIS_VER(100) ndis_version=6.30"
+    assert nvsp.describe(nvsp.encode(nvsp.SendNdisVersion(6, 30))) == (
+        "NVSP_MSG1_TYPE_SEND_NDIS_VER(100) ndis_version=6.30")
     assert nvsp.describe(nvsp.encode(nvsp.SendNdisConfig(1514, 0, nvsp.linux_capabilities(0x60001)))) == (
         "NVSP_MSG2_TYPE_SEND_NDIS_CONFIG(125) mtu=1514 capabilities=sriov|ieee8021q|teaming|rsc")
     assert nvsp.describe(nvsp.encode(nvsp.SendRndisPacket(0, nvsp.NO_SECTION, 0))) == (
