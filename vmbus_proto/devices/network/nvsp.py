@@ -1,10 +1,12 @@
-"""NVSP: the network VSP protocol between NetVSC (guest) and NetVSP (host), up to its version handshake.
+"""NVSP: the network VSP protocol between NetVSC (guest) and NetVSP (host), v1 to v6.1: every message.
 
-Mirrors Linux drivers/net/hyperv/hyperv_net.h (``struct nvsp_message``, ``NVSP_MSG*_TYPE_*``,
-``NVSP_STAT_*``, ``NVSP_PROTOCOL_VERSION_*``) and netvsc.c (``negotiate_nvsp_ver``, ``netvsc_connect_vsp``),
-and OpenVMM vm/devices/net/netvsp/src/protocol.rs and lib.rs (``initialize``: INIT_COMPLETE and its
-28/40-byte packet sizes). The channel is raw (no pipe header). RNDIS, which rides inside SEND_RNDIS_PKT,
-is not modelled here yet.
+Mirrors Linux drivers/net/hyperv/hyperv_net.h (``struct nvsp_message`` and its v1/v2/v4/v5 bodies,
+``NVSP_MSG*_TYPE_*``, ``NVSP_STAT_*``, ``NVSP_PROTOCOL_VERSION_*``, ``struct ndis_config_capabilities``) and
+netvsc.c (``negotiate_nvsp_ver``, ``netvsc_connect_vsp``, ``netvsc_send_table``), and OpenVMM
+vm/devices/net/netvsp/src/protocol.rs and lib.rs (``initialize``: INIT_COMPLETE and its 28/40-byte packet
+sizes; the main loop's SUBCHANNEL, OID_QUERY_EX, SWITCH_DATA_PATH, SEND_INDIRECTION_TABLE). The channel is
+raw (no pipe header). RNDIS rides inside SEND_RNDIS_PKT (rndis.py); the state machines are host.py and
+guest.py.
 """
 
 from __future__ import annotations
