@@ -407,6 +407,28 @@ def test_malformed_rndis_costs_only_that_packet() -> None:
     assert link.frames_at_host() == [frame(60)], "the channel keeps working"
 
 
+def test_runt_and_oversized_transmits_are_dropped_and_counted() -> None:
+    link = Link().up()
+    g = link.guest
+    g.send_frame(b"runt")
+    g.send_frame(frame(1515))  # one byte over the 1514-byte frame, no LSO
+    g.send_frame(frame(1514))
+    g.send_frame(frame(70000), rndis.PacketInfo(lso=rndis.LsoV2(1448, 34)))  # beyond any large send
+    link.pump()
+    assert link.frames_at_host() == [frame(1514)]
+    assert link.host.counters.tx_dropped_bad_frame == 3 and g.tx_in_flight == 0, "every packet is completed"
+
+
+def test_a_guest_that_floods_control_requests_without_completing_loses_its_channel() -> None:
+    link = Link(auto_complete=False).up()
+    with pytest.raises(nvsp.NvspError, match="control answers wait"):
+        for req_id in range(200):
+            data = rndis.encode(rndis.Keepalive(1000 + req_id))
+            link.send.write(0, data)
+            link.host.receive(inband(nvsp.SendRndisPacket(1, 0, len(data)), trans_id=5000 + req_id))
+    assert len(link.host._control_queue) == H.MAX_QUEUED_CONTROL, "the queue is bounded"
+
+
 def test_a_revoked_buffer_still_referenced() -> None:
     link = Link().up()
     link.host.receive(inband(nvsp.RevokeReceiveBuffer(0xCAFE), completion=False))

@@ -29,7 +29,7 @@ from .nvsp import NvspError, Status, Version
 
 MIN_MTU, MAX_MTU, DEFAULT_MTU = 1514, 9216, 1514  # OpenVMM: an NDIS_CONFIG mtu outside [MIN, MAX] -> DEFAULT
 MAX_QUEUED_CONTROL = 64  # control answers waiting for a free reserved sub-allocation (OpenVMM: 100 KiB)
-MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced frame handed to the guest
+MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced (RX) or large-send (TX) frame
 
 
 # ---- events (what ``receive`` reports to the device) -----------------------------------------------------
@@ -113,6 +113,7 @@ class HostCounters:
     tx_frames: int = 0
     tx_bytes: int = 0
     tx_errors: int = 0  # SEND_RNDIS_PKT whose RNDIS was malformed (completed with FAIL)
+    tx_dropped_bad_frame: int = 0  # a runt, or over the MTU without LSO (the packet is still completed)
     rx_frames: int = 0
     rx_bytes: int = 0
     rx_dropped_no_room: int = 0  # every sub-allocation waits for a guest completion
@@ -393,10 +394,16 @@ class NvspHost:
     def _tx(self, data: bytes) -> list[Event]:
         if not self.rndis_initialized:
             raise rndis.RndisError("RNDIS PACKET_MSG before INITIALIZE")
-        frames = [(m.data, m.info) for m in rndis.iter_packet_messages(data)]
+        frames = []
+        for message in rndis.iter_packet_messages(data):
+            limit = MAX_RSC_FRAME if message.info.lso is not None else self.mtu
+            if not rndis.ETH_HEADER_LEN <= len(message.data) <= limit:
+                self.counters.tx_dropped_bad_frame += 1  # a runt, or larger than the MTU without LSO
+                continue
+            frames.append((message.data, message.info))
         self.counters.tx_frames += len(frames)
         self.counters.tx_bytes += sum(len(f) for f, _ in frames)
-        return [FramesSent(frames)]
+        return [FramesSent(frames)] if frames else []
 
     def _control(self, message: rndis.RndisMessage) -> list[Event]:
         if isinstance(message, rndis.Initialize):
