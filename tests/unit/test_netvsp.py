@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.network import guest as G
 from vmbus_proto.devices.network import host as H
 from vmbus_proto.devices.network import nvsp, rndis
@@ -512,3 +513,26 @@ def test_fuzz_guest_receive_buffer_contents(data: bytes, ranges: list[tuple[int,
     with contextlib.suppress(DeviceProtocolError):
         link.guest.receive(Packet(PacketType.DATA_USING_XFER_PAGES, 1, 9, payload, xfer_pageset_id=0xCAFE,
                                   xfer_ranges=tuple(ranges)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([PacketType.DATA_INBAND, PacketType.COMP]), st.binary(max_size=100))
+def test_fuzz_guest_inband_and_completions(ptype: int, payload: bytes) -> None:
+    link = Link().up()
+    with contextlib.suppress(DeviceProtocolError):
+        link.guest.receive(Packet(ptype, 0, 0x1001, payload))
+
+
+def test_both_sides_can_start_after_the_handshake_modules() -> None:
+    # The device classes run nvsp.VscHandshake / VspHandshake first; the state machines continue from there.
+    vsc, vsp = nvsp.VscHandshake(), nvsp.VspHandshake()
+    request = vsc.start()[0]
+    reply = vsp.receive(Incoming(request.type, request.trans_id, request.completion_requested, request.payload))[0]
+    vsc.receive(Incoming(reply.type, reply.trans_id, False, reply.payload))
+    assert vsc.negotiated_version == vsp.negotiated_version == 0x60001
+    link = Link()
+    link.host = H.NvspHost(MAC, version=vsp.negotiated_version)
+    link.guest = G.NvspGuest(recv_gpadl=0x10, recv_view=link.recv, recv_size=RECV_SIZE, send_gpadl=0x11,
+                             send_view=link.send, send_size=SEND_SIZE, version=vsc.negotiated_version)
+    link.up()
+    assert nvsp_types(link.to_host)[0] == "SEND_NDIS_CONFIG" and link.host.ready
