@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
-from collections.abc import Callable
-from ipaddress import IPv4Interface
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,8 @@ from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER, guest_order
 
 from .devices import service_classes
+from .devices.network.nic import Nic, NicError
+from .devices.network.service import NetworkService, interface_arg
 from .runner import ChildPartition
 from .vsc import GuestServiceError
 
@@ -93,16 +95,6 @@ def _max_version(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _interface(text: str) -> IPv4Interface:
-    """argparse type: an IPv4 address with its prefix length, as 10.1.2.3/8."""
-    if "/" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the prefix length too, as 10.1.2.3/8")
-    try:
-        return IPv4Interface(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 PING_DESCRIPTION = """\
 Send ICMP echo requests to another partition through the parent's virtual switch, as iputils ping does.
 This partition connects with --name, brings up its NetVSC and runs a minimal IPv4 stack (ARP and ICMP echo)
@@ -119,7 +111,7 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     add_version(ping)
     ping.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
     ping.add_argument("--name", required=True, type=_name, help="this partition's name (unique among the children)")
-    ping.add_argument("--address", metavar="A/N", type=_interface,
+    ping.add_argument("--address", metavar="A/N", type=interface_arg,
                       help="this partition's IPv4 address and prefix (default: derived from --name, in 10.0.0.0/8)")
     ping.add_argument("-c", dest="count", metavar="COUNT", type=_number(int, 1),
                       help="stop after COUNT requests (default: until interrupted)")
@@ -192,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None) -> int:
-    """The command. ``nic_factory`` brings up the NIC ``ping`` uses (see devices/network/ping.py)."""
+    """The command. ``nic_factory`` brings up the NIC ``ping`` uses (default: this partition's NetVSC)."""
     args = build_parser().parse_args(argv)
     if args.command == "ping":
-        return _ping(args, nic_factory)
+        return _ping(args, nic_factory or vmbus_nic)
     malloc.tune()
     if args.command == "load":
         from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
@@ -226,6 +218,30 @@ async def _run(args: argparse.Namespace) -> int:
     if child.failure:
         print(f"child-partition: error: {child.failure}", file=sys.stderr, flush=True)
     return status
+
+
+@contextlib.asynccontextmanager
+async def vmbus_nic(args: argparse.Namespace) -> AsyncIterator[Nic]:
+    """Bring this partition up (``--connect``, ``--name``, every offered device) and yield its NetVSC's NIC;
+    on exit, shut it down cleanly (UNLOAD). Its own log lines go to stderr, at warning and above."""
+    logs.setup("warning")
+    child = ChildPartition(args.connect, args.name, reconnect=False, address=args.address, guest_stack=False)
+    stop = asyncio.Event()
+    running = asyncio.get_running_loop().create_task(child.run(stop))
+    net = child.service(NetworkService)
+    up = asyncio.ensure_future(net.nic_ready.wait())
+    await asyncio.wait([running, up], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if not up.done():
+            status = running.result()
+            raise NicError(child.failure or f"the session ended before the NIC was up (status {status})")
+        assert net.nic is not None
+        yield net.nic
+    finally:
+        up.cancel()
+        stop.set()
+        with contextlib.suppress(Exception):
+            await running
 
 
 def _ping(args: argparse.Namespace, nic_factory: NicFactory | None) -> int:

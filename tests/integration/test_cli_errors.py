@@ -90,7 +90,7 @@ def test_bad_listen_flag_is_one_line_and_exit_2(workdir: Path, listen: str, need
     ('[[storage.lun]]\nlun = 1\nread_only = "yes"\n', "[[storage.lun]] #1 read_only: must be true or false"),
     ("[devices]\nprinter = true\n", "[devices] printer: unknown device"),
     ("[devices]\nstorage = 1\n", "[devices] storage must be true or false"),
-    ("[network]\n", "[network]: unknown section"),
+    ("[printer]\n", "[printer]: unknown section"),
 ])
 def test_bad_toml_setting_names_the_file_and_key(workdir: Path, toml: str, needle: str) -> None:
     code, line = serve(workdir, config=toml)

@@ -19,22 +19,31 @@ from typing import Any
 from child_partition.bus import BusError
 from child_partition.guest_memory import GuestMemory
 from child_partition.vsc import Vsc
+from parent_partition.memory import GpadlMap
 from parent_partition.vsp import ChannelResources, Vsp
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.pair import ChannelPair, MemoryLink
+from vmbus_proto.gpadl import Gpadl
+from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import Version
 
 GUEST_MEMORY = 64 * 1024 * 1024
 
 
 async def open_vsp(vsp: Vsp, pair: ChannelPair, *, partition: str | None = None, trace: bool = False,
-                   log: Any = None) -> None:
-    """Open ``vsp`` on the pair's host end; when the channel closes, the host closes it through the VSP."""
+                   log: Any = None, gpadls: dict[int, list[int]] | None = None) -> None:
+    """Open ``vsp`` on the pair's host end; when the channel closes, the host closes it through the VSP.
+    ``gpadls`` are the other GPADLs the guest made on this channel (id -> pages), for the device to look up."""
     log = log if log is not None else logs.get(partition=partition or pair.link.partition, relid=pair.relid)
     name = partition or pair.link.partition
     res = ChannelResources.standalone(name, vsp.offer(name), pair.params, log, fail=pair.link.host.fail)
     res.trace = trace
+    if gpadls is not None:
+        def lookup(gid: int) -> Gpadl | None:
+            pfns = gpadls.get(gid)
+            return None if pfns is None else Gpadl(pair.relid, gid, ((len(pfns) * PAGE_SIZE, 0),), tuple(pfns))
+        res.gpadls = GpadlMap(lookup, res.memory)
     await vsp.open(pair.host, res)
     pair.on_host_close = vsp.close
 
@@ -66,7 +75,7 @@ class HarnessBus:
         pair = self.link.open(relid, pages=pages, downstream_offset=downstream_offset, pfns=self.gpadls[gpadl],
                               gpadl=gpadl, userdata=userdata, name=name)
         try:
-            await open_vsp(self.vsp, pair, trace=self.trace, log=self.log)
+            await open_vsp(self.vsp, pair, trace=self.trace, log=self.log, gpadls=self.gpadls)
         except Exception as exc:  # the daemon answers OPENCHANNEL_RESULT with an error; the guest's open fails
             pair.refuse()
             raise BusError(f"the host refused to open channel {relid}: {exc}") from exc

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 import child_partition.vsc
 from child_partition.devices.input.vsc import KeyboardVsc
 from child_partition.devices.network.vsc import NetworkVsc
-from parent_partition.devices.network.vsp import NetworkVsp
+from parent_partition.devices.input.vsp import KeyboardVsp
 from parent_partition.vsp import ChannelResources, Vsp
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.aio.pair import MemoryLink
@@ -131,8 +131,8 @@ async def test_a_vsc_handshake_the_host_never_answers_times_out(monkeypatch: pyt
 
 
 async def test_a_vsc_handshake_every_version_refused_fails() -> None:
-    with pytest.raises(DeviceProtocolError, match="NVSP"):
-        await attach(NetworkVsp(supported=()), NetworkVsc)
+    with pytest.raises(DeviceProtocolError, match="keyboard"):
+        await attach(KeyboardVsp(supported=()), KeyboardVsc)
 
 
 async def test_a_vsc_handshake_with_a_garbled_answer_fails() -> None:

@@ -232,7 +232,7 @@ def test_host_receive_batches_frames_and_completions_free_sections() -> None:
     p = packets[0]
     assert p.type == PacketType.DATA_USING_XFER_PAGES and p.xfer_pageset_id == 0xCAFE
     assert p.completion_requested and len(p.xfer_ranges) == 10
-    assert all(off % 1806 == 0 and off // 1806 >= RX_RESERVED_CONTROL for off, _ in p.xfer_ranges)
+    assert all(off % 1806 == 0 and off // 1806 >= RX_RESERVED_CONTROL for _, off in p.xfer_ranges)
     assert nvsp.decode(p.payload) == nvsp.SendRndisPacket(0, nvsp.NO_SECTION, 0)
     assert alloc.free_data == free - 10 and alloc.in_flight == 1
     link.guest_events += link.guest.receive(p)
@@ -291,7 +291,7 @@ def test_rsc_coalesced_frame_at_61_and_drop_below() -> None:
     packets = link.host.data_to_send()
     ranges = packets[0].xfer_ranges
     # 30000 bytes in fragments of at most 1806 - 36 (footer) - 44 (headers) - PPIs: 18 sub-allocations
-    assert len(ranges) == 18 and all(n <= 1806 - 36 for _, n in ranges), ranges
+    assert len(ranges) == 18 and all(n <= 1806 - 36 for n, _ in ranges), ranges
     for p in packets:
         link.guest_events += link.guest.receive(p)
     got = [(f, i) for e in link.guest_events if isinstance(e, G.FramesReceived) for f, i in e.frames]
@@ -452,7 +452,7 @@ def test_unknown_oid_and_set_answer_not_supported() -> None:
         data = rndis.encode(request)
         link.send.write(0, data)
         link.host.receive(inband(nvsp.SendRndisPacket(1, 0, len(data))))
-    answers = [rndis.decode(link.recv.read(off, n)) for p in link.host.data_to_send() for off, n in p.xfer_ranges]
+    answers = [rndis.decode(link.recv.read(off, n)) for p in link.host.data_to_send() for n, off in p.xfer_ranges]
     assert answers == [rndis.QueryComplete(50, rndis.Status.NOT_SUPPORTED),
                        rndis.SetComplete(51, rndis.Status.NOT_SUPPORTED)]
 
@@ -462,9 +462,9 @@ def test_guest_checks_transfer_page_ranges() -> None:
     g = link.guest
     payload = nvsp.encode(nvsp.SendRndisPacket(0, nvsp.NO_SECTION, 0))
     outside = Packet(PacketType.DATA_USING_XFER_PAGES, 1, 700, payload, xfer_pageset_id=0xCAFE,
-                     xfer_ranges=((RECV_SIZE - 10, 100), (0, 5000)))
+                     xfer_ranges=((100, RECV_SIZE - 10), (5000, 0)))
     wrong_set = Packet(PacketType.DATA_USING_XFER_PAGES, 1, 701, payload, xfer_pageset_id=0x1234,
-                       xfer_ranges=((0, 100),))
+                       xfer_ranges=((100, 0),))
     assert g.receive(outside) == [] and g.receive(wrong_set) == []
     assert g.counters.rx_errors == 3
     completions = g.data_to_send()
@@ -506,7 +506,7 @@ def test_fuzz_host_on_a_running_channel(ptype: int, payload: bytes, data: bytes,
                                          min_size=1, max_size=4))
 def test_fuzz_guest_receive_buffer_contents(data: bytes, ranges: list[tuple[int, int]]) -> None:
     link = Link().up()
-    for offset, _ in ranges:
+    for _, offset in ranges:
         if offset + len(data) <= RECV_SIZE:
             link.recv.write(offset, data)
     payload = nvsp.encode(nvsp.SendRndisPacket(0, nvsp.NO_SECTION, 0))

@@ -111,8 +111,8 @@ class NetworkVsc(HandshakeVsc):
         guest = self.guest
         assert guest is not None
         data, pos = memoryview(pkt.data), 0
-        for offset, length in pkt.xfer_ranges:
-            if 0 <= offset and offset + length <= guest.recv_size and pos + length <= len(data):
+        for length, offset in pkt.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
+            if offset >= 0 and offset + length <= guest.recv_size and pos + length <= len(data):
                 guest.recv_view.write(offset, bytes(data[pos:pos + length]))
             pos += length
 

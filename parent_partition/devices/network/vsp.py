@@ -22,7 +22,7 @@ from vmbus_proto.aio.channel import Channel
 from vmbus_proto.devices.network import host as nethost
 from vmbus_proto.devices.network import nvsp, rndis
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import Packet
+from vmbus_proto.packets import Buffer, Packet
 
 from ...memory import GpadlHold
 from ...vsp import ChannelResources, HostContext, Vsp
@@ -47,7 +47,7 @@ class StreamReceiveView:
         self._pending[offset] = bytes(data)
 
     def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
-        return b"".join(self._pending.pop(offset, b"") for offset, _ in ranges)
+        return b"".join(self._pending.pop(offset, b"") for _, offset in ranges)  # (byte_count, byte_offset)
 
 
 class StreamSendView:
@@ -55,7 +55,7 @@ class StreamSendView:
     that travelled with that packet."""
 
     def __init__(self) -> None:
-        self.current = b""
+        self.current: Buffer = b""
 
     def read(self, offset: int, length: int) -> bytes:
         if len(self.current) < length:

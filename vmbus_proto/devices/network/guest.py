@@ -417,7 +417,7 @@ class NvspGuest:
             self.counters.rx_errors += 1  # Linux: "Invalid xfer page set id"; dropped, still completed
         else:
             frames: list[tuple[bytes, rndis.PacketInfo]] = []
-            for offset, length in packet.xfer_ranges:
+            for length, offset in packet.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
                 if offset < 0 or length <= 0 or offset + length > self.recv_size or length > self.recv_section_size:
                     self.counters.rx_errors += 1  # netvsc_receive: "Packet offset:%u + len:%u too big"
                     continue

@@ -484,7 +484,7 @@ class NvspHost:
             data = self._control_queue.popleft()
             offset = ids[0] * rx.allocator.sub_alloc_size
             rx.view.write(offset, data)
-            self._xfer(rx, ids, ((offset, len(data)),), nvsp.CHANNEL_CONTROL)
+            self._xfer(rx, ids, ((len(data), offset),), nvsp.CHANNEL_CONTROL)
 
     def _xfer(self, rx: _RxBuffer, ids: list[int], ranges: tuple[tuple[int, int], ...], channel: int) -> None:
         trans_id = rx.allocator.hold(ids)
@@ -551,7 +551,7 @@ class NvspHost:
             for i, data in zip(got, messages, strict=True):
                 offset = i * rx.allocator.sub_alloc_size
                 rx.view.write(offset, data)
-                ranges.append((offset, len(data)))
+                ranges.append((len(data), offset))  # vmtransfer_page_range: byte_count, byte_offset
             ids += got
             result.delivered += 1
             self.counters.rx_frames += 1
