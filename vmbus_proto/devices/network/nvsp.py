@@ -616,11 +616,14 @@ SPEC = DeviceSpec(
     max_packet=16 + 8 + 562 * 8 + NVSP_MESSAGE_SIZE + 16 * 4,
     protocol="NVSP",
     version_text=version_text,
-    title="network: ring, open and the NVSP handshake",
+    title="network: ring, open, NVSP and RNDIS",
     explain=(
-        "Same GPADL and open as storage. Then NetVSC sends NVSP_MSG_TYPE_INIT with one version at a time (min "
-        "= max), newest first, until INIT_COMPLETE says NVSP_STAT_SUCCESS. In a full guest the receive and "
-        "send buffers and RNDIS come next; this emulator's network stops at the handshake."),
+        "Same GPADL and open as storage. NetVSC sends NVSP_MSG_TYPE_INIT with one version at a time (min = max), "
+        "newest first, until INIT_COMPLETE says NVSP_STAT_SUCCESS. Then it shares a 16 MiB receive buffer and a "
+        "1 MiB send buffer with two more GPADLs (SEND_RECV_BUF, SEND_SEND_BUF) and speaks RNDIS inside "
+        "SEND_RNDIS_PKT: INITIALIZE, the queries for its MAC and link, the packet filter. Frames then travel as "
+        "RNDIS packets: to the host from send-buffer sections, to the guest in transfer-page packets naming "
+        "receive-buffer ranges, through the parent's virtual switch to the other VMs."),
 )
 
 
