@@ -16,10 +16,12 @@ import msgpack
 import pytest
 
 from vmbus_proto import messages as m
+from vmbus_proto.devices.network import nvsp
 from vmbus_proto.devices.registry import ALL as OFFERED
 from vmbus_proto.envelope import Hello, Signal, encode_packet
 from vmbus_proto.framing import ENVELOPE_VERSION, HEADER, FrameKind, encode_frame
-from vmbus_proto.guids import SYNTH_KEYBOARD
+from vmbus_proto.gpadl import split
+from vmbus_proto.guids import NETWORK, SYNTH_KEYBOARD
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
 from .conftest import Parent, Proc, bystander_of
@@ -287,3 +289,69 @@ def test_data_len_larger_than_frame(p: Parent) -> None:
 def test_bystander_still_connected(p: Parent, bystander: Proc) -> None:
     assert bystander.proc.poll() is None
     assert not bystander.events("session with the parent ended")
+
+
+# ---- the network device -----------------------------------------------------------------------------------
+
+NETWORK_PAGES = 16
+
+
+def _network_after_init(c: RawClient, name: str) -> int:
+    """A raw guest that opened its network channel and finished NVSP INIT (6.1)."""
+    offers = c.negotiate(name)
+    net = next(r for r, o in offers.items() if o.if_type == NETWORK)
+    c.open(net, NETWORK_PAGES, gpadl=0xE1E20)
+    init = nvsp.Init(nvsp.Version.V61, nvsp.Version.V61)
+    c.send_packet(net, Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, 1, nvsp.encode(init)))
+    done = nvsp.decode(c.recv_packet(net).payload, completion=True)
+    assert isinstance(done, nvsp.InitComplete) and done.status == nvsp.Status.SUCCESS, done
+    return net
+
+
+def _nvsp(c: RawClient, relid: int, message: nvsp.NvspMessage, trans_id: int, data: bytes = b"") -> None:
+    c.send_packet(relid, Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, trans_id, nvsp.encode(message),
+                                data=data))
+
+
+def test_rndis_before_the_receive_buffer_costs_the_connection(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    net = _network_after_init(c, "rndis-early")
+    _nvsp(c, net, nvsp.SendRndisPacket(nvsp.CHANNEL_CONTROL, 0, 32), 2, data=bytes(32))
+    reason = c.wait_closed()
+    assert reason is not None and "RNDIS packet before" in reason, reason
+    _error_logged(p, mark, "RNDIS packet before")
+
+
+def test_a_receive_buffer_gpadl_that_does_not_exist_is_refused_not_fatal(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    net = _network_after_init(c, "no-such-gpadl")
+    _nvsp(c, net, nvsp.SendNdisConfig(1514, 0, 0), 2)
+    _nvsp(c, net, nvsp.SendNdisVersion(6, 30), 3)
+    _nvsp(c, net, nvsp.SendReceiveBuffer(0xBAD, nvsp.RECEIVE_BUFFER_ID), 4)
+    answers = [c.recv_packet(net) for _ in range(3)]
+    last = nvsp.decode(answers[-1].payload, completion=True)
+    assert answers[-1].trans_id == 4 and isinstance(last, nvsp.SendReceiveBufferComplete), last
+    assert last.status == nvsp.Status.FAIL
+    c.close()
+
+
+def test_a_send_buffer_section_out_of_range_costs_the_connection(p: Parent) -> None:
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    net = _network_after_init(c, "bad-section")
+    # A receive buffer and a 1-section send buffer the host accepts, then a section index past it.
+    recv_pfns = 64
+    for gid, first, pages in ((0xE1E21, 0x8000, recv_pfns), (0xE1E22, 0x9000, 2)):
+        header, bodies = split(net, gid, list(range(first, first + pages)))
+        for msg in [header, *bodies]:
+            c.send(msg)
+        assert c.expect(m.GpadlCreated).creation_status == 0
+    _nvsp(c, net, nvsp.SendNdisConfig(1514, 0, 0), 2)
+    _nvsp(c, net, nvsp.SendNdisVersion(6, 30), 3)
+    _nvsp(c, net, nvsp.SendReceiveBuffer(0xE1E21, nvsp.RECEIVE_BUFFER_ID), 4)
+    _nvsp(c, net, nvsp.SendSendBuffer(0xE1E22, nvsp.SEND_BUFFER_ID), 5)
+    _nvsp(c, net, nvsp.SendRndisPacket(nvsp.CHANNEL_CONTROL, 7, 32), 6, data=bytes(32))
+    reason = c.wait_closed()
+    assert reason is not None and "section 7" in reason, reason
+    _error_logged(p, mark, "section 7")
