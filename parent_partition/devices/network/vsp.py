@@ -19,6 +19,7 @@ import contextlib
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.devices.base import HandshakeTrace
 from vmbus_proto.devices.network import host as nethost
 from vmbus_proto.devices.network import nvsp, rndis
 from vmbus_proto.errors import DeviceProtocolError
@@ -125,12 +126,16 @@ class _Nic:
 
     async def run(self) -> None:
         channel, host = self.channel, self.host
+        trace = HandshakeTrace(nvsp.describe) if self.res.trace else None
         while True:
             pkt = await channel.recv()
+            handshake = trace if host.version is None else None  # --trace shows the NVSP INIT exchange
+            if handshake is not None:
+                self.res.log.info(handshake.line("G>H", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
             self.send_view.current = pkt.data
             for event in host.receive(pkt):
                 self._event(event)
-            await self.flush()
+            await self.flush(handshake)
 
     def _event(self, event: nethost.Event) -> None:
         host, res = self.host, self.res
@@ -194,9 +199,11 @@ class _Nic:
             host.deliver([(f.data, rndis.NO_INFO) for f in frames])
             await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, trace: HandshakeTrace | None = None) -> None:
         channel = self.channel
         for pkt in self.host.data_to_send():
+            if trace is not None:
+                self.res.log.info(trace.line("H>G", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
             if pkt.xfer_ranges:
                 pkt.data = self.rx_view.take(pkt.xfer_ranges)
             if not channel.try_send(pkt):
