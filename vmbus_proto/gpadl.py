@@ -8,6 +8,7 @@ vmbus_core ``gparange::parse``; FreeBSD vmbus_reg.h ``VMBUS_CHANMSG_GPADL_CONN_P
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import LocalProtocolError, MessageError
@@ -87,7 +88,7 @@ class Gpadl:
     relid: int
     gpadl: int
     ranges: tuple[tuple[int, int], ...]
-    pfns: tuple[int, ...]
+    pfns: Sequence[int]  # the host keeps them as array('Q'): 8 bytes a page, not a Python int each
 
     @property
     def page_count(self) -> int:

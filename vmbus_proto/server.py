@@ -22,6 +22,7 @@ so the same devices get the same relids on every connection; a hot-added offer t
 
 from __future__ import annotations
 
+import array
 import enum
 import uuid
 from collections.abc import Iterable
@@ -861,7 +862,8 @@ class HostConnection:
             self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_UNSUCCESSFUL))
             self._drop(msg, DropKind.GPADL_ON_REVOKED, f"GPADL {asm.gpadl:#x} completed on rescinded relid {asm.relid}")
             return
-        self.gpadls[(asm.gpadl, asm.relid)] = HostGpadl(Gpadl(asm.relid, asm.gpadl, asm.ranges, tuple(asm.pfns)))
+        pfns = array.array("Q", asm.pfns)  # 8 bytes a page: a netvsc receive buffer is 4,096 of them
+        self.gpadls[(asm.gpadl, asm.relid)] = HostGpadl(Gpadl(asm.relid, asm.gpadl, asm.ranges, pfns))
         self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_SUCCESS))
 
     def _gpadl_failed(self, msg: m.GpadlHeader, kind: DropKind, reason: str) -> None:

@@ -75,7 +75,7 @@ def test_gpadl_split_into_header_and_bodies() -> None:
     acts = bus.host.actions()
     assert [a.message for a in acts if isinstance(a, s.Send)] == [
         m.GpadlCreated(child_relid=relid, gpadl=gid, creation_status=0)]
-    assert bus.host.gpadls[(gid, relid)].gpadl.pfns == tuple(range(100, 159))
+    assert tuple(bus.host.gpadls[(gid, relid)].gpadl.pfns) == tuple(range(100, 159))
 
 
 def test_teardown_of_ring_in_use_is_deferred_until_close() -> None:

@@ -75,12 +75,15 @@ class ReceiveBufferAllocator:
         self.sub_alloc_size = sub_alloc_size
         self.count = count
         self._free_control: deque[int] = deque(range(RX_RESERVED_CONTROL))
-        self._free_data: deque[int] = deque(range(RX_RESERVED_CONTROL, count))
+        # Data ids never handed out are the range [_fresh, count), not a list: a 16 MiB buffer has ~9,300
+        # ids, and a thousand partitions must not cost a third of a MiB each before a frame arrives.
+        self._fresh = RX_RESERVED_CONTROL
+        self._free_data: deque[int] = deque()  # ids given back, reused first
         self._held: dict[int, tuple[int, ...]] = {}
 
     @property
     def free_data(self) -> int:
-        return len(self._free_data)
+        return len(self._free_data) + self.count - self._fresh
 
     @property
     def in_flight(self) -> int:
@@ -89,10 +92,18 @@ class ReceiveBufferAllocator:
 
     def allocate(self, n: int, control: bool = False) -> list[int] | None:
         """``n`` free ids, or None (no room: nothing is taken)."""
-        pool = self._free_control if control else self._free_data
-        if n > len(pool):
+        if control:
+            pool = self._free_control
+            return [pool.popleft() for _ in range(n)] if n <= len(pool) else None
+        if n > self.free_data:
             return None
-        return [pool.popleft() for _ in range(n)]
+        free = self._free_data
+        out = [free.popleft() for _ in range(min(n, len(free)))]
+        if len(out) < n:
+            start = self._fresh
+            self._fresh += n - len(out)
+            out += range(start, self._fresh)
+        return out
 
     def release(self, ids: Iterable[int]) -> None:
         """Give back ids that were allocated but never sent."""
