@@ -21,7 +21,7 @@ from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.network import guest as netguest
-from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
 from vmbus_proto.devices.network.buffers import DEFAULT_RECEIVE_BUFFER, DEFAULT_SEND_BUFFER
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
@@ -129,9 +129,10 @@ class NetworkVsc(HandshakeVsc):
             case netguest.Failed(reason=reason):
                 self._failed = reason
             case netguest.FramesReceived(frames=frames):
-                if self.nic is not None:
-                    for frame, _info in frames:
-                        self.nic.deliver(frame)
+                nic = self.nic
+                if nic is not None:
+                    for frame, info in frames:  # checksum-OK PPI and RSC frames as receive offload metadata
+                        nic.deliver(*offload.from_rx_info(frame, info, nic.mtu))
             case netguest.LinkChanged(connected=up):
                 if self.nic is not None:
                     self.nic.set_link(up)
@@ -162,12 +163,13 @@ class NetworkVsc(HandshakeVsc):
         if self.nic is not None:
             self.nic.tx_room()
 
-    def transmit(self, frame: bytes) -> bool:
-        """The NIC's transmit: into the state machine now, onto the ring now or by the flusher."""
+    def transmit(self, frame: bytes, info: rndis.PacketInfo = rndis.NO_INFO) -> bool:
+        """The NIC's transmit (with its per-packet info): into the state machine now, onto the ring now or by
+        the flusher."""
         guest, channel = self.guest, self.channel
         if guest is None or channel is None or self._backlog:
             return False
-        guest.send_frame(frame)
+        guest.send_frame(frame, info)
         for pkt in self.packets():
             if self._backlog or not channel.try_send(pkt):
                 self._backlog.append(pkt)
@@ -214,3 +216,11 @@ class NetVscNic(Nic):
 
     def _transmit(self, frame: bytes) -> bool:
         return self.vsc.transmit(frame)
+
+    def _transmit_offload(self, frame: bytes, hdr: vnet.VnetHdr) -> bool:
+        """Checksum and TCP segmentation left to the host, as netvsc_xmit does: the TX checksum or LSOv2 PPI."""
+        try:
+            info = offload.to_info(frame, hdr)
+        except ValueError:
+            return super()._transmit_offload(frame, hdr)  # nothing RNDIS can carry: done in software here
+        return self.vsc.transmit(frame, info)

@@ -20,14 +20,14 @@ from typing import Any
 
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.devices.network import host as nethost
-from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Buffer, Packet
 
 from ...memory import GpadlHold
 from ...vsp import ChannelResources, HostContext, Vsp
 from .settings import NetworkSettings
-from .switch import Frame, Port, PortDetached, Switch, format_mac, mac_for
+from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, format_mac, mac_for
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
 
@@ -86,10 +86,12 @@ class NetworkVsp(Vsp):
         st = self.settings
         mac = mac_for(res.partition, st.mac_style)
         host = nethost.NvspHost(mac, link_speed=st.link_speed_mbps * 1_000_000)
-        nic = _Nic(channel, res, host)
+        nic = _Nic(channel, res, host, st.mtu)
         port: Port | None = None
         try:
-            port = self.switch.attach(res.partition, mac)
+            # Large segments both ways: the NvspHost enforces the MTU on transmits without LSO, and the pump cuts
+            # what a guest without RSC cannot take.
+            port = self.switch.attach(res.partition, mac, max_frame=MAX_LARGE_FRAME)
             nic.port = port
             self.hosts[res.partition] = host
             res.log.info("NIC on the virtual switch", mac=format_mac(mac))
@@ -114,8 +116,8 @@ class NetworkVsp(Vsp):
 class _Nic:
     """One partition's NIC on one channel: NVSP packets in, frames to the switch, frames from it out."""
 
-    def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost) -> None:
-        self.channel, self.res, self.host = channel, res, host
+    def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost, mtu: int) -> None:
+        self.channel, self.res, self.host, self.mtu = channel, res, host, mtu
         self.port: Port | None = None
         self.rx_view = StreamReceiveView()
         self.send_view = StreamSendView()
@@ -150,8 +152,9 @@ class _Nic:
             case nethost.FramesSent(frames=frames):
                 port = self.port
                 if port is not None:
-                    for frame, _info in frames:
-                        port.send_nowait(frame)
+                    no_info = rndis.NO_INFO
+                    for frame, info in frames:  # TX checksum and LSOv2 PPIs travel as virtio-net metadata
+                        port.send_nowait(frame, None if info == no_info else offload.from_tx_info(frame, info))
             case nethost.DataPathReady():
                 res.log.info("RNDIS initialized", nvsp=nvsp.version_text(host.version or 0), mtu=host.mtu)
             case nethost.PacketFilterChanged(filter=value):
@@ -191,8 +194,28 @@ class _Nic:
         assert port is not None
         while True:
             frames: list[Frame] = await port.recv_batch(RX_BATCH)
-            host.deliver([(f.data, rndis.NO_INFO) for f in frames])
+            host.deliver(self._for_guest(frames))
             await self.flush()
+
+    def _for_guest(self, frames: list[Frame]) -> list[tuple[bytes, rndis.PacketInfo]]:
+        """Offload metadata as receive PPIs: a TCP GSO frame whole (RSC, NVSP 6.1) to a guest that coalesces
+        with checksum offload on, cut into MTU-sized frames otherwise; checksums as RX checksum-OK bits."""
+        host = self.host
+        rx_csum = offload.rx_checksum_offloaded(host.offload)
+        out: list[tuple[bytes, rndis.PacketInfo]] = []
+        for data, hdr in frames:
+            if hdr is None:
+                out.append((data, rndis.NO_INFO))
+            elif not hdr.gso:
+                out.append(offload.to_rx(data, hdr, rx_csum))
+            elif host.rsc and rx_csum and hdr.gso_type & ~vnet.GSO_ECN in (vnet.GSO_TCPV4, vnet.GSO_TCPV6):
+                out.append((data, offload.to_rx(data, vnet.VnetHdr(vnet.F_DATA_VALID), True)[1]))
+            else:
+                try:
+                    out += [(seg, rndis.NO_INFO) for seg in vnet.segment_tcp(data, hdr, self.mtu)]
+                except ValueError:
+                    host.counters.rx_dropped_bad_frame += 1  # a GSO frame that is not TCP: nothing cuts it
+        return out
 
     async def flush(self) -> None:
         channel = self.channel
