@@ -14,6 +14,7 @@ cannot take it partial.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 from . import rndis, vnet
@@ -116,21 +117,33 @@ def to_rx(frame: bytes, hdr: vnet.VnetHdr | None, rx_csum: bool) -> tuple[bytes,
 
 
 def from_rx_info(frame: bytes, info: rndis.PacketInfo, mtu: int) -> tuple[bytes, vnet.VnetHdr | None]:
-    """A received frame and its PPIs as the guest's network stack takes them: checksum OK bits become
-    ``DATA_VALID``; a coalesced (RSC) frame longer than the MTU becomes a TCP GSO frame (the TCP checksum field
-    set to the pseudo-header sum, ``NEEDS_CSUM``, MSS from the MTU) so the kernel takes it as one GRO packet."""
+    """A received frame and its PPIs as a TAP takes them. A TAP ignores ``DATA_VALID`` on write (only
+    virtio-net's receive path honours it), so a TCP/UDP frame whose checksum the host reported OK is written
+    ``NEEDS_CSUM`` with its checksum field reset to the pseudo-header sum (``CHECKSUM_PARTIAL``: the kernel
+    takes it as verified, and completes it correctly should it forward the frame). A coalesced (RSC) TCP frame
+    longer than the MTU becomes a TCP GSO frame (MSS from the MTU), one GRO packet for the kernel."""
     ok = info.checksum is not None and bool(info.checksum & _RX_OK)
     l3, _ = _l3(frame)
-    if len(frame) - l3 <= mtu:
-        return frame, vnet.VnetHdr(vnet.F_DATA_VALID) if ok else None
+    large = len(frame) - l3 > mtu
+    if not ok and not large:
+        return frame, None
     layout = _l4(frame)
-    if layout is None or layout[2] != vnet.IPPROTO_TCP or len(frame) < layout[0] + 20:
-        return frame, None  # a large non-TCP frame: as it is (the receiver decides)
-    start, ipv4, _ = layout
-    hdr = _gso_hdr(frame, start, 0, not ipv4, vnet.F_NEEDS_CSUM)
-    mss = mtu - (hdr.hdr_len - l3)
+    if layout is None:
+        return frame, None
+    start, ipv4, proto = layout
+    if proto == vnet.IPPROTO_TCP and len(frame) >= start + 20:
+        offset = TCP_CSUM_OFFSET
+        hdr = _gso_hdr(frame, start, 0, not ipv4, vnet.F_NEEDS_CSUM)
+        if large:
+            hdr = dataclasses.replace(hdr, gso_size=mtu - (hdr.hdr_len - l3))
+        else:
+            hdr = vnet.VnetHdr(vnet.F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
+    elif proto == vnet.IPPROTO_UDP and not large and len(frame) >= start + 8:
+        offset = UDP_CSUM_OFFSET
+        hdr = vnet.VnetHdr(vnet.F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
+    else:
+        return frame, None  # a large non-TCP frame, or checksums the TAP cannot be told about: as it is
     out = bytearray(frame)
-    l4_len = len(frame) - start
     addrs = frame[l3 + 12:l3 + 20] if ipv4 else frame[l3 + 8:l3 + 40]
-    struct.pack_into("!H", out, start + TCP_CSUM_OFFSET, vnet.csum_add(addrs, vnet.IPPROTO_TCP + l4_len))
-    return bytes(out), vnet.VnetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len, mss, hdr.csum_start, hdr.csum_offset)
+    struct.pack_into("!H", out, start + offset, vnet.csum_add(addrs, proto + len(frame) - start))
+    return bytes(out), hdr
