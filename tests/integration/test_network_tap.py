@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Parent, Proc, child
+from .conftest import BIN, Parent, Proc, child
 from .netns import Netns, iperf3, iperf3_server, ping, tap_name
 
 pytestmark = pytest.mark.integration
@@ -89,3 +90,41 @@ def test_a_partition_that_stops_receiving_does_not_hurt_the_others(
         check_ping(a, b)
         check_ping(b, a)
         frozen.proc.proc.send_signal(signal.SIGCONT)
+
+
+def test_external_tap_joins_the_host_stack_to_the_switch(tmp_path: Path, netns_factory: Callable[[], Netns],
+                                                         tap_allowed: None) -> None:
+    host_ns, ext = netns_factory(), tap_name()
+    workdir = tmp_path / "parent"
+    workdir.mkdir()
+    (workdir / "parent.toml").write_text(f'[network]\nexternal_tap = "{ext}"\n')
+    sock = workdir / "run" / "vmbus.sock"
+    parent = Proc(host_ns.argv([str(BIN / "parent-partition"), "serve", "--config", str(workdir / "parent.toml"),
+                                "--json-logs", "--listen", f"unix:{sock}", "--data-dir", str(workdir / "var")]),
+                  workdir, "parent")
+    vm: Proc | None = None
+    try:
+        parent.wait_event("parent partition listening")
+        assert parent.events("external TAP on the virtual switch"), "no external TAP was attached"
+        host_ns.address(ext, f"{NET}.100/24")
+        guest_ns, tap = netns_factory(), tap_name()
+        vm = child(tmp_path, f"unix:{sock}", "extvm", "--tap", tap, "--tap-netns", guest_ns.name)
+        vm.wait_event("TAP bridged to the NIC", timeout=60)
+        guest_ns.address(tap, f"{NET}.1/24")
+        res = ping(host_ns, f"{NET}.1", count=10)
+        assert res["loss_pct"] == 0.0, f"host to guest through the external TAP: {res['output'].strip()}"
+        res = ping(guest_ns, f"{NET}.100", count=10)
+        assert res["loss_pct"] == 0.0, f"guest to host through the external TAP: {res['output'].strip()}"
+    finally:
+        if vm is not None:
+            vm.stop()
+        assert parent.stop() == 0, "the parent did not stop cleanly"
+    assert ext not in host_ns.ip("-br", "link"), "the external TAP outlived the parent"
+
+
+def test_external_tap_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "parent.toml").write_text('[network]\nexternal_tap = "lo"\n')
+    done = subprocess.run([str(BIN / "parent-partition"), "serve", "--config", str(tmp_path / "parent.toml"),
+                           "--listen", f"unix:{tmp_path / 'vmbus.sock'}", "--data-dir", str(tmp_path / "var")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "external_tap = 'lo': cannot create the TAP device" in done.stderr, done.stderr

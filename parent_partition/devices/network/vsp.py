@@ -18,16 +18,19 @@ import asyncio
 import contextlib
 from typing import Any
 
+from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.tap import Tap, TapError
 from vmbus_proto.devices.network import host as nethost
 from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Buffer, Packet
 
 from ...memory import GpadlHold
+from ...settings import ConfigError
 from ...vsp import ChannelResources, HostContext, Vsp
 from .settings import NetworkSettings
-from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, format_mac, mac_for
+from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
 
@@ -75,10 +78,37 @@ class NetworkVsp(Vsp):
         self.settings = settings or NetworkSettings()
         self.switch = Switch(mtu=self.settings.mtu, queue_frames=self.settings.port_queue_frames)
         self.hosts: dict[str, nethost.NvspHost] = {}  # by partition: the NIC's protocol state (counters)
+        self.uplink: TapUplink | None = None
 
     @classmethod
     def create(cls, settings: NetworkSettings, host: HostContext) -> NetworkVsp:
-        return cls(settings)
+        vsp = cls(settings)
+        if settings.external_tap:
+            vsp.attach_external(settings.external_tap)
+        return vsp
+
+    def attach_external(self, name: str) -> None:
+        """``[network] external_tap``: create TAP ``name`` on this host (virtio-net headers, offloads on) and
+        join it to the switch, as Hyper-V's external virtual switch joins the host's NIC. ConfigError when the
+        device cannot be created (no CAP_NET_ADMIN, no /dev/net/tun, a name in use by another kind of link)."""
+        try:
+            tap = Tap.open(name)
+        except (TapError, OSError) as exc:
+            raise ConfigError(f"[network] external_tap = {name!r}: cannot create the TAP device: {exc}") from None
+        try:
+            self.uplink = TapUplink(self.switch, tap)
+        except BaseException:
+            tap.close()
+            raise
+        logs.get(component="netvsp").info("external TAP on the virtual switch", tap=name,
+                                          mac=format_mac(self.uplink.port.mac))
+
+    async def shutdown(self) -> None:
+        """Close the external TAP (the kernel deletes it with its last fd)."""
+        uplink, self.uplink = self.uplink, None
+        if uplink is not None:
+            uplink.close()
+            uplink.tap.close()
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
         if res.sub_channel_index:
