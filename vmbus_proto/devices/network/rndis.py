@@ -620,10 +620,7 @@ class PacketMessage:
     info: PacketInfo = PacketInfo()
 
     def pack_body(self, pad: int = 0) -> bytes:
-        chain = pack_ppis(self.info.ppis())
-        data_offset = PACKET_BODY_SIZE + len(chain)
-        head = _PACKET.pack(data_offset, len(self.data), 0, 0, 0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0)
-        return head + chain + self.data + bytes(pad)
+        return pack_packet(self.data, pack_ppis(self.info.ppis()), pad)[HEADER_SIZE:]
 
     @classmethod
     def unpack_body(cls, body: bytes) -> PacketMessage:
@@ -666,9 +663,20 @@ _BY_TYPE: dict[int, type[RndisMessage]] = {cls.TYPE: cls for cls in (
     ResetComplete, IndicateStatus, Keepalive, KeepaliveComplete)}
 
 
+def pack_packet(data: bytes | memoryview, chain: bytes, pad: int = 0) -> bytes:
+    """A whole PACKET_MSG from the frame (or an RSC piece of it) and its already packed PPI chain: the fast
+    path for data, which packs the chain once for many frames or fragments."""
+    data_offset = PACKET_BODY_SIZE + len(chain)
+    return b"".join((_HEADER.pack(MessageType.PACKET, HEADER_SIZE + data_offset + len(data) + pad),
+                     _PACKET.pack(data_offset, len(data), 0, 0, 0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0),
+                     chain, data, bytes(pad)))
+
+
 def encode(message: RndisMessage, pad: int = 0) -> bytes:
     """The whole message: ``{msg_type, msg_len}`` and the body (a PACKET_MSG may be padded)."""
-    body = message.pack_body(pad) if isinstance(message, PacketMessage) else message.pack_body()
+    if isinstance(message, PacketMessage):
+        return pack_packet(message.data, pack_ppis(message.info.ppis()), pad)
+    body = message.pack_body()
     return _HEADER.pack(message.TYPE, HEADER_SIZE + len(body)) + body
 
 
