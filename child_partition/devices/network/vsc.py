@@ -47,7 +47,7 @@ class PageView:
             raise nvsp.NvspError(f"bytes {offset}..{offset + length} are outside a {self.size}-byte buffer")
         return bytes(self.view[self.base + offset:self.base + offset + length])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise nvsp.NvspError(f"bytes {offset}..{offset + len(data)} are outside a {self.size}-byte buffer")
         self.view[self.base + offset:self.base + offset + len(data)] = data
@@ -60,6 +60,7 @@ class NetworkVsc(HandshakeVsc):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.guest: netguest.NvspGuest | None = None
+        self.recv_pages: PageView | None = None
         self.nic: NetVscNic | None = None
         self.buffers: dict[str, tuple[int, list[int]]] = {}  # "receive"/"send" -> (GPADL id, pages)
         self._ready = asyncio.Event()
@@ -71,6 +72,7 @@ class NetworkVsc(HandshakeVsc):
     async def handshake(self, channel: Channel) -> None:
         await super().handshake(channel)  # NVSP INIT, newest first
         recv_gpadl, recv = await self._share("receive", DEFAULT_RECEIVE_BUFFER)
+        self.recv_pages = recv
         send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
         self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
                                         send_gpadl=send_gpadl, send_view=send, send_size=send.size,
@@ -108,12 +110,12 @@ class NetworkVsc(HandshakeVsc):
 
     def _absorb(self, pkt: Packet) -> None:
         """The host's writes into our receive buffer, which travelled with the packet: copy them in."""
-        guest = self.guest
-        assert guest is not None
+        pages = self.recv_pages
+        assert pages is not None
         data, pos = memoryview(pkt.data), 0
         for length, offset in pkt.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
-            if offset >= 0 and offset + length <= guest.recv_size and pos + length <= len(data):
-                guest.recv_view.write(offset, bytes(data[pos:pos + length]))
+            if offset >= 0 and offset + length <= pages.size and pos + length <= len(data):
+                pages.write(offset, data[pos:pos + length])
             pos += length
 
     def _event(self, event: netguest.Event) -> None:

@@ -15,6 +15,7 @@ Every parser here validates lengths and offsets against the bytes it was given a
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -214,13 +215,13 @@ _PPI = struct.Struct("<III")
 _U32 = struct.Struct("<I")
 
 
-def _take(layout: struct.Struct, body: bytes, what: str, offset: int = 0) -> tuple[int, ...]:
+def _take(layout: struct.Struct, body: bytes | memoryview, what: str, offset: int = 0) -> tuple[int, ...]:
     if offset + layout.size > len(body):
         raise RndisError(f"RNDIS {what} of {len(body) - offset} bytes, need {layout.size}")
     return layout.unpack_from(body, offset)
 
 
-def _info(body: bytes, length: int, offset: int, what: str, fixed: int) -> bytes:
+def _info(body: bytes | memoryview, length: int, offset: int, what: str, fixed: int) -> bytes:
     """An information buffer ``length`` bytes at ``offset`` from the body start; must lie inside the body
     and not overlap the fixed fields (an empty buffer may have any offset, as Linux sends 0 then)."""
     if length == 0:
@@ -605,6 +606,13 @@ class PacketInfo:
 
 NO_INFO = PacketInfo()  # a frame without per-packet info
 
+
+@functools.lru_cache(maxsize=256)
+def _packet_info(chain: bytes) -> PacketInfo:
+    """A PPI chain decoded; data frames repeat a handful of chains (checksum bits, RSC flags), so they are
+    decoded once (a chain that does not decode raises and is not cached)."""
+    return PacketInfo.from_ppis(unpack_ppis(chain))
+
 _U32_PPIS: dict[int, str] = {PpiType.TCPIP_CHKSUM: "checksum", PpiType.TCP_LARGESEND: "lso", PpiType.IEEE_8021Q: "vlan",
              PpiType.NBL_HASH_VALUE: "hash_value"}
 
@@ -623,7 +631,7 @@ class PacketMessage:
         return pack_packet(self.data, pack_ppis(self.info.ppis()), pad)[HEADER_SIZE:]
 
     @classmethod
-    def unpack_body(cls, body: bytes) -> PacketMessage:
+    def unpack_body(cls, body: bytes | memoryview) -> PacketMessage:
         """Strict, as OpenVMM's TX path: no OOB data, vc_handle 0, frame and PPIs inside the message."""
         (data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
          _reserved) = _take(_PACKET, body, "PACKET_MSG")
@@ -636,8 +644,7 @@ class PacketMessage:
             raise RndisError(f"RNDIS PACKET_MSG frame of {data_len} bytes at offset {data_offset} lies outside "
                              f"its {len(body)}-byte body")
         chain = _info(body, ppi_len, ppi_offset, "PACKET_MSG per-packet-info", PACKET_BODY_SIZE)
-        info = PacketInfo.from_ppis(unpack_ppis(chain)) if chain else PacketInfo()
-        return cls(bytes(body[data_offset:data_offset + data_len]), info)
+        return cls(bytes(body[data_offset:data_offset + data_len]), _packet_info(chain) if chain else NO_INFO)
 
     def text(self) -> str:
         parts = [f"data_len={len(self.data)}"]
@@ -696,6 +703,8 @@ def decode(data: bytes | memoryview) -> RndisMessage:
     cls = _BY_TYPE.get(msg_type)
     if cls is None:
         raise RndisError(f"RNDIS message type {msg_type:#x} is unknown or not implemented")
+    if cls is PacketMessage:  # data: the frame is copied out once, not the whole body first
+        return PacketMessage.unpack_body(memoryview(data)[HEADER_SIZE:msg_len])
     body = bytes(data[HEADER_SIZE:msg_len])
     message: RndisMessage = cls.unpack_body(body)  # type: ignore[assignment]
     return message
