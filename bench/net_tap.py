@@ -69,7 +69,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     pick = sorted(runs, key=lambda r: r["received_bps"])[(len(runs) - 1) // 2]
     return {"gbit_per_s": round(statistics.median(gbps), 3), "gbit_per_s_min": round(min(gbps), 3),
             "gbit_per_s_max": round(max(gbps), 3), "retransmits": pick["retransmits"],
-            "cpu_s_per_gbit": pick["cpu_s_per_gbit"], "cores": pick["cores"],
+            "cpu_s_per_gbit": pick["cpu_s_per_gbit"], "cores": pick["cores"], "sys_share": pick["sys_share"],
             "samples_gbit_per_s": [round(g, 3) for g in gbps]}
 
 
@@ -103,6 +103,9 @@ def run_tap(seconds: float = 2.0, repeat: int = 1, workdir: Path | None = None) 
                         cpu = {k: _cpu_s(before[k], after[k]) for k in procs}
                         r["cores"] = {k: round(v / wall, 3) for k, v in cpu.items()}
                         r["cpu_s_per_gbit"] = {k: round(v / gbit, 3) if gbit else None for k, v in cpu.items()}
+                        sys_s = {k: (after[k]["sys_us"] - before[k]["sys_us"]) / 1e6 for k in procs}
+                        r["sys_share"] = {k: round(sys_s[k] / v, 3) if v else None
+                                          for k, v in cpu.items()}  # kernel time: TAP and socket I/O
                         runs["reverse" if reverse else "forward"].append(r)
     finally:
         parent.stop()

@@ -633,18 +633,7 @@ class PacketMessage:
     @classmethod
     def unpack_body(cls, body: bytes | memoryview) -> PacketMessage:
         """Strict, as OpenVMM's TX path: no OOB data, vc_handle 0, frame and PPIs inside the message."""
-        (data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
-         _reserved) = _take(_PACKET, body, "PACKET_MSG")
-        if oob_len or oob_count or vc_handle:
-            raise RndisError(f"RNDIS PACKET_MSG with OOB data ({oob_count} elements, {oob_len} bytes at "
-                             f"{oob_offset}) or vc_handle {vc_handle}")
-        if data_len == 0:
-            raise RndisError("RNDIS PACKET_MSG with no frame (data_len 0)")
-        if data_offset < PACKET_BODY_SIZE or data_offset + data_len > len(body):
-            raise RndisError(f"RNDIS PACKET_MSG frame of {data_len} bytes at offset {data_offset} lies outside "
-                             f"its {len(body)}-byte body")
-        chain = _info(body, ppi_len, ppi_offset, "PACKET_MSG per-packet-info", PACKET_BODY_SIZE)
-        return cls(bytes(body[data_offset:data_offset + data_len]), _packet_info(chain) if chain else NO_INFO)
+        return cls(*_packet_parts(body, _take(_PACKET, body, "PACKET_MSG")))
 
     def text(self) -> str:
         parts = [f"data_len={len(self.data)}"]
@@ -670,13 +659,48 @@ _BY_TYPE: dict[int, type[RndisMessage]] = {cls.TYPE: cls for cls in (
     ResetComplete, IndicateStatus, Keepalive, KeepaliveComplete)}
 
 
+_PACKET_MSG = struct.Struct("<II9I")  # the header and the PACKET_MSG body fields
+_PACKET_TYPE = int(MessageType.PACKET)
+PACKET_MSG_TYPE = _U32.pack(_PACKET_TYPE)  # the first 4 bytes of every PACKET_MSG
+
+
 def pack_packet(data: bytes | memoryview, chain: bytes, pad: int = 0) -> bytes:
     """A whole PACKET_MSG from the frame (or an RSC piece of it) and its already packed PPI chain: the fast
     path for data, which packs the chain once for many frames or fragments."""
     data_offset = PACKET_BODY_SIZE + len(chain)
-    return b"".join((_HEADER.pack(MessageType.PACKET, HEADER_SIZE + data_offset + len(data) + pad),
-                     _PACKET.pack(data_offset, len(data), 0, 0, 0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0),
-                     chain, data, bytes(pad)))
+    head = _PACKET_MSG.pack(_PACKET_TYPE, HEADER_SIZE + data_offset + len(data) + pad, data_offset, len(data), 0, 0,
+                            0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0)
+    return b"".join((head, chain, data, bytes(pad))) if pad else b"".join((head, chain, data))
+
+
+def _packet_parts(body: bytes | memoryview, fields: tuple[int, ...]) -> tuple[bytes, PacketInfo]:
+    """The frame and per-packet info of a PACKET_MSG body whose 9 fields are ``fields``, checked."""
+    data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle, _reserved = fields
+    if oob_len or oob_count or vc_handle:
+        raise RndisError(f"RNDIS PACKET_MSG with OOB data ({oob_count} elements, {oob_len} bytes at "
+                         f"{oob_offset}) or vc_handle {vc_handle}")
+    if data_len == 0:
+        raise RndisError("RNDIS PACKET_MSG with no frame (data_len 0)")
+    if data_offset < PACKET_BODY_SIZE or data_offset + data_len > len(body):
+        raise RndisError(f"RNDIS PACKET_MSG frame of {data_len} bytes at offset {data_offset} lies outside "
+                         f"its {len(body)}-byte body")
+    chain = _info(body, ppi_len, ppi_offset, "PACKET_MSG per-packet-info", PACKET_BODY_SIZE)
+    return bytes(body[data_offset:data_offset + data_len]), _packet_info(chain) if chain else NO_INFO
+
+
+
+
+def unpack_packet(data: bytes | memoryview) -> tuple[bytes, PacketInfo]:
+    """The frame and per-packet info of the PACKET_MSG at the start of ``data`` in one pass: ``decode`` for the
+    receive data path, with the same checks (bytes after msg_len ignored)."""
+    if len(data) < HEADER_SIZE + PACKET_BODY_SIZE:
+        raise RndisError(f"RNDIS PACKET_MSG of {len(data)} bytes, need {HEADER_SIZE + PACKET_BODY_SIZE}")
+    msg_type, msg_len, *fields = _PACKET_MSG.unpack_from(data)
+    if msg_type != MessageType.PACKET:
+        raise RndisError(f"RNDIS message type {msg_type:#x} is not PACKET_MSG")
+    if msg_len < HEADER_SIZE + PACKET_BODY_SIZE or msg_len > len(data):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(data)} bytes received")
+    return _packet_parts(memoryview(data)[HEADER_SIZE:msg_len], tuple(fields))
 
 
 def encode(message: RndisMessage, pad: int = 0) -> bytes:
