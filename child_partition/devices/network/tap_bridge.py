@@ -51,10 +51,11 @@ class TapBridge:
     def attach(self, nic: Nic) -> None:
         self.detach()
         self.nic = nic
-        if nic.mac != self.tap.mac():
-            with contextlib.suppress(TapError):  # the guest's interface carries the NIC's MAC, as a netdev does
-                _ip(*(["-n", self.tap.netns] if self.tap.netns else []), "link", "set", "dev", self.tap.name,
-                    "address", nic.mac.hex(":"))
+        try:  # the guest's interface carries the NIC's MAC and MTU, as a netvsc netdev does
+            _ip(*(["-n", self.tap.netns] if self.tap.netns else []), "link", "set", "dev", self.tap.name,
+                "address", nic.mac.hex(":"), "mtu", str(nic.mtu))
+        except TapError as exc:
+            self.log.warning("TAP keeps its own MAC and MTU", tap=self.tap.name, error=str(exc))
         self.tap.start(self._from_tap)
         self._rx_task = asyncio.get_running_loop().create_task(self._to_tap(nic))
 
