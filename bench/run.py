@@ -46,7 +46,7 @@ from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, machine, net_veth, vmbus_echo
+from . import echo_raw, machine, net_tap, net_veth, vmbus_echo
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
 from .scale import run_scale
@@ -258,6 +258,24 @@ def network_table(net: dict[str, Any]) -> Table:
     return t
 
 
+def network_tap_table(tap: dict[str, Any], veth: dict[str, Any]) -> Table:
+    t = Table(title="network: iperf3 TCP between two TAP-attached children through the VMBus switch (medians, "
+                    "range; ratio to veth; CPU seconds per Gbit of each process)")
+    for col in ("direction", "Gbit/s", "range", "ratio to veth", "retransmits", "parent s/Gbit",
+                "sender child s/Gbit", "receiver child s/Gbit"):
+        t.add_column(col, justify="left" if col == "direction" else "right")
+    for direction in ("forward", "reverse"):
+        r = tap[direction]
+        base = veth.get(direction, {}).get("gbit_per_s")
+        cpu = r["cpu_s_per_gbit"]
+        send, recv = ("child_a", "child_b") if direction == "forward" else ("child_b", "child_a")
+        t.add_row("A->B" if direction == "forward" else "B->A (-R)", f"{r['gbit_per_s']:.2f}",
+                  f"{r['gbit_per_s_min']:.2f}-{r['gbit_per_s_max']:.2f}",
+                  f"{r['gbit_per_s'] / base:.3f}" if base else "-", f"{r['retransmits']:,}",
+                  f"{cpu['parent']}", f"{cpu[send]}", f"{cpu[recv]}")
+    return t
+
+
 def describe_machine(workdir: Path) -> dict[str, Any]:
     return {**machine.describe(workdir), "uvloop": importlib.metadata.version("uvloop"),
             "psutil": importlib.metadata.version("psutil")}
@@ -318,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]network baseline not measured: {veth['error']}")
             else:
                 console.print(network_table(veth))
+            console.log("network: the same iperf3 between two TAP-attached children through the VMBus switch")
+            tap = net_tap.run_tap(args.seconds, args.repeat, workdir / "net-tap")
+            results["network"]["vmbus_tap"] = tap
+            if "error" in tap:
+                console.print(f"[red]VMBus network not measured: {tap['error']}")
+            else:
+                console.print(network_tap_table(tap, veth))
         if args.profile:
             console.log("profiling the parent and the guest during a VMBus 1 KiB TCP run (py-spy)")
             results["profile"] = profile_vmbus(workdir, args.json.parent, max(args.seconds, 3.0),
@@ -344,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     veth = results.get("network", {}).get("veth", {})
     if "forward" in veth:
         summary["network_veth_gbit_per_s"] = [veth["forward"]["gbit_per_s"], veth["reverse"]["gbit_per_s"]]
+    tap = results.get("network", {}).get("vmbus_tap", {})
+    if "forward" in tap:
+        summary["network_vmbus_tap_gbit_per_s"] = [tap["forward"]["gbit_per_s"], tap["reverse"]["gbit_per_s"]]
+        if "forward" in veth:
+            summary["network_vmbus_tap_ratio"] = [round(tap[d]["gbit_per_s"] / veth[d]["gbit_per_s"], 4)
+                                                  for d in ("forward", "reverse")]
     cal = results["meta"]["machine"]["calibration"]
     summary["machine"] = (f"{results['meta']['machine']['cpu'].get('model_name', '?')}, kernel "
                           f"{results['meta']['machine']['kernel']}, {cal['python_loops_per_s']:,} Python loops/s, "

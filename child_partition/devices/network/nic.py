@@ -8,7 +8,12 @@ carrier changes with :meth:`Nic.set_link` and wakes blocked senders with :meth:`
 above (the guest stack, ping, a TAP bridge) uses only the public methods.
 
 Frames are whole Ethernet frames without the FCS: 14-byte header, then up to ``mtu`` bytes of payload
-(18 with an 802.1Q tag).
+(18 with an 802.1Q tag). A frame may carry offload metadata, a ``vnet.VnetHdr`` as a TAP's virtio-net header
+gives it (``skb->ip_summed`` and ``gso_size`` in Linux): on transmit a checksum left for the device
+(``NEEDS_CSUM``) or a TCP segment of up to 64 KiB to cut (GSO); on receive a checksum already verified
+(``DATA_VALID``) or a coalesced TCP segment. ``send``/``send_nowait`` take it as ``offload=``,
+:meth:`Nic.recv_batch_meta` returns it; the plain ``recv``/``recv_batch`` give the bytes only. A device
+without offloads (``_transmit_offload`` not overridden) gets checksums completed and segments cut in software.
 
 :class:`LoopHub` joins any number of :class:`LoopNic` back to back in memory, like a hub: every frame
 goes to every other port. It is for tests and the demo's unit tests.
@@ -22,10 +27,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmbus_proto.devices.network import vnet
+
 ETH_HEADER = 14
 VLAN_TAG = 4
 DEFAULT_MTU = 1500
 DEFAULT_QUEUE = 256
+MAX_GSO_FRAME = 65535 + ETH_HEADER + VLAN_TAG  # a 64 KiB IP datagram behind a tagged header
+
+Offload = vnet.VnetHdr | None
 
 
 class NicError(Exception):
@@ -68,7 +78,7 @@ class Nic(ABC):
         self.counters = NicCounters()
         self._link_up = False
         self._closed = False
-        self._rx: deque[bytes] = deque()
+        self._rx: deque[tuple[bytes, Offload]] = deque()
         self._rx_limit = rx_queue
         self._rx_ready = asyncio.Event()
         self._tx_room = asyncio.Event()
@@ -104,44 +114,52 @@ class Nic(ABC):
 
     # -- transmit ----------------------------------------------------------------------------------------------
 
-    def send_nowait(self, frame: bytes) -> bool:
+    def send_nowait(self, frame: bytes, offload: Offload = None) -> bool:
         """Queue ``frame`` for transmit; False when the device has no room now (nothing is counted then).
-        Raises :class:`LinkDown`/:class:`NicClosed`, or ValueError for a frame no Ethernet carries."""
+        ``offload``: its checksum/GSO metadata (a GSO frame may be up to 64 KiB). Raises
+        :class:`LinkDown`/:class:`NicClosed`, or ValueError for a frame no Ethernet carries."""
         self._check_open()
         if not self._link_up:
             raise LinkDown("the link is down (no carrier)")
-        if not ETH_HEADER <= len(frame) <= self.max_frame:
+        limit = MAX_GSO_FRAME if offload is not None and offload.gso else self.max_frame
+        if not ETH_HEADER <= len(frame) <= limit:
             raise ValueError(f"a {len(frame)}-byte frame does not fit Ethernet with MTU {self.mtu} "
-                             f"({ETH_HEADER}-{self.max_frame} bytes)")
-        if not self._transmit(frame):
+                             f"({ETH_HEADER}-{limit} bytes)")
+        if not (self._transmit(frame) if offload is None else self._transmit_offload(frame, offload)):
             return False
         self.counters.tx_frames += 1
         self.counters.tx_bytes += len(frame)
         return True
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: bytes, offload: Offload = None) -> None:
         """Transmit ``frame``, waiting for room in the device's queue; raises as :meth:`send_nowait`, also
         when the link goes down while waiting."""
-        while not self.send_nowait(frame):
+        while not self.send_nowait(frame, offload):
             self._tx_room.clear()
             await self._tx_room.wait()
 
     # -- receive -----------------------------------------------------------------------------------------------
 
-    async def recv(self) -> bytes:
-        """The next received frame; waits for one. Raises :class:`NicClosed` once closed and drained."""
+    async def _wait_rx(self) -> None:
         while not self._rx:
             self._check_open()
             self._rx_ready.clear()
             await self._rx_ready.wait()
-        return self._rx.popleft()
+
+    async def recv(self) -> bytes:
+        """The next received frame; waits for one. Raises :class:`NicClosed` once closed and drained."""
+        await self._wait_rx()
+        return self._rx.popleft()[0]
 
     async def recv_batch(self, max_frames: int = 64) -> list[bytes]:
         """At least one and at most ``max_frames`` received frames (what NAPI polls in one go)."""
-        batch = [await self.recv()]
-        while self._rx and len(batch) < max_frames:
-            batch.append(self._rx.popleft())
-        return batch
+        return [frame for frame, _ in await self.recv_batch_meta(max_frames)]
+
+    async def recv_batch_meta(self, max_frames: int = 64) -> list[tuple[bytes, Offload]]:
+        """As :meth:`recv_batch`, each frame with its receive offload metadata (None when there is none)."""
+        await self._wait_rx()
+        rx = self._rx
+        return [rx.popleft() for _ in range(min(max_frames, len(rx)))]
 
     def close(self) -> None:
         """The device went away: the link goes down, senders and receivers get :class:`NicClosed`."""
@@ -159,13 +177,31 @@ class Nic(ABC):
     def _transmit(self, frame: bytes) -> bool:
         """Hand one valid frame to the device; False when it has no room (call :meth:`tx_room` later)."""
 
-    def deliver(self, frame: bytes) -> bool:
-        """A frame arrived from the wire. False (and a counted drop) when the queue is full, the link is
-        down or the NIC is closed."""
+    def _transmit_offload(self, frame: bytes, offload: vnet.VnetHdr) -> bool:
+        """A frame with offload metadata. This default is a device without offloads: the checksum completed,
+        a TCP GSO frame cut into MTU-sized segments (all or none of them find room now; a segment the device
+        refuses after the first is a counted drop); other GSO frames are dropped (counted)."""
+        if not offload.gso:
+            return self._transmit(vnet.complete(frame, offload))
+        try:
+            segments = vnet.segment_tcp(frame, offload, self.mtu)
+        except ValueError:
+            self.counters.tx_drops += 1
+            return True
+        if not self._transmit(segments[0]):
+            return False
+        for seg in segments[1:]:
+            if not self._transmit(seg):
+                self.counters.tx_drops += 1
+        return True
+
+    def deliver(self, frame: bytes, offload: Offload = None) -> bool:
+        """A frame arrived from the wire (with its receive offload metadata). False (and a counted drop)
+        when the queue is full, the link is down or the NIC is closed."""
         if not self.link_up or len(self._rx) >= self._rx_limit:
             self.counters.rx_drops += 1
             return False
-        self._rx.append(frame)
+        self._rx.append((frame, offload))
         self.counters.rx_frames += 1
         self.counters.rx_bytes += len(frame)
         self._rx_ready.set()

@@ -21,7 +21,7 @@ from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.network import guest as netguest
-from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
 from vmbus_proto.devices.network.buffers import DEFAULT_RECEIVE_BUFFER, DEFAULT_SEND_BUFFER
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
@@ -47,7 +47,7 @@ class PageView:
             raise nvsp.NvspError(f"bytes {offset}..{offset + length} are outside a {self.size}-byte buffer")
         return bytes(self.view[self.base + offset:self.base + offset + length])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise nvsp.NvspError(f"bytes {offset}..{offset + len(data)} are outside a {self.size}-byte buffer")
         self.view[self.base + offset:self.base + offset + len(data)] = data
@@ -60,6 +60,7 @@ class NetworkVsc(HandshakeVsc):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.guest: netguest.NvspGuest | None = None
+        self.recv_pages: PageView | None = None
         self.nic: NetVscNic | None = None
         self.buffers: dict[str, tuple[int, list[int]]] = {}  # "receive"/"send" -> (GPADL id, pages)
         self._ready = asyncio.Event()
@@ -71,6 +72,7 @@ class NetworkVsc(HandshakeVsc):
     async def handshake(self, channel: Channel) -> None:
         await super().handshake(channel)  # NVSP INIT, newest first
         recv_gpadl, recv = await self._share("receive", DEFAULT_RECEIVE_BUFFER)
+        self.recv_pages = recv
         send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
         self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
                                         send_gpadl=send_gpadl, send_view=send, send_size=send.size,
@@ -108,12 +110,12 @@ class NetworkVsc(HandshakeVsc):
 
     def _absorb(self, pkt: Packet) -> None:
         """The host's writes into our receive buffer, which travelled with the packet: copy them in."""
-        guest = self.guest
-        assert guest is not None
+        pages = self.recv_pages
+        assert pages is not None
         data, pos = memoryview(pkt.data), 0
         for length, offset in pkt.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
-            if offset >= 0 and offset + length <= guest.recv_size and pos + length <= len(data):
-                guest.recv_view.write(offset, bytes(data[pos:pos + length]))
+            if offset >= 0 and offset + length <= pages.size and pos + length <= len(data):
+                pages.write(offset, data[pos:pos + length])
             pos += length
 
     def _event(self, event: netguest.Event) -> None:
@@ -129,9 +131,10 @@ class NetworkVsc(HandshakeVsc):
             case netguest.Failed(reason=reason):
                 self._failed = reason
             case netguest.FramesReceived(frames=frames):
-                if self.nic is not None:
-                    for frame, _info in frames:
-                        self.nic.deliver(frame)
+                nic = self.nic
+                if nic is not None:
+                    for frame, info in frames:  # checksum-OK PPI and RSC frames as receive offload metadata
+                        nic.deliver(*offload.from_rx_info(frame, info, nic.mtu))
             case netguest.LinkChanged(connected=up):
                 if self.nic is not None:
                     self.nic.set_link(up)
@@ -162,12 +165,13 @@ class NetworkVsc(HandshakeVsc):
         if self.nic is not None:
             self.nic.tx_room()
 
-    def transmit(self, frame: bytes) -> bool:
-        """The NIC's transmit: into the state machine now, onto the ring now or by the flusher."""
+    def transmit(self, frame: bytes, info: rndis.PacketInfo = rndis.NO_INFO) -> bool:
+        """The NIC's transmit (with its per-packet info): into the state machine now, onto the ring now or by
+        the flusher."""
         guest, channel = self.guest, self.channel
         if guest is None or channel is None or self._backlog:
             return False
-        guest.send_frame(frame)
+        guest.send_frame(frame, info)
         for pkt in self.packets():
             if self._backlog or not channel.try_send(pkt):
                 self._backlog.append(pkt)
@@ -214,3 +218,11 @@ class NetVscNic(Nic):
 
     def _transmit(self, frame: bytes) -> bool:
         return self.vsc.transmit(frame)
+
+    def _transmit_offload(self, frame: bytes, hdr: vnet.VnetHdr) -> bool:
+        """Checksum and TCP segmentation left to the host, as netvsc_xmit does: the TX checksum or LSOv2 PPI."""
+        try:
+            info = offload.to_info(frame, hdr)
+        except ValueError:
+            return super()._transmit_offload(frame, hdr)  # nothing RNDIS can carry: done in software here
+        return self.vsc.transmit(frame, info)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vmbus_proto.aio.tap import IFNAMSIZ
+
 from ...settings import count, setting
 
 
@@ -15,9 +17,18 @@ def _mac_style(v: Any) -> str:
     return str(v)
 
 
+def _ifname(v: Any) -> str:
+    if not isinstance(v, str) or (v and (len(v.encode()) >= IFNAMSIZ or "/" in v or any(c.isspace() for c in v))):
+        raise ValueError(f"must be an interface name of 1..{IFNAMSIZ - 1} bytes without '/' or spaces "
+                         f"(or \"\" for none), not {v!r}")
+    return v
+
+
 @dataclass(slots=True)
 class NetworkSettings:
     mtu: int = setting(1500, check=count(576, 9000))  # the switch's MTU (the guest's NDIS_CONFIG asks for MTU + 14)
     link_speed_mbps: int = setting(10_000, check=count(10))  # what OID_GEN_LINK_SPEED reports
     mac_style: str = setting("local", check=_mac_style)  # how a partition's MAC is made from its name
     port_queue_frames: int = setting(1024, check=count(16))  # frames waiting for a partition before drops
+    # A TAP device on the parent's host joined to the switch (Hyper-V's external virtual switch); "" for none.
+    external_tap: str = setting("", check=_ifname)

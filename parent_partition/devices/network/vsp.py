@@ -18,17 +18,20 @@ import asyncio
 import contextlib
 from typing import Any
 
+from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.tap import Tap, TapError
 from vmbus_proto.devices.base import HandshakeTrace
 from vmbus_proto.devices.network import host as nethost
-from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Buffer, Packet
 
 from ...memory import GpadlHold
+from ...settings import ConfigError
 from ...vsp import ChannelResources, HostContext, Vsp
 from .settings import NetworkSettings
-from .switch import Frame, Port, PortDetached, Switch, format_mac, mac_for
+from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
 
@@ -76,10 +79,37 @@ class NetworkVsp(Vsp):
         self.settings = settings or NetworkSettings()
         self.switch = Switch(mtu=self.settings.mtu, queue_frames=self.settings.port_queue_frames)
         self.hosts: dict[str, nethost.NvspHost] = {}  # by partition: the NIC's protocol state (counters)
+        self.uplink: TapUplink | None = None
 
     @classmethod
     def create(cls, settings: NetworkSettings, host: HostContext) -> NetworkVsp:
-        return cls(settings)
+        vsp = cls(settings)
+        if settings.external_tap:
+            vsp.attach_external(settings.external_tap)
+        return vsp
+
+    def attach_external(self, name: str) -> None:
+        """``[network] external_tap``: create TAP ``name`` on this host (virtio-net headers, offloads on) and
+        join it to the switch, as Hyper-V's external virtual switch joins the host's NIC. ConfigError when the
+        device cannot be created (no CAP_NET_ADMIN, no /dev/net/tun, a name in use by another kind of link)."""
+        try:
+            tap = Tap.open(name)
+        except (TapError, OSError) as exc:
+            raise ConfigError(f"[network] external_tap = {name!r}: cannot create the TAP device: {exc}") from None
+        try:
+            self.uplink = TapUplink(self.switch, tap)
+        except BaseException:
+            tap.close()
+            raise
+        logs.get(component="netvsp").info("external TAP on the virtual switch", tap=name,
+                                          mac=format_mac(self.uplink.port.mac))
+
+    async def shutdown(self) -> None:
+        """Close the external TAP (the kernel deletes it with its last fd)."""
+        uplink, self.uplink = self.uplink, None
+        if uplink is not None:
+            uplink.close()
+            uplink.tap.close()
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
         if res.sub_channel_index:
@@ -87,10 +117,12 @@ class NetworkVsp(Vsp):
         st = self.settings
         mac = mac_for(res.partition, st.mac_style)
         host = nethost.NvspHost(mac, link_speed=st.link_speed_mbps * 1_000_000)
-        nic = _Nic(channel, res, host)
+        nic = _Nic(channel, res, host, st.mtu)
         port: Port | None = None
         try:
-            port = self.switch.attach(res.partition, mac)
+            # Large segments both ways: the NvspHost enforces the MTU on transmits without LSO, and the pump cuts
+            # what a guest without RSC cannot take.
+            port = self.switch.attach(res.partition, mac, max_frame=MAX_LARGE_FRAME)
             nic.port = port
             self.hosts[res.partition] = host
             res.log.info("NIC on the virtual switch", mac=format_mac(mac))
@@ -115,8 +147,8 @@ class NetworkVsp(Vsp):
 class _Nic:
     """One partition's NIC on one channel: NVSP packets in, frames to the switch, frames from it out."""
 
-    def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost) -> None:
-        self.channel, self.res, self.host = channel, res, host
+    def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost, mtu: int) -> None:
+        self.channel, self.res, self.host, self.mtu = channel, res, host, mtu
         self.port: Port | None = None
         self.rx_view = StreamReceiveView()
         self.send_view = StreamSendView()
@@ -155,8 +187,9 @@ class _Nic:
             case nethost.FramesSent(frames=frames):
                 port = self.port
                 if port is not None:
-                    for frame, _info in frames:
-                        port.send_nowait(frame)
+                    no_info = rndis.NO_INFO
+                    for frame, info in frames:  # TX checksum and LSOv2 PPIs travel as virtio-net metadata
+                        port.send_nowait(frame, None if info == no_info else offload.from_tx_info(frame, info))
             case nethost.DataPathReady():
                 res.log.info("RNDIS initialized", nvsp=nvsp.version_text(host.version or 0), mtu=host.mtu)
             case nethost.PacketFilterChanged(filter=value):
@@ -196,8 +229,28 @@ class _Nic:
         assert port is not None
         while True:
             frames: list[Frame] = await port.recv_batch(RX_BATCH)
-            host.deliver([(f.data, rndis.NO_INFO) for f in frames])
+            host.deliver(self._for_guest(frames))
             await self.flush()
+
+    def _for_guest(self, frames: list[Frame]) -> list[tuple[bytes, rndis.PacketInfo]]:
+        """Offload metadata as receive PPIs: a TCP GSO frame whole (RSC, NVSP 6.1) to a guest that coalesces
+        with checksum offload on, cut into MTU-sized frames otherwise; checksums as RX checksum-OK bits."""
+        host = self.host
+        rx_csum = offload.rx_checksum_offloaded(host.offload)
+        out: list[tuple[bytes, rndis.PacketInfo]] = []
+        for data, hdr in frames:
+            if hdr is None:
+                out.append((data, rndis.NO_INFO))
+            elif not hdr.gso:
+                out.append(offload.to_rx(data, hdr, rx_csum))
+            elif host.rsc and rx_csum and hdr.gso_type & ~vnet.GSO_ECN in (vnet.GSO_TCPV4, vnet.GSO_TCPV6):
+                out.append((data, offload.to_rx(data, vnet.VnetHdr(vnet.F_DATA_VALID), True)[1]))
+            else:
+                try:
+                    out += [(seg, rndis.NO_INFO) for seg in vnet.segment_tcp(data, hdr, self.mtu)]
+                except ValueError:
+                    host.counters.rx_dropped_bad_frame += 1  # a GSO frame that is not TCP: nothing cuts it
+        return out
 
     async def flush(self, trace: HandshakeTrace | None = None) -> None:
         channel = self.channel

@@ -444,9 +444,12 @@ class NvspGuest:
         self.pending_receive_completions = []
 
     def _rndis_in(self, data: bytes, frames: list[tuple[bytes, rndis.PacketInfo]]) -> list[Event]:
+        if data[:4] == rndis.PACKET_MSG_TYPE:  # the data path: one pass, no message object
+            self._packet(*rndis.unpack_packet(data), frames)
+            return []
         message = rndis.decode(data)
         if isinstance(message, rndis.PacketMessage):
-            self._packet(message, frames)
+            self._packet(message.data, message.info, frames)
             return []
         if isinstance(message, rndis.IndicateStatus):
             return self._indication(message)
@@ -458,16 +461,16 @@ class NvspGuest:
         request.on_answer(message)
         return self._next_step()
 
-    def _packet(self, message: rndis.PacketMessage, frames: list[tuple[bytes, rndis.PacketInfo]]) -> None:
-        rsc = message.info.rsc
+    def _packet(self, data: bytes, info: rndis.PacketInfo, frames: list[tuple[bytes, rndis.PacketInfo]]) -> None:
+        rsc = info.rsc
         if rsc is None:
-            frames.append((message.data, message.info))
+            frames.append((data, info))
             return
         if rsc.flags & rndis.RSC_FIRST_FRAG:
-            self._rsc = _Rsc([], message.info)
+            self._rsc = _Rsc([], info)
         elif not self._rsc.frags:
             raise rndis.RndisError("RSC fragment without a first fragment")
-        self._rsc.frags.append(message.data)
+        self._rsc.frags.append(data)
         if rsc.flags & rndis.RSC_LAST_FRAG:
             info = self._rsc.info
             frames.append((b"".join(self._rsc.frags), rndis.PacketInfo(info.checksum, None, info.vlan,

@@ -30,6 +30,11 @@ from .nvsp import NvspError, Status, Version
 MIN_MTU, MAX_MTU, DEFAULT_MTU = 1514, 9216, 1514  # OpenVMM: an NDIS_CONFIG mtu outside [MIN, MAX] -> DEFAULT
 MAX_QUEUED_CONTROL = 64  # control answers waiting for a free reserved sub-allocation (OpenVMM: 100 KiB)
 MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced (RX) or large-send (TX) frame
+RX_FOOTER = 36  # bytes OpenVMM keeps free at the end of each receive sub-allocation
+_PACKET_HEAD = rndis.HEADER_SIZE + rndis.PACKET_BODY_SIZE
+# The PPI chains of an RSC frame's later fragments: RNDIS_PKTINFO_ID alone, without and with LAST_FRAG.
+_RSC_CHAINS = tuple(rndis.pack_ppis(rndis.PacketInfo(rsc=rndis.RscId(flags)).ppis())
+                    for flags in (0, rndis.RSC_LAST_FRAG))
 
 
 # ---- events (what ``receive`` reports to the device) -----------------------------------------------------
@@ -516,10 +521,6 @@ class NvspHost:
         table = tuple(i % (count + 1) for i in range(nvsp.INDIRECTION_TABLE_ENTRIES))
         self._outbox.append(Packet(PacketType.DATA_INBAND, 0, 0, nvsp.encode(nvsp.SendIndirectionTable(table))))
 
-    def _frame_capacity(self, sub_alloc_size: int, info: rndis.PacketInfo) -> int:
-        head = rndis.HEADER_SIZE + rndis.PACKET_BODY_SIZE + len(rndis.pack_ppis(info.ppis()))
-        return sub_alloc_size - head - 36  # the footer OpenVMM keeps free
-
     def deliver(self, frames: Sequence[tuple[bytes, rndis.PacketInfo]]) -> RxResult:
         """Write frames for the guest into free sub-allocations and queue transfer-page packets (up to 375
         ranges each, one RNDIS PACKET_MSG per range). Frames find no room while the guest holds every
@@ -562,24 +563,25 @@ class NvspHost:
 
     def _rx_messages(self, rx: _RxBuffer, frame: bytes, info: rndis.PacketInfo) -> list[bytes] | None:
         """The RNDIS messages carrying ``frame``: one, or at 6.1 with RSC several fragments marked with the
-        RNDIS_PKTINFO_ID PPI; None for a runt or a frame that cannot be carried."""
+        RNDIS_PKTINFO_ID PPI; None for a runt or a frame that cannot be carried. PPI chains are packed once
+        per frame (the later fragments' chains are constants)."""
         if len(frame) < rndis.ETH_HEADER_LEN:
             return None
         size = rx.allocator.sub_alloc_size
-        if len(frame) <= self._frame_capacity(size, info):
-            return [rndis.encode(rndis.PacketMessage(frame, info))]
+        chain = rndis.pack_ppis(info.ppis()) if info != rndis.NO_INFO else b""
+        if len(frame) <= size - _PACKET_HEAD - len(chain) - RX_FOOTER:
+            return [rndis.pack_packet(frame, chain)]
         if not self.rsc or len(frame) > MAX_RSC_FRAME:
             return None
-        out: list[bytes] = []
-        pos, first = 0, True
+        first = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(rndis.RSC_FIRST_FRAG))
+        first_chain = rndis.pack_ppis(first.ppis())
+        view = memoryview(frame)
+        pos = size - _PACKET_HEAD - len(first_chain) - RX_FOOTER
+        out = [rndis.pack_packet(view[:pos], first_chain)]
+        middle, last = _RSC_CHAINS
+        piece = size - _PACKET_HEAD - len(middle) - RX_FOOTER
         while pos < len(frame):
-            probe = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(0))
-            piece = self._frame_capacity(size, probe if first else rndis.PacketInfo(rsc=rndis.RscId(0)))
-            last = pos + piece >= len(frame)
-            flags = (rndis.RSC_FIRST_FRAG if first else 0) | (rndis.RSC_LAST_FRAG if last else 0)
-            frag_info = (rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(flags))
-                         if first else rndis.PacketInfo(rsc=rndis.RscId(flags)))
-            out.append(rndis.encode(rndis.PacketMessage(frame[pos:pos + piece], frag_info)))
-            pos += piece
-            first = False
+            end = pos + piece
+            out.append(rndis.pack_packet(view[pos:end], last if end >= len(frame) else middle))
+            pos = end
         return out

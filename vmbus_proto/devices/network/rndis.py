@@ -15,6 +15,7 @@ Every parser here validates lengths and offsets against the bytes it was given a
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -214,13 +215,13 @@ _PPI = struct.Struct("<III")
 _U32 = struct.Struct("<I")
 
 
-def _take(layout: struct.Struct, body: bytes, what: str, offset: int = 0) -> tuple[int, ...]:
+def _take(layout: struct.Struct, body: bytes | memoryview, what: str, offset: int = 0) -> tuple[int, ...]:
     if offset + layout.size > len(body):
         raise RndisError(f"RNDIS {what} of {len(body) - offset} bytes, need {layout.size}")
     return layout.unpack_from(body, offset)
 
 
-def _info(body: bytes, length: int, offset: int, what: str, fixed: int) -> bytes:
+def _info(body: bytes | memoryview, length: int, offset: int, what: str, fixed: int) -> bytes:
     """An information buffer ``length`` bytes at ``offset`` from the body start; must lie inside the body
     and not overlap the fixed fields (an empty buffer may have any offset, as Linux sends 0 then)."""
     if length == 0:
@@ -605,6 +606,13 @@ class PacketInfo:
 
 NO_INFO = PacketInfo()  # a frame without per-packet info
 
+
+@functools.lru_cache(maxsize=256)
+def _packet_info(chain: bytes) -> PacketInfo:
+    """A PPI chain decoded; data frames repeat a handful of chains (checksum bits, RSC flags), so they are
+    decoded once (a chain that does not decode raises and is not cached)."""
+    return PacketInfo.from_ppis(unpack_ppis(chain))
+
 _U32_PPIS: dict[int, str] = {PpiType.TCPIP_CHKSUM: "checksum", PpiType.TCP_LARGESEND: "lso", PpiType.IEEE_8021Q: "vlan",
              PpiType.NBL_HASH_VALUE: "hash_value"}
 
@@ -620,27 +628,12 @@ class PacketMessage:
     info: PacketInfo = PacketInfo()
 
     def pack_body(self, pad: int = 0) -> bytes:
-        chain = pack_ppis(self.info.ppis())
-        data_offset = PACKET_BODY_SIZE + len(chain)
-        head = _PACKET.pack(data_offset, len(self.data), 0, 0, 0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0)
-        return head + chain + self.data + bytes(pad)
+        return pack_packet(self.data, pack_ppis(self.info.ppis()), pad)[HEADER_SIZE:]
 
     @classmethod
-    def unpack_body(cls, body: bytes) -> PacketMessage:
+    def unpack_body(cls, body: bytes | memoryview) -> PacketMessage:
         """Strict, as OpenVMM's TX path: no OOB data, vc_handle 0, frame and PPIs inside the message."""
-        (data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
-         _reserved) = _take(_PACKET, body, "PACKET_MSG")
-        if oob_len or oob_count or vc_handle:
-            raise RndisError(f"RNDIS PACKET_MSG with OOB data ({oob_count} elements, {oob_len} bytes at "
-                             f"{oob_offset}) or vc_handle {vc_handle}")
-        if data_len == 0:
-            raise RndisError("RNDIS PACKET_MSG with no frame (data_len 0)")
-        if data_offset < PACKET_BODY_SIZE or data_offset + data_len > len(body):
-            raise RndisError(f"RNDIS PACKET_MSG frame of {data_len} bytes at offset {data_offset} lies outside "
-                             f"its {len(body)}-byte body")
-        chain = _info(body, ppi_len, ppi_offset, "PACKET_MSG per-packet-info", PACKET_BODY_SIZE)
-        info = PacketInfo.from_ppis(unpack_ppis(chain)) if chain else PacketInfo()
-        return cls(bytes(body[data_offset:data_offset + data_len]), info)
+        return cls(*_packet_parts(body, _take(_PACKET, body, "PACKET_MSG")))
 
     def text(self) -> str:
         parts = [f"data_len={len(self.data)}"]
@@ -666,9 +659,55 @@ _BY_TYPE: dict[int, type[RndisMessage]] = {cls.TYPE: cls for cls in (
     ResetComplete, IndicateStatus, Keepalive, KeepaliveComplete)}
 
 
+_PACKET_MSG = struct.Struct("<II9I")  # the header and the PACKET_MSG body fields
+_PACKET_TYPE = int(MessageType.PACKET)
+PACKET_MSG_TYPE = _U32.pack(_PACKET_TYPE)  # the first 4 bytes of every PACKET_MSG
+
+
+def pack_packet(data: bytes | memoryview, chain: bytes, pad: int = 0) -> bytes:
+    """A whole PACKET_MSG from the frame (or an RSC piece of it) and its already packed PPI chain: the fast
+    path for data, which packs the chain once for many frames or fragments."""
+    data_offset = PACKET_BODY_SIZE + len(chain)
+    head = _PACKET_MSG.pack(_PACKET_TYPE, HEADER_SIZE + data_offset + len(data) + pad, data_offset, len(data), 0, 0,
+                            0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0)
+    return b"".join((head, chain, data, bytes(pad))) if pad else b"".join((head, chain, data))
+
+
+def _packet_parts(body: bytes | memoryview, fields: tuple[int, ...]) -> tuple[bytes, PacketInfo]:
+    """The frame and per-packet info of a PACKET_MSG body whose 9 fields are ``fields``, checked."""
+    data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle, _reserved = fields
+    if oob_len or oob_count or vc_handle:
+        raise RndisError(f"RNDIS PACKET_MSG with OOB data ({oob_count} elements, {oob_len} bytes at "
+                         f"{oob_offset}) or vc_handle {vc_handle}")
+    if data_len == 0:
+        raise RndisError("RNDIS PACKET_MSG with no frame (data_len 0)")
+    if data_offset < PACKET_BODY_SIZE or data_offset + data_len > len(body):
+        raise RndisError(f"RNDIS PACKET_MSG frame of {data_len} bytes at offset {data_offset} lies outside "
+                         f"its {len(body)}-byte body")
+    chain = _info(body, ppi_len, ppi_offset, "PACKET_MSG per-packet-info", PACKET_BODY_SIZE)
+    return bytes(body[data_offset:data_offset + data_len]), _packet_info(chain) if chain else NO_INFO
+
+
+
+
+def unpack_packet(data: bytes | memoryview) -> tuple[bytes, PacketInfo]:
+    """The frame and per-packet info of the PACKET_MSG at the start of ``data`` in one pass: ``decode`` for the
+    receive data path, with the same checks (bytes after msg_len ignored)."""
+    if len(data) < HEADER_SIZE + PACKET_BODY_SIZE:
+        raise RndisError(f"RNDIS PACKET_MSG of {len(data)} bytes, need {HEADER_SIZE + PACKET_BODY_SIZE}")
+    msg_type, msg_len, *fields = _PACKET_MSG.unpack_from(data)
+    if msg_type != MessageType.PACKET:
+        raise RndisError(f"RNDIS message type {msg_type:#x} is not PACKET_MSG")
+    if msg_len < HEADER_SIZE + PACKET_BODY_SIZE or msg_len > len(data):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(data)} bytes received")
+    return _packet_parts(memoryview(data)[HEADER_SIZE:msg_len], tuple(fields))
+
+
 def encode(message: RndisMessage, pad: int = 0) -> bytes:
     """The whole message: ``{msg_type, msg_len}`` and the body (a PACKET_MSG may be padded)."""
-    body = message.pack_body(pad) if isinstance(message, PacketMessage) else message.pack_body()
+    if isinstance(message, PacketMessage):
+        return pack_packet(message.data, pack_ppis(message.info.ppis()), pad)
+    body = message.pack_body()
     return _HEADER.pack(message.TYPE, HEADER_SIZE + len(body)) + body
 
 
@@ -688,6 +727,8 @@ def decode(data: bytes | memoryview) -> RndisMessage:
     cls = _BY_TYPE.get(msg_type)
     if cls is None:
         raise RndisError(f"RNDIS message type {msg_type:#x} is unknown or not implemented")
+    if cls is PacketMessage:  # data: the frame is copied out once, not the whole body first
+        return PacketMessage.unpack_body(memoryview(data)[HEADER_SIZE:msg_len])
     body = bytes(data[HEADER_SIZE:msg_len])
     message: RndisMessage = cls.unpack_body(body)  # type: ignore[assignment]
     return message
