@@ -196,6 +196,8 @@ def _add_load_network(devices: argparse._SubParsersAction[ArgumentParser]) -> No
                      help="Ethernet frame length without the FCS, 64-1514")
     net.add_argument("--rate", metavar="FPS", type=_number(float, 1), help="frames/s per partition (default: as fast "
                      "as the NIC takes them)")
+    net.add_argument("--window", metavar="FRAMES", type=_number(int, 1),
+                     help="at most FRAMES of each partition's frames on their way, as a TCP window (default: no limit)")
     net.add_argument("--flows", default="ring", choices=["ring", "pairs", "all-to-all"],
                      help="who sends to whom: each to the next, in pairs (even N), or each to every other")
     net.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")

@@ -53,6 +53,7 @@ MIN_FRAME, MAX_FRAME = 64, 1514  # without the FCS, as the NIC takes them
 FLOWS = ("ring", "pairs", "all-to-all")
 BURST = 32  # frames handed to the NIC before the sender yields to the loop
 DRAIN = 1.0  # seconds the receivers get after the senders stop
+LOST_AFTER = 0.2  # seconds a full window waits for its frames before counting them as gone
 MAX_FRAMES = 1_000_000_000  # per partition: a count bound on top of the time bound
 GUEST_MEMORY = 64 * 1024 * 1024  # ring + 16 MiB receive buffer + 1 MiB send buffer fit with room
 
@@ -95,6 +96,35 @@ def parse_frame(frame: bytes) -> tuple[int, int, int, int] | None:
     return src, dst, seq, sent_ns
 
 
+class Window:
+    """``--window``: at most ``size`` frames of each sender on their way (sent, not yet received). The
+    receivers are in this process, so they tell the senders directly; frames that never arrive (dropped
+    on the way) are written off after ``LOST_AFTER`` seconds so the window cannot stall."""
+
+    def __init__(self, partitions: int, size: int) -> None:
+        self.size = size
+        self.delivered = [0] * partitions
+        self.written_off = [0] * partitions
+        self.events = [asyncio.Event() for _ in range(partitions)]
+
+    def arrived(self, src: int) -> None:
+        self.delivered[src] += 1
+        self.events[src].set()
+
+    async def room(self, src: int, sent: int, deadline: float) -> None:
+        """Wait until sender ``src`` (``sent`` frames so far) may send one more, or the deadline passes."""
+        event = self.events[src]
+        while sent - self.delivered[src] - self.written_off[src] >= self.size:
+            wait = min(LOST_AFTER, deadline - time.monotonic())
+            if wait <= 0:
+                return
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), wait)
+            except TimeoutError:
+                self.written_off[src] = sent - self.delivered[src]
+
+
 @dataclass(slots=True)
 class Received:
     """One partition's receive side: measured frames, their one-way latencies, order, and strays."""
@@ -107,6 +137,7 @@ class Received:
     misdelivered: int = 0  # ours, but addressed to another partition (flooded before the switch learned)
     foreign: int = 0  # not a frame of this tool (another guest's ARP, say)
     last_seq: dict[int, int] = field(default_factory=dict)
+    window: Window | None = None
 
     def account(self, frame: bytes, now_ns: int) -> None:
         parsed = parse_frame(frame)
@@ -118,6 +149,8 @@ class Received:
             self.misdelivered += 1
             return
         self.live += 1
+        if self.window is not None:
+            self.window.arrived(src)
         last = self.last_seq.get(src, -1)
         if seq < last:
             self.reordered += 1
@@ -135,6 +168,7 @@ class NetJob:
     partitions: int = 2
     frame_size: int = 64
     rate: float = 0.0  # frames/s per partition; 0 = as fast as the NIC takes them
+    window: int = 0  # frames of each partition on their way at most; 0 = no limit
     flows: str = "ring"
     runtime: float = 10.0
     ramp: float = 0.5
@@ -172,7 +206,8 @@ class NetPartition:
         self.nic = nic
         await asyncio.wait_for(nic.wait_link(), 30)
 
-    async def send(self, flows: list[FrameTemplate], job: NetJob, deadline: float, measure_from: float) -> None:
+    async def send(self, flows: list[FrameTemplate], job: NetJob, deadline: float, measure_from: float,
+                   window: Window | None = None) -> None:
         """Round-robin over this partition's flows until the deadline or ``job.max_frames``."""
         nic = self.nic
         assert nic is not None
@@ -197,6 +232,8 @@ class NetPartition:
             for _ in range(due):
                 f = k % nflows
                 k += 1
+                if window is not None:
+                    await window.room(self.index, self.live_sent, deadline)
                 ns = clock_ns()
                 frame = flows[f].frame(seqs[f], ns)
                 seqs[f] += 1
@@ -277,11 +314,13 @@ async def _traffic(parts: list[NetPartition], job: NetJob, console: Console, liv
     t_start = time.monotonic()
     measure_from = t_start + job.ramp
     deadline = measure_from + job.runtime
+    window = Window(len(parts), job.window) if job.window else None
     for p in parts:
         p.received.measure_from_ns = int(measure_from * 1e9)
+        p.received.window = window
     receivers = [asyncio.get_running_loop().create_task(p.receive()) for p in parts]
-    senders = asyncio.gather(*(p.send(f, job, deadline, measure_from) for p, f in zip(parts, flows, strict=True)),
-                             return_exceptions=True)
+    senders = asyncio.gather(*(p.send(f, job, deadline, measure_from, window)
+                               for p, f in zip(parts, flows, strict=True)), return_exceptions=True)
     await _progress(senders, receivers, parts, job, console, live, t_start, deadline)
     # Drain: wait (bounded) until every measured frame arrived or nothing more is on its way.
     sent = sum(p.sent for p in parts)
@@ -318,7 +357,8 @@ def _add(totals: NetTotals, p: NetPartition, expected: int) -> None:
     totals.nic.update(counters)
     h = r.rx.histogram()
     totals.per_partition.append({
-        "index": p.index, "name": p.name, "mac": p.nic.mac.hex(":") if p.nic else "", "sent": p.sent, "received": r.rx.ios,
+        "index": p.index, "name": p.name, "mac": p.nic.mac.hex(":") if p.nic else "", "sent": p.sent,
+        "received": r.rx.ios,
         "lost": max(0, expected - r.rx.ios),
         "frames_per_s_received": r.rx.ios / totals.seconds, "reordered": r.reordered,
         "latency_us": {f"p{q:g}": h.get_value_at_percentile(q) if r.rx.ios else 0 for q in (50, 99, 99.9)},
@@ -370,6 +410,7 @@ def latency_json(d: Direction) -> dict[str, Any]:
 def results_json(url: str, job: NetJob, t: NetTotals) -> dict[str, Any]:
     s = t.seconds
     return {"job": {"partitions": job.partitions, "frame_size": job.frame_size, "rate": job.rate or "max",
+                    "window": job.window or None,
                     "flows": job.flows, "runtime": job.runtime, "ramp": job.ramp, "connect": url},
             "seconds": s, "partitions_ok": t.partitions_ok, "errors": t.errors,
             "sent": t.sent, "received": t.rx.ios, "lost": t.lost, "loss_frac": t.lost / t.sent if t.sent else 0.0,
@@ -380,6 +421,7 @@ def results_json(url: str, job: NetJob, t: NetTotals) -> dict[str, Any]:
 
 def render(url: str, job: NetJob, t: NetTotals, console: Console) -> None:
     rate = f"{job.rate:g} frames/s each" if job.rate else "as fast as possible"
+    rate += f", window {job.window}" if job.window else ""
     console.print(f"network: flows={job.flows}, partitions={job.partitions}, frame={job.frame_size} B, {rate}, "
                   f"connect={url}")
     s = t.seconds
@@ -418,7 +460,7 @@ def main(args: Any) -> int:
     import uvloop  # noqa: PLC0415 - the load tool's loop
 
     job = NetJob(partitions=args.partitions, frame_size=args.frame_size, rate=args.rate or 0.0, flows=args.flows,
-                 runtime=args.runtime, ramp=args.ramp)
+                 runtime=args.runtime, ramp=args.ramp, window=args.window or 0)
     try:
         peers(job.flows, job.partitions)
     except ValueError as exc:
