@@ -126,8 +126,8 @@ def run_frames(workdir: Path, seconds: float, repeat: int, window: int = WINDOW)
     ratios = [w["frames_per_s"] / r["messages_per_s"] for w, r in zip(windowed, raw, strict=True)]
     ratios_framed = [w["frames_per_s"] / r["messages_per_s"] for w, r in zip(windowed, framed, strict=True)]
     out: dict[str, Any] = {"frame_bytes": FRAME, "window": window, "transport": "unix", "repeat": repeat,
-                           "ratio": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-                                     "max": round(max(ratios), 3)},
+                           "ratio": {"median": round(statistics.median(ratios), 5), "min": round(min(ratios), 5),
+                                     "max": round(max(ratios), 5)},
                            "ratio_vs_framed": {"median": round(statistics.median(ratios_framed), 3),
                                                "min": round(min(ratios_framed), 3),
                                                "max": round(max(ratios_framed), 3)}}
