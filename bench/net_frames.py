@@ -83,14 +83,18 @@ def _switch_lines(parent: ParentProcess) -> list[dict[str, object]]:
 
 
 def _switch_drops(parent: ParentProcess, seen: int, wait: float = 10.0) -> dict[str, int]:
-    """The parent's receive-side counters of the run's two NICs (its next two ``NIC off the switch`` lines)."""
+    """The parent's counters of the run's two NICs (its next two ``NIC off the switch`` lines), whole run:
+    frames taken from the guests, frames put into their receive buffers, and the difference, which with two
+    ports is what the switch dropped (its port queues full) or the parent refused."""
     deadline = time.monotonic() + wait
     lines = _switch_lines(parent)[seen:]
     while len(lines) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
         lines = _switch_lines(parent)[seen:]
-    keys = ("rx_dropped_no_room", "rx_dropped_filter")
-    return {k: sum(int(str(x.get(k, 0))) for x in lines[:2]) for k in keys}
+    keys = ("tx_frames", "rx_frames", "rx_dropped_no_room", "rx_dropped_filter")
+    out = {k: sum(int(str(x.get(k, 0))) for x in lines[:2]) for k in keys}
+    out["dropped_in_parent"] = out["tx_frames"] - out["rx_frames"]
+    return out
 
 
 def baseline(url: str, seconds: float, window: int, server_pid: int) -> dict[str, Any]:
@@ -140,6 +144,8 @@ def run_frames(workdir: Path, seconds: float, repeat: int, window: int = WINDOW)
                                       "parent_us_per_frame", "guests_us_per_frame"))):
         out[name] = {k: _med(runs, k) for k in keys}
         out[name]["samples"] = runs
+    out["vmbus_max"]["lost_where"] = [{"sent": r["switch"]["tx_frames"], "in_parent": r["switch"]["dropped_in_parent"],
+                                       "in_guest_nic_queues": r["nic_rx_drops"]} for r in unbounded]
     out["errors"] = [e for r in windowed + unbounded for e in r["errors"]]
     return out
 
@@ -168,7 +174,10 @@ def frames_table(res: dict[str, Any]) -> Table:
                   f"{row['loss_frac']['median']:.1%}", lat, cpu)
     r, f = res["ratio"], res["ratio_vs_framed"]
     t.caption = (f"ratio (switch, window) / raw echo: {r['median']:.4f} ({r['min']:.4f}-{r['max']:.4f}); "
-                 f"/ framed echo: {f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f})")
+                 f"/ framed echo: {f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f})\n"
+                 "no window, frames lost in the parent / in the guests' NIC receive queues, per run: "
+                 + ", ".join(f"{x['in_parent']:,} / {x['in_guest_nic_queues']:,} of {x['sent']:,}"
+                             for x in m.get("lost_where", [])))
     return t
 
 
