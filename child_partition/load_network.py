@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import os
+import signal
 import struct
 import sys
 import time
@@ -292,7 +293,10 @@ def _flows_of(parts: list[NetPartition], job: NetJob) -> list[list[FrameTemplate
             for i, dests in enumerate(peers(job.flows, len(parts)))]
 
 
-async def run_network(url: str, job: NetJob, console: Console, live: bool) -> NetTotals:
+async def run_network(url: str, job: NetJob, console: Console, live: bool,
+                      stop: asyncio.Event | None = None) -> NetTotals:
+    """Bring the partitions up, run the traffic until the runtime is over or ``stop`` is set (SIGINT: the
+    results so far are reported, as iperf3 does), and unload them all."""
     log = logs.get(component="load")
     parts = [NetPartition(url, f"netload-{os.getpid()}-{i}", i, log.bind(partition=f"netload-{i}"))
              for i in range(job.partitions)]
@@ -303,13 +307,14 @@ async def run_network(url: str, job: NetJob, console: Console, live: bool) -> Ne
             totals.errors.append(f"{p.name}: {type(res).__name__}: {res}")
     try:
         if not totals.errors:  # the flows join every partition: all of them must be up
-            await _traffic(parts, job, console, live, totals)
+            await _traffic(parts, job, console, live, totals, stop or asyncio.Event())
     finally:
         await asyncio.gather(*(p.stop() for p in parts), return_exceptions=True)
     return totals
 
 
-async def _traffic(parts: list[NetPartition], job: NetJob, console: Console, live: bool, totals: NetTotals) -> None:
+async def _traffic(parts: list[NetPartition], job: NetJob, console: Console, live: bool, totals: NetTotals,
+                   stop: asyncio.Event) -> None:
     flows = _flows_of(parts, job)
     t_start = time.monotonic()
     measure_from = t_start + job.ramp
@@ -318,10 +323,19 @@ async def _traffic(parts: list[NetPartition], job: NetJob, console: Console, liv
     for p in parts:
         p.received.measure_from_ns = int(measure_from * 1e9)
         p.received.window = window
-    receivers = [asyncio.get_running_loop().create_task(p.receive()) for p in parts]
-    senders = asyncio.gather(*(p.send(f, job, deadline, measure_from, window)
-                               for p, f in zip(parts, flows, strict=True)), return_exceptions=True)
-    await _progress(senders, receivers, parts, job, console, live, t_start, deadline)
+    loop = asyncio.get_running_loop()
+    receivers = [loop.create_task(p.receive()) for p in parts]
+    send_tasks = [loop.create_task(p.send(f, job, deadline, measure_from, window))
+                  for p, f in zip(parts, flows, strict=True)]
+    senders = asyncio.gather(*send_tasks, return_exceptions=True)
+    stopped = loop.create_task(stop.wait())
+    try:
+        await _progress(senders, [*receivers, stopped], parts, job, console, live, t_start, deadline)
+    finally:
+        stopped.cancel()
+    for task in send_tasks:  # interrupted, or a receiver failed: stop sending
+        task.cancel()
+    await senders
     # Drain: wait (bounded) until every measured frame arrived or nothing more is on its way.
     sent = sum(p.sent for p in parts)
     for _ in range(int(DRAIN / 0.01)):
@@ -365,7 +379,7 @@ def _add(totals: NetTotals, p: NetPartition, expected: int) -> None:
         "nic": dict(counters)})
 
 
-async def _progress(senders: asyncio.Future[Any], receivers: list[asyncio.Task[None]], parts: list[NetPartition],
+async def _progress(senders: asyncio.Future[Any], watch: list[asyncio.Task[Any]], parts: list[NetPartition],
                     job: NetJob, console: Console, live: bool, t_start: float, deadline: float) -> None:
     last_tx = last_rx = 0
     last_t = time.monotonic()
@@ -385,19 +399,16 @@ async def _progress(senders: asyncio.Future[Any], receivers: list[asyncio.Task[N
         return t
 
     def going() -> bool:
-        return not senders.done() and not any(r.done() for r in receivers)
+        return not senders.done() and not any(r.done() for r in watch)  # a receiver failed, or interrupted
 
     if live:
         with Live(table(), console=console, refresh_per_second=4, transient=True) as view:
             while going():
-                await asyncio.wait([senders, *receivers], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([senders, *watch], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
                 view.update(table())
     else:
         while going():
-            await asyncio.wait([senders, *receivers], timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
-    if not senders.done():  # a receiver failed: stop sending
-        senders.cancel()
-        await asyncio.gather(senders, return_exceptions=True)
+            await asyncio.wait([senders, *watch], timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
 
 
 def latency_json(d: Direction) -> dict[str, Any]:
@@ -468,7 +479,14 @@ def main(args: Any) -> int:
         return 2
     console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
     logs.setup("warning")
-    totals = uvloop.run(run_network(args.connect, job, console, live=console.is_terminal))
+
+    async def interruptible() -> NetTotals:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await run_network(args.connect, job, console, console.is_terminal, stop)
+
+    totals = uvloop.run(interruptible())
     render(args.connect, job, totals, console)
     if args.json:
         with open(args.json, "w") as fh:

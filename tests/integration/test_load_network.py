@@ -4,6 +4,7 @@ each other through the parent's switch for a second, report what arrived, and le
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -37,4 +38,27 @@ def test_partitions_send_frames_to_each_other_through_the_switch(parent: Parent,
     names = {r["name"] for r in res["per_partition"]}
     parent.wait_for(lambda r: names <= {e["partition"] for e in parent.events("VMBus disconnected")}, 30)
     assert {e["partition"] for e in parent.events("NIC off the switch")} >= names
+    assert not [e for e in parent.lines if e.get("level") in ("error", "warning")], "the parent complained"
+
+
+def test_sigint_ends_the_run_early_with_the_results_so_far(parent: Parent, workdir: Path) -> None:
+    out = workdir / "net.json"
+    proc = subprocess.Popen([str(BIN / "child-partition"), "load", "network", "--connect", parent.tcp,
+                             "--partitions", "2", "--rate", "500", "--runtime", "600", "--ramp", "0",
+                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(2):  # both NICs up on the switch: the traffic is about to start
+            parent.wait_event("RNDIS initialized", timeout=60, partition=f"netload-{proc.pid}-{i}")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stdout + stderr
+    assert "partitions: 2 ok, 0 failed" in stdout, stdout
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["seconds"] < 600, res
+    names = {f"netload-{proc.pid}-{i}" for i in range(2)}
+    parent.wait_for(lambda r: names <= {e["partition"] for e in parent.events("VMBus disconnected")}, 30)
     assert not [e for e in parent.lines if e.get("level") in ("error", "warning")], "the parent complained"
