@@ -107,6 +107,13 @@ class Window:
         self.delivered = [0] * partitions
         self.written_off = [0] * partitions
         self.events = [asyncio.Event() for _ in range(partitions)]
+        self.stopped = False
+
+    def stop(self) -> None:
+        """The run is over: no sender waits any more."""
+        self.stopped = True
+        for event in self.events:
+            event.set()
 
     def arrived(self, src: int) -> None:
         self.delivered[src] += 1
@@ -115,15 +122,25 @@ class Window:
     async def room(self, src: int, sent: int, deadline: float) -> None:
         """Wait until sender ``src`` (``sent`` frames so far) may send one more, or the deadline passes."""
         event = self.events[src]
-        while sent - self.delivered[src] - self.written_off[src] >= self.size:
+        while not self.stopped and sent - self.delivered[src] - self.written_off[src] >= self.size:
             wait = min(LOST_AFTER, deadline - time.monotonic())
             if wait <= 0:
                 return
             event.clear()
+            fired: list[bool] = []
+            # A timer rather than asyncio.wait_for, which on 3.11 can swallow a cancellation.
+            timer = asyncio.get_running_loop().call_later(wait, _expire, fired, event)
             try:
-                await asyncio.wait_for(event.wait(), wait)
-            except TimeoutError:
+                await event.wait()
+            finally:
+                timer.cancel()
+            if fired:
                 self.written_off[src] = sent - self.delivered[src]
+
+
+def _expire(fired: list[bool], event: asyncio.Event) -> None:
+    fired.append(True)
+    event.set()
 
 
 @dataclass(slots=True)
@@ -191,6 +208,7 @@ class NetPartition:
         self.sent_bytes = 0
         self.live_sent = 0
         self.send_error: str | None = None
+        self.stopping = False  # the run was cut short: the sender returns at its next frame
 
     async def start(self) -> None:
         self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log, memory=self.memory), 30)
@@ -221,7 +239,7 @@ class NetPartition:
         k = 0
         while budget > 0:
             now = clock()
-            if now >= deadline:
+            if now >= deadline or self.stopping:
                 return
             if job.rate > 0:
                 due = min(BURST, int((now - start) * job.rate) - self.live_sent, budget)
@@ -235,6 +253,8 @@ class NetPartition:
                 k += 1
                 if window is not None:
                     await window.room(self.index, self.live_sent, deadline)
+                    if window.stopped:
+                        return
                 ns = clock_ns()
                 frame = flows[f].frame(seqs[f], ns)
                 seqs[f] += 1
@@ -331,11 +351,19 @@ async def _traffic(parts: list[NetPartition], job: NetJob, console: Console, liv
     stopped = loop.create_task(stop.wait())
     try:
         await _progress(senders, [*receivers, stopped], parts, job, console, live, t_start, deadline)
+    except BaseException:  # cancelled from outside: no drain, no accounting
+        for r in receivers:
+            r.cancel()
+        raise
     finally:
         stopped.cancel()
-    for task in send_tasks:  # interrupted, or a receiver failed: stop sending
-        task.cancel()
-    await senders
+        for p in parts:  # the runtime is over, interrupted, or a receiver failed: stop sending
+            p.stopping = True
+        if window is not None:
+            window.stop()
+        for task in send_tasks:
+            task.cancel()
+        await asyncio.wait(send_tasks)
     # Drain: wait (bounded) until every measured frame arrived or nothing more is on its way.
     sent = sum(p.sent for p in parts)
     for _ in range(int(DRAIN / 0.01)):

@@ -107,7 +107,7 @@ def test_a_run_over_a_hub_accounts_for_every_frame(flows: str, rate: float, wind
     totals = NetTotals()
     out = io.StringIO()
     try:
-        asyncio.run(_traffic(parts, job, Console(file=out, width=150), False, totals))
+        asyncio.run(_traffic(parts, job, Console(file=out, width=150), False, totals, asyncio.Event()))
     finally:
         for p in parts:
             p.memory.close()
@@ -137,3 +137,32 @@ def test_cli_arguments() -> None:
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["load", "network", "--connect", "unix:/x", *bad])
     assert cli.main(["load", "network", "--connect", "unix:/x", "--partitions", "3", "--flows", "pairs"]) == 2
+
+
+def test_a_stop_ends_the_run_early_and_keeps_what_was_measured() -> None:
+    job = NetJob(partitions=2, frame_size=64, flows="pairs", runtime=600, ramp=0, window=8)
+    parts = _hub_partitions(2)
+    totals = NetTotals()
+
+    async def go() -> None:
+        stop = asyncio.Event()
+
+        async def stop_after_traffic() -> None:
+            for _ in range(3000):  # up to 30 s for 100 frames to arrive
+                if parts[1].received.live >= 100:
+                    break
+                await asyncio.sleep(0.01)
+            stop.set()
+
+        stopper = asyncio.ensure_future(stop_after_traffic())
+        await asyncio.wait_for(_traffic(parts, job, Console(file=io.StringIO()), False, totals, stop), 120)
+        await stopper
+
+    try:
+        asyncio.run(go())
+    finally:
+        for p in parts:
+            p.memory.close()
+    assert totals.errors == [] and totals.partitions_ok == 2, totals.errors
+    assert totals.seconds < 600 and totals.rx.ios >= 100, f"{totals.rx.ios} frames in {totals.seconds:.1f}s"
+    assert totals.lost == 0, f"{totals.sent} sent, {totals.rx.ios} received"
