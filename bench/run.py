@@ -46,7 +46,7 @@ from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, machine, net_tap, net_veth, vmbus_echo
+from . import echo_raw, machine, net_frames, net_tap, net_veth, vmbus_echo
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
 from .scale import run_scale
@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]VMBus network not measured: {tap['error']}")
             else:
                 console.print(network_tap_table(tap, veth))
+            console.log("network: 64-byte frames between two children through the switch vs the raw uvloop echo")
+            results["network"]["frames"] = frames = net_frames.run_frames(workdir / "frames", args.seconds, args.repeat)
+            console.print(net_frames.frames_table(frames))
         if args.profile:
             console.log("profiling the parent and the guest during a VMBus 1 KiB TCP run (py-spy)")
             results["profile"] = profile_vmbus(workdir, args.json.parent, max(args.seconds, 3.0),

@@ -180,7 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave the partitions' disks as the run left them (default: discard them at the end)")
     st.add_argument("--data-dir", metavar="DIR",
                     help="the parent's data directory (same host): also delete the images it created for the run")
+    _add_load_network(devices)
     return p
+
+
+def _add_load_network(devices: argparse._SubParsersAction[ArgumentParser]) -> None:
+    net = devices.add_parser("network", help="frames between partitions through the parent's virtual switch",
+                             description="Frames between partitions through the parent's virtual switch: each\n"
+                                         "partition brings up its NetVSC, sends to its peers and counts what arrives.")
+    add_version(net)
+    net.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    net.add_argument("--partitions", metavar="N", type=_number(int, 2), default=2,
+                     help="guests to run from this process")
+    net.add_argument("--frame-size", metavar="BYTES", type=_number(int, 64, 1514), default=64,
+                     help="Ethernet frame length without the FCS, 64-1514")
+    net.add_argument("--rate", metavar="FPS", type=_number(float, 1), help="frames/s per partition (default: as fast "
+                     "as the NIC takes them)")
+    net.add_argument("--window", metavar="FRAMES", type=_number(int, 1),
+                     help="at most FRAMES of each partition's frames on their way, as a TCP window (default: no limit)")
+    net.add_argument("--flows", default="ring", choices=["ring", "pairs", "all-to-all"],
+                     help="who sends to whom: each to the next, in pairs (even N), or each to every other")
+    net.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")
+    net.add_argument("--ramp", metavar="SECONDS", type=_number(float, 0), default=0.5,
+                     help="seconds of warm-up not measured")
+    net.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
 
 
 def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None) -> int:
@@ -191,8 +214,9 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
     malloc.tune()
     if args.command == "load":
         from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
+        from .load_network import main as load_network  # noqa: PLC0415
 
-        return load_main(args)
+        return load_network(args) if args.device == "network" else load_main(args)
     logs.setup(args.log_level, json=True if args.json_logs else None)
     return uvloop.run(_run(args))
 
