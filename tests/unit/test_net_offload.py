@@ -50,6 +50,27 @@ def test_tcp_gso_becomes_lsov2_with_the_mss_and_back() -> None:
     assert offload.from_tx_info(frame, info) == gso
 
 
+def test_a_large_send_crosses_vmbus_in_ndis_convention_and_leaves_in_the_kernels() -> None:
+    frame = tcp_frame(20000)
+    lso = rndis.LsoV2(1448, 34)
+    wire = offload.to_lso_frame(frame, lso)
+    tot_len, ip_check = struct.unpack_from("!H6xH", wire, 16)
+    assert (tot_len, ip_check) == (0, 0), "netvsc_xmit sends an LSOv2 frame with IP total length and checksum 0"
+    assert struct.unpack_from("!H", wire, 50)[0] == vnet.csum_add(SRC + DST, 6), \
+        "the TCP checksum field must be the pseudo-header sum without the TCP length"
+    assert offload.from_lso_frame(wire, lso) == frame, "the host must restore the kernel's GSO convention"
+    assert offload.from_lso_frame(frame, lso) == frame, "a frame already in the kernel's convention stays"
+    segments = vnet.segment_tcp(offload.from_lso_frame(wire, lso), offload.from_tx_info(wire, rndis.PacketInfo(
+        lso=lso)) or vnet.NO_OFFLOAD, 1500)
+    assert len(segments) == 14 and all(tcp_checksum_ok(s) for s in segments)
+
+
+def test_an_lso_frame_that_is_not_tcp_at_its_offset_is_left_alone() -> None:
+    frame = tcp_frame(3000)
+    assert offload.to_lso_frame(frame, rndis.LsoV2(1448, 40)) == frame
+    assert offload.from_lso_frame(frame[:30], rndis.LsoV2(1448, 34)) == frame[:30]
+
+
 def test_udp_fragmentation_offload_has_no_ppi() -> None:
     with pytest.raises(ValueError, match="only TCP LSOv2"):
         offload.to_info(tcp_frame(100), vnet.VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_UDP, 42, 1400, 34, 6))

@@ -220,9 +220,12 @@ class NetVscNic(Nic):
         return self.vsc.transmit(frame)
 
     def _transmit_offload(self, frame: bytes, hdr: vnet.VnetHdr) -> bool:
-        """Checksum and TCP segmentation left to the host, as netvsc_xmit does: the TX checksum or LSOv2 PPI."""
+        """Checksum and TCP segmentation left to the host, as netvsc_xmit does: the TX checksum or LSOv2 PPI (a
+        large send in NDIS's length and pseudo-header convention)."""
         try:
             info = offload.to_info(frame, hdr)
         except ValueError:
             return super()._transmit_offload(frame, hdr)  # nothing RNDIS can carry: done in software here
+        if info.lso is not None:
+            frame = offload.to_lso_frame(frame, info.lso)
         return self.vsc.transmit(frame, info)

@@ -189,7 +189,12 @@ class _Nic:
                 if port is not None:
                     no_info = rndis.NO_INFO
                     for frame, info in frames:  # TX checksum and LSOv2 PPIs travel as virtio-net metadata
-                        port.send_nowait(frame, None if info == no_info else offload.from_tx_info(frame, info))
+                        if info == no_info:
+                            port.send_nowait(frame, None)
+                            continue
+                        # A large send from NDIS's length and pseudo-header convention to the kernel's GSO one.
+                        data = frame if info.lso is None else offload.from_lso_frame(frame, info.lso)
+                        port.send_nowait(data, offload.from_tx_info(data, info))
             case nethost.DataPathReady():
                 res.log.info("RNDIS initialized", nvsp=nvsp.version_text(host.version or 0), mtu=host.mtu)
             case nethost.PacketFilterChanged(filter=value):

@@ -7,9 +7,12 @@ checksum PPI; ``netvsc_recv`` / ``netvsc_alloc_recv_skb``: the RX checksum-OK bi
 ``CHECKSUM_UNNECESSARY``, an RSC-coalesced frame becomes one large skb) and what OpenVMM's netvsp does on the
 host (``TxMetadata`` flags from the PPIs; ``RxMetadata`` checksum state to PPIs).
 
-Semantics kept end to end: a GSO frame's TCP checksum field holds the pseudo-header sum (the kernel's GSO
-convention, whatever the PPI path), a ``NEEDS_CSUM`` frame's checksum is completed only where a receiver
-cannot take it partial.
+Semantics kept end to end: on the switch and on a TAP a GSO frame is in the kernel's convention (IP lengths
+set, the TCP checksum field the pseudo-header sum with the TCP length, as ``tcp_v4_send_check`` leaves it); on
+VMBus an LSOv2 frame is in NDIS's (IPv4 total length and header checksum 0, IPv6 payload length 0, the
+pseudo-header sum without the TCP length, as ``netvsc_xmit`` writes it): ``to_lso_frame`` and
+``from_lso_frame`` convert. A ``NEEDS_CSUM`` frame's checksum is completed only where a receiver cannot take it
+partial.
 """
 
 from __future__ import annotations
@@ -65,6 +68,48 @@ def to_info(frame: bytes, hdr: vnet.VnetHdr | None) -> rndis.PacketInfo:
         raise ValueError(f"checksum offload at {hdr.csum_start}+{hdr.csum_offset} is not an IP frame's TCP/UDP")
     ipv4 = layout[1]
     return rndis.PacketInfo(checksum=rndis.TxChecksum(ipv4, not ipv4, tcp, not tcp, False, hdr.csum_start).value())
+
+
+def _lso_layout(frame: bytes, start: int) -> tuple[int, bool] | None:
+    """(IP header offset, is IPv4) of a TCP frame whose TCP header is at ``start``; None when it is not one."""
+    layout = _l4(frame)
+    if layout is None or layout[0] != start or layout[2] != vnet.IPPROTO_TCP or len(frame) < start + 20:
+        return None
+    return _l3(frame)[0], layout[1]
+
+
+def _set_lso_fields(frame: bytes, start: int, ndis: bool) -> bytes:
+    found = _lso_layout(frame, start)
+    if found is None:
+        return frame  # not TCP where the offset says: the switch counts it when it cannot cut it
+    l3, ipv4 = found
+    out = bytearray(frame)
+    l4_len = len(frame) - start
+    if ipv4:
+        struct.pack_into("!H", out, l3 + 2, 0 if ndis else len(frame) - l3)
+        struct.pack_into("!H", out, l3 + 10, 0)
+        if not ndis:
+            struct.pack_into("!H", out, l3 + 10, vnet.checksum(memoryview(out)[l3:start]))
+        addrs = frame[l3 + 12:l3 + 20]
+    else:
+        struct.pack_into("!H", out, l3 + 4, 0 if ndis else len(frame) - l3 - 40)
+        addrs = frame[l3 + 8:l3 + 40]
+    struct.pack_into("!H", out, start + TCP_CSUM_OFFSET,
+                     vnet.csum_add(addrs, vnet.IPPROTO_TCP + (0 if ndis else l4_len)))
+    return bytes(out)
+
+
+def to_lso_frame(frame: bytes, lso: rndis.LsoV2) -> bytes:
+    """A GSO frame as ``netvsc_xmit`` hands it to the host with the LSOv2 PPI: IPv4 total length and header
+    checksum 0 (IPv6 payload length 0), the TCP checksum field ``~csum_tcpudp_magic(saddr, daddr, 0, TCP, 0)``."""
+    return _set_lso_fields(frame, lso.tcp_header_offset, ndis=True)
+
+
+def from_lso_frame(frame: bytes, lso: rndis.LsoV2) -> bytes:
+    """An LSOv2 frame from a guest in the kernel's GSO convention (the lengths from the frame, the pseudo-header
+    sum with the TCP length), as a host stack takes a large send: what the switch, a TAP and a coalescing
+    receiver expect. Frames already in that convention come out unchanged."""
+    return _set_lso_fields(frame, lso.tcp_header_offset or (_l4(frame) or (0, True, 0))[0], ndis=False)
 
 
 def _gso_hdr(frame: bytes, start: int, mss: int, ipv6: bool, flags: int) -> vnet.VnetHdr:
