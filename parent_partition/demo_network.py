@@ -96,11 +96,11 @@ class NetworkWorkload:
 
     def _ping(self, vm: VmPings, rec: Record) -> None:
         try:
-            vm.sent, vm.received = int(rec["sent"]), int(rec["received"])
-            if rec["event"] == "ping reply":
-                vm.rtt_ms = float(rec["rtt_ms"])
+            sent, received = int(rec["sent"]), int(rec["received"])
+            rtt = float(rec["rtt_ms"]) if rec["event"] == "ping reply" else vm.rtt_ms
         except (KeyError, TypeError, ValueError):
             return  # not a line this demo knows how to read: the counts stay as they were
+        vm.sent, vm.received, vm.rtt_ms = sent, received, rtt
         if not self._working:
             return
         if vm.base is None:
