@@ -118,8 +118,8 @@ class NetworkWorkload:
     def _detached(self, name: str, rec: Record) -> None:
         """A VM's NIC left the switch: its port's final counters, in one line."""
         try:
-            line = (f"{name}'s NIC off the switch: {int(rec['port_rx_frames']):,} frames in, "
-                    f"{int(rec['port_tx_frames']):,} out, {int(rec['port_rx_flooded']):,} flooded, "
+            line = (f"{name}'s NIC off the switch: {int(rec['port_rx_frames']):,} frames to it, "
+                    f"{int(rec['port_tx_frames']):,} from it, {int(rec['port_rx_flooded']):,} flooded, "
                     f"{port_drops(rec):,} dropped")
         except (KeyError, TypeError, ValueError):
             line = f"{name}'s NIC off the switch"
@@ -136,8 +136,8 @@ class NetworkWorkload:
         """Nothing to poll: the counts come with the log lines."""
 
     def view(self) -> Group:
-        caption = Text("network: each VM pings the next through the parent's virtual switch, once a second; "
-                       "frames to and from the switch as its port counts them", style="bold")
+        caption = Text("network: each VM pings the next through the parent's switch once a second; frames as "
+                       "the VM's switch port counts them", style="bold")
         t = Table(header_style="bold")
         t.add_column("VM")
         t.add_column("pings")

@@ -155,7 +155,7 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     assert all(0 < replies <= sent for _, replies, sent in pings.values()), f"no replies: {pings}"
     # The switch port's counters, live in the table and once more when each NIC leaves the switch.
     for who in ("vm1", "vm2", "vm3"):
-        assert re.search(rf"parent │ {who}'s NIC off the switch: [1-9][\d,]* frames in, [1-9][\d,]* out, "
+        assert re.search(rf"parent │ {who}'s NIC off the switch: [1-9][\d,]* frames to it, [1-9][\d,]* from it, "
                          r"[\d,]+ flooded, 0 dropped", out), f"{who}'s switch port counters missing at detach"
 
 
