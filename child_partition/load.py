@@ -4,7 +4,9 @@ Each partition is a real guest on its own VMBus connection: it negotiates, binds
 other offers are left unopened, as a guest without those drivers would), and then ``iodepth`` workers keep
 requests in flight through the same block-device path that NBD uses: READ(10)/WRITE(10) EXECUTE_SRBs
 with the data in guest pages. Results are reported the way fio reports them (IOPS, bandwidth, completion
-latency percentiles from an HDR histogram), and as JSON with ``--json``.
+latency percentiles from an HDR histogram), and as JSON with ``--json``. SIGINT (Ctrl-C) or SIGTERM ends the
+run early, as fio's does: no new requests, the ones in flight finish (bounded), the results so far are reported
+and the status is 130 or 143 (``interrupt.py``, shared with ``load network``).
 
 The parent creates a sparse image for each new partition name (``<data_dir>/<name>/lun0.img``), and every run
 uses fresh names, so the tool cleans up after itself unless ``--keep-disks``: before unloading, each guest
@@ -38,11 +40,13 @@ from vmbus_proto.devices.storage import vstor
 from .bus import GuestBus
 from .devices.storage.vsc import ScsiLun, StorageVsc
 from .guest_memory import GuestMemory
+from .interrupt import Interrupt
 from .runner import open_bus
 
 PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
 MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
 MAX_LATENCY_US = 60_000_000
+DRAIN_TIMEOUT = 30.0  # seconds the requests in flight get to finish after an interrupt
 
 
 def parse_size(text: str) -> int:
@@ -127,7 +131,7 @@ class Partition:
         assert self.vsc is not None
         return self.vsc.disks[0]
 
-    async def run(self, deadline: float, measure_from: float) -> None:
+    async def run(self, deadline: float, measure_from: float, stop: asyncio.Event) -> None:
         job, vsc = self.job, self.disk
         span = min(job.size or vsc.size, vsc.size)
         blocks = max(1, span // job.bs)
@@ -145,7 +149,7 @@ class Partition:
             clock, random_fraction, read, write = time.monotonic, rnd.random, vsc.read, vsc.write
             while budget[0] > 0:
                 t0 = clock()
-                if t0 >= deadline:
+                if t0 >= deadline or stop.is_set():
                     return
                 budget[0] -= 1
                 if sequential:
@@ -187,7 +191,10 @@ class Partition:
         self.memory.close()
 
 
-async def run_storage(url: str, job: Job, console: Console, live: bool) -> Totals:
+async def run_storage(url: str, job: Job, console: Console, live: bool, stop: asyncio.Event | None = None) -> Totals:
+    """Bring the partitions up, keep their requests in flight until the runtime is over or ``stop`` is set
+    (then the requests in flight finish, bounded by DRAIN_TIMEOUT), clean up and unload."""
+    stop = stop or asyncio.Event()
     log = logs.get(component="load")
     parts = [Partition(url, f"load-{os.getpid()}-{i}", job, log.bind(partition=f"load-{i}"))
              for i in range(job.partitions)]
@@ -204,16 +211,22 @@ async def run_storage(url: str, job: Job, console: Console, live: bool) -> Total
     t_start = time.monotonic()
     measure_from = t_start + job.ramp
     deadline = measure_from + job.runtime
-    runs = asyncio.gather(*(p.run(deadline, measure_from) for p in ready), return_exceptions=True)
-    await _progress(runs, ready, job, console, live, t_start, deadline)
-    for p, res in zip(ready, runs.result(), strict=True):
+    runs = asyncio.gather(*(p.run(deadline, measure_from, stop) for p in ready), return_exceptions=True)
+    await _progress(runs, stop, ready, job, console, live, t_start, deadline)
+    ended = min(time.monotonic(), deadline)
+    await asyncio.wait([runs], timeout=DRAIN_TIMEOUT)  # interrupted: the requests in flight finish
+    if not runs.done():
+        runs.cancel()
+        totals.errors.append(f"requests still in flight {DRAIN_TIMEOUT:g}s after the interrupt; abandoned")
+    outcomes = [] if runs.cancelled() else runs.result()
+    for p, res in zip(ready, outcomes or [None] * len(ready), strict=True):
         if isinstance(res, BaseException):
             totals.errors.append(f"{p.name}: {type(res).__name__}: {res}")
-        else:
+        elif outcomes:
             totals.partitions_ok += 1
         totals.read.merge(p.read)
         totals.write.merge(p.write)
-    totals.seconds = max(1e-9, min(time.monotonic(), deadline) - measure_from)
+    totals.seconds = max(1e-9, ended - measure_from)
     if not job.keep_disks:
         discarded = await asyncio.gather(*(p.discard_disks() for p in ready), return_exceptions=True)
         for p, outcome in zip(ready, discarded, strict=True):
@@ -244,8 +257,9 @@ def remove_images(data_dir: Path, names: list[str]) -> list[str]:
     return done
 
 
-async def _progress(runs: asyncio.Future[Any], parts: list[Partition], job: Job, console: Console, live: bool,
-                    t_start: float, deadline: float) -> None:
+async def _progress(runs: asyncio.Future[Any], stop: asyncio.Event, parts: list[Partition], job: Job,
+                    console: Console, live: bool, t_start: float, deadline: float) -> None:
+    """Show progress until the runs end or ``stop`` is set."""
     last_ios, last_t = 0, time.monotonic()
 
     def table() -> Table:
@@ -261,14 +275,17 @@ async def _progress(runs: asyncio.Future[Any], parts: list[Partition], job: Job,
                   f"{rate * job.bs / (1 << 20):,.1f}", str(len(parts)))
         return t
 
-    if live:
-        with Live(table(), console=console, refresh_per_second=4, transient=True) as view:
-            while not runs.done():
-                await asyncio.wait([runs], timeout=0.5)
-                view.update(table())
-    else:
-        while not runs.done():
-            await asyncio.wait([runs], timeout=2.0)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        if live:
+            with Live(table(), console=console, refresh_per_second=4, transient=True) as view:
+                while not runs.done() and not stop.is_set():
+                    await asyncio.wait([runs, stopped], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                    view.update(table())
+        else:
+            await asyncio.wait([runs, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
 
 
 def _dir_json(d: Direction, seconds: float, bs: int) -> dict[str, Any]:
@@ -326,9 +343,15 @@ def main(args: Any) -> int:
         return 2
     console = Console(stderr=False, highlight=False)
     logs.setup("warning")
-    totals = uvloop.run(run_storage(args.connect, job, console, live=console.is_terminal))
+    interrupt = Interrupt()
+
+    async def interruptible() -> Totals:
+        return await run_storage(args.connect, job, console, console.is_terminal, interrupt.install().event)
+
+    totals = uvloop.run(interruptible())
+    interrupt.announce("child-partition load storage")
     render(args.connect, job, totals, console)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results_json(args.connect, job, totals), fh, indent=1)
-    return 0 if not totals.errors and totals.partitions_ok == job.partitions else 1
+    return interrupt.status(0 if not totals.errors and totals.partitions_ok == job.partitions else 1)

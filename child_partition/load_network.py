@@ -13,6 +13,7 @@ Frames sent during ``--ramp`` are not counted. After the sending stops the recei
 what was sent in the measured window and did not arrive is lost (dropped by the switch's port queues, the
 parent's receive buffers or a NIC's receive queue; the NICs' own counters are reported too). Everything
 is bounded in time and in frames, and every partition leaves with RNDIS HALT, CLOSECHANNEL and UNLOAD.
+SIGINT or SIGTERM ends the run early with the results so far and status 130 or 143 (``interrupt.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import asyncio
 import collections
 import json
 import os
-import signal
 import struct
 import sys
 import time
@@ -40,6 +40,7 @@ from .bus import GuestBus
 from .devices import vsc_classes
 from .devices.network.nic import ETH_HEADER, Nic
 from .guest_memory import GuestMemory
+from .interrupt import Interrupt
 from .load import PERCENTILES, Direction
 from .runner import open_bus
 from .vsc import Vsc
@@ -508,16 +509,16 @@ def main(args: Any) -> int:
     console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 120)
     logs.setup("warning")
 
+    interrupt = Interrupt()
+
     async def interruptible() -> NetTotals:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        return await run_network(args.connect, job, console, console.is_terminal, stop)
+        return await run_network(args.connect, job, console, console.is_terminal, interrupt.install().event)
 
     totals = uvloop.run(interruptible())
+    interrupt.announce("child-partition load network")
     render(args.connect, job, totals, console)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results_json(args.connect, job, totals), fh, indent=1)
-    return 0 if not totals.errors and totals.partitions_ok == job.partitions else 1
+    return interrupt.status(0 if not totals.errors and totals.partitions_ok == job.partitions else 1)
 

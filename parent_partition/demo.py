@@ -4,8 +4,9 @@ Starts ``parent-partition serve`` and then ``child-partition run`` for vm1 with 
 lifecycle is shown stage by stage (version negotiation, offers, the ring GPADL, the open, each device's own
 handshake packets), each stage with a plain explanation and a pause to read it. vm2 (TCP) and vm3 (Unix
 socket) then start and are summarised in one line each. Then every VM's disk does verified random I/O
-through its own StorVSC, with live counts, until Ctrl-C or --duration: the children close, tear down and
-unload, and the parent shuts down.
+through its own StorVSC while each VM pings the next through the parent's virtual switch (vm1 → vm2 → vm3 →
+vm1), with live counts, until Ctrl-C or --duration: the children close, tear down and unload, and the
+parent shuts down.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from rich.text import Text
 
 from vmbus_proto.devices.registry import ALL as DEVICES
 
+from .demo_network import STATS_INTERVAL, NetworkWorkload, ring
 from .demo_storage import NbdError, StorageWorkload
 from .narration import INTRO, STOPPING, STYLES, Gutter, Record, body_text, build_story, is_trace, render_records
 
@@ -40,6 +42,7 @@ PROTOCOL = {spec.name: spec.protocol for spec in DEVICES}
 START_TIMEOUT = 60.0  # a loaded machine can take a while to start four Python processes
 STOP_TIMEOUT = 30.0
 PROGRESS_EVERY = 5  # seconds between progress lines when the output is not a terminal
+VMS = ("vm1", "vm2", "vm3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Workload(Protocol):
-    """Something the VMs do while a person watches: one part of the live view (disk I/O today; network and
+    """Something the VMs do while a person watches: one part of the live view (disk I/O and pings today;
     consoles plug in the same way)."""
 
     async def stop(self) -> None: ...
@@ -79,9 +82,10 @@ class DemoError(Exception):
 
 
 class Proc:
-    """One partition process whose JSON log lines are read into ``records``."""
+    """One partition process whose JSON log lines are read into ``records``, except those ``on_record`` takes
+    (a workload's stream of counts: kept, they would grow without bound)."""
 
-    def __init__(self, who: str, proc: asyncio.subprocess.Process, on_record: Callable[[Record], None]) -> None:
+    def __init__(self, who: str, proc: asyncio.subprocess.Process, on_record: Callable[[Record], bool]) -> None:
         self.who = who
         self.proc = proc
         self.records: list[Record] = []
@@ -101,8 +105,9 @@ class Proc:
                 parsed = None
             rec: Record = parsed if isinstance(parsed, dict) else {"event": raw, "level": "raw"}
             rec["who"] = self.who
+            if self._on_record(rec):
+                continue
             self.records.append(rec)
-            self._on_record(rec)
             self.changed.set()
         self.changed.set()
 
@@ -175,19 +180,24 @@ class Demo:
         self.echo: set[str] = set()  # partitions whose every line is printed as it comes (while stopping)
         self.failed = False
         self.endpoints: dict[str, str] = {}
+        self.network = NetworkWorkload(ring(list(VMS)), lambda who, text: self.print(Gutter(who, text)))
 
     # ---- output -----------------------------------------------------------------------------------------
 
     def print(self, *items: Any) -> None:
         self.console.print(*items)
 
-    def on_record(self, rec: Record) -> None:
-        """Warnings, errors and stray output are shown as they come; everything else waits for its stage."""
+    def on_record(self, rec: Record) -> bool:
+        """Warnings, errors and stray output are shown as they come; everything else waits for its stage, but
+        for the network workload's lines, which it takes (True)."""
         who, level = rec["who"], rec.get("level")
+        if level == "info" and self.network.on_record(rec):
+            return True
         if level in ("warning", "error", "critical", "raw") or (who in self.echo and not self._quiet(rec)):
             if level in ("error", "critical", "raw"):
                 self.failed = self.failed or level != "raw" or bool(str(rec.get("event", "")).strip())
             self.print(Gutter(who, body_text(rec)))
+        return False
 
     @staticmethod
     def _quiet(rec: Record) -> bool:
@@ -221,7 +231,8 @@ class Demo:
     def child_cmd(self, who: str, url: str, trace: bool) -> list[str]:
         cmd = [*_bin("child-partition"), "run", "--connect", url, "--name", who, "--json-logs",
                "--nbd", f"unix:{self.workdir / (who + '.nbd')}"]
-        return cmd + (["--trace"] if trace else [])
+        target = self.network.vms[who].target if who in self.network.vms else None
+        return cmd + (["--ping", target] if target else []) + (["--trace"] if trace else [])
 
     # ---- the story --------------------------------------------------------------------------------------
 
@@ -230,7 +241,9 @@ class Demo:
         self.print(Rule(Text(" vmbus-emu demo: one parent partition, three child partitions ", style="bold")))
         self.print(Padding(Text(INTRO, style="italic"), (0, 2)))
         data_dir = args.data_dir or str(self.workdir / "disks")
-        cmd = [*_bin("parent-partition"), "serve", "--json-logs", "--data-dir", data_dir]
+        config = self.workdir / "parent.toml"  # the switch's counters in the log, for the network view
+        config.write_text(f"[network]\nstats_interval = {STATS_INTERVAL}\n")
+        cmd = [*_bin("parent-partition"), "serve", "--json-logs", "--data-dir", data_dir, "--config", str(config)]
         for url in listen_urls(args):
             cmd += ["--listen", url]
         if args.trace_parent:
@@ -306,7 +319,7 @@ class Demo:
         return text
 
     async def work(self) -> None:
-        names = [who for who in ("vm1", "vm2", "vm3") if who in self.procs]
+        names = [who for who in VMS if who in self.procs]
         for who in names:  # each VM's disk is exported once it is attached
             if await self.procs[who].wait_event("disk exported over NBD", self.stop) is None:
                 return
@@ -316,6 +329,10 @@ class Demo:
             "Each VM's disk is exported over NBD by the VM itself. The demo writes stamped 4 KiB blocks and "
             "reads them back: every request goes NBD → the VM's StorVSC → an EXECUTE_SRB on its VMBus ring → "
             "the parent's StorVSP → the VM's disk image, and the answer comes back as a COMPLETE_IO. "
+            "Meanwhile each VM pings the next (vm1 → vm2 → vm3 → vm1) with its built-in ARP and ICMP stack: "
+            "an echo request is an RNDIS packet on the VM's NetVSC ring, the parent's NetVSP hands its frame to "
+            "the virtual switch, which forwards it to the other VM's port and ring; the reply comes back the same "
+            "way. "
             + ("Ctrl-C stops." if not self.args.duration else f"It stops by itself after {self.args.duration:g}s."),
             style="italic"), (0, 2)))
         storage = StorageWorkload(self.args.iodepth)
@@ -327,7 +344,8 @@ class Demo:
         except (OSError, NbdError, asyncio.IncompleteReadError) as exc:
             await storage.stop()
             raise DemoError(f"cannot reach the VMs' disks over NBD: {exc}") from None
-        workloads: list[Workload] = [storage]  # network (ping between VMs) and consoles join here
+        await self.network.start()
+        workloads: list[Workload] = [storage, self.network]  # consoles join here
         if self.args.duration:
             asyncio.get_running_loop().call_later(self.args.duration, self.stop.set)
         try:

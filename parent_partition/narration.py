@@ -29,7 +29,7 @@ INTRO = ("A parent partition (the host) runs one VMBus server per child and VSPs
          "storage, network, video, input (keyboard and mouse) and the heartbeat integration service. Each child "
          "partition (a guest VM) runs one "
          "VSC per device. Below, vm1's whole VMBus lifecycle is shown step by step from its own --trace; "
-         "vm2 and vm3 then start the same way, and all three put their disks to work.")
+         "vm2 and vm3 then start the same way, and all three put their disks to work and ping each other.")
 
 EXPLAIN = {
     "connect": ("Connecting: the VMBus version",

@@ -84,6 +84,12 @@ def stop_demos() -> Iterator[None]:
                 demo.proc.wait()
 
 
+def ping_counts(text: str) -> dict[str, tuple[int, int]]:
+    """The latest (replies, sent) per VM from the demo's progress lines."""
+    return {who: (int(replies), int(sent))
+            for who, replies, sent in re.findall(r"(vm\d) │ ping vm\d: rtt=\S+ replies=(\d+)/(\d+)", text)}
+
+
 def disk_counts(text: str) -> dict[str, tuple[int, int]]:
     """The latest (completed, errors) per VM from the demo's progress lines."""
     counts: dict[str, tuple[int, int]] = {}
@@ -138,12 +144,26 @@ def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after
     rows = dict(re.findall(r"│ (vm\d) │ (?:tcp|unix)\s+│\s+[\d,]+ │\s+[\d.,]+ │\s+([\d,]+) │\s+0 │", out))
     assert set(rows) == {"vm1", "vm2", "vm3"}, "the final table lacks a VM, or shows errors:\n" + out[-2000:]
     assert all(int(n.replace(",", "")) > 0 for n in rows.values()), rows
+    # The network: each VM pings the next through the switch; each first answer is told once.
+    for who, pinger in (("vm2", "vm1"), ("vm3", "vm2"), ("vm1", "vm3")):
+        told = re.findall(rf"{who} │ answers {pinger}'s ping through the switch in [\d.]+ ms", out)
+        assert len(told) == 1, f"{who} answering {pinger}'s ping told {len(told)} times, not once"
+    pings = {who: (target, int(replies), int(sent)) for who, target, replies, sent in re.findall(
+        r"│ (vm\d) │ → (vm\d) │\s+[\d.]+ ms │\s+(\d+)/(\d+) │", out)}
+    assert pings.keys() == {"vm1", "vm2", "vm3"}, "the final network table lacks a VM:\n" + out[-2000:]
+    assert {who: p[0] for who, p in pings.items()} == {"vm1": "vm2", "vm2": "vm3", "vm3": "vm1"}, pings
+    assert all(0 < replies <= sent for _, replies, sent in pings.values()), f"no replies: {pings}"
+    # The switch port's counters, live in the table and once more when each NIC leaves the switch.
+    for who in ("vm1", "vm2", "vm3"):
+        assert re.search(rf"parent │ {who}'s NIC off the switch: [1-9][\d,]* frames to it, [1-9][\d,]* from it, "
+                         r"[\d,]+ flooded, 0 dropped", out), f"{who}'s switch port counters missing at detach"
 
 
 def test_ctrl_c_while_the_vms_work_stops_everything_cleanly(tmp_path: Path) -> None:
     demo = Demo(tmp_path, "--pace", "0")
-    demo.wait_until("disk progress for all three VMs",
-                    lambda text: len(c := disk_counts(text)) == 3 and all(done > 0 for done, _ in c.values()))
+    demo.wait_until("disk progress and ping replies for all three VMs",
+                    lambda text: len(c := disk_counts(text)) == 3 and all(done > 0 for done, _ in c.values())
+                    and len(p := ping_counts(text)) == 3 and all(replies > 0 for replies, _ in p.values()))
     demo.proc.send_signal(signal.SIGINT)
     out = assert_clean_end(demo, demo.wait())
     assert all(errors == 0 for _, errors in disk_counts(out).values()), out[-2000:]

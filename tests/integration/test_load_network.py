@@ -55,7 +55,8 @@ def test_sigint_ends_the_run_early_with_the_results_so_far(parent: Parent, workd
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, stdout + stderr
+    assert proc.returncode == 130, f"exit status {proc.returncode}, expected 130 (SIGINT)\n" + stdout + stderr
+    assert "interrupted by SIGINT" in stderr, stderr
     assert "partitions: 2 ok, 0 failed" in stdout, stdout
     res = json.loads(out.read_text())
     assert res["errors"] == [] and res["seconds"] < 600, res

@@ -239,3 +239,35 @@ def test_unknown_storage_protocol_version_is_a_config_error(workdir: Path) -> No
                           check=False, capture_output=True, text=True, timeout=60, cwd=workdir)
     assert proc.returncode == 2
     assert "[storage] protocol_versions: must be a non-empty list of '2.0', '4.2', '5.1', '6.0', '6.2'" in proc.stderr
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_load_generator_interrupted_mid_run_reports_what_it_did(parent: Parent, workdir: Path, sig: int,
+                                                                 status: int) -> None:
+    """Ctrl-C (or SIGTERM) mid-run: the requests in flight finish, the results so far are printed (and written
+    with --json), the disk is discarded and the guest unloads; the status is 128 + the signal."""
+    out = workdir / "interrupted.json"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "child-partition"), "load", "storage", "--connect",
+                             parent.unix, "--rw", "randwrite", "--iodepth", "8", "--runtime", "600", "--ramp", "0",
+                             "--size", "64M", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        name = f"load-{proc.pid}-0"
+        image = parent.unix_path.parent.parent / "var" / name / "lun0.img"
+        deadline = time.monotonic() + 90
+        while not (image.exists() and image.stat().st_blocks > 0):  # the guest's writes reach its image
+            assert proc.poll() is None and time.monotonic() < deadline, f"no write reached {image}"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, f"exit status {proc.returncode}, expected {status}\n{stdout}{stderr}"
+    assert f"interrupted by {signal.Signals(sig).name}" in stderr, stderr
+    assert "write: IOPS=" in stdout and "partitions: 1 ok, 0 failed" in stdout, stdout
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["write"]["ios"] > 0 and res["seconds"] < 600, res
+    parent.wait_event("VMBus disconnected", 30, partition=name)
+    assert not [r for r in parent.lines if r.get("level") in ("error", "warning")], "the parent complained"

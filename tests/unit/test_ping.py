@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import io
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Interface
 
@@ -17,7 +17,16 @@ import pytest
 from child_partition import cli
 from child_partition.devices.network import stack as stack_mod
 from child_partition.devices.network.nic import Nic, nic_pair
-from child_partition.devices.network.ping import NicFactory, PingStats, format_ms, ping, run_ping
+from child_partition.devices.network.ping import (
+    NicFactory,
+    PingStats,
+    Watch,
+    format_ms,
+    ping,
+    ping_periodically,
+    ping_targets,
+    run_ping,
+)
 from child_partition.devices.network.stack import GuestStack, address_for_name
 
 MAC_A, MAC_B = bytes.fromhex("00155d0000a1"), bytes.fromhex("00155d0000b2")
@@ -185,3 +194,65 @@ async def test_run_ping_reports_a_nic_that_cannot_be_brought_up() -> None:
     err = io.StringIO()
     assert await run_ping(args, refused, out=io.StringIO(), err=err) == 1, "a refused connection is not exit 1"
     assert err.getvalue() == "ping: connect to unix:/s: Connection refused\n", err.getvalue()
+
+
+class Recorder:
+    """A logger that keeps (event, fields) and wakes waiters on each line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, object]]] = []
+        self.changed = asyncio.Event()
+
+    def info(self, event: str, **fields: object) -> None:
+        self.lines.append((event, fields))
+        self.changed.set()
+
+    async def wait(self, what: str, pred: Callable[[], bool]) -> None:
+        async def until() -> None:
+            while not pred():
+                self.changed.clear()
+                await self.changed.wait()
+        try:
+            await asyncio.wait_for(until(), DEADLINE)
+        except TimeoutError:
+            raise AssertionError(f"never logged {what}; last lines: {self.lines[-3:]}") from None
+
+    def of(self, event: str) -> list[dict[str, object]]:
+        return [fields for e, fields in self.lines if e == event]
+
+
+async def test_periodic_ping_logs_each_reply_then_each_loss_and_stops_when_cancelled() -> None:
+    a, b = nic_pair(MAC_A, MAC_B)
+    log = Recorder()
+    async with GuestStack(a, vm("vm1")) as sa, GuestStack(b, vm("vm2")):
+        watches = Watch.of(["vm2", "vm2"], sa.address)  # a repeated target is pinged once
+        assert [w.target for w in watches] == ["vm2"]
+        task = asyncio.create_task(ping_periodically(sa, watches, 0.01, log))
+        await log.wait("three replies", lambda: len(log.of("ping reply")) >= 3)
+        first = log.of("ping reply")[0]
+        assert first["target"] == "vm2" and first["address"] == str(vm("vm2").ip) and first["seq"] == 1, first
+        assert [r["received"] for r in log.of("ping reply")[:3]] == [1, 2, 3]
+        b.close()  # vm2 is gone: the next requests go unanswered
+        await log.wait("a loss", lambda: bool(log.of("ping lost")))
+        lost = log.of("ping lost")[0]
+        replies = len(log.of("ping reply"))
+        assert lost["reason"] == "timeout" and lost["sent"] == lost["seq"] == replies + 1, lost
+        assert lost["received"] == replies, lost
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize(("targets", "message"), [("vm2,,", None), (",", "give one or more"),
+                                                  ("vm2,::1", "only IPv4 is supported")])
+def test_ping_targets_are_names_or_ipv4_addresses(targets: str, message: str | None) -> None:
+    if message is None:
+        assert ping_targets(targets) == ["vm2"]
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            ping_targets(targets)
+
+
+def test_a_ping_target_off_the_network_is_refused() -> None:
+    with pytest.raises(ValueError, match=re.escape("not a host on this partition's network 10.0.0.0/8")):
+        Watch.of(["10.255.255.255"], vm("vm1"))

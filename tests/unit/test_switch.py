@@ -6,12 +6,15 @@ import asyncio
 
 import pytest
 
+from parent_partition.devices.network.stats import switch_fields
 from parent_partition.devices.network.switch import (
+    DROP_REASONS,
     MAX_LARGE_FRAME,
     PortDetached,
     Switch,
     mac_for,
     parse_mac,
+    port_fields,
 )
 from vmbus_proto.devices.network import vnet
 
@@ -221,3 +224,17 @@ def test_large_segments_between_large_ports_and_segmented_otherwise() -> None:
     assert small.counters.drops["too_big"] == 1 and big_b.pending() == 1
     # A standard port cannot send large frames.
     assert not small.send_nowait(frame, gso) and small.counters.drops["oversize"] == 1
+
+
+def test_port_fields_count_floods_and_every_drop_reason() -> None:
+    sw = Switch(queue_frames=16)
+    a, b = sw.attach("a"), sw.attach("b")
+    a.send_nowait(eth(b"\xff" * 6, a.mac))  # broadcast: flooded
+    a.send_nowait(eth(b.mac, a.mac))  # known unicast
+    a.send_nowait(b"\x00" * 10)  # runt
+    fields = port_fields(a.counters)
+    assert fields["port_rx_frames"] == 2 and fields["port_rx_flooded"] == 1 and fields["port_dropped_runt"] == 1
+    assert {k for k in fields if k.startswith("port_dropped_")} == {f"port_dropped_{r}" for r in DROP_REASONS}
+    assert port_fields(b.counters)["port_tx_frames"] == 2
+    stats = switch_fields(sw)
+    assert stats["ports"]["b"]["queued"] == 2 and stats["switch"]["flooded"] == 1, stats

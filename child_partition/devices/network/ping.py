@@ -4,7 +4,8 @@ none did, 2 for a usage error).
 
 :func:`ping` runs over any :class:`~.nic.Nic` and :class:`~.stack.GuestStack`. :func:`run_ping` is the
 command: it takes the parsed arguments and a :data:`NicFactory` that brings up the NIC (the CLI passes the
-NetVSC's, tests pass an in-memory one).
+NetVSC's, tests pass an in-memory one). :func:`ping_periodically` is ``child-partition run --ping``: a monitor
+like ``fping -l`` that pings its targets for as long as the partition runs and logs every outcome.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface
-from typing import TextIO
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any, TextIO
 
 from .nic import Nic, NicError
 from .stack import ICMP, IPV4, EchoReply, GuestStack, HostUnreachable, address_for_name, target_address
@@ -153,3 +154,78 @@ async def run_ping(args: argparse.Namespace, nic_factory: NicFactory, *, out: Te
     except (OSError, NicError) as exc:
         print(f"ping: {exc}", file=err)
         return EXIT_NO_REPLY
+
+
+# -- ``child-partition run --ping``: a monitor, as fping -l, not a command ----------------------------------------
+
+MIN_PERIODIC_TIMEOUT = 1.0  # a reply later than the interval (and at least this) counts as lost
+
+
+def ping_targets(text: str) -> list[str]:
+    """argparse type for ``--ping``: comma-separated partition names or IPv4 addresses."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more partition names or IPv4 addresses, "
+                                         "separated by commas")
+    for target in targets:
+        try:
+            target_address(target)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return targets
+
+
+@dataclass
+class Watch:
+    """One ``--ping`` target and what came back from it over the partition's life (across NIC changes)."""
+
+    target: str
+    address: IPv4Address
+    ident: int  # ICMP identifier, one per target so replies match their request
+    sent: int = 0
+    received: int = 0
+    last_rtt: float | None = None  # seconds
+
+    @classmethod
+    def of(cls, targets: list[str], stack_address: IPv4Interface) -> list[Watch]:
+        """One Watch per target; ValueError names a target that is not a host on this partition's network."""
+        watches = []
+        base = os.getpid()
+        for i, target in enumerate(dict.fromkeys(targets)):
+            address = target_address(target)
+            network = stack_address.network
+            if address not in network or address in (network.network_address, network.broadcast_address):
+                raise ValueError(f"--ping {target}: {address} is not a host on this partition's network {network}")
+            watches.append(cls(target, address, (base + i) & 0xFFFF))
+        return watches
+
+
+async def ping_periodically(stack: GuestStack, watches: list[Watch], interval: float, log: Any,
+                            size: int = 56) -> None:
+    """Ping every target once per ``interval`` seconds until cancelled, logging each outcome: ``ping reply``
+    (``rtt_ms``) or ``ping lost`` (``reason`` timeout or unreachable), each with the running ``sent`` and
+    ``received`` counts. At most one request per target is on its way, so nothing queues up."""
+    await asyncio.gather(*(_watch(stack, w, interval, log, size) for w in watches))
+
+
+async def _watch(stack: GuestStack, w: Watch, interval: float, log: Any, size: int) -> None:
+    data = bytes(i & 0xFF for i in range(size))
+    timeout = max(interval, MIN_PERIODIC_TIMEOUT)
+    fields = {"target": w.target, "address": str(w.address)}
+    while not stack.nic.closed:
+        started = stack.now()
+        w.sent += 1
+        seq = w.sent & 0xFFFF
+        try:
+            reply = await stack.echo(w.address, seq, data, ident=w.ident, timeout=timeout)
+            reason = "timeout"
+        except HostUnreachable:
+            reply, reason = None, "unreachable"
+        if reply is not None:
+            w.received += 1
+            w.last_rtt = reply.rtt
+            log.info("ping reply", **fields, seq=seq, rtt_ms=round(reply.rtt * 1000, 3), sent=w.sent,
+                     received=w.received)
+        else:
+            log.info("ping lost", **fields, seq=seq, reason=reason, sent=w.sent, received=w.received)
+        await asyncio.sleep(max(0.0, started + interval - stack.now()))

@@ -4,8 +4,10 @@ stack (ARP and ICMP echo, ``stack.py``) so other partitions can ping this one th
 Its address is derived from the partition's name (``stack.address_for_name``) unless ``--address`` says
 otherwise. With ``--tap NAME`` (optionally ``--tap-netns NS``) the built-in stack does not run: the child
 creates that TAP device and bridges it to the NIC (``tap_bridge.py``), so the host kernel's stack is the
-guest's. The NIC outlives nothing: a new NetVSC (after a rescind or a reconnect) brings a new one, and the
-stack moves to it.
+guest's. With ``--ping TARGET[,TARGET...]`` the partition pings those partitions (or addresses) every
+``--ping-interval`` seconds once its session is up, for as long as it runs, and logs each reply's round-trip
+time or its loss (``ping.ping_periodically``). The NIC outlives nothing: a new NetVSC (after a rescind or a
+reconnect) brings a new one, and the stack (and the pinging) moves to it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from vmbus_proto.aio.tap import IFNAMSIZ, TapError
 
 from ...vsc import GuestContext, GuestService, GuestServiceError, Vsc
 from .nic import Nic
+from .ping import Watch, ping_periodically, ping_targets
 from .stack import GuestStack, address_for_name
 from .tap_bridge import TapBridge
 
@@ -45,6 +48,17 @@ def ifname_arg(text: str) -> str:
     return text
 
 
+def interval_arg(text: str) -> float:
+    """argparse type: seconds between pings, 0.01 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0.01:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0.01 seconds")
+    return value
+
+
 class NetworkService(GuestService):
     def __init__(self, ctx: GuestContext) -> None:
         super().__init__(ctx)
@@ -59,6 +73,10 @@ class NetworkService(GuestService):
         self.nic_ready = asyncio.Event()
         self.stack: GuestStack | None = None
         self._stack_task: asyncio.Task[Any] | None = None
+        self.ping_interval: float = ctx.options.get("ping_interval") or 1.0
+        self.watches: list[Watch] = []  # run --ping: one per target, counts kept across NIC changes
+        self._pinger: asyncio.Task[None] | None = None
+        self._session_seen = False  # a session was ready: a NIC that comes back later pings at once
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -70,10 +88,24 @@ class NetworkService(GuestService):
                                  "it to the NIC: the host kernel's stack is this partition's (no built-in stack)")
         parser.add_argument("--tap-netns", metavar="NS",
                             help="move the --tap device into network namespace NS (ip netns)")
+        parser.add_argument("--ping", metavar="TARGET[,TARGET...]", type=ping_targets,
+                            help="once up, ping these partitions (names) or IPv4 addresses through the switch for as "
+                                 "long as the partition runs, logging each reply's round-trip time or its loss")
+        parser.add_argument("--ping-interval", metavar="SECONDS", type=interval_arg, default=1.0,
+                            help="seconds between the pings of each --ping target (default 1); a reply later than "
+                                 "this (and 1 s) counts as lost")
 
     async def start(self) -> None:
         if self.tap_netns and not self.tap_name:
             raise GuestServiceError("--tap-netns needs --tap NAME")
+        targets: list[str] = self.ctx.options.get("ping") or []
+        if targets and not self.run_stack:
+            raise GuestServiceError("--ping needs the built-in network stack; with --tap, run ping in the TAP's "
+                                    "namespace instead")
+        try:
+            self.watches = Watch.of(targets, self.address)
+        except ValueError as exc:
+            raise GuestServiceError(str(exc)) from None
         if self.tap_name:
             try:
                 self.bridge = TapBridge.open(self.tap_name, self.tap_netns, self.log)
@@ -95,6 +127,21 @@ class NetworkService(GuestService):
             self.stack = GuestStack(net.nic, self.address)
             self._stack_task = asyncio.get_running_loop().create_task(self.stack.run())
             self.log.info("guest network stack up", address=str(self.address))
+            if self._session_seen:
+                self._start_pinger()
+
+    async def session_ready(self) -> None:
+        """Every channel of the session is open: start pinging (not earlier, so the pings follow the bring-up
+        in the log)."""
+        self._session_seen = True
+        if self._pinger is None:
+            self._start_pinger()
+
+    def _start_pinger(self) -> None:
+        if self.watches and self.stack is not None:
+            self.log.info("pinging", targets=[w.target for w in self.watches], interval=self.ping_interval)
+            self._pinger = asyncio.get_running_loop().create_task(
+                ping_periodically(self.stack, self.watches, self.ping_interval, self.log))
 
     def on_lost(self, vsc: Vsc) -> None:
         if self.nic is not None and getattr(vsc, "nic", None) is self.nic:
@@ -103,6 +150,9 @@ class NetworkService(GuestService):
             self.nic_ready.clear()
 
     def _stop_stack(self) -> None:
+        if self._pinger is not None:  # before the stack: closing it cancels the pinger's echo waits
+            self._pinger.cancel()
+            self._pinger = None
         if self.bridge is not None:
             self.bridge.detach()
         if self.stack is not None:
@@ -113,11 +163,11 @@ class NetworkService(GuestService):
             self._stack_task = None
 
     async def close(self) -> None:
-        task = self._stack_task
+        tasks = [t for t in (self._pinger, self._stack_task) if t is not None]
         self._stop_stack()
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None
-        if task is not None:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

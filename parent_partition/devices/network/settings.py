@@ -8,7 +8,7 @@ from typing import Any
 
 from vmbus_proto.aio.tap import IFNAMSIZ
 
-from ...settings import count, setting
+from ...settings import count, seconds_or_zero, setting
 
 
 def _mac_style(v: Any) -> str:
@@ -32,3 +32,5 @@ class NetworkSettings:
     port_queue_frames: int = setting(1024, check=count(16))  # frames waiting for a partition before drops
     # A TAP device on the parent's host joined to the switch (Hyper-V's external virtual switch); "" for none.
     external_tap: str = setting("", check=_ifname)
+    # Seconds between "switch counters" log lines (per-port frames, floods, drops) while they change; 0: none.
+    stats_interval: float = setting(0.0, check=seconds_or_zero)

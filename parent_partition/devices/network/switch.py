@@ -96,6 +96,7 @@ class PortCounters:
     rx_bytes: int = 0
     tx_frames: int = 0
     tx_bytes: int = 0
+    rx_flooded: int = 0  # of rx_frames, those sent to every other port (broadcast, multicast, unknown unicast)
     # Ingress: runt (< 14 bytes), oversize (over the MTU / the port's max_frame), bad_source (multicast source).
     # Egress: queue_full (the owner is not taking frames), too_big (over the receiving port's max_frame).
     drops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -119,6 +120,18 @@ def counters_dict(c: PortCounters | SwitchCounters) -> dict[str, object]:
     """A counters dataclass as plain data (its drop Counter as a dict)."""
     return {**{f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "drops"},
             "drops": dict(c.drops)}
+
+
+#: Every reason a port's frames are dropped: where each is counted is in :class:`PortCounters`.
+DROP_REASONS = ("queue_full", "too_big", "oversize", "runt", "bad_source")
+
+
+def port_fields(c: PortCounters) -> dict[str, int]:
+    """A port's counters as flat log fields, every drop reason included (0 when none): ``port_`` says the
+    switch counted them (``rx``: from the partition into the switch, ``tx``: from the switch to it)."""
+    return {"port_rx_frames": c.rx_frames, "port_rx_bytes": c.rx_bytes, "port_tx_frames": c.tx_frames,
+            "port_tx_bytes": c.tx_bytes, "port_rx_flooded": c.rx_flooded,
+            **{f"port_dropped_{reason}": c.drops[reason] for reason in DROP_REASONS}}
 
 
 class _Entry:
@@ -347,6 +360,7 @@ class Switch:
                     self._egress(out, frame)
                 return True
         self.counters.flooded += 1
+        pc.rx_flooded += 1
         for other in list(self.ports.values()):
             if other is not port:
                 self._egress(other, frame)

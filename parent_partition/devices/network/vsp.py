@@ -31,7 +31,8 @@ from ...memory import GpadlHold
 from ...settings import ConfigError
 from ...vsp import ChannelResources, HostContext, Vsp
 from .settings import NetworkSettings
-from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for
+from .stats import SwitchStatsLog
+from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for, port_fields
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
 
@@ -80,12 +81,15 @@ class NetworkVsp(Vsp):
         self.switch = Switch(mtu=self.settings.mtu, queue_frames=self.settings.port_queue_frames)
         self.hosts: dict[str, nethost.NvspHost] = {}  # by partition: the NIC's protocol state (counters)
         self.uplink: TapUplink | None = None
+        self.stats_log: SwitchStatsLog | None = None
 
     @classmethod
     def create(cls, settings: NetworkSettings, host: HostContext) -> NetworkVsp:
         vsp = cls(settings)
         if settings.external_tap:
             vsp.attach_external(settings.external_tap)
+        if settings.stats_interval:
+            vsp.stats_log = SwitchStatsLog(vsp.switch, settings.stats_interval)
         return vsp
 
     def attach_external(self, name: str) -> None:
@@ -105,11 +109,14 @@ class NetworkVsp(Vsp):
                                           mac=format_mac(self.uplink.port.mac))
 
     async def shutdown(self) -> None:
-        """Close the external TAP (the kernel deletes it with its last fd)."""
+        """Close the external TAP (the kernel deletes it with its last fd); log the switch counters a last time."""
         uplink, self.uplink = self.uplink, None
         if uplink is not None:
             uplink.close()
             uplink.tap.close()
+        stats_log, self.stats_log = self.stats_log, None
+        if stats_log is not None:
+            await stats_log.stop()
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
         if res.sub_channel_index:
@@ -141,7 +148,7 @@ class NetworkVsp(Vsp):
                 port.detach()
             if self.hosts.get(res.partition) is host:
                 del self.hosts[res.partition]
-            res.log.info("NIC off the switch", **_counters(host))
+            res.log.info("NIC off the switch", **_counters(host), **(port_fields(port.counters) if port else {}))
 
 
 class _Nic:
