@@ -16,17 +16,12 @@ from parent_partition.daemon import ParentDaemon
 from parent_partition.devices.input.vsp import InputNotReady, KeyboardVsp, MouseVsp
 from vmbus_proto.aio import logs
 
+from ..shell.waits import until
 from .conftest import child
 
 pytestmark = pytest.mark.integration
 
 PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
-
-
-async def _until(pred: object, what: str, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not pred():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
 
 
 async def test_text_and_mouse_reports_typed_from_the_parent_reach_the_child(tmp_path: Path) -> None:
@@ -41,8 +36,8 @@ async def test_text_and_mouse_reports_typed_from_the_parent_reach_the_child(tmp_
     vm = child(tmp_path, f"unix:{tmp_path}/vmbus.sock", "vm1", "--log-level", "debug")
     try:
         await asyncio.to_thread(vm.wait_event, "all offered channels open")
-        await _until(lambda: "vm1" in kbd.sessions and kbd.sessions["vm1"].host.active, "the keyboard is active")
-        await _until(lambda: "vm1" in mouse.sessions and mouse.sessions["vm1"].host.active, "the mouse is active")
+        await until(lambda: "vm1" in kbd.sessions and kbd.sessions["vm1"].host.active, "the keyboard is active")
+        await until(lambda: "vm1" in mouse.sessions and mouse.sessions["vm1"].host.active, "the mouse is active")
         lines = [PRINTABLE, "naïve café ✓ 😀", "second line"]
         for line in lines:
             await kbd.type_text("vm1", line + "\n")
@@ -58,9 +53,9 @@ async def test_text_and_mouse_reports_typed_from_the_parent_reach_the_child(tmp_
         reports = [(r["x"], r["y"], r["buttons"]) for r in vm.events("mouse report")]
         assert reports == [(100, 200, 0), (32767, 0, 1), (16384, 16384, 2)], reports
         await kbd.send_keys("vm1", "CapsLock")
-        await _until(lambda: kbd.led_flags("vm1") == 4, "the child reported Caps Lock on")
+        await until(lambda: kbd.led_flags("vm1") == 4, "the child reported Caps Lock on")
         assert await asyncio.to_thread(vm.stop, signal.SIGINT) == 0
-        await _until(lambda: "vm1" not in kbd.sessions and "vm1" not in mouse.sessions, "the sessions went")
+        await until(lambda: "vm1" not in kbd.sessions and "vm1" not in mouse.sessions, "the sessions went")
         stopped = vm.events("input service stopped")
         assert stopped and stopped[0]["keys_dropped"] == 0 and stopped[0]["reports"] == 3, stopped
         closed = {r["device"]: r for r in vm.events("keyboard closed") + vm.events("mouse closed")}

@@ -131,7 +131,7 @@ async def test_a_guest_that_never_acks_gets_no_reports_and_a_clear_error() -> No
         partition = devices.link.partition
         await until(lambda: partition in vsp.sessions and vsp.sessions[partition].host.handshake.negotiated_version,
                     "the mouse VSP approved the version")
-        with pytest.raises(InputNotReady, match="handshake not finished .waiting for INITIAL_DEVICE_INFO_ACK"):
+        with pytest.raises(InputNotReady, match=r"handshake not finished \(waiting for INITIAL_DEVICE_INFO_ACK\)"):
             await vsp.send_mouse(partition, 1, 1)
         assert vsp.errors == 0 and vsp.sent_total == 0
     finally:
