@@ -26,7 +26,7 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeModule, HandshakeTrace, Incoming
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import PAGE_SIZE
+from vmbus_proto.packets import PAGE_SIZE, Packet
 
 from .bus import GuestBus
 from .guest_memory import GuestMemory
@@ -238,12 +238,15 @@ class HandshakeVsc(Vsc):
                 break
             if hs.failed:
                 raise DeviceProtocolError(f"{self.spec.name}: {hs.failed}")
-            pkt = await channel.recv()
-            got = Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload)
+            got = self._incoming(await channel.recv())
             if trace is not None:
                 self.log.info(trace.received("H>G", got))
             outs = hs.receive(got)
         self.version = hs.negotiated_version
+
+    @staticmethod
+    def _incoming(pkt: Packet) -> Incoming:
+        return Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload)
 
     async def run(self, channel: Channel) -> None:
         while True:

@@ -53,6 +53,11 @@ class ParentDaemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unix_paths: list[Path] = []
 
+    def device(self, name: str) -> Vsp | None:
+        """This parent's VSP for device ``name`` ("keyboard", "mouse", ...), or None when it is not offered:
+        how the HTTP side reaches a device's API (``KeyboardVsp.type_text``, ``MouseVsp.send_mouse``)."""
+        return next((v for v in self.vsps if v.name == name), None)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)

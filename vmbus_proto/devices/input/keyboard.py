@@ -28,6 +28,7 @@ __all__ = [
     "SPEC",
     "KeyEvent",
     "KeystrokeFlags",
+    "LedFlags",
     "LedIndicators",
     "MessageType",
     "ProtocolRequest",
@@ -71,6 +72,14 @@ class KeystrokeFlags(enum.IntFlag):
     IS_BREAK = 0x2
     IS_E0 = 0x4
     IS_E1 = 0x8
+
+
+class LedFlags(enum.IntFlag):
+    """``led_flags`` of LED_INDICATORS: Windows ``KEYBOARD_INDICATOR_PARAMETERS.LedFlags``."""
+
+    SCROLL_LOCK = 0x1
+    NUM_LOCK = 0x2
+    CAPS_LOCK = 0x4
 
 
 KBD_HEADER_SIZE = 4
@@ -196,6 +205,8 @@ def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request:
     if msg_type == MessageType.EVENT:
         ev = KeyEvent.unpack(body)
         return f"{text} make_code={ev.make_code:#04x} info={ev.info:#x}"
+    if msg_type == MessageType.LED_INDICATORS:
+        return f"{text} led_flags={LedIndicators.unpack(body).led_flags:#x}"
     return text
 
 
