@@ -45,6 +45,17 @@ def ifname_arg(text: str) -> str:
     return text
 
 
+def queues_arg(text: str) -> int:
+    """argparse type: a NIC queue count, 1..64 (Linux VRSS_CHANNEL_MAX)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a queue count is a whole number from 1 to 64")
+    return value
+
+
 class NetworkService(GuestService):
     def __init__(self, ctx: GuestContext) -> None:
         super().__init__(ctx)
@@ -70,6 +81,9 @@ class NetworkService(GuestService):
                                  "it to the NIC: the host kernel's stack is this partition's (no built-in stack)")
         parser.add_argument("--tap-netns", metavar="NS",
                             help="move the --tap device into network namespace NS (ip netns)")
+        parser.add_argument("--net-queues", metavar="N", type=queues_arg,
+                            help="channels the NIC may use, the primary and its NVSP sub-channels, as ethtool -L "
+                                 "combined N (default 8, as Linux; the host may offer fewer; 1: no sub-channels)")
 
     async def start(self) -> None:
         if self.tap_netns and not self.tap_name:
