@@ -19,6 +19,8 @@ from vmbus_proto.devices.network.buffers import RX_RESERVED_CONTROL, ByteBuffer,
 from vmbus_proto.errors import DeviceProtocolError, LocalProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
+from .test_rss import tcp_frame
+
 MAC = bytes.fromhex("00155d000001")
 RECV_SIZE = 2 * 1024 * 1024  # smaller than Linux's 16 MiB to keep the tests light; same layout
 SEND_SIZE = 1024 * 1024
@@ -552,8 +554,6 @@ def test_both_sides_can_start_after_the_handshake_modules() -> None:
 
 
 def test_receives_spread_by_rss_each_on_its_channel_and_completed_there() -> None:
-    from .test_rss import tcp_frame
-
     link = Link(queues=4, max_subchannels=3).up()
     h, g = link.host, link.guest
     assert h.open_queues == [0, 1, 2, 3] and h.rss is not None and h.rss.table == tuple(i % 4 for i in range(128))
@@ -584,8 +584,6 @@ def test_receives_spread_by_rss_each_on_its_channel_and_completed_there() -> Non
 
 
 def test_subchannel_carries_only_data_and_its_close_frees_what_it_held() -> None:
-    from .test_rss import tcp_frame
-
     link = Link(queues=4, max_subchannels=3).up()
     h, g = link.host, link.guest
     assert h.rss is not None and h.receive_allocator is not None

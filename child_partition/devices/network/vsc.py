@@ -78,7 +78,7 @@ class NetworkVsc(HandshakeVsc):
         self._backlog: list[Packet] = []
         self._flushing: asyncio.Task[None] | None = None
         self.queues: dict[int, _Queue] = {}  # open sub-channels by index
-        self._spread = False  # every granted sub-channel is open and RSS was set for them
+        self.spreading = False  # every granted sub-channel is open and RSS was set for them
         self._tx_hash: rss.Toeplitz | None = None
 
     async def handshake(self, channel: Channel) -> None:
@@ -183,7 +183,7 @@ class NetworkVsc(HandshakeVsc):
     def transmit(self, frame: bytes, info: rndis.PacketInfo = rndis.NO_INFO) -> bool:
         """The NIC's transmit (with its per-packet info): into the state machine now, onto the ring now or by
         the flusher."""
-        if self._spread and (queue := self._tx_queue(frame)) is not None:
+        if self.spreading and (queue := self._tx_queue(frame)) is not None:
             return queue.transmit(frame, info)
         guest, channel = self.guest, self.channel
         if guest is None or channel is None or self._backlog:
@@ -251,10 +251,10 @@ class NetworkVsc(HandshakeVsc):
     def _all_open(self) -> None:
         """rndis_set_subchannel once ``open_chn == num_chn``: the send table, then RSS, for every channel."""
         guest, channel = self.guest, self.channel
-        if guest is None or channel is None or self._spread or not guest.subchannels \
+        if guest is None or channel is None or self.spreading or not guest.subchannels \
                 or len(self.queues) < guest.subchannels:
             return
-        self._spread = True
+        self.spreading = True
         self._tx_hash = rss.Toeplitz(guest.rss_key)
         for event in guest.subchannels_opened(len(self.queues)):
             self._event(event)
@@ -283,7 +283,7 @@ class NetworkVsc(HandshakeVsc):
         queues, self.queues = list(self.queues.values()), {}
         for queue in queues:
             queue.stop()
-        self._spread = False
+        self.spreading = False
 
     def queue_counters(self) -> dict[str, Any]:
         """Frames received and sent on each channel (0: the primary)."""
