@@ -236,6 +236,7 @@ class ChildPartition:
         assert self.bus is not None
         bus = self.bus
         vsc = cls(bus, self.memory, offer, self.log)
+        vsc.service = self.services.get(cls.Service) if cls.Service is not None else None
         self.vscs[offer.child_relid] = vsc
         try:
             await vsc.attach()

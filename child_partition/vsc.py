@@ -92,6 +92,7 @@ class Vsc:
         self.version: int | None = None
         self._reader: asyncio.Task[None] | None = None
         self.subchannels: dict[int, SubChannel] = {}  # by relid, open
+        self.service: GuestService | None = None  # this device's guest service (its options), set before attach
 
     @property
     def ring_pages(self) -> int:

@@ -147,6 +147,15 @@ def build_story(records: Iterable[Record]) -> list[Stage]:
         by_key.setdefault(key, []).append(rec)
         last = key
     relids = sorted({int(k.split(":")[1]) for k in by_key if ":" in k})
+    # A device's sub-channels (its later relids: NVSP SUBCHANNEL, VSTOR CREATE_SUB_CHANNELS) are told in
+    # its primary's stage.
+    primary: dict[str, int] = {}
+    subs: dict[int, list[int]] = {}
+    for relid in relids:
+        first = primary.setdefault(devices.get(relid, f"relid {relid}"), relid)
+        if first != relid:
+            subs.setdefault(first, []).append(relid)
+    relids = [r for r in relids if r in primary.values()]
     # One channel is shown in three stages: storage's, whose GPADL needs GPADL_BODY messages too.
     detailed = next((r for r in relids if devices.get(r) == DETAILED), relids[0] if relids else 0)
     relids = sorted(relids, key=lambda r: r != detailed)
@@ -165,10 +174,12 @@ def build_story(records: Iterable[Record]) -> list[Stage]:
     stages.append(Stage("ready", *EXPLAIN["ready"]))
     for stage in stages:
         if stage.key.startswith("channel:"):
-            channel = stage.key.split(":")[1]
-            keys = [f"gpadl:{channel}", f"open:{channel}", f"device:{channel}"]
+            channel = int(stage.key.split(":")[1])
+            keys = [f"{part}:{c}" for c in (channel, *subs.get(channel, ())) for part in ("gpadl", "open", "device")]
         else:
-            keys = [stage.key]
+            kind, _, channel_text = stage.key.partition(":")
+            keys = [stage.key, *(f"{kind}:{c}" for c in subs.get(int(channel_text), ()))] if channel_text \
+                else [stage.key]
         stage.records = sorted((r for k in keys for r in by_key.get(k, [])),
                                key=lambda r: str(r.get("timestamp", "")))
     return stages

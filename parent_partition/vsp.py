@@ -111,6 +111,14 @@ class ChannelResources:
         return self.primary or self.relid
 
 
+def offer_subchannels(res: ChannelResources, count: int) -> None:
+    """Offer sub-channels up to ``count`` in all (OpenVMM ``enable_subchannels``: the count is a total)."""
+    more = count - res.subchannels.offered
+    if more > 0:
+        relids = res.subchannels.offer(more)
+        res.log.info("sub-channels offered", count=len(relids), relids=relids)
+
+
 class Vsp(abc.ABC):
     """A device's host half. Subclasses set ``spec`` and implement ``serve`` for one open channel."""
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from parent_partition.devices.network.settings import NetworkSettings
+
 from .conftest import Parent, child
 
 DEVICES = ["heartbeat", "keyboard", "mouse", "network", "storage", "video"]
+CHANNELS = len(DEVICES) + NetworkSettings().subchannels  # every device's, and the NIC's NVSP sub-channels
 pytestmark = pytest.mark.integration
 
 
@@ -23,13 +26,14 @@ def test_children_over_tcp_and_unix_open_every_channel_and_unload(parent: Parent
         assert ready["versions"] == {"storage": "6.2", "network": "6.1", "video": "3.5",
                                      "keyboard": "1.0", "mouse": "2.0", "heartbeat": "3.0"}
         assert vm.events("VMBus negotiated")[0]["version"] == "5.3"  # a current Linux guest's first try
-    assert len(parent.events("channel open")) == 2 * len(DEVICES)
+        vm.wait_event("NIC queues")  # the NIC's sub-channels open after its probe, as Linux's subchan_work
+    assert len(parent.events("channel open")) == 2 * CHANNELS
     for vm in (vm1, vm2):
         assert vm.stop(signal.SIGINT) == 0
         assert vm.events("unloaded cleanly")
     parent.wait_event("VMBus disconnected", partition="vm1", reason="unload")
     parent.wait_event("VMBus disconnected", partition="vm2", reason="unload")
-    assert len(parent.events("channel closed")) == 2 * len(DEVICES)
+    assert len(parent.events("channel closed")) == 2 * CHANNELS
     assert not [r for r in parent.lines if r.get("level") in ("error", "critical")]
 
 
@@ -71,10 +75,11 @@ def test_killed_child_releases_only_its_own_channels(parent: Parent, workdir: Pa
     vm1 = child(workdir, parent.tcp, "vm1")
     vm2 = child(workdir, parent.unix, "vm2")
     vm1.wait_event("all offered channels open")
+    vm1.wait_event("NIC queues")  # and the NIC's sub-channels, opened after its probe
     vm2.wait_event("all offered channels open")
     assert vm1.stop(signal.SIGKILL) == -signal.SIGKILL
     gone = parent.wait_event("partition disconnected", partition="vm1")
-    assert gone["channels_released"] == len(DEVICES)
+    assert gone["channels_released"] == CHANNELS
     # vm2 never noticed, and a new vm1 can connect under the same name at once.
     vm1b = child(workdir, parent.tcp, "vm1")
     vm1b.wait_event("all offered channels open")

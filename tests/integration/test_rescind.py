@@ -28,6 +28,7 @@ async def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
 async def test_rescind_then_reoffer_with_a_live_child(tmp_path: Path) -> None:
     logs.setup("warning", json=True)
     cfg = Config(listen=[f"unix:{tmp_path}/vmbus.sock"], data_dir=str(tmp_path / "var"))
+    cfg.section("network").subchannels = 0  # one channel per device: the counts below are of devices
     daemon = ParentDaemon(cfg)
     await daemon.start()
     vm = child(tmp_path, f"unix:{tmp_path}/vmbus.sock", "vm1", "--trace")

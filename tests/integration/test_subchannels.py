@@ -35,7 +35,8 @@ def qemu_io(sock: Path, name: str, *commands: str) -> None:
 @pytest.mark.parametrize("subchannels", [0, 4])
 def test_subchannels_are_offered_opened_and_carry_io(tmp_path: Path, subchannels: int) -> None:
     assert shutil.which("qemu-io"), "qemu-io missing: apt-get install -y qemu-utils (make test does)"
-    parent = Parent(tmp_path, f"[storage]\nsubchannels = {subchannels}\n")
+    # The network device's sub-channels are off: every sub-channel here is storage's.
+    parent = Parent(tmp_path, f"[storage]\nsubchannels = {subchannels}\n[network]\nsubchannels = 0\n")
     sock = tmp_path / "vm1.nbd"
     vm = child(tmp_path, parent.unix, "vm1", "--nbd", f"unix:{sock}")
     try:
@@ -69,6 +70,7 @@ async def test_rescinding_the_primary_takes_its_subchannels_first_and_a_reoffer_
     logs.setup("warning", json=True)
     cfg = Config(listen=[f"unix:{tmp_path}/vmbus.sock"], data_dir=str(tmp_path / "var"))
     cfg.section("storage").subchannels = 2
+    cfg.section("network").subchannels = 0
     daemon = ParentDaemon(cfg)
     await daemon.start()
     vm = child(tmp_path, f"unix:{tmp_path}/vmbus.sock", "vm1", "--trace")

@@ -16,8 +16,10 @@ from vmbus_proto.devices.network import guest as G
 from vmbus_proto.devices.network import host as H
 from vmbus_proto.devices.network import nvsp, rndis
 from vmbus_proto.devices.network.buffers import RX_RESERVED_CONTROL, ByteBuffer, ReceiveBufferAllocator
-from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.errors import DeviceProtocolError, LocalProtocolError
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+
+from .test_rss import tcp_frame
 
 MAC = bytes.fromhex("00155d000001")
 RECV_SIZE = 2 * 1024 * 1024  # smaller than Linux's 16 MiB to keep the tests light; same layout
@@ -58,7 +60,10 @@ class Link:
                     self._device(event)
             for packet in b:
                 self.to_guest.append(packet)
-                self.guest_events += self.guest.receive(packet)
+                for guest_event in self.guest.receive(packet):
+                    self.guest_events.append(guest_event)
+                    if isinstance(guest_event, G.SubchannelsGranted):  # the NetVSC opened them all at once
+                        self.guest_events += self.guest.subchannels_opened(guest_event.count)
         raise AssertionError("the link did not settle")
 
     def _device(self, event: H.Event) -> None:
@@ -71,6 +76,8 @@ class Link:
         elif isinstance(event, H.SendBufferRequested):
             self.host.attach_send_buffer(self.send, self.send.size)
         elif isinstance(event, H.SubchannelsRequested):
+            for queue in range(1, event.count + 1):
+                self.host.queue_opened(queue)
             self.host.subchannels_opened(event.count)
 
     def up(self) -> Link:
@@ -118,8 +125,8 @@ def test_setup_in_linux_order_to_data_path_ready() -> None:
         "Initialize", "Query OID_GEN_MAXIMUM_FRAME_SIZE", "Query OID_802_3_PERMANENT_ADDRESS",
         "Query OID_GEN_FRIENDLY_NAME", "Query OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES",
         "Set OID_TCP_OFFLOAD_PARAMETERS", "Query OID_GEN_MEDIA_CONNECT_STATUS", "Query OID_GEN_LINK_SPEED",
-        "Query OID_GEN_RECEIVE_SCALE_CAPABILITIES", "Set OID_GEN_RECEIVE_SCALE_PARAMETERS",
-        "Set OID_GEN_CURRENT_PACKET_FILTER"]
+        "Query OID_GEN_RECEIVE_SCALE_CAPABILITIES", "Set OID_GEN_CURRENT_PACKET_FILTER",
+        "Set OID_GEN_RECEIVE_SCALE_PARAMETERS"]
     assert "SUBCHANNEL" in nvsp_types(link.to_host)
     g, h = link.guest, link.host
     assert g.version == h.version == 0x60001
@@ -132,8 +139,8 @@ def test_setup_in_linux_order_to_data_path_ready() -> None:
     assert g.max_pkt_per_msg == 8 and g.pkt_alignment == 8
     assert [type(e).__name__ for e in link.host_events] == [
         "ReceiveBufferRequested", "SendBufferRequested", "DataPathReady", "SubchannelsRequested",
-        "PacketFilterChanged"]
-    assert isinstance(link.guest_events[-1], G.Ready)
+        "PacketFilterChanged", "RssChanged"]
+    assert any(isinstance(e, G.Ready) for e in link.guest_events)
 
 
 def test_init_completions_as_openvmm() -> None:
@@ -167,6 +174,11 @@ def test_subchannels_granted_up_to_the_host_limit() -> None:
     h = link.host
     request = Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, 77,
                      nvsp.encode(nvsp.SubchannelRequest(nvsp.SUBCHANNEL_ALLOCATE, 9)))
+    # OpenVMM: more than max_queues - 1 fails (Linux never asks for more than the RSS capabilities' count).
+    assert h.receive(request) == []
+    assert nvsp.decode(h.data_to_send()[0].payload, True) == nvsp.SubchannelComplete(nvsp.Status.FAIL, 0)
+    request = Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, 78,
+                     nvsp.encode(nvsp.SubchannelRequest(nvsp.SUBCHANNEL_ALLOCATE, 2)))
     assert h.receive(request) == [H.SubchannelsRequested(2)]
     assert nvsp.decode(h.data_to_send()[0].payload, True) == nvsp.SubchannelComplete(nvsp.Status.SUCCESS, 2)
 
@@ -536,3 +548,95 @@ def test_both_sides_can_start_after_the_handshake_modules() -> None:
                              send_view=link.send, send_size=SEND_SIZE, version=vsc.negotiated_version)
     link.up()
     assert nvsp_types(link.to_host)[0] == "SEND_NDIS_CONFIG" and link.host.ready
+
+
+# ---- sub-channels and RSS ----------------------------------------------------------------------------------
+
+
+def test_receives_spread_by_rss_each_on_its_channel_and_completed_there() -> None:
+    link = Link(queues=4, max_subchannels=3).up()
+    h, g = link.host, link.guest
+    assert h.open_queues == [0, 1, 2, 3] and h.rss is not None and h.rss.table == tuple(i % 4 for i in range(128))
+    table = [p for p in link.to_guest if p.payload[:4] == struct.pack("<I", nvsp.MessageType.SEND_INDIRECTION_TABLE)]
+    assert len(table) == 1 and g.send_table == tuple(i % 4 for i in range(16))
+    frames = [tcp_frame("10.0.0.1", "10.0.0.2", 30000 + i, 80) for i in range(64)]
+    expected = {f: h.rss.queue(f) for f in frames}
+    for f in frames:
+        h.deliver([(f, rndis.NO_INFO)], h.queue_for(f))
+    free = h.receive_allocator.free_data if h.receive_allocator else 0
+    got: dict[int, list[bytes]] = {}
+    for queue in h.open_queues:
+        packets = h.data_to_send() if queue == 0 else h.queue_data(queue)
+        assert all(p.type == PacketType.DATA_USING_XFER_PAGES for p in packets)
+        for p in packets:
+            for e in g.receive(p):
+                if isinstance(e, G.FramesReceived):
+                    got.setdefault(queue, []).extend(fr for fr, _ in e.frames)
+            for done in g.data_to_send():  # the completion goes back on the channel the packet came on
+                assert done.type == PacketType.COMP
+                h.receive(done) if queue == 0 else h.receive_on_queue(done, queue)
+    assert {q: sorted(fs) for q, fs in got.items()} == {
+        q: sorted(f for f in frames if expected[f] == q) for q in set(expected.values())}
+    assert len(got) == 4, f"64 flows used queues {sorted(got)}"
+    assert h.receive_allocator is not None and h.receive_allocator.free_data == free + 64
+    arp = b"\xff" * 6 + MAC + b"\x08\x06" + bytes(28)
+    assert h.queue_for(arp) == 0
+
+
+def test_subchannel_carries_only_data_and_its_close_frees_what_it_held() -> None:
+    link = Link(queues=4, max_subchannels=3).up()
+    h, g = link.host, link.guest
+    assert h.rss is not None and h.receive_allocator is not None
+    flow = next(f for f in (tcp_frame("10.0.0.1", "10.0.0.2", 40000 + i, 80) for i in range(64))
+                if h.queue_for(f) == 2)
+    free = h.receive_allocator.free_data
+    h.deliver([(flow, rndis.NO_INFO)] * 3, 2)
+    assert len(h.queue_data(2)) == 1 and h.receive_allocator.free_data == free - 3  # sent, not completed
+    h.deliver([(flow, rndis.NO_INFO)], 2)  # queued, never sent
+    h.queue_closed(2)
+    assert h.receive_allocator.free_data == free, "a closed queue keeps no sub-allocation"
+    assert h.open_queues == [0, 1, 3] and h.queue_for(flow) == 0, "its flows fall back to queue 0"
+    assert h.queue_data(2) == []
+    # A transmit on a sub-channel is completed on it.
+    g.send_frame(frame(60))
+    (tx,) = g.data_to_send()
+    assert h.receive_on_queue(tx, 1) and h.data_to_send() == []
+    (done,) = h.queue_data(1)
+    assert done.type == PacketType.COMP and done.trans_id == tx.trans_id
+    # Anything but SEND_RNDIS_PKT and completions ends the channel; so does a queue that is not open.
+    keepalive = Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, 5,
+                       nvsp.encode(nvsp.SubchannelRequest(nvsp.SUBCHANNEL_ALLOCATE, 1)))
+    with pytest.raises(nvsp.NvspError, match="not valid on sub-channel 1"):
+        h.receive_on_queue(keepalive, 1)
+    with pytest.raises(nvsp.NvspError, match="not open"):
+        h.receive_on_queue(tx, 2)
+    with pytest.raises(nvsp.NvspError, match="outside"):
+        h.queue_opened(4)
+
+
+def test_guest_sets_rss_only_once_its_subchannels_are_open() -> None:
+    recv, send = ByteBuffer(RECV_SIZE), ByteBuffer(SEND_SIZE)
+    host = H.NvspHost(MAC, max_subchannels=3)
+    guest = G.NvspGuest(recv_gpadl=0x10, recv_view=recv, recv_size=RECV_SIZE, send_gpadl=0x11, send_view=send,
+                        send_size=SEND_SIZE, queues=2)
+    guest.start()
+    granted: list[G.Event] = []
+    for _ in range(200):
+        out_g, out_h = guest.data_to_send(), host.data_to_send()
+        if not out_g and not out_h:
+            break
+        for p in out_g:
+            for e in host.receive(p):
+                if isinstance(e, H.ReceiveBufferRequested):
+                    host.attach_receive_buffer(recv, RECV_SIZE)
+                elif isinstance(e, H.SendBufferRequested):
+                    host.attach_send_buffer(send, SEND_SIZE)
+        for p in out_h:
+            granted += guest.receive(p)
+    assert G.SubchannelsGranted(1) in granted and guest.ready and host.rss is None, "RSS before the opens"
+    with pytest.raises(LocalProtocolError, match="2 sub-channels opened, 1 were granted"):
+        guest.subchannels_opened(2)
+    assert guest.subchannels_opened(1) == [G.SendTableChanged(tuple(i % 2 for i in range(16)))]
+    for p in guest.data_to_send():
+        host.receive(p)
+    assert host.rss is not None and set(host.rss.table) == {0, 1}

@@ -159,8 +159,9 @@ def test_unknown_oid_is_not_supported(oid: int) -> None:
 
 
 def test_rss_parameters_as_linux_sends_them() -> None:
-    key, table = rndis.parse_rss_parameters(rss_parameters(4), 4) or (b"", ())
+    hash_info, key, table = rndis.parse_rss_parameters(rss_parameters(4), 4) or (0, b"", ())
     assert len(key) == 40 and table == tuple(i % 4 for i in range(128))
+    assert hash_info == 0x1701, "Toeplitz, IPv4, TCP/IPv4, IPv6, TCP/IPv6 (Linux NDIS_HASH_* bits)"
     with pytest.raises(rndis.OidError, match="queue >= 2"):
         rndis.parse_rss_parameters(rss_parameters(4), 2)
     disabled = bytearray(rss_parameters(4))

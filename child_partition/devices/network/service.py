@@ -59,6 +59,17 @@ def interval_arg(text: str) -> float:
     return value
 
 
+def queues_arg(text: str) -> int:
+    """argparse type: a NIC queue count, 1..64 (Linux VRSS_CHANNEL_MAX)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a queue count is a whole number from 1 to 64")
+    return value
+
+
 class NetworkService(GuestService):
     def __init__(self, ctx: GuestContext) -> None:
         super().__init__(ctx)
@@ -94,6 +105,9 @@ class NetworkService(GuestService):
         parser.add_argument("--ping-interval", metavar="SECONDS", type=interval_arg, default=1.0,
                             help="seconds between the pings of each --ping target (default 1); a reply later than "
                                  "this (and 1 s) counts as lost")
+        parser.add_argument("--net-queues", metavar="N", type=queues_arg,
+                            help="channels the NIC may use, the primary and its NVSP sub-channels, as ethtool -L "
+                                 "combined N (default 8, as Linux; the host may offer fewer; 1: no sub-channels)")
 
     async def start(self) -> None:
         if self.tap_netns and not self.tap_name:

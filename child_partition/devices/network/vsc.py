@@ -8,6 +8,13 @@ Linux makes, until the NIC is up. This driver owns those pages and the GPADLs, m
 rest of the guest a :class:`~.nic.Nic`. Removal is Linux's ``netvsc_device_remove``: RNDIS HALT, REVOKE of
 both buffers, CLOSECHANNEL, then the buffer GPADLs torn down.
 
+Sub-channels (Linux ``rndis_set_subchannel``, ``netvsc_sc_open``): when the host's RSS capabilities report
+several queues the NetVSC asks for ``min(--net-queues, host queues) - 1`` sub-channels with NVSP SUBCHANNEL,
+opens each offered one, receives on all of them (transfer-page packets may come on any, and are completed
+on the channel they came on), and once all are open sets the send table and RSS for them. A frame is sent
+on the queue the send indirection table picks for its flow hash (``netvsc_pick_tx``); the host's
+SEND_INDIRECTION_TABLE replaces the table.
+
 Over a stream a transfer-page packet brings the bytes of the ranges it names, which are copied into the
 receive buffer before they are read; a frame copied into a send-buffer section travels with its
 SEND_RNDIS_PKT (docs/protocol.md §7.4).
@@ -19,9 +26,10 @@ import asyncio
 import contextlib
 from typing import Any
 
+from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.network import guest as netguest
-from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
+from vmbus_proto.devices.network import nvsp, offload, rndis, rss, vnet
 from vmbus_proto.devices.network.buffers import DEFAULT_RECEIVE_BUFFER, DEFAULT_SEND_BUFFER
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
@@ -32,6 +40,7 @@ from .nic import Nic
 from .service import NetworkService
 
 SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
+DEFAULT_QUEUES = 8  # Linux VRSS_CHANNEL_DEFAULT (and at most VRSS_CHANNEL_MAX = 64)
 
 
 class PageView:
@@ -68,6 +77,9 @@ class NetworkVsc(HandshakeVsc):
         self._failed: str | None = None
         self._backlog: list[Packet] = []
         self._flushing: asyncio.Task[None] | None = None
+        self.queues: dict[int, _Queue] = {}  # open sub-channels by index
+        self.spreading = False  # every granted sub-channel is open and RSS was set for them
+        self._tx_hash: rss.Toeplitz | None = None
 
     async def handshake(self, channel: Channel) -> None:
         await super().handshake(channel)  # NVSP INIT, newest first
@@ -76,7 +88,7 @@ class NetworkVsc(HandshakeVsc):
         send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
         self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
                                         send_gpadl=send_gpadl, send_view=send, send_size=send.size,
-                                        version=self.version)
+                                        version=self.version, queues=self._wanted_queues())
         self.guest.start()
         await self.flush(channel)
         while not self._ready.is_set():  # Linux's probe: every setup answer, then the NIC is up
@@ -140,8 +152,11 @@ class NetworkVsc(HandshakeVsc):
                     self.nic.set_link(up)
             case netguest.TornDown():
                 self._torn_down.set()
-            case netguest.SubchannelsGranted() | netguest.SendTableChanged():
-                pass  # no sub-channels are asked for yet
+            case netguest.SubchannelsGranted(count=count):
+                self.log.info("sub-channels granted", count=count)
+                self._all_open()
+            case netguest.SendTableChanged():
+                pass  # transmit reads guest.send_table
 
     def packets(self) -> list[Packet]:
         """What the state machine wants sent, each send-buffer section's bytes riding with its packet."""
@@ -168,6 +183,8 @@ class NetworkVsc(HandshakeVsc):
     def transmit(self, frame: bytes, info: rndis.PacketInfo = rndis.NO_INFO) -> bool:
         """The NIC's transmit (with its per-packet info): into the state machine now, onto the ring now or by
         the flusher."""
+        if self.spreading and (queue := self._tx_queue(frame)) is not None:
+            return queue.transmit(frame, info)
         guest, channel = self.guest, self.channel
         if guest is None or channel is None or self._backlog:
             return False
@@ -189,6 +206,9 @@ class NetworkVsc(HandshakeVsc):
                 guest.close()
                 await self.flush(channel)
                 await asyncio.wait_for(self._torn_down.wait(), SETUP_TIMEOUT)
+        if self.queues:
+            self.log.info("NIC queues closing", **self.queue_counters())
+        self._stop_queues()
         await super().detach(rescinded)
         for gpadl, pfns in list(self.buffers.values()):
             if not rescinded:
@@ -198,12 +218,157 @@ class NetworkVsc(HandshakeVsc):
         self.buffers.clear()
 
     def forget(self) -> None:
+        self._stop_queues()
         if self.nic is not None:
             self.nic.close()
         for _, pfns in self.buffers.values():
             self.memory.free(pfns)
         self.buffers.clear()
         super().forget()
+
+    # ---- sub-channels ------------------------------------------------------------------------------------
+
+    def _wanted_queues(self) -> int:
+        """How many queues to ask for: ``--net-queues`` (as ``ethtool -L``), else Linux's default of 8."""
+        queues = self.service.ctx.options.get("net_queues") if self.service is not None else None
+        return int(queues) if queues else DEFAULT_QUEUES
+
+    async def on_subchannel_offer(self, offer: m.OfferChannel) -> None:
+        """``netvsc_sc_open``: open each sub-channel asked for (the offer may come before the SUBCHANNEL
+        completion is read); once all granted are open the send table and RSS spread over them."""
+        guest = self.guest
+        index = offer.sub_channel_index
+        if guest is None or not 0 < index <= guest.requested_subchannels or index in self.queues:
+            return  # not ours to open (Linux leaves such an offer alone)
+        sc = await self.open_subchannel(offer)
+        assert sc.channel is not None
+        queue = _Queue(self, index, sc.channel, sc.relid)
+        self.queues[index] = queue
+        queue.reader = asyncio.get_running_loop().create_task(queue.read())
+        self.log.info("sub-channel open", subchannel=sc.relid, index=index, channels=len(self.queues) + 1)
+        self._all_open()
+
+    def _all_open(self) -> None:
+        """rndis_set_subchannel once ``open_chn == num_chn``: the send table, then RSS, for every channel."""
+        guest, channel = self.guest, self.channel
+        if guest is None or channel is None or self.spreading or not guest.subchannels \
+                or len(self.queues) < guest.subchannels:
+            return
+        self.spreading = True
+        self._tx_hash = rss.Toeplitz(guest.rss_key)
+        for event in guest.subchannels_opened(len(self.queues)):
+            self._event(event)
+        self._backlog += self.packets()
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self.flush(channel))
+        self.log.info("NIC queues", channels=len(self.queues) + 1, send_table=list(guest.send_table))
+
+    def _tx_queue(self, frame: bytes) -> _Queue | None:
+        """netvsc_pick_tx: the send table's queue for the frame's flow hash (None: the primary)."""
+        guest, hasher = self.guest, self._tx_hash
+        if guest is None or hasher is None:
+            return None
+        data = rss.hash_input(frame)
+        index = rss.send_queue(guest.send_table, None if data is None else hasher.hash(data))
+        return self.queues.get(index) if index else None
+
+    async def on_subchannel_rescind(self, relid: int) -> None:
+        for index, queue in list(self.queues.items()):
+            if queue.relid == relid:
+                del self.queues[index]
+                queue.stop()
+        await super().on_subchannel_rescind(relid)
+
+    def _stop_queues(self) -> None:
+        queues, self.queues = list(self.queues.values()), {}
+        for queue in queues:
+            queue.stop()
+        self.spreading = False
+
+    def queue_counters(self) -> dict[str, Any]:
+        """Frames received and sent on each channel (0: the primary)."""
+        guest = self.guest
+        rx = {i: q.rx_frames for i, q in sorted(self.queues.items())}
+        tx = {i: q.tx_frames for i, q in sorted(self.queues.items())}
+        if guest is not None:
+            rx[0] = guest.counters.rx_frames - sum(rx.values())
+            tx[0] = guest.counters.tx_frames - sum(tx.values())
+        return {"rx_by_queue": dict(sorted(rx.items())), "tx_by_queue": dict(sorted(tx.items()))}
+
+
+class _Queue:
+    """One open sub-channel of the NetVSC: its reader, and its packets waiting for room on its ring."""
+
+    def __init__(self, vsc: NetworkVsc, index: int, channel: Channel, relid: int) -> None:
+        self.vsc, self.index, self.channel, self.relid = vsc, index, channel, relid
+        self.backlog: list[Packet] = []
+        self.reader: asyncio.Task[None] | None = None
+        self.flushing: asyncio.Task[None] | None = None
+        self.rx_frames = 0
+        self.tx_frames = 0
+
+    async def read(self) -> None:
+        """netvsc_channel_cb on a sub-channel: receives (completed here) and transmit completions."""
+        vsc = self.vsc
+        try:
+            while True:
+                pkt = await self.channel.recv()
+                if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
+                    vsc._absorb(pkt)
+                guest = vsc.guest
+                assert guest is not None
+                for event in guest.receive(pkt):
+                    if isinstance(event, netguest.FramesReceived):
+                        self.rx_frames += len(event.frames)
+                    vsc._event(event)
+                self._route(vsc.packets())
+                await self.flush()
+        except ChannelClosed:
+            pass
+        except (nvsp.NvspError, rndis.RndisError) as exc:
+            vsc.log.error("sub-channel protocol error; it stops receiving", index=self.index, error=str(exc))
+
+    def _route(self, packets: list[Packet]) -> None:
+        """Completions go back on this channel; anything else (an RNDIS request a control answer let out) on
+        the primary."""
+        vsc = self.vsc
+        for pkt in packets:
+            (self.backlog if pkt.type == PacketType.COMP else vsc._backlog).append(pkt)
+        if vsc._backlog and vsc.channel is not None and (vsc._flushing is None or vsc._flushing.done()):
+            vsc._flushing = asyncio.get_running_loop().create_task(vsc.flush(vsc.channel))
+
+    async def flush(self) -> None:
+        channel = self.channel
+        while self.backlog:
+            pkt = self.backlog.pop(0)
+            if not channel.try_send(pkt):
+                await channel.send(pkt)
+        if self.vsc.nic is not None:
+            self.vsc.nic.tx_room()
+
+    def transmit(self, frame: bytes, info: rndis.PacketInfo) -> bool:
+        """A frame whose flow this queue carries: onto its ring now, or by its flusher."""
+        guest = self.vsc.guest
+        if guest is None or self.backlog:
+            return False
+        guest.send_frame(frame, info)
+        self.tx_frames += 1
+        for pkt in self.vsc.packets():
+            if self.backlog or not self.channel.try_send(pkt):
+                self.backlog.append(pkt)
+        if self.backlog and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.get_running_loop().create_task(self._flush_quietly())
+        return True
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await self.flush()
+
+    def stop(self) -> None:
+        for task in (self.reader, self.flushing):
+            if task is not None:
+                task.cancel()
+        self.backlog.clear()
 
 
 _RNDIS_PKT = int(nvsp.MessageType.SEND_RNDIS_PKT).to_bytes(4, "little")

@@ -30,6 +30,8 @@ class NetworkSettings:
     link_speed_mbps: int = setting(10_000, check=count(10))  # what OID_GEN_LINK_SPEED reports
     mac_style: str = setting("local", check=_mac_style)  # how a partition's MAC is made from its name
     port_queue_frames: int = setting(1024, check=count(16))  # frames waiting for a partition before drops
+    # NVSP sub-channels a NIC may have (RSS queues = this + 1; OpenVMM's default 4 queues); 0: one channel.
+    subchannels: int = setting(3, check=count(0, 63))
     # A TAP device on the parent's host joined to the switch (Hyper-V's external virtual switch); "" for none.
     external_tap: str = setting("", check=_ifname)
     # Seconds between "switch counters" log lines (per-port frames, floods, drops) while they change; 0: none.

@@ -7,6 +7,12 @@ partition's NIC to the switch as a port, hands the guest's transmits to the swit
 switch forwards into receive-buffer sub-allocations (transfer-page packets). A guest that stops completing
 receives keeps every sub-allocation: further frames are dropped and counted, nothing is buffered.
 
+Sub-channels (``[network] subchannels``, OpenVMM ``max_queues - 1``): the guest's NVSP SUBCHANNEL is granted
+up to that count and the sub-channels offered; each one joins its primary's NIC as a queue (the receive and
+send buffers are the primary's), carries SEND_RNDIS_PKT and its own transfer-page packets and completions.
+Once all are open the guest gets SEND_INDIRECTION_TABLE; frames from the switch go to the queue the
+guest's RSS indirection table picks for their Toeplitz hash (``vmbus_proto.devices.network.rss``).
+
 Over a stream the host cannot map the guest's buffers: a transfer-page packet carries the bytes of the
 ranges it names (the guest copies them into its receive buffer), and a send-buffer section's bytes travel
 with the SEND_RNDIS_PKT that names it (docs/protocol.md §7.4).
@@ -19,17 +25,17 @@ import contextlib
 from typing import Any
 
 from vmbus_proto.aio import logs
-from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.aio.tap import Tap, TapError
 from vmbus_proto.devices.base import HandshakeTrace
 from vmbus_proto.devices.network import host as nethost
-from vmbus_proto.devices.network import nvsp, offload, rndis, vnet
+from vmbus_proto.devices.network import nvsp, offload, rndis, rss, vnet
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Buffer, Packet
 
 from ...memory import GpadlHold
 from ...settings import ConfigError
-from ...vsp import ChannelResources, HostContext, Vsp
+from ...vsp import ChannelResources, HostContext, Vsp, offer_subchannels
 from .settings import NetworkSettings
 from .stats import SwitchStatsLog
 from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for, port_fields
@@ -80,6 +86,7 @@ class NetworkVsp(Vsp):
         self.settings = settings or NetworkSettings()
         self.switch = Switch(mtu=self.settings.mtu, queue_frames=self.settings.port_queue_frames)
         self.hosts: dict[str, nethost.NvspHost] = {}  # by partition: the NIC's protocol state (counters)
+        self.nics: dict[tuple[str, int], _Nic] = {}  # by (partition, primary relid): where sub-channels join
         self.uplink: TapUplink | None = None
         self.stats_log: SwitchStatsLog | None = None
 
@@ -120,11 +127,13 @@ class NetworkVsp(Vsp):
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
         if res.sub_channel_index:
-            raise DeviceProtocolError("NetVSP offers no sub-channels yet")
+            await self._serve_queue(channel, res)
+            return
         st = self.settings
         mac = mac_for(res.partition, st.mac_style)
-        host = nethost.NvspHost(mac, link_speed=st.link_speed_mbps * 1_000_000)
+        host = nethost.NvspHost(mac, max_subchannels=st.subchannels, link_speed=st.link_speed_mbps * 1_000_000)
         nic = _Nic(channel, res, host, st.mtu)
+        self.nics[(res.partition, res.relid)] = nic
         port: Port | None = None
         try:
             # Large segments both ways: the NvspHost enforces the MTU on transmits without LSO, and the pump cuts
@@ -143,12 +152,35 @@ class NetworkVsp(Vsp):
         except (nvsp.NvspError, rndis.RndisError) as exc:
             raise DeviceProtocolError(str(exc)) from None
         finally:
+            if self.nics.get((res.partition, res.relid)) is nic:
+                del self.nics[(res.partition, res.relid)]
+            for sub in nic.close_queues():  # a guest closes sub-channels first; if not, they end with the primary
+                task = self.tasks.get(sub)
+                if task is not None:
+                    task.cancel()
             nic.release()
             if port is not None:
                 port.detach()
             if self.hosts.get(res.partition) is host:
                 del self.hosts[res.partition]
-            res.log.info("NIC off the switch", **_counters(host), **(port_fields(port.counters) if port else {}))
+            res.log.info("NIC off the switch", **_counters(host), rx_by_queue=nic.rx_by_queue,
+                         **(port_fields(port.counters) if port else {}))
+
+    async def _serve_queue(self, channel: Channel, res: ChannelResources) -> None:
+        """A sub-channel: queue ``sub_channel_index`` of its primary's NIC (no handshake of its own)."""
+        nic = self.nics.get((res.partition, res.primary_relid))
+        queue = res.sub_channel_index
+        if nic is None or not nic.host.subchannels_granted:
+            raise DeviceProtocolError(f"sub-channel {res.relid} opened while its primary {res.primary_relid} "
+                                      "has no sub-channels granted")
+        try:
+            nic.open_queue(queue, channel)
+            try:
+                await nic.serve_queue(queue)
+            finally:
+                nic.close_queue(queue, channel)
+        except (nvsp.NvspError, rndis.RndisError) as exc:
+            raise DeviceProtocolError(str(exc)) from None
 
 
 class _Nic:
@@ -162,6 +194,8 @@ class _Nic:
         self.holds: dict[str, GpadlHold] = {}
         self._out: list[Packet] = []
         self._ready = False
+        self.queues: dict[int, Channel] = {}  # open sub-channels by index
+        self.rx_by_queue: dict[int, int] = {}  # frames delivered per queue (0: the primary)
 
     async def run(self) -> None:
         channel, host = self.channel, self.host
@@ -212,8 +246,12 @@ class _Nic:
                     hold.release()
             case nethost.Halted():
                 res.log.info("RNDIS halted")
-            case nethost.SubchannelsRequested() | nethost.DataPathSwitched():
-                pass  # no sub-channels are granted (max 0) and there is no VF to switch to
+            case nethost.SubchannelsRequested(count=count):
+                offer_subchannels(res, count)
+            case nethost.RssChanged(config=config):
+                res.log.info("RSS", **_rss_summary(config))
+            case nethost.DataPathSwitched():
+                pass  # there is no VF to switch to
 
     def _hold(self, which: str, gpadl_id: int) -> GpadlHold | None:
         try:
@@ -241,6 +279,9 @@ class _Nic:
         assert port is not None
         while True:
             frames: list[Frame] = await port.recv_batch(RX_BATCH)
+            if self.queues:  # sub-channels open: RSS spreads the frames over them
+                await self._spread(self._for_guest(frames))
+                continue
             host.deliver(self._for_guest(frames))
             await self.flush()
 
@@ -274,10 +315,87 @@ class _Nic:
             if not channel.try_send(pkt):
                 await channel.send(pkt)
 
+    # ---- sub-channels ---------------------------------------------------------------------------------
+
+    def open_queue(self, queue: int, channel: Channel) -> None:
+        self.host.queue_opened(queue)
+        self.queues[queue] = channel
+        self.res.log.info("NIC sub-channel open", queue=queue, relid=channel.relid)
+        if len(self.queues) == self.host.subchannels_granted:
+            # Every granted sub-channel is open: SEND_INDIRECTION_TABLE on the primary (OpenVMM tx_spread_sent).
+            self.host.subchannels_opened(len(self.queues))
+            self.res.log.info("NIC sub-channels open", queues=len(self.queues) + 1)
+            self._kick()
+
+    def close_queue(self, queue: int, channel: Channel) -> None:
+        if self.queues.get(queue) is channel:
+            del self.queues[queue]
+            self.host.queue_closed(queue)
+            self._kick()  # control answers freed sub-allocations may let out
+
+    def close_queues(self) -> list[Channel]:
+        """The primary goes: every queue with it (their sub-allocations too); returns their channels."""
+        channels = list(self.queues.values())
+        for queue in list(self.queues):
+            self.close_queue(queue, self.queues[queue])
+        return channels
+
+    def _kick(self) -> None:
+        """Send what the primary has waiting, from outside its own loop."""
+        task = asyncio.get_running_loop().create_task(self.flush())
+        task.add_done_callback(_quiet)
+
+    async def serve_queue(self, queue: int) -> None:
+        """Packets on sub-channel ``queue``: transmits and receive completions, answered on it."""
+        channel, host = self.queues[queue], self.host
+        while True:
+            pkt = await channel.recv()
+            self.send_view.current = pkt.data
+            for event in host.receive_on_queue(pkt, queue):
+                self._event(event)
+            await self._send_queue(queue)
+            await self.flush()  # RNDIS control answers a completion let out go on the primary
+
+    async def _send_queue(self, queue: int) -> None:
+        channel = self.queues.get(queue)
+        for pkt in self.host.queue_data(queue):
+            if pkt.xfer_ranges:
+                pkt.data = self.rx_view.take(pkt.xfer_ranges)
+            if channel is not None and not channel.try_send(pkt):
+                with contextlib.suppress(ChannelClosed):  # it closed meanwhile: queue_closed freed its buffers
+                    await channel.send(pkt)
+
+    async def _spread(self, frames: list[tuple[bytes, rndis.PacketInfo]]) -> None:
+        """Receive-side scaling: each frame on the queue the guest's indirection table picks for it."""
+        host = self.host
+        by_queue: dict[int, list[tuple[bytes, rndis.PacketInfo]]] = {}
+        for item in frames:
+            by_queue.setdefault(host.queue_for(item[0]), []).append(item)
+        for queue, batch in by_queue.items():
+            self.rx_by_queue[queue] = self.rx_by_queue.get(queue, 0) + host.deliver(batch, queue).delivered
+        for queue in by_queue:
+            if queue:
+                await self._send_queue(queue)
+        await self.flush()
+
     def release(self) -> None:
         for hold in self.holds.values():
             hold.release()
         self.holds.clear()
+
+
+def _quiet(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # a channel that closed meanwhile: nothing to send it to
+
+
+def _rss_summary(config: rss.RssConfig | None) -> dict[str, Any]:
+    """The RSS table briefly: which queues it spreads over, its size, the hash types."""
+    if config is None:
+        return {"enabled": False}
+    queues = sorted(set(config.table))
+    return {"enabled": True, "queues": queues, "table_entries": len(config.table),
+            "hash_types": rss.hash_types_text(config.hash_info)}
 
 
 def _counters(host: nethost.NvspHost) -> dict[str, Any]:

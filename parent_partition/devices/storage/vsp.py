@@ -35,7 +35,7 @@ from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Packet, PacketType
 
 from ...settings import ConfigError
-from ...vsp import ChannelResources, HandshakeVsp, HostContext
+from ...vsp import ChannelResources, HandshakeVsp, HostContext, offer_subchannels
 from .disk import DiskBackend, shutdown_default_executor
 from .scsi import LunConfig, ScsiController, ScsiResult, open_disks
 from .settings import LunEntry, StorageSettings
@@ -320,11 +320,3 @@ def _check_image(entry: LunEntry, source: str | None) -> None:
                 if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not entry.read_only else "")
         why = (exc.strerror or str(exc)).removeprefix(f"{path}: ").removeprefix(f"open {path}: ")
         raise ConfigError(f"{where}: {why}{hint}") from None
-
-
-def offer_subchannels(res: ChannelResources, count: int) -> None:
-    """Offer sub-channels up to ``count`` in all (OpenVMM ``enable_subchannels``: the count is a total)."""
-    more = count - res.subchannels.offered
-    if more > 0:
-        relids = res.subchannels.offer(more)
-        res.log.info("sub-channels offered", count=len(relids), relids=relids)

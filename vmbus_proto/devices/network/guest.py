@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from ...errors import LocalProtocolError
 from ...packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType, pages_spanned
 from ..base import Incoming
-from . import nvsp, rndis
+from . import nvsp, rndis, rss
 from .buffers import BufferView, SendBufferAllocator
 from .nvsp import NvspError, Status, Version
 
 NETVSC_MTU_MIN = 68  # the smallest receive section Linux accepts
-RSS_HASH_INFO = 0x1 | 0x100 | 0x200 | 0x400 | 0x800  # Toeplitz + IPv4, TCP_IPv4, IPv6, TCP_IPv6 (Linux)
 DIRECT_PFN_BASE = 0x100000  # where the default GPA-direct descriptors say a frame lives
 
 
@@ -125,7 +124,9 @@ class NvspGuest:
         self.connected = True
         self.link_speed = 0
         self.subchannels = 0
+        self.requested_subchannels = 0
         self.send_table: tuple[int, ...] = ()
+        self.rss_key = bytes(range(1, rndis.RSS_KEY_SIZE + 1))  # Linux fills it at random (netdev_rss_key_fill)
         self.recv_section_size = 0
         self.recv_sections = 0
         self.max_pkt_per_msg = 0
@@ -333,6 +334,7 @@ class NvspGuest:
             self._steps.insert(0, lambda: self._subchannel_request(wanted - 1))
 
     def _subchannel_request(self, count: int) -> _Request | None:
+        self.requested_subchannels = count
         self._send(nvsp.SubchannelRequest(nvsp.SUBCHANNEL_ALLOCATE, count), wait="SUBCHANNEL")
         return _WAIT_NVSP
 
@@ -341,10 +343,26 @@ class NvspGuest:
             raise NvspError(f"{type(message).__name__} answers SUBCHANNEL")
         if message.status != Status.SUCCESS:
             return self._next_step()  # Linux keeps the single channel
+        if message.num_subchannels > self.requested_subchannels:  # Linux: "invalid number of allocated sub channel"
+            raise _SetupFailed(f"host granted {message.num_subchannels} sub-channels, {self.requested_subchannels} "
+                               "were asked for")
         self.subchannels = message.num_subchannels
-        queues = self.subchannels + 1
-        self._steps.insert(0, lambda: self._set(rndis.Oid.GEN_RECEIVE_SCALE_PARAMETERS, rss_parameters(queues)))
         return [SubchannelsGranted(self.subchannels), *self._next_step()]
+
+    def subchannels_opened(self, count: int) -> list[Event]:
+        """The NetVSC opened ``count`` sub-channels (Linux ``rndis_set_subchannel`` once ``open_chn ==
+        num_chn``): the send table spreads over every channel, then RSS is SET for them all."""
+        if not 0 < count <= self.subchannels:
+            raise LocalProtocolError(f"{count} sub-channels opened, {self.subchannels} were granted")
+        queues = count + 1
+        self.subchannels = count
+        self.send_table = tuple(i % queues for i in range(nvsp.INDIRECTION_TABLE_ENTRIES))
+        self._steps.append(lambda: self._set(rndis.Oid.GEN_RECEIVE_SCALE_PARAMETERS,
+                                             rss_parameters(queues, self.rss_key)))
+        events: list[Event] = [SendTableChanged(self.send_table)]
+        if self._request is None:
+            events += self._next_step()
+        return events
 
     # ---- packets from the host -------------------------------------------------------------------------
 
@@ -561,7 +579,7 @@ def rss_parameters(queues: int, key: bytes = bytes(range(1, rndis.RSS_KEY_SIZE +
     table_offset = rndis.RSS_PARAMETERS_SIZE
     key_offset = table_offset + len(table)
     params = struct.pack("<BBHHHIH2xIH2xIIII", rndis.NDIS_OBJECT_TYPE_RSS_PARAMETERS, 2, rndis.RSS_PARAMETERS_SIZE,
-                         0, 0, RSS_HASH_INFO, len(table), table_offset, len(key), key_offset, 0, 0, 0)
+                         0, 0, rss.LINUX_HASH_INFO, len(table), table_offset, len(key), key_offset, 0, 0, 0)
     return params + table + key
 
 

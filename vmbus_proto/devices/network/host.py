@@ -16,14 +16,15 @@ Inputs are method calls; packets to send are pulled with ``data_to_send()``; eve
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 from ..base import Incoming
-from . import nvsp, rndis
+from . import nvsp, rndis, rss
 from .buffers import RX_BATCH_SIZE, BufferView, ReceiveBufferAllocator, sub_allocation_size
 from .nvsp import NvspError, Status, Version
 
@@ -33,6 +34,7 @@ MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced (RX) or la
 RX_FOOTER = 36  # bytes OpenVMM keeps free at the end of each receive sub-allocation
 _PACKET_HEAD = rndis.HEADER_SIZE + rndis.PACKET_BODY_SIZE
 # The PPI chains of an RSC frame's later fragments: RNDIS_PKTINFO_ID alone, without and with LAST_FRAG.
+_SEND_RNDIS_PKT = struct.pack("<I", nvsp.MessageType.SEND_RNDIS_PKT)
 _RSC_CHAINS = tuple(rndis.pack_ppis(rndis.PacketInfo(rsc=rndis.RscId(flags)).ppis())
                     for flags in (0, rndis.RSC_LAST_FRAG))
 
@@ -81,6 +83,13 @@ class SubchannelsRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class RssChanged:
+    """OID_GEN_RECEIVE_SCALE_PARAMETERS set: receives spread by ``config`` from now on (None: RSS off)."""
+
+    config: rss.RssConfig | None
+
+
+@dataclass(frozen=True, slots=True)
 class BufferRevoked:
     """REVOKE_RECV_BUF or REVOKE_SEND_BUF: the device may drop its hold on that GPADL."""
 
@@ -101,7 +110,7 @@ class DataPathSwitched:
 
 
 Event = (ReceiveBufferRequested | SendBufferRequested | FramesSent | DataPathReady | PacketFilterChanged
-         | SubchannelsRequested | BufferRevoked | Halted | DataPathSwitched)
+         | SubchannelsRequested | RssChanged | BufferRevoked | Halted | DataPathSwitched)
 
 
 @dataclass(slots=True)
@@ -132,6 +141,15 @@ class _RxBuffer:
     view: BufferView
     id: int
     allocator: ReceiveBufferAllocator
+
+
+@dataclass(slots=True)
+class _Queue:
+    """One open sub-channel: packets for it, and its transfer-page transactions the guest has not completed
+    (freed when the sub-channel goes, so a closed queue keeps no sub-allocation)."""
+
+    outbox: list[Packet] = field(default_factory=list)
+    held: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -170,16 +188,18 @@ class NvspHost:
         self.rndis_initialized = False
         self.halted = False
         self.revoked: set[str] = set()
-        self.rss: tuple[bytes, tuple[int, ...]] | None = None
+        self.rss: rss.RssConfig | None = None  # OID_GEN_RECEIVE_SCALE_PARAMETERS (None: RSS off)
         self.requested_mac: str | None = None  # OID_GEN_RNDIS_CONFIG_PARAMETER "NetworkAddress"
         self.offload: tuple[int, ...] = ()
-        self.subchannels = 0
+        self.subchannels = 0  # opened (SEND_INDIRECTION_TABLE sent)
+        self.subchannels_granted = 0  # the last SUBCHANNEL completion's count
         self.counters = HostCounters()
         self._init: _Init | None = _Init() if version is not None else None
         self._rx: _RxBuffer | None = None
         self._send_view: BufferView | None = None
         self._send_count = 0
-        self._outbox: list[Packet] = []
+        self._outbox: list[Packet] = []  # the primary channel's
+        self._queues: dict[int, _Queue] = {}  # sub-channel queues (1..subchannels): packets and receives held
         self._control_queue: deque[bytes] = deque()
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -341,12 +361,16 @@ class NvspHost:
             self._complete(packet)
             return [BufferRevoked(receive, message.id)]
         if isinstance(message, nvsp.SubchannelRequest) and self.version >= Version.V5:
-            granted = min(message.num_subchannels, self.max_subchannels)
-            ok = message.op == nvsp.SUBCHANNEL_ALLOCATE and granted > 0 and self._rx is not None \
-                and (self._rx.allocator.count - 16) // (granted + 1) > 0
+            # OpenVMM: ALLOCATE of fewer than max_queues, with receive sub-allocations for every queue.
+            granted = message.num_subchannels
+            ok = message.op == nvsp.SUBCHANNEL_ALLOCATE and 0 < granted <= self.max_subchannels \
+                and self._rx is not None and (self._rx.allocator.count - 16) // (granted + 1) > 0
             self._complete(packet, nvsp.SubchannelComplete(Status.SUCCESS if ok else Status.FAIL,
                                                            granted if ok else 0))
-            return [SubchannelsRequested(granted)] if ok else []
+            if not ok:
+                return []
+            self.subchannels_granted = granted
+            return [SubchannelsRequested(granted)]
         if isinstance(message, nvsp.OidQueryEx) and self.version >= Version.V5:
             self._complete(packet, nvsp.OidQueryExComplete(nvsp.RNDIS_STATUS_NOT_SUPPORTED, 0))
             return []
@@ -461,7 +485,9 @@ class NvspHost:
         if oid == rndis.Oid.TCP_OFFLOAD_PARAMETERS:
             self.offload = rndis.parse_offload_parameters(info)
         elif oid == rndis.Oid.GEN_RECEIVE_SCALE_PARAMETERS:
-            self.rss = rndis.parse_rss_parameters(info, self.max_subchannels + 1)
+            params = rndis.parse_rss_parameters(info, self.max_subchannels + 1)
+            self.rss = rss.RssConfig(*params) if params is not None else None
+            return [RssChanged(self.rss)]
         elif oid == rndis.Oid.GEN_RNDIS_CONFIG_PARAMETER:
             name, value = rndis.parse_config_parameter(info)
             if name == "NetworkAddress":
@@ -491,11 +517,13 @@ class NvspHost:
             rx.view.write(offset, data)
             self._xfer(rx, ids, ((len(data), offset),), nvsp.CHANNEL_CONTROL)
 
-    def _xfer(self, rx: _RxBuffer, ids: list[int], ranges: tuple[tuple[int, int], ...], channel: int) -> None:
+    def _xfer(self, rx: _RxBuffer, ids: list[int], ranges: tuple[tuple[int, int], ...], channel: int,
+              queue: int = 0) -> None:
         trans_id = rx.allocator.hold(ids)
         payload = nvsp.encode(nvsp.SendRndisPacket(channel, nvsp.NO_SECTION, 0), self._size)
-        self._outbox.append(Packet(PacketType.DATA_USING_XFER_PAGES, FLAG_COMPLETION_REQUESTED, trans_id,
-                                   payload, xfer_pageset_id=rx.id, xfer_ranges=ranges))
+        outbox = self._queues[queue].outbox if queue else self._outbox
+        outbox.append(Packet(PacketType.DATA_USING_XFER_PAGES, FLAG_COMPLETION_REQUESTED, trans_id,
+                             payload, xfer_pageset_id=rx.id, xfer_ranges=ranges))
 
     def set_link(self, connected: bool) -> None:
         """Media connect/disconnect: indicated to the guest once RNDIS is up (Linux schedules link work)."""
@@ -521,9 +549,75 @@ class NvspHost:
         table = tuple(i % (count + 1) for i in range(nvsp.INDIRECTION_TABLE_ENTRIES))
         self._outbox.append(Packet(PacketType.DATA_INBAND, 0, 0, nvsp.encode(nvsp.SendIndirectionTable(table))))
 
-    def deliver(self, frames: Sequence[tuple[bytes, rndis.PacketInfo]]) -> RxResult:
+    # ---- sub-channels: queues 1..subchannels ------------------------------------------------------------
+
+    def queue_opened(self, queue: int) -> None:
+        """Sub-channel ``queue`` (its sub_channel_index) is open: frames may be delivered on it."""
+        if not 0 < queue <= self.max_subchannels:
+            raise NvspError(f"sub-channel {queue} is outside the {self.max_subchannels} this NIC offers")
+        self._queues.setdefault(queue, _Queue())
+
+    def queue_closed(self, queue: int) -> None:
+        """Sub-channel ``queue`` closed: its unsent packets and uncompleted receives give their
+        sub-allocations back (nothing of the queue is kept)."""
+        q = self._queues.pop(queue, None)
+        rx = self._rx
+        if q is None or rx is None:
+            return
+        held = q.held | {p.trans_id for p in q.outbox if p.type == PacketType.DATA_USING_XFER_PAGES}
+        for trans_id in held:
+            with contextlib.suppress(NvspError):
+                rx.allocator.complete(trans_id)
+        self._flush_control()
+
+    @property
+    def open_queues(self) -> list[int]:
+        """The queues frames may go to: 0 and every open sub-channel."""
+        return [0, *sorted(self._queues)]
+
+    def queue_data(self, queue: int) -> list[Packet]:
+        """``data_to_send`` for sub-channel ``queue``: its transfer-page packets and completions."""
+        q = self._queues.get(queue)
+        if q is None:
+            return []
+        out, q.outbox = q.outbox, []
+        q.held.update(p.trans_id for p in out if p.type == PacketType.DATA_USING_XFER_PAGES)
+        return out
+
+    def receive_on_queue(self, packet: Packet, queue: int) -> list[Event]:
+        """A packet on sub-channel ``queue``: only SEND_RNDIS_PKT and receive completions belong there
+        (OpenVMM ``NotSupportedOnSubChannel``). Completions of its packets go back on it; RNDIS control
+        answers go on the primary."""
+        q = self._queues.get(queue)
+        if q is None:
+            raise NvspError(f"packet on sub-channel {queue}, which is not open")
+        if packet.type == PacketType.COMP:
+            q.held.discard(packet.trans_id)
+        elif packet.payload[:4] != _SEND_RNDIS_PKT:
+            kind = struct.unpack_from("<I", packet.payload)[0] if len(packet.payload) >= 4 else None
+            raise NvspError(f"NVSP message {kind} is not valid on sub-channel {queue} (only SEND_RNDIS_PKT)")
+        primary, self._outbox = self._outbox, []
+        try:
+            events = self.receive(packet)
+        finally:
+            produced, self._outbox = self._outbox, primary
+        for out in produced:
+            (primary if out.type == PacketType.DATA_USING_XFER_PAGES else q.outbox).append(out)
+        return events
+
+    def queue_for(self, frame: bytes) -> int:
+        """The queue RSS sends ``frame`` to: the guest's indirection table entry for its Toeplitz hash; 0
+        without RSS, without a hash, or when that queue is not open."""
+        config = self.rss
+        if config is None or not self._queues:
+            return 0
+        queue = config.queue(frame)
+        return queue if queue in self._queues else 0
+
+    def deliver(self, frames: Sequence[tuple[bytes, rndis.PacketInfo]], queue: int = 0) -> RxResult:
         """Write frames for the guest into free sub-allocations and queue transfer-page packets (up to 375
-        ranges each, one RNDIS PACKET_MSG per range). Frames find no room while the guest holds every
+        ranges each, one RNDIS PACKET_MSG per range) for ``queue`` (0: the primary, i: sub-channel i, whose
+        packets ``data_to_send(i)`` returns). Frames find no room while the guest holds every
         sub-allocation: they are dropped and counted, nothing is buffered."""
         result = RxResult()
         rx = self._rx
@@ -541,7 +635,7 @@ class NvspHost:
                 result.reason = result.reason or f"frame of {len(frame)} bytes is a runt or too large"
                 continue
             if len(ranges) + len(messages) > RX_BATCH_SIZE:
-                self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA)
+                self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA, queue)
                 ids, ranges = [], []
             got = rx.allocator.allocate(len(messages))
             if got is None:
@@ -558,7 +652,7 @@ class NvspHost:
             self.counters.rx_frames += 1
             self.counters.rx_bytes += len(frame)
         if ranges:
-            self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA)
+            self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA, queue)
         return result
 
     def _rx_messages(self, rx: _RxBuffer, frame: bytes, info: rndis.PacketInfo) -> list[bytes] | None:

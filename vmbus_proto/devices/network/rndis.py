@@ -912,9 +912,10 @@ def parse_offload_parameters(info: bytes) -> tuple[int, ...]:
 _RSS_PARAMS = struct.Struct("<BBHHHIH2xIH2xIIII")
 
 
-def parse_rss_parameters(info: bytes, max_queues: int) -> tuple[bytes, tuple[int, ...]] | None:
+def parse_rss_parameters(info: bytes, max_queues: int) -> tuple[int, bytes, tuple[int, ...]] | None:
     """SET OID_GEN_RECEIVE_SCALE_PARAMETERS as OpenVMM ``oid_set_rss_parameters``: None when it disables
-    RSS, else (40-byte key, indirection table); bad sizes or a queue >= ``max_queues`` -> INVALID_DATA."""
+    RSS, else (hash information, 40-byte key, indirection table); bad sizes or a queue >= ``max_queues`` ->
+    INVALID_DATA."""
     padded = bytes(info[:_RSS_PARAMS.size]).ljust(_RSS_PARAMS.size, b"\0")  # OpenVMM reads what there is
     (_t, _rev, _size, flags, _cpu, hash_info, table_size, table_offset, key_size, key_offset,
      *_masks) = _RSS_PARAMS.unpack(padded)
@@ -929,7 +930,7 @@ def parse_rss_parameters(info: bytes, max_queues: int) -> tuple[bytes, tuple[int
     table = struct.unpack_from(f"<{table_size // 4}I", info, table_offset)
     if any(q >= max_queues for q in table):
         raise OidError(Status.INVALID_DATA, f"RSS indirection table names a queue >= {max_queues}")
-    return bytes(info[key_offset:key_offset + key_size]), table
+    return hash_info, bytes(info[key_offset:key_offset + key_size]), table
 
 
 _CONFIG_PARAM = struct.Struct("<5I")  # name_offset, name_length, parameter_type, value_offset, value_length
