@@ -53,6 +53,10 @@ class ParentDaemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unix_paths: list[Path] = []
 
+    def vsp(self, name: str) -> Vsp | None:
+        """The VSP of device ``name`` ("video": its ``screens`` by partition), or None when it is not offered."""
+        return next((v for v in self.vsps if v.name == name), None)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
