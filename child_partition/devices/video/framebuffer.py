@@ -75,6 +75,10 @@ class Framebuffer:
         """Send the damage now (when the host wants DIRT) and wait until the channel has taken it."""
         await self._vsc.flush_now()
 
+    async def sync(self) -> None:
+        """Wait until the host has handled everything sent so far (its screen shows what was flushed)."""
+        await self._vsc.sync()
+
     def set_pointer(self, x: int, y: int, visible: bool = True) -> None:
         """POINTER_POSITION: the pointer image's upper-left pixel."""
         self._guest.set_pointer(x, y, visible)

@@ -40,7 +40,9 @@ class VideoVsc(HandshakeVsc):
         self._trace: HandshakeTrace | None = None
         self._send_lock = asyncio.Lock()
         self._sending: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
+        self._syncs: list[asyncio.Future[None]] = []
 
     def new_handshake(self) -> Handshake:
         return synthvid.VscHandshake.for_vmbus(self.bus.core.version)
@@ -81,6 +83,10 @@ class VideoVsc(HandshakeVsc):
         for event in guest.receive(pkt):
             if isinstance(event, vguest.DirtChanged):
                 self.log.info("host DIRT requests", enabled=event.enabled)
+            elif isinstance(event, vguest.BiosInfo) and self._syncs:
+                fut = self._syncs.pop(0)
+                if not fut.done():
+                    fut.set_result(None)
         self._arm()
         await self._send_pending(channel)
 
@@ -111,14 +117,15 @@ class VideoVsc(HandshakeVsc):
     def _arm(self) -> None:
         guest = self.guest
         when = guest.get_timer() if guest is not None else None
+        loop = asyncio.get_running_loop()
         if self._timer is not None:
-            if when is not None and self._timer.when() <= max(when, asyncio.get_running_loop().time()):
+            if when is not None and self._timer_at <= max(when, loop.time()):
                 return  # already due by then
             self._timer.cancel()
             self._timer = None
         if when is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(max(when, loop.time()), self._on_timer)
+            self._timer_at = max(when, loop.time())
+            self._timer = loop.call_at(self._timer_at, self._on_timer)  # uvloop's handle has no when()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -134,6 +141,17 @@ class VideoVsc(HandshakeVsc):
         guest.flush(asyncio.get_running_loop().time())
         await self._send_pending(channel)
 
+    async def sync(self) -> None:
+        """Wait until the host has handled everything sent so far (a BIOS_INFO_REQUEST round trip)."""
+        guest, channel = self.guest, self.channel
+        if guest is None or channel is None:
+            raise ChannelClosed("the video channel is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._syncs.append(fut)
+        guest.query_bios_info()
+        await self._send_pending(channel)
+        await asyncio.wait_for(fut, HANDSHAKE_TIMEOUT)
+
     # ---- removal ---------------------------------------------------------------------------------------------
 
     def _stop(self) -> None:
@@ -144,6 +162,9 @@ class VideoVsc(HandshakeVsc):
         if self._sending is not None:
             self._sending.cancel()
             self._sending = None
+        for fut in self._syncs:
+            fut.cancel()
+        self._syncs.clear()
 
     async def detach(self, rescinded: bool = False) -> None:
         """hvfb_remove: CLOSECHANNEL, then the VRAM's GPADL torn down and its pages freed."""

@@ -56,7 +56,14 @@ class DirtChanged:
     enabled: bool
 
 
-Event = ModesOffered | Ready | DirtChanged
+@dataclass(frozen=True, slots=True)
+class BiosInfo:
+    """BIOS_INFO_RESPONSE: the answer to ``query_bios_info`` (the host handled everything sent before it)."""
+
+    stop_device_supported: bool
+
+
+Event = ModesOffered | Ready | DirtChanged | BiosInfo
 
 
 def _overlap_or_touch(a: Rect, b: Rect) -> bool:
@@ -175,7 +182,9 @@ class SynthvidGuest:
                     self._send_pointer()
                     self._send_situation()
                 return [DirtChanged(self.dirt_enabled)]
-            case sv.SituationUpdateAck() | sv.BiosInfoResponse() | sv.CapabilityResponse():
+            case sv.BiosInfoResponse(stop_device_supported=stop):
+                return [BiosInfo(bool(stop))]
+            case sv.SituationUpdateAck() | sv.CapabilityResponse():
                 return []
         raise DeviceProtocolError(f"synthvid {type(msg).__name__} is a guest message; a host does not send it")
 
@@ -200,6 +209,11 @@ class SynthvidGuest:
         self.damage = []
         self._send_situation()
         self.add_damage([Rect(0, 0, width, height)])
+
+    def query_bios_info(self) -> None:
+        """BIOS_INFO_REQUEST (as Windows' driver sends it from 3.3 on); its answer comes after the host has
+        handled everything this guest sent before it."""
+        self._send(sv.BiosInfoRequest())
 
     def set_pointer(self, x: int, y: int, visible: bool = True) -> None:
         self.pointer = sv.PointerPosition(int(visible), x, y)
