@@ -149,7 +149,7 @@ def video_table(res: dict[str, Any]) -> Table:
                     f"{res['repeat']}; beside the raw uvloop echo of the same message size)")
     for col in ("update", "ours /s", "range", "MB/s", "echo /s", "ratio", "CPU µs/update"):
         t.add_column(col, justify="left" if col == "update" else "right")
-    for kind, label in (("full", f"full frame {res['mode']} (3 MiB)"), ("small", f"DIRT {res['small']} (16 KiB)")):
+    for kind, label in (("full", f"full frame {res['mode']} (3 MiB)"), ("small", f"DIRT {res['small_rect']} (16 KiB)")):
         r = res[kind]
         u = r["updates_per_s"]
         t.add_row(label, f"{u['median']:,.1f}", f"{u['min']:,.1f}-{u['max']:,.1f}", f"{r['mb_per_s']['median']:,.0f}",

@@ -5,7 +5,7 @@ then, as ``hvfb_getmem`` and ``synthvid_send_config`` do, the driver takes the o
 of guest memory as its VRAM, shares it with a GPADL, and runs ``vmbus_proto.devices.video.guest.SynthvidGuest``:
 the modes, VRAM_LOCATION and its ACK, the pointer, the screen. The rest of the guest draws through a
 :class:`~.framebuffer.Framebuffer`; damage leaves as DIRT at most every 50 ms, with the pixels of its
-rectangles riding along over the stream (docs/protocol.md, video). Removal is Linux's: CLOSECHANNEL, then the
+rectangles riding along over the stream (docs/protocol.md §10.3). Removal is Linux's: CLOSECHANNEL, then the
 VRAM GPADL torn down.
 """
 

@@ -4,7 +4,7 @@ dirty-rectangle subscriptions for consoles.
 What OpenVMM keeps in vm/devices/framebuffer (the VRAM mapping and its format) and gives its VNC server
 (vm/devices/uidevices/src/video ``process_channel`` forwards each DIRT rectangle): here the framebuffer is the
 host's shadow of the guest's VRAM. On Hyper-V the host maps the VRAM GPA; over a stream the bytes of each
-dirty rectangle arrive with its DIRT (docs/protocol.md, video) and are written into the shadow, one flat
+dirty rectangle arrive with its DIRT (docs/protocol.md §10.3) and are written into the shadow, one flat
 buffer the size of the VRAM, so a row of the screen is one slice (a shared-memory transport would map the
 GPADL's pages here instead). Pixels are XRGB8888, little-endian: B, G, R, X in memory.
 """

@@ -5,7 +5,7 @@ guest names, the situation kept, DIRT forwarded to the console) with the synthvi
 ``vmbus_proto.devices.video.host``. The VRAM is guest memory the guest shared by GPADL; VRAM_LOCATION names its
 GPA, which this device finds among the channel's GPADLs and holds until the channel closes or the guest tears
 the GPADL down (then the last picture stays and DIRT is refused). Over a stream the pixels of each dirty
-rectangle ride with its DIRT (docs/protocol.md, video) into the partition's :class:`~.screen.Screen`.
+rectangle ride with its DIRT (docs/protocol.md §10.3) into the partition's :class:`~.screen.Screen`.
 
 Consoles find screens in ``VideoVsp.screens`` by partition name (``ParentDaemon.vsp("video")``).
 """

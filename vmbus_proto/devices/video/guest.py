@@ -9,7 +9,7 @@ turns DIRT on or off; the pointer and the situation are sent again so the host i
 at most once per throttle period, 50 ms = HZ/20, and only while the host wants DIRT).
 
 The VRAM is guest memory shared by GPADL; this machine reads it (``vram``, a buffer of its bytes) to attach
-each dirty rectangle's pixels to its DIRT, as the stream carries them (docs/protocol.md, video). Time is
+each dirty rectangle's pixels to its DIRT, as the stream carries them (docs/protocol.md §10.3). Time is
 passed in: ``get_timer()`` says when ``handle_timer(now)`` wants to run.
 """
 

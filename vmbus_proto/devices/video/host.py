@@ -9,7 +9,7 @@ error) and what Linux drivers/video/fbdev/hyperv_fb.c waits for (``synthvid_conn
 FEATURE_CHANGE ``is_dirt_needed = 1`` once the guest has set its screen, so the guest reports what it draws.
 
 Over a stream the VRAM's bytes are not shared: each DIRT carries the pixels of its rectangles as the packet's
-trailing data, row by row, rectangle after rectangle, 4 bytes a pixel (docs/protocol.md §11, video). A
+trailing data, row by row, rectangle after rectangle, 4 bytes a pixel (docs/protocol.md §10.3). A
 rectangle outside the screen, an empty or inverted one, pixel data of the wrong size, a screen bigger than the
 VRAM or not 32 bpp, a VRAM bigger than the offer's 8 MiB, and an unknown message are DeviceProtocolErrors.
 
