@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from parent_partition.config import Config, ConfigError
 from parent_partition.devices.video.screen import NO_SIGNAL, Screen
+from parent_partition.devices.video.vsp import VideoVsp
+from parent_partition.vsp import HostContext
 from vmbus_proto.devices.video.host import PointerShapeChanged
 from vmbus_proto.devices.video.synthvid import Rect
 
@@ -78,3 +82,19 @@ async def test_subscriptions_merge_while_the_consumer_is_slow_and_end_with_the_s
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(sub.__anext__(), 30)
     assert [u async for u in s.subscribe()] == []
+
+
+def test_video_settings_from_toml(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text('[video]\nresolutions = ["800x600", "1280x1024"]\ndefault = "1280x1024"\n')
+    cfg = Config.load(str(tmp_path / "p.toml"))
+    vsp = VideoVsp.create(cfg.section("video"), HostContext())
+    assert vsp.settings.resolutions == [(800, 600), (1280, 1024)] and vsp.default_index == 1
+    for text, message in (('[video]\nresolutions = ["100x100"]\n', "must be at least 640x480"),
+                          ('[video]\ndefault = "2560x1600"\n', "fit the 8 MiB VRAM"),
+                          ('[video]\nresolutions = []\n', "a list of 1 to 64 modes")):
+        (tmp_path / "p.toml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            Config.load(str(tmp_path / "p.toml"))
+    (tmp_path / "p.toml").write_text('[video]\nresolutions = ["800x600"]\n')
+    with pytest.raises(ConfigError, match=r'default = "1024x768" is not one of the resolutions \("800x600"\)'):
+        VideoVsp.check(Config.load(str(tmp_path / "p.toml")).section("video"), HostContext())
