@@ -58,16 +58,19 @@ class VideoService(GuestService):
     def __init__(self, ctx: GuestContext) -> None:
         super().__init__(ctx)
         self.mode: tuple[int, int] | None = ctx.options.get("video_mode")
-        self.splash = True  # a console that draws its own screen sets this False
+        self.splash: bool = ctx.options.get("video_splash", True)  # a console that draws its own sets it False
         self.framebuffer: Framebuffer | None = None
         self.ready = asyncio.Event()  # a framebuffer is open
         self.listeners: list[Callable[[Framebuffer | None], None]] = []  # told of each new framebuffer (None: gone)
         self._vsc: VideoVsc | None = None
+        self._session = False  # the session's channels are all up (the boot screen lists them)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--video-mode", metavar="WxH", type=mode_arg,
                             help="the screen mode to set instead of the host's default (for example 1280x1024)")
+        parser.add_argument("--no-splash", dest="video_splash", action="store_false",
+                            help="leave the screen black instead of drawing the boot screen (name and channels)")
 
     async def on_ready(self, vsc: Vsc) -> None:
         video: VideoVsc = vsc  # type: ignore[assignment]  # this service's VSC is the video VSC
@@ -83,16 +86,18 @@ class VideoService(GuestService):
         self.framebuffer = fb
         self.ready.set()
         self.log.info("framebuffer ready", width=fb.width, height=fb.height, modes=len(fb.modes))
-        if self.splash:
+        if self.splash and self._session:  # a device re-added: otherwise session_ready draws it
             self.draw_splash()
         for listener in list(self.listeners):
             listener(fb)
 
     async def session_ready(self) -> None:
+        self._session = True
         if self.splash and self.framebuffer is not None:
             self.draw_splash()  # now with every channel of the session
 
     def on_lost(self, vsc: Vsc) -> None:
+        self._session = False
         if self._vsc is vsc:
             self._vsc = None
             self.framebuffer = None

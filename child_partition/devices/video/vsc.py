@@ -22,6 +22,7 @@ from vmbus_proto.devices.video import synthvid
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import PAGE_SIZE, Packet
 
+from ...guest_memory import OutOfGuestMemory
 from ...vsc import HANDSHAKE_TIMEOUT, HandshakeVsc
 from .framebuffer import Framebuffer
 from .service import VideoService
@@ -55,7 +56,10 @@ class VideoVsc(HandshakeVsc):
         await super().handshake(channel)  # VERSION_REQUEST / RESPONSE
         assert self.version is not None
         self._trace = HandshakeTrace(synthvid.describe) if self.bus.trace else None
-        self.vram_pfns = self.memory.alloc(self.vram_size // PAGE_SIZE)
+        try:
+            self.vram_pfns = self.memory.alloc(self.vram_size // PAGE_SIZE)
+        except OutOfGuestMemory as exc:  # the device fails its probe; the others carry on
+            raise DeviceProtocolError(f"no guest memory for the {self.vram_size >> 20} MiB VRAM: {exc}") from None
         self.vram_gpadl = await self.bus.create_gpadl(self.relid, self.vram_pfns)
         base = self.memory.offset_of(self.vram_pfns[0])
         hs = self.hs
@@ -78,7 +82,7 @@ class VideoVsc(HandshakeVsc):
     async def _receive(self, channel: Channel, pkt: Packet) -> None:
         guest = self.guest
         assert guest is not None
-        if self._trace is not None:
+        if self._trace is not None and synthvid.traced(pkt.payload):
             self.log.info(self._trace.line("H>G", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
         for event in guest.receive(pkt):
             if isinstance(event, vguest.DirtChanged):
@@ -97,7 +101,7 @@ class VideoVsc(HandshakeVsc):
         assert guest is not None
         async with self._send_lock:
             for pkt in guest.data_to_send():
-                if self._trace is not None and pkt.payload[8:12] != _DIRT:
+                if self._trace is not None and synthvid.traced(pkt.payload):
                     self.log.info(self._trace.line("G>H", pkt.type, pkt.trans_id, False, pkt.payload))
                 if not channel.try_send(pkt):
                     await channel.send(pkt)
@@ -190,5 +194,3 @@ class VideoVsc(HandshakeVsc):
             self.memory.free(self.vram_pfns)
             self.vram_pfns = []
 
-
-_DIRT = int(synthvid.MessageType.DIRT).to_bytes(4, "little")

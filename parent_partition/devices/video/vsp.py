@@ -23,10 +23,6 @@ from ...vsp import ChannelResources, HostContext, Vsp
 from .screen import Screen
 from .settings import VideoSettings
 
-# Not in --trace: they never stop (the type field after the 8-byte pipe header).
-_QUIET_BYTES = tuple(int(t).to_bytes(4, "little") for t in (synthvid.MessageType.DIRT,
-                                                             synthvid.MessageType.POINTER_POSITION))
-
 
 class VideoVsp(Vsp):
     spec = synthvid.SPEC
@@ -61,12 +57,12 @@ class VideoVsp(Vsp):
         try:
             while True:
                 pkt = await channel.recv()
-                if trace is not None and pkt.payload[8:12] not in _QUIET_BYTES:
+                if trace is not None and synthvid.traced(pkt.payload):
                     res.log.info(trace.line("G>H", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
                 for event in host.receive(pkt):
                     self._event(event, res, screen, vram)
                 for out in host.data_to_send():
-                    if trace is not None:
+                    if trace is not None and synthvid.traced(out.payload):
                         res.log.info(trace.line("H>G", out.type, out.trans_id, out.completion_requested, out.payload))
                     if not channel.try_send(out):
                         await channel.send(out)

@@ -70,6 +70,7 @@ __all__ = [
     "make_edid",
     "make_version",
     "pack_message",
+    "traced",
     "unpack_message",
     "version_major",
     "version_minor",
@@ -623,6 +624,15 @@ def describe(payload: bytes, packet_type: int = PacketType.DATA_INBAND, request:
             modes = " ".join(f"{w}x{h}" for w, h in msg.resolutions)
             return f"{text} default={msg.default_index} modes=[{modes}]"
     return text
+
+
+# Left out of --trace on both sides: they never stop (the type after the 8-byte pipe header).
+_UNTRACED = frozenset(int(t).to_bytes(4, "little") for t in (MessageType.DIRT, MessageType.POINTER_POSITION))
+
+
+def traced(payload: bytes) -> bool:
+    """Whether ``--trace`` shows this message (everything but DIRT and POINTER_POSITION)."""
+    return bytes(payload[8:12]) not in _UNTRACED
 
 
 SPEC = DeviceSpec(
