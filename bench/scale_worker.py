@@ -78,7 +78,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
     async def one(i: int) -> None:
         async with sem:
-            child = ChildPartition(args.url, f"{args.prefix}-{i:05d}", reconnect=False, memory=args.memory)
+            child = ChildPartition(args.url, f"{args.prefix}-{i:05d}", reconnect=False, memory=args.memory,
+                                   video_splash=False)  # no boot screen: thousands of 3 MiB pictures
             slot = Slot(child, stop)
             slots.append(slot)
             await bring_up(slot, args.channels, args.timeout)

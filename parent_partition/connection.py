@@ -294,7 +294,8 @@ class PartitionConnection(FramedConnection):
         gpadls = self._gpadl_maps.get(relid)
         if gpadls is None:
             gpadls = self._gpadl_maps[relid] = GpadlMap(lambda gid: self.core.gpadl(relid, gid) if self.core else None,
-                                                        self.memory)
+                                                        self.memory, lambda: self.core.channel_gpadls(relid)
+                                                        if self.core else ())
         return gpadls
 
     async def _teardown_gpadl(self, act: core.TeardownGpadl) -> None:

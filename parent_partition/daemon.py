@@ -54,7 +54,7 @@ class ParentDaemon:
         self._unix_paths: list[Path] = []
 
     def device(self, name: str) -> Vsp | None:
-        """This parent's VSP for device ``name`` ("keyboard", "mouse", ...), or None when it is not offered:
+        """This parent's VSP for device ``name`` ("keyboard", "mouse", "video", ...), or None when it is not offered:
         how the HTTP side reaches a device's API (``KeyboardVsp.type_text``, ``MouseVsp.send_mouse``)."""
         return next((v for v in self.vsps if v.name == name), None)
 

@@ -163,8 +163,10 @@ class GpadlHold:
 class GpadlMap:
     """The GPADLs of one channel that its device may use, with holds and device-acknowledged teardown."""
 
-    def __init__(self, lookup: Callable[[int], Gpadl | None], memory: ShadowMemory) -> None:
+    def __init__(self, lookup: Callable[[int], Gpadl | None], memory: ShadowMemory,
+                 listing: Callable[[], Iterable[Gpadl]] = tuple) -> None:
         self._lookup = lookup
+        self._listing = listing  # the channel's accepted GPADLs
         self.memory = memory
         self._holds: dict[int, list[GpadlHold]] = {}
         self._waiters: dict[int, asyncio.Future[None]] = {}
@@ -175,6 +177,26 @@ class GpadlMap:
         if gpadl is None or gpadl_id in self._waiters:
             raise DeviceProtocolError(f"GPADL {gpadl_id:#x} does not exist on this channel (or is being torn down)")
         return gpadl
+
+    def containing(self, gpa: int) -> tuple[Gpadl, int] | None:
+        """The accepted GPADL of this channel whose pages hold guest physical address ``gpa``, and the offset of
+        ``gpa`` in the bytes it describes (the video VRAM_LOCATION names a GPA, not a GPADL)."""
+        pfn, in_page = divmod(gpa, PAGE_SIZE)
+        for gpadl in self._listing():
+            if gpadl.gpadl in self._waiters:
+                continue
+            base = 0
+            pages = 0
+            for count, first in gpadl.ranges:
+                npages = (first + count + PAGE_SIZE - 1) // PAGE_SIZE
+                pfns = gpadl.pfns[pages:pages + npages]
+                for i, p in enumerate(pfns):
+                    offset = i * PAGE_SIZE + in_page - first
+                    if p == pfn and 0 <= offset < count:
+                        return gpadl, base + offset
+                base += count
+                pages += npages
+        return None
 
     def hold(self, gpadl_id: int, on_teardown: Callable[[], None] | None = None) -> GpadlHold:
         """Use GPADL ``gpadl_id`` until the hold is released. ``on_teardown`` is called if the guest tears it

@@ -467,6 +467,10 @@ class HostConnection:
         g = self.gpadls.get((gpadl_id, relid))
         return g.gpadl if g is not None and g.state == GpadlState.ACCEPTED else None
 
+    def channel_gpadls(self, relid: int) -> list[Gpadl]:
+        """The accepted GPADLs of ``relid``."""
+        return [g.gpadl for (_, rid), g in self.gpadls.items() if rid == relid and g.state == GpadlState.ACCEPTED]
+
     def subchannels(self, primary: int) -> list[HostChannel]:
         """The sub-channels linked to ``primary``, by sub-channel index."""
         return sorted((c for c in self.channels.values() if c.primary == primary),

@@ -43,7 +43,9 @@ async def open_vsp(vsp: Vsp, pair: ChannelPair, *, partition: str | None = None,
         def lookup(gid: int) -> Gpadl | None:
             pfns = gpadls.get(gid)
             return None if pfns is None else Gpadl(pair.relid, gid, ((len(pfns) * PAGE_SIZE, 0),), tuple(pfns))
-        res.gpadls = GpadlMap(lookup, res.memory)
+        def listing() -> list[Gpadl]:
+            return [g for g in map(lookup, list(gpadls)) if g is not None]
+        res.gpadls = GpadlMap(lookup, res.memory, listing)
     await vsp.open(pair.host, res)
     pair.on_host_close = vsp.close
 
