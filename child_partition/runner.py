@@ -159,6 +159,8 @@ class ChildPartition:
                 if not self.reconnect:
                     return self._give_up(EXIT_LOST, f"the session with the parent at {self.url} ended: {error}")
                 self.log.warning("session with the parent ended", error=error)
+            if stop.is_set():
+                break  # unloaded because we were asked to stop
             delay = backoff * (0.5 + random.random())
             self.log.info("reconnecting", retry_in=round(delay, 2))
             if await _wait(stop, delay):

@@ -31,6 +31,7 @@ def test_children_over_tcp_and_unix_open_every_channel_and_unload(parent: Parent
     for vm in (vm1, vm2):
         assert vm.stop(signal.SIGINT) == 0
         assert vm.events("unloaded cleanly")
+        assert not vm.events("reconnecting"), "a child asked to stop must not reconnect"
     parent.wait_event("VMBus disconnected", partition="vm1", reason="unload")
     parent.wait_event("VMBus disconnected", partition="vm2", reason="unload")
     assert len(parent.events("channel closed")) == 2 * CHANNELS
