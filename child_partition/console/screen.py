@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .terminal import ACCENT, BG, CYAN, DIM, FG, GREEN, MAUVE, PANEL, RED, RGB, TITLE_BG, YELLOW, Grid, Style
 
 SCROLLBACK = 1000  # event lines kept
-HINT = "help · channels · disk · ping NAME [-c N] · uptime · whoami · clear   ^C stop · ^L redraw · PgUp/PgDn"
+HINT = "help · channels · disk · ping NAME · uptime · whoami · clear      ^C stop · ^L redraw · PgUp/PgDn"
 CHANNEL_COLUMNS = (2, 10, 23, 35, 48)  # where RELID, DEVICE, STATE, VERSION and SUB-CHANNELS start
 STATE_COLOURS = {"open": GREEN, "opening": YELLOW, "offered": YELLOW, "closing": YELLOW, "failed": RED}
 

@@ -34,7 +34,7 @@ from ..devices.video.service import VideoService
 from ..vsc import GuestContext, GuestService
 from .commands import Shell, human
 from .screen import SCROLLBACK, ChannelRow, ConsoleScreen
-from .terminal import CYAN, DIM, FG, GREEN, RED, RGB, YELLOW, Grid, Renderer
+from .terminal import CYAN, DIM, FG, FONT_PATH, GREEN, RED, RGB, YELLOW, Grid, Renderer
 
 S = TypeVar("S", bound=GuestService)
 
@@ -139,6 +139,9 @@ class ConsoleService(GuestService):
         if fb is None:
             return
         self.renderer = Renderer(fb.width, fb.height)
+        if not self.renderer.ttf:
+            self.log.warning("console font missing; using Pillow's built-in font", font=FONT_PATH,
+                             hint="apt-get install fonts-dejavu-core")
         grid = Grid(self.renderer.cols, self.renderer.rows)
         line, pos = self.screen.line, self.screen.pos
         self.screen = screen = ConsoleScreen(grid, self.ctx.name)
@@ -147,7 +150,6 @@ class ConsoleService(GuestService):
         screen.line, screen.pos = line, pos
         self._refresh()
         screen.draw_all()
-        grid.touch_all()
         fb.set_pointer_shape(*arrow_shape())
         self._move_pointer(fb)
         self._render()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +42,6 @@ BOLD_FONT_PATH = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"
 FONT_SIZE = 16
 MARGIN = 12  # least padding around the grid, pixels
 
-_log = logging.getLogger(__name__)
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
@@ -76,6 +74,7 @@ class Grid:
         self.damage: dict[int, set[int]] = {}  # row -> changed columns
         self.cursor: tuple[int, int] | None = None  # (row, col), or hidden
         self.cursor_on = True  # the blink phase: drawn inverted when on
+        self.touch_all()  # a new grid has never been drawn
 
     def put(self, row: int, col: int, text: str, style: Style = PLAIN) -> None:
         """Write ``text`` from (row, col) on, clipped at the row's end; only changed cells become damage."""
@@ -161,10 +160,8 @@ class Renderer:
     """Draws a grid's damaged cells into a screen of ``width`` x ``height`` pixels."""
 
     def __init__(self, width: int, height: int, size: int = FONT_SIZE) -> None:
-        self.font, ttf = load_font(size)
+        self.font, self.ttf = load_font(size)  # ttf False: Pillow's built-in font (the service says so)
         self.bold_font, _ = load_font(size, bold=True)
-        if not ttf:
-            _log.warning("console font %s missing (Debian: fonts-dejavu-core); using Pillow's built-in font", FONT_PATH)
         self.cell_w = max(1, round(self.font.getlength("M")))
         ascent, descent = self.font.getmetrics() if isinstance(self.font, ImageFont.FreeTypeFont) else (size, 0)
         self.cell_h = ascent + descent + 2  # two pixels of leading
