@@ -181,7 +181,7 @@ class ConsoleService(GuestService):
 
     def say(self, text: str, colour: RGB = FG) -> None:
         """One line in the events pane (logged as ``console line``)."""
-        when = time.strftime("%H:%M:%S")
+        when = time.strftime("%H:%M:%S") if text.strip() else ""
         self.lines.append((when, text, colour))
         self.screen.add_line(when, text, colour)
         self.log.debug("console line", text=text)
