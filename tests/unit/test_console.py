@@ -258,3 +258,46 @@ def test_every_mode_lays_out_without_overlap(mode: tuple[int, int]) -> None:
     assert screen.channels_top + screen.channel_rows < screen.events_header < screen.events_top
     assert screen.events_top + screen.events_rows < screen.prompt_row < screen.hint_row == r.rows - 1
     assert "a-partition-with-a-long-name" in screen.grid.text(0)
+
+
+class FakeFramebuffer(Canvas):
+    """The parts of ``Framebuffer`` the console uses, on a Pillow image."""
+
+    open = True
+
+    def __init__(self, width: int, height: int) -> None:
+        super().__init__(width, height)
+        self.pointer: tuple[int, int, bool] | None = None
+        self.shape: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def set_pointer(self, x: int, y: int, visible: bool = True) -> None:
+        self.pointer = (x, y, visible)
+
+    def set_pointer_shape(self, width: int, height: int, hot_x: int, hot_y: int, argb: bytes) -> None:
+        self.shape = (width, height)
+
+
+async def test_a_new_mode_lays_out_again_and_draws_everything_once() -> None:
+    logs.setup("warning", json=True)
+    svc = ConsoleService(GuestContext("vm1", logs.get(partition="vm1"), {"console": True}))
+    small = FakeFramebuffer(1024, 768)
+    svc._on_framebuffer(small)  # type: ignore[arg-type]  # the framebuffer's interface, on an image
+    assert len(small.dirty_calls) == 1 and _undrawn(small.img) == 0, "the first frame is not drawn in one go"
+    assert small.pointer == (511, 383, True) and small.shape == arrow_shape()[:2]
+    big = FakeFramebuffer(1280, 1024)
+    svc._on_framebuffer(big)  # type: ignore[arg-type]
+    assert len(big.dirty_calls) == 1 and _undrawn(big.img) == 0, "the new mode is not drawn fully, once"
+    r = svc.renderer
+    assert r is not None and (svc.screen.grid.cols, svc.screen.grid.rows) == (r.cols, r.rows) and r.cols > 120
+    _press(svc, "x")
+    svc._render()
+    assert len(big.dirty_calls) == 2 and len(small.dirty_calls) == 1, "drawn into the old framebuffer"
+    svc._on_framebuffer(None)
+    _press(svc, "y")
+    svc._render()
+    assert len(big.dirty_calls) == 2 and svc.screen.line == "xy", "typing without a screen"
+    await svc.close()
