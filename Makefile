@@ -7,7 +7,8 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3
-SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3
+SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core
+SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
 # PYTHONWARNINGS=ignore silences setuptools' notice about editable installs in the build subprocess.
@@ -26,6 +27,7 @@ venv: $(STAMP)
 # The real client tools the tests drive (Debian packages); installed when missing and we are root.
 sysdeps:
 	@missing=""; for t in $(SYSTOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for f in $(SYSFILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(SYSPKGS) (missing:$$missing)"; \

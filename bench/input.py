@@ -62,7 +62,7 @@ async def _led_round_trip(kbd: KeyboardVsp, name: str) -> None:
 
 def _spawn_child(sock: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "child_partition", "run", "--connect", f"unix:{sock}",
-                             "--name", "bench", "--json-logs", "--no-reconnect"], cwd=str(REPO_ROOT),
+                             "--name", "bench", "--json-logs", "--no-reconnect", "--no-console"], cwd=str(REPO_ROOT),
                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

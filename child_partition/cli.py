@@ -21,10 +21,10 @@ from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER, guest_order
 
-from .devices import service_classes
 from .devices.network.nic import Nic, NicError
 from .devices.network.service import NetworkService, interface_arg
 from .runner import ChildPartition
+from .services import guest_services
 from .vsc import GuestServiceError
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="least severe level logged")
     run.add_argument("--json-logs", action="store_true",
                      help="log JSON lines even on a terminal (they are the default elsewhere)")
-    for service in service_classes():  # each device's guest service adds its own options (storage: --nbd)
+    for service in guest_services():  # each guest service adds its own options (storage: --nbd, --no-console)
         service.add_arguments(run)
     _add_ping(sub)
     load = sub.add_parser("load", help="generate load from one or many partitions",

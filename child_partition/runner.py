@@ -33,8 +33,9 @@ from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus, ParentRefused
-from .devices import service_classes, vsc_classes
+from .devices import vsc_classes
 from .guest_memory import GuestMemory
+from .services import guest_services
 from .vsc import GuestContext, GuestService, GuestServiceError, Vsc
 
 S = TypeVar("S", bound=GuestService)
@@ -90,8 +91,8 @@ class ChildPartition:
         self.version = 0
         self.ready = asyncio.Event()
         self.sessions = 0
-        ctx = GuestContext(name, self.log, options)
-        self.services: dict[type[GuestService], GuestService] = {cls: cls(ctx) for cls in service_classes()}
+        ctx = GuestContext(name, self.log, options, self)
+        self.services: dict[type[GuestService], GuestService] = {cls: cls(ctx) for cls in guest_services()}
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
         self.failure: str | None = None  # why run() gave up, in one line

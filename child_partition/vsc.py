@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel, ChannelClosed
@@ -30,6 +30,9 @@ from vmbus_proto.packets import PAGE_SIZE, Packet
 
 from .bus import GuestBus
 from .guest_memory import GuestMemory
+
+if TYPE_CHECKING:
+    from .runner import ChildPartition
 
 HANDSHAKE_TIMEOUT = 10.0  # Linux waits 5-10 s for these answers (hid-hyperv, hyperv_fb, hyperv-keyboard)
 
@@ -41,6 +44,7 @@ class GuestContext:
     name: str  # the partition's name
     log: Any
     options: dict[str, Any] = field(default_factory=dict)  # the service's command-line options
+    partition: ChildPartition | None = None  # the partition itself: its bus, channels and other services
 
 
 class GuestServiceError(Exception):

@@ -53,7 +53,7 @@ async def _run_child(tmp_path: Path, *extra: str) -> tuple[ParentDaemon, VideoVs
     await daemon.start()
     video = daemon.device("video")
     assert isinstance(video, VideoVsp), "the daemon offers no video device"
-    return daemon, video, child(tmp_path, f"unix:{sock}", "vm1", *extra)
+    return daemon, video, child(tmp_path, f"unix:{sock}", "vm1", "--no-console", *extra)  # the boot screen
 
 
 async def test_the_childs_boot_screen_reaches_the_parents_png(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ class GuestDisk(DiskFacts):
         self._attached = asyncio.Event()
         self.reattach_timeout = reattach_timeout
         self.supports_discard = False
+        self.reads = self.writes = self.bytes_read = self.bytes_written = 0  # completed I/O (the console shows it)
 
     def attach(self, vsc: StorageVsc) -> bool:
         """Bind to this LUN on ``vsc``; False (and left detached) if the controller has no such LUN."""
@@ -90,10 +91,14 @@ class GuestDisk(DiskFacts):
 
     async def read(self, offset: int, length: int) -> bytes:
         data: bytes = await self._do(lambda d: d.read(offset, length))
+        self.reads += 1
+        self.bytes_read += length
         return data
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         await self._do(lambda d: d.write(offset, data, fua))
+        self.writes += 1
+        self.bytes_written += len(data)
 
     async def flush(self) -> None:
         await self._do(lambda d: d.flush())

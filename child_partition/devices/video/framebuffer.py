@@ -98,6 +98,14 @@ class Framebuffer:
 
     def draw(self, image: Image.Image, x: int = 0, y: int = 0) -> Rect | None:
         """Copy ``image`` into the framebuffer at (x, y), clipped; marks and returns the damaged rectangle."""
+        rect = self.blit(image, x, y)
+        if rect is not None:
+            self.dirty([rect])
+        return rect
+
+    def blit(self, image: Image.Image, x: int = 0, y: int = 0) -> Rect | None:
+        """Copy ``image`` into the framebuffer at (x, y), clipped, without marking it: a caller drawing many
+        pieces reports them together with one ``dirty``. Returns the rectangle written."""
         x1, y1 = max(0, x), max(0, y)
         x2, y2 = min(self.width, x + image.width), min(self.height, y + image.height)
         if x1 >= x2 or y1 >= y2:
@@ -112,9 +120,7 @@ class Framebuffer:
             for i in range(y2 - y1):
                 at = (y1 + i) * pitch + x1 * 4
                 view[at:at + row] = raw[i * row:(i + 1) * row]
-        rect = Rect(x1, y1, x2, y2)
-        self.dirty([rect])
-        return rect
+        return Rect(x1, y1, x2, y2)
 
     def image(self) -> Image.Image:
         """What the framebuffer holds now, as an RGB image."""
