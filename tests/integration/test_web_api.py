@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from parent_partition.config import Config
 from parent_partition.daemon import ParentDaemon
@@ -235,3 +236,48 @@ async def test_metrics_parse_and_carry_the_expected_families(running: tuple[Pare
     parts = {s.labels.get("partition") for f in labelled.values() if f.name.startswith("vmbus_") for s in f.samples}
     assert "vm1" in parts, parts
     assert "vmbus_network_port_frames" in labelled, sorted(labelled)
+
+
+async def test_screen_png_hook_and_root_and_garbage(running: tuple[ParentDaemon, Api, Proc]) -> None:
+    """The hook the video device fills (``VideoVsp.screens[name].png()``), ``/`` and bytes that are not HTTP."""
+    daemon, api, _ = running
+    video = daemon.device("video")
+    assert video is not None
+
+    class Screen:
+        def png(self) -> bytes:
+            return b"\x89PNG\r\n\x1a\nfake"
+
+    video.screens = {"vm1": Screen()}  # type: ignore[attr-defined]
+    try:
+        async with api.session.get(f"{api.url}/api/partitions/vm1/screen.png") as resp:
+            assert resp.status == 200 and resp.content_type == "image/png", resp
+            assert (await resp.read()).startswith(b"\x89PNG")
+        video.screens = {}  # type: ignore[attr-defined]
+        await api.error("GET", "/api/partitions/vm1/screen.png", 404, "has no screen yet")
+    finally:
+        del video.screens  # type: ignore[attr-defined]
+    async with api.session.get(f"{api.url}/", allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["Location"] == "/api/", resp
+    host, port = api.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"\x00\x01garbage that is not HTTP\r\n\r\n" * 10)
+    await writer.drain()
+    answer = await reader.read(4096)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400", answer[:80]
+    assert (await api.get("/api/partitions/vm1"))["name"] == "vm1"
+
+
+async def test_a_non_loopback_address_is_logged_as_a_warning(tmp_path: Path) -> None:
+    cfg = Config(listen=[f"unix:{tmp_path}/vmbus.sock"], data_dir=str(tmp_path / "var"))
+    daemon = ParentDaemon(cfg)
+    web = WebServer(daemon, HttpSettings(listen="0.0.0.0:0", explicit=True))
+    with capture_logs() as logged:
+        url = await web.start()
+    try:
+        assert url is not None
+        warned = [r for r in logged if r["log_level"] == "warning"]
+        assert warned and "reachable beyond this host" in warned[0]["event"], logged
+    finally:
+        await web.stop()
