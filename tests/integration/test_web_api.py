@@ -166,6 +166,10 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_goes_on(running: tup
 async def test_rescind_and_reoffer_through_the_api(running: tuple[ParentDaemon, Api, Proc]) -> None:
     daemon, api, vm = running
     relid = next(c["relid"] for c in (await api.get("/api/partitions/vm1/channels")) if c["device"] == "keyboard")
+    status, _ = await api.call("POST", "/api/partitions/vm1/input/text", {"text": "before\n"})
+    assert status == 200
+    sent_before = await _keyboard_packets_out(api)
+    assert sent_before > 0
     status, answer = await api.call("DELETE", "/api/partitions/vm1/devices/keyboard")
     assert status == 202 and answer["relid"] == relid and answer["state"] == "revoked", answer
     await asyncio.to_thread(vm.wait_event, "offer rescinded", 30.0, 0, relid=relid, device="keyboard")
@@ -179,6 +183,7 @@ async def test_rescind_and_reoffer_through_the_api(running: tuple[ParentDaemon, 
         assert loop.time() < end, "the child never released the rescinded keyboard channel"
         await asyncio.sleep(0.02)
     await api.error("POST", "/api/partitions/vm1/input/text", 409, "has no open keyboard channel", body={"text": "x"})
+    assert await _keyboard_packets_out(api) >= sent_before, "a closed channel's packets left the _total counter"
     await api.error("DELETE", "/api/partitions/vm1/devices/keyboard", 409, "no offered keyboard channel")
     mark = vm.mark()
     status, answer = await api.call("POST", "/api/partitions/vm1/devices/keyboard")
@@ -195,6 +200,14 @@ async def test_rescind_and_reoffer_through_the_api(running: tuple[ParentDaemon, 
     assert status == 200
     rec = await asyncio.to_thread(vm.wait_event, "line typed", 30.0, mark)
     assert rec["text"] == "after hot add", rec
+
+
+async def _keyboard_packets_out(api: Api) -> float:
+    status, text = await api.call("GET", "/metrics")
+    assert status == 200, text
+    family = _families(text)["vmbus_channel_packets"]
+    return float(next(s.value for s in family.samples
+                      if s.labels == {"device": "keyboard", "direction": "out"} and s.name.endswith("_total")))
 
 
 def _families(text: str) -> dict[str, Any]:
