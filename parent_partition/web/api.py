@@ -149,7 +149,10 @@ def device_json(daemon: ParentDaemon, vsp: Vsp, detail: bool) -> dict[str, Any]:
 # ---- request bodies -----------------------------------------------------------------------------------------
 
 async def body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object, or 400 saying what is wrong with it."""
+    """The request's JSON object, or 400 saying what is wrong with it. Only ``application/json``: a browser
+    cannot send that cross-origin without a preflight, which this API never grants."""
+    if request.content_type != "application/json":
+        raise ApiError(415, f"send the body as Content-Type: application/json, not {request.content_type}")
     try:
         raw = await request.read()
         value = json.loads(raw)

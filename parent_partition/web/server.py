@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -76,6 +77,7 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram]) -> Any:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         try:
+            _same_origin(request)
             response: web.StreamResponse = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, str(exc))
@@ -93,6 +95,16 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram]) -> Any:
         return response
 
     return middleware
+
+
+def _same_origin(request: web.Request) -> None:
+    """A browser's request from another site's page may not act (type, rescind): refuse a state-changing
+    request whose Origin is not this server (CSRF against a loopback API; Jupyter and Docker refuse it too)."""
+    origin = request.headers.get("Origin")
+    if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return
+    if urlsplit(origin).netloc != request.host:
+        raise ApiError(403, f"cross-origin request from {origin} refused")
 
 
 def _http_message(exc: web.HTTPException, request: web.Request) -> str:

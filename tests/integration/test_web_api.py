@@ -38,9 +38,11 @@ class Api:
         self.session = session
         self.url = url
 
-    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
         kwargs: dict[str, Any] = {"json": body} if raw is None else {"data": raw}
-        async with self.session.request(method, self.url + path, **kwargs) as resp:
+        headers = headers or ({"Content-Type": "application/json"} if raw is not None else {})
+        async with self.session.request(method, self.url + path, headers=headers, **kwargs) as resp:
             if resp.content_type == "application/json":
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
@@ -148,6 +150,15 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_goes_on(running: tup
     await api.error("POST", text, 400, "needs 'text'", body={})
     await api.error("POST", text, 400, "'text' must be str, not int", body={"text": 5})
     await api.error("POST", text, 413, "too large", raw=b"x" * (MAX_BODY + 1))
+    await api.error("POST", text, 415, "Content-Type: application/json, not text/plain", raw=b'{"text": "x"}',
+                    headers={"Content-Type": "text/plain"})
+    await api.error("POST", text, 403, "cross-origin request from http://evil.example refused", body={"text": "x"},
+                    headers={"Origin": "http://evil.example", "Content-Type": "application/json"})
+    await api.error("DELETE", "/api/partitions/vm1/devices/keyboard", 403, "cross-origin",
+                    headers={"Origin": "http://evil.example"})
+    same_origin = {"Origin": api.url, "Content-Type": "application/json"}
+    status, _ = await api.call("POST", text, {"text": ""}, headers=same_origin)
+    assert status == 200, "a same-origin request (the web console's) was refused"
     await api.error("POST", "/api/partitions/vm1/input/keys", 400, "unknown key", body={"keys": "ctrl+nokey"})
     await api.error("POST", "/api/partitions/vm1/input/keys", 400, "names no key", body={"keys": " "})
     await api.error("POST", "/api/partitions/vm1/input/key", 400, "make code", body={"make_code": 300})
