@@ -35,7 +35,8 @@ Plugin = Callable[[web.Application], None]
 def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin] | None = None) -> web.Application:
     http_latency: dict[str, LatencyHistogram] = {}
     lag = LoopLag()
-    app = web.Application(middlewares=[_errors(daemon, http_latency)], client_max_size=MAX_BODY)
+    local = settings.enabled and is_loopback(split_address(settings.listen)[0])
+    app = web.Application(middlewares=[_errors(daemon, http_latency, local)], client_max_size=MAX_BODY)
     app[DAEMON] = daemon
     app[LAG] = lag
     reg = registry(VmbusCollector(daemon, settings.partition_labels, lag, http_latency))
@@ -68,7 +69,7 @@ async def _stop_lag(app: web.Application) -> None:
     await app[LAG].stop()
 
 
-def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram]) -> Any:
+def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool) -> Any:
     """Every error as JSON with its status; an exception in a handler is logged and costs only its request."""
 
     @web.middleware
@@ -77,7 +78,7 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram]) -> Any:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         try:
-            _same_origin(request)
+            _guard(request, local)
             response: web.StreamResponse = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, str(exc))
@@ -97,9 +98,12 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram]) -> Any:
     return middleware
 
 
-def _same_origin(request: web.Request) -> None:
-    """A browser's request from another site's page may not act (type, rescind): refuse a state-changing
-    request whose Origin is not this server (CSRF against a loopback API; Jupyter and Docker refuse it too)."""
+def _guard(request: web.Request, local: bool) -> None:
+    """What a browser could be tricked into: on a loopback server, a Host that names no loopback address is
+    refused (DNS rebinding: a site whose name resolves to 127.0.0.1); anywhere, a state-changing request
+    whose Origin is not this server (CSRF). Jupyter and Docker refuse both too."""
+    if local and not is_loopback(urlsplit(f"//{request.host}").hostname or ""):
+        raise ApiError(403, f"Host {request.host!r} is not a loopback address; use http://127.0.0.1 or localhost")
     origin = request.headers.get("Origin")
     if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
         return

@@ -156,6 +156,8 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_goes_on(running: tup
                     headers={"Origin": "http://evil.example", "Content-Type": "application/json"})
     await api.error("DELETE", "/api/partitions/vm1/devices/keyboard", 403, "cross-origin",
                     headers={"Origin": "http://evil.example"})
+    await api.error("GET", "/api/partitions", 403, "Host 'evil.example:80' is not a loopback address",
+                    headers={"Host": "evil.example:80"})
     same_origin = {"Origin": api.url, "Content-Type": "application/json"}
     status, _ = await api.call("POST", text, {"text": ""}, headers=same_origin)
     assert status == 200, "a same-origin request (the web console's) was refused"
