@@ -25,6 +25,7 @@ from .api import DAEMON, ApiError, error_response
 from .metrics import LoopLag, VmbusCollector, registry
 from .settings import HttpSettings, is_loopback, split_address
 
+LAG = web.AppKey("lag", LoopLag)
 MAX_BODY = 256 * 1024  # an API request body (typed text, a mouse report) is small
 
 #: Called with the app after the API and /metrics are registered: the web console adds its pages and
@@ -56,9 +57,6 @@ def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin
     app.on_startup.append(_start_lag)
     app.on_cleanup.append(_stop_lag)
     return app
-
-
-LAG = web.AppKey("lag", LoopLag)
 
 
 async def _start_lag(app: web.Application) -> None:
