@@ -15,6 +15,9 @@ from vmbus_proto.devices.registry import REGISTRY
 
 from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError, tables_help
 from .daemon import ParentDaemon, StartupError
+from .web.settings import DEFAULT_HTTP, http_address
+
+DEFAULT_API = f"http://{DEFAULT_HTTP}"
 
 DESCRIPTION = f"""\
 The parent partition: a VMBus host that offers its devices ({", ".join(e.name for e in REGISTRY if e.enabled)})
@@ -46,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="least severe level logged (default: info, or [parent] log_level)")
     serve.add_argument("--json-logs", action="store_true",
                        help="log JSON lines even on a terminal (they are the default elsewhere)")
+    serve.add_argument("--http", metavar="HOST:PORT", type=_http,
+                       help=f"where the JSON API, /metrics and the web console listen; 'none' turns them off "
+                            f"(default: {DEFAULT_HTTP}, or [http] listen; a busy default is skipped with a warning)")
+    keys = sub.add_parser("send-keys", help="type text or press keys in a partition, through the parent's API",
+                          description="Type TEXT into partition NAME's keyboard (US layout; characters outside it "
+                                      "go as unicode events), then press --keys, through the parent's JSON API.",
+                          epilog="example: parent-partition send-keys vm1 $'ls\\n'; "
+                                 "parent-partition send-keys --keys ctrl+alt+del vm1\n"
+                                 "exit status: 0 once the parent took every key, 1 when it refused (the message "
+                                 "says why) or cannot be reached, 2 for a mistake in the arguments.")
+    add_version(keys)
+    keys.add_argument("--api", metavar="URL", default=DEFAULT_API,
+                      help="the parent's HTTP address, its serve --http")
+    keys.add_argument("--keys", metavar="KEYS",
+                      help='named keys and chords pressed after TEXT, whitespace-separated: "ctrl+alt+del", '
+                           '"Escape", "shift+Tab Enter"')
+    keys.add_argument("name", metavar="NAME", help="the partition (its child-partition run --name)")
+    keys.add_argument("text", metavar="TEXT", nargs="?", help="text to type (a newline presses Enter)")
     sub.add_parser("demo", help="a parent and three children as real processes, narrated (see demo --help)",
                    add_help=False)
     return p
@@ -57,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main  # noqa: PLC0415 - keeps rich off the daemon's import path
 
         return demo_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "send-keys":
+        if not args.text and not args.keys:
+            parser.error("send-keys: give TEXT to type, --keys to press, or both")
+        from .web.client import run  # noqa: PLC0415 - aiohttp's client only for this command
+
+        return run(args.api, args.name, args.text, args.keys)
     try:
         config = Config.load(args.config)
     except ConfigError as exc:
@@ -70,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         config.trace = True
     if args.log_level:
         config.log_level = args.log_level
+    if args.http:
+        config.http.listen, config.http.explicit = args.http, True
     logs.setup(config.log_level, json=True if args.json_logs else None)
     malloc.tune()
     try:
@@ -79,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, OSError) as exc:
         return _fail(exc, 1)
     return 0
+
+
+def _http(text: str) -> str:
+    try:
+        return http_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fail(exc: Exception, status: int) -> int:
@@ -93,5 +130,17 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal right after "listening" is clean
         loop.add_signal_handler(sig, stop.set)
     await daemon.start()
+    web_server = None
+    if config.http.enabled:
+        from .web.server import WebServer  # noqa: PLC0415 - aiohttp and prometheus-client only when serving HTTP
+
+        web_server = WebServer(daemon, config.http)
+        try:
+            await web_server.start()
+        except BaseException:
+            await daemon.shutdown()
+            raise
     await stop.wait()
+    if web_server is not None:
+        await web_server.stop()
     await daemon.shutdown()

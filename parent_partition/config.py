@@ -21,6 +21,7 @@ from vmbus_proto.versions import HOST_SUPPORTED
 
 from .devices import vsp_classes
 from .settings import ConfigError, count, describe, flag, parse_section, seconds, setting, text
+from .web.settings import HttpSettings
 
 __all__ = ["Config", "ConfigError"]
 
@@ -74,6 +75,7 @@ class Config:
     max_gpadls: int = setting(256, check=count())
     max_partitions: int = setting(4096, check=count())
     devices: dict[str, bool] = field(default_factory=lambda: {e.name: e.enabled for e in REGISTRY})
+    http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
     sections: dict[str, Any] = field(default_factory=lambda: {n: c.Settings() for n, c in vsp_classes().items()
                                                               if dataclasses.fields(c.Settings)})
     source: str | None = None  # the TOML file these settings came from
@@ -97,13 +99,15 @@ class Config:
             lines = raw_text.count("\n") + 1
             why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
-        known = ["parent", "devices", *cfg.sections]
+        known = ["parent", "devices", "http", *cfg.sections]
         for section in sorted(set(raw) - set(known)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(known)}")
         for section in known:
             if not isinstance(raw.get(section, {}), dict):
                 raise ConfigError(f"{path}: {section} must be a table ([{section}])")
         cfg.apply(raw.get("parent", {}), source=path)
+        parse_section(HttpSettings, raw.get("http", {}), "[http]", path, obj=cfg.http)
+        cfg.http.explicit = "listen" in raw.get("http", {})
         for name, enabled in raw.get("devices", {}).items():
             if name not in BY_NAME:
                 raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(BY_NAME)}")
@@ -131,7 +135,7 @@ class Config:
 
 def tables_help() -> str:
     """Every table a config file may have, with its keys (``serve --config`` help)."""
-    tables = describe("parent", Config)
+    tables = describe("parent", Config) + describe("http", HttpSettings)
     for name, settings in Config().sections.items():
         tables += describe(name, type(settings))
     tables.append(f"[devices] ({', '.join(BY_NAME)} = true|false)")

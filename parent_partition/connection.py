@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol, assert_never
 
@@ -26,6 +27,7 @@ from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.versions import version_text
 
+from .counters import Totals
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
@@ -53,6 +55,7 @@ class Host(Protocol):
     accepting: bool
     connections: set[PartitionConnection]
     partitions: dict[str, PartitionConnection]
+    totals: Totals  # what closed channels and gone connections carried (the JSON API and /metrics read it)
 
     @property
     def config(self) -> ConnectionConfig: ...
@@ -74,6 +77,9 @@ class PartitionConnection(FramedConnection):
         self._tasks: set[asyncio.Task[None]] = set()
         self.opened_channels = 0
         self.dropped_messages = 0
+        self.transport_name = transport_name
+        self.connected_at: float | None = None  # wall-clock time of the accepted HELLO
+        self.vmbus_connected_at: float | None = None  # of the accepted INITIATE_CONTACT (None while not connected)
         self.memory = ShadowMemory()
         self.idle = asyncio.Event()  # no channel open (shutdown waits for every partition's)
         self.idle.set()
@@ -110,6 +116,14 @@ class PartitionConnection(FramedConnection):
             del self.daemon.partitions[self.partition]
         # Release this child's channels and GPADLs only; every other partition is untouched.
         open_now = [(self.vsps[ch.name], ch) for ch in list(self.channels.values()) if ch.name in self.vsps]
+        totals = self.daemon.totals
+        for ch in self.channels.values():
+            totals.retire(self.partition or "?", ch)
+        totals.transport_bytes_in += self.bytes_in
+        totals.transport_bytes_out += self.bytes_out
+        totals.dropped_messages += self.dropped_messages
+        if self.partition is not None:
+            totals.forget(self.partition)
         self.channels.clear()
         self.idle.set()
         if open_now:
@@ -129,6 +143,8 @@ class PartitionConnection(FramedConnection):
 
     def remove_channel(self, relid: int) -> Channel | None:
         ch = super().remove_channel(relid)
+        if ch is not None:
+            self.daemon.totals.retire(self.partition or "?", ch)
         if not self.channels:
             self.idle.set()
         return ch
@@ -154,6 +170,8 @@ class PartitionConnection(FramedConnection):
             self._refuse("name-taken", f"partition name {hello.partition!r} is already connected")
             return
         self.partition = hello.partition
+        self.connected_at = time.time()
+        self.daemon.totals.connections += 1
         self.peer_data_window = hello.data_window
         self.daemon.partitions[hello.partition] = self
         self.log = self.log.bind(partition=hello.partition)
@@ -216,9 +234,11 @@ class PartitionConnection(FramedConnection):
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
                     self._handshake_timer = None
+                self.vmbus_connected_at = time.time()
                 self.log.info("VMBus connected", version=version_text(version))
             case core.Disconnected(reason=reason):
                 # No timer: a guest that unloaded (firmware, kexec, kdump) may contact again much later.
+                self.vmbus_connected_at = None
                 self.log.info("VMBus disconnected", reason=reason.value)
                 self._subchannels.clear()  # an unload or reset ends them; relids are given anew
                 self._gpadl_maps.clear()
@@ -247,6 +267,7 @@ class PartitionConnection(FramedConnection):
         p = act.params
         vsp = self.vsps[act.offer.name]
         log = self.log.bind(relid=p.relid, device=vsp.name)
+        started = time.perf_counter()
         rings = ChannelRings(p.relid, host=True, guest_to_host_data=p.guest_to_host_data,
                              host_to_guest_data=p.host_to_guest_data, window_in=self.data_window,
                              window_out=self.peer_data_window)
@@ -272,6 +293,8 @@ class PartitionConnection(FramedConnection):
             return
         if ok:
             self.opened_channels += 1
+            self.daemon.totals.channels_opened[vsp.name] += 1
+            self.daemon.totals.open_latency[vsp.name].observe(time.perf_counter() - started)
             log.info("channel open", ring_out=p.host_to_guest_data, ring_in=p.guest_to_host_data)
         self.core.open_complete(p.relid, act.seq, ok)
         self._run_actions()
@@ -297,6 +320,11 @@ class PartitionConnection(FramedConnection):
                                                         self.memory, lambda: self.core.channel_gpadls(relid)
                                                         if self.core else ())
         return gpadls
+
+    def gpadl_held(self, relid: int, gpadl_id: int) -> bool:
+        """Whether channel ``relid``'s device holds GPADL ``gpadl_id`` (a teardown of it waits for the device)."""
+        gpadls = self._gpadl_maps.get(relid)
+        return gpadls is not None and gpadls.held(gpadl_id)
 
     async def _teardown_gpadl(self, act: core.TeardownGpadl) -> None:
         """OpenVMM ``Action::TeardownGpadl``: the device lets go of the GPADL, then GPADL_TORNDOWN goes out."""

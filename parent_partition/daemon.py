@@ -21,6 +21,7 @@ from vmbus_proto.aio.endpoint import parse_endpoint
 
 from .config import Config, ConfigError
 from .connection import PartitionConnection
+from .counters import Totals
 from .devices import vsp_classes
 from .vsp import HostContext, Vsp
 
@@ -47,6 +48,7 @@ class ParentDaemon:
         self.vsps = vsps if vsps is not None else build_vsps(config)
         self.connections: set[PartitionConnection] = set()
         self.partitions: dict[str, PartitionConnection] = {}
+        self.totals = Totals()
         self.servers: list[asyncio.Server] = []
         self.endpoints: list[str] = []
         self.accepting = False

@@ -26,6 +26,7 @@ from vmbus_proto.gpadl import Gpadl
 from vmbus_proto.packets import PAGE_SIZE, Packet
 from vmbus_proto.server import OfferSpec, OpenParams
 
+from .counters import Sample
 from .memory import GpadlMap, ShadowMemory
 from .settings import NoSettings
 
@@ -180,6 +181,13 @@ class Vsp(abc.ABC):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def samples(self) -> list[Sample]:
+        """This device's counters, read when the JSON API or /metrics asks (never kept up to date for them).
+        Devices extend the list with their own (``Sample.partition`` set where a value is per partition)."""
+        return [Sample("channels_opened_total", self.opened, "channels this device served since start"),
+                Sample("errors_total", self.errors, "channels that ended with a device error"),
+                Sample("channels_open", len(self.tasks), "channels this device serves now", "gauge")]
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Flush whatever the backend holds (disks are flushed here)."""

@@ -98,6 +98,8 @@ class Parent(Proc):
         cmd = [str(BIN / "parent-partition"), "serve", "--config", str(cfg), "--json-logs",
                "--listen", "tcp://127.0.0.1:0", "--listen", f"unix:{self.unix_path}",
                "--data-dir", str(workdir / "var"), *(extra or [])]
+        if "--http" not in cmd:
+            cmd += ["--http", "none"]  # tests that want the web side pass --http 127.0.0.1:0
         super().__init__(cmd, workdir, "parent")
         ready = self.wait_event("parent partition listening")
         self.tcp = next(u for u in ready["listen"] if u.startswith("tcp://"))

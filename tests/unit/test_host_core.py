@@ -18,6 +18,7 @@ import structlog
 
 from parent_partition.config import Config
 from parent_partition.connection import PartitionConnection
+from parent_partition.counters import Totals
 from vmbus_proto import messages as m
 from vmbus_proto import server as s
 from vmbus_proto import state_table
@@ -396,7 +397,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def _connection() -> tuple[PartitionConnection, list[tuple[int, bytes]], list[Any]]:
-    daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger())
+    daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), totals=Totals())
     conn = PartitionConnection(daemon, "test")
     sent: list[tuple[int, bytes]] = []
     spawned: list[Any] = []

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from parent_partition.config import Config
 from parent_partition.connection import PartitionConnection
+from parent_partition.counters import Totals
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.envelope import decode_close_code
 from vmbus_proto.framing import Frame, FrameDecoder, FrameKind, frame_parts
@@ -53,7 +54,7 @@ async def test_a_device_operation_that_raises_closes_only_that_partitions_connec
     logged with its traceback, and the partition's connection closes with a CLOSE frame saying so."""
     loop = asyncio.get_running_loop()
     daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), accepting=True, connections=set(),
-                                  partitions={}, vsps=[], name="parent")
+                                  partitions={}, vsps=[], name="parent", totals=Totals())
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     with capture_logs() as logs:

@@ -32,6 +32,7 @@ from vmbus_proto.devices.input import keyboard, keymap, mouse
 from vmbus_proto.devices.input.host import InputNotReady, KeyboardHost, MouseHost
 from vmbus_proto.devices.input.keyboard import KeyEvent, KeystrokeFlags
 
+from ...counters import Sample
 from ...vsp import ChannelResources, HandshakeVsp, incoming
 
 __all__ = ["InputNotReady", "KeyboardVsp", "MouseVsp", "to_absolute"]
@@ -134,6 +135,13 @@ class _InputVsp(HandshakeVsp):
                                 f"(no room for {self.send_timeout:g}s)") from None
         self.sent_total += len(outs)
         return len(outs)
+
+    def samples(self) -> list[Sample]:
+        unit = "events" if self.what == "keyboard" else "reports"
+        return [*super().samples(),
+                Sample(f"{unit}_sent_total", self.sent_total, f"{self.what} {unit} sent to guests through this API"),
+                Sample("sessions_active", sum(1 for s in self.sessions.values() if s.host.active),
+                       f"partitions whose {self.what} handshake is done", "gauge")]
 
     def states(self) -> list[dict[str, Any]]:
         """Every open session, for the JSON API."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel, ChannelClosed
@@ -33,6 +33,7 @@ from vmbus_proto.devices.network import nvsp, offload, rndis, rss, vnet
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Buffer, Packet
 
+from ...counters import Sample
 from ...memory import GpadlHold
 from ...settings import ConfigError
 from ...vsp import ChannelResources, HostContext, Vsp, offer_subchannels
@@ -77,6 +78,19 @@ class StreamSendView:
         raise nvsp.NvspError("the host never writes the guest's send buffer")
 
 
+_SWITCH_COUNTERS = (("frames", "frames accepted at ingress"), ("unicast", "frames forwarded to one learned port"),
+                    ("flooded", "frames sent to every other port"), ("learned", "MAC addresses learned"),
+                    ("segmented", "large TCP segments cut into MTU-sized frames"),
+                    ("moved", "MACs seen on another port than they were learned on"),
+                    ("aged_out", "MAC table entries aged out"))
+def _port(port: str, name: str, value: int, help_: str, label: tuple[str, str] | None = None) -> Sample:
+    kind: Literal["counter", "gauge"] = "counter" if name.endswith("_total") else "gauge"
+    return Sample(name, value, help_, kind, partition=port, labels=(label,) if label else (), aggregate=False)
+
+
+_PORT_HELP = "frames or bytes through a switch port (in: from the partition into the switch, out: to it)"
+
+
 class NetworkVsp(Vsp):
     spec = nvsp.SPEC
     Settings = NetworkSettings
@@ -114,6 +128,25 @@ class NetworkVsp(Vsp):
             raise
         logs.get(component="netvsp").info("external TAP on the virtual switch", tap=name,
                                           mac=format_mac(self.uplink.port.mac))
+
+    def samples(self) -> list[Sample]:
+        """The virtual switch's counters (``Get-VMSwitch`` statistics): switch-wide, and per port (a port is
+        named after its partition, or ``tap:NAME`` for the external TAP)."""
+        sw = self.switch.counters
+        out = [*super().samples(),
+               *(Sample(f"switch_{name}_total", getattr(sw, name), help_) for name, help_ in _SWITCH_COUNTERS),
+               *(Sample("switch_dropped_frames_total", n, "frames the switch dropped", labels=(("reason", r),))
+                 for r, n in sw.drops.items()),
+               Sample("switch_mac_table_entries", len(self.switch.table()), "MACs learned", "gauge")]
+        for name, port in self.switch.ports.items():  # a port's counters go with it: no sum over ports
+            c = port.counters
+            for direction, frames, nbytes in (("in", c.rx_frames, c.rx_bytes), ("out", c.tx_frames, c.tx_bytes)):
+                out += [_port(name, "port_frames_total", frames, _PORT_HELP, ("direction", direction)),
+                        _port(name, "port_bytes_total", nbytes, _PORT_HELP, ("direction", direction))]
+            out.append(_port(name, "port_queued_frames", port.pending(), "frames waiting for the port's owner"))
+            out += [_port(name, "port_dropped_frames_total", n, "frames a port dropped", ("reason", r))
+                    for r, n in c.drops.items()]
+        return out
 
     async def shutdown(self) -> None:
         """Close the external TAP (the kernel deletes it with its last fd); log the switch counters a last time."""

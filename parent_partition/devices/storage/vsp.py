@@ -34,6 +34,7 @@ from vmbus_proto.devices.storage import vstor
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.packets import Packet, PacketType
 
+from ...counters import Sample
 from ...settings import ConfigError
 from ...vsp import ChannelResources, HandshakeVsp, HostContext, offer_subchannels
 from .disk import DiskBackend, shutdown_default_executor
@@ -207,6 +208,12 @@ class StorageVsp(HandshakeVsp):
                                    target_id=srb.target_id,
                                    log=res.log.bind(path_id=srb.path_id, target_id=srb.target_id, lun=srb.lun))
         await _send_quietly(channel, _result_completion(pkt, result, reading))
+
+    def samples(self) -> list[Sample]:
+        return [*super().samples(),
+                Sample("requests_total", self.requests, "SCSI requests (EXECUTE_SRB) served, every partition"),
+                *(Sample("luns_open", len(ctl.luns), "disks open for the partition", "gauge", partition=p)
+                  for p, ctl in self.controllers.items())]
 
     async def shutdown(self) -> None:
         """Flush every partition's disks (fdatasync) and close them."""

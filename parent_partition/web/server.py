@@ -1,0 +1,165 @@
+"""The parent's HTTP server (aiohttp), in the daemon's own event loop: the JSON API, ``/metrics``, and the web
+console's pages, which plug into ``build_app``.
+
+Binds to loopback unless told otherwise (``--http`` / ``[http] listen``): the API can type into any partition
+and hot-remove its devices, and it has no authentication, so a non-loopback address is logged as a warning.
+Shutdown follows aiohttp's ``web_runner`` (stop accepting, let handlers finish within the shutdown timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from vmbus_proto.aio.cli import os_reason
+
+from ..counters import LatencyHistogram
+from ..daemon import ParentDaemon, StartupError
+from . import api
+from .api import DAEMON, ApiError, error_response
+from .metrics import LoopLag, VmbusCollector, registry
+from .settings import HttpSettings, is_loopback, split_address
+
+LAG = web.AppKey("lag", LoopLag)
+MAX_BODY = 256 * 1024  # an API request body (typed text, a mouse report) is small
+
+#: Called with the app after the API and /metrics are registered: the web console adds its pages and
+#: websockets here (``parent_partition.web.console.setup``, say), each seeing the daemon as ``app[DAEMON]``.
+Plugin = Callable[[web.Application], None]
+
+
+def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin] | None = None) -> web.Application:
+    http_latency: dict[str, LatencyHistogram] = {}
+    lag = LoopLag()
+    local = settings.enabled and is_loopback(split_address(settings.listen)[0])
+    app = web.Application(middlewares=[_errors(daemon, http_latency, local)], client_max_size=MAX_BODY)
+    app[DAEMON] = daemon
+    app[LAG] = lag
+    reg = registry(VmbusCollector(daemon, settings.partition_labels, lag, http_latency))
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(reg), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def root(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/api/")
+
+    api.add_routes(app)
+    app.router.add_get("/metrics", metrics)
+    for plugin in plugins or []:
+        plugin(app)
+    if not any(getattr(r.resource, "canonical", None) == "/" for r in app.router.routes()):
+        app.router.add_get("/", root)  # until the web console's pages own "/"
+    app.on_startup.append(_start_lag)
+    app.on_cleanup.append(_stop_lag)
+    return app
+
+
+async def _start_lag(app: web.Application) -> None:
+    app[LAG].start()
+
+
+async def _stop_lag(app: web.Application) -> None:
+    await app[LAG].stop()
+
+
+def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool) -> Any:
+    """Every error as JSON with its status; an exception in a handler is logged and costs only its request."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        try:
+            _guard(request, local)
+            response: web.StreamResponse = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, str(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(exc.status, _http_message(exc, request))
+        except Exception:
+            daemon.log.exception("HTTP handler failed", method=request.method, path=request.path)
+            response = error_response(500, "internal error in the parent (logged)")
+        hist = latency.get(name)
+        if hist is None:
+            hist = latency[name] = LatencyHistogram()
+        hist.observe(time.perf_counter() - started)
+        return response
+
+    return middleware
+
+
+def _guard(request: web.Request, local: bool) -> None:
+    """What a browser could be tricked into: on a loopback server, a Host that names no loopback address is
+    refused (DNS rebinding: a site whose name resolves to 127.0.0.1); anywhere, a state-changing request
+    whose Origin is not this server (CSRF). Jupyter and Docker refuse both too."""
+    if local and not is_loopback(urlsplit(f"//{request.host}").hostname or ""):
+        raise ApiError(403, f"Host {request.host!r} is not a loopback address; use http://127.0.0.1 or localhost")
+    origin = request.headers.get("Origin")
+    if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return
+    if urlsplit(origin).netloc != request.host:
+        raise ApiError(403, f"cross-origin request from {origin} refused")
+
+
+def _http_message(exc: web.HTTPException, request: web.Request) -> str:
+    if exc.status == 404:
+        return f"no such resource: {request.path} (see GET /api/ for the routes)"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    if exc.status == 413:
+        return f"request body too large (at most {MAX_BODY} bytes)"
+    return exc.text or exc.reason
+
+
+class WebServer:
+    """The HTTP listener: ``start`` binds it (a StartupError if an address chosen explicitly cannot be bound),
+    ``stop`` closes it."""
+
+    def __init__(self, daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin] | None = None) -> None:
+        self.daemon = daemon
+        self.settings = settings
+        self.app = build_app(daemon, settings, plugins)
+        self.runner: web.AppRunner | None = None
+        self.url: str | None = None
+        self.log = daemon.log.bind(component="http")
+
+    async def start(self) -> str | None:
+        host, port = split_address(self.settings.listen)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               shutdown_timeout=self.daemon.config.shutdown_timeout)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            why = f"cannot listen for HTTP on {self.settings.listen}: {os_reason(exc)}"
+            if self.settings.explicit:
+                raise StartupError(f"{why}; choose another --http, or --http none") from None
+            # The embedded default is busy (another parent?): run without the web side rather than not at all.
+            self.log.warning("web console and API not started", reason=why,
+                             hint="choose an address with --http HOST:PORT")
+            return None
+        self.runner = runner
+        bound = runner.addresses[0][1] if runner.addresses else port
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound}"
+        self.log.info("web console and API listening", url=self.url)
+        if not is_loopback(host):
+            self.log.warning("the HTTP API is reachable beyond this host: it has no authentication and can type "
+                             "into every partition and remove its devices", url=self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.cleanup()

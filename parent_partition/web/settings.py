@@ -1,0 +1,57 @@
+"""``[http]``: where the parent's web console, JSON API and /metrics listen, and what /metrics labels.
+
+Kept free of aiohttp so the config loader can read it without starting anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmbus_proto.aio.endpoint import parse_endpoint
+
+from ..settings import flag, setting
+
+DEFAULT_HTTP = "127.0.0.1:8080"
+OFF = "none"
+
+
+def http_address(v: Any) -> str:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6; port 0: any free port) or ``none``."""
+    if v == OFF:
+        return OFF
+    if not isinstance(v, str) or "://" in v:
+        raise ValueError(f"must be HOST:PORT (as in {DEFAULT_HTTP}) or {OFF!r}, not {v!r}")
+    try:
+        parse_endpoint(f"tcp://{v}")
+    except ValueError as exc:
+        raise ValueError(f"must be HOST:PORT (as in {DEFAULT_HTTP}) or {OFF!r}: "
+                         f"{str(exc).split(': ', 1)[-1].split(';')[0]}") from None
+    return v
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """A checked ``HOST:PORT`` as (host, port)."""
+    _, host, port = parse_endpoint(f"tcp://{address}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class HttpSettings:
+    listen: str = setting(DEFAULT_HTTP, check=http_address)  # or "none"
+    partition_labels: bool = setting(False, check=flag)  # /metrics: a partition label on per-partition series
+    explicit: bool = field(default=False)  # listen was chosen (file or flag): failing to bind it is an error
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen != OFF
