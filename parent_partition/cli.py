@@ -132,9 +132,10 @@ async def serve(config: Config) -> None:
     await daemon.start()
     web_server = None
     if config.http.enabled:
-        from .web.server import WebServer  # noqa: PLC0415 - aiohttp and prometheus-client only when serving HTTP
+        from .web import console  # noqa: PLC0415 - aiohttp and prometheus-client only when serving HTTP
+        from .web.server import WebServer  # noqa: PLC0415
 
-        web_server = WebServer(daemon, config.http)
+        web_server = WebServer(daemon, config.http, plugins=[console.setup])
         try:
             await web_server.start()
         except BaseException:

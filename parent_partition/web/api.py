@@ -11,6 +11,7 @@ something the partition cannot do now.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from ..connection import PartitionConnection
 from ..counters import Traffic, counters_json, ring_fill
 from ..daemon import ParentDaemon
 from ..devices.input.vsp import to_absolute
+from ..devices.video.screen import Screen, encode_png
 from ..vsp import Vsp
 
 DAEMON = web.AppKey("daemon", ParentDaemon)
@@ -328,16 +330,31 @@ async def input_mouse(request: web.Request) -> web.Response:
     return await _input(request, "mouse", _mouse, "reports")
 
 
-async def screen_png(request: web.Request) -> web.Response:
-    """The partition's current screen as PNG, from the video VSP's ``screens[name].png()``."""
-    conn = partition(request)
+def screen_of(request: web.Request, conn: PartitionConnection) -> Screen:
+    """The partition's screen, from the video VSP's ``screens[name]``, or 404."""
     screens = getattr(_daemon(request).device("video"), "screens", None)
     if screens is None:
         raise ApiError(404, "this parent keeps no screens (its video device has no framebuffer)")
-    screen = screens.get(conn.partition)
+    screen: Screen | None = screens.get(conn.partition)
     if screen is None:
         raise ApiError(404, f"partition {conn.partition!r} has no screen yet (its video channel is not open)")
-    return web.Response(body=screen.png(), content_type="image/png", headers={"Cache-Control": "no-store"})
+    return screen
+
+
+async def screen_png(request: web.Request) -> web.Response:
+    """The partition's current screen as PNG; ``?scale=0.25`` for a thumbnail (0.05..1). The picture is taken in
+    the event loop, the encoding (CPU work) done in a thread."""
+    screen = screen_of(request, partition(request))
+    scale = None
+    if "scale" in request.query:
+        try:
+            scale = float(request.query["scale"])
+        except ValueError:
+            scale = -1.0
+        if not 0.05 <= scale <= 1:
+            raise ApiError(400, f"'scale' must be a number from 0.05 to 1, not {request.query['scale']!r}")
+    png = await asyncio.to_thread(encode_png, screen.image(), scale)
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 def add_routes(app: web.Application) -> None:

@@ -102,10 +102,15 @@ def _guard(request: web.Request, local: bool) -> None:
     whose Origin is not this server (CSRF). Jupyter and Docker refuse both too."""
     if local and not is_loopback(urlsplit(f"//{request.host}").hostname or ""):
         raise ApiError(403, f"Host {request.host!r} is not a loopback address; use http://127.0.0.1 or localhost")
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        check_origin(request)
+
+
+def check_origin(request: web.Request) -> None:
+    """403 when the request carries another site's ``Origin`` (a browser sends it with every state-changing
+    request and every websocket handshake; tools send none)."""
     origin = request.headers.get("Origin")
-    if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
-        return
-    if urlsplit(origin).netloc != request.host:
+    if origin is not None and urlsplit(origin).netloc != request.host:
         raise ApiError(403, f"cross-origin request from {origin} refused")
 
 

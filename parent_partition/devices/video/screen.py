@@ -259,13 +259,18 @@ class Screen:
                 px[x, y] = tuple(255 - c for c in base) if xor else base
 
     def png(self, scale: float | None = None) -> bytes:
-        """The screen as PNG bytes; ``scale`` resizes it (0.25 for a thumbnail)."""
-        img = self.image()
-        if scale is not None and scale != 1:
-            if scale <= 0:
-                raise ValueError(f"scale must be positive, not {scale}")
-            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        out = io.BytesIO()
-        img.save(out, "PNG", compress_level=1)
-        return out.getvalue()
+        """The screen as PNG bytes; ``scale`` resizes it (0.25 for a thumbnail). CPU work: in an event loop, take
+        ``image()`` there and give it to :func:`encode_png` in a thread."""
+        return encode_png(self.image(), scale)
+
+
+def encode_png(img: Image.Image, scale: float | None = None) -> bytes:
+    """``img`` as PNG bytes (fast compression), resized by ``scale`` first if given."""
+    if scale is not None and scale != 1:
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, not {scale}")
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    img.save(out, "PNG", compress_level=1)
+    return out.getvalue()
