@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3
-SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium  # chromium: the web console tests
+SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
