@@ -32,6 +32,7 @@ from .nic import Nic
 from .service import NetworkService
 
 SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
+RX_POLL = 64  # packets taken off the channel per wake-up before the flush (Linux's NAPI weight)
 
 
 class PageView:
@@ -95,17 +96,23 @@ class NetworkVsc(HandshakeVsc):
         while True:
             await self._receive(channel, await channel.recv())
 
-    async def _receive(self, channel: Channel, pkt: Packet) -> None:
+    async def _receive(self, channel: Channel, pkt: Packet | None) -> None:
+        """``pkt`` and what else the channel already holds (up to ``RX_POLL`` packets, as NAPI polls), then
+        one flush: their completions and answers leave together."""
         guest = self.guest
         assert guest is not None
-        if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
-            self._absorb(pkt)
-        try:
-            events = guest.receive(pkt)
-        except (nvsp.NvspError, rndis.RndisError) as exc:
-            raise DeviceProtocolError(str(exc)) from None
-        for event in events:
-            self._event(event)
+        for _ in range(RX_POLL):
+            if pkt is None:
+                break
+            if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
+                self._absorb(pkt)
+            try:
+                events = guest.receive(pkt)
+            except (nvsp.NvspError, rndis.RndisError) as exc:
+                raise DeviceProtocolError(str(exc)) from None
+            for event in events:
+                self._event(event)
+            pkt = channel.recv_nowait() if self._ready.is_set() else None
         await self.flush(channel)
 
     def _absorb(self, pkt: Packet) -> None:
@@ -148,18 +155,19 @@ class NetworkVsc(HandshakeVsc):
         guest = self.guest
         assert guest is not None
         out = guest.data_to_send()
+        read = guest.send_view.read
         for pkt in out:
-            if pkt.type == PacketType.DATA_INBAND and not pkt.data and pkt.payload[:4] == _RNDIS_PKT:
-                message = nvsp.decode(pkt.payload)
-                if isinstance(message, nvsp.SendRndisPacket) and message.send_buf_section_index != nvsp.NO_SECTION:
-                    offset = message.send_buf_section_index * nvsp.SEND_SECTION_SIZE
-                    pkt.data = guest.send_view.read(offset, message.send_buf_section_size)
+            if pkt.type == _INBAND and not pkt.data:
+                fields = nvsp.unpack_rndis_packet(pkt.payload)
+                if fields is not None and fields[1] != nvsp.NO_SECTION:
+                    pkt.data = read(fields[1] * nvsp.SEND_SECTION_SIZE, fields[2])
         return out
 
     async def flush(self, channel: Channel) -> None:
-        self._backlog += self.packets()
-        while self._backlog:
-            pkt = self._backlog.pop(0)
+        backlog = self._backlog
+        backlog += self.packets()
+        while backlog:
+            pkt = backlog.pop(0)
             if not channel.try_send(pkt):
                 await channel.send(pkt)
         if self.nic is not None:
@@ -206,7 +214,7 @@ class NetworkVsc(HandshakeVsc):
         super().forget()
 
 
-_RNDIS_PKT = int(nvsp.MessageType.SEND_RNDIS_PKT).to_bytes(4, "little")
+_INBAND = PacketType.DATA_INBAND
 
 
 class NetVscNic(Nic):

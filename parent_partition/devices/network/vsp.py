@@ -34,6 +34,7 @@ from .settings import NetworkSettings
 from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
+RX_POLL = 64  # guest packets taken off the channel per wake-up before answering them
 
 
 class StreamReceiveView:
@@ -160,13 +161,17 @@ class _Nic:
         channel, host = self.channel, self.host
         trace = HandshakeTrace(nvsp.describe) if self.res.trace else None
         while True:
-            pkt = await channel.recv()
+            pkt: Packet | None = await channel.recv()
             handshake = trace if host.version is None else None  # --trace shows the NVSP INIT exchange
             if handshake is not None:
                 self.res.log.info(handshake.line("G>H", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
-            self.send_view.current = pkt.data
-            for event in host.receive(pkt):
-                self._event(event)
+            for _ in range(RX_POLL):  # what the channel already holds, then one flush (NAPI-like)
+                if pkt is None:
+                    break
+                self.send_view.current = pkt.data
+                for event in host.receive(pkt):
+                    self._event(event)
+                pkt = channel.recv_nowait() if handshake is None and host.version is not None else None
             await self.flush(handshake)
 
     def _event(self, event: nethost.Event) -> None:
