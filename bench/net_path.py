@@ -120,7 +120,6 @@ def run_path(frames: int = 20_000, repeat: int = 3) -> dict[str, Any]:
         n = frames if name.endswith("64") else max(1, frames // 20)
         runs = [_path(name, n) for _ in range(repeat)]
         out[name] = {k: round(statistics.median(r[k] for r in runs), 2) for k in ("host_us", "guest_us")}
-    out["nvsp_send_rndis_pkt_size"] = nvsp.NVSP_MESSAGE_SIZE
     return out
 
 

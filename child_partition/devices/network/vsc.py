@@ -119,10 +119,11 @@ class NetworkVsc(HandshakeVsc):
         """The host's writes into our receive buffer, which travelled with the packet: copy them in."""
         pages = self.recv_pages
         assert pages is not None
-        data, pos = memoryview(pkt.data), 0
+        data, pos, end = memoryview(pkt.data), 0, len(pkt.data)
+        view, base, size = pages.view, pages.base, pages.size
         for length, offset in pkt.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
-            if offset >= 0 and offset + length <= pages.size and pos + length <= len(data):
-                pages.write(offset, data[pos:pos + length])
+            if offset >= 0 and length >= 0 and offset + length <= size and pos + length <= end:
+                view[base + offset:base + offset + length] = data[pos:pos + length]  # PageView.write, inline
             pos += length
 
     def _event(self, event: netguest.Event) -> None:

@@ -42,17 +42,34 @@ class StreamReceiveView:
     until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept)."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, bytes] = {}
+        self._offsets: list[int] = []  # in the order written, which is the order the packets name them
+        self._data: list[bytes] = []
 
     def read(self, offset: int, length: int) -> bytes:
-        data = self._pending.get(offset, b"")
-        return data[:length]
+        offsets = self._offsets
+        for i in range(len(offsets) - 1, -1, -1):
+            if offsets[i] == offset:
+                return self._data[i][:length]
+        return b""
 
     def write(self, offset: int, data: bytes) -> None:
-        self._pending[offset] = bytes(data)
+        self._offsets.append(offset)
+        self._data.append(bytes(data))
 
     def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
-        return b"".join(self._pending.pop(offset, b"") for _, offset in ranges)  # (byte_count, byte_offset)
+        """The bytes of ``ranges`` (byte_count, byte_offset), which leave the view: in one join when they are
+        the oldest writes in order (every packet NvspHost makes), else looked up one by one."""
+        n = len(ranges)
+        offsets, data = self._offsets, self._data
+        if offsets[:n] == [offset for _, offset in ranges]:
+            out = b"".join(data[:n])
+            del offsets[:n], data[:n]
+            return out
+        found = dict(zip(offsets, data))  # the latest write at each offset
+        wanted = {offset for _, offset in ranges}
+        rest = {offset: found[offset] for offset in offsets if offset not in wanted}
+        self._offsets, self._data = list(rest), list(rest.values())
+        return b"".join(found.get(offset, b"") for _, offset in ranges)
 
 
 class StreamSendView:

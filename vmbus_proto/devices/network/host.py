@@ -559,10 +559,10 @@ class NvspHost:
                 counters.rx_dropped_no_room += 1
                 result.reason = "no free receive-buffer sub-allocation (the guest has not completed)"
                 continue
-            for i, data in zip(got, messages, strict=True):
-                offset = i * sub
+            offsets = [i * sub for i in got]
+            for offset, data in zip(offsets, messages, strict=True):
                 write(offset, data)
-                ranges.append((len(data), offset))  # vmtransfer_page_range: byte_count, byte_offset
+            ranges += zip(map(len, messages), offsets)  # vmtransfer_page_range: byte_count, byte_offset
             ids += got
             result.delivered += 1
             counters.rx_frames += 1
