@@ -10,7 +10,8 @@ Four paths, each a frame through one direction plus its completion back:
 - ``tx_lso``: a 64 KiB TCP segment with the LSOv2 PPI, GPA-direct;
 - ``rx_rsc``: the same segment coalesced (RSC, NVSP 6.1) across ~37 receive sub-allocations.
 
-Reported: microseconds per frame of each side (``host_us``, ``guest_us``), median of ``--repeat`` runs. This
+Reported: CPU microseconds (thread time, so a loaded machine moves them less) per frame of each side
+(``host_us``, ``guest_us``), median of ``--repeat`` runs. This
 is what profiling the VSP and VSC showed dominating once the transport is batched; the process-level
 figures are ``bench.net_tap`` and ``bench.net_frames``. ``python -m bench.net_path`` prints JSON.
 """
@@ -69,17 +70,17 @@ class Pair:
     def to_host(self) -> float:
         """Hand what the guest queued to the host; the host's seconds."""
         out = self.guest.data_to_send()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for pkt in out:
             self.host.receive(pkt)
-        return time.perf_counter() - t0
+        return time.thread_time() - t0
 
     def to_guest(self) -> float:
         out = self.host.data_to_send()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for pkt in out:
             self.guest.receive(pkt)
-        return time.perf_counter() - t0
+        return time.thread_time() - t0
 
 
 def _path(name: str, frames: int) -> dict[str, float]:
@@ -94,9 +95,9 @@ def _path(name: str, frames: int) -> dict[str, float]:
 
         def step() -> None:
             nonlocal host_s, guest_s
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             pair.guest.send_frame(frame, info)
-            guest_s += time.perf_counter() - t0
+            guest_s += time.thread_time() - t0
             host_s += pair.to_host()
             guest_s += pair.to_guest()  # the completion
     else:
@@ -104,9 +105,9 @@ def _path(name: str, frames: int) -> dict[str, float]:
 
         def step() -> None:
             nonlocal host_s, guest_s
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             pair.host.deliver(batch)
-            host_s += time.perf_counter() - t0
+            host_s += time.thread_time() - t0
             guest_s += pair.to_guest()
             host_s += pair.to_host()  # the completion
     for _ in range(frames):

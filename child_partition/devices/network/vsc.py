@@ -43,6 +43,11 @@ class PageView:
         self.size = len(pfns) * PAGE_SIZE
         self.view = memory.view
 
+    @property
+    def mapping(self) -> memoryview:
+        """The buffer's pages in place (``BufferView.mapping``)."""
+        return self.view[self.base:self.base + self.size]
+
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
             raise nvsp.NvspError(f"bytes {offset}..{offset + length} are outside a {self.size}-byte buffer")

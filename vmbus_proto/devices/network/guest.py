@@ -419,12 +419,13 @@ class NvspGuest:
         else:
             frames: list[tuple[bytes, rndis.PacketInfo]] = []
             read, size, section, counters = self.recv_view.read, self.recv_size, self.recv_section_size, self.counters
+            mapping: memoryview | None = getattr(self.recv_view, "mapping", None)
             for length, offset in packet.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
                 if offset < 0 or length <= 0 or offset + length > size or length > section:
                     counters.rx_errors += 1  # netvsc_receive: "Packet offset:%u + len:%u too big"
                     continue
                 try:
-                    data = read(offset, length)
+                    data = mapping[offset:offset + length] if mapping is not None else read(offset, length)
                     if data[:4] == rndis.PACKET_MSG_TYPE:  # the data path: one pass, no message object
                         frame, info = rndis.unpack_packet_view(data)
                         if info.rsc is None:
@@ -432,11 +433,13 @@ class NvspGuest:
                         else:
                             self._packet(frame, info, frames)
                     else:
-                        events += self._rndis_in(data, frames)
+                        events += self._rndis_in(bytes(data), frames)
                 except rndis.RndisError:
                     counters.rx_errors += 1
                 except _SetupFailed as exc:
                     events += self._fail(str(exc))
+            if self._rsc.frags and mapping is not None:  # a coalesced frame goes on in a later packet: keep
+                self._rsc.frags = [bytes(f) for f in self._rsc.frags]  # its pieces, not views of the buffer
             if frames:
                 self.counters.rx_frames += len(frames)
                 events.append(FramesReceived(frames))
