@@ -28,9 +28,8 @@ from typing import Any
 
 from vmbus_proto.devices.network import guest as netguest
 from vmbus_proto.devices.network import host as nethost
-from vmbus_proto.devices.network import nvsp, rndis
+from vmbus_proto.devices.network import rndis
 from vmbus_proto.devices.network.buffers import ByteBuffer
-from vmbus_proto.packets import Packet
 
 MAC_A, MAC_B = bytes.fromhex("00155d000001"), bytes.fromhex("00155d000002")
 SEGMENT = 65_000  # a TCP segment as iperf3 over LSO/RSC gives it (payload + headers)

@@ -9,8 +9,8 @@ fields (Linux ``struct hv_ring_buffer``) that a stream peer cannot read from sha
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -132,7 +132,7 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
             if type(xr) is list and xr and set(map(type, xr)) == _LIST_ONLY and set(map(len, xr)) == _PAIR \
                     and set(map(type, chain.from_iterable(xr))) == _INT_ONLY:
                 return Packet(ptype, flags, trans_id, payload, data=data, xfer_pageset_id=ext[0],
-                              xfer_ranges=tuple(map(tuple, xr)))  # type: ignore[arg-type]
+                              xfer_ranges=tuple(map(tuple, xr)))
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):

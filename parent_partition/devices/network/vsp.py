@@ -65,7 +65,7 @@ class StreamReceiveView:
             out = b"".join(data[:n])
             del offsets[:n], data[:n]
             return out
-        found = dict(zip(offsets, data))  # the latest write at each offset
+        found = dict(zip(offsets, data, strict=True))  # the latest write at each offset
         wanted = {offset for _, offset in ranges}
         rest = {offset: found[offset] for offset in offsets if offset not in wanted}
         self._offsets, self._data = list(rest), list(rest.values())
@@ -178,10 +178,12 @@ class _Nic:
         channel, host = self.channel, self.host
         trace = HandshakeTrace(nvsp.describe) if self.res.trace else None
         while True:
-            pkt: Packet | None = await channel.recv()
+            first = await channel.recv()
             handshake = trace if host.version is None else None  # --trace shows the NVSP INIT exchange
             if handshake is not None:
-                self.res.log.info(handshake.line("G>H", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
+                self.res.log.info(handshake.line("G>H", first.type, first.trans_id, first.completion_requested,
+                                                 first.payload))
+            pkt: Packet | None = first
             for _ in range(RX_POLL):  # what the channel already holds, then one flush (NAPI-like)
                 if pkt is None:
                     break

@@ -33,6 +33,7 @@ MAX_QUEUED_CONTROL = 64  # control answers waiting for a free reserved sub-alloc
 MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced (RX) or large-send (TX) frame
 RX_FOOTER = 36  # bytes OpenVMM keeps free at the end of each receive sub-allocation
 _PACKET_HEAD = rndis.HEADER_SIZE + rndis.PACKET_BODY_SIZE
+_RNDIS_PACKET_TYPES = frozenset({PacketType.DATA_INBAND, PacketType.DATA_USING_GPA_DIRECT})
 # The PPI chains of an RSC frame's later fragments: RNDIS_PKTINFO_ID alone, without and with LAST_FRAG.
 _RSC_CHAINS = tuple(rndis.pack_ppis(rndis.PacketInfo(rsc=rndis.RscId(flags)).ppis())
                     for flags in (0, rndis.RSC_LAST_FRAG))
@@ -211,7 +212,7 @@ class NvspHost:
             ptype = packet.type
             if ptype == PacketType.COMP:
                 return self._completion(packet)
-            if ptype == PacketType.DATA_INBAND or ptype == PacketType.DATA_USING_GPA_DIRECT:
+            if ptype in _RNDIS_PACKET_TYPES:
                 fields = nvsp.unpack_rndis_packet(packet.payload)
                 if fields is not None:
                     return self._rndis(packet, fields[1], fields[2])
@@ -384,7 +385,7 @@ class NvspHost:
         if index == nvsp.NO_SECTION:
             if packet.type != PacketType.DATA_USING_GPA_DIRECT or not packet.data:
                 raise NvspError("SEND_RNDIS_PKT with no send-buffer section and no GPA-direct data")
-            return packet.data
+            return memoryview(packet.data)
         if self._send_view is None:
             raise NvspError(f"SEND_RNDIS_PKT names send-buffer section {index} but there is no send buffer")
         if index >= self._send_count or size > nvsp.SEND_SECTION_SIZE:
@@ -562,7 +563,7 @@ class NvspHost:
             offsets = [i * sub for i in got]
             for offset, data in zip(offsets, messages, strict=True):
                 write(offset, data)
-            ranges += zip(map(len, messages), offsets)  # vmtransfer_page_range: byte_count, byte_offset
+            ranges += zip(map(len, messages), offsets, strict=True)  # vmtransfer_page_range: byte_count, byte_offset
             ids += got
             result.delivered += 1
             counters.rx_frames += 1

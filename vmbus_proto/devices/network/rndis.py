@@ -705,30 +705,50 @@ def unpack_packet(data: bytes | memoryview) -> tuple[bytes, PacketInfo]:
 
 
 def unpack_packet_view(data: bytes | memoryview) -> tuple[memoryview, PacketInfo]:
-    """``unpack_packet`` without copying the frame: a view into ``data`` (for RSC fragments, joined once)."""
-    if len(data) < HEADER_SIZE + PACKET_BODY_SIZE:
-        raise RndisError(f"RNDIS PACKET_MSG of {len(data)} bytes, need {HEADER_SIZE + PACKET_BODY_SIZE}")
-    (msg_type, msg_len, data_offset, data_len, oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
-     _reserved) = _PACKET_MSG.unpack_from(data)
+    """``unpack_packet`` without copying the frame: a view into ``data`` (for RSC fragments, joined once).
+    Data frames repeat a handful of headers (every RSC piece of a size has the same one): a header seen before
+    is looked up with its checks done, only its length against ``data`` is checked again."""
+    view = memoryview(data)
+    layout = _LAYOUTS.get(bytes(view[:_PACKET_HEAD]))
+    if layout is None:
+        layout = _packet_layout(view)
+    msg_len, start, end, chain_start, chain_end = layout
+    if msg_len > len(view):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(view)} bytes received")
+    if chain_start == chain_end:
+        return view[start:end], NO_INFO
+    return view[start:end], _packet_info(bytes(view[chain_start:chain_end]))
+
+
+_PACKET_HEAD = HEADER_SIZE + PACKET_BODY_SIZE
+_LAYOUTS: dict[bytes, tuple[int, int, int, int, int]] = {}  # checked PACKET_MSG headers (at most 1024 kept)
+
+
+def _packet_layout(view: memoryview) -> tuple[int, int, int, int, int]:
+    """A PACKET_MSG header checked (all but msg_len against the bytes there): (msg_len, frame start, frame end,
+    PPI chain start, chain end) from the message start."""
+    if len(view) < _PACKET_HEAD:
+        raise RndisError(f"RNDIS PACKET_MSG of {len(view)} bytes, need {_PACKET_HEAD}")
+    (msg_type, msg_len, data_offset, data_len, _oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
+     _reserved) = fields = _PACKET_MSG.unpack_from(view)
     if msg_type != _PACKET_TYPE:
         raise RndisError(f"RNDIS message type {msg_type:#x} is not PACKET_MSG")
-    if msg_len < HEADER_SIZE + PACKET_BODY_SIZE or msg_len > len(data):
-        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(data)} bytes received")
+    if msg_len < _PACKET_HEAD or msg_len > len(view):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(view)} bytes received")
     body_len = msg_len - HEADER_SIZE
     if oob_len or oob_count or vc_handle or data_len == 0 or data_offset < PACKET_BODY_SIZE \
             or data_offset + data_len > body_len:
-        _packet_parts(memoryview(data)[HEADER_SIZE:msg_len], (data_offset, data_len, oob_offset, oob_len, oob_count,
-                                                              ppi_offset, ppi_len, vc_handle, _reserved))
+        _packet_parts(view[HEADER_SIZE:msg_len], fields[2:])
         raise AssertionError("unreachable: _packet_parts raises for these fields")  # pragma: no cover
-    view = memoryview(data)
-    start = HEADER_SIZE + data_offset
-    if not ppi_len:
-        return view[start:start + data_len], NO_INFO
-    if ppi_offset < PACKET_BODY_SIZE or ppi_offset + ppi_len > body_len:
+    if ppi_len and (ppi_offset < PACKET_BODY_SIZE or ppi_offset + ppi_len > body_len):
         raise RndisError(f"RNDIS PACKET_MSG per-packet-info buffer of {ppi_len} bytes at offset {ppi_offset} lies "
                          f"outside its {body_len}-byte body")
-    chain = bytes(view[HEADER_SIZE + ppi_offset:HEADER_SIZE + ppi_offset + ppi_len])
-    return view[start:start + data_len], _packet_info(chain)
+    chain = HEADER_SIZE + ppi_offset if ppi_len else 0
+    layout = (msg_len, HEADER_SIZE + data_offset, HEADER_SIZE + data_offset + data_len, chain, chain + ppi_len)
+    if len(_LAYOUTS) >= 1024:
+        _LAYOUTS.clear()
+    _LAYOUTS[bytes(view[:_PACKET_HEAD])] = layout
+    return layout
 
 
 @functools.lru_cache(maxsize=256)
