@@ -428,8 +428,11 @@ class NvspGuest:
                     data = mapping[offset:offset + length] if mapping is not None else read(offset, length)
                     if data[:4] == rndis.PACKET_MSG_TYPE:  # the data path: one pass, no message object
                         frame, info = rndis.unpack_packet_view(data)
-                        if info.rsc is None:
+                        rsc = info.rsc
+                        if rsc is None:
                             frames.append((bytes(frame), info))
+                        elif not rsc.flags and self._rsc.frags:  # a middle piece of a coalesced frame
+                            self._rsc.frags.append(frame)
                         else:
                             self._packet(frame, info, frames)
                     else:

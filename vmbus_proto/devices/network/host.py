@@ -584,8 +584,7 @@ class NvspHost:
             return [rndis.pack_packet(frame, chain)]
         if not self.rsc or len(frame) > MAX_RSC_FRAME:
             return None
-        first = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(rndis.RSC_FIRST_FRAG))
-        first_chain = rndis.packed_ppis(first)
+        first_chain = _rsc_first_chain(info)
         view = memoryview(frame)
         pos = size - _PACKET_HEAD - len(first_chain) - RX_FOOTER
         out = [rndis.pack_packet(view[:pos], first_chain)]
@@ -596,6 +595,13 @@ class NvspHost:
         out += [head + view[p:p + piece] for p in range(pos, end, piece)]
         out.append(rndis.pack_packet(view[end:], last))
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _rsc_first_chain(info: rndis.PacketInfo) -> bytes:
+    """The PPI chain of an RSC frame's first fragment: the frame's own PPIs and RNDIS_PKTINFO_ID (1ST_FRAG)."""
+    first = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(rndis.RSC_FIRST_FRAG))
+    return rndis.packed_ppis(first)
 
 
 @functools.lru_cache(maxsize=16)
