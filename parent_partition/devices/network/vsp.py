@@ -39,7 +39,8 @@ RX_POLL = 64  # guest packets taken off the channel per wake-up before answering
 
 class StreamReceiveView:
     """The host's view of a receive buffer over a stream: what ``NvspHost`` writes at an offset waits here
-    until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept)."""
+    until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept). Each write
+    is taken once, by the packet that names its offset."""
 
     def __init__(self) -> None:
         self._offsets: list[int] = []  # in the order written, which is the order the packets name them
@@ -55,6 +56,11 @@ class StreamReceiveView:
     def write(self, offset: int, data: bytes) -> None:
         self._offsets.append(offset)
         self._data.append(bytes(data))
+
+    def write_many(self, offsets: list[int], pieces: list[bytes]) -> None:
+        """``write`` for each (offset, piece): every piece of a frame in one call (BufferView.write_many)."""
+        self._offsets += offsets
+        self._data += map(bytes, pieces)
 
     def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
         """The bytes of ``ranges`` (byte_count, byte_offset), which leave the view: in one join when they are

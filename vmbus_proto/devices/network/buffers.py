@@ -38,7 +38,9 @@ class BufferView(Protocol):
 
     A view of memory the caller may map can also have a ``mapping`` property: a memoryview of exactly its
     bytes, which the guest's receive path reads in place (as Linux netvsc reads its receive buffer) instead of
-    copying each range out first. Nothing keeps such a view past the packet it was read for."""
+    copying each range out first. Nothing keeps such a view past the packet it was read for. A view may also
+    have ``write_many(offsets, pieces)``, the same as ``write`` for each pair, which the host's receive path
+    calls with all the pieces of a frame."""
 
     def read(self, offset: int, length: int) -> bytes: ...
 

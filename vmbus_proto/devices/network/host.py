@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ...packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
@@ -543,6 +543,7 @@ class NvspHost:
         ids: list[int] = []
         ranges: list[tuple[int, int]] = []
         allocator, write, counters = rx.allocator, rx.view.write, self.counters
+        write_many: Callable[[list[int], list[bytes]], None] | None = getattr(rx.view, "write_many", None)
         sub = allocator.sub_alloc_size
         for frame, info in frames:
             messages = self._rx_messages(rx, frame, info)
@@ -561,8 +562,11 @@ class NvspHost:
                 result.reason = "no free receive-buffer sub-allocation (the guest has not completed)"
                 continue
             offsets = [i * sub for i in got]
-            for offset, data in zip(offsets, messages, strict=True):
-                write(offset, data)
+            if write_many is not None:
+                write_many(offsets, messages)
+            else:
+                for offset, data in zip(offsets, messages, strict=True):
+                    write(offset, data)
             ranges += zip(map(len, messages), offsets, strict=True)  # vmtransfer_page_range: byte_count, byte_offset
             ids += got
             result.delivered += 1
