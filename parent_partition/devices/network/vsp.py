@@ -219,7 +219,7 @@ class _Nic:
                 if port is not None:
                     no_info = rndis.NO_INFO
                     for frame, info in frames:  # TX checksum and LSOv2 PPIs travel as virtio-net metadata
-                        port.send_nowait(frame, None if info == no_info else offload.from_tx_info(frame, info))
+                        port.send_nowait(frame, None if info is no_info else offload.from_tx_info(frame, info))
             case nethost.DataPathReady():
                 res.log.info("RNDIS initialized", nvsp=nvsp.version_text(host.version or 0), mtu=host.mtu)
             case nethost.PacketFilterChanged(filter=value):

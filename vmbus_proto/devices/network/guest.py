@@ -511,7 +511,8 @@ class NvspGuest:
         if not self.ready or self.closing:
             raise LocalProtocolError("NetVSC cannot transmit before Ready or after close")
         self.counters.tx_frames += 1
-        self._send_rndis(rndis.encode(rndis.PacketMessage(frame, info)), nvsp.CHANNEL_DATA, info.lso is None)
+        message = rndis.pack_packet(frame, rndis.info_chain(info))  # rndis.encode(PacketMessage(frame, info))
+        self._send_rndis(message, nvsp.CHANNEL_DATA, info.lso is None)
 
     def _send_rndis(self, data: bytes, channel: int, may_copy: bool = True) -> int:
         sends = self.sends

@@ -583,7 +583,7 @@ class NvspHost:
         if len(frame) < rndis.ETH_HEADER_LEN:
             return None
         size = rx.allocator.sub_alloc_size
-        chain = rndis.packed_ppis(info) if info != rndis.NO_INFO else b""
+        chain = rndis.info_chain(info)
         if len(frame) <= size - _PACKET_HEAD - len(chain) - RX_FOOTER:
             return [rndis.pack_packet(frame, chain)]
         if not self.rsc or len(frame) > MAX_RSC_FRAME:

@@ -757,10 +757,15 @@ def packed_ppis(info: PacketInfo) -> bytes:
     return pack_ppis(info.ppis())
 
 
+def info_chain(info: PacketInfo) -> bytes:
+    """``packed_ppis``, with frames without per-packet info (``NO_INFO`` itself) not even looked up."""
+    return b"" if info is NO_INFO else packed_ppis(info)
+
+
 def encode(message: RndisMessage, pad: int = 0) -> bytes:
     """The whole message: ``{msg_type, msg_len}`` and the body (a PACKET_MSG may be padded)."""
     if isinstance(message, PacketMessage):
-        return pack_packet(message.data, packed_ppis(message.info) if message.info != NO_INFO else b"", pad)
+        return pack_packet(message.data, info_chain(message.info), pad)
     body = message.pack_body()
     return _HEADER.pack(message.TYPE, HEADER_SIZE + len(body)) + body
 
