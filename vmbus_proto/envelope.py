@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -95,13 +96,16 @@ def encode_packet(pkt: Packet) -> bytes:
     if pkt.ranges:
         ext = pkt.ranges  # msgpack writes the named tuples as [byte_count, byte_offset, [pfn, ...]]
     elif pkt.xfer_ranges:
-        ext = [pkt.xfer_pageset_id, [list(r) for r in pkt.xfer_ranges]]
+        ext = [pkt.xfer_pageset_id, pkt.xfer_ranges]  # the (byte_count, byte_offset) tuples as arrays
     return _packb([pkt.type, pkt.flags, pkt.trans_id, pkt.payload, ext])
 
 
 _INBAND_OR_COMP = (PacketType.DATA_INBAND, PacketType.COMP)
 _GPA_DIRECT = int(PacketType.DATA_USING_GPA_DIRECT)
 _INT_ONLY = frozenset({int})
+_XFER_PAGES = int(PacketType.DATA_USING_XFER_PAGES)
+_LIST_ONLY = frozenset({list})
+_PAIR = frozenset({2})
 
 
 def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
@@ -123,6 +127,12 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
                         and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
                         and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
                     return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data)
+        if ptype == _XFER_PAGES and type(ext) is list and len(ext) == 2 and type(ext[0]) is int:
+            xr = ext[1]  # NetVSP's receive path: [pageset_id, [[byte_count, byte_offset], ...]]
+            if type(xr) is list and xr and set(map(type, xr)) == _LIST_ONLY and set(map(len, xr)) == _PAIR \
+                    and set(map(type, chain.from_iterable(xr))) == _INT_ONLY:
+                return Packet(ptype, flags, trans_id, payload, data=data, xfer_pageset_id=ext[0],
+                              xfer_ranges=tuple(map(tuple, xr)))
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):

@@ -8,12 +8,14 @@ typed" at debug), a hot remove and hot add where the child logs it ("offer resci
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -169,7 +171,7 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_goes_on(running: tup
     await api.error("POST", mouse, 400, "outside a 10x10 screen", body={"x": 10, "y": 0, "width": 10, "height": 10})
     await api.error("POST", mouse, 400, "both 'width' and 'height'", body={"x": 1, "y": 0, "width": 10})
     await api.error("POST", mouse, 400, "", body={"x": 40000, "y": 0})
-    await api.error("GET", "/api/partitions/vm1/screen.png", 404, "screen")
+    await api.error("GET", "/api/partitions/vm9/screen.png", 404, "no partition named 'vm9'")
     # After all that the daemon still serves the partition and the API.
     assert (await api.get("/api/partitions/vm1"))["vmbus"]["state"] == "connected"
     assert not vm.events("session with the parent ended")
@@ -270,19 +272,18 @@ async def test_screen_png_hook_and_root_and_garbage(running: tuple[ParentDaemon,
     video = daemon.device("video")
     assert video is not None
 
-    class Screen:
-        def png(self) -> bytes:
-            return b"\x89PNG\r\n\x1a\nfake"
-
-    video.screens = {"vm1": Screen()}  # type: ignore[attr-defined]
+    screens = video.screens  # type: ignore[attr-defined]
+    await until(lambda: "vm1" in screens and screens["vm1"].active, "vm1 has an active screen at the parent")
+    async with api.session.get(f"{api.url}/api/partitions/vm1/screen.png") as resp:
+        assert resp.status == 200 and resp.content_type == "image/png", resp
+        image = Image.open(io.BytesIO(await resp.read()))
+    screen = screens["vm1"]
+    assert image.format == "PNG" and image.size == (screen.width, screen.height), (image.format, image.size)
+    held = screens.pop("vm1")
     try:
-        async with api.session.get(f"{api.url}/api/partitions/vm1/screen.png") as resp:
-            assert resp.status == 200 and resp.content_type == "image/png", resp
-            assert (await resp.read()).startswith(b"\x89PNG")
-        video.screens = {}  # type: ignore[attr-defined]
         await api.error("GET", "/api/partitions/vm1/screen.png", 404, "has no screen yet")
     finally:
-        del video.screens  # type: ignore[attr-defined]
+        screens["vm1"] = held
     async with api.session.get(f"{api.url}/", allow_redirects=False) as resp:
         assert resp.status == 302 and resp.headers["Location"] == "/api/", resp
     host, port = api.url.removeprefix("http://").split(":")

@@ -41,6 +41,7 @@ from .service import NetworkService
 
 SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
 DEFAULT_QUEUES = 8  # Linux VRSS_CHANNEL_DEFAULT (and at most VRSS_CHANNEL_MAX = 64)
+RX_POLL = 64  # packets taken off the channel per wake-up before the flush (Linux's NAPI weight)
 
 
 class PageView:
@@ -50,6 +51,11 @@ class PageView:
         self.base = memory.offset_of(pfns[0])
         self.size = len(pfns) * PAGE_SIZE
         self.view = memory.view
+
+    @property
+    def mapping(self) -> memoryview:
+        """The buffer's pages in place (``BufferView.mapping``)."""
+        return self.view[self.base:self.base + self.size]
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -107,27 +113,34 @@ class NetworkVsc(HandshakeVsc):
         while True:
             await self._receive(channel, await channel.recv())
 
-    async def _receive(self, channel: Channel, pkt: Packet) -> None:
+    async def _receive(self, channel: Channel, pkt: Packet | None) -> None:
+        """``pkt`` and what else the channel already holds (up to ``RX_POLL`` packets, as NAPI polls), then
+        one flush: their completions and answers leave together."""
         guest = self.guest
         assert guest is not None
-        if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
-            self._absorb(pkt)
-        try:
-            events = guest.receive(pkt)
-        except (nvsp.NvspError, rndis.RndisError) as exc:
-            raise DeviceProtocolError(str(exc)) from None
-        for event in events:
-            self._event(event)
+        for _ in range(RX_POLL):
+            if pkt is None:
+                break
+            if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
+                self._absorb(pkt)
+            try:
+                events = guest.receive(pkt)
+            except (nvsp.NvspError, rndis.RndisError) as exc:
+                raise DeviceProtocolError(str(exc)) from None
+            for event in events:
+                self._event(event)
+            pkt = channel.recv_nowait() if self._ready.is_set() else None
         await self.flush(channel)
 
     def _absorb(self, pkt: Packet) -> None:
         """The host's writes into our receive buffer, which travelled with the packet: copy them in."""
         pages = self.recv_pages
         assert pages is not None
-        data, pos = memoryview(pkt.data), 0
+        data, pos, end = memoryview(pkt.data), 0, len(pkt.data)
+        view, base, size = pages.view, pages.base, pages.size
         for length, offset in pkt.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
-            if offset >= 0 and offset + length <= pages.size and pos + length <= len(data):
-                pages.write(offset, data[pos:pos + length])
+            if offset >= 0 and length >= 0 and offset + length <= size and pos + length <= end:
+                view[base + offset:base + offset + length] = data[pos:pos + length]  # PageView.write, inline
             pos += length
 
     def _event(self, event: netguest.Event) -> None:
@@ -163,18 +176,19 @@ class NetworkVsc(HandshakeVsc):
         guest = self.guest
         assert guest is not None
         out = guest.data_to_send()
+        read = guest.send_view.read
         for pkt in out:
-            if pkt.type == PacketType.DATA_INBAND and not pkt.data and pkt.payload[:4] == _RNDIS_PKT:
-                message = nvsp.decode(pkt.payload)
-                if isinstance(message, nvsp.SendRndisPacket) and message.send_buf_section_index != nvsp.NO_SECTION:
-                    offset = message.send_buf_section_index * nvsp.SEND_SECTION_SIZE
-                    pkt.data = guest.send_view.read(offset, message.send_buf_section_size)
+            if pkt.type == _INBAND and not pkt.data:
+                fields = nvsp.unpack_rndis_packet(pkt.payload)
+                if fields is not None and fields[1] != nvsp.NO_SECTION:
+                    pkt.data = read(fields[1] * nvsp.SEND_SECTION_SIZE, fields[2])
         return out
 
     async def flush(self, channel: Channel) -> None:
-        self._backlog += self.packets()
-        while self._backlog:
-            pkt = self._backlog.pop(0)
+        backlog = self._backlog
+        backlog += self.packets()
+        while backlog:
+            pkt = backlog.pop(0)
             if not channel.try_send(pkt):
                 await channel.send(pkt)
         if self.nic is not None:
@@ -371,7 +385,7 @@ class _Queue:
         self.backlog.clear()
 
 
-_RNDIS_PKT = int(nvsp.MessageType.SEND_RNDIS_PKT).to_bytes(4, "little")
+_INBAND = PacketType.DATA_INBAND
 
 
 class NetVscNic(Nic):

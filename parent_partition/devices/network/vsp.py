@@ -42,24 +42,48 @@ from .stats import SwitchStatsLog
 from .switch import MAX_LARGE_FRAME, Frame, Port, PortDetached, Switch, TapUplink, format_mac, mac_for, port_fields
 
 RX_BATCH = 64  # frames taken off the switch port per wake-up
+RX_POLL = 64  # guest packets taken off the channel per wake-up before answering them
 
 
 class StreamReceiveView:
     """The host's view of a receive buffer over a stream: what ``NvspHost`` writes at an offset waits here
-    until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept)."""
+    until the transfer-page packet naming it is sent, then leaves with it (nothing else is kept). Each write
+    is taken once, by the packet that names its offset."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, bytes] = {}
+        self._offsets: list[int] = []  # in the order written, which is the order the packets name them
+        self._data: list[bytes] = []
 
     def read(self, offset: int, length: int) -> bytes:
-        data = self._pending.get(offset, b"")
-        return data[:length]
+        offsets = self._offsets
+        for i in range(len(offsets) - 1, -1, -1):
+            if offsets[i] == offset:
+                return self._data[i][:length]
+        return b""
 
     def write(self, offset: int, data: bytes) -> None:
-        self._pending[offset] = bytes(data)
+        self._offsets.append(offset)
+        self._data.append(bytes(data))
+
+    def write_many(self, offsets: list[int], pieces: list[bytes]) -> None:
+        """``write`` for each (offset, piece): every piece of a frame in one call (BufferView.write_many)."""
+        self._offsets += offsets
+        self._data += map(bytes, pieces)
 
     def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
-        return b"".join(self._pending.pop(offset, b"") for _, offset in ranges)  # (byte_count, byte_offset)
+        """The bytes of ``ranges`` (byte_count, byte_offset), which leave the view: in one join when they are
+        the oldest writes in order (every packet NvspHost makes), else looked up one by one."""
+        n = len(ranges)
+        offsets, data = self._offsets, self._data
+        if offsets[:n] == [offset for _, offset in ranges]:
+            out = b"".join(data[:n])
+            del offsets[:n], data[:n]
+            return out
+        found = dict(zip(offsets, data, strict=True))  # the latest write at each offset
+        wanted = {offset for _, offset in ranges}
+        rest = {offset: found[offset] for offset in offsets if offset not in wanted}
+        self._offsets, self._data = list(rest), list(rest.values())
+        return b"".join(found.get(offset, b"") for _, offset in ranges)
 
 
 class StreamSendView:
@@ -234,13 +258,19 @@ class _Nic:
         channel, host = self.channel, self.host
         trace = HandshakeTrace(nvsp.describe) if self.res.trace else None
         while True:
-            pkt = await channel.recv()
+            first = await channel.recv()
             handshake = trace if host.version is None else None  # --trace shows the NVSP INIT exchange
             if handshake is not None:
-                self.res.log.info(handshake.line("G>H", pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
-            self.send_view.current = pkt.data
-            for event in host.receive(pkt):
-                self._event(event)
+                self.res.log.info(handshake.line("G>H", first.type, first.trans_id, first.completion_requested,
+                                                 first.payload))
+            pkt: Packet | None = first
+            for _ in range(RX_POLL):  # what the channel already holds, then one flush (NAPI-like)
+                if pkt is None:
+                    break
+                self.send_view.current = pkt.data
+                for event in host.receive(pkt):
+                    self._event(event)
+                pkt = channel.recv_nowait() if handshake is None and host.version is not None else None
             await self.flush(handshake)
 
     def _event(self, event: nethost.Event) -> None:
@@ -263,7 +293,7 @@ class _Nic:
                 if port is not None:
                     no_info = rndis.NO_INFO
                     for frame, info in frames:  # TX checksum and LSOv2 PPIs travel as virtio-net metadata
-                        if info == no_info:
+                        if info is no_info:
                             port.send_nowait(frame, None)
                             continue
                         # A large send from NDIS's length and pseudo-header convention to the kernel's GSO one.

@@ -34,7 +34,13 @@ def sub_allocation_size(mtu: int) -> int:
 
 
 class BufferView(Protocol):
-    """Byte access to one GPADL-backed buffer (the parent's GPADL view, or the child's own memory)."""
+    """Byte access to one GPADL-backed buffer (the parent's GPADL view, or the child's own memory).
+
+    A view of memory the caller may map can also have a ``mapping`` property: a memoryview of exactly its
+    bytes, which the guest's receive path reads in place (as Linux netvsc reads its receive buffer) instead of
+    copying each range out first. Nothing keeps such a view past the packet it was read for. A view may also
+    have ``write_many(offsets, pieces)``, the same as ``write`` for each pair, which the host's receive path
+    calls with all the pieces of a frame."""
 
     def read(self, offset: int, length: int) -> bytes: ...
 
@@ -47,6 +53,10 @@ class ByteBuffer:
     def __init__(self, size: int) -> None:
         self.data = bytearray(size)
         self.size = size
+
+    @property
+    def mapping(self) -> memoryview:
+        return memoryview(self.data)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -98,7 +98,7 @@ class _Request:
 
 @dataclass(slots=True)
 class _Rsc:
-    frags: list[bytes] = field(default_factory=list)
+    frags: list[bytes | memoryview] = field(default_factory=list)
     info: rndis.PacketInfo = rndis.NO_INFO
 
 
@@ -403,10 +403,11 @@ class NvspGuest:
         section = self._tx_sections.pop(packet.trans_id, None)
         if section is None:
             raise NvspError(f"NVSP completion for unknown transaction id {packet.trans_id:#x}")
-        message = nvsp.decode(packet.payload, completion=True)
-        if not isinstance(message, nvsp.SendRndisPacketComplete):
+        status = nvsp.unpack_rndis_packet_complete(packet.payload)
+        if status is None:
+            message = nvsp.decode(packet.payload, completion=True)
             raise NvspError(f"{type(message).__name__} completes SEND_RNDIS_PKT")
-        if message.status != Status.SUCCESS:
+        if status != Status.SUCCESS:
             self.counters.tx_failed_completions += 1  # Linux logs it and still frees the section
         if section != nvsp.NO_SECTION and self.sends is not None:
             self.sends.release(section)
@@ -427,24 +428,39 @@ class NvspGuest:
         raise NvspError(f"NVSP {type(message).__name__} sent by the host")
 
     def _xfer(self, packet: Packet) -> list[Event]:
-        message = nvsp.decode(packet.payload)
-        if not isinstance(message, nvsp.SendRndisPacket):
+        if nvsp.unpack_rndis_packet(packet.payload) is None:
+            message = nvsp.decode(packet.payload)
             raise NvspError(f"transfer-page packet carries NVSP {type(message).__name__}")
         events: list[Event] = []
         if packet.xfer_pageset_id != nvsp.RECEIVE_BUFFER_ID or not self.recv_section_size:
             self.counters.rx_errors += 1  # Linux: "Invalid xfer page set id"; dropped, still completed
         else:
             frames: list[tuple[bytes, rndis.PacketInfo]] = []
+            read, size, section, counters = self.recv_view.read, self.recv_size, self.recv_section_size, self.counters
+            mapping: memoryview | None = getattr(self.recv_view, "mapping", None)
             for length, offset in packet.xfer_ranges:  # vmtransfer_page_range: byte_count, byte_offset
-                if offset < 0 or length <= 0 or offset + length > self.recv_size or length > self.recv_section_size:
-                    self.counters.rx_errors += 1  # netvsc_receive: "Packet offset:%u + len:%u too big"
+                if offset < 0 or length <= 0 or offset + length > size or length > section:
+                    counters.rx_errors += 1  # netvsc_receive: "Packet offset:%u + len:%u too big"
                     continue
                 try:
-                    events += self._rndis_in(self.recv_view.read(offset, length), frames)
+                    data = mapping[offset:offset + length] if mapping is not None else read(offset, length)
+                    if data[:4] == rndis.PACKET_MSG_TYPE:  # the data path: one pass, no message object
+                        frame, info = rndis.unpack_packet_view(data)
+                        rsc = info.rsc
+                        if rsc is None:
+                            frames.append((bytes(frame), info))
+                        elif not rsc.flags and self._rsc.frags:  # a middle piece of a coalesced frame
+                            self._rsc.frags.append(frame)
+                        else:
+                            self._packet(frame, info, frames)
+                    else:
+                        events += self._rndis_in(bytes(data), frames)
                 except rndis.RndisError:
-                    self.counters.rx_errors += 1
+                    counters.rx_errors += 1
                 except _SetupFailed as exc:
                     events += self._fail(str(exc))
+            if self._rsc.frags and mapping is not None:  # a coalesced frame goes on in a later packet: keep
+                self._rsc.frags = [bytes(f) for f in self._rsc.frags]  # its pieces, not views of the buffer
             if frames:
                 self.counters.rx_frames += len(frames)
                 events.append(FramesReceived(frames))
@@ -456,7 +472,7 @@ class NvspGuest:
     def complete_receives(self) -> None:
         """Return every received transfer-page packet's sub-allocations to the host (Linux batches these
         per NAPI poll)."""
-        done = nvsp.encode(nvsp.SendRndisPacketComplete(Status.SUCCESS))
+        done = nvsp.rndis_packet_complete(Status.SUCCESS)
         for trans_id in self.pending_receive_completions:
             self._outbox.append(Packet(PacketType.COMP, 0, trans_id, done))
         self.pending_receive_completions = []
@@ -479,16 +495,17 @@ class NvspGuest:
         request.on_answer(message)
         return self._next_step()
 
-    def _packet(self, data: bytes, info: rndis.PacketInfo, frames: list[tuple[bytes, rndis.PacketInfo]]) -> None:
+    def _packet(self, data: bytes | memoryview, info: rndis.PacketInfo,
+                frames: list[tuple[bytes, rndis.PacketInfo]]) -> None:
         rsc = info.rsc
         if rsc is None:
-            frames.append((data, info))
+            frames.append((bytes(data), info))
             return
         if rsc.flags & rndis.RSC_FIRST_FRAG:
             self._rsc = _Rsc([], info)
         elif not self._rsc.frags:
             raise rndis.RndisError("RSC fragment without a first fragment")
-        self._rsc.frags.append(data)
+        self._rsc.frags.append(data)  # a view of bytes read for it alone: joined once, at the last fragment
         if rsc.flags & rndis.RSC_LAST_FRAG:
             info = self._rsc.info
             frames.append((b"".join(self._rsc.frags), rndis.PacketInfo(info.checksum, None, info.vlan,
@@ -512,7 +529,8 @@ class NvspGuest:
         if not self.ready or self.closing:
             raise LocalProtocolError("NetVSC cannot transmit before Ready or after close")
         self.counters.tx_frames += 1
-        self._send_rndis(rndis.encode(rndis.PacketMessage(frame, info)), nvsp.CHANNEL_DATA, info.lso is None)
+        message = rndis.pack_packet(frame, rndis.info_chain(info))  # rndis.encode(PacketMessage(frame, info))
+        self._send_rndis(message, nvsp.CHANNEL_DATA, info.lso is None)
 
     def _send_rndis(self, data: bytes, channel: int, may_copy: bool = True) -> int:
         sends = self.sends
@@ -523,12 +541,12 @@ class NvspGuest:
             self.send_view.write(index * sends.section_size, data)
             self._tx_sections[trans_id] = index
             self.counters.tx_section += channel == nvsp.CHANNEL_DATA
-            payload = nvsp.encode(nvsp.SendRndisPacket(channel, index, len(data)))
+            payload = nvsp.pack_rndis_packet(channel, index, len(data))
             self._outbox.append(Packet(PacketType.DATA_INBAND, FLAG_COMPLETION_REQUESTED, trans_id, payload))
             return trans_id
         self._tx_sections[trans_id] = nvsp.NO_SECTION
         self.counters.tx_direct += channel == nvsp.CHANNEL_DATA
-        payload = nvsp.encode(nvsp.SendRndisPacket(channel, nvsp.NO_SECTION, 0))
+        payload = nvsp.pack_rndis_packet(channel, nvsp.NO_SECTION, 0)
         self._outbox.append(Packet(PacketType.DATA_USING_GPA_DIRECT, FLAG_COMPLETION_REQUESTED, trans_id, payload,
                                    self.direct_ranges(len(data)), data))
         return trans_id

@@ -17,9 +17,10 @@ Inputs are method calls; packets to send are pulled with ``data_to_send()``; eve
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ...packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
@@ -33,6 +34,7 @@ MAX_QUEUED_CONTROL = 64  # control answers waiting for a free reserved sub-alloc
 MAX_RSC_FRAME = 65535 + rndis.ETH_HEADER_LEN  # the largest coalesced (RX) or large-send (TX) frame
 RX_FOOTER = 36  # bytes OpenVMM keeps free at the end of each receive sub-allocation
 _PACKET_HEAD = rndis.HEADER_SIZE + rndis.PACKET_BODY_SIZE
+_RNDIS_PACKET_TYPES = frozenset({PacketType.DATA_INBAND, PacketType.DATA_USING_GPA_DIRECT})
 # The PPI chains of an RSC frame's later fragments: RNDIS_PKTINFO_ID alone, without and with LAST_FRAG.
 _SEND_RNDIS_PKT = struct.pack("<I", nvsp.MessageType.SEND_RNDIS_PKT)
 _RSC_CHAINS = tuple(rndis.pack_ppis(rndis.PacketInfo(rsc=rndis.RscId(flags)).ppis())
@@ -226,6 +228,14 @@ class NvspHost:
 
     def receive(self, packet: Packet) -> list[Event]:
         """One packet from the guest. Raises ``NvspError``/``RndisError`` for what ends the channel."""
+        if self._init is None and self.version is not None and not self.revoked:  # the running data path
+            ptype = packet.type
+            if ptype == PacketType.COMP:
+                return self._completion(packet)
+            if ptype in _RNDIS_PACKET_TYPES:
+                fields = nvsp.unpack_rndis_packet(packet.payload)
+                if fields is not None:
+                    return self._rndis(packet, fields[1], fields[2])
         if self.version is None:
             return self._handshake(packet)
         if self._init is not None and self._init.pending is not None:
@@ -300,7 +310,7 @@ class NvspHost:
                 raise NvspError("RNDIS packet before NDIS_CONFIG, NDIS_VER and SEND_RECV_BUF (OpenVMM "
                                 "UnexpectedRndisPacket)")
             self._init = None
-            return self._running(packet, message)
+            return self._rndis(packet, message.send_buf_section_index, message.send_buf_section_size)
         raise NvspError(f"NVSP {name} while the channel is initializing")
 
     def attach_receive_buffer(self, view: BufferView, size: int) -> None:
@@ -350,7 +360,7 @@ class NvspHost:
     def _running(self, packet: Packet, message: nvsp.NvspMessage) -> list[Event]:
         assert self.version is not None
         if isinstance(message, nvsp.SendRndisPacket):
-            return self._rndis(packet, message)
+            return self._rndis(packet, message.send_buf_section_index, message.send_buf_section_size)
         if isinstance(message, (nvsp.RevokeReceiveBuffer, nvsp.RevokeSendBuffer)):
             receive = isinstance(message, nvsp.RevokeReceiveBuffer)
             self.revoked.add("receive" if receive else "send")
@@ -383,8 +393,8 @@ class NvspHost:
     def _completion(self, packet: Packet) -> list[Event]:
         if not packet.payload:
             return []  # SEND_VF_ASSOCIATION / SWITCH_DATA_PATH completions (not all guests send them)
-        message = nvsp.decode(packet.payload, completion=True)
-        if not isinstance(message, nvsp.SendRndisPacketComplete):
+        if nvsp.unpack_rndis_packet_complete(packet.payload) is None:
+            message = nvsp.decode(packet.payload, completion=True)
             raise NvspError(f"NVSP completion {type(message).__name__} from the guest")
         if self._rx is None:
             return []  # the buffer was revoked: late completions are harmless
@@ -394,44 +404,43 @@ class NvspHost:
 
     # ---- RNDIS over SEND_RNDIS_PKT ---------------------------------------------------------------------
 
-    def _rndis_bytes(self, packet: Packet, message: nvsp.SendRndisPacket) -> bytes:
-        index = message.send_buf_section_index
+    def _rndis_bytes(self, packet: Packet, index: int, size: int) -> bytes | memoryview:
+        """The RNDIS message a SEND_RNDIS_PKT names (GPA-direct data is not copied: the frames are, once)."""
         if index == nvsp.NO_SECTION:
             if packet.type != PacketType.DATA_USING_GPA_DIRECT or not packet.data:
                 raise NvspError("SEND_RNDIS_PKT with no send-buffer section and no GPA-direct data")
-            return bytes(packet.data)
+            return memoryview(packet.data)
         if self._send_view is None:
             raise NvspError(f"SEND_RNDIS_PKT names send-buffer section {index} but there is no send buffer")
-        if index >= self._send_count or message.send_buf_section_size > nvsp.SEND_SECTION_SIZE:
-            raise NvspError(f"SEND_RNDIS_PKT section {index} of {message.send_buf_section_size} bytes is outside "
+        if index >= self._send_count or size > nvsp.SEND_SECTION_SIZE:
+            raise NvspError(f"SEND_RNDIS_PKT section {index} of {size} bytes is outside "
                             f"the {self._send_count}-section send buffer")
-        return self._send_view.read(index * nvsp.SEND_SECTION_SIZE, message.send_buf_section_size)
+        return self._send_view.read(index * nvsp.SEND_SECTION_SIZE, size)
 
-    def _rndis(self, packet: Packet, message: nvsp.SendRndisPacket) -> list[Event]:
-        data = self._rndis_bytes(packet, message)
+    def _rndis(self, packet: Packet, index: int, size: int) -> list[Event]:
+        data = self._rndis_bytes(packet, index, size)
+        status: int = Status.SUCCESS
         try:
             kind = rndis.message_type(data)
             events = self._tx(data) if kind == rndis.MessageType.PACKET else self._control(rndis.decode(data))
         except rndis.RndisError:
             # OpenVMM answers a malformed RNDIS packet with a failed completion; it costs only this packet.
             self.counters.tx_errors += 1
-            self._complete(packet, nvsp.SendRndisPacketComplete(Status.FAIL))
-            return []
-        self._complete(packet, nvsp.SendRndisPacketComplete(Status.SUCCESS))
+            events, status = [], Status.FAIL
+        if packet.flags & FLAG_COMPLETION_REQUESTED:
+            self._outbox.append(Packet(PacketType.COMP, 0, packet.trans_id,
+                                       nvsp.rndis_packet_complete(status, self._size)))
         return events
 
-    def _tx(self, data: bytes) -> list[Event]:
+    def _tx(self, data: bytes | memoryview) -> list[Event]:
         if not self.rndis_initialized:
             raise rndis.RndisError("RNDIS PACKET_MSG before INITIALIZE")
-        frames = []
-        for message in rndis.iter_packet_messages(data):
-            limit = MAX_RSC_FRAME if message.info.lso is not None else self.mtu
-            if not rndis.ETH_HEADER_LEN <= len(message.data) <= limit:
-                self.counters.tx_dropped_bad_frame += 1  # a runt, or larger than the MTU without LSO
-                continue
-            frames.append((message.data, message.info))
-        self.counters.tx_frames += len(frames)
-        self.counters.tx_bytes += sum(len(f) for f, _ in frames)
+        sent = rndis.packet_frames(data)
+        mtu, c = self.mtu, self.counters
+        frames = [(f, i) for f, i in sent if rndis.ETH_HEADER_LEN <= len(f) <= (MAX_RSC_FRAME if i.lso else mtu)]
+        c.tx_dropped_bad_frame += len(sent) - len(frames)  # runts, or larger than the MTU without LSO
+        c.tx_frames += len(frames)
+        c.tx_bytes += sum(len(f) for f, _ in frames)
         return [FramesSent(frames)] if frames else []
 
     def _control(self, message: rndis.RndisMessage) -> list[Event]:
@@ -520,7 +529,7 @@ class NvspHost:
     def _xfer(self, rx: _RxBuffer, ids: list[int], ranges: tuple[tuple[int, int], ...], channel: int,
               queue: int = 0) -> None:
         trans_id = rx.allocator.hold(ids)
-        payload = nvsp.encode(nvsp.SendRndisPacket(channel, nvsp.NO_SECTION, 0), self._size)
+        payload = nvsp.pack_rndis_packet(channel, nvsp.NO_SECTION, 0, self._size)
         outbox = self._queues[queue].outbox if queue else self._outbox
         outbox.append(Packet(PacketType.DATA_USING_XFER_PAGES, FLAG_COMPLETION_REQUESTED, trans_id,
                              payload, xfer_pageset_id=rx.id, xfer_ranges=ranges))
@@ -627,6 +636,9 @@ class NvspHost:
             return result
         ids: list[int] = []
         ranges: list[tuple[int, int]] = []
+        allocator, write, counters = rx.allocator, rx.view.write, self.counters
+        write_many: Callable[[list[int], list[bytes]], None] | None = getattr(rx.view, "write_many", None)
+        sub = allocator.sub_alloc_size
         for frame, info in frames:
             messages = self._rx_messages(rx, frame, info)
             if messages is None:
@@ -637,20 +649,23 @@ class NvspHost:
             if len(ranges) + len(messages) > RX_BATCH_SIZE:
                 self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA, queue)
                 ids, ranges = [], []
-            got = rx.allocator.allocate(len(messages))
+            got = allocator.allocate(len(messages))
             if got is None:
                 result.dropped += 1
-                self.counters.rx_dropped_no_room += 1
+                counters.rx_dropped_no_room += 1
                 result.reason = "no free receive-buffer sub-allocation (the guest has not completed)"
                 continue
-            for i, data in zip(got, messages, strict=True):
-                offset = i * rx.allocator.sub_alloc_size
-                rx.view.write(offset, data)
-                ranges.append((len(data), offset))  # vmtransfer_page_range: byte_count, byte_offset
+            offsets = [i * sub for i in got]
+            if write_many is not None:
+                write_many(offsets, messages)
+            else:
+                for offset, data in zip(offsets, messages, strict=True):
+                    write(offset, data)
+            ranges += zip(map(len, messages), offsets, strict=True)  # vmtransfer_page_range: byte_count, byte_offset
             ids += got
             result.delivered += 1
-            self.counters.rx_frames += 1
-            self.counters.rx_bytes += len(frame)
+            counters.rx_frames += 1
+            counters.rx_bytes += len(frame)
         if ranges:
             self._xfer(rx, ids, tuple(ranges), nvsp.CHANNEL_DATA, queue)
         return result
@@ -662,20 +677,32 @@ class NvspHost:
         if len(frame) < rndis.ETH_HEADER_LEN:
             return None
         size = rx.allocator.sub_alloc_size
-        chain = rndis.pack_ppis(info.ppis()) if info != rndis.NO_INFO else b""
+        chain = rndis.info_chain(info)
         if len(frame) <= size - _PACKET_HEAD - len(chain) - RX_FOOTER:
             return [rndis.pack_packet(frame, chain)]
         if not self.rsc or len(frame) > MAX_RSC_FRAME:
             return None
-        first = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(rndis.RSC_FIRST_FRAG))
-        first_chain = rndis.pack_ppis(first.ppis())
+        first_chain = _rsc_first_chain(info)
         view = memoryview(frame)
         pos = size - _PACKET_HEAD - len(first_chain) - RX_FOOTER
         out = [rndis.pack_packet(view[:pos], first_chain)]
         middle, last = _RSC_CHAINS
         piece = size - _PACKET_HEAD - len(middle) - RX_FOOTER
-        while pos < len(frame):
-            end = pos + piece
-            out.append(rndis.pack_packet(view[pos:end], last if end >= len(frame) else middle))
-            pos = end
+        end = pos + (len(frame) - pos - 1) // piece * piece  # the middle fragments are whole pieces
+        head = _rsc_middle_head(piece)
+        out += [head + view[p:p + piece] for p in range(pos, end, piece)]
+        out.append(rndis.pack_packet(view[end:], last))
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _rsc_first_chain(info: rndis.PacketInfo) -> bytes:
+    """The PPI chain of an RSC frame's first fragment: the frame's own PPIs and RNDIS_PKTINFO_ID (1ST_FRAG)."""
+    first = rndis.PacketInfo(info.checksum, None, info.vlan, info.hash_value, rndis.RscId(rndis.RSC_FIRST_FRAG))
+    return rndis.packed_ppis(first)
+
+
+@functools.lru_cache(maxsize=16)
+def _rsc_middle_head(piece: int) -> bytes:
+    """What goes before a whole middle RSC fragment of ``piece`` bytes (one per sub-allocation size)."""
+    return rndis.packet_head(piece, _RSC_CHAINS[0])

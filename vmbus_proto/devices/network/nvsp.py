@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
@@ -45,7 +46,11 @@ __all__ = [
     "describe",
     "host_message_size",
     "pack_message",
+    "pack_rndis_packet",
+    "rndis_packet_complete",
     "unpack_message",
+    "unpack_rndis_packet",
+    "unpack_rndis_packet_complete",
     "version_text",
 ]
 
@@ -256,7 +261,8 @@ class _Fixed:
     _LAYOUT: ClassVar[struct.Struct]
 
     def pack(self) -> bytes:
-        return self._LAYOUT.pack(*(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]
+        names = _FIELD_NAMES.get(type(self)) or _field_names(type(self))
+        return self._LAYOUT.pack(*[getattr(self, n) for n in names])
 
     @classmethod
     def unpack(cls, body: bytes) -> Self:
@@ -265,6 +271,14 @@ class _Fixed:
     def text(self) -> str:
         return " ".join(f"{f.name}={_field_text(f.name, getattr(self, f.name))}"
                         for f in dataclasses.fields(self))  # type: ignore[arg-type]
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # a message class's field names, looked up once
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _field_text(name: str, value: int) -> str:
@@ -534,6 +548,43 @@ _COMPLETIONS: dict[int, type[_Fixed] | type[SendReceiveBufferComplete] | type[In
     MessageType.SEND_RNDIS_PKT_COMPLETE: SendRndisPacketComplete,
     MessageType.OID_QUERY_EX_COMP: OidQueryExComplete, MessageType.SUBCHANNEL: SubchannelComplete,
 }
+
+
+# ---- the data path without message objects: SEND_RNDIS_PKT and its completion, one struct call each -------
+
+_RNDIS_PKT = struct.Struct("<IIII")  # msg_type, channel_type, send_buf_section_index, send_buf_section_size
+_RNDIS_PKT_COMPLETE = struct.Struct("<II")  # msg_type, status
+_ZEROS = bytes(NVSP_MESSAGE_SIZE)
+
+
+def pack_rndis_packet(channel_type: int, index: int, size: int, message_size: int = NVSP_MESSAGE_SIZE) -> bytes:
+    """``encode(SendRndisPacket(channel_type, index, size), message_size)`` in one call."""
+    return _RNDIS_PKT.pack(MessageType.SEND_RNDIS_PKT, channel_type, index, size) + _ZEROS[:message_size - 16]
+
+
+def unpack_rndis_packet(payload: bytes | memoryview) -> tuple[int, int, int] | None:
+    """``(channel_type, section index, section size)`` of a whole SEND_RNDIS_PKT; None for any other message
+    (or a short one: ``decode`` then says what is wrong with it)."""
+    if len(payload) >= _RNDIS_PKT.size:
+        msg_type, channel_type, index, size = _RNDIS_PKT.unpack_from(payload)
+        if msg_type == MessageType.SEND_RNDIS_PKT:
+            return channel_type, index, size
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def rndis_packet_complete(status: int, message_size: int = NVSP_MESSAGE_SIZE) -> bytes:
+    """``encode(SendRndisPacketComplete(status), message_size)``, made once per status and size."""
+    return encode(SendRndisPacketComplete(status), message_size)
+
+
+def unpack_rndis_packet_complete(payload: bytes | memoryview) -> int | None:
+    """The status of a SEND_RNDIS_PKT_COMPLETE; None for any other (or a short) completion."""
+    if len(payload) >= _RNDIS_PKT_COMPLETE.size:
+        msg_type, status = _RNDIS_PKT_COMPLETE.unpack_from(payload)
+        if msg_type == MessageType.SEND_RNDIS_PKT_COMPLETE:
+            return int(status)
+    return None
 
 
 def encode(message: NvspMessage, size: int = NVSP_MESSAGE_SIZE) -> bytes:

@@ -17,7 +17,6 @@ partial.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 from . import rndis, vnet
@@ -27,6 +26,7 @@ UDP_CSUM_OFFSET = 6   # offsetof(struct udphdr, check)
 _RX_OK = rndis.RX_TCP_OK | rndis.RX_UDP_OK | rndis.RX_IP_OK
 # NDIS_OFFLOAD_PARAMETERS_RX_ENABLED_TX_DISABLED (3) and _TX_RX_ENABLED (4): the guest verifies nothing itself.
 _RX_ON = (3, 4)
+_CSUM = struct.Struct("!H")
 
 
 def _l3(frame: bytes) -> tuple[int, int]:
@@ -178,9 +178,9 @@ def from_rx_info(frame: bytes, info: rndis.PacketInfo, mtu: int) -> tuple[bytes,
     start, ipv4, proto = layout
     if proto == vnet.IPPROTO_TCP and len(frame) >= start + 20:
         offset = TCP_CSUM_OFFSET
-        hdr = _gso_hdr(frame, start, 0, not ipv4, vnet.F_NEEDS_CSUM)
         if large:
-            hdr = dataclasses.replace(hdr, gso_size=mtu - (hdr.hdr_len - l3))
+            hdr_len = start + (frame[start + 12] >> 4) * 4  # _gso_hdr's header length, MSS from the MTU
+            hdr = _gso_hdr(frame, start, mtu - (hdr_len - l3), not ipv4, vnet.F_NEEDS_CSUM)
         else:
             hdr = vnet.VnetHdr(vnet.F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
     elif proto == vnet.IPPROTO_UDP and not large and len(frame) >= start + 8:
@@ -188,7 +188,7 @@ def from_rx_info(frame: bytes, info: rndis.PacketInfo, mtu: int) -> tuple[bytes,
         hdr = vnet.VnetHdr(vnet.F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
     else:
         return frame, None  # a large non-TCP frame, or checksums the TAP cannot be told about: as it is
-    out = bytearray(frame)
     addrs = frame[l3 + 12:l3 + 20] if ipv4 else frame[l3 + 8:l3 + 40]
-    struct.pack_into("!H", out, start + offset, vnet.csum_add(addrs, proto + len(frame) - start))
-    return bytes(out), hdr
+    at = start + offset  # the checksum field, rewritten in the one copy the frame gets
+    csum = _CSUM.pack(vnet.csum_add(addrs, proto + len(frame) - start))
+    return b"".join((memoryview(frame)[:at], csum, memoryview(frame)[at + 2:])), hdr

@@ -667,10 +667,17 @@ PACKET_MSG_TYPE = _U32.pack(_PACKET_TYPE)  # the first 4 bytes of every PACKET_M
 def pack_packet(data: bytes | memoryview, chain: bytes, pad: int = 0) -> bytes:
     """A whole PACKET_MSG from the frame (or an RSC piece of it) and its already packed PPI chain: the fast
     path for data, which packs the chain once for many frames or fragments."""
+    if pad:
+        return b"".join((packet_head(len(data) + pad, chain, pad), data, bytes(pad)))
+    return packet_head(len(data), chain) + data
+
+
+def packet_head(data_len: int, chain: bytes, pad: int = 0) -> bytes:
+    """The header, PACKET_MSG fields and PPI chain of a PACKET_MSG whose frame (and ``pad``) is ``data_len``
+    bytes: what goes before the frame."""
     data_offset = PACKET_BODY_SIZE + len(chain)
-    head = _PACKET_MSG.pack(_PACKET_TYPE, HEADER_SIZE + data_offset + len(data) + pad, data_offset, len(data), 0, 0,
-                            0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0)
-    return b"".join((head, chain, data, bytes(pad))) if pad else b"".join((head, chain, data))
+    return _PACKET_MSG.pack(_PACKET_TYPE, HEADER_SIZE + data_offset + data_len, data_offset, data_len - pad, 0, 0,
+                            0, PACKET_BODY_SIZE if chain else 0, len(chain), 0, 0) + chain
 
 
 def _packet_parts(body: bytes | memoryview, fields: tuple[int, ...]) -> tuple[bytes, PacketInfo]:
@@ -693,20 +700,72 @@ def _packet_parts(body: bytes | memoryview, fields: tuple[int, ...]) -> tuple[by
 def unpack_packet(data: bytes | memoryview) -> tuple[bytes, PacketInfo]:
     """The frame and per-packet info of the PACKET_MSG at the start of ``data`` in one pass: ``decode`` for the
     receive data path, with the same checks (bytes after msg_len ignored)."""
-    if len(data) < HEADER_SIZE + PACKET_BODY_SIZE:
-        raise RndisError(f"RNDIS PACKET_MSG of {len(data)} bytes, need {HEADER_SIZE + PACKET_BODY_SIZE}")
-    msg_type, msg_len, *fields = _PACKET_MSG.unpack_from(data)
-    if msg_type != MessageType.PACKET:
+    frame, info = unpack_packet_view(data)
+    return bytes(frame), info
+
+
+def unpack_packet_view(data: bytes | memoryview) -> tuple[memoryview, PacketInfo]:
+    """``unpack_packet`` without copying the frame: a view into ``data`` (for RSC fragments, joined once).
+    Data frames repeat a handful of headers (every RSC piece of a size has the same one): a header seen before
+    is looked up with its checks done, only its length against ``data`` is checked again."""
+    view = memoryview(data)
+    layout = _LAYOUTS.get(bytes(view[:_PACKET_HEAD]))
+    if layout is None:
+        layout = _packet_layout(view)
+    msg_len, start, end, chain_start, chain_end = layout
+    if msg_len > len(view):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(view)} bytes received")
+    if chain_start == chain_end:
+        return view[start:end], NO_INFO
+    return view[start:end], _packet_info(bytes(view[chain_start:chain_end]))
+
+
+_PACKET_HEAD = HEADER_SIZE + PACKET_BODY_SIZE
+_LAYOUTS: dict[bytes, tuple[int, int, int, int, int]] = {}  # checked PACKET_MSG headers (at most 1024 kept)
+
+
+def _packet_layout(view: memoryview) -> tuple[int, int, int, int, int]:
+    """A PACKET_MSG header checked (all but msg_len against the bytes there): (msg_len, frame start, frame end,
+    PPI chain start, chain end) from the message start."""
+    if len(view) < _PACKET_HEAD:
+        raise RndisError(f"RNDIS PACKET_MSG of {len(view)} bytes, need {_PACKET_HEAD}")
+    (msg_type, msg_len, data_offset, data_len, _oob_offset, oob_len, oob_count, ppi_offset, ppi_len, vc_handle,
+     _reserved) = fields = _PACKET_MSG.unpack_from(view)
+    if msg_type != _PACKET_TYPE:
         raise RndisError(f"RNDIS message type {msg_type:#x} is not PACKET_MSG")
-    if msg_len < HEADER_SIZE + PACKET_BODY_SIZE or msg_len > len(data):
-        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(data)} bytes received")
-    return _packet_parts(memoryview(data)[HEADER_SIZE:msg_len], tuple(fields))
+    if msg_len < _PACKET_HEAD or msg_len > len(view):
+        raise RndisError(f"RNDIS message length {msg_len} does not fit the {len(view)} bytes received")
+    body_len = msg_len - HEADER_SIZE
+    if oob_len or oob_count or vc_handle or data_len == 0 or data_offset < PACKET_BODY_SIZE \
+            or data_offset + data_len > body_len:
+        _packet_parts(view[HEADER_SIZE:msg_len], fields[2:])
+        raise AssertionError("unreachable: _packet_parts raises for these fields")  # pragma: no cover
+    if ppi_len and (ppi_offset < PACKET_BODY_SIZE or ppi_offset + ppi_len > body_len):
+        raise RndisError(f"RNDIS PACKET_MSG per-packet-info buffer of {ppi_len} bytes at offset {ppi_offset} lies "
+                         f"outside its {body_len}-byte body")
+    chain = HEADER_SIZE + ppi_offset if ppi_len else 0
+    layout = (msg_len, HEADER_SIZE + data_offset, HEADER_SIZE + data_offset + data_len, chain, chain + ppi_len)
+    if len(_LAYOUTS) >= 1024:
+        _LAYOUTS.clear()
+    _LAYOUTS[bytes(view[:_PACKET_HEAD])] = layout
+    return layout
+
+
+@functools.lru_cache(maxsize=256)
+def packed_ppis(info: PacketInfo) -> bytes:
+    """The PPI chain of ``info``, packed once per distinct info (data frames repeat a handful)."""
+    return pack_ppis(info.ppis())
+
+
+def info_chain(info: PacketInfo) -> bytes:
+    """``packed_ppis``, with frames without per-packet info (``NO_INFO`` itself) not even looked up."""
+    return b"" if info is NO_INFO else packed_ppis(info)
 
 
 def encode(message: RndisMessage, pad: int = 0) -> bytes:
     """The whole message: ``{msg_type, msg_len}`` and the body (a PACKET_MSG may be padded)."""
     if isinstance(message, PacketMessage):
-        return pack_packet(message.data, pack_ppis(message.info.ppis()), pad)
+        return pack_packet(message.data, info_chain(message.info), pad)
     body = message.pack_body()
     return _HEADER.pack(message.TYPE, HEADER_SIZE + len(body)) + body
 
@@ -742,15 +801,28 @@ def message_type(data: bytes | memoryview) -> int:
 def iter_packet_messages(data: bytes | memoryview) -> Iterator[PacketMessage]:
     """Every PACKET_MSG of a data transfer (Linux batches up to max_pkt_per_msg in one section; OpenVMM
     ``handle_rndis_packet_messages``); trailing zero bytes of a section are allowed."""
-    pos = 0
-    while pos < len(data):
-        if pos + HEADER_SIZE <= len(data) and not any(data[pos:pos + HEADER_SIZE]):
-            return  # the zero tail of a section
-        msg_type, msg_len = _message_at(data, pos)
-        if msg_type != MessageType.PACKET:
+    for frame, info in packet_frames(data):
+        yield PacketMessage(frame, info)
+
+
+_ZERO_HEADER = bytes(HEADER_SIZE)
+
+
+def packet_frames(data: bytes | memoryview) -> list[tuple[bytes, PacketInfo]]:
+    """``iter_packet_messages`` as (frame, info) pairs, each frame copied out once: the transmit data path."""
+    out: list[tuple[bytes, PacketInfo]] = []
+    view = memoryview(data)
+    pos, end = 0, len(view)
+    while pos < end:
+        if pos + HEADER_SIZE <= end and view[pos:pos + HEADER_SIZE] == _ZERO_HEADER:
+            break  # the zero tail of a section
+        msg_type, msg_len = _message_at(view, pos)
+        if msg_type != _PACKET_TYPE:
             raise RndisError(f"RNDIS message type {msg_type:#x} on the data channel, need PACKET_MSG")
-        yield PacketMessage.unpack_body(bytes(data[pos + HEADER_SIZE:pos + msg_len]))
+        body = view[pos + HEADER_SIZE:pos + msg_len]
+        out.append(_packet_parts(body, _take(_PACKET, body, "PACKET_MSG")))
         pos += msg_len
+    return out
 
 
 def describe(data: bytes | memoryview) -> str:
