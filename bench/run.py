@@ -46,7 +46,7 @@ from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, machine, net_frames, net_tap, net_veth, video, vmbus_echo
+from . import echo_raw, machine, net_frames, net_tap, net_veth, video, vmbus_echo, web
 from .input import input_table, run_input
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, help="child partitions in the scale test (default 1000, quick 50)")
     p.add_argument("--workers", type=int, default=4, help="load processes for the scale test (default 4)")
     p.add_argument("--concurrency", type=int, default=50, help="partitions coming up at once per worker")
-    p.add_argument("--only", choices=["echo", "scale", "storage", "network", "input", "video"],
+    p.add_argument("--only", choices=["echo", "scale", "storage", "network", "input", "video", "web"],
                    help="run one part only")
     p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
                    help="storage jobs to run, comma-separated (default: all of randread,randwrite,read,write)")
@@ -356,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             console.log("video: full 1024x768 frames and 64x64 DIRT from one child to the parent vs the raw echo")
             results["video"] = video_res = video.run_video(workdir / "video", args.seconds, args.repeat)
             console.print(video.video_table(video_res))
+        if args.only in (None, "web"):
+            console.log("web: screen updates to one web console websocket client, beside what the parent receives")
+            results["web"] = web_res = web.run_web(workdir / "web", args.seconds, args.repeat)
+            console.print(web.web_table(web_res))
         if args.profile:
             console.log("profiling the parent and the guest during a VMBus 1 KiB TCP run (py-spy)")
             results["profile"] = profile_vmbus(workdir, args.json.parent, max(args.seconds, 3.0),

@@ -62,6 +62,17 @@ async def _framebuffer(parent: ParentProcess) -> tuple[asyncio.Event, asyncio.Ta
     return stop, task, fb
 
 
+async def draw(fb: Framebuffer, small: bool, count: int) -> None:
+    """Update number ``count``: the whole screen, or a 64x64 rectangle at a moving place; flushed as DIRT."""
+    w, h = fb.size
+    if small:
+        x, y = (count * 67) % (w - SMALL), (count * 31) % (h - SMALL)
+        fb.dirty([Rect(x, y, x + SMALL, y + SMALL)])
+    else:
+        fb.dirty_all()
+    await fb.flush()
+
+
 async def _updates(fb: Framebuffer, small: bool, seconds: float, meter: ProcMeter) -> dict[str, Any]:
     w, h = fb.size
     fb.pixels[:] = bytes(range(256)) * (len(fb.pixels) // 256)  # something to show
@@ -72,12 +83,7 @@ async def _updates(fb: Framebuffer, small: bool, seconds: float, meter: ProcMete
     t0 = time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
-        if small:
-            x, y = (count * 67) % (w - SMALL), (count * 31) % (h - SMALL)
-            fb.dirty([Rect(x, y, x + SMALL, y + SMALL)])
-        else:
-            fb.dirty_all()
-        await fb.flush()
+        await draw(fb, small, count)
         count += 1
     await fb.sync()  # every update counted has reached the parent
     elapsed = time.perf_counter() - t0

@@ -270,6 +270,8 @@ async def test_websockets_refuse_other_sites_and_bad_messages(running: Setup) ->
                     assert "no PC scan code" in json.loads(msg.data)["message"], msg.data
                     break
             assert not ws.closed
+        async with session.get(running.url + "/api/partitions/vm1/screen.png?scale=7") as resp:
+            assert resp.status == 400 and "scale" in (await resp.json())["error"], resp
     assert "vm1" in running.daemon.partitions, "a bad console client cost the partition"
 
 

@@ -157,7 +157,8 @@ class ScreenFeed:
         # The pixels are copied here, in the loop (the VRAM shadow changes under a thread); encoded in a thread.
         clipped = [c for r in rects if (c := _clip(r, screen.width, screen.height)) is not None]
         shots = [(r, screen.pixels(r)) for r in clipped]
-        for message in await asyncio.to_thread(_encode_all, shots) if shots else []:
+        big = any(r.width * r.height > RAW_MAX for r in clipped)  # a PNG to make: not in the loop
+        for message in await asyncio.to_thread(_encode_all, shots) if big else _encode_all(shots):
             await self.ws.send_bytes(message)
         if pointer:
             await self._pointer(screen)
