@@ -87,6 +87,8 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: b
         except Exception:
             daemon.log.exception("HTTP handler failed", method=request.method, path=request.path)
             response = error_response(500, "internal error in the parent (logged)")
+        if isinstance(response, web.WebSocketResponse):
+            return response  # a console's session, not a request: its minutes are no request latency
         hist = latency.get(name)
         if hist is None:
             hist = latency[name] = LatencyHistogram()

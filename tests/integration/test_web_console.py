@@ -96,8 +96,8 @@ async def shows_parent(browser: Browser, screen: Screen, rect: Rect, what: str) 
 
 
 class Setup:
-    def __init__(self, daemon: ParentDaemon, url: str, vm: Proc, browser: Browser) -> None:
-        self.daemon, self.url, self.vm, self.browser = daemon, url, vm, browser
+    def __init__(self, daemon: ParentDaemon, web: WebServer, url: str, vm: Proc, browser: Browser) -> None:
+        self.daemon, self.web, self.url, self.vm, self.browser = daemon, web, url, vm, browser
 
     @property
     def screen(self) -> Screen:
@@ -142,7 +142,7 @@ async def running(tmp_path: Path, chromium: Any) -> AsyncIterator[Setup]:
         context = await chromium.new_context(viewport={"width": 1440, "height": 900})
         page = await context.new_page()
         page.set_default_timeout(DEADLINE * 1000)
-        yield Setup(daemon, url, vm, Browser(page, url))
+        yield Setup(daemon, web, url, vm, Browser(page, url))
         await context.close()
         assert await asyncio.to_thread(vm.stop) == 0, "the child did not shut down cleanly"
     finally:
@@ -171,6 +171,10 @@ async def test_index_lists_the_child_with_a_live_thumbnail(running: Setup) -> No
     await kbd.type_text("vm1", "uptime\n")
     await asyncio.to_thread(running.vm.wait_event, "console command", DEADLINE, mark, text="uptime")
     await b.wait(f"window.vmbusIndex.thumbnails > {before}", "a newer thumbnail is loaded after the screen changed")
+    # The partition leaves: its card goes, and the page says how to start one.
+    assert await asyncio.to_thread(running.vm.stop) == 0, "the child did not shut down cleanly"
+    await b.wait(f"document.querySelector('{card}') === null && !document.getElementById('empty').hidden",
+                 "vm1's card is gone and the page says no partition is connected")
     b.assert_clean()
 
 
@@ -273,6 +277,25 @@ async def test_websockets_refuse_other_sites_and_bad_messages(running: Setup) ->
         async with session.get(running.url + "/api/partitions/vm1/screen.png?scale=7") as resp:
             assert resp.status == 400 and "scale" in (await resp.json())["error"], resp
     assert "vm1" in running.daemon.partitions, "a bad console client cost the partition"
+
+
+async def test_stopping_the_server_closes_the_console_sockets(running: Setup) -> None:
+    """Shutdown closes every console websocket itself (1001, saying why) instead of waiting them out."""
+    b = running.browser
+    await b.page.goto(running.url + "/partitions/vm1")
+    await b.wait("window.vmbusScreen.frames > 0", "the first frame is drawn")
+    url = running.url.replace("http://", "ws://")
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(url + "/ws/partitions", headers={"Origin": running.url}) as ws:
+        first = await ws.receive_json(timeout=DEADLINE)
+        assert first["t"] == "partitions" and [p["name"] for p in first["partitions"]] == ["vm1"], first
+        await running.web.stop()
+        msg = await ws.receive(timeout=DEADLINE)
+        while msg.type == aiohttp.WSMsgType.TEXT:
+            msg = await ws.receive(timeout=DEADLINE)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY, msg
+        assert msg.extra == "the parent is shutting down", msg
+    await b.wait("document.getElementById('ws-dot').className === 'dot down'", "the page shows its socket is down")
 
 
 def test_chromium_is_installed() -> None:

@@ -258,7 +258,9 @@
     refreshing = true;
     try {
       if (!devices.length) devices = (await api("GET", "/api/")).devices;
-      render(await api("GET", `/api/partitions/${encodeURIComponent(name)}`));
+      // The list first: a partition not (yet) connected is no 404 in the browser's console every second.
+      const connected = (await api("GET", "/api/partitions")).some((p) => p.name === name);
+      render(connected ? await api("GET", `/api/partitions/${encodeURIComponent(name)}`) : null);
     } catch (e) {
       render(null);  // not connected (404) or the parent is gone: the status dot says which
     } finally {
