@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tcp://HOST:PORT or unix:PATH for the parent, may repeat (default: TCP on 127.0.0.1 and "
                         "unix:./run/demo-PID.sock); vm1 and vm2 use the first TCP one, vm3 the first Unix one")
     p.add_argument("--data-dir", metavar="DIR", help="keep the VMs' disks here (default: a temporary directory)")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="the parent's web console (default 127.0.0.1:8080, skipped if taken; 'none': off)")
     p.add_argument("--iodepth", type=int, default=4, metavar="N", help="disk requests in flight per VM (default 4)")
     p.add_argument("--trace-parent", action="store_true",
                    help="run the parent with --trace too and show its side of vm1's lifecycle")
@@ -111,14 +113,16 @@ class Proc:
             self.changed.set()
         self.changed.set()
 
-    async def wait_event(self, event: str, stop: asyncio.Event, timeout: float = START_TIMEOUT) -> Record | None:
-        """The first record named ``event``; None if ``stop`` is set first. Raises DemoError if the process
-        exits or the timeout passes without it."""
+    async def wait_event(self, event: str | tuple[str, ...], stop: asyncio.Event,
+                         timeout: float = START_TIMEOUT) -> Record | None:
+        """The first record named ``event`` (or any of several); None if ``stop`` is set first. Raises DemoError
+        if the process exits or the timeout passes without it."""
         deadline = time.monotonic() + timeout
+        events = (event,) if isinstance(event, str) else event
         seen = 0
         while True:
             for rec in self.records[seen:]:
-                if rec.get("event") == event:
+                if rec.get("event") in events:
                     if event == "all offered channels open":
                         self.up_after = time.monotonic() - self.started
                     return rec
@@ -246,6 +250,8 @@ class Demo:
         cmd = [*_bin("parent-partition"), "serve", "--json-logs", "--data-dir", data_dir, "--config", str(config)]
         for url in listen_urls(args):
             cmd += ["--listen", url]
+        if args.http:
+            cmd += ["--http", args.http]
         if args.trace_parent:
             cmd.append("--trace")
         self.print(Gutter("demo", Text("$ parent-partition " + " ".join(cmd[cmd.index("serve"):]), style="dim")))
@@ -259,6 +265,8 @@ class Demo:
         self.endpoints = {"vm1": tcp or unix or "", "vm2": tcp or unix or "", "vm3": unix or tcp or ""}
         self.print(Gutter("parent", Text.assemble(("listening on ", "bold"), " and ".join(listening),
                                                   ("  VSPs: ", "dim"), ", ".join(ready.get("devices", [])))))
+        if args.http != "none":
+            await self.web_console(parent)
         await self.pause()
         if self.stop.is_set():
             return
@@ -269,6 +277,19 @@ class Demo:
         if self.stop.is_set():
             return
         await self.work()
+
+    async def web_console(self, parent: Proc) -> None:
+        """Where to watch the VMs' screens: the parent's web console, or why there is none."""
+        web = await parent.wait_event(("web console and API listening", "web console and API not started"),
+                                      self.stop, timeout=10)
+        if web is None:
+            return
+        if web.get("url"):
+            self.print(Gutter("parent", Text.assemble(("web console ", "bold"), (f"{web['url']}/", "underline cyan"),
+                                                      ("  open it to watch the VMs' screens and type into them",
+                                                       "dim"))))
+        else:
+            self.print(Gutter("parent", Text(f"no web console: {web.get('reason', 'not started')}", style="yellow")))
 
     async def narrate_vm1(self) -> None:
         cmd = self.child_cmd("vm1", self.endpoints["vm1"], trace=True)

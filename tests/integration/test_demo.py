@@ -115,9 +115,11 @@ def assert_clean_end(demo: Demo, code: int) -> str:
 
 def test_demo_narrates_vm1_summarises_the_others_works_the_disks_and_stops_after_duration(tmp_path: Path) -> None:
     port = free_port()
-    demo = Demo(tmp_path, "--pace", "0", "--duration", "6", "--port", str(port))
+    http = free_port()
+    demo = Demo(tmp_path, "--pace", "0", "--duration", "6", "--port", str(port), "--http", f"127.0.0.1:{http}")
     out = assert_clean_end(demo, demo.wait())
     assert f"listening on tcp://127.0.0.1:{port}" in out
+    assert f"web console http://127.0.0.1:{http}/" in out, "the demo does not say where its web console is"
     # The walk: every stage of vm1's lifecycle with its explanation.
     for title in ("1/11  Connecting: the VMBus version", "2/11  Offers", "3/11  storage channel: sharing the ring "
                   "pages (GPADL)", "4/11  storage channel: opening the channel", "5/11  storage: the VSTOR handshake",
@@ -191,5 +193,5 @@ def test_ctrl_c_during_a_pause_of_the_walk_stops_at_once_and_cleanly(tmp_path: P
 def test_demo_help_documents_its_options() -> None:
     out = subprocess.run([str(BIN / "parent-partition"), "demo", "--help"], check=True, capture_output=True,
                          text=True, timeout=60).stdout
-    for option in ("--pace", "--duration", "--port", "--listen", "--trace-parent", "--data-dir", "--iodepth"):
+    for option in ("--pace", "--duration", "--port", "--listen", "--trace-parent", "--data-dir", "--iodepth", "--http"):
         assert option in out, f"{option} is not in demo --help"
