@@ -19,11 +19,12 @@ from .errors import FrameError, PacketError
 from .packets import PAGE_SHIFT, PAGE_SIZE, Buffer, GpaRange, Packet, PacketType
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_unpackb = msgpack.unpackb  # its defaults are ours: raw=False, strict_map_key=True, use_list=True
 
 
 def _unpack(body: bytes | memoryview, what: str) -> Any:
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        return _unpackb(body)
     except Exception as exc:
         raise FrameError(f"{what} body is not msgpack: {exc}") from None
 
@@ -109,7 +110,10 @@ _PAIR = frozenset({2})
 
 
 def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
-    obj = _unpack(body, "PACKET")
+    try:
+        obj = _unpackb(body)
+    except Exception:
+        obj = _unpack(body, "PACKET")  # raises the FrameError that names the fault
     if type(obj) is not list or len(obj) != 5:
         raise PacketError("PACKET body is not [type, flags, trans_id, payload, ext]")
     ptype, flags, trans_id, payload, ext = obj
@@ -117,8 +121,8 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
     # packets with one range (every storage I/O). Anything else, valid or not, takes the general path.
     if (type(ptype) is int and type(flags) is int and not flags & ~1 and type(trans_id) is int
             and 0 <= trans_id < 1 << 64 and type(payload) is bytes and len(payload) <= max_payload):
-        if ext is None and ptype in _INBAND_OR_COMP:
-            return Packet(ptype, flags, trans_id, payload, data=data)
+        if ext is None and ptype in _INBAND_OR_COMP:  # its ring size known at once (Packet.ring_size)
+            return Packet(ptype, flags, trans_id, payload, (), data, 0, (), 24 + ((len(payload) + 7) & ~7))
         if ptype == _GPA_DIRECT and type(ext) is list and len(ext) == 1:
             r = ext[0]
             if type(r) is list and len(r) == 3:

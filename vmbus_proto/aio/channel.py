@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .transport import FramedConnection
 
 _INBAND, _GPA_DIRECT = int(PacketType.DATA_INBAND), int(PacketType.DATA_USING_GPA_DIRECT)
+_COMP = int(PacketType.COMP)
 TRANS_ID_MAX = (1 << 64) - 5  # above are Linux's special ids (VMBUS_RQST_ERROR and friends)
 
 
@@ -51,14 +52,21 @@ class Channel:
 
     # ---- receive ----------------------------------------------------------------------------------------
 
+    def _arrive(self, pkt: Packet) -> None:
+        """A PACKET frame for this channel: charged to the inbound ring (RingOverrunError if the peer broke
+        its credit), then delivered."""
+        self.rings.arrive(pkt.ring_size, len(pkt.data))
+        self._deliver(pkt)
+
     def _deliver(self, pkt: Packet) -> None:
         """A packet arrived (called by the connection after the ring accepted it)."""
-        if pkt.type == PacketType.COMP and pkt.trans_id in self._pending:
-            self._consume(pkt)
-            fut = self._pending.pop(pkt.trans_id)
-            if not fut.done():
-                fut.set_result(pkt)
-            return
+        if pkt.type == _COMP and self._pending:
+            fut = self._pending.pop(pkt.trans_id, None)
+            if fut is not None:
+                self._consume(pkt)
+                if not fut.done():
+                    fut.set_result(pkt)
+                return
         if self.on_packet is not None:
             self._consume(pkt)
             self.on_packet(pkt)
@@ -105,10 +113,8 @@ class Channel:
 
     def try_send(self, pkt: Packet) -> bool:
         """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
-        size, data, rings = pkt.ring_size, len(pkt.data), self.rings
-        if self.closed or self._blocked_writers or not rings.can_send(size, data):
+        if self.closed or self._blocked_writers or not self.rings.try_send(pkt.ring_size, len(pkt.data)):
             return False
-        rings.sent(size, data)
         self.conn.send_packet(self.relid, pkt)
         return True
 
@@ -121,8 +127,7 @@ class Channel:
                                      f"{rings.data_writer.data_size}-byte data window")
         if self.closed:
             raise ChannelClosed(f"channel {self.relid} closed")
-        if not self._blocked_writers and rings.can_send(size, data):
-            rings.sent(size, data)
+        if not self._blocked_writers and rings.try_send(size, data):
             self.conn.send_packet(self.relid, pkt)
             return
         self._blocked_writers += 1  # later packets queue behind this one, in order
