@@ -108,13 +108,14 @@ class FramedConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closing:
+        closed = self.closing  # (a local, so the check in the loop below is not narrowed away)
+        if closed:
             return
         self.bytes_in += nbytes
         try:
             dispatch = self._dispatch
             for frame in self.decoder.buffer_updated(nbytes):
-                if self.closing:
+                if self.closing:  # a frame before this one closed the connection
                     return
                 dispatch(frame)
         except ProtocolError as exc:
