@@ -55,15 +55,22 @@ class Channel:
     def _arrive(self, pkt: Packet) -> None:
         """A PACKET frame for this channel: charged to the inbound ring (RingOverrunError if the peer broke
         its credit), then delivered."""
-        self.rings.arrive(pkt.ring_size, len(pkt.data))
-        self._deliver(pkt)
+        size, data = pkt.ring_size, len(pkt.data)
+        self.rings.arrive(size, data)
+        self._route(pkt, size, data)
 
     def _deliver(self, pkt: Packet) -> None:
         """A packet arrived (called by the connection after the ring accepted it)."""
+        self._route(pkt, pkt.ring_size, len(pkt.data))
+
+    def _route(self, pkt: Packet, size: int, data: int) -> None:
+        """A completion to its waiting request, else to ``on_packet`` or the queue ``recv`` reads."""
         if pkt.type == _COMP and self._pending:
             fut = self._pending.pop(pkt.trans_id, None)
             if fut is not None:
-                self._consume(pkt)
+                sig = self.rings.consume(size, data)
+                if sig is not None:
+                    self.conn.send_signal(self.relid, sig)
                 if not fut.done():
                     fut.set_result(pkt)
                 return
@@ -169,16 +176,24 @@ class Channel:
         ``trans_id`` names a fixed id (Linux's VMBUS_RQST_INIT for storvsc's control requests)."""
         if trans_id is not None and trans_id in self._pending:
             raise LocalProtocolError(f"transaction id {trans_id:#x} is already waiting for its completion")
-        tid = self._trans_id() if trans_id is None else trans_id
+        pending = self._pending
+        if trans_id is not None:
+            tid = trans_id
+        else:
+            tid = self._next_trans
+            if tid in pending or tid >= TRANS_ID_MAX:
+                tid = self._trans_id()
+            else:
+                self._next_trans = tid + 1
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
-        self._pending[tid] = fut
+        pending[tid] = fut
         pkt = Packet(_GPA_DIRECT if ranges else _INBAND, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data)
         try:
             if not self.try_send(pkt):
                 await self.send(pkt)
             return await fut
         finally:
-            self._pending.pop(tid, None)
+            pending.pop(tid, None)
 
     # ---- close ------------------------------------------------------------------------------------------
 

@@ -113,11 +113,19 @@ class FramedConnection(asyncio.BufferedProtocol):
             return
         self.bytes_in += nbytes
         try:
-            dispatch = self._dispatch
+            dispatch, channels, max_payload = self._dispatch, self.channels, self.max_payload
             for frame in self.decoder.buffer_updated(nbytes):
                 if self.closing:  # a frame before this one closed the connection
                     return
-                dispatch(frame)
+                if frame[0] == _PACKET:  # the hot path, inline: (kind, relid, body, data, flags)
+                    pkt = decode_packet(frame[2], frame[3], max_payload)  # garbage is refused on any relid
+                    ch = channels.get(frame[1])
+                    if ch is None or ch.closed:
+                        self.on_unknown_channel(frame)
+                    else:
+                        ch._arrive(pkt)
+                else:
+                    dispatch(frame)
         except ProtocolError as exc:
             self.fail(f"{type(exc).__name__}: {exc}")
         except Exception as exc:
@@ -186,15 +194,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     # ---- dispatch ---------------------------------------------------------------------------------------
 
     def _dispatch(self, frame: Frame) -> None:
-        kind = frame[0]
-        if kind == _PACKET:
-            pkt = decode_packet(frame[2], frame[3], self.max_payload)  # garbage is refused on any relid
-            ch = self.channels.get(frame[1])
-            if ch is None or ch.closed:
-                self.on_unknown_channel(frame)
-                return
-            ch._arrive(pkt)
-        elif kind == FrameKind.SIGNAL:
+        """Every frame but PACKET, which ``buffer_updated`` hands to its channel itself."""
+        kind = frame.kind
+        if kind == FrameKind.SIGNAL:
             sig = Signal.decode(frame.body)
             ch = self.channels.get(frame.relid)
             if ch is None or ch.closed:
