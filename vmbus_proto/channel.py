@@ -61,11 +61,10 @@ class ChannelRings:
         """``sent(size, data)`` if ``can_send(size, data)``; returns whether it did."""
         if not data:
             return self.writer.try_write(size)
-        data = align8(data)
-        if not self.writer.can_write(size) or not self.data_writer.can_write(data):
+        data, data_writer = (data + 7) & ~7, self.data_writer
+        if not data_writer.can_write(data) or not self.writer.try_write(size):
             return False
-        self.writer.write(size)
-        self.data_writer.write(data)
+        data_writer.write(data)
         return True
 
     def fits_ever(self, size: int, data: int = 0) -> bool:

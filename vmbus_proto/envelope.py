@@ -107,6 +107,7 @@ _INT_ONLY = frozenset({int})
 _XFER_PAGES = int(PacketType.DATA_USING_XFER_PAGES)
 _LIST_ONLY = frozenset({list})
 _PAIR = frozenset({2})
+_tuple_new = tuple.__new__
 
 
 def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
@@ -130,7 +131,11 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
                 if (type(count) is int and type(offset) is int and type(pfns) is list and count > 0
                         and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
                         and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
-                    return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data)
+                    # The range built without its named tuple's __new__; the ring size (Packet.ring_size:
+                    # descriptor, GPA-direct header, one range, padded payload, trailer) known at once.
+                    rng = _tuple_new(GpaRange, (count, offset, tuple(pfns)))
+                    return Packet(ptype, flags, trans_id, payload, (rng,), data, 0, (),
+                                  40 + 8 * len(pfns) + ((len(payload) + 7) & ~7))
         if ptype == _XFER_PAGES and type(ext) is list and len(ext) == 2 and type(ext[0]) is int:
             xr = ext[1]  # NetVSP's receive path: [pageset_id, [[byte_count, byte_offset], ...]]
             if type(xr) is list and xr and set(map(type, xr)) == _LIST_ONLY and set(map(len, xr)) == _PAIR \
