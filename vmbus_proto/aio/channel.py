@@ -56,7 +56,10 @@ class Channel:
         """A PACKET frame for this channel: charged to the inbound ring (RingOverrunError if the peer broke
         its credit), then delivered."""
         size, data = pkt.ring_size, len(pkt.data)
-        self.rings.arrive(size, data)
+        if data:
+            self.rings.arrive(size, data)
+        else:
+            self.rings.reader.arrive(size)  # ChannelRings.arrive without a data window to charge
         self._route(pkt, size, data)
 
     def _deliver(self, pkt: Packet) -> None:
@@ -120,7 +123,11 @@ class Channel:
 
     def try_send(self, pkt: Packet) -> bool:
         """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
-        if self.closed or self._blocked_writers or not self.rings.try_send(pkt.ring_size, len(pkt.data)):
+        if self.closed or self._blocked_writers:
+            return False
+        data = len(pkt.data)
+        # ChannelRings.try_send; without data there is only the ring to charge
+        if not (self.rings.try_send(pkt.ring_size, data) if data else self.rings.writer.try_write(pkt.ring_size)):
             return False
         self.conn.send_packet(self.relid, pkt)
         return True
