@@ -55,7 +55,7 @@ class Channel:
     def _arrive(self, pkt: Packet) -> None:
         """A PACKET frame for this channel: charged to the inbound ring (RingOverrunError if the peer broke
         its credit), then delivered."""
-        size, data = pkt.ring_size, len(pkt.data)
+        size, data = pkt.size or pkt.ring_size, len(pkt.data)  # (the envelope sets size as it decodes)
         if data:
             self.rings.arrive(size, data)
         else:
@@ -87,7 +87,7 @@ class Channel:
             w.set_result(None)
 
     def _consume(self, pkt: Packet) -> None:
-        sig = self.rings.consume(pkt.ring_size, len(pkt.data))
+        sig = self.rings.consume(pkt.size or pkt.ring_size, len(pkt.data))
         if sig is not None:
             self.conn.send_signal(self.relid, sig)
 
@@ -105,10 +105,13 @@ class Channel:
         return pkt
 
     def recv_nowait(self) -> Packet | None:
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             return None
-        pkt = self._queue.popleft()
-        self._consume(pkt)
+        pkt = queue.popleft()
+        sig = self.rings.consume(pkt.size or pkt.ring_size, len(pkt.data))  # _consume, inline: once a packet
+        if sig is not None:
+            self.conn.send_signal(self.relid, sig)
         return pkt
 
     # ---- send -------------------------------------------------------------------------------------------
