@@ -140,8 +140,9 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
             xr = ext[1]  # NetVSP's receive path: [pageset_id, [[byte_count, byte_offset], ...]]
             if type(xr) is list and xr and set(map(type, xr)) == _LIST_ONLY and set(map(len, xr)) == _PAIR \
                     and set(map(type, chain.from_iterable(xr))) == _INT_ONLY:
-                return Packet(ptype, flags, trans_id, payload, data=data, xfer_pageset_id=ext[0],
-                              xfer_ranges=tuple(map(tuple, xr)))
+                # Ring size: descriptor, transfer-page header, 8 bytes a range, padded payload, trailer.
+                return Packet(ptype, flags, trans_id, payload, (), data, ext[0], tuple(map(tuple, xr)),
+                              32 + 8 * len(xr) + ((len(payload) + 7) & ~7))
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):

@@ -39,6 +39,8 @@ PACKETS = [
     Packet(PacketType.DATA_USING_GPA_DIRECT, 1, 9, bytes(21), (_range(4095, 2),)),
     Packet(PacketType.DATA_USING_GPA_DIRECT, 0, 9, b"", (_range(7, 1), _range(0, PAGE_SIZE))),
     Packet(PacketType.DATA_USING_XFER_PAGES, 0, 3, bytes(40), xfer_pageset_id=1, xfer_ranges=((100, 0), (60, 4096))),
+    Packet(PacketType.DATA_USING_XFER_PAGES, 1, 4, bytes(44), xfer_pageset_id=0xCAFE,  # an RSC'd 64 KiB segment
+           xfer_ranges=tuple((1756, 6144 * i) for i in range(37))),
 ]
 
 
