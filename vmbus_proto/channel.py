@@ -38,13 +38,13 @@ class ChannelRings:
         """A packet arrived on our inbound ring with ``data`` inline bytes; raises RingOverrunError if it
         broke the ring's or the data window's credit."""
         if data:
-            self.data_reader.arrive(align8(data))
+            self.data_reader.arrive((data + 7) & ~7)
         return self.reader.arrive(size)
 
     def consume(self, size: int, data: int = 0) -> Signal | None:
         """We took a packet off the inbound ring; returns the credit to send, if due."""
         due = self.reader.consume(size)
-        if data and self.data_reader.consume(align8(data)):
+        if data and self.data_reader.consume((data + 7) & ~7):
             due = True
         return self._credit() if due else None
 
@@ -56,6 +56,16 @@ class ChannelRings:
 
     def can_send(self, size: int, data: int = 0) -> bool:
         return self.writer.can_write(size) and (not data or self.data_writer.can_write(align8(data)))
+
+    def try_send(self, size: int, data: int = 0) -> bool:
+        """``sent(size, data)`` if ``can_send(size, data)``; returns whether it did."""
+        if not data:
+            return self.writer.try_write(size)
+        data, data_writer = (data + 7) & ~7, self.data_writer
+        if not data_writer.can_write(data) or not self.writer.try_write(size):
+            return False
+        data_writer.write(data)
+        return True
 
     def fits_ever(self, size: int, data: int = 0) -> bool:
         return self.writer.fits_ever(size) and self.data_writer.fits_ever(align8(data))

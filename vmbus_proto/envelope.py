@@ -19,11 +19,12 @@ from .errors import FrameError, PacketError
 from .packets import PAGE_SHIFT, PAGE_SIZE, Buffer, GpaRange, Packet, PacketType
 
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_unpackb = msgpack.unpackb  # its defaults are ours: raw=False, strict_map_key=True, use_list=True
 
 
 def _unpack(body: bytes | memoryview, what: str) -> Any:
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        return _unpackb(body)
     except Exception as exc:
         raise FrameError(f"{what} body is not msgpack: {exc}") from None
 
@@ -106,10 +107,14 @@ _INT_ONLY = frozenset({int})
 _XFER_PAGES = int(PacketType.DATA_USING_XFER_PAGES)
 _LIST_ONLY = frozenset({list})
 _PAIR = frozenset({2})
+_tuple_new = tuple.__new__
 
 
 def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
-    obj = _unpack(body, "PACKET")
+    try:
+        obj = _unpackb(body)
+    except Exception:
+        obj = _unpack(body, "PACKET")  # raises the FrameError that names the fault
     if type(obj) is not list or len(obj) != 5:
         raise PacketError("PACKET body is not [type, flags, trans_id, payload, ext]")
     ptype, flags, trans_id, payload, ext = obj
@@ -117,8 +122,8 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
     # packets with one range (every storage I/O). Anything else, valid or not, takes the general path.
     if (type(ptype) is int and type(flags) is int and not flags & ~1 and type(trans_id) is int
             and 0 <= trans_id < 1 << 64 and type(payload) is bytes and len(payload) <= max_payload):
-        if ext is None and ptype in _INBAND_OR_COMP:
-            return Packet(ptype, flags, trans_id, payload, data=data)
+        if ext is None and ptype in _INBAND_OR_COMP:  # its ring size known at once (Packet.ring_size)
+            return Packet(ptype, flags, trans_id, payload, (), data, 0, (), 24 + ((len(payload) + 7) & ~7))
         if ptype == _GPA_DIRECT and type(ext) is list and len(ext) == 1:
             r = ext[0]
             if type(r) is list and len(r) == 3:
@@ -126,13 +131,18 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
                 if (type(count) is int and type(offset) is int and type(pfns) is list and count > 0
                         and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
                         and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
-                    return Packet(ptype, flags, trans_id, payload, (GpaRange(count, offset, tuple(pfns)),), data)
+                    # The range built without its named tuple's __new__; the ring size (Packet.ring_size:
+                    # descriptor, GPA-direct header, one range, padded payload, trailer) known at once.
+                    rng = _tuple_new(GpaRange, (count, offset, tuple(pfns)))
+                    return Packet(ptype, flags, trans_id, payload, (rng,), data, 0, (),
+                                  40 + 8 * len(pfns) + ((len(payload) + 7) & ~7))
         if ptype == _XFER_PAGES and type(ext) is list and len(ext) == 2 and type(ext[0]) is int:
             xr = ext[1]  # NetVSP's receive path: [pageset_id, [[byte_count, byte_offset], ...]]
             if type(xr) is list and xr and set(map(type, xr)) == _LIST_ONLY and set(map(len, xr)) == _PAIR \
                     and set(map(type, chain.from_iterable(xr))) == _INT_ONLY:
-                return Packet(ptype, flags, trans_id, payload, data=data, xfer_pageset_id=ext[0],
-                              xfer_ranges=tuple(map(tuple, xr)))
+                # Ring size: descriptor, transfer-page header, 8 bytes a range, padded payload, trailer.
+                return Packet(ptype, flags, trans_id, payload, (), data, ext[0], tuple(map(tuple, xr)),
+                              32 + 8 * len(xr) + ((len(payload) + 7) & ~7))
     if not (type(ptype) is int and type(flags) is int and type(trans_id) is int):
         raise PacketError("PACKET type, flags and trans_id must be integers")
     if not isinstance(payload, bytes):

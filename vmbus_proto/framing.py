@@ -177,15 +177,18 @@ class FrameDecoder:
         """Append every complete frame of ``src[pos:end]`` as zero-copy views; return where the first
         incomplete one starts."""
         view = memoryview(src)
-        check = self._check
+        unpack, max_frame, new, append = HEADER.unpack_from, self.max_frame, tuple.__new__, frames.append
         while end - pos >= HEADER_SIZE:
-            length, kind, flags, relid, data_len = check(src, pos)
+            length, kind, flags, reserved, relid, data_len = unpack(src, pos)
+            if length > max_frame or not _FIRST_KIND <= kind <= _LAST_KIND or data_len > length or reserved:
+                self._check(src, pos)  # raises the error that names what is wrong
             start = pos + HEADER_SIZE
             stop = start + length
             if stop > end:
                 break
             split = stop - data_len
-            frames.append(Frame(kind, relid, view[start:split], view[split:stop] if data_len else b"", flags))
+            # tuple.__new__ builds the Frame without the named tuple's Python-level __new__
+            append(new(Frame, (kind, relid, view[start:split], view[split:stop] if data_len else b"", flags)))
             pos = stop
         return pos
 

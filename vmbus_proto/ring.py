@@ -80,12 +80,18 @@ class RingWriter:
         return size < self.data_size
 
     def write(self, size: int) -> None:
-        if size >= self.data_size - (self._write_total - self._read_known):
+        if not self.try_write(size):
             raise RingOverrunError(f"writer tried {size} bytes with {self.free} free")
+
+    def try_write(self, size: int) -> bool:
+        """``write(size)`` if it fits now (``can_write``); returns whether it did."""
+        if size >= self.data_size - (self._write_total - self._read_known):
+            return False
         self._write_total += size
         stats = self.stats
         stats.packets += 1
         stats.bytes += size
+        return True
 
     def block(self, size: int) -> int:
         """The writer cannot fit ``size``: set pending_send_sz, to be sent to the reader."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .transport import FramedConnection
 
 _INBAND, _GPA_DIRECT = int(PacketType.DATA_INBAND), int(PacketType.DATA_USING_GPA_DIRECT)
+_COMP = int(PacketType.COMP)
 TRANS_ID_MAX = (1 << 64) - 5  # above are Linux's special ids (VMBUS_RQST_ERROR and friends)
 
 
@@ -51,14 +52,31 @@ class Channel:
 
     # ---- receive ----------------------------------------------------------------------------------------
 
+    def _arrive(self, pkt: Packet) -> None:
+        """A PACKET frame for this channel: charged to the inbound ring (RingOverrunError if the peer broke
+        its credit), then delivered."""
+        size, data = pkt.size or pkt.ring_size, len(pkt.data)  # (the envelope sets size as it decodes)
+        if data:
+            self.rings.arrive(size, data)
+        else:
+            self.rings.reader.arrive(size)  # ChannelRings.arrive without a data window to charge
+        self._route(pkt, size, data)
+
     def _deliver(self, pkt: Packet) -> None:
         """A packet arrived (called by the connection after the ring accepted it)."""
-        if pkt.type == PacketType.COMP and pkt.trans_id in self._pending:
-            self._consume(pkt)
-            fut = self._pending.pop(pkt.trans_id)
-            if not fut.done():
-                fut.set_result(pkt)
-            return
+        self._route(pkt, pkt.ring_size, len(pkt.data))
+
+    def _route(self, pkt: Packet, size: int, data: int) -> None:
+        """A completion to its waiting request, else to ``on_packet`` or the queue ``recv`` reads."""
+        if pkt.type == _COMP and self._pending:
+            fut = self._pending.pop(pkt.trans_id, None)
+            if fut is not None:
+                sig = self.rings.consume(size, data)
+                if sig is not None:
+                    self.conn.send_signal(self.relid, sig)
+                if not fut.done():
+                    fut.set_result(pkt)
+                return
         if self.on_packet is not None:
             self._consume(pkt)
             self.on_packet(pkt)
@@ -69,7 +87,7 @@ class Channel:
             w.set_result(None)
 
     def _consume(self, pkt: Packet) -> None:
-        sig = self.rings.consume(pkt.ring_size, len(pkt.data))
+        sig = self.rings.consume(pkt.size or pkt.ring_size, len(pkt.data))
         if sig is not None:
             self.conn.send_signal(self.relid, sig)
 
@@ -87,10 +105,13 @@ class Channel:
         return pkt
 
     def recv_nowait(self) -> Packet | None:
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             return None
-        pkt = self._queue.popleft()
-        self._consume(pkt)
+        pkt = queue.popleft()
+        sig = self.rings.consume(pkt.size or pkt.ring_size, len(pkt.data))  # _consume, inline: once a packet
+        if sig is not None:
+            self.conn.send_signal(self.relid, sig)
         return pkt
 
     # ---- send -------------------------------------------------------------------------------------------
@@ -105,10 +126,12 @@ class Channel:
 
     def try_send(self, pkt: Packet) -> bool:
         """Write ``pkt`` now if the ring has room and no writer is waiting; False means ``await send(pkt)``."""
-        size, data, rings = pkt.ring_size, len(pkt.data), self.rings
-        if self.closed or self._blocked_writers or not rings.can_send(size, data):
+        if self.closed or self._blocked_writers:
             return False
-        rings.sent(size, data)
+        data = len(pkt.data)
+        # ChannelRings.try_send; without data there is only the ring to charge
+        if not (self.rings.try_send(pkt.ring_size, data) if data else self.rings.writer.try_write(pkt.ring_size)):
+            return False
         self.conn.send_packet(self.relid, pkt)
         return True
 
@@ -121,8 +144,7 @@ class Channel:
                                      f"{rings.data_writer.data_size}-byte data window")
         if self.closed:
             raise ChannelClosed(f"channel {self.relid} closed")
-        if not self._blocked_writers and rings.can_send(size, data):
-            rings.sent(size, data)
+        if not self._blocked_writers and rings.try_send(size, data):
             self.conn.send_packet(self.relid, pkt)
             return
         self._blocked_writers += 1  # later packets queue behind this one, in order
@@ -164,16 +186,24 @@ class Channel:
         ``trans_id`` names a fixed id (Linux's VMBUS_RQST_INIT for storvsc's control requests)."""
         if trans_id is not None and trans_id in self._pending:
             raise LocalProtocolError(f"transaction id {trans_id:#x} is already waiting for its completion")
-        tid = self._trans_id() if trans_id is None else trans_id
+        pending = self._pending
+        if trans_id is not None:
+            tid = trans_id
+        else:
+            tid = self._next_trans
+            if tid in pending or tid >= TRANS_ID_MAX:
+                tid = self._trans_id()
+            else:
+                self._next_trans = tid + 1
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
-        self._pending[tid] = fut
+        pending[tid] = fut
         pkt = Packet(_GPA_DIRECT if ranges else _INBAND, FLAG_COMPLETION_REQUESTED, tid, payload, ranges, data)
         try:
             if not self.try_send(pkt):
                 await self.send(pkt)
             return await fut
         finally:
-            self._pending.pop(tid, None)
+            pending.pop(tid, None)
 
     # ---- close ------------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import structlog
 
 from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close_code, decode_packet, encode_close, encode_packet
 from ..errors import ProtocolError
-from ..framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameKind, frame_parts
+from ..framing import DEFAULT_MAX_FRAME, HEADER, Frame, FrameDecoder, FrameKind, frame_parts
 from ..packets import Buffer, Packet
 from .channel import Channel
 
@@ -30,6 +30,8 @@ KEEPALIVE = (10, 5, 3)  # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: a silent dea
 _DISCARD = bytearray(64 * 1024)
 FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
 BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
+_PACKET = int(FrameKind.PACKET)
+_pack_header = HEADER.pack
 
 
 class FramedConnection(asyncio.BufferedProtocol):
@@ -56,7 +58,8 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._stall_timer: asyncio.TimerHandle | None = None
-        self.closed_future: asyncio.Future[str] = asyncio.get_event_loop().create_future()
+        self._loop = asyncio.get_event_loop()
+        self.closed_future: asyncio.Future[str] = self._loop.create_future()
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -105,23 +108,30 @@ class FramedConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closing:
+        closed = self.closing  # (a local, so the check in the loop below is not narrowed away)
+        if closed:
             return
         self.bytes_in += nbytes
         try:
+            dispatch, channels, max_payload = self._dispatch, self.channels, self.max_payload
             for frame in self.decoder.buffer_updated(nbytes):
-                if self._stopped():
+                if self.closing:  # a frame before this one closed the connection
                     return
-                self._dispatch(frame)
+                if frame[0] == _PACKET:  # the hot path, inline: (kind, relid, body, data, flags)
+                    pkt = decode_packet(frame[2], frame[3], max_payload)  # garbage is refused on any relid
+                    ch = channels.get(frame[1])
+                    if ch is None or ch.closed:
+                        self.on_unknown_channel(frame)
+                    else:
+                        ch._arrive(pkt)
+                else:
+                    dispatch(frame)
         except ProtocolError as exc:
             self.fail(f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             # Our own bug, not the peer's: it costs this connection only, with the traceback in our log.
             self.log.exception("internal error while handling a frame; closing the connection")
             self._close_with(f"internal error: {type(exc).__name__}")
-
-    def _stopped(self) -> bool:
-        return self.closing
 
     def eof_received(self) -> bool | None:
         if self.decoder.buffered:
@@ -184,17 +194,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     # ---- dispatch ---------------------------------------------------------------------------------------
 
     def _dispatch(self, frame: Frame) -> None:
+        """Every frame but PACKET, which ``buffer_updated`` hands to its channel itself."""
         kind = frame.kind
-        if kind == FrameKind.PACKET:
-            ch = self.channels.get(frame.relid)
-            if ch is None or ch.closed:
-                decode_packet(frame.body, frame.data, self.max_payload)  # still reject garbage
-                self.on_unknown_channel(frame)
-                return
-            pkt = decode_packet(frame.body, frame.data, self.max_payload)
-            ch.rings.arrive(pkt.ring_size, len(pkt.data))
-            ch._deliver(pkt)
-        elif kind == FrameKind.SIGNAL:
+        if kind == FrameKind.SIGNAL:
             sig = Signal.decode(frame.body)
             ch = self.channels.get(frame.relid)
             if ch is None or ch.closed:
@@ -225,15 +227,20 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self.closing:
             return
         wbuf = self._wbuf
-        wbuf.extend(frame_parts(kind, relid, body, data))
+        n = len(data)
+        head = _pack_header(len(body) + n, kind, 0, 0, relid, n) + body  # framing.frame_parts, inline
+        if n:
+            wbuf += (head, data)
+        else:
+            wbuf.append(head)
         if len(wbuf) >= FLUSH_PARTS:
             self.flush()  # write out early so the peer starts on these while we make more
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_event_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def send_packet(self, relid: int, pkt: Packet) -> None:
-        self.send_frame(FrameKind.PACKET, relid, encode_packet(pkt), pkt.data)
+        self.send_frame(_PACKET, relid, encode_packet(pkt), pkt.data)
 
     def send_signal(self, relid: int, sig: Signal) -> None:
         self.send_frame(FrameKind.SIGNAL, relid, sig.encode())
