@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from vmbus_proto.devices.registry import ALL as OFFERED
+
 from .netns import netns_factory, tap_allowed  # noqa: F401  (network namespace fixtures)
+from .rawclient import RawClient
 
 BIN = Path(sys.executable).parent
 
@@ -146,3 +149,21 @@ def shared_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parent]:
     p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS)
     yield p
     p.stop()
+
+
+@pytest.fixture(scope="module")
+def bystander(shared_parent: Parent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    with bystander_of(shared_parent, tmp_path_factory.mktemp("bystander")) as vm:
+        yield vm
+
+
+@pytest.fixture
+def survived_parent(shared_parent: Parent, bystander: Proc) -> Iterator[Parent]:
+    """The shared parent for one case of bad input; after it the daemon is alive and still serves a newcomer
+    every offer."""
+    yield shared_parent
+    ok = RawClient(shared_parent.tcp)
+    offers = ok.negotiate(f"healthy-{time.monotonic_ns()}")
+    assert len(offers) == len(OFFERED)
+    ok.close()
+    assert shared_parent.proc.poll() is None

@@ -9,43 +9,28 @@ import re
 import socket
 import struct
 import threading
-import time
-from collections.abc import Iterator
 
 import msgpack
 import pytest
 
 from vmbus_proto import messages as m
 from vmbus_proto.devices.network import nvsp
-from vmbus_proto.devices.registry import ALL as OFFERED
 from vmbus_proto.envelope import Hello, Signal, encode_packet
 from vmbus_proto.framing import ENVELOPE_VERSION, HEADER, FrameKind, encode_frame
 from vmbus_proto.gpadl import split
 from vmbus_proto.guids import NETWORK, SYNTH_KEYBOARD
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from .conftest import Parent, Proc, bystander_of
+from .conftest import Parent, Proc
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
 KEYBOARD_PAGES = 10  # 36 KiB of ring data per direction
 
 
-@pytest.fixture(scope="module")
-def bystander(shared_parent: Parent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    with bystander_of(shared_parent, tmp_path_factory.mktemp("bystander")) as vm:
-        yield vm
-
-
 @pytest.fixture
-def p(shared_parent: Parent, bystander: Proc) -> Iterator[Parent]:
-    yield shared_parent
-    # The daemon still serves a newcomer after every case.
-    ok = RawClient(shared_parent.tcp)
-    offers = ok.negotiate(f"healthy-{time.monotonic_ns()}")
-    assert len(offers) == len(OFFERED)
-    ok.close()
-    assert shared_parent.proc.poll() is None
+def p(survived_parent: Parent) -> Parent:
+    return survived_parent
 
 
 def _error_logged(p: Parent, mark: int, needle: str) -> None:
