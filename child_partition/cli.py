@@ -69,7 +69,7 @@ def _number(kind: Callable[[str], float], low: float, high: float | None = None)
 
 def _size(text: str) -> str:
     """argparse type: a byte count as fio writes it (4k, 1M, 512)."""
-    from .load import parse_size  # noqa: PLC0415 - only the load tool needs it (and rich)
+    from .load.storage import parse_size  # noqa: PLC0415 - only the load tool needs it (and rich)
 
     try:
         if parse_size(text) <= 0:
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
         return _ping(args, nic_factory or vmbus_nic)
     malloc.tune()
     if args.command == "load":
-        from .load import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
-        from .load_network import main as load_network  # noqa: PLC0415
+        from .load.network import main as load_network  # noqa: PLC0415
+        from .load.storage import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
 
         return load_network(args) if args.device == "network" else load_main(args)
     logs.setup(args.log_level, json=True if args.json_logs else None)

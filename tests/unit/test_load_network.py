@@ -13,7 +13,7 @@ from rich.console import Console
 
 from child_partition import cli
 from child_partition.devices.network.nic import LoopHub
-from child_partition.load_network import (
+from child_partition.load.network import (
     HEADER_BYTES,
     FrameTemplate,
     NetJob,

@@ -37,11 +37,11 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.storage import vstor
 
-from .bus import GuestBus
-from .devices.storage.vsc import ScsiLun, StorageVsc
-from .guest_memory import GuestMemory
-from .interrupt import Interrupt
-from .runner import open_bus
+from ..bus import GuestBus
+from ..devices.storage.vsc import ScsiLun, StorageVsc
+from ..guest_memory import GuestMemory
+from ..interrupt import Interrupt
+from ..runner import open_bus
 
 PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
 MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")

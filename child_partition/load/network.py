@@ -36,14 +36,14 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.network import nvsp
 
-from .bus import GuestBus
-from .devices import vsc_classes
-from .devices.network.nic import ETH_HEADER, Nic
-from .guest_memory import GuestMemory
-from .interrupt import Interrupt
-from .load import PERCENTILES, Direction
-from .runner import open_bus
-from .vsc import Vsc
+from ..bus import GuestBus
+from ..devices import vsc_classes
+from ..devices.network.nic import ETH_HEADER, Nic
+from ..guest_memory import GuestMemory
+from ..interrupt import Interrupt
+from ..runner import open_bus
+from ..vsc import Vsc
+from .storage import PERCENTILES, Direction
 
 ETHERTYPE = 0x88B5  # IEEE Std 802 "local experimental EtherType 1"
 MAGIC = b"VMBL"

@@ -1,0 +1,1 @@
+"""``child-partition load``: load generators for every device class, and the engine that runs them."""
