@@ -120,9 +120,8 @@ class Results:
     def merge(self, other: Results, where: str = "") -> None:
         """Add another run of the same job (its counts, histograms, measured window)."""
         if other.job != self.job:
-            diff = sorted(k for k in set(self.job) | set(other.job) if self.job.get(k) != other.job.get(k))
-            raise MergeError(f"{where or 'results'}: a different job ({', '.join(diff)} differ): only runs of the "
-                             f"same job merge")
+            diff = ", ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in differences(self.job, other.job)[:4])
+            raise MergeError(f"{where or 'results'}: a different job ({diff}): only runs of the same job merge")
         for key, w in other.workloads.items():
             if key in self.workloads:
                 self.workloads[key].merge(w)
@@ -131,6 +130,16 @@ class Results:
         self.runs += other.runs
         self.notes += other.notes
         self.interrupted = self.interrupted or other.interrupted
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two jobs differ: (dotted path, one value, the other)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [(path, a, b)]
 
 
 def human_us(usec: float) -> str:
