@@ -159,8 +159,8 @@ def test_exit_status_is_0_clean_1_on_errors_2_on_usage_and_130_on_sigint(fake: P
 
 
 def test_merge_command_merges_files_and_refuses_other_jobs(fake: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _, a = _main(fake, "a", "--count", "30", "--tag", "a")
-    _, b = _main(fake, "b", "--count", "30", "--tag", "b")
+    _main(fake, "a", "--count", "30", "--tag", "a")
+    _main(fake, "b", "--count", "30", "--tag", "b")
     assert main(["merge", str(fake / "a.json"), str(fake / "b.json"), "--json", str(fake / "m.json")]) == 0
     m = json.loads((fake / "m.json").read_text())
     assert m["workloads"]["fake"]["ops"]["tick"]["ops"] == 60 and m["tags"] == ["a", "b"]

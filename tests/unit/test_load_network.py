@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pytest
 from rich.console import Console
-
-from collections.abc import Callable
-from typing import Any, ClassVar
 
 from child_partition import cli
 from child_partition.devices.network.nic import LoopHub
