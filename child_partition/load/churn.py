@@ -8,7 +8,8 @@ version first, REQUESTOFFERS until ALLOFFERS_DELIVERED: Linux ``vmbus_connect``,
 GPADL_CREATED, OPENCHANNEL → OPENCHANNEL_RESULT, the device's own handshake), ``close`` them as their removes
 do (CLOSECHANNEL, then GPADL_TEARDOWN → GPADL_TORNDOWN for every GPADL), ``unload`` (UNLOAD →
 UNLOAD_RESPONSE: ``vmbus_initiate_unload``) and disconnect. Each step's latency is recorded under its name;
-the cycle is the whole of it.
+the cycle is the whole of it. Only primary channels are opened: the sub-channels a driver asks for (netvsc's
+NVSP SUBCHANNEL) are offered and left unopened, so ``open`` and ``close`` count one channel per device.
 
 With ``--rescind`` (needs ``--http``) each partition instead stays connected with its devices bound, and a
 cycle hot-removes one of them through the parent's API and adds it back (``DELETE`` / ``POST

@@ -9,7 +9,8 @@ alternately), complete when the guest's driver has received it, recognised by it
 
 - a key event is a press or the release of one of the layout's non-modifier keys (letters, digits,
   punctuation, F1-F12), each key alternating press and release so the guest's keyboard state stays sane;
-  the keys in flight on a partition at once are all different, so a keystroke names its event;
+  the keys in flight on a partition at once are all different, so a keystroke names its event (past 59
+  key events in flight on one partition, the next waits for a key to come free);
 - a mouse report goes to a position no other report of the partition went to (a counter over the
   32768 x 32768 absolute grid), so the position names it.
 

@@ -7,8 +7,10 @@ in VRAM_LOCATION, the mode in SITUATION_UPDATE, and the host's FEATURE_CHANGE as
 operation is one frame: the guest writes new pixels into its VRAM (``--frame full``: the whole screen;
 ``--frame rects``: ``--rects N`` rectangles) and reports them in DIRT, whose pixels ride along over the stream
 (docs/protocol.md §10.3). Every frame paints pixel (0, 0) with its own colour, the frame number, so a viewer
-can tell which frame it sees. Operations: ``frame`` (bytes: the pixels carried) and ``dirt`` (one per DIRT
-message; a full 1024x768 frame needs three, as one DIRT carries at most 1 MiB of pixels).
+can tell which frame it sees. Operations: ``frame`` (bytes: the pixels the frame changed) and ``dirt`` (one
+per DIRT message, bytes: the pixels it carried; a full 1024x768 frame needs three, as one DIRT carries at most
+1 MiB of pixels). Frames of one partition are drawn one at a time (one VRAM, one damage list), whatever the
+number of workers.
 
 What the protocol allows, measured rather than assumed: SYNTHVID has no rate limit. The host (Hyper-V, OpenVMM's
 ``process_channel``, this parent's VSP) applies every DIRT as it arrives and answers none; the only pacing is
@@ -61,6 +63,7 @@ MARKER_MASK = 0xFFFFFF  # a frame's number in the colour of its pixels (B, G, R)
 WS_RECT = "<BxHHHH"  # the console's rectangle header: encoding, x, y, width, height (parent web/console/live.py)
 WS_HEADER = 10
 WS_RAW, WS_PNG = 0, 1
+WS_PNG_BYTE = bytes((WS_PNG,))
 _DIRT_TYPE = int(synthvid.MessageType.DIRT).to_bytes(4, "little")
 
 
@@ -154,7 +157,8 @@ class ScreenWatch:
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.BINARY:
-                    low = ws_marker(msg.data)
+                    data = msg.data  # a PNG (a big rectangle) is decoded off the loop
+                    low = await asyncio.to_thread(ws_marker, data) if data[:1] == WS_PNG_BYTE else ws_marker(data)
                     if low is not None:
                         async with self.changed:
                             self.shown_low = low
@@ -251,6 +255,9 @@ class VideoPartition:
 
     async def stop(self) -> None:
         self.vsc.on_sent = None
+        if not self._sent.done():  # a frame still waiting for its DIRT ends now, not at its timeout
+            self._sent.set_exception(ChannelClosed(f"{self.name}: stopped before the DIRT was sent"))
+            self._sent.exception()  # retrieved: nobody need be waiting
         try:
             if self.watch is not None:
                 await self.watch.close()
