@@ -78,6 +78,9 @@ class GuestBus(FramedConnection):
         self.offers: dict[int, m.OfferChannel] = {}
         self.on_rescind: Callable[[int], None] | None = None
         self.on_offer: Callable[[m.OfferChannel], None] | None = None
+        # Relids this guest closed: the host's packets already on their way are dropped quietly, as Linux's
+        # vmbus_close leaves them (a frame for a relid never open is still a warning).
+        self._closed_here: set[int] = set()
         self.close_reason: str | None = None
         self.refused: ParentRefused | None = None
 
@@ -261,6 +264,7 @@ class GuestBus(FramedConnection):
                              host_to_guest_data=ring_data_size(pages - downstream_offset),
                              window_in=self.data_window, window_out=self.peer_data_window)
         ch = Channel(self, relid, rings, name=name, log=self.log.bind(relid=relid))
+        self._closed_here.discard(relid)
         self.add_channel(ch)
         fut = self._wait((Request.OPEN, relid))
         self.core.open_channel(relid, gpadl, downstream_offset, userdata, now=self._now())
@@ -277,9 +281,16 @@ class GuestBus(FramedConnection):
         ch = self.remove_channel(relid)
         if ch is not None:
             ch.close()
+            self._closed_here.add(relid)
         if relid in self.core.channels:
             self.core.close_channel(relid)
             self._flush_core()
+
+    def on_unknown_channel(self, frame: Frame) -> None:
+        if frame.relid in self._closed_here:
+            self.log.debug("frame for a channel closed here dropped", relid=frame.relid)
+        else:
+            super().on_unknown_channel(frame)
 
     async def teardown_gpadl(self, relid: int, gpadl: int) -> None:
         if relid not in self.core.channels:

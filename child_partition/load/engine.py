@@ -430,7 +430,9 @@ async def _tick(progress: Progress | None, emit: Any, snapshot: Any, phase: str)
             progress.update()
         if emit is not None and time.monotonic() - last_emit >= CHILD_PROGRESS_EVERY:
             last_emit = time.monotonic()
-            emit(snapshot())
+            # time.monotonic() is system-wide on Linux: the deadline means the same in the parent process
+            emit({"phase": progress.phase if progress is not None else phase,
+                  "deadline": progress.deadline if progress is not None else None, "live": snapshot()})
         await asyncio.sleep(PROGRESS_EVERY)
 
 
@@ -466,8 +468,10 @@ async def fan_out(spec: Spec, argv: list[str], interrupt: Interrupt, progress: P
         async def read(i: int, proc: asyncio.subprocess.Process) -> None:
             assert proc.stdout is not None
             async for line in proc.stdout:
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    live[i] = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in json.loads(line).items()}
+                with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                    report = json.loads(line)
+                    live[i] = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in report["live"].items()}
+                    progress.phase, progress.deadline = str(report["phase"]), report["deadline"]
 
         readers = [asyncio.ensure_future(read(i, p)) for i, p in enumerate(procs)]
         waits = [asyncio.ensure_future(p.wait()) for p in procs]
@@ -633,7 +637,7 @@ def execute(spec: Spec, argv: list[str]) -> int:
 
 
 def _emitter() -> Any:
-    def emit(snap: dict[str, tuple[int, int, int]]) -> None:
+    def emit(snap: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(snap) + "\n")
         sys.stdout.flush()
     return emit

@@ -81,3 +81,19 @@ async def _frames(sock: socket.socket) -> list[Frame]:
         buf[:len(chunk)] = chunk
         frames = list(decoder.buffer_updated(len(chunk)))
     return frames
+
+
+async def test_the_guest_drops_host_packets_for_a_channel_it_closed_quietly_and_warns_for_others() -> None:
+    from child_partition.bus import GuestBus  # noqa: PLC0415
+    from vmbus_proto.aio.channel import Channel  # noqa: PLC0415
+    from vmbus_proto.channel import ChannelRings  # noqa: PLC0415
+
+    bus = GuestBus("vm1", log=structlog.get_logger())
+    rings = ChannelRings(5, host=False, guest_to_host_data=4096, host_to_guest_data=4096)
+    bus.add_channel(Channel(bus, 5, rings, log=structlog.get_logger()))
+    bus.close_channel(5)
+    with capture_logs() as logs:
+        bus.on_unknown_channel(Frame(FrameKind.SIGNAL, 5, b""))  # the host's packet crossed our CLOSECHANNEL
+        bus.on_unknown_channel(Frame(FrameKind.SIGNAL, 9, b""))  # a relid never open here
+    levels = {e["relid"]: e["log_level"] for e in logs}
+    assert levels == {5: "debug", 9: "warning"}, logs
