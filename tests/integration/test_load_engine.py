@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,13 @@ def load(*argv: str) -> tuple[subprocess.CompletedProcess[str], int]:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
 
 
-def storage_counters(url: str) -> dict[str, float]:
-    """The storage channels' packets and data bytes in and out, from /metrics."""
+def storage_counters(url: str, device: str = "storage") -> dict[str, float]:
+    """A device's channels' packets and data bytes in and out, from /metrics."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
     out = {}
     for family in ("packets", "data_bytes"):
         for direction in ("in", "out"):
-            m = re.search(rf'^vmbus_channel_{family}_total{{device="storage",direction="{direction}"}} (\S+)$', text,
+            m = re.search(rf'^vmbus_channel_{family}_total{{device="{device}",direction="{direction}"}} (\S+)$', text,
                           re.M)
             out[f"{family}_{direction}"] = float(m.group(1)) if m else 0.0
     return out
@@ -120,3 +121,50 @@ def test_a_workload_file_mixes_storage_and_network_in_one_run(parent: Parent, wo
     done, _ = load("mix", str(bad), "--connect", parent.unix)
     assert done.returncode == 2 and "[[workload]] #1 (storage): argument --rw: invalid choice" in done.stderr, \
         done.stderr
+
+
+@pytest.mark.parametrize(("workload", "device", "direction", "op", "argv"), [
+    ("video", "video", "in", "dirt", ["--frame", "rects", "--rects", "3"]),  # a DIRT is one packet to the host
+    ("input", "keyboard", "out", "key", ["--events", "keys"]),  # a key event is one packet to the guest
+    ("input", "mouse", "out", "mouse", ["--events", "mouse"]),
+])
+def test_metrics_agree_with_the_video_and_input_workloads(workdir: Path, workload: str, device: str, direction: str,
+                                                         op: str, argv: list[str]) -> None:
+    """As for storage: between a run of K1 and one of K2 operations, the parent's packet counter for the
+    device moves by exactly what the client counted (each run's handshakes cancel out)."""
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0"])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        moved, counted = [], []
+        for k in (20, 60):
+            before = storage_counters(url, device)
+            out = workdir / f"{workload}{k}.json"
+            done, pid = load(workload, "--connect", parent.unix, "--http", url, *argv, "--count", str(k),
+                             "--warmup", "0", "--runtime", "600", "--processes", "1", "--json", str(out))
+            assert done.returncode == 0, done.stdout + done.stderr
+            parent.wait_event("VMBus disconnected", 30, partition=f"{workload}-{pid}-0")
+            moved.append(storage_counters(url, device)[f"packets_{direction}"] - before[f"packets_{direction}"])
+            counted.append(ops_of(out, workload, op))
+        assert counted[1] - counted[0] >= 40, f"the client counted {counted} {op} operations for 20 and 60"
+        assert moved[1] - moved[0] == counted[1] - counted[0], \
+            f"{device} packets {direction}: the parent counted {moved}, the client {counted}"
+    finally:
+        parent.stop()
+
+
+def test_churn_cycles_through_the_command_line_leave_nothing_behind(workdir: Path) -> None:
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0"])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        out = workdir / "churn.json"
+        done, _ = load("churn", "--connect", parent.unix, "--partitions", "3", "--count", "5", "--warmup", "0",
+                       "--runtime", "600", "--processes", "1", "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ops_of(out, "churn", "cycle") == 15 and ops_of(out, "churn", "open") == 15
+        deadline, left = time.monotonic() + 30, None
+        while left != [] and time.monotonic() < deadline:  # the last UNLOADs may still be in the parent's hands
+            left = json.loads(urllib.request.urlopen(f"{url}/api/partitions", timeout=30).read())
+            time.sleep(0.1)
+        assert left == [], f"partitions left on the parent after the churn: {left}"
+    finally:
+        parent.stop()
