@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -100,6 +101,7 @@ class Spec:
     share: tuple[int, int] = (0, 1)
     run_id: int = field(default_factory=os.getpid)
     child: bool = False
+    name_prefix: str | None = None
 
     @property
     def job(self) -> dict[str, Any]:
@@ -113,8 +115,9 @@ class Spec:
 
 def options_for(spec: Spec, entry: Entry, first: int, count: int, nth: int) -> LoadOptions:
     base = getattr(entry.cls, "prefix", None) or entry.cls.name
+    host = f"{spec.name_prefix}-" if spec.name_prefix else ""
     return LoadOptions(connect=spec.connect, http=spec.http, partitions=count, first_index=first,
-                       prefix=f"{base}{nth if nth > 1 else ''}-{spec.run_id}", tag=spec.tag)
+                       prefix=f"{host}{base}{nth if nth > 1 else ''}-{spec.run_id}", tag=spec.tag)
 
 
 def prefixes(entries: list[Entry]) -> list[int]:
@@ -551,10 +554,19 @@ def add_common(parser: argparse.ArgumentParser, cls: Any | None, *, per_workload
     parser.add_argument("--json", metavar="FILE", type=output, help="also write the results as JSON to FILE")
     parser.add_argument("--tag", default=socket.gethostname(),
                         help="this client's name in merged results (several hosts against one parent)")
+    parser.add_argument("--name-prefix", metavar="PREFIX", type=_name_prefix,
+                        help="put PREFIX in front of the partitions' names (WORKLOAD-PID-INDEX), so load clients on "
+                             "several hosts, or in containers where PIDs repeat, never claim the same name")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--share", type=_share, default=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--run-id", type=int, default=os.getpid(), help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def _name_prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,24}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: 1-24 letters, digits, '.', '_' or '-'")
+    return text
 
 
 def _share(text: str) -> tuple[int, int]:
@@ -594,7 +606,7 @@ def spec_from(args: argparse.Namespace, entries: list[Entry]) -> Spec:
     spec = Spec(entries=entries, connect=args.connect, http=args.http, warmup=args.warmup, runtime=args.runtime,
                 processes=args.processes, start_concurrency=args.start_concurrency, tag=args.tag,
                 quiet=args.quiet or args.child, json=args.json, share=args.share, run_id=args.run_id,
-                child=args.child)
+                child=args.child, name_prefix=args.name_prefix)
     for entry in entries:
         check(entry, spec)
     return spec

@@ -168,3 +168,16 @@ def test_merge_command_merges_files_and_refuses_other_jobs(fake: Path, capsys: p
     _main(fake, "c", "--count", "30", "--concurrency", "2")
     assert main(["merge", str(fake / "a.json"), str(fake / "c.json")]) == 2
     assert "a different job (workloads.fake.concurrency: 1 vs 2)" in capsys.readouterr().err
+
+
+def test_a_name_prefix_keeps_partition_names_apart_across_hosts() -> None:
+    from child_partition.load.command import available, build_parser  # noqa: PLC0415
+    from child_partition.load.engine import entry_from, options_for, spec_from  # noqa: PLC0415
+
+    names = []
+    for prefix in ("hosta", "hostb"):
+        args = build_parser(*available()).parse_args(
+            ["storage", "--connect", "tcp://127.0.0.1:1", "--name-prefix", prefix, "--run-id", "7"])
+        entry = entry_from("storage", available()[0]["storage"], args)
+        names.append(options_for(spec_from(args, [entry]), entry, 0, 1, 1).prefix)
+    assert names == ["hosta-load-7", "hostb-load-7"], names
