@@ -168,3 +168,20 @@ def test_churn_cycles_through_the_command_line_leave_nothing_behind(workdir: Pat
         assert left == [], f"partitions left on the parent after the churn: {left}"
     finally:
         parent.stop()
+
+
+def test_the_every_device_workload_file_runs_clean(workdir: Path) -> None:
+    """docs/load-mix-all.toml, as the README gives it: all five workloads at once against one parent."""
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0"])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        out = workdir / "all.json"
+        done, _ = load("mix", str(Path(__file__).parents[2] / "docs" / "load-mix-all.toml"), "--connect",
+                       parent.unix, "--http", url, "--warmup", "0.2", "--runtime", "2", "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        doc = json.loads(out.read_text())
+        quiet = [w for w, res in doc["workloads"].items() if not sum(s["ops"] for s in res["ops"].values())]
+        assert set(doc["workloads"]) == {"storage", "network", "video", "input", "churn"} and not quiet, \
+            f"workloads {sorted(doc['workloads'])}, without a measured operation: {quiet}"
+    finally:
+        parent.stop()
