@@ -19,9 +19,9 @@ RUN .ci/install-venv ${VENV} .
 
 FROM ${PYTHON_IMAGE}
 ARG VENV=/opt/vmbus-emu
-# fonts-dejavu-core: the guest console's font; iproute2 and iputils-ping: the TAP variant (ip, ping).
+# fonts-dejavu-core: the guest console's font; iproute2, iputils-ping, iputils-arping: the TAP variant.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends fonts-dejavu-core iproute2 iputils-ping \
+ && apt-get install -y --no-install-recommends fonts-dejavu-core iproute2 iputils-ping iputils-arping \
  && rm -rf /var/lib/apt/lists/*
 # The disks' volume and the Unix socket's volume are created owned by vmbus (a new named volume takes the
 # ownership of the directory it is mounted on).

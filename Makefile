@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-# chromium: the web console tests; docker-compose (v1, Debian's): validates docker-compose.yml (no engine needed)
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose
-SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose
+# chromium: the web console tests; docker-compose (v1, Debian's): validates docker-compose.yml (no engine
+# needed); arping: the compose file's TAP variant, run by its test
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping
+SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
+	iputils-arping
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
