@@ -64,14 +64,18 @@ def ours(parent: ParentProcess, seconds: float, window: int, out: Path) -> dict[
     _, err = proc.communicate(timeout=seconds + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"load network exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-    res = json.loads(out.read_text())
-    pct = res["latency_us"]["percentiles"]
-    row: dict[str, Any] = {"frames_per_s": res["frames_per_s"], "frames_per_s_sent": res["frames_per_s_sent"],
-                           "loss_frac": res["loss_frac"], "latency_us_p50": pct["50"], "latency_us_p99": pct["99"],
-                           "latency_us_p99.9": pct["99.9"], "nic_rx_drops": res["nic"].get("rx_drops", 0),
-                           "errors": res["errors"], "switch": _switch_drops(parent, seen)}
-    if counters and res["frames_per_s"]:
-        frames = res["frames_per_s"] * window_s
+    doc = json.loads(out.read_text())  # the load engine's results document (child_partition/load/report.py)
+    net, res = doc["workloads"]["network"], doc["workloads"]["network"]["extra"]
+    pct = net["ops"]["receive"]["latency_us"]["percentiles"] if "receive" in net["ops"] else \
+        {"50": 0, "99": 0, "99.9": 0}
+    seconds = doc["seconds"] or 1e-9
+    row: dict[str, Any] = {"frames_per_s": res["received"] / seconds, "frames_per_s_sent": res["sent"] / seconds,
+                           "loss_frac": res["lost"] / res["sent"] if res["sent"] else 0.0, "latency_us_p50": pct["50"],
+                           "latency_us_p99": pct["99"], "latency_us_p99.9": pct["99.9"],
+                           "nic_rx_drops": res["nic"].get("rx_drops", 0), "errors": doc["errors"],
+                           "switch": _switch_drops(parent, seen)}
+    if counters and row["frames_per_s"]:
+        frames = row["frames_per_s"] * window_s
         per = {who: {k: round(v / frames, 3) for k, v in c.items()} for who, c in counters["per_op"].items()}
         row.update(per_frame=per, steal_frac=counters["steal_frac"],
                    parent_us_per_frame=per["parent"]["cpu_us"], guests_us_per_frame=per["guests"]["cpu_us"])

@@ -101,13 +101,13 @@ def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
     _, err = proc.communicate(timeout=seconds + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"load storage exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-    res = json.loads(out.read_text())
-    side = res["write"] if "write" in rw else res["read"]
-    pct = side["clat_us"]["percentiles"]
-    row: dict[str, Any] = {"iops": side["iops"], "bw_bytes": side["bw_bytes"], "clat_us_p50": pct["50"],
+    res = json.loads(out.read_text())  # the load engine's results document (child_partition/load/report.py)
+    side = res["workloads"]["storage"]["ops"]["write" if "write" in rw else "read"]
+    pct = side["latency_us"]["percentiles"]
+    row: dict[str, Any] = {"iops": side["ops_per_s"], "bw_bytes": side["bytes_per_s"], "clat_us_p50": pct["50"],
                            "clat_us_p99": pct["99"], "errors": res["errors"], "disk": _disk_stats(parent, seen)}
-    if counters and side["iops"]:
-        ios = side["iops"] * window
+    if counters and side["ops_per_s"]:
+        ios = side["ops_per_s"] * window
         per_io = {name: {k: round(v / ios, 3) for k, v in c.items()} for name, c in counters["per_op"].items()}
         row.update(per_io=per_io, steal_frac=counters["steal_frac"],
                    parent_us_per_io=per_io["parent"]["cpu_us"], guest_us_per_io=per_io["guest"]["cpu_us"])

@@ -10,8 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import uvloop
@@ -25,6 +24,7 @@ from vmbus_proto.versions import GUEST_ORDER, guest_order
 
 from .devices.network.nic import Nic, NicError
 from .devices.network.service import NetworkService, interface_arg
+from .load.args import number as _number
 from .runner import ChildPartition
 from .services import guest_services
 from .vsc import GuestServiceError
@@ -69,40 +69,6 @@ def default_name() -> str | None:
             if text:
                 return _name(text)
     return None
-
-
-def _number(kind: Callable[[str], float], low: float, high: float | None = None) -> Callable[[str], float]:
-    """argparse type: a number of ``kind`` in [low, high]."""
-    def check(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}-{high:g}" if high is not None
-                                             else f"{text} must be at least {low:g}")
-        return value
-    return check
-
-
-def _size(text: str) -> str:
-    """argparse type: a byte count as fio writes it (4k, 1M, 512)."""
-    from .load.storage import parse_size  # noqa: PLC0415 - only the load tool needs it (and rich)
-
-    try:
-        if parse_size(text) <= 0:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4k, 1M or 512") from None
-    return text
-
-
-def _output(text: str) -> str:
-    """argparse type: a file that can be written when the run ends."""
-    where = Path(text)
-    if where.is_dir() or not where.resolve().parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: not a file in an existing directory")
-    return text
 
 
 def _max_version(text: str) -> list[int]:
@@ -189,67 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
         service.add_arguments(run)
     _add_ping(sub)
     _add_probe(sub)
-    load = sub.add_parser("load", help="generate load from one or many partitions",
-                          description="Generate load on a parent's devices from partitions run in this process.")
-    add_version(load)
-    devices = load.add_subparsers(dest="device", required=True, metavar="DEVICE")
-    st = devices.add_parser("storage", help="fio-style block I/O through StorVSC channels",
-                            description="fio-style block I/O through StorVSC channels: each partition connects,\n"
-                                        "opens its storage channel and keeps --iodepth SCSI requests in flight.")
-    add_version(st)
-    st.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
-    st.add_argument("--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw", "rw"],
-                    help="I/O pattern, as fio's --rw")
-    st.add_argument("--bs", default="4k", metavar="SIZE", type=_size, help="block size, a multiple of 512 (as 4k, 1M)")
-    st.add_argument("--iodepth", metavar="N", type=_number(int, 1), default=32, help="requests in flight per partition")
-    st.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")
-    st.add_argument("--ramp", metavar="SECONDS", type=_number(float, 0), default=0.5,
-                    help="seconds of warm-up not measured")
-    st.add_argument("--partitions", metavar="N", type=_number(int, 1), default=1,
-                    help="guests to run from this process")
-    st.add_argument("--size", metavar="SIZE", type=_size,
-                    help="bytes of each disk to use, as 64M (default: the whole disk)")
-    st.add_argument("--rwmixread", metavar="PERCENT", type=_number(int, 0, 100), default=50,
-                    help="percent reads for randrw and rw")
-    st.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
-    st.add_argument("--keep-disks", action="store_true",
-                    help="leave the partitions' disks as the run left them (default: discard them at the end)")
-    st.add_argument("--data-dir", metavar="DIR",
-                    help="the parent's data directory (same host): also delete the images it created for the run")
-    _add_load_network(devices)
+    # ``load`` has its own parser (child_partition.load.command), built only when it runs: main() hands it the
+    # rest of the command line. This entry lists it in --help.
+    sub.add_parser("load", help="generate load on the parent's devices from many partitions (see 'load --help')",
+                   add_help=False)
     return p
-
-
-def _add_load_network(devices: argparse._SubParsersAction[ArgumentParser]) -> None:
-    net = devices.add_parser("network", help="frames between partitions through the parent's virtual switch",
-                             description="Frames between partitions through the parent's virtual switch: each\n"
-                                         "partition brings up its NetVSC, sends to its peers and counts what arrives.")
-    add_version(net)
-    net.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
-    net.add_argument("--partitions", metavar="N", type=_number(int, 2), default=2,
-                     help="guests to run from this process")
-    net.add_argument("--frame-size", metavar="BYTES", type=_number(int, 64, 1514), default=64,
-                     help="Ethernet frame length without the FCS, 64-1514")
-    net.add_argument("--rate", metavar="FPS", type=_number(float, 1), help="frames/s per partition (default: as fast "
-                     "as the NIC takes them)")
-    net.add_argument("--window", metavar="FRAMES", type=_number(int, 1),
-                     help="at most FRAMES of each partition's frames on their way, as a TCP window (default: no limit)")
-    net.add_argument("--flows", default="ring", choices=["ring", "pairs", "all-to-all"],
-                     help="who sends to whom: each to the next, in pairs (even N), or each to every other")
-    net.add_argument("--runtime", metavar="SECONDS", type=_number(float, 0.1), default=10.0, help="seconds to measure")
-    net.add_argument("--ramp", metavar="SECONDS", type=_number(float, 0), default=0.5,
-                     help="seconds of warm-up not measured")
-    net.add_argument("--json", metavar="FILE", type=_output, help="also write the results as JSON to FILE")
 
 
 def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None) -> int:
     """The command. ``nic_factory`` brings up the NIC ``ping`` uses (default: this partition's NetVSC)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
         logs.wants_json()
     except logs.LogFormatError as exc:
-        parser.error(str(exc))
+        build_parser().error(str(exc))
+    if argv[:1] == ["load"]:
+        from .load.command import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
+
+        malloc.tune()
+        return load_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "ping":
         return _ping(args, nic_factory or vmbus_nic)
     if args.command == "probe":
@@ -261,11 +187,6 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
         if args.name is None:
             parser.error(f"run: give --name: neither ${NAME_ENV} nor the host name is a partition name")
     malloc.tune()
-    if args.command == "load":
-        from .load.network import main as load_network  # noqa: PLC0415
-        from .load.storage import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
-
-        return load_network(args) if args.device == "network" else load_main(args)
     logs.setup(args.log_level, json=True if args.json_logs else None)
     return uvloop.run(_run(args))
 

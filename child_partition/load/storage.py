@@ -2,11 +2,10 @@
 
 Each partition is a real guest on its own VMBus connection: it negotiates, binds only the StorVSC (the
 other offers are left unopened, as a guest without those drivers would), and then ``iodepth`` workers keep
-requests in flight through the same block-device path that NBD uses: READ(10)/WRITE(10) EXECUTE_SRBs
-with the data in guest pages. Results are reported the way fio reports them (IOPS, bandwidth, completion
-latency percentiles from an HDR histogram), and as JSON with ``--json``. SIGINT (Ctrl-C) or SIGTERM ends the
-run early, as fio's does: no new requests, the ones in flight finish (bounded), the results so far are reported
-and the status is 130 or 143 (``interrupt.py``, shared with ``load network``).
+requests in flight (closed loop, ``--iodepth`` as fio's) or issues them at ``--rate`` (open loop) through the
+same block-device path that NBD uses: READ(10)/WRITE(10) EXECUTE_SRBs with the data in guest pages. The
+engine (``engine.py``) times, counts and reports them; this module adds what fio adds: completion latency
+percentiles, IOPS and bandwidth per direction. SIGINT (Ctrl-C) or SIGTERM ends the run early, as fio's does.
 
 The parent creates a sparse image for each new partition name (``<data_dir>/<name>/lun0.img``), and every run
 uses fresh names, so the tool cleans up after itself unless ``--keep-disks``: before unloading, each guest
@@ -17,225 +16,179 @@ directories, which nothing in VMBus can ask the parent to do.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import json
+import argparse
 import os
 import random
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from hdrh.histogram import HdrHistogram
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.storage import vstor
 
-from ..bus import GuestBus
 from ..devices.storage.vsc import ScsiLun, StorageVsc
-from ..guest_memory import GuestMemory
-from ..interrupt import Interrupt
-from ..runner import open_bus
+from .args import number, parse_size, size
+from .guest import Guest, started
+from .workload import Done, LoadOptions, OpError, Recorder
 
-PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
 MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
-MAX_LATENCY_US = 60_000_000
-DRAIN_TIMEOUT = 30.0  # seconds the requests in flight get to finish after an interrupt
+GUEST_MEMORY = 256 * 1024 * 1024
 
 
-def parse_size(text: str) -> int:
-    """'4k', '1M', '1MiB', '512' -> bytes (binary units, as fio)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
-    return int(float(t[:-1] if mult > 1 else t) * mult)
+class StoragePartition(Guest):
+    """One load-generating guest with only its StorVSC bound; its workers share one sequential cursor."""
 
-
-@dataclass(slots=True)
-class Job:
-    rw: str = "randread"
-    bs: int = 4096
-    iodepth: int = 32
-    runtime: float = 10.0
-    partitions: int = 1
-    size: int = 0  # bytes of the disk to use; 0 = all of it
-    rwmixread: int = 50
-    ramp: float = 0.5
-    max_ios: int = 100_000_000  # a count bound on top of the time bound
-    keep_disks: bool = False
-    data_dir: str | None = None  # the parent's data directory, to delete the images from
-
-
-@dataclass(slots=True)
-class Direction:
-    # Completion latencies in whole microseconds, counted per value while the job runs (a dict increment
-    # per I/O instead of an HDR record) and put into an HDR histogram at the end.
-    latencies: collections.Counter[int] = field(default_factory=collections.Counter)
-    ios: int = 0
-    bytes: int = 0
-    errors: int = 0
-
-    def merge(self, other: Direction) -> None:
-        self.latencies.update(other.latencies)
-        self.ios += other.ios
-        self.bytes += other.bytes
-        self.errors += other.errors
-
-    def histogram(self) -> HdrHistogram:
-        hist = HdrHistogram(1, MAX_LATENCY_US, 3)
-        for usec, count in self.latencies.items():
-            hist.record_value(min(usec, MAX_LATENCY_US), count)
-        return hist
-
-
-@dataclass(slots=True)
-class Totals:
-    read: Direction = field(default_factory=Direction)
-    write: Direction = field(default_factory=Direction)
-    seconds: float = 0.0
-    partitions_ok: int = 0
-    errors: list[str] = field(default_factory=list)
-    cleanup: list[str] = field(default_factory=list)  # what happened to the partitions' disks
-
-
-class Partition:
-    """One load-generating guest."""
-
-    def __init__(self, url: str, name: str, job: Job, log: Any) -> None:
-        self.url, self.name, self.job, self.log = url, name, job, log
-        self.memory = GuestMemory(256 * 1024 * 1024)
-        self.bus: GuestBus | None = None
-        self.vsc: StorageVsc | None = None
-        self.read = Direction()
-        self.write = Direction()
-        self.live_ios = 0
+    def __init__(self, workload: StorageWorkload, name: str) -> None:
+        super().__init__(workload.options.connect, name, GUEST_MEMORY,
+                         logs.get(component="load").bind(partition=name))
+        self.workload = workload
+        self.storage: StorageVsc | None = None
+        self.rnd = random.Random(hash(name))
+        self.cursor = 0
+        self.blocks = 1
+        self.payload = b""
 
     async def start(self) -> None:
-        self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log, memory=self.memory), 30)
-        offers: dict[int, m.OfferChannel] = await asyncio.wait_for(self.bus.negotiate(), 30)
-        offer = next((o for o in offers.values() if o.if_type == vstor.SPEC.class_id), None)
-        if offer is None:
-            raise RuntimeError("the parent offers no storage controller")
-        self.vsc = StorageVsc(self.bus, self.memory, offer, self.log)
-        await self.vsc.attach()
-        if 0 not in self.vsc.disks:
+        w = self.workload
+        offer = await self.offer(lambda o: o.if_type == vstor.SPEC.class_id, "storage controller")
+        assert self.bus is not None
+        self.vsc = self.storage = StorageVsc(self.bus, self.memory, offer, self.log)
+        await self.storage.attach()
+        if 0 not in self.storage.disks:
             raise RuntimeError("the storage controller has no disk at LUN 0")
+        disk = self.disk
+        self.blocks = max(1, min(w.size or disk.size, disk.size) // w.bs)
+        self.payload = os.urandom(w.bs)
 
     @property
     def disk(self) -> ScsiLun:
-        assert self.vsc is not None
-        return self.vsc.disks[0]
+        assert self.storage is not None
+        return self.storage.disks[0]
 
-    async def run(self, deadline: float, measure_from: float, stop: asyncio.Event) -> None:
-        job, vsc = self.job, self.disk
-        span = min(job.size or vsc.size, vsc.size)
-        blocks = max(1, span // job.bs)
-        payload = os.urandom(job.bs)
-        rnd = random.Random(hash(self.name))
-        sequential = job.rw in ("read", "write", "rw")
-        mixed = job.rw in ("randrw", "rw")
-        all_reads = job.rw in ("read", "randread")
-        read_share = job.rwmixread / 100
-        bs = job.bs
-        cursor = [0]
-        budget = [job.max_ios]
-
-        async def worker() -> None:
-            clock, random_fraction, read, write = time.monotonic, rnd.random, vsc.read, vsc.write
-            while budget[0] > 0:
-                t0 = clock()
-                if t0 >= deadline or stop.is_set():
-                    return
-                budget[0] -= 1
-                if sequential:
-                    offset = (cursor[0] % blocks) * bs
-                    cursor[0] += 1
-                else:
-                    offset = int(random_fraction() * blocks) * bs
-                is_read = random_fraction() < read_share if mixed else all_reads
-                if is_read:
-                    await read(offset, bs)
-                else:
-                    await write(offset, payload)
-                t1 = clock()
-                self.live_ios += 1
-                if t0 >= measure_from:
-                    d = self.read if is_read else self.write
-                    d.latencies[int((t1 - t0) * 1e6) or 1] += 1
-                    d.ios += 1
-                    d.bytes += bs
-
-        await asyncio.gather(*(worker() for _ in range(job.iodepth)))
+    async def operation(self, rec: Recorder) -> Done:
+        w = self.workload
+        if w.sequential:
+            offset = (self.cursor % self.blocks) * w.bs
+            self.cursor += 1
+        else:
+            offset = int(self.rnd.random() * self.blocks) * w.bs
+        is_read = self.rnd.random() < w.read_share if w.mixed else w.all_reads
+        disk = self.disk
+        try:
+            if is_read:
+                await disk.read(offset, w.bs)
+            else:
+                await disk.write(offset, self.payload)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise OpError("read" if is_read else "write", f"{self.name}: offset {offset}: {exc}") from exc
+        return Done("read" if is_read else "write", w.bs)
 
     async def discard_disks(self) -> str:
         """Hand every writable disk's space back to the host (a whole-disk discard); what was done."""
-        assert self.vsc is not None
+        assert self.storage is not None
         done = []
-        for lun, disk in self.vsc.disks.items():
+        for lun, disk in self.storage.disks.items():
             if disk.supports_discard:
                 await disk.discard(0, disk.size)
                 done.append(f"LUN {lun} discarded")
         return ", ".join(done) or "nothing to discard"
 
     async def stop(self) -> None:
-        if self.vsc is not None:
-            await self.vsc.detach()
-        if self.bus is not None and not self.bus.closing:
-            await asyncio.wait_for(self.bus.unload(), 30)
-            self.bus.close()
-        self.memory.close()
+        if self.storage is not None and not self.workload.keep_disks:
+            try:
+                outcome = await self.discard_disks()
+            except Exception as exc:
+                outcome = f"discard failed: {exc}"
+            self.workload.cleanup.append(f"{self.name}: {outcome}")
+        await self.leave()
 
 
-async def run_storage(url: str, job: Job, console: Console, live: bool, stop: asyncio.Event | None = None) -> Totals:
-    """Bring the partitions up, keep their requests in flight until the runtime is over or ``stop`` is set
-    (then the requests in flight finish, bounded by DRAIN_TIMEOUT), clean up and unload."""
-    stop = stop or asyncio.Event()
-    log = logs.get(component="load")
-    parts = [Partition(url, f"load-{os.getpid()}-{i}", job, log.bind(partition=f"load-{i}"))
-             for i in range(job.partitions)]
-    totals = Totals()
-    started = await asyncio.gather(*(p.start() for p in parts), return_exceptions=True)
-    ready = []
-    for p, res in zip(parts, started, strict=True):
-        if isinstance(res, BaseException):
-            totals.errors.append(f"{p.name}: {type(res).__name__}: {res}")
-        else:
-            ready.append(p)
-    if not ready:
-        return totals
-    t_start = time.monotonic()
-    measure_from = t_start + job.ramp
-    deadline = measure_from + job.runtime
-    runs = asyncio.gather(*(p.run(deadline, measure_from, stop) for p in ready), return_exceptions=True)
-    await _progress(runs, stop, ready, job, console, live, t_start, deadline)
-    ended = min(time.monotonic(), deadline)
-    await asyncio.wait([runs], timeout=DRAIN_TIMEOUT)  # interrupted: the requests in flight finish
-    if not runs.done():
-        runs.cancel()
-        totals.errors.append(f"requests still in flight {DRAIN_TIMEOUT:g}s after the interrupt; abandoned")
-    outcomes = [] if runs.cancelled() else runs.result()
-    for p, res in zip(ready, outcomes or [None] * len(ready), strict=True):
-        if isinstance(res, BaseException):
-            totals.errors.append(f"{p.name}: {type(res).__name__}: {res}")
-        elif outcomes:
-            totals.partitions_ok += 1
-        totals.read.merge(p.read)
-        totals.write.merge(p.write)
-    totals.seconds = max(1e-9, ended - measure_from)
-    if not job.keep_disks:
-        discarded = await asyncio.gather(*(p.discard_disks() for p in ready), return_exceptions=True)
-        for p, outcome in zip(ready, discarded, strict=True):
-            text = outcome if isinstance(outcome, str) else f"discard failed: {outcome}"
-            totals.cleanup.append(f"{p.name}: {text}")
-    await asyncio.gather(*(p.stop() for p in ready), return_exceptions=True)
-    if not job.keep_disks and job.data_dir is not None:
-        totals.cleanup.extend(remove_images(Path(job.data_dir), [p.name for p in parts]))
-    return totals
+class StorageWorkload:
+    """fio-style block I/O through StorVSC channels."""
+
+    name: ClassVar[str] = "storage"
+    description: ClassVar[str] = (
+        "fio-style block I/O through StorVSC channels\n\n"
+        "Each partition connects, opens its storage channel and keeps --iodepth SCSI requests in flight\n"
+        "(or issues them at --rate per second). Before leaving, each guest discards its disk unless\n"
+        "--keep-disks; with --data-dir (the parent's, on this host) the emptied images are deleted too.")
+    prefix: ClassVar[str] = "load"
+    default_concurrency: ClassVar[int] = 32
+    concurrency_aliases: ClassVar[tuple[str, ...]] = ("--iodepth",)
+
+    def __init__(self, options: LoadOptions, rw: str, bs: int, size: int, rwmixread: int, keep_disks: bool,
+                 data_dir: str | None) -> None:
+        if bs <= 0 or bs % 512:
+            raise ValueError("--bs must be a positive multiple of 512")
+        if rw not in MODES:
+            raise ValueError(f"--rw {rw!r}: one of {', '.join(MODES)}")
+        self.options, self.rw, self.bs, self.size = options, rw, bs, size
+        self.rwmixread, self.keep_disks, self.data_dir = rwmixread, keep_disks, data_dir
+        self.sequential = rw in ("read", "write", "rw")
+        self.mixed = rw in ("randrw", "rw")
+        self.all_reads = rw in ("read", "randread")
+        self.read_share = rwmixread / 100
+        self.cleanup: list[str] = []
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rw", default="randread", choices=MODES, help="I/O pattern, as fio's --rw")
+        parser.add_argument("--bs", default="4k", metavar="SIZE", type=size,
+                            help="block size, a multiple of 512 (as 4k, 1M)")
+        parser.add_argument("--size", metavar="SIZE", type=size,
+                            help="bytes of each disk to use, as 64M (default: the whole disk)")
+        parser.add_argument("--rwmixread", metavar="PERCENT", type=number(int, 0, 100), default=50,
+                            help="percent reads for randrw and rw")
+        parser.add_argument("--keep-disks", action="store_true",
+                            help="leave the partitions' disks as the run left them (default: discard them at the end)")
+        parser.add_argument("--data-dir", metavar="DIR",
+                            help="the parent's data directory (same host): also delete the images it created for "
+                                 "the run")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, options: LoadOptions) -> StorageWorkload:
+        return cls(options, rw=args.rw, bs=parse_size(args.bs), size=parse_size(args.size) if args.size else 0,
+                   rwmixread=args.rwmixread, keep_disks=args.keep_disks, data_dir=args.data_dir)
+
+    async def setup(self) -> None:
+        return None
+
+    async def start_partition(self, index: int) -> StoragePartition:
+        part = StoragePartition(self, f"{self.options.prefix}-{index}")
+        await started(part, part.start, part.stop)
+        return part
+
+    async def teardown(self) -> dict[str, Any]:
+        if not self.keep_disks and self.data_dir is not None:
+            first = self.options.first_index
+            names = [f"{self.options.prefix}-{i}" for i in range(first, first + self.options.partitions)]
+            self.cleanup.extend(remove_images(Path(self.data_dir), names))
+        return {"disks": self.cleanup}
+
+    @classmethod
+    def render(cls, section: dict[str, Any], console: Console) -> None:
+        """fio's lines: the job, then per direction IOPS, bandwidth and the completion latency percentiles."""
+        o = section["options"]
+        console.print(f"storage: (g=0): rw={o['rw']}, bs={o['bs']}, iodepth={o['concurrency']}, "
+                      f"partitions={section['partitions']}" + (f", rate={o['rate']:g}/s" if o["rate"] else ""))
+        for name in ("read", "write"):
+            d = section["ops"].get(name)
+            if not d or not d["ops"]:
+                continue
+            lat = d["latency_us"]
+            bw = d["bytes_per_s"]
+            seconds = d["ops"] / d["ops_per_s"] if d["ops_per_s"] else 0.0
+            console.print(f"  {name}: IOPS={d['ops_per_s'] / 1000:.1f}k, BW={bw / (1 << 20):.1f}MiB/s "
+                          f"({bw / 1e6:.1f}MB/s)({d['bytes'] / (1 << 20):.0f}MiB/{seconds * 1000:.0f}msec)")
+            console.print(f"    clat (usec): min={lat['min']}, max={lat['max']}, avg={lat['mean']:.2f}, "
+                          f"stdev={lat['stddev']:.2f}")
+            console.print("    clat percentiles (usec):")
+            cells = [f"{float(p):5.2f}th=[{v:6d}]" for p, v in lat["percentiles"].items()]
+            for i in range(0, len(cells), 4):
+                console.print("     | " + ", ".join(cells[i:i + 4]) + ("," if i + 4 < len(cells) else ""))
+        for line in section["extra"].get("disks", []):
+            console.print(f"  disks: {line}")
 
 
 def remove_images(data_dir: Path, names: list[str]) -> list[str]:
@@ -245,6 +198,8 @@ def remove_images(data_dir: Path, names: list[str]) -> list[str]:
     for name in names:
         directory = data_dir / name
         images = sorted(directory.glob("lun*.img"))
+        if not images and not directory.exists():
+            continue
         for image in images:
             image.unlink(missing_ok=True)
         try:
@@ -255,103 +210,3 @@ def remove_images(data_dir: Path, names: list[str]) -> list[str]:
                 continue
         done.append(f"{name}: removed {len(images)} image(s) from {directory}")
     return done
-
-
-async def _progress(runs: asyncio.Future[Any], stop: asyncio.Event, parts: list[Partition], job: Job,
-                    console: Console, live: bool, t_start: float, deadline: float) -> None:
-    """Show progress until the runs end or ``stop`` is set."""
-    last_ios, last_t = 0, time.monotonic()
-
-    def table() -> Table:
-        nonlocal last_ios, last_t
-        now = time.monotonic()
-        ios = sum(p.live_ios for p in parts)
-        rate = (ios - last_ios) / max(1e-9, now - last_t)
-        last_ios, last_t = ios, now
-        t = Table(show_header=True, header_style="bold")
-        for col in ("elapsed", "remaining", "IOPS", "MiB/s", "partitions"):
-            t.add_column(col, justify="right")
-        t.add_row(f"{now - t_start:5.1f}s", f"{max(0.0, deadline - now):5.1f}s", f"{rate:,.0f}",
-                  f"{rate * job.bs / (1 << 20):,.1f}", str(len(parts)))
-        return t
-
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        if live:
-            with Live(table(), console=console, refresh_per_second=4, transient=True) as view:
-                while not runs.done() and not stop.is_set():
-                    await asyncio.wait([runs, stopped], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-                    view.update(table())
-        else:
-            await asyncio.wait([runs, stopped], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-
-
-def _dir_json(d: Direction, seconds: float, bs: int) -> dict[str, Any]:
-    h = d.histogram()
-    return {
-        "io_bytes": d.bytes, "ios": d.ios, "iops": d.ios / seconds, "bw_bytes": d.bytes / seconds,
-        "clat_us": {"min": h.get_min_value() if d.ios else 0, "max": h.get_max_value() if d.ios else 0,
-                    "mean": h.get_mean_value() if d.ios else 0.0, "stddev": h.get_stddev() if d.ios else 0.0,
-                    "percentiles": {f"{p:g}": h.get_value_at_percentile(p) if d.ios else 0 for p in PERCENTILES}},
-    }
-
-
-def results_json(url: str, job: Job, t: Totals) -> dict[str, Any]:
-    return {"job": {"rw": job.rw, "bs": job.bs, "iodepth": job.iodepth, "runtime": job.runtime,
-                    "partitions": job.partitions, "rwmixread": job.rwmixread, "size": job.size, "connect": url},
-            "seconds": t.seconds, "partitions_ok": t.partitions_ok, "errors": t.errors, "disks": t.cleanup,
-            "read": _dir_json(t.read, t.seconds, job.bs), "write": _dir_json(t.write, t.seconds, job.bs)}
-
-
-def _human_rate(bytes_per_s: float) -> str:
-    return f"{bytes_per_s / (1 << 20):.1f}MiB/s ({bytes_per_s / 1e6:.1f}MB/s)"
-
-
-def render(url: str, job: Job, t: Totals, console: Console) -> None:
-    console.print(f"storage: (g=0): rw={job.rw}, bs={job.bs}, iodepth={job.iodepth}, "
-                  f"partitions={job.partitions}, connect={url}")
-    for name, d in (("read", t.read), ("write", t.write)):
-        if not d.ios:
-            continue
-        h = d.histogram()
-        iops = d.ios / t.seconds
-        console.print(f"  {name}: IOPS={iops / 1000:.1f}k, BW={_human_rate(d.bytes / t.seconds)}"
-                      f"({d.bytes / (1 << 20):.0f}MiB/{t.seconds * 1000:.0f}msec)")
-        console.print(f"    clat (usec): min={h.get_min_value()}, max={h.get_max_value()}, "
-                      f"avg={h.get_mean_value():.2f}, stdev={h.get_stddev():.2f}")
-        console.print("    clat percentiles (usec):")
-        cells = [f"{p:5.2f}th=[{h.get_value_at_percentile(p):6d}]" for p in PERCENTILES]
-        for i in range(0, len(cells), 4):
-            console.print("     | " + ", ".join(cells[i:i + 4]) + ("," if i + 4 < len(cells) else ""))
-    console.print(f"  partitions: {t.partitions_ok} ok, {len(t.errors)} failed")
-    for line in t.cleanup:
-        console.print(f"  disks: {line}")
-    for err in t.errors[:10]:
-        console.print(f"  [red]error[/]: {err}")
-
-
-def main(args: Any) -> int:
-    import uvloop  # noqa: PLC0415 - the load tool's loop
-
-    job = Job(rw=args.rw, bs=parse_size(args.bs), iodepth=args.iodepth, runtime=args.runtime,
-              partitions=args.partitions, size=parse_size(args.size) if args.size else 0,
-              rwmixread=args.rwmixread, ramp=args.ramp, keep_disks=args.keep_disks, data_dir=args.data_dir)
-    if job.bs <= 0 or job.bs % 512:
-        print("child-partition load: --bs must be a positive multiple of 512", file=sys.stderr)
-        return 2
-    console = Console(stderr=False, highlight=False)
-    logs.setup("warning")
-    interrupt = Interrupt()
-
-    async def interruptible() -> Totals:
-        return await run_storage(args.connect, job, console, console.is_terminal, interrupt.install().event)
-
-    totals = uvloop.run(interruptible())
-    interrupt.announce("child-partition load storage")
-    render(args.connect, job, totals, console)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results_json(args.connect, job, totals), fh, indent=1)
-    return interrupt.status(0 if not totals.errors and totals.partitions_ok == job.partitions else 1)

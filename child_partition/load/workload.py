@@ -9,7 +9,22 @@ across processes and machines, and the exit status. A workload only says how to 
 one operation on it, and how to leave.
 
 Operations are named (``read``, ``write``, ``frame``, ``dirt``, ``key``, ``cycle`` ...): each name gets its own
-counters and latency histogram in the results. An operation that raises counts as an error of that name.
+counters and latency histogram in the results. An operation that raises ``OpError(op, message)`` counts as an
+error of that name; any other exception counts as an error of the name ``operation``.
+
+Optional, looked up with ``getattr`` so a workload without them still satisfies the protocol:
+
+- class attributes ``default_concurrency`` (workers per partition, default 1), ``concurrency_aliases`` (extra
+  option strings for ``--concurrency``, as storage's ``--iodepth``), ``default_partitions`` and
+  ``min_partitions`` (default 1), ``prefix`` (partition names start with it; default the workload's name) and
+  ``one_process`` (True when the partitions talk to each other, so ``--processes`` never splits them);
+- ``async def ready(self, partitions: list[PartitionLoad]) -> None``: once, after every partition of this
+  process started and before the first operation (network: the flows between the partitions); raising ends
+  the workload before it starts;
+- ``async def finish(self) -> None``: once, after the last operation and before any partition stops
+  (network: let the frames still on their way arrive);
+- ``render(section, console)`` (a classmethod): extra lines after the summary table from the workload's part
+  of the results document (storage: fio's clat percentiles); works on merged results, so only from the JSON.
 """
 
 from __future__ import annotations
@@ -43,9 +58,25 @@ class Recorder(Protocol):
     """Where a workload records what the engine cannot time itself (a one-way latency seen by a receiver,
     the steps inside a churn cycle)."""
 
-    def record(self, op: str, usec: int, nbytes: int = 0) -> None: ...
+    def record(self, op: str, usec: int, nbytes: int = 0, *, started: float | None = None) -> None:
+        """Count one ``op`` of ``usec`` µs; it counts when it began in the measured window: at monotonic time
+        ``started`` if given (a frame's send time), else ``usec`` before now."""
+        ...
 
     def error(self, op: str, message: str) -> None: ...
+
+    def measuring(self, at: float | None = None) -> bool:
+        """Whether something that began at monotonic time ``at`` (default: now) falls in the measured window
+        (after the warm-up, before the end). ``record`` applies it itself."""
+        ...
+
+
+class OpError(Exception):
+    """An operation failed: counted as an error of ``op`` (its first messages are kept in the results)."""
+
+    def __init__(self, op: str, message: str) -> None:
+        super().__init__(message)
+        self.op = op
 
 
 class PartitionLoad(Protocol):

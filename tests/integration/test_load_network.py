@@ -26,13 +26,16 @@ def test_partitions_send_frames_to_each_other_through_the_switch(parent: Parent,
                           check=False, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"partitions: {partitions} ok, 0 failed" in proc.stdout, proc.stdout
-    res = json.loads(out.read_text())
-    assert res["errors"] == [] and res["partitions_ok"] == partitions, res["errors"]
+    doc = json.loads(out.read_text())
+    net = doc["workloads"]["network"]
+    res = net["extra"]
+    assert doc["errors"] == [] and net["partitions_ok"] == partitions, doc["errors"]
     assert res["received"] > 0, f"no frame arrived: {res['sent']} sent"
     assert res["received"] <= res["sent"] and res["lost"] == res["sent"] - res["received"]
+    assert net["ops"]["receive"]["ops"] == res["received"], "the engine and the receivers counted differently"
     assert all(r["received"] > 0 for r in res["per_partition"]), "a partition received nothing"
     assert res["nic"]["tx_frames"] >= res["sent"]
-    p = res["latency_us"]["percentiles"]
+    p = net["ops"]["receive"]["latency_us"]["percentiles"]
     assert 0 < p["50"] <= p["99"] <= p["99.9"]
     # Every partition left the switch with RNDIS HALT and unloaded; the parent complained about nothing.
     names = {r["name"] for r in res["per_partition"]}
@@ -59,7 +62,7 @@ def test_sigint_ends_the_run_early_with_the_results_so_far(parent: Parent, workd
     assert "interrupted by SIGINT" in stderr, stderr
     assert "partitions: 2 ok, 0 failed" in stdout, stdout
     res = json.loads(out.read_text())
-    assert res["errors"] == [] and res["seconds"] < 600, res
+    assert res["errors"] == [] and res["seconds"] < 600 and res["interrupted"] == "SIGINT", res
     names = {f"netload-{proc.pid}-{i}" for i in range(2)}
     parent.wait_for(lambda r: names <= {e["partition"] for e in parent.events("VMBus disconnected")}, 30)
     assert not [e for e in parent.lines if e.get("level") in ("error", "warning")], "the parent complained"

@@ -208,14 +208,16 @@ def test_load_generator_reports_fio_style_results(parent: Parent, workdir: Path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "clat percentiles (usec)" in proc.stdout and "partitions: 2 ok, 0 failed" in proc.stdout
     res = json.loads(out.read_text())
-    assert res["errors"] == [] and res["partitions_ok"] == 2
-    assert res["write"]["ios"] > 0 and res["write"]["io_bytes"] == res["write"]["ios"] * 8192
+    storage = res["workloads"]["storage"]
+    assert res["errors"] == [] and storage["partitions_ok"] == 2
+    ops = storage["ops"]
+    assert ops["write"]["ops"] > 0 and ops["write"]["bytes"] == ops["write"]["ops"] * 8192
     if rw == "randrw":
-        assert res["read"]["ios"] > 0
-        p = res["read"]["clat_us"]["percentiles"]
+        assert ops["read"]["ops"] > 0
+        p = ops["read"]["latency_us"]["percentiles"]
         assert 0 < p["50"] <= p["99"] <= p["99.99"]
     else:
-        assert res["read"]["ios"] == 0
+        assert "read" not in ops, ops["read"]
     # The guests unloaded cleanly and the parent logged no errors.
     assert not [r for r in parent.lines if r.get("level") == "error"]
 
@@ -268,6 +270,7 @@ def test_load_generator_interrupted_mid_run_reports_what_it_did(parent: Parent, 
     assert f"interrupted by {signal.Signals(sig).name}" in stderr, stderr
     assert "write: IOPS=" in stdout and "partitions: 1 ok, 0 failed" in stdout, stdout
     res = json.loads(out.read_text())
-    assert res["errors"] == [] and res["write"]["ios"] > 0 and res["seconds"] < 600, res
+    assert res["errors"] == [] and res["workloads"]["storage"]["ops"]["write"]["ops"] > 0, res
+    assert res["seconds"] < 600 and res["interrupted"] == signal.Signals(sig).name, res
     parent.wait_event("VMBus disconnected", 30, partition=name)
     assert not [r for r in parent.lines if r.get("level") in ("error", "warning")], "the parent complained"

@@ -7,26 +7,27 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pytest
 from rich.console import Console
 
 from child_partition import cli
 from child_partition.devices.network.nic import LoopHub
+from child_partition.load.command import build_parser
 from child_partition.load.network import (
     HEADER_BYTES,
     FrameTemplate,
-    NetJob,
     NetPartition,
-    NetTotals,
+    NetworkWorkload,
     Received,
     Window,
-    _traffic,
     parse_frame,
     peers,
-    render,
-    results_json,
 )
+
+from .loadrun import run
 
 MAC = [bytes.fromhex(f"00155d0000{i:02x}") for i in range(4)]
 
@@ -62,17 +63,36 @@ def test_flows() -> None:
         peers("star", 3)
 
 
+class WindowFrom:
+    """A recorder whose measured window starts at ``t`` (monotonic seconds)."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.records: list[tuple[str, int, int]] = []
+
+    def record(self, op: str, usec: int, nbytes: int = 0, *, started: float | None = None) -> None:
+        self.records.append((op, usec, nbytes))
+
+    def error(self, op: str, message: str) -> None:
+        raise AssertionError(message)
+
+    def measuring(self, at: float | None = None) -> bool:
+        return at is not None and at >= self.t
+
+
 def test_receive_accounting() -> None:
-    r = Received(1, measure_from_ns=1_000_000)
+    rec = WindowFrom(0.001)
+    r = Received(1, box=[rec])
     t = FrameTemplate(MAC[1], MAC[0], 0, 1, 64)
     r.account(t.frame(0, 500_000), 600_000)  # sent during the ramp: seen, not measured
     r.account(t.frame(2, 1_000_000), 1_250_000)  # 250 µs
     r.account(t.frame(1, 1_100_000), 1_200_000)  # 100 µs, and behind sequence number 2
     r.account(FrameTemplate(MAC[2], MAC[0], 0, 2, 64).frame(0, 1_000_000), 1_100_000)  # for partition 2
     r.account(b"\xff" * 6 + MAC[3] + b"\x08\x06" + bytes(46), 1_100_000)  # an ARP request
-    assert (r.live, r.rx.ios, r.rx.bytes) == (3, 2, 128)
+    assert (r.live, r.frames, r.latencies.bytes) == (3, 2, 128)
     assert (r.reordered, r.misdelivered, r.foreign) == (1, 1, 1)
-    assert dict(r.rx.latencies) == {250: 1, 100: 1}
+    assert dict(r.latencies.latencies) == {250: 1, 100: 1}
+    assert rec.records == [("receive", 250, 64), ("receive", 100, 64)]
 
 
 def test_window_waits_for_arrivals_and_writes_off_lost_frames() -> None:
@@ -92,77 +112,72 @@ def test_window_waits_for_arrivals_and_writes_off_lost_frames() -> None:
     asyncio.run(go())
 
 
-def _hub_partitions(n: int) -> list[NetPartition]:
-    hub = LoopHub()
-    parts = [NetPartition("unix:/nowhere", f"p{i}", i, None) for i in range(n)]
-    for i, p in enumerate(parts):
-        p.nic = hub.attach(MAC[i], rx_queue=4096, tx_queue=64)
-    return parts
+class HubNetwork(NetworkWorkload):
+    """The network workload with in-memory NICs on a hub (so every frame also reaches the partitions it is not
+    for) instead of NetVSCs on a parent."""
+
+    hub: ClassVar[LoopHub]
+
+    async def start_partition(self, index: int) -> NetPartition:
+        p = NetPartition("unix:/nowhere", f"p{index}", index, None)
+        p.nic = self.hub.attach(MAC[index], rx_queue=4096, tx_queue=64)
+        return p
 
 
-@pytest.mark.parametrize(("flows", "rate", "window"), [("ring", 2000.0, 0), ("all-to-all", 0.0, 16)])
-def test_a_run_over_a_hub_accounts_for_every_frame(flows: str, rate: float, window: int) -> None:
-    job = NetJob(partitions=3, frame_size=80, rate=rate, flows=flows, runtime=0.3, ramp=0.1, window=window)
-    parts = _hub_partitions(3)
-    totals = NetTotals()
+def _run(argv: list[str], stop_when: Callable[[], bool] | None = None) -> tuple[dict[str, Any], str]:
+    HubNetwork.hub = LoopHub()
+    doc = json.loads(json.dumps(run(HubNetwork, argv, stop_when=stop_when).to_json()))
     out = io.StringIO()
-    try:
-        asyncio.run(_traffic(parts, job, Console(file=out, width=150), False, totals, asyncio.Event()))
-    finally:
-        for p in parts:
-            p.memory.close()
-    assert totals.errors == [] and totals.partitions_ok == 3, totals.errors
-    assert totals.sent > 0, "nothing was sent in the measured window"
-    assert totals.rx.ios == totals.sent and totals.lost == 0, f"{totals.sent} sent, {totals.rx.ios} received"
-    assert totals.rx.bytes == 80 * totals.sent
+    HubNetwork.render(doc["workloads"]["network"], Console(file=out, width=150))
+    return doc, out.getvalue()
+
+
+@pytest.mark.parametrize(("flows", "extra"), [("ring", ["--rate", "2000"]), ("all-to-all", ["--window", "16"])])
+def test_a_run_over_a_hub_accounts_for_every_frame(flows: str, extra: list[str]) -> None:
+    doc, text = _run(["--partitions", "3", "--frame-size", "80", "--flows", flows, "--runtime", "0.3",
+                      "--warmup", "0.1", *extra])
+    net = doc["workloads"]["network"]
+    x = net["extra"]
+    assert doc["errors"] == [] and net["partitions_ok"] == 3, doc["errors"]
+    assert x["sent"] > 0, "nothing was sent in the measured window"
+    assert x["received"] == x["sent"] and x["lost"] == 0, f"{x['sent']} sent, {x['received']} received"
+    assert net["ops"]["receive"]["ops"] == x["received"] and net["ops"]["receive"]["bytes"] == 80 * x["sent"]
     # A hub hands every frame to every port: each port also sees the frames meant for the third partition.
-    assert totals.misdelivered > 0 and totals.foreign == 0 and totals.reordered == 0
-    assert totals.nic["rx_drops"] == 0 and totals.nic["tx_frames"] == sum(p.live_sent for p in parts)
-    res = json.loads(json.dumps(results_json("unix:/nowhere", job, totals)))
-    assert res["received"] == totals.rx.ios and res["loss_frac"] == 0.0
-    assert sum(r["received"] for r in res["per_partition"]) == res["received"]
-    assert all(r["lost"] == 0 for r in res["per_partition"])
-    p = res["latency_us"]["percentiles"]
+    assert x["misdelivered"] > 0 and x["foreign"] == 0 and x["reordered"] == 0
+    assert x["nic"]["rx_drops"] == 0 and x["nic"]["tx_frames"] >= x["sent"]
+    assert sum(r["received"] for r in x["per_partition"]) == x["received"]
+    assert all(r["lost"] == 0 for r in x["per_partition"])
+    p = net["ops"]["receive"]["latency_us"]["percentiles"]
     assert 0 < p["50"] <= p["99"] <= p["99.9"]
-    render("unix:/nowhere", job, totals, Console(file=out, width=150))
-    assert "0 lost (0.00%)" in out.getvalue(), out.getvalue()
+    assert "0 lost (0.00%)" in text, text
 
 
 def test_cli_arguments() -> None:
-    args = cli.build_parser().parse_args(["load", "network", "--connect", "unix:/x", "--partitions", "4",
-                                          "--frame-size", "1514", "--rate", "1000", "--flows", "all-to-all"])
-    got = (args.device, args.partitions, args.frame_size, args.rate, args.flows)
+    classes = {"network": NetworkWorkload}
+    args = build_parser(classes, {}).parse_args(["network", "--connect", "unix:/x", "--partitions", "4",
+                                                 "--frame-size", "1514", "--rate", "1000", "--flows", "all-to-all"])
+    got = (args.workload, args.partitions, args.frame_size, args.rate, args.flows)
     assert got == ("network", 4, 1514, 1000, "all-to-all"), got
     for bad in (["--frame-size", "63"], ["--frame-size", "1515"], ["--partitions", "1"], ["--flows", "star"]):
         with pytest.raises(SystemExit):
-            cli.build_parser().parse_args(["load", "network", "--connect", "unix:/x", *bad])
+            build_parser(classes, {}).parse_args(["network", "--connect", "unix:/x", *bad])
     assert cli.main(["load", "network", "--connect", "unix:/x", "--partitions", "3", "--flows", "pairs"]) == 2
 
 
 def test_a_stop_ends_the_run_early_and_keeps_what_was_measured() -> None:
-    job = NetJob(partitions=2, frame_size=64, flows="pairs", runtime=600, ramp=0, window=8)
-    parts = _hub_partitions(2)
-    totals = NetTotals()
+    seen: list[HubNetwork] = []
 
-    async def go() -> None:
-        stop = asyncio.Event()
+    class Watched(HubNetwork):
+        async def setup(self) -> None:
+            seen.append(self)
 
-        async def stop_after_traffic() -> None:
-            for _ in range(3000):  # up to 30 s for 100 frames to arrive
-                if parts[1].received.live >= 100:
-                    break
-                await asyncio.sleep(0.01)
-            stop.set()
+    def enough() -> bool:  # 100 frames arrived at partition 1
+        return bool(seen and len(seen[0].parts) == 2 and seen[0].parts[1].received.live >= 100)
 
-        stopper = asyncio.ensure_future(stop_after_traffic())
-        await asyncio.wait_for(_traffic(parts, job, Console(file=io.StringIO()), False, totals, stop), 120)
-        await stopper
-
-    try:
-        asyncio.run(go())
-    finally:
-        for p in parts:
-            p.memory.close()
-    assert totals.errors == [] and totals.partitions_ok == 2, totals.errors
-    assert totals.seconds < 600 and totals.rx.ios >= 100, f"{totals.rx.ios} frames in {totals.seconds:.1f}s"
-    assert totals.lost == 0, f"{totals.sent} sent, {totals.rx.ios} received"
+    Watched.hub = LoopHub()
+    doc = json.loads(json.dumps(run(Watched, ["--partitions", "2", "--flows", "pairs", "--runtime", "600",
+                                              "--warmup", "0", "--window", "8"], stop_when=enough).to_json()))
+    net, x = doc["workloads"]["network"], doc["workloads"]["network"]["extra"]
+    assert doc["errors"] == [] and net["partitions_ok"] == 2, doc["errors"]
+    assert doc["seconds"] < 600 and x["received"] >= 100, f"{x['received']} frames in {doc['seconds']:.1f}s"
+    assert x["lost"] == 0, f"{x['sent']} sent, {x['received']} received"

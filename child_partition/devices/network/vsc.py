@@ -223,13 +223,13 @@ class NetworkVsc(HandshakeVsc):
         if self.queues:
             self.log.info("NIC queues closing", **self.queue_counters())
         self._stop_queues()
+        buffers, self.buffers = list(self.buffers.values()), {}  # taken before detach's forget() frees them
         await super().detach(rescinded)
-        for gpadl, pfns in list(self.buffers.values()):
+        for gpadl, pfns in buffers:
             if not rescinded:
                 with contextlib.suppress(ChannelClosed, ConnectionError):
                     await self.bus.teardown_gpadl(self.relid, gpadl)
             self.memory.free(pfns)
-        self.buffers.clear()
 
     def forget(self) -> None:
         self._stop_queues()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
@@ -44,6 +45,7 @@ class VideoVsc(HandshakeVsc):
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
         self._syncs: list[asyncio.Future[None]] = []
+        self.on_sent: Callable[[list[Packet]], None] | None = None  # told of packets the channel took, in order
 
     def new_handshake(self) -> Handshake:
         return synthvid.VscHandshake.for_vmbus(self.bus.core.version)
@@ -100,11 +102,14 @@ class VideoVsc(HandshakeVsc):
         guest = self.guest
         assert guest is not None
         async with self._send_lock:
-            for pkt in guest.data_to_send():
+            out = guest.data_to_send()
+            for pkt in out:
                 if self._trace is not None and synthvid.traced(pkt.payload):
                     self.log.info(self._trace.line("G>H", pkt.type, pkt.trans_id, False, pkt.payload))
                 if not channel.try_send(pkt):
                     await channel.send(pkt)
+            if out and self.on_sent is not None:
+                self.on_sent(out)
 
     def schedule(self) -> None:
         """The framebuffer changed something: send what the state machine has queued, arm the DIRT timer."""
