@@ -122,7 +122,7 @@ def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     add_version(probe)
     probe.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
     probe.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0.1), default=5.0,
-                       help="give up after this long (default 5)")
+                       help="give up after this long")
 
 
 def build_parser() -> argparse.ArgumentParser:
