@@ -1,27 +1,50 @@
-"""structlog set-up shared by both partitions: readable console lines on a terminal, JSON lines elsewhere.
+"""structlog set-up shared by both partitions: readable console lines by default (what ``make demo`` and
+``docker compose logs`` show), JSON lines on request (``--json-logs``, or ``VMBUS_LOG_FORMAT=json`` in the
+environment) for tools that parse them.
 
-Loggers are bound explicitly per connection (``partition``) and per channel (``relid``): context variables
-set in Protocol callbacks do not stay per connection (stock asyncio loses them, uvloop leaks them).
+Colours only on a terminal: a container's log or a file gets plain text. Loggers are bound explicitly per
+connection (``partition``) and per channel (``relid``): context variables set in Protocol callbacks do not
+stay per connection (stock asyncio loses them, uvloop leaks them).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
 import structlog
 
+#: The environment variable that picks the format when no flag does: ``json`` or ``console``.
+FORMAT_ENV = "VMBUS_LOG_FORMAT"
+FORMATS = ("console", "json")
+
+
+class LogFormatError(ValueError):
+    """``VMBUS_LOG_FORMAT`` names no format."""
+
+
+def wants_json(json: bool | None = None) -> bool:
+    """JSON when asked (``json=True``, the ``--json-logs`` flag), else what ``VMBUS_LOG_FORMAT`` says, else the
+    console format. Raises LogFormatError for a value of the variable that names no format."""
+    if json is not None:
+        return json
+    chosen = os.environ.get(FORMAT_ENV, "").strip().lower() or "console"
+    if chosen not in FORMATS:
+        raise LogFormatError(f"{FORMAT_ENV}={os.environ[FORMAT_ENV]!r}: must be one of {', '.join(FORMATS)}")
+    return chosen == "json"
+
 
 def setup(level: str = "info", stream: TextIO | None = None, json: bool | None = None) -> None:
+    """Configure structlog. ``json``: True forces JSON lines, False the console format, None asks
+    :func:`wants_json` (the environment, then the console format)."""
     out = stream or sys.stderr
-    if json is None:
-        json = not out.isatty()
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=False),
     ]
-    if json:
+    if wants_json(json):
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False))
