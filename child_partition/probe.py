@@ -28,7 +28,7 @@ NAME_MAX = 64  # the parent's HELLO rule
 def probe_name() -> str:
     """A partition name of its own: ``probe-HOST-PID``, cut to the 64 characters a name may have."""
     pid = f"-{os.getpid()}"
-    return f"probe-{socket.gethostname()}"[:NAME_MAX - len(pid)] + pid
+    return f"{logs.PROBE_PREFIX}{socket.gethostname()}"[:NAME_MAX - len(pid)] + pid
 
 
 async def probe(url: str, timeout: float) -> int:

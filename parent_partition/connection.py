@@ -19,6 +19,7 @@ from typing import Any, Protocol, assert_never
 
 from vmbus_proto import messages as m
 from vmbus_proto import server as core
+from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.channel import ChannelRings
@@ -175,6 +176,8 @@ class PartitionConnection(FramedConnection):
         self.peer_data_window = hello.data_window
         self.daemon.partitions[hello.partition] = self
         self.log = self.log.bind(partition=hello.partition)
+        if hello.partition.startswith(logs.PROBE_PREFIX):
+            self.log = self.log.bind(probe=True)
         cfg = self.daemon.config
         self.vsps = {v.name: v for v in self.daemon.vsps}
         self.core = core.HostConnection([v.offer(hello.partition) for v in self.daemon.vsps],

@@ -173,3 +173,21 @@ def test_an_unknown_log_format_is_a_usage_error(main: Callable[[list[str]], int]
         main(argv)
     assert exc.value.code == 2
     assert "VMBUS_LOG_FORMAT='xml': must be one of console, json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_health_probes_info_lines_show_only_at_debug(level: str) -> None:
+    out = io.StringIO()
+    logs.setup(level, out, json=True)
+    try:
+        probe = logs.get(partition=probe_name()).bind(probe=True)
+        probe.info("partition connected")
+        probe.warning("frame for a channel that is not open dropped")
+        logs.get(partition="vm1").info("partition connected")
+    finally:
+        logs.setup("warning")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    seen = [(e["partition"].startswith(logs.PROBE_PREFIX), e["level"]) for e in lines]
+    quiet = [(True, "warning"), (False, "info")]
+    assert seen == (quiet if level == "info" else [(True, "info"), *quiet]), seen
+    assert not any("probe" in e for e in lines), "the marker leaked into the log lines"

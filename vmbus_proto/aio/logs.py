@@ -19,6 +19,9 @@ import structlog
 #: The environment variable that picks the format when no flag does: ``json`` or ``console``.
 FORMAT_ENV = "VMBUS_LOG_FORMAT"
 FORMATS = ("console", "json")
+#: Partitions named so are health probes (``child-partition probe``, a container healthcheck every few
+#: seconds): their connection's info lines are dropped unless the level is debug; warnings and errors stay.
+PROBE_PREFIX = "probe-"
 
 
 class LogFormatError(ValueError):
@@ -42,6 +45,7 @@ def setup(level: str = "info", stream: TextIO | None = None, json: bool | None =
     out = stream or sys.stderr
     processors: list[Any] = [
         structlog.processors.add_log_level,
+        _quiet_probes if level.lower() != "debug" else _unmark_probes,
         structlog.processors.TimeStamper(fmt="iso", utc=False),
     ]
     if wants_json(json):
@@ -54,6 +58,17 @@ def setup(level: str = "info", stream: TextIO | None = None, json: bool | None =
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+def _quiet_probes(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if event.pop("probe", False) and event.get("level") in ("debug", "info"):
+        raise structlog.DropEvent
+    return event
+
+
+def _unmark_probes(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.pop("probe", None)
+    return event
 
 
 def get(**bind: Any) -> Any:
