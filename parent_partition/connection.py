@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol, assert_never
@@ -31,6 +32,8 @@ from vmbus_proto.versions import version_text
 from .counters import Totals
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
+
+_CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
 
 
 class ConnectionConfig(Protocol):
@@ -93,7 +96,7 @@ class PartitionConnection(FramedConnection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.log = self.log.bind(peer=self.peer)
+        self.log = self.log.bind(peer=self.peer, **{logs.LIMIT_KEY: next(_CONNECTION_IDS)})
         if not self.daemon.accepting:
             self.close("parent is shutting down")
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -22,6 +23,13 @@ FORMATS = ("console", "json")
 #: Partitions named so are health probes (``child-partition probe``, a container healthcheck every few
 #: seconds): their connection's info lines are dropped unless the level is debug; warnings and errors stay.
 PROBE_PREFIX = "probe-"
+#: Warnings and errors per peer (its ``partition``, or ``peer`` before HELLO): a burst, then a rate a second.
+#: A peer's junk can't fill the disk: what is dropped is counted, and the count goes out with that peer's next
+#: line that is written (``suppressed=N``), such as the one that says its connection ended.
+#: A logger bound with this key (a connection's own id) is limited per connection instead.
+LIMIT_KEY = "_limit"
+LIMIT_BURST = 20
+LIMIT_RATE = 5.0
 
 
 class LogFormatError(ValueError):
@@ -46,6 +54,7 @@ def setup(level: str = "info", stream: TextIO | None = None, json: bool | None =
     processors: list[Any] = [
         structlog.processors.add_log_level,
         _quiet_probes if level.lower() != "debug" else _unmark_probes,
+        PeerLimiter(),
         structlog.processors.TimeStamper(fmt="iso", utc=False),
     ]
     if wants_json(json):
@@ -58,6 +67,44 @@ def setup(level: str = "info", stream: TextIO | None = None, json: bool | None =
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+class PeerLimiter:
+    """A token bucket per peer for its warnings and errors (a structlog processor)."""
+
+    MAX_PEERS = 10_000  # beyond this, peers with a full bucket and nothing held back are forgotten
+
+    def __init__(self, burst: int = LIMIT_BURST, rate: float = LIMIT_RATE) -> None:
+        self.burst, self.rate = float(burst), rate
+        self.peers: dict[str, list[float]] = {}  # key -> [tokens, last refill (monotonic), suppressed]
+
+    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        key = event.pop(LIMIT_KEY, None) or event.get("partition") or event.get("peer")
+        if key is None:
+            return event
+        now = time.monotonic()
+        state = self.peers.get(str(key))
+        if state is None:
+            if len(self.peers) >= self.MAX_PEERS:
+                self._forget(now)
+            state = self.peers[str(key)] = [self.burst, now, 0.0]
+        tokens = min(self.burst, state[0] + (now - state[1]) * self.rate)
+        state[1] = now
+        if event.get("level") in ("warning", "error"):
+            if tokens < 1:
+                state[0], state[2] = tokens, state[2] + 1
+                raise structlog.DropEvent
+            tokens -= 1
+        state[0] = tokens
+        if state[2]:
+            event["suppressed"] = int(state[2])
+            state[2] = 0
+        return event
+
+    def _forget(self, now: float) -> None:
+        for key, (tokens, last, held) in list(self.peers.items()):
+            if not held and tokens + (now - last) * self.rate >= self.burst:
+                del self.peers[key]
 
 
 def _quiet_probes(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
