@@ -86,18 +86,35 @@ class Worker:
             return self.proc.wait(10)
 
 
-def packet_counters(api: str) -> dict[str, float]:
-    """The parent's ring packets so far, ``DEVICE/in`` and ``DEVICE/out`` (in: guest to host), from /metrics."""
+def parent_counters(api: str) -> tuple[dict[str, float], dict[float, float]]:
+    """From the parent's /metrics: its ring packets so far, ``DEVICE/in`` and ``DEVICE/out`` (in: guest to
+    host), and its event-loop lag histogram (cumulative count by upper bound in seconds)."""
     with urllib.request.urlopen(f"{api}/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    out: dict[str, float] = {}
+    packets: dict[str, float] = {}
+    lag: dict[float, float] = {}
     for fam in text_string_to_metric_families(text):
         if fam.name == "vmbus_channel_packets":
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     key = f"{s.labels['device']}/{s.labels['direction']}"
-                    out[key] = out.get(key, 0.0) + s.value
-    return out
+                    packets[key] = packets.get(key, 0.0) + s.value
+        elif fam.name == "vmbus_event_loop_lag_seconds":
+            for s in fam.samples:
+                if s.name.endswith("_bucket"):
+                    lag[float(s.labels["le"])] = s.value
+    return packets, lag
+
+
+def lag_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The parent's loop lag over a window from two cumulative histograms: samples, the bucket bound that
+    holds the 99th percentile, and how many samples were later than 10 ms."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    p99 = next((b for b, c in zip(bounds, counts, strict=True) if c >= 0.99 * total), float("inf")) if total else 0.0
+    over = total - max((c for b, c in zip(bounds, counts, strict=True) if b <= 0.010), default=0.0)
+    return {"samples": total, "p99_le_ms": round(p99 * 1000, 3), "over_10ms": over}
 
 
 def _busy_cpu() -> float:
@@ -110,18 +127,25 @@ class ScaleSession:
     phase (as many as wanted), ``finish`` shuts everything down and returns the whole record."""
 
     def __init__(self, workdir: Path, partitions: int, workers: int, concurrency: int, timeout: float = 120.0,
-                 parent_log_level: str = "info") -> None:
+                 parent_log_level: str = "info", gc_probe: Path | None = None) -> None:
         self.workdir, self.partitions, self.timeout = workdir, partitions, timeout
         self.http_port = _free_port()
         self.api = f"http://127.0.0.1:{self.http_port}"
         self.parent: ParentProcess = start_parent(
             workdir / "parent", REAL_DEVICES, log_level=parent_log_level,
-            extra_config=f'\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n')
-        self.n_workers, self.concurrency = workers, concurrency
+            extra_config=f'\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n',
+            wrap=["-m", "bench.gc_probe", str(gc_probe)] if gc_probe else None)
+        self.n_workers, self.concurrency, self.gc_probe = workers, concurrency, gc_probe
         self.procs: list[Worker] = []
         self.record: dict[str, Any] = {"transport": "tcp", "partitions": partitions, "active": []}
         self.errors: list[str] = []
         self.error_count = 0
+
+    def freeze_parent(self) -> None:
+        """With ``gc_probe``: have the parent ``gc.freeze()`` (the experiment; see bench/gc_probe.py)."""
+        if self.gc_probe is not None:
+            Path(str(self.gc_probe) + ".freeze").touch()
+            time.sleep(0.5)
 
     def start(self) -> dict[str, Any]:
         parent, r = self.parent, self.record
@@ -170,10 +194,10 @@ class ScaleSession:
             p.send(f"active {period!r} {t_start!r} {t_measure!r} {t_end!r}")
         time.sleep(max(0.0, t_measure - time.monotonic()))
         load0 = os.getloadavg()
-        pk0, c0 = packet_counters(self.api), time.monotonic()
+        (pk0, lag0), c0 = parent_counters(self.api), time.monotonic()
         cpu_p0, cpu_w0, busy0 = parent.cpu_seconds(), sum(p.cpu_seconds() for p in self.procs), _busy_cpu()
         time.sleep(max(0.0, t_end - time.monotonic()))
-        pk1, c1 = packet_counters(self.api), time.monotonic()
+        (pk1, lag1), c1 = parent_counters(self.api), time.monotonic()
         cpu_p1, cpu_w1, busy1 = parent.cpu_seconds(), sum(p.cpu_seconds() for p in self.procs), _busy_cpu()
         rss, fds = parent.rss(), parent.ps.num_fds()
         results = [p.expect("activity", seconds + warmup + 60.0) for p in self.procs]
@@ -188,6 +212,7 @@ class ScaleSession:
         total_out = sum(v for k, v in packets.items() if k.endswith("/out"))
         parent_cores, worker_cores = (cpu_p1 - cpu_p0) / dt, (cpu_w1 - cpu_w0) / dt
         held, why = verdict(n_err, kinds, P99_BOUND_MS, required=KINDS)
+        ok, why_errors = verdict(n_err, kinds, float("inf"), required=KINDS)
         phase = {
             "partitions": self.record.get("partitions_ready", 0), "period_s": period, "seconds": seconds,
             "warmup_s": warmup, "activities_per_s": sum(int(x["done"].get(k, 0)) for x in results for k in KINDS)
@@ -198,8 +223,11 @@ class ScaleSession:
             "packets_out_per_s": round(total_out / dt, 1),
             "parent_cpu_cores": round(parent_cores, 3), "workers_cpu_cores": round(worker_cores, 3),
             "other_cpu_cores": round(max(0.0, (busy1 - busy0) / dt - parent_cores - worker_cores), 3),
+            "parent_loop_lag": lag_summary(lag0, lag1),
+            "workers_gc": {"max_ms": max(float(x["gc"]["max_ms"]) for x in results),
+                           "total_ms": round(sum(float(x["gc"]["total_ms"]) for x in results), 1)},
             "parent_rss_bytes": rss, "parent_fds": fds, "loadavg_at_start": list(load0),
-            "held": held, "verdict": why}
+            "held": held, "verdict": why, "zero_errors": ok, "verdict_errors": why_errors}
         self.record["active"].append(phase)
         return phase
 

@@ -1,9 +1,10 @@
 """What a partition of the scale benchmark does once it is up: a light, steady mix over every device.
 
-Each partition has one timer. Every ``period / 5`` seconds it does the next of five activities, so each comes
+Each partition has one timer. Every ``period / 6`` seconds it does the next of six activities, so each comes
 once per period, at a random phase per partition (a thousand partitions do not tick together):
 
-* ``storage``: a 4 KiB WRITE, next period a 4 KiB READ of it (StorVSC → StorVSP → the partition's disk image);
+* ``storage_write`` / ``storage_read``: a 4 KiB WRITE, then a 4 KiB READ of the same block (StorVSC → StorVSP
+  → the partition's disk image, a sparse file the parent creates);
 * ``ping``: one ICMP echo to its neighbour partition through the NetVSC and the parent's switch (the first,
   with its ARP, falls in the warm-up);
 * ``video``: 16x16 pixels drawn, DIRT sent, and a BIOS_INFO round trip so the parent has applied it;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import time
 from collections import Counter
@@ -91,13 +93,14 @@ class Activity:
         self.index = index
         self.probe = probe_of(child)
 
-    async def storage(self, k: int) -> None:
-        disk = self.child.service(StorageService).disk
-        offset = ((self.index * 37 + k // 2) * BLOCK) % DISK_SPAN
-        if k % 2 == 0:
-            await disk.write(offset, k.to_bytes(8, "little") * (BLOCK // 8))
-        else:
-            await disk.read(offset, BLOCK)
+    def _offset(self, k: int) -> int:
+        return ((self.index * 37 + k) * BLOCK) % DISK_SPAN
+
+    async def storage_write(self, k: int) -> None:
+        await self.child.service(StorageService).disk.write(self._offset(k), k.to_bytes(8, "little") * (BLOCK // 8))
+
+    async def storage_read(self, k: int) -> None:
+        await self.child.service(StorageService).disk.read(self._offset(k), BLOCK)
 
     async def ping(self, k: int) -> None:
         stack = self.child.service(NetworkService).stack
@@ -139,6 +142,22 @@ class Activity:
     async def mouse(self, k: int) -> None:
         await self._post("mouse", {"x": (k * 7) % 1024, "y": (self.index * 3) % 768, "width": 1024, "height": 768},
                          "report_waiter")
+
+
+class GcPauses:
+    """The worker's own garbage-collector pauses while active (each one stops every partition of the worker)."""
+
+    def __init__(self) -> None:
+        self.max_ms = self.total_ms = 0.0
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - self._t) * 1000
+            self.total_ms += ms
+            self.max_ms = max(self.max_ms, ms)
 
 
 class Results:
@@ -189,11 +208,14 @@ async def run_activity(children: list[ChildPartition], api: str, period: float, 
                        t_end: float, first_index: int) -> dict[str, Any]:
     """Every partition active from ``t_start`` to ``t_end``; the measured counts, errors and histograms."""
     res = Results()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     cpu0 = time.process_time()
     connector = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=OP_TIMEOUT)) as http:
         acts = [Activity(c, children[(i + 1) % len(children)].name, api, http, first_index + i)
                 for i, c in enumerate(children)]
+        gc.freeze()  # as after the bring-up (bench.scale_worker): only the phase's own garbage is collected
         tasks = [asyncio.ensure_future(run_partition(a, period, t_start, t_measure, t_end, res)) for a in acts]
         try:
             await asyncio.gather(*tasks)
@@ -202,5 +224,7 @@ async def run_activity(children: list[ChildPartition], api: str, period: float, 
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
-    return {"histograms": res.latencies.encode(), "done": dict(res.done), "errors": dict(res.errors),
+            gc.callbacks.remove(pauses)
+    return {"gc": {"max_ms": round(pauses.max_ms, 2), "total_ms": round(pauses.total_ms, 1)},
+            "histograms": res.latencies.encode(), "done": dict(res.done), "errors": dict(res.errors),
             "error_samples": res.samples, "cpu_s": time.process_time() - cpu0}

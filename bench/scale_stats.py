@@ -21,7 +21,7 @@ MAX_LATENCY_US = 60_000_000  # one minute: anything longer is clipped to it
 SIGNIFICANT = 3
 
 #: Activities each partition does once per period, and what the worker's own scheduling costs it.
-KINDS = ("storage", "ping", "video", "key", "mouse")
+KINDS = ("storage_write", "storage_read", "ping", "video", "key", "mouse")
 LAG = "worker_lag"  # how late a partition's tick started in its worker (the load generator's own saturation)
 
 
