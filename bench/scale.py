@@ -89,7 +89,7 @@ class Worker:
 def parent_counters(api: str) -> tuple[dict[str, float], dict[float, float]]:
     """From the parent's /metrics: its ring packets so far, ``DEVICE/in`` and ``DEVICE/out`` (in: guest to
     host), and its event-loop lag histogram (cumulative count by upper bound in seconds)."""
-    with urllib.request.urlopen(f"{api}/metrics", timeout=30) as resp:
+    with urllib.request.urlopen(f"{api}/metrics", timeout=60) as resp:
         text = resp.read().decode()
     packets: dict[str, float] = {}
     lag: dict[float, float] = {}
@@ -188,6 +188,9 @@ class ScaleSession:
         """Every partition does one of each activity per ``period`` seconds; recorded for ``seconds`` after
         ``warmup``. Returns the phase's figures (also appended to the record)."""
         parent = self.parent
+        for p in self.procs:
+            p.send("prime")
+        primed = [p.expect("primed", self.timeout) for p in self.procs]
         t_start = time.monotonic() + 0.5
         t_measure, t_end = t_start + warmup, t_start + warmup + seconds
         for p in self.procs:
@@ -224,6 +227,9 @@ class ScaleSession:
             "parent_cpu_cores": round(parent_cores, 3), "workers_cpu_cores": round(worker_cores, 3),
             "other_cpu_cores": round(max(0.0, (busy1 - busy0) / dt - parent_cores - worker_cores), 3),
             "parent_loop_lag": lag_summary(lag0, lag1),
+            "arp_prime": {"seconds": round(max(float(x["seconds"]) for x in primed), 2),
+                          "failures": sum(int(x["failures"]) for x in primed),
+                          "failure_samples": [e for x in primed for e in x["failure_samples"]][:5]},
             "workers_gc": {"max_ms": max(float(x["gc"]["max_ms"]) for x in results),
                            "total_ms": round(sum(float(x["gc"]["total_ms"]) for x in results), 1)},
             "parent_rss_bytes": rss, "parent_fds": fds, "loadavg_at_start": list(load0),

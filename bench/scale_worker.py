@@ -4,7 +4,8 @@ Each partition is a real ``child_partition.runner.ChildPartition`` (reconnect of
 given URL, negotiates, and binds a VSC to every offer (ring GPADL, OPENCHANNEL, device handshake). At most
 ``--concurrency`` partitions are coming up at a time. Talks to the coordinator in JSON lines: it prints
 ``hello``, waits for ``go`` on stdin, prints ``ready`` with its counts and times once every partition is up
-(or failed); then, for each ``active PERIOD T_START T_MEASURE T_END`` line, runs the light mix of
+(or failed); on ``prime`` each partition resolves its ping neighbour (``primed``); then, for each
+``active PERIOD T_START T_MEASURE T_END`` line, runs the light mix of
 ``bench.scale_activity`` on every partition and prints ``activity`` with its encoded histograms; on ``stop``
 it shuts every partition down cleanly (CLOSECHANNEL, GPADL_TEARDOWN, UNLOAD) and prints ``done``. Times are
 ``time.monotonic()``, which is system-wide on Linux.
@@ -27,7 +28,7 @@ from vmbus_proto.aio import logs
 from vmbus_proto.devices.registry import ALL
 
 from .parent import raise_nofile
-from .scale_activity import run_activity
+from .scale_activity import prime, run_activity
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -102,6 +103,9 @@ async def main_async(args: argparse.Namespace) -> None:
             command = (await read_command(reader, args.timeout)).split()
         except TimeoutError:
             break
+        if command == ["prime"]:
+            emit("primed", **await prime(up))
+            continue
         if not command or command[0] != "active":
             break
         period, t_start, t_measure, t_end = (float(x) for x in command[1:5])
