@@ -88,7 +88,8 @@ class Worker:
 
 def parent_counters(api: str) -> tuple[dict[str, float], dict[float, float]]:
     """From the parent's /metrics: its ring packets so far, ``DEVICE/in`` and ``DEVICE/out`` (in: guest to
-    host), and its event-loop lag histogram (cumulative count by upper bound in seconds)."""
+    host; ``switch/frames`` and ``switch/flooded``: frames into the switch and those sent to every port), and
+    its event-loop lag histogram (cumulative count by upper bound in seconds)."""
     with urllib.request.urlopen(f"{api}/metrics", timeout=60) as resp:
         text = resp.read().decode()
     packets: dict[str, float] = {}
@@ -99,6 +100,9 @@ def parent_counters(api: str) -> tuple[dict[str, float], dict[float, float]]:
                 if s.name.endswith("_total"):
                     key = f"{s.labels['device']}/{s.labels['direction']}"
                     packets[key] = packets.get(key, 0.0) + s.value
+        elif fam.name in ("vmbus_network_switch_frames", "vmbus_network_switch_flooded"):
+            packets["switch/" + fam.name.rsplit("_", 1)[1]] = sum(s.value for s in fam.samples
+                                                                 if s.name.endswith("_total"))
         elif fam.name == "vmbus_event_loop_lag_seconds":
             for s in fam.samples:
                 if s.name.endswith("_bucket"):

@@ -60,7 +60,8 @@ async def bring_up(slot: Slot, expect: int, timeout: float) -> None:
     elif not done:
         slot.error = f"{slot.child.name}: not ready within {timeout:g}s ({slot.channels_open()} channels open)"
     elif slot.channels_open() != expect:
-        slot.error = f"{slot.child.name}: {slot.channels_open()} of {expect} channels open"
+        failed = sorted(slot.child.failed_devices.values())
+        slot.error = f"{slot.child.name}: {slot.channels_open()} of {expect} channels open (failed: {failed})"
 
 
 async def read_command(reader: asyncio.StreamReader, timeout: float) -> str:
