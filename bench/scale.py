@@ -174,6 +174,9 @@ class ScaleSession:
         channels = sum(int(x["channels"]) for x in ready)
         self._errors([e for x in ready for e in x["errors"]], sum(int(x["error_count"]) for x in ready))
         rss_n = parent.rss()
+        packets, _ = parent_counters(self.api)
+        r["bring_up_switch"] = {k.split("/")[1]: v for k, v in packets.items() if k.startswith("switch/")}
+        r["bring_up_parent_cpu_s"] = round(cpu1 - cpu0, 2)
         r.update({"workers": len(self.procs), "concurrency_per_worker": self.concurrency, "partitions_ready": ok,
                   "channels_opened": channels, "open_wall_s": wall,
                   "channels_per_s": channels / wall if wall > 0 else 0.0,

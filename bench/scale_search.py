@@ -73,7 +73,8 @@ def steps_table(title: str, phases: list[dict[str, Any]]) -> Table:
 def _session_phase(session: ScaleSession, period: float, args: argparse.Namespace) -> dict[str, Any]:
     phase = session.active(period, args.seconds, args.warmup)
     phase["bring_up"] = {k: session.record.get(k) for k in ("open_wall_s", "channels_per_s", "rss_connected_bytes",
-                                                            "rss_per_partition_bytes", "partitions_ready")}
+                                                            "rss_per_partition_bytes", "partitions_ready",
+                                                            "bring_up_switch", "bring_up_parent_cpu_s")}
     return phase
 
 
