@@ -56,7 +56,7 @@ async def bring_up(slot: Slot, expect: int, timeout: float) -> None:
     if slot.task in done:
         exc = slot.task.exception()
         slot.error = f"{slot.child.name}: runner ended early ({exc!r})" if exc else \
-            f"{slot.child.name}: runner ended early with status {slot.task.result()}"
+            f"{slot.child.name}: runner ended early with status {slot.task.result()}: {slot.child.failure}"
     elif not done:
         slot.error = f"{slot.child.name}: not ready within {timeout:g}s ({slot.channels_open()} channels open)"
     elif slot.channels_open() != expect:
