@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=50, help="partitions coming up at once per worker")
     p.add_argument("--scale-seconds", type=float,
                    help="measured seconds of the scale test's active phase (default 10, quick 3; 0: none)")
-    p.add_argument("--scale-period", type=float, default=5.0,
-                   help="seconds in which each partition does one of each activity (default 5)")
+    p.add_argument("--scale-period", type=float,
+                   help="seconds in which each partition does one of each activity (default 5, quick 1)")
     p.add_argument("--only", choices=["echo", "scale", "storage", "network", "input", "video", "web"],
                    help="run one part only")
     p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.partitions = args.partitions if args.partitions is not None else (50 if args.quick else 1000)
     args.warmup = 0.2 if args.quick else 0.5
     args.scale_seconds = args.scale_seconds if args.scale_seconds is not None else (3.0 if args.quick else 10.0)
+    args.scale_period = args.scale_period if args.scale_period is not None else (1.0 if args.quick else 5.0)
     args.storage_jobs = [j for j in args.storage_jobs.split(",") if j]
     unknown = set(args.storage_jobs) - {j[0] for j in JOBS}
     if unknown:

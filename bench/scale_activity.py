@@ -1,7 +1,8 @@
 """What a partition of the scale benchmark does once it is up: a light, steady mix over every device.
 
 Each partition has one timer. Every ``period / 6`` seconds it does the next of six activities, so each comes
-once per period, at a random phase per partition (a thousand partitions do not tick together):
+once per period, at a random phase per partition and starting with a different activity per partition (a thousand
+partitions do not tick together, and a short window still sees every kind):
 
 * ``storage_write`` / ``storage_read``: a 4 KiB WRITE, then a 4 KiB READ of the same block (StorVSC → StorVSP
   → the partition's disk image, a sparse file the parent creates);
@@ -178,6 +179,7 @@ async def run_partition(act: Activity, period: float, t_start: float, t_measure:
     """Open-loop ticks from ``t_start`` to ``t_end`` (monotonic); recorded from ``t_measure`` on."""
     step = period / len(KINDS)
     phase = random.random() * step
+    first = act.index % len(KINDS)  # partitions start at different kinds: a short window still sees every kind
     n = 0
     while True:
         due = t_start + phase + n * step
@@ -186,8 +188,8 @@ async def run_partition(act: Activity, period: float, t_start: float, t_measure:
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        kind = KINDS[n % len(KINDS)]
-        k = n // len(KINDS)
+        kind = KINDS[(first + n) % len(KINDS)]
+        k = (first + n) // len(KINDS)
         n += 1
         record = due >= t_measure
         started = time.perf_counter()
