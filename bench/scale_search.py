@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=5.0, help="activity before the measured window (s)")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--concurrency", type=int, default=10,
+                   help="partitions opening at once per load process (default 10: at 50, 750 failed to open)")
     p.add_argument("--timeout", type=float, default=120.0, help="bound on bring-up and teardown (s)")
     p.add_argument("--max-minutes", type=float, default=30.0, help="no step starts after this")
     p.add_argument("--parent-log-level", default="info")
