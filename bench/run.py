@@ -16,8 +16,11 @@ What is measured (one invocation, results table on stdout and JSON in ``bench/re
     Printed: rate (b), rate (a), ratio (b)/(a). Aim: ratio >= 0.5 at 1 KiB.
 Scale: one parent with its real devices; ``--workers`` processes bring up ``--partitions`` child
     partitions over TCP, each opening all their channels. Reported: channels opened per second, errors,
-    parent RSS before / with all partitions / per partition, and the clean teardown time. Aim: 1,000
-    partitions with zero errors.
+    parent RSS before / with all partitions / per partition, and the clean teardown time. Then every
+    partition is lightly active for ``--scale-seconds`` (one 4 KiB write and read, ping, small DIRT, key and
+    mouse event each per ``--scale-period``): latency p50/p99/max per kind, packets/s, CPU of the parent and
+    of the workers. Aim: 1,000 partitions with zero errors. The search for the largest load held is
+    ``python -m bench.scale_search``.
 
 Every result file and the printed summary start with what tells machines apart (``bench/machine.py``: CPU,
 kernel, mitigations, clocksource, filesystem, Python build, and calibrations of Python speed, syscall cost and
@@ -51,6 +54,8 @@ from .input import input_table, run_input
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
 from .scale import run_scale
+from .scale_search import steps_table
+from .scale_stats import KINDS
 from .storage import CACHE_MODES, JOBS, run_storage
 
 SIZES = (1024, 64 * 1024)
@@ -70,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, help="child partitions in the scale test (default 1000, quick 50)")
     p.add_argument("--workers", type=int, default=4, help="load processes for the scale test (default 4)")
     p.add_argument("--concurrency", type=int, default=50, help="partitions coming up at once per worker")
+    p.add_argument("--scale-seconds", type=float,
+                   help="measured seconds of the scale test's active phase (default 10, quick 3; 0: none)")
+    p.add_argument("--scale-period", type=float,
+                   help="seconds in which each partition does one of each activity (default 5, quick 1)")
     p.add_argument("--only", choices=["echo", "scale", "storage", "network", "input", "video", "web"],
                    help="run one part only")
     p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
@@ -88,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeat = max(1, args.repeat if args.repeat is not None else (1 if args.quick else 3))
     args.partitions = args.partitions if args.partitions is not None else (50 if args.quick else 1000)
     args.warmup = 0.2 if args.quick else 0.5
+    args.scale_seconds = args.scale_seconds if args.scale_seconds is not None else (3.0 if args.quick else 10.0)
+    args.scale_period = args.scale_period if args.scale_period is not None else (1.0 if args.quick else 5.0)
     args.storage_jobs = [j for j in args.storage_jobs.split(",") if j]
     unknown = set(args.storage_jobs) - {j[0] for j in JOBS}
     if unknown:
@@ -311,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "scale"):
             console.log(f"scale: {args.partitions} partitions from {args.workers} processes over TCP")
             scale = run_scale(workdir / "scale", args.partitions, args.workers, args.concurrency,
-                              parent_log_level=args.parent_log_level)
+                              parent_log_level=args.parent_log_level, period=args.scale_period,
+                              seconds=args.scale_seconds, warmup=2.0 if args.quick else 5.0)
             results["scale"] = scale
             console.print(scale_table(scale))
+            if scale["active"]:
+                console.print(steps_table("scale: every partition lightly active (latency p50/p99/max)",
+                                          scale["active"]))
             for e in scale["error_samples"][:5]:
                 console.print(f"[red]scale error: {e}")
         if args.only in (None, "storage"):
@@ -399,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in results:
         summary["scale_errors"] = results["scale"]["errors"]
         summary["channels_per_s"] = round(results["scale"]["channels_per_s"], 1)
+        for phase in results["scale"]["active"]:
+            summary["scale_active_packets_per_s"] = phase["packets_per_s"]
+            summary["scale_active_worst_p99_ms"] = max(s["p99_ms"] for k, s in phase["latency"].items()
+                                                       if k in KINDS)
     results["summary"] = summary
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_at_end"] = list(os.getloadavg())

@@ -4,15 +4,18 @@ Each partition is a real ``child_partition.runner.ChildPartition`` (reconnect of
 given URL, negotiates, and binds a VSC to every offer (ring GPADL, OPENCHANNEL, device handshake). At most
 ``--concurrency`` partitions are coming up at a time. Talks to the coordinator in JSON lines: it prints
 ``hello``, waits for ``go`` on stdin, prints ``ready`` with its counts and times once every partition is up
-(or failed), waits for ``stop``, shuts every partition down cleanly (CLOSECHANNEL, GPADL_TEARDOWN,
-UNLOAD) and prints ``done``. Times are ``time.monotonic()``, which is system-wide on Linux.
+(or failed); on ``prime`` each partition resolves its ping neighbour (``primed``); then, for each
+``active PERIOD T_START T_MEASURE T_END`` line, runs the light mix of
+``bench.scale_activity`` on every partition and prints ``activity`` with its encoded histograms; on ``stop``
+it shuts every partition down cleanly (CLOSECHANNEL, GPADL_TEARDOWN, UNLOAD) and prints ``done``. Times are
+``time.monotonic()``, which is system-wide on Linux.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import gc
 import json
 import sys
 import time
@@ -25,6 +28,7 @@ from vmbus_proto.aio import logs
 from vmbus_proto.devices.registry import ALL
 
 from .parent import raise_nofile
+from .scale_activity import prime, run_activity
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -52,11 +56,12 @@ async def bring_up(slot: Slot, expect: int, timeout: float) -> None:
     if slot.task in done:
         exc = slot.task.exception()
         slot.error = f"{slot.child.name}: runner ended early ({exc!r})" if exc else \
-            f"{slot.child.name}: runner ended early with status {slot.task.result()}"
+            f"{slot.child.name}: runner ended early with status {slot.task.result()}: {slot.child.failure}"
     elif not done:
         slot.error = f"{slot.child.name}: not ready within {timeout:g}s ({slot.channels_open()} channels open)"
     elif slot.channels_open() != expect:
-        slot.error = f"{slot.child.name}: {slot.channels_open()} of {expect} channels open"
+        failed = sorted(slot.child.failed_devices.values())
+        slot.error = f"{slot.child.name}: {slot.channels_open()} of {expect} channels open (failed: {failed})"
 
 
 async def read_command(reader: asyncio.StreamReader, timeout: float) -> str:
@@ -89,9 +94,24 @@ async def main_async(args: argparse.Namespace) -> None:
     errors = [s.error for s in slots if s.error]
     emit("ready", partitions=len(slots), ok=len(slots) - len(errors), channels=sum(s.channels_open() for s in slots),
          errors=errors[:20], error_count=len(errors), t_first=t_first, t_last=t_last)
-    # Keep every partition connected until the coordinator has measured the parent.
-    with contextlib.suppress(TimeoutError):
-        await read_command(reader, args.timeout)
+    # Keep every partition connected until the coordinator has measured the parent; "active" phases on request.
+    up = [s.child for s in slots if not s.error]
+    # These partitions stand in for separate VMs: their (long-lived) state is kept out of the collector's full
+    # passes, which otherwise stop all of this worker's partitions at once for up to half a second.
+    gc.freeze()
+    while True:
+        try:
+            command = (await read_command(reader, args.timeout)).split()
+        except TimeoutError:
+            break
+        if command == ["prime"]:
+            emit("primed", **await prime(up))
+            continue
+        if not command or command[0] != "active":
+            break
+        period, t_start, t_measure, t_end = (float(x) for x in command[1:5])
+        result = await run_activity(up, args.api, period, t_start, t_measure, t_end, args.first)
+        emit("activity", **result)
     t_stop = time.monotonic()
     stop.set()
     _, pending = await asyncio.wait([s.task for s in slots], timeout=args.timeout)
@@ -117,6 +137,9 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--prefix", required=True)
+    p.add_argument("--index", type=int, default=0, help="this worker's number")
+    p.add_argument("--first", type=int, default=0, help="the global number of this worker's first partition")
+    p.add_argument("--api", default="", help="the parent's web console, http://HOST:PORT (for input events)")
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--channels", type=int, default=len(ALL), help="channels each partition must open")
     p.add_argument("--memory", type=int, default=32 * 1024 * 1024,

@@ -129,7 +129,7 @@ def _fail(exc: Exception, status: int) -> int:
 
 
 async def serve(config: Config) -> None:
-    daemon = ParentDaemon(config)
+    daemon = ParentDaemon(config, gc_settle=True)  # a long-running process: see gc_policy
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal right after "listening" is clean

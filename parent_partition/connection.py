@@ -66,6 +66,8 @@ class Host(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
+    def partitions_changed(self) -> None: ...  # a partition came or went, or a channel opened
+
 
 class PartitionConnection(FramedConnection):
     def __init__(self, daemon: Host, transport_name: str) -> None:
@@ -118,6 +120,7 @@ class PartitionConnection(FramedConnection):
         self.daemon.connections.discard(self)
         if self.partition is not None and self.daemon.partitions.get(self.partition) is self:
             del self.daemon.partitions[self.partition]
+            self.daemon.partitions_changed()
         # Release this child's channels and GPADLs only; every other partition is untouched.
         open_now = [(self.vsps[ch.name], ch) for ch in list(self.channels.values()) if ch.name in self.vsps]
         totals = self.daemon.totals
@@ -178,6 +181,7 @@ class PartitionConnection(FramedConnection):
         self.daemon.totals.connections += 1
         self.peer_data_window = hello.data_window
         self.daemon.partitions[hello.partition] = self
+        self.daemon.partitions_changed()
         self.log = self.log.bind(partition=hello.partition)
         if hello.partition.startswith(logs.PROBE_PREFIX):
             self.log = self.log.bind(probe=True)
@@ -302,6 +306,7 @@ class PartitionConnection(FramedConnection):
             self.daemon.totals.channels_opened[vsp.name] += 1
             self.daemon.totals.open_latency[vsp.name].observe(time.perf_counter() - started)
             log.info("channel open", ring_out=p.host_to_guest_data, ring_in=p.guest_to_host_data)
+            self.daemon.partitions_changed()
         self.core.open_complete(p.relid, act.seq, ok)
         self._run_actions()
 

@@ -23,6 +23,7 @@ from .config import Config, ConfigError
 from .connection import PartitionConnection
 from .counters import Totals
 from .devices import vsp_classes
+from .gc_policy import GcPolicy
 from .vsp import HostContext, Vsp
 
 
@@ -41,7 +42,10 @@ def build_vsps(config: Config) -> list[Vsp]:
 
 
 class ParentDaemon:
-    def __init__(self, config: Config, vsps: list[Vsp] | None = None, name: str = "parent") -> None:
+    def __init__(self, config: Config, vsps: list[Vsp] | None = None, name: str = "parent", *,
+                 gc_settle: bool = False) -> None:
+        """``gc_settle``: freeze the partitions' state out of full collections once it settles (``GcPolicy``;
+        for the daemon process, which owns its interpreter)."""
         self.config = config
         self.name = name
         self.log = logs.get(component="parent")
@@ -54,6 +58,12 @@ class ParentDaemon:
         self.accepting = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unix_paths: list[Path] = []
+        self.gc: GcPolicy | None = GcPolicy(self.log) if gc_settle else None
+
+    def partitions_changed(self) -> None:
+        """A partition connected or left, or a channel opened (the GC policy waits for this to settle)."""
+        if self.gc is not None:
+            self.gc.changed()
 
     def device(self, name: str) -> Vsp | None:
         """This parent's VSP for device ``name`` ("keyboard", "mouse", "video", ...), or None when it is not offered:
@@ -134,6 +144,8 @@ class ParentDaemon:
             await _bounded(server.wait_closed(), timeout, self.log, "listeners")
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
+        if self.gc is not None:
+            self.gc.close()
         self.log.info("parent partition stopped")
 
     async def _until_idle(self) -> None:

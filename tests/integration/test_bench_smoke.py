@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench.scale_stats import KINDS
 from vmbus_proto.devices.registry import ALL
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,16 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert scale["channels_per_s"] > 0
     assert scale["rss_connected_bytes"] > 0
     assert scale["parent_exit_code"] == 0
+    # The active phase: every partition did each activity, the parent's counters saw the packets.
+    (phase,) = scale["active"]
+    assert phase["error_count"] == 0, phase["error_samples"]
+    assert set(phase["latency"]) >= set(KINDS), f"activities without latencies: {sorted(phase['latency'])}"
+    for kind in KINDS:
+        assert phase["done"][kind] > 0, f"no {kind} activity done: {phase['done']}"
+        s = phase["latency"][kind]
+        assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"], f"{kind}: percentiles out of order: {s}"
+    assert phase["packets_in_per_s"] > 0 and phase["packets_out_per_s"] > 0, phase["packets"]
+    assert phase["parent_cpu_cores"] > 0 and phase["workers_cpu_cores"] > 0, phase
 
     storage = {(row["rw"], row["transport"]): row for row in results["storage"]}
     assert set(storage) == {(rw, t) for rw in ("randread", "randwrite", "read", "write") for t in ("tcp", "unix")}

@@ -397,7 +397,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def _connection() -> tuple[PartitionConnection, list[tuple[int, bytes]], list[Any]]:
-    daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), totals=Totals())
+    daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), totals=Totals(),
+                                  partitions_changed=lambda: None)
     conn = PartitionConnection(daemon, "test")
     sent: list[tuple[int, bytes]] = []
     spawned: list[Any] = []

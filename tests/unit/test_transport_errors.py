@@ -54,7 +54,8 @@ async def test_a_device_operation_that_raises_closes_only_that_partitions_connec
     logged with its traceback, and the partition's connection closes with a CLOSE frame saying so."""
     loop = asyncio.get_running_loop()
     daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), accepting=True, connections=set(),
-                                  partitions={}, vsps=[], name="parent", totals=Totals())
+                                  partitions={}, vsps=[], name="parent", totals=Totals(),
+                                  partitions_changed=lambda: None)
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     with capture_logs() as logs:
