@@ -52,6 +52,7 @@ async def run(shape: str, round_trips: int) -> float:
     pair = link.open(1, pages=RING_PAGES)
     server = asyncio.ensure_future(_echo(pair.host))
     left = round_trips
+    ranges: tuple[GpaRange, ...]
     if size <= 1024:
         payload, ranges, data = bytes(size), (), b""
     else:

@@ -4,6 +4,7 @@ the traceback, and no exception escaping into the event loop."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from types import SimpleNamespace
 from typing import Any
@@ -135,7 +136,7 @@ async def test_one_peers_flood_is_handled_a_turn_at_a_time_in_order() -> None:
     while len(conn.seen) < n and len(samples) < 1_000_000:
         await asyncio.sleep(0)
     assert len(conn.seen) == n, f"only {len(conn.seen)} of {n} frames handled"
-    per_turn = [b - a for a, b in zip(samples, samples[1:], strict=False)]
+    per_turn = [b - a for a, b in itertools.pairwise(samples)]
     assert max(per_turn) <= FRAMES_PER_TURN, f"{max(per_turn)} frames handled in one turn of the loop"
     assert conn.seen == [1 + i for i in range(n)], "frames handled out of order"
     await loop.sock_sendall(theirs, b"".join(frame_parts(FrameKind.SIGNAL, 7, Signal(0).encode())))
