@@ -15,6 +15,7 @@ import uvloop
 
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
+from vmbus_proto.aio.keyfile import secret_file_arg
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
@@ -39,7 +40,14 @@ RUN_EPILOG = """\
 exit status: 0 after a clean unload (SIGINT or SIGTERM); 1 when the parent cannot be reached or the session
 ends and --no-reconnect is given; 2 for a mistake in the arguments; 3 when the parent refuses this child
 for a reason retrying cannot fix (the name is taken, no VMBus version in common) or the --connect address
-can never be connected to. The reason is the last line on stderr."""
+can never be connected to, or authentication fails (a wrong or missing --secret-file, a parent that cannot
+prove it holds the secret, or another connection authenticated under this name replaced this one). The
+reason is the last line on stderr."""
+
+SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex; readable by this user only), "
+               "proved to the parent without sending it; the parent must hold the same one for --name "
+               "([[auth.partition]]). Without it the child connects unauthenticated, which a parent allows only "
+               "for names it has no secret for, on loopback or a Unix socket")
 
 URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
 
@@ -77,6 +85,7 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     add_version(ping)
     ping.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
     ping.add_argument("--name", required=True, type=_name, help="this partition's name (unique among the children)")
+    ping.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg, help=SECRET_HELP)
     ping.add_argument("--address", metavar="A/N", type=interface_arg,
                       help="this partition's IPv4 address and prefix (default: derived from --name, in 10.0.0.0/8)")
     ping.add_argument("-c", dest="count", metavar="COUNT", type=_number(int, 1),
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", required=True, type=_name,
                      help="this partition's name: 1-64 printable characters, unique among the parent's children "
                           "(its disks are kept under that name)")
+    run.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg, help=SECRET_HELP)
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
     offered = run.add_mutually_exclusive_group()
     offered.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
@@ -142,8 +152,8 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
     return uvloop.run(_run(args))
 
 
-_RUN_ARGS = {"command", "connect", "name", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect", "log_level",
-             "json_logs"}
+_RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
+             "log_level", "json_logs"}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -154,7 +164,7 @@ async def _run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS}  # the guest services' own options
     child = ChildPartition(args.connect, args.name, trace=args.trace,
                            versions=args.vmbus_version or args.vmbus_max_version,
-                           reconnect=not args.no_reconnect, **options)
+                           reconnect=not args.no_reconnect, secret=args.secret, **options)
     try:
         status = await child.run(stop)
     except GuestServiceError as exc:
@@ -170,7 +180,8 @@ async def vmbus_nic(args: argparse.Namespace) -> AsyncIterator[Nic]:
     """Bring this partition up (``--connect``, ``--name``, every offered device) and yield its NetVSC's NIC;
     on exit, shut it down cleanly (UNLOAD). Its own log lines go to stderr, at warning and above."""
     logs.setup("warning")
-    child = ChildPartition(args.connect, args.name, reconnect=False, address=args.address, guest_stack=False)
+    child = ChildPartition(args.connect, args.name, reconnect=False, address=args.address, guest_stack=False,
+                           secret=args.secret)
     stop = asyncio.Event()
     running = asyncio.get_running_loop().create_task(child.run(stop))
     net = child.service(NetworkService)

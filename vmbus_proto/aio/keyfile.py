@@ -1,0 +1,70 @@
+"""Reading and writing partition secret files (docs/protocol.md §3.1), shared by ``parent-partition`` (its
+``[[auth.partition]] secret_file``, ``secret new``) and ``child-partition`` (``--secret-file``).
+
+The rules are OpenSSH's for a private key: a secret file that other users may read is refused with a clear
+error rather than used ("UNPROTECTED PRIVATE KEY FILE!"), and a new one is created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from ..auth import MIN_SECRET, parse_secret
+from .cli import os_reason
+
+LOOSE = 0o027  # group write, or any access by others: refused
+
+
+class SecretFileError(ValueError):
+    """A secret file cannot be used; the message names it and says what to do."""
+
+
+def read_secret_file(path: str | Path) -> bytes:
+    """The secret in ``path``: a regular file no other user can read or write, of at least 32 random bytes
+    or their hex (``vmbus_proto.auth.parse_secret``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SecretFileError(f"secret file {path}: {os_reason(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretFileError(f"secret file {path}: not a regular file")
+        if st.st_mode & LOOSE:
+            raise SecretFileError(f"secret file {path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open "
+                                  f"(other users may read or change it); chmod 600 {path}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(64 * 1024 + 1)
+    finally:
+        os.close(fd)
+    if len(data) > 64 * 1024:
+        raise SecretFileError(f"secret file {path}: larger than 64 KiB; is it the right file?")
+    try:
+        return parse_secret(data, f"secret file {path}")
+    except ValueError as exc:
+        raise SecretFileError(str(exc)) from None
+
+
+def new_secret_file(path: str | Path) -> Path:
+    """Write a new secret (32 random bytes, as 64 hex digits and a newline) to ``path``, mode 0600; an existing
+    file is never overwritten."""
+    where = Path(path)
+    try:
+        fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SecretFileError(f"secret file {where}: {os_reason(exc)}") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(MIN_SECRET) + "\n")
+    return where
+
+
+def secret_file_arg(text: str) -> bytes:
+    """argparse type: ``--secret-file PATH``, read and checked at once (a bad file is a usage error)."""
+    try:
+        return read_secret_file(text)
+    except SecretFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
