@@ -56,8 +56,8 @@ _REFUSAL_HINTS = {
     "name-taken": "choose another --name (or stop the child that uses this one)",
     "hello": "check --name: 1-64 printable characters",
     "envelope": "run a parent-partition and a child-partition of the same release",
-    "auth": "give this child --secret-file with the secret of the parent's [[auth.partition]] entry for this "
-            "name (parent-partition secret new NAME makes one)",
+    "auth": "give this child --secret-file with the secret the parent holds for this name ([[auth.partition]]; "
+            "parent-partition secret new NAME makes one)",
     "auth-failed": "check --secret-file: it must hold the same secret as the parent's [[auth.partition]] "
                    "secret_file for this name",
     "auth-parent": "the parent does not hold this partition's secret: check its [[auth.partition]] secret_file "

@@ -27,7 +27,7 @@ def _mode(v: Any) -> str:
     return str(v)
 
 
-def _pattern(v: Any) -> str:
+def name_pattern(v: Any) -> str:
     """A partition name, or a name prefix ending in ``*`` (``"load-*"``; a lone ``*`` is every name)."""
     name = text(v)
     if "*" in name[:-1] or len(name) > 64 or not name.isprintable():
@@ -40,7 +40,7 @@ def _pattern(v: Any) -> str:
 class PartitionSecret:
     """``[[auth.partition]]``: a partition name (or ``PREFIX*``) and the file holding its secret."""
 
-    name: str = setting("", check=_pattern, required='name = "vm1" (or a prefix: "load-*")')
+    name: str = setting("", check=name_pattern, required='name = "vm1" (or a prefix: "load-*")')
     secret_file: str = setting("", check=text, required='secret_file = "secrets/vm1.key"')
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, endpoint
+from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file
 from vmbus_proto.devices.registry import REGISTRY
 
+from .auth import name_pattern
 from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError, tables_help
 from .daemon import ParentDaemon, StartupError
 from .web.settings import DEFAULT_HTTP, http_address
@@ -69,7 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("text", metavar="TEXT", nargs="?", help="text to type (a newline presses Enter)")
     sub.add_parser("demo", help="a parent and three children as real processes, narrated (see demo --help)",
                    add_help=False)
+    _add_secret(sub)
     return p
+
+
+SECRET_EPILOG = """example: parent-partition secret new vm1 --dir secrets >> parent.toml
+then:    child-partition run --connect URL --name vm1 --secret-file secrets/vm1.key
+exit status: 0 once the file is written, 1 when it cannot be (it exists, or the directory cannot be made)."""
+
+
+def _add_secret(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    secret = sub.add_parser("secret", help="make a partition's secret file ([[auth.partition]], --secret-file)",
+                            description="Partition secrets: each configured partition proves it holds its secret "
+                                        "when it connects (docs/protocol.md 3.1).")
+    add_version(secret)
+    what = secret.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = what.add_parser("new", help="write a new random secret for a partition, mode 0600",
+                          description="Write 32 random bytes, as hex, to DIR/NAME.key (mode 0600; an existing file "
+                                      "is never overwritten) and print the [[auth.partition]] table that names it "
+                                      "on stdout, ready to append to the parent's config file.",
+                          epilog=SECRET_EPILOG)
+    new.add_argument("--dir", metavar="DIR", default="secrets",
+                     help="directory for the file, created (mode 0700) if missing")
+    new.add_argument("name", metavar="NAME", type=_secret_name,
+                     help='the partition\'s name, or a name prefix ending in "*" for a secret that partitions '
+                          'named so share (the load tool\'s: "--name-prefix P" and "P-*")')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "secret":
+        return _new_secret(args.name, args.dir)
     if args.command == "send-keys":
         if not args.text and not args.keys:
             parser.error("send-keys: give TEXT to type, --keys to press, or both")
@@ -116,6 +146,30 @@ def _http(text: str) -> str:
         return http_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _secret_name(text: str) -> str:
+    try:
+        name = name_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if "/" in name or name.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r}: a name for a secret file has no '/' and no leading '.'")
+    return name
+
+
+def _new_secret(name: str, directory: str) -> int:
+    where = Path(directory)
+    try:
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = new_secret_file(where / f"{name.removesuffix('*')}.key")
+    except OSError as exc:
+        return _fail(SecretFileError(f"directory {where}: {exc.strerror or exc}"), 1)
+    except SecretFileError as exc:
+        return _fail(exc, 1)
+    print(f"# {path}: a new secret for partition {name!r}; the child runs with --secret-file {path}\n"
+          f"[[auth.partition]]\nname = {json.dumps(name)}\nsecret_file = {json.dumps(str(path))}")
+    return 0
 
 
 def _fail(exc: Exception, status: int) -> int:

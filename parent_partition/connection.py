@@ -183,7 +183,7 @@ class PartitionConnection(FramedConnection):
         try:
             challenge = self.handshake.receive_hello(hello)
         except AuthError as exc:
-            self._refuse(exc.code, exc.reason, partition=hello.partition, detail=exc.detail)
+            self._refuse(exc.code, exc.reason, partition=hello.partition, **exc.log_fields)
             return
         if challenge is not None:  # docs/protocol.md §3.1: the guest proves itself in an AUTH frame
             self.send_frame(FrameKind.HELLO, 0, challenge.encode())
@@ -197,7 +197,7 @@ class PartitionConnection(FramedConnection):
         try:
             answer = self.handshake.receive_proof(frame.body)
         except AuthError as exc:
-            self._refuse(exc.code, exc.reason, partition=hello.partition, detail=exc.detail)
+            self._refuse(exc.code, exc.reason, partition=hello.partition, **exc.log_fields)
             return
         self.authenticated = True
         self._admit(hello, FrameKind.AUTH, answer)

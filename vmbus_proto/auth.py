@@ -41,7 +41,11 @@ class AuthError(FrameError):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-        self.detail = detail or reason
+        self.detail = detail
+
+    @property
+    def log_fields(self) -> dict[str, str]:
+        return {"detail": self.detail} if self.detail else {}
 
 
 def transcript(envelope: int, guest: str, host: str, guest_nonce: bytes, host_nonce: bytes) -> bytes:
@@ -95,8 +99,7 @@ class GuestAuth:
         self.host = hello
         if self.secret is None or self.nonce is None:
             if hello.auth != AUTH_NONE:
-                raise AuthError("auth", f"the parent asks for authentication ({hello.auth!r}); give this child "
-                                        f"--secret-file with its secret")
+                raise AuthError("auth", f"the parent asks for authentication ({hello.auth!r}) unasked")
             self.done = True
             return None
         if hello.auth != AUTH_HMAC or hello.nonce is None:
@@ -149,10 +152,10 @@ class HostAuth:
         if hello.auth == AUTH_NONE:
             if secret is not None:
                 raise AuthError("auth", f"authentication required: partition {hello.partition!r} has a secret on "
-                                        f"this parent; give the child --secret-file with it")
+                                        f"this parent")
             if not self.open_allowed:
                 raise AuthError("auth", f"authentication required: this parent accepts only authenticated "
-                                        f"partitions ({AUTH_HMAC}) on this address; give the child --secret-file")
+                                        f"partitions ({AUTH_HMAC}) on this address")
             return None
         if hello.auth != AUTH_HMAC or hello.nonce is None:
             raise AuthError("auth", f"authentication method {hello.auth!r} is not offered by this parent "

@@ -55,6 +55,8 @@ def new_secret_file(path: str | Path) -> Path:
     where = Path(path)
     try:
         fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise SecretFileError(f"secret file {where} already exists; it is kept (remove it to make a new one)") from None
     except OSError as exc:
         raise SecretFileError(f"secret file {where}: {os_reason(exc)}") from None
     with os.fdopen(fd, "w") as fh:
