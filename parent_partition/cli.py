@@ -13,7 +13,7 @@ import uvloop
 
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, endpoint
-from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file
+from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file, token_file_arg
 from vmbus_proto.devices.registry import REGISTRY
 
 from .auth import name_pattern
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", metavar="HOST:PORT", type=_http,
                        help=f"where the JSON API, /metrics and the web console listen; 'none' turns them off "
                             f"(default: {DEFAULT_HTTP}, or [http] listen; a busy default is skipped with a warning)")
+    serve.add_argument("--http-token-file", metavar="FILE",
+                       help="the token every HTTP request must carry (a Bearer header, or the cookie a browser gets "
+                            "from ?token=); needed to listen off loopback (default: none, or [http] token_file)")
     keys = sub.add_parser("send-keys", help="type text or press keys in a partition, through the parent's API",
                           description="Type TEXT into partition NAME's keyboard (US layout; characters outside it "
                                       "go as unicode events), then press --keys, through the parent's JSON API.",
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(keys)
     keys.add_argument("--api", metavar="URL", default=DEFAULT_API,
                       help="the parent's HTTP address, its serve --http")
+    keys.add_argument("--token-file", dest="token", metavar="FILE", type=token_file_arg,
+                      help="the file holding the parent's API token (its [http] token_file), sent as a Bearer "
+                           "token; needed when the parent has one")
     keys.add_argument("--keys", metavar="KEYS",
                       help='named keys and chords pressed after TEXT, whitespace-separated: "ctrl+alt+del", '
                            '"Escape", "shift+Tab Enter"')
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("send-keys: give TEXT to type, --keys to press, or both")
         from .web.client import run  # noqa: PLC0415 - aiohttp's client only for this command
 
-        return run(args.api, args.name, args.text, args.keys)
+        return run(args.api, args.name, args.text, args.keys, args.token)
     try:
         config = Config.load(args.config)
     except ConfigError as exc:
@@ -130,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         config.log_level = args.log_level
     if args.http:
         config.http.listen, config.http.explicit = args.http, True
+    if args.http_token_file:
+        config.http.token_file = args.http_token_file
+        try:
+            config.http.load_token("--http-token-file")
+        except ConfigError as exc:
+            return _fail(exc, 2)
     logs.setup(config.log_level, json=True if args.json_logs else None)
     malloc.tune()
     try:

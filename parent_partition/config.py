@@ -110,6 +110,7 @@ class Config:
         cfg.apply(raw.get("parent", {}), source=path)
         parse_section(HttpSettings, raw.get("http", {}), "[http]", path, obj=cfg.http)
         cfg.http.explicit = "listen" in raw.get("http", {})
+        cfg.http.load_token(f"{path}: [http] token_file")
         parse_section(AuthSettings, raw.get("auth", {}), "[auth]", path, obj=cfg.auth)
         cfg.auth.load_secrets(path)
         for name, enabled in raw.get("devices", {}).items():
