@@ -48,7 +48,7 @@ def _read_private(path: str | Path, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SecretFileError(f"{what} {path}: {os_reason(exc)}") from None
+        raise SecretFileError(f"{what} {path}: {_lower(os_reason(exc))}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -74,10 +74,14 @@ def new_secret_file(path: str | Path) -> Path:
     except FileExistsError:
         raise SecretFileError(f"secret file {where} already exists; it is kept (remove it to make a new one)") from None
     except OSError as exc:
-        raise SecretFileError(f"secret file {where}: {os_reason(exc)}") from None
+        raise SecretFileError(f"secret file {where}: {_lower(os_reason(exc))}") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(MIN_SECRET) + "\n")
     return where
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def secret_file_arg(text: str) -> bytes:
