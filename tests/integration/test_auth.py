@@ -217,10 +217,10 @@ def test_the_api_off_loopback_needs_its_token(tmp_path: Path) -> None:
         assert asyncio.run(_websocket(ws, None)) == 401
 
         keys = [str(BIN / "parent-partition"), "send-keys", "--api", api, "vm1", "ls\n"]
-        without = subprocess.run(keys, capture_output=True, text=True, timeout=60)
+        without = subprocess.run(keys, check=False, capture_output=True, text=True, timeout=60)
         assert without.returncode == 1 and "needs its token" in without.stderr, without.stderr
-        sent = subprocess.run([*keys[:2], "--token-file", str(token_file), *keys[2:]], capture_output=True,
-                              text=True, timeout=60)
+        sent = subprocess.run([*keys[:2], "--token-file", str(token_file), *keys[2:]], check=False,
+                              capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and "key events sent" in sent.stdout, sent.stderr
         assert vm.stop() == 0
     finally:

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from structlog.testing import capture_logs
 
 from parent_partition.config import Config
 from parent_partition.daemon import ParentDaemon, StartupError
