@@ -225,3 +225,24 @@ def test_the_api_off_loopback_needs_its_token(tmp_path: Path) -> None:
         assert vm.stop() == 0
     finally:
         parent.stop()
+
+
+def test_the_load_tool_proves_a_secret_shared_by_a_name_prefix(tmp_path: Path) -> None:
+    """Load partitions are named PREFIX-WORKLOAD-PID-INDEX: the parent holds one secret for "PREFIX-*"."""
+    (tmp_path / "secrets").mkdir(mode=0o700)
+    shared = new_secret_file(tmp_path / "secrets" / "hostA.key")
+    parent = Parent(tmp_path / "parent", auth_config({"hostA-*": shared}, mode="required"))
+    try:
+        load = [str(BIN / "child-partition"), "load", "churn", "--connect", parent.unix, "--partitions", "1",
+                "--warmup", "0", "--runtime", "1", "--processes", "2", "--quiet", "--name-prefix"]
+        done = subprocess.run([*load, "hostA", "--secret-file", str(shared)], check=False, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        taken = [r["partition"] for r in parent.events("partition connected") if r.get("authenticated")]
+        assert taken and all(n.startswith("hostA-churn-") for n in taken), taken
+        other = subprocess.run([*load, "hostB", "--secret-file", str(shared)], check=False, capture_output=True,
+                               text=True, timeout=120)
+        said = other.stdout + other.stderr
+        assert other.returncode != 0 and "authentication failed for partition 'hostB-churn-" in said, said
+    finally:
+        parent.stop()
