@@ -40,7 +40,8 @@ def test_http_section_from_a_config_file(tmp_path: Path) -> None:
     path.write_text("[http]\npartition_labels = true\n")
     assert not Config.load(str(path)).http.explicit
     path.write_text('[http]\nport = 80\n')
-    with pytest.raises(ConfigError, match=r"\[http\] port: unknown setting; known: listen, partition_labels, token_file"):
+    with pytest.raises(ConfigError, match=r"\[http\] port: unknown setting; known: listen, partition_labels, "
+                                          r"token_file"):
         Config.load(str(path))
     path.write_text('[http]\nlisten = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"\[http\] listen: must be HOST:PORT"):
