@@ -6,20 +6,21 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium  # chromium: the web console tests
-SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium
+# chromium: the web console tests; docker-compose (v1, Debian's): validates docker-compose.yml (no engine
+# needed); arping: the compose file's TAP variant, run by its test
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping
+SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
+	iputils-arping
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
 
-# PYTHONWARNINGS=ignore silences setuptools' notice about editable installs in the build subprocess.
-$(RUN_STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e .
+# .ci/install-venv is the one install step, shared with the Dockerfile (tests/integration/test_compose.py checks).
+$(RUN_STAMP): pyproject.toml .ci/install-venv
+	.ci/install-venv $(VENV) -e .
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	.ci/install-venv $(VENV) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

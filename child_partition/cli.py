@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -49,6 +51,9 @@ SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex;
                "([[auth.partition]]). Without it the child connects unauthenticated, which a parent allows only "
                "for names it has no secret for, on loopback or a Unix socket")
 
+JSON_LOGS_HELP = (f"log JSON lines (default: readable lines, coloured on a terminal; {logs.FORMAT_ENV}=json in the "
+                  "environment asks for JSON too)")
+
 URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
 
 
@@ -59,6 +64,19 @@ def _name(text: str) -> str:
     except FrameError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {str(exc).removeprefix('HELLO ')}") from None
     return text
+
+
+NAME_ENV = "VMBUS_NAME"
+
+
+def default_name() -> str | None:
+    """``run --name``'s default: ``$VMBUS_NAME``, else this host's name (a container's is unique: its ID, or
+    its compose ``hostname:``). None when neither is a name the parent accepts."""
+    for text in (os.environ.get(NAME_ENV, ""), socket.gethostname()):
+        with contextlib.suppress(argparse.ArgumentTypeError):
+            if text:
+                return _name(text)
+    return None
 
 
 def _max_version(text: str) -> list[int]:
@@ -99,6 +117,26 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     ping.add_argument("target", metavar="TARGET", help="another partition's name, or an IPv4 address")
 
 
+PROBE_DESCRIPTION = """\
+Check that a parent partition serves VMBus: connect, negotiate a VMBus version (INITIATE_CONTACT, newest
+first, as a Linux guest), take the offers, and UNLOAD cleanly, opening no channel. Prints one line saying what
+was negotiated. For health checks (the docker-compose file's) and scripts."""
+
+
+def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    probe = sub.add_parser("probe", help="check that a parent serves VMBus (negotiate, then unload)",
+                           description=PROBE_DESCRIPTION,
+                           epilog="exit status: 0 when the parent negotiated and unloaded, 1 when it did not (the "
+                                  "reason is on stderr), 2 for a mistake in the arguments.")
+    add_version(probe)
+    probe.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    probe.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg,
+                       help="a secret the parent holds for the probe's name (probe-HOST-PID: a \"probe-*\" or \"*\" "
+                            "[[auth.partition]] entry), needed where the parent takes only authenticated partitions")
+    probe.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0.1), default=5.0,
+                       help="give up after this long")
+
+
 def build_parser() -> argparse.ArgumentParser:
     versions = ", ".join(v.text for v in GUEST_ORDER)
     p = ArgumentParser(prog="child-partition", description=DESCRIPTION)
@@ -108,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description=DESCRIPTION, epilog=RUN_EPILOG)
     add_version(run)
     run.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
-    run.add_argument("--name", required=True, type=_name,
+    run.add_argument("--name", type=_name, default=None,
                      help="this partition's name: 1-64 printable characters, unique among the parent's children "
-                          "(its disks are kept under that name)")
+                          f"(its disks are kept under that name); default: ${NAME_ENV}, else the host name, which "
+                          "in a container is unique (its ID, or the compose hostname:)")
     run.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg, help=SECRET_HELP)
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
     offered = run.add_mutually_exclusive_group()
@@ -124,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with the reason instead of waiting for the parent or reconnecting to it")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="least severe level logged")
-    run.add_argument("--json-logs", action="store_true",
-                     help="log JSON lines even on a terminal (they are the default elsewhere)")
+    run.add_argument("--json-logs", action="store_true", help=JSON_LOGS_HELP)
     for service in guest_services():  # each guest service adds its own options (storage: --nbd, --no-console)
         service.add_arguments(run)
     _add_ping(sub)
+    _add_probe(sub)
     # ``load`` has its own parser (child_partition.load.command), built only when it runs: main() hands it the
     # rest of the command line. This entry lists it in --help.
     sub.add_parser("load", help="generate load on the parent's devices from many partitions (see 'load --help')",
@@ -139,14 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None) -> int:
     """The command. ``nic_factory`` brings up the NIC ``ping`` uses (default: this partition's NetVSC)."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        logs.wants_json()
+    except logs.LogFormatError as exc:
+        build_parser().error(str(exc))
     if argv[:1] == ["load"]:
         from .load.command import main as load_main  # noqa: PLC0415 - only the load tool needs rich and hdrh
 
         malloc.tune()
         return load_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "ping":
         return _ping(args, nic_factory or vmbus_nic)
+    if args.command == "probe":
+        from .probe import probe  # noqa: PLC0415
+
+        return uvloop.run(probe(args.connect, args.timeout, args.secret))
+    if args.command == "run" and args.name is None:
+        args.name = default_name()
+        if args.name is None:
+            parser.error(f"run: give --name: neither ${NAME_ENV} nor the host name is a partition name")
     malloc.tune()
     logs.setup(args.log_level, json=True if args.json_logs else None)
     return uvloop.run(_run(args))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from .console.service import ConsoleService
 from .devices import service_classes
+from .devices.storage.writes import DiskWriteService
 from .vsc import GuestService
 
 
 def guest_services() -> list[type[GuestService]]:
-    """The devices' services in registry order, then the console, which uses them."""
-    return [*service_classes(), ConsoleService]
+    """The devices' services in registry order, then the guest's programs that use them: the periodic disk
+    writer (``--disk-writes``) and the console."""
+    return [*service_classes(), DiskWriteService, ConsoleService]

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS,
                        help="least severe level logged (default: info, or [parent] log_level)")
     serve.add_argument("--json-logs", action="store_true",
-                       help="log JSON lines even on a terminal (they are the default elsewhere)")
+                       help=f"log JSON lines (default: readable lines, coloured on a terminal; {logs.FORMAT_ENV}=json "
+                            "in the environment asks for JSON too)")
     serve.add_argument("--http", metavar="HOST:PORT", type=_http,
                        help=f"where the JSON API, /metrics and the web console listen; 'none' turns them off "
                             f"(default: {DEFAULT_HTTP}, or [http] listen; a busy default is skipped with a warning)")
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        logs.wants_json()
+    except logs.LogFormatError as exc:
+        parser.error(str(exc))
     if args.command == "secret":
         return _new_secret(args.name, args.dir)
     if args.command == "send-keys":

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol, assert_never
 
 from vmbus_proto import messages as m
 from vmbus_proto import server as core
+from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.auth import AuthError, HostAuth
@@ -32,6 +34,8 @@ from .auth import AuthSettings
 from .counters import Totals
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
+
+_CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
 
 
 class ConnectionConfig(Protocol):
@@ -101,7 +105,7 @@ class PartitionConnection(FramedConnection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.log = self.log.bind(peer=self.peer)
+        self.log = self.log.bind(peer=self.peer, **{logs.LIMIT_KEY: next(_CONNECTION_IDS)})
         if not self.daemon.accepting:
             self.close("parent is shutting down")
             return
@@ -218,6 +222,8 @@ class PartitionConnection(FramedConnection):
         self.peer_data_window = hello.data_window
         self.daemon.partitions[hello.partition] = self
         self.log = self.log.bind(partition=hello.partition)
+        if hello.partition.startswith(logs.PROBE_PREFIX):
+            self.log = self.log.bind(probe=True)
         if old is None:
             self._accepted(kind, answer)
             return

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from vmbus_proto import messages as m
+from vmbus_proto.aio import logs
 from vmbus_proto.devices.base import DeviceSpec
 
 from ..bus import GuestBus
@@ -36,7 +37,7 @@ class LoadGuest:
 
     def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY, secret: bytes | None = None) -> None:
         self.url, self.name, self.secret = url, name, secret
-        self.log = log.bind(partition=name)
+        self.log = (log if log is not None else logs.get()).bind(partition=name)
         self.memory = GuestMemory(memory)
         self.bus: GuestBus | None = None
         self.offers: dict[int, m.OfferChannel] = {}

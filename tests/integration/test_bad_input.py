@@ -340,3 +340,20 @@ def test_a_send_buffer_section_out_of_range_costs_the_connection(p: Parent) -> N
     reason = c.wait_closed()
     assert reason is not None and "section 7" in reason, reason
     _error_logged(p, mark, "section 7")
+
+
+def test_a_flood_of_junk_frames_is_logged_as_a_burst_and_a_count(p: Parent) -> None:
+    """60,000 SIGNAL frames for a relid never opened: each is a warning, but the parent writes a burst of them
+    and then counts the rest (``logs.PeerLimiter``), so one peer cannot fill the parent's disk with its log."""
+    mark = p.mark()
+    c = RawClient(p.tcp)
+    c.negotiate("flooder")
+    frame = encode_frame(FrameKind.SIGNAL, 99, Signal(0).encode())
+    c.send_raw(frame * 60_000)
+    c.close()
+    end = p.wait_for(lambda r: r.get("partition") == "flooder" and r.get("event") == "partition disconnected",
+                     timeout=60, start=mark)
+    warned = [r for r in p.lines[mark:] if r.get("partition") == "flooder" and r.get("level") == "warning"]
+    held = sum(int(r.get("suppressed", 0)) for r in [*warned, end])
+    assert 0 < len(warned) < 1000 and len(warned) + held == 60_000, \
+        f"{len(warned)} warnings written and {held} counted for 60,000 junk frames"

@@ -26,6 +26,7 @@ from child_partition.devices.network.stack import (
     ArpCache,
     GuestStack,
     HostUnreachable,
+    Neighbours,
     address_for_name,
     arp_packet,
     checksum,
@@ -212,6 +213,34 @@ def test_gratuitous_arp_refreshes_only_known_neighbours_and_conflicts_are_counte
     assert stack.arp.lookup(IP_B.ip, 1.0) == MAC_C, "a known neighbour's new MAC was not taken"
     stack.handle(arp_request_to(IP_A.ip, MAC_C, IP_A.ip), now=1.0)
     assert stack.counters.address_conflicts == 1, "another MAC claiming our address was not counted"
+
+
+def test_neighbours_are_the_hosts_heard_lately_in_order_and_bounded() -> None:
+    table = Neighbours(lifetime=30.0, limit=2)
+    b, c, d = (IPv4Address(f"10.0.0.{i}") for i in (2, 3, 4))
+    table.heard(c, now=0.0)
+    table.heard(b, now=1.0)
+    table.heard(d, now=2.0)  # full: not added, counted
+    assert table.current(now=2.0) == [c, b] and table.overflow == 1, "order or limit wrong"
+    table.heard(c, now=20.0)  # heard again: kept longer, keeps its place
+    assert table.current(now=31.0) == [c], "a host not heard for the lifetime was kept (or a fresh one dropped)"
+    table.heard(d, now=31.0)  # room again
+    assert table.current(now=31.0) == [c, d]
+    assert table.current(now=61.0) == [], "nothing heard for the lifetime, yet neighbours remain"
+
+
+def test_the_stack_hears_neighbours_from_their_arp_and_their_traffic_to_it_only() -> None:
+    a, _ = nic_pair(MAC_A, MAC_B)
+    stack = GuestStack(a, IP_A)
+    stack.handle(arp_request_to(IPv4Address("10.7.7.7")), now=0.0)  # B asks about someone else: B is heard
+    assert stack.neighbours.current(0.0) == [IP_B.ip], "an ARP request's sender was not heard"
+    other = ethernet(MAC_A, MAC_C, ETH_IPV4, ipv4_packet(IPv4Address("10.0.0.3"), IPv4Address("10.0.0.9"), 1,
+                                                         icmp_echo(ICMP_ECHO_REQUEST, 1, 1, b"")))
+    stack.handle(other, now=0.0)  # IPv4 for another host: not a sign of a neighbour
+    stack.handle(echo_request_to(IP_A.ip), now=0.0)
+    stack.handle(arp_request_to(IP_A.ip, MAC_C, IP_A.ip), now=0.0)  # a conflict claiming our address
+    stack.handle(arp_request_to(IP_A.ip, MAC_C, IPv4Address("192.168.1.1")), now=0.0)  # off our network
+    assert stack.neighbours.current(0.0) == [IP_B.ip], "heard something that is no neighbour"
 
 
 def test_echo_request_for_us_is_answered_with_the_same_id_seq_and_data() -> None:

@@ -10,19 +10,20 @@ import io
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
 from child_partition import cli
 from child_partition.devices.network import stack as stack_mod
-from child_partition.devices.network.nic import Nic, nic_pair
+from child_partition.devices.network.nic import LoopHub, Nic, nic_pair
 from child_partition.devices.network.ping import (
     NicFactory,
     PingStats,
     Watch,
     format_ms,
     ping,
+    ping_neighbours,
     ping_periodically,
     ping_targets,
     run_ping,
@@ -241,6 +242,46 @@ async def test_periodic_ping_logs_each_reply_then_each_loss_and_stops_when_cance
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_pinging_neighbours_finds_each_one_pings_it_and_lets_it_go_when_it_goes_quiet() -> None:
+    """Three partitions on a hub, each pinging its neighbours: each finds the other two (from their ARP) and
+    gets replies; one leaves, the others log it gone once it has not been heard for the lifetime. With a
+    limit of one, only the first neighbour heard is pinged."""
+    hub = LoopHub()
+    nics = {name: hub.attach(bytes([2, 0, 0, 0, 0, i])) for i, name in enumerate(("vm1", "vm2", "vm3"))}
+    logs = {name: Recorder() for name in nics}
+    async with GuestStack(nics["vm1"], vm("vm1")) as s1, GuestStack(nics["vm2"], vm("vm2")) as s2, \
+            GuestStack(nics["vm3"], vm("vm3")) as s3:
+        stacks = {"vm1": s1, "vm2": s2, "vm3": s3}
+        for st in stacks.values():
+            st.neighbours.lifetime = 1.0
+        watches: dict[str, dict[IPv4Address, Watch]] = {name: {} for name in nics}
+        tasks = [asyncio.create_task(ping_neighbours(stacks[n], watches[n], 0.02, logs[n], announce_every=0.2))
+                 for n in ("vm1", "vm2")]
+        tasks.append(asyncio.create_task(ping_neighbours(s3, watches["vm3"], 0.02, logs["vm3"], limit=1,
+                                                         announce_every=0.2)))
+        for me in ("vm1", "vm2"):
+            for other in nics.keys() - {me}:
+                address = str(vm(other).ip)
+                await logs[me].wait(f"{me}: a reply from {other}",
+                                    lambda me=me, a=address: any(r["address"] == a for r in logs[me].of("ping reply")))
+        await logs["vm3"].wait("vm3: a reply", lambda: bool(logs["vm3"].of("ping reply")))
+        assert len(logs["vm3"].of("neighbour found")) == 1, f"vm3 pings more than its limit: {logs['vm3'].lines}"
+        tasks[2].cancel()
+        nics["vm3"].close()  # vm3 leaves the switch
+        gone = str(vm("vm3").ip)
+        for me in ("vm1", "vm2"):
+            await logs[me].wait(f"{me}: vm3 gone", lambda me=me: any(g["address"] == gone
+                                                                     for g in logs[me].of("neighbour gone")))
+            assert vm("vm3").ip not in watches[me], f"{me} still keeps counts for vm3"
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_ping_neighbours_is_a_target_of_its_own() -> None:
+    assert ping_targets("neighbours") == ping_targets("Neighbors") == ["neighbours"]
 
 
 @pytest.mark.parametrize(("targets", "message"), [("vm2,,", None), (",", "give one or more"),

@@ -97,3 +97,49 @@ async def test_the_guest_drops_host_packets_for_a_channel_it_closed_quietly_and_
         bus.on_unknown_channel(Frame(FrameKind.SIGNAL, 9, b""))  # a relid never open here
     levels = {e["relid"]: e["log_level"] for e in logs}
     assert levels == {5: "debug", 9: "warning"}, logs
+
+
+class Counting(FramedConnection):
+    """Counts SIGNAL frames for relids never opened, in the order of their relids."""
+
+    def __init__(self) -> None:
+        super().__init__(log=structlog.get_logger())
+        self.seen: list[int] = []
+
+    def on_unknown_channel(self, frame: Frame) -> None:
+        self.seen.append(frame.relid)
+
+
+async def test_one_peers_flood_is_handled_a_turn_at_a_time_in_order() -> None:
+    """10,000 small frames in one write: at most FRAMES_PER_TURN of them between two turns of the event loop
+    (another connection's callbacks run in between), all of them in the order sent, and reading resumes."""
+    from vmbus_proto.aio.transport import FRAMES_PER_TURN  # noqa: PLC0415
+    from vmbus_proto.envelope import Signal  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    _, conn = await loop.create_connection(Counting, sock=ours)
+    n = 10_000
+    samples: list[int] = []
+
+    def tick() -> None:  # once per turn of the loop: how many frames the connection has handled so far
+        samples.append(len(conn.seen))
+        if len(conn.seen) < n and len(samples) < 1_000_000:
+            loop.call_soon(tick)
+
+    tick()
+    await loop.sock_sendall(theirs, b"".join(
+        b"".join(frame_parts(FrameKind.SIGNAL, 1 + i, Signal(0).encode())) for i in range(n)))
+    while len(conn.seen) < n and len(samples) < 1_000_000:
+        await asyncio.sleep(0)
+    assert len(conn.seen) == n, f"only {len(conn.seen)} of {n} frames handled"
+    per_turn = [b - a for a, b in zip(samples, samples[1:], strict=False)]
+    assert max(per_turn) <= FRAMES_PER_TURN, f"{max(per_turn)} frames handled in one turn of the loop"
+    assert conn.seen == [1 + i for i in range(n)], "frames handled out of order"
+    await loop.sock_sendall(theirs, b"".join(frame_parts(FrameKind.SIGNAL, 7, Signal(0).encode())))
+    while len(conn.seen) == n:  # reading was resumed: a later frame still arrives
+        await asyncio.sleep(0)
+    assert conn.seen[-1] == 7
+    conn.transport.close()
+    theirs.close()

@@ -14,6 +14,7 @@ so for ``stall_timeout`` is disconnected. TCP keepalive finds a peer that vanish
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 from typing import Any, cast
 
@@ -31,6 +32,10 @@ _DISCARD = bytearray(64 * 1024)
 FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
 BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
 _PACKET = int(FrameKind.PACKET)
+#: Frames of one connection handled per turn of the event loop; the rest wait (reading paused) for the next
+#: turn, so one peer's flood of small frames cannot hold up every other connection (fairness).
+FRAMES_PER_TURN = 256
+_WRITES, _BACKLOG = "the peer is not reading", "frames wait for their turn"
 _pack_header = HEADER.pack
 
 
@@ -62,6 +67,8 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.closed_future: asyncio.Future[str] = self._loop.create_future()
         self.bytes_in = 0
         self.bytes_out = 0
+        self._backlog: collections.deque[Frame] = collections.deque()  # decoded, waiting for a turn
+        self._read_holds: set[str] = set()  # why reading is paused (_WRITES, _BACKLOG)
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -108,14 +115,47 @@ class FramedConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        closed = self.closing  # (a local, so the check in the loop below is not narrowed away)
+        closed = self.closing  # (a local, so the check below is not narrowed away)
         if closed:
             return
         self.bytes_in += nbytes
         try:
+            frames = self.decoder.buffer_updated(nbytes)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        backlog = self._backlog
+        if backlog:  # earlier frames still wait for their turn: these go behind them
+            backlog.extend(frames)
+            return
+        if len(frames) > FRAMES_PER_TURN:
+            # One read can hold thousands of small frames: handle a turn's worth, and the rest in later turns
+            # of the loop, with reading paused meanwhile, so other connections are served in between.
+            backlog.extend(frames[FRAMES_PER_TURN:])
+            del frames[FRAMES_PER_TURN:]
+            self._hold_reading(_BACKLOG)
+            self._loop.call_soon(self._next_turn)
+        self._handle(frames)
+
+    def _next_turn(self) -> None:
+        backlog = self._backlog
+        if self.closing:
+            backlog.clear()
+            return
+        n = min(len(backlog), FRAMES_PER_TURN)
+        frames = [backlog.popleft() for _ in range(n)]
+        if backlog:
+            self._loop.call_soon(self._next_turn)
+        else:
+            self._release_reading(_BACKLOG)
+        self._handle(frames)
+
+    def _handle(self, frames: list[Frame]) -> None:
+        try:
             dispatch, channels, max_payload = self._dispatch, self.channels, self.max_payload
-            for frame in self.decoder.buffer_updated(nbytes):
+            for frame in frames:
                 if self.closing:  # a frame before this one closed the connection
+                    self._backlog.clear()
                     return
                 if frame[0] == _PACKET:  # the hot path, inline: (kind, relid, body, data, flags)
                     pkt = decode_packet(frame[2], frame[3], max_payload)  # garbage is refused on any relid
@@ -126,12 +166,29 @@ class FramedConnection(asyncio.BufferedProtocol):
                         ch._arrive(pkt)
                 else:
                     dispatch(frame)
-        except ProtocolError as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            # Our own bug, not the peer's: it costs this connection only, with the traceback in our log.
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A frame was bad (the peer's fault: closed with the reason) or our handler failed (our bug: it costs
+        this connection only, with the traceback in our log)."""
+        self._backlog.clear()
+        if isinstance(exc, ProtocolError):
+            self.fail(f"{type(exc).__name__}: {exc}")
+        else:
             self.log.exception("internal error while handling a frame; closing the connection")
             self._close_with(f"internal error: {type(exc).__name__}")
+
+    def _hold_reading(self, why: str) -> None:
+        """Stop reading the peer until every reason given here is released."""
+        if not self._read_holds and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        self._read_holds.add(why)
+
+    def _release_reading(self, why: str) -> None:
+        self._read_holds.discard(why)
+        if not self._read_holds and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         if self.decoder.buffered:
@@ -157,7 +214,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         sends may add to the pile) and drop it if it stays so for ``stall_timeout``."""
         self._write_paused = True
         if self.transport is not None and not self.closing:
-            self.transport.pause_reading()
+            self._hold_reading(_WRITES)
             self._stall_timer = asyncio.get_event_loop().call_later(self.stall_timeout, self._stalled)
 
     def resume_writing(self) -> None:
@@ -165,8 +222,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self._release_reading(_WRITES)
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)

@@ -6,6 +6,10 @@ none did, 2 for a usage error).
 command: it takes the parsed arguments and a :data:`NicFactory` that brings up the NIC (the CLI passes the
 NetVSC's, tests pass an in-memory one). :func:`ping_periodically` is ``child-partition run --ping``: a monitor
 like ``fping -l`` that pings its targets for as long as the partition runs and logs every outcome.
+:func:`ping_neighbours` is ``run --ping neighbours``: the same monitor over whichever hosts the stack has heard
+on the link lately (``stack.Neighbours``), started and stopped as they come and go, at most
+:data:`MAX_PINGED` at once; the stack announces itself (gratuitous ARP) every :data:`ANNOUNCE_EVERY` seconds
+so that partitions which start at the same moment still find each other.
 """
 
 from __future__ import annotations
@@ -159,10 +163,15 @@ async def run_ping(args: argparse.Namespace, nic_factory: NicFactory, *, out: Te
 # -- ``child-partition run --ping``: a monitor, as fping -l, not a command ----------------------------------------
 
 MIN_PERIODIC_TIMEOUT = 1.0  # a reply later than the interval (and at least this) counts as lost
+NEIGHBOURS = "neighbours"  # ``--ping neighbours``: every host heard on the link (also spelt "neighbors")
+MAX_PINGED = 32  # neighbours pinged at once: the first heard; the others wait for one of them to go
+ANNOUNCE_EVERY = 5.0  # seconds between gratuitous ARPs while pinging neighbours
 
 
 def ping_targets(text: str) -> list[str]:
-    """argparse type for ``--ping``: comma-separated partition names or IPv4 addresses."""
+    """argparse type for ``--ping``: comma-separated partition names or IPv4 addresses, or ``neighbours``."""
+    if text.strip().lower() in (NEIGHBOURS, "neighbors"):
+        return [NEIGHBOURS]
     targets = [t.strip() for t in text.split(",") if t.strip()]
     if not targets:
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more partition names or IPv4 addresses, "
@@ -199,6 +208,14 @@ class Watch:
             watches.append(cls(target, address, (base + i) & 0xFFFF))
         return watches
 
+    @classmethod
+    def neighbour(cls, address: IPv4Address, others: list[Watch]) -> Watch:
+        """A watch on a neighbour found on the link (its address is its only name), with an ICMP identifier
+        none of ``others`` uses."""
+        used = {w.ident for w in others}
+        ident = next(i for i in ((os.getpid() + n) & 0xFFFF for n in range(len(used) + 1)) if i not in used)
+        return cls(str(address), address, ident)
+
 
 async def ping_periodically(stack: GuestStack, watches: list[Watch], interval: float, log: Any,
                             size: int = 56) -> None:
@@ -229,3 +246,38 @@ async def _watch(stack: GuestStack, w: Watch, interval: float, log: Any, size: i
         else:
             log.info("ping lost", **fields, seq=seq, reason=reason, sent=w.sent, received=w.received)
         await asyncio.sleep(max(0.0, started + interval - stack.now()))
+
+
+async def ping_neighbours(stack: GuestStack, watches: dict[IPv4Address, Watch], interval: float, log: Any,
+                          *, limit: int = MAX_PINGED, announce_every: float = ANNOUNCE_EVERY, size: int = 56) -> None:
+    """Ping every neighbour the stack has heard (at most ``limit``) once per ``interval`` until cancelled, as
+    :func:`ping_periodically` does for fixed targets: ``neighbour found`` starts a watch, ``neighbour gone`` (not
+    heard for the stack's neighbour lifetime) ends it and forgets its counts. ``watches`` keeps the counts of
+    the neighbours being pinged across NIC changes. Announces this partition every ``announce_every`` seconds."""
+    pinging: dict[IPv4Address, asyncio.Task[None]] = {}
+    announced = -math.inf
+    try:
+        while not stack.nic.closed:
+            now = stack.now()
+            if now - announced >= announce_every:
+                stack.announce()
+                announced = now
+            heard = stack.neighbours.current(now)
+            if len(watches) > limit:  # counts kept from before a NIC change, of neighbours not heard since
+                for address in [a for a in watches if a not in pinging and a not in heard]:
+                    del watches[address]
+            for address in [a for a in pinging if a not in heard]:
+                pinging.pop(address).cancel()
+                w = watches.pop(address)
+                log.info("neighbour gone", address=str(address), sent=w.sent, received=w.received)
+            for address in heard:
+                if address in pinging or len(pinging) >= limit:
+                    continue
+                w = watches.get(address) or watches.setdefault(address, Watch.neighbour(address, [*watches.values()]))
+                log.info("neighbour found", address=str(address), pinging=len(pinging) + 1)
+                pinging[address] = asyncio.get_running_loop().create_task(_watch(stack, w, interval, log, size))
+            await asyncio.sleep(interval)
+    finally:
+        for task in pinging.values():
+            task.cancel()
+        await asyncio.gather(*pinging.values(), return_exceptions=True)

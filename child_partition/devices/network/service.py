@@ -6,7 +6,9 @@ otherwise. With ``--tap NAME`` (optionally ``--tap-netns NS``) the built-in stac
 creates that TAP device and bridges it to the NIC (``tap_bridge.py``), so the host kernel's stack is the
 guest's. With ``--ping TARGET[,TARGET...]`` the partition pings those partitions (or addresses) every
 ``--ping-interval`` seconds once its session is up, for as long as it runs, and logs each reply's round-trip
-time or its loss (``ping.ping_periodically``). The NIC outlives nothing: a new NetVSC (after a rescind or a
+time or its loss (``ping.ping_periodically``); ``--ping neighbours`` pings every host heard on the link
+instead, as they come and go (``ping.ping_neighbours``), for when the other partitions' names are not known
+up front (replicas of a compose service). The NIC outlives nothing: a new NetVSC (after a rescind or a
 reconnect) brings a new one, and the stack (and the pinging) moves to it.
 """
 
@@ -15,14 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from vmbus_proto.aio.tap import IFNAMSIZ, TapError
 
 from ...vsc import GuestContext, GuestService, GuestServiceError, Vsc
 from .nic import Nic
-from .ping import Watch, ping_periodically, ping_targets
+from .ping import NEIGHBOURS, Watch, ping_neighbours, ping_periodically, ping_targets
 from .stack import GuestStack, address_for_name
 from .tap_bridge import TapBridge
 
@@ -86,6 +88,7 @@ class NetworkService(GuestService):
         self._stack_task: asyncio.Task[Any] | None = None
         self.ping_interval: float = ctx.options.get("ping_interval") or 1.0
         self.watches: list[Watch] = []  # run --ping: one per target, counts kept across NIC changes
+        self.neighbours: dict[IPv4Address, Watch] | None = None  # run --ping neighbours: one per neighbour pinged
         self._pinger: asyncio.Task[None] | None = None
         self._session_seen = False  # a session was ready: a NIC that comes back later pings at once
 
@@ -101,7 +104,9 @@ class NetworkService(GuestService):
                             help="move the --tap device into network namespace NS (ip netns)")
         parser.add_argument("--ping", metavar="TARGET[,TARGET...]", type=ping_targets,
                             help="once up, ping these partitions (names) or IPv4 addresses through the switch for as "
-                                 "long as the partition runs, logging each reply's round-trip time or its loss")
+                                 "long as the partition runs, logging each reply's round-trip time or its loss; "
+                                 f"'{NEIGHBOURS}': every partition heard on the switch (ARP, or traffic to this "
+                                 "one), as they come and go, this partition announcing itself every few seconds")
         parser.add_argument("--ping-interval", metavar="SECONDS", type=interval_arg, default=1.0,
                             help="seconds between the pings of each --ping target (default 1); a reply later than "
                                  "this (and 1 s) counts as lost")
@@ -116,10 +121,13 @@ class NetworkService(GuestService):
         if targets and not self.run_stack:
             raise GuestServiceError("--ping needs the built-in network stack; with --tap, run ping in the TAP's "
                                     "namespace instead")
-        try:
-            self.watches = Watch.of(targets, self.address)
-        except ValueError as exc:
-            raise GuestServiceError(str(exc)) from None
+        if targets == [NEIGHBOURS]:
+            self.neighbours = {}
+        else:
+            try:
+                self.watches = Watch.of(targets, self.address)
+            except ValueError as exc:
+                raise GuestServiceError(str(exc)) from None
         if self.tap_name:
             try:
                 self.bridge = TapBridge.open(self.tap_name, self.tap_netns, self.log)
@@ -152,7 +160,11 @@ class NetworkService(GuestService):
             self._start_pinger()
 
     def _start_pinger(self) -> None:
-        if self.watches and self.stack is not None:
+        if self.neighbours is not None and self.stack is not None:
+            self.log.info("pinging the neighbours heard on the switch", interval=self.ping_interval)
+            self._pinger = asyncio.get_running_loop().create_task(
+                ping_neighbours(self.stack, self.neighbours, self.ping_interval, self.log))
+        elif self.watches and self.stack is not None:
             self.log.info("pinging", targets=[w.target for w in self.watches], interval=self.ping_interval)
             self._pinger = asyncio.get_running_loop().create_task(
                 ping_periodically(self.stack, self.watches, self.ping_interval, self.log))

@@ -12,6 +12,10 @@ send. :meth:`GuestStack.run` is the loop that feeds it from a :class:`~.nic.Nic`
 
 Addresses: a partition's IPv4 address is derived from its name (:func:`address_for_name`), so any partition
 can compute any other's address from the name alone; configuration may override it.
+
+Neighbours: the stack remembers which hosts of its network it has heard from lately (any ARP packet they sent,
+any IPv4 packet they sent to it), as ``arpwatch`` or ``ip neigh`` would see them: :class:`Neighbours`, bounded
+in size and age. ``run --ping neighbours`` pings whatever is in it.
 """
 
 from __future__ import annotations
@@ -170,6 +174,39 @@ class ArpCache:
         return {ip: mac for ip, (mac, _) in self._entries.items()}
 
 
+# -- the neighbours heard on the link -------------------------------------------------------------------------
+
+NEIGHBOUR_LIFETIME = 30.0  # seconds a neighbour not heard from is kept (Linux: an entry goes stale after ~30 s)
+MAX_NEIGHBOURS = 1024  # hosts remembered at once; more are not added (and counted) until some age out
+
+
+class Neighbours:
+    """The hosts of this network heard from, each with when it was first and last heard. Time is passed in."""
+
+    def __init__(self, lifetime: float = NEIGHBOUR_LIFETIME, limit: int = MAX_NEIGHBOURS) -> None:
+        self.lifetime = lifetime
+        self.limit = limit
+        self.overflow = 0  # hosts heard while the table was full
+        self._heard: dict[IPv4Address, float] = {}  # in the order first heard
+
+    def heard(self, ip: IPv4Address, now: float) -> None:
+        if ip not in self._heard:
+            self.expire(now)
+            if len(self._heard) >= self.limit:
+                self.overflow += 1
+                return
+        self._heard[ip] = now
+
+    def expire(self, now: float) -> None:
+        for ip in [ip for ip, last in self._heard.items() if now - last >= self.lifetime]:
+            del self._heard[ip]
+
+    def current(self, now: float) -> list[IPv4Address]:
+        """The hosts heard from within the lifetime, in the order first heard."""
+        self.expire(now)
+        return list(self._heard)
+
+
 # -- the stack ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -211,6 +248,7 @@ class GuestStack:
         self.address = address
         self.ttl = ttl
         self.arp = ArpCache(arp_lifetime)
+        self.neighbours = Neighbours()
         self.counters = StackCounters()
         self._clock = clock
         self._arp_learned = asyncio.Event()
@@ -266,6 +304,7 @@ class GuestStack:
         if spa == self.ip and sha != self.nic.mac:
             self.counters.address_conflicts += 1
             return []
+        self._heard(spa, now)
         # RFC 826: refresh a known sender; add it when the packet is for us. (A probe's sender is 0.0.0.0.)
         if not spa.is_unspecified and (spa in self.arp or tpa == self.ip):
             self.arp.learn(spa, sha, now)
@@ -283,6 +322,7 @@ class GuestStack:
         if ip.dst != self.ip:
             self.counters.ignored["ipv4 not for us"] += 1  # includes broadcast echo requests, as Linux
             return []
+        self._heard(ip.src, now)
         if ip.proto != PROTO_ICMP:
             self.counters.ignored[f"ip proto {ip.proto}"] += 1
             return []
@@ -303,6 +343,12 @@ class GuestStack:
         self.counters.ignored[f"icmp type {kind}"] += 1
         return []
 
+    def _heard(self, ip: IPv4Address, now: float) -> None:
+        """A host of our network (not us, not the network or broadcast address) sent something: a neighbour."""
+        network = self.address.network
+        if ip != self.ip and ip in network and ip not in (network.network_address, network.broadcast_address):
+            self.neighbours.heard(ip, now)
+
     def _echo_reply(self, ip: Ipv4Packet, ident: int, seq: int, now: float) -> None:
         waiting = self._echoes.get((ident, seq))
         if waiting is None or waiting[0] != ip.src or waiting[2].done():
@@ -316,7 +362,7 @@ class GuestStack:
     async def run(self) -> None:
         """Handle received frames until the NIC closes."""
         if self.nic.link_up:
-            self._announce()
+            self.announce()
         with contextlib.suppress(NicError):
             while True:
                 for frame in await self.nic.recv_batch():
@@ -351,9 +397,9 @@ class GuestStack:
 
     def _link_changed(self, up: bool) -> None:
         if up:
-            self._announce()
+            self.announce()
 
-    def _announce(self) -> None:
+    def announce(self) -> None:
         """Gratuitous ARP: a broadcast request for our own address, so neighbours refresh their caches."""
         packet = arp_packet(ARP_REQUEST, self.nic.mac, self.ip, bytes(6), self.ip)
         if self._send(ethernet(BROADCAST_MAC, self.nic.mac, ETH_ARP, packet)):

@@ -1,0 +1,61 @@
+"""``child-partition probe``: is a parent partition serving VMBus? The first half of a Linux guest's bring-up
+(drivers/hv/connection.c ``vmbus_connect``: INITIATE_CONTACT newest version first, then REQUESTOFFERS until
+ALLOFFERS_DELIVERED) and its clean end (``vmbus_initiate_unload``: UNLOAD, UNLOAD_RESPONSE), opening no channel.
+
+A TCP connect alone says only that something listens; this says the daemon answers the control plane. The
+probe connects under its own partition name (``probe-HOST-PID``), so it never takes a VM's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+
+from vmbus_proto.aio import logs
+from vmbus_proto.errors import ProtocolError
+from vmbus_proto.versions import version_text
+
+from .bus import BusError, GuestBus
+from .runner import open_bus
+
+EXIT_SERVING, EXIT_NOT_SERVING = 0, 1
+NAME_MAX = 64  # the parent's HELLO rule
+
+
+def probe_name() -> str:
+    """A partition name of its own: ``probe-HOST-PID``, cut to the 64 characters a name may have."""
+    pid = f"-{os.getpid()}"
+    return f"{logs.PROBE_PREFIX}{socket.gethostname()}"[:NAME_MAX - len(pid)] + pid
+
+
+async def probe(url: str, timeout: float, secret: bytes | None = None) -> int:
+    """Negotiate with the parent at ``url`` and unload, all within ``timeout`` seconds; prints one line (stdout
+    when it serves, stderr when not) and returns the exit status."""
+    logs.setup("error")  # the line printed says it all
+    bus: GuestBus | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            bus = await open_bus(url, probe_name(), log=logs.get(partition="probe"), secret=secret)
+            offers = await bus.negotiate()
+            version = bus.core.version
+            await bus.unload()
+    except TimeoutError:
+        return _down(f"no answer from the parent at {url} within {timeout:g} s")
+    except (OSError, BusError, ProtocolError) as exc:
+        return _down(f"the parent at {url} does not serve VMBus: {exc or type(exc).__name__}")
+    finally:
+        if bus is not None:
+            bus.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(bus.closed_future), 1.0)
+    print(f"VMBus {version_text(version)} negotiated with the parent at {url}: {len(offers)} offers, unloaded",
+          flush=True)
+    return EXIT_SERVING
+
+
+def _down(why: str) -> int:
+    print(f"child-partition probe: {why}", file=sys.stderr, flush=True)
+    return EXIT_NOT_SERVING
