@@ -16,7 +16,7 @@ from vmbus_proto.aio.cli import ArgumentParser, add_version, endpoint
 from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file, token_file_arg
 from vmbus_proto.devices.registry import REGISTRY
 
-from .auth import name_pattern
+from .auth import MODES, OPEN_ON_LOOPBACK, REQUIRED, PartitionSecret, name_pattern
 from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError, tables_help
 from .daemon import ParentDaemon, StartupError
 from .web.settings import DEFAULT_HTTP, http_address
@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-token-file", metavar="FILE",
                        help="the token every HTTP request must carry (a Bearer header, or the cookie a browser gets "
                             "from ?token=); needed to listen off loopback (default: none, or [http] token_file)")
+    serve.add_argument("--auth-mode", choices=MODES,
+                       help=f"who may connect: {REQUIRED!r}, every partition proves its secret; {OPEN_ON_LOOPBACK!r}, "
+                            f"partitions with no secret may connect on loopback and Unix listeners (default: "
+                            f"{OPEN_ON_LOOPBACK}, or [auth] mode)")
+    serve.add_argument("--partition-secret", action="append", metavar="NAME=FILE", type=_partition_secret,
+                       help='a partition (or a name prefix ending in "*") and its secret file, as an '
+                            "[[auth.partition]] table; may repeat (for containers with no config file)")
     keys = sub.add_parser("send-keys", help="type text or press keys in a partition, through the parent's API",
                           description="Type TEXT into partition NAME's keyboard (US layout; characters outside it "
                                       "go as unicode events), then press --keys, through the parent's JSON API.",
@@ -141,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         config.log_level = args.log_level
     if args.http:
         config.http.listen, config.http.explicit = args.http, True
-    if args.http_token_file:
-        config.http.token_file = args.http_token_file
-        try:
+    if args.auth_mode:
+        config.auth.mode = args.auth_mode
+    try:
+        if args.http_token_file:
+            config.http.token_file = args.http_token_file
             config.http.load_token("--http-token-file")
-        except ConfigError as exc:
-            return _fail(exc, 2)
+        if args.partition_secret:
+            config.auth.partition += args.partition_secret
+            config.auth.load_secrets("--partition-secret")
+    except ConfigError as exc:
+        return _fail(exc, 2)
     logs.setup(config.log_level, json=True if args.json_logs else None)
     malloc.tune()
     try:
@@ -163,6 +175,16 @@ def _http(text: str) -> str:
         return http_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _partition_secret(text: str) -> PartitionSecret:
+    name, eq, path = text.partition("=")
+    try:
+        if not eq or not path:
+            raise ValueError("must be NAME=FILE, as in vm1=secrets/vm1.key")
+        return PartitionSecret(name_pattern(name), path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _secret_name(text: str) -> str:

@@ -99,7 +99,8 @@ def test_open_mode_takes_unauthenticated_children_only_on_local_listeners(tmp_pa
     """The wildcard listener is reached over loopback here, but it is bound where other hosts can reach it: the
     parent decides by the listener, so an unauthenticated child is refused on it and taken on the Unix socket."""
     keys = secrets(tmp_path / "secrets", "vm1")
-    parent = Parent(tmp_path / "parent", auth_config(keys), extra=["--listen", "tcp://0.0.0.0:0"])
+    parent = Parent(tmp_path / "parent", FAST_LIMITS,  # the secret from the command line, as in a container
+                    extra=["--listen", "tcp://0.0.0.0:0", "--partition-secret", f"vm1={keys['vm1']}"])
     try:
         listening = parent.events("parent partition listening")[0]["listen"]
         wildcard = next(u for u in listening if u.startswith("tcp://0.0.0.0:"))

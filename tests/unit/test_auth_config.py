@@ -167,3 +167,21 @@ def test_an_authentication_refusal_ends_the_run_at_once(monkeypatch: pytest.Monk
     status, child, calls = run_child(monkeypatch, lambda: RefusingBus(kind, "authentication failed"), negotiated=True)
     assert (status, calls) == (EXIT_REFUSED, 1)
     assert child.failure is not None and "\n" not in child.failure and hint in child.failure, child.failure
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--partition-secret", "vm1"], "'vm1': must be NAME=FILE"),
+    (["--partition-secret", "a*b=x"], "'a*b=x': must be a partition name"),
+    (["--auth-mode", "closed"], "invalid choice: 'closed'"),
+])
+def test_serve_auth_flags_refuse_mistakes(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["serve", *argv])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_partition_secret_flag_with_a_loose_file_stops_the_parent(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    f = private(tmp_path / "vm1.key", mode=0o644)
+    assert cli.main(["serve", "--partition-secret", f"vm1={f}", "--listen", f"unix:{tmp_path}/s"]) == 2
+    assert "--partition-secret: [[auth.partition]] #1: secret file" in capsys.readouterr().err
