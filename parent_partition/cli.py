@@ -111,7 +111,8 @@ def _add_secret(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
                      help="directory for the file, created (mode 0700) if missing")
     new.add_argument("name", metavar="NAME", type=_secret_name,
                      help='the partition\'s name, or a name prefix ending in "*" for a secret that partitions '
-                          'named so share (the load tool\'s: "--name-prefix P" and "P-*")')
+                          'named so share (the load tool\'s: "--name-prefix P" and "P-*"; "*" alone: every name, '
+                          'written to all.key)')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +202,7 @@ def _new_secret(name: str, directory: str) -> int:
     where = Path(directory)
     try:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = new_secret_file(where / f"{name.removesuffix('*')}.key")
+        path = new_secret_file(where / f"{name.removesuffix('*') or 'all'}.key")  # "*": every name
     except OSError as exc:
         return _fail(SecretFileError(f"directory {where}: {exc.strerror or exc}"), 1)
     except SecretFileError as exc:

@@ -153,6 +153,8 @@ def test_secret_new_prints_the_table_to_append(tmp_path: Path, capsys: pytest.Ca
     assert Config.load(str(tmp_path / "p.toml")).auth.lookup("vm1") == read_secret_file(key)
     assert cli.main(["secret", "new", "vm1", "--dir", str(tmp_path / "s")]) == 1
     assert "already exists" in capsys.readouterr().err
+    assert cli.main(["secret", "new", "*", "--dir", str(tmp_path / "s")]) == 0
+    assert 'name = "*"' in capsys.readouterr().out and len(read_secret_file(tmp_path / "s" / "all.key")) == 32
 
 
 @pytest.mark.parametrize(("kind", "hint"), [
