@@ -17,9 +17,10 @@ from vmbus_proto import client as core
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.auth import AuthError, GuestAuth
 from vmbus_proto.channel import ChannelRings
 from vmbus_proto.client import Request
-from vmbus_proto.envelope import REFUSAL_CODES, Hello
+from vmbus_proto.envelope import REFUSAL_CODES, REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.packets import PAGE_SIZE
@@ -38,8 +39,10 @@ class ParentRefused(BusError):
 
     ``kind``: ``name-taken`` (another connection holds the partition name), ``hello`` (the parent rejected
     the HELLO, as a name it does not accept), ``envelope`` (no envelope version in common), ``auth`` (no
-    authentication method in common), ``versions`` (no VMBus version in common), ``not-a-parent`` (what
-    answered does not speak the envelope)."""
+    authentication method in common: a secret is needed, or the parent offers none), ``auth-failed`` (the
+    parent refused this child's proof), ``auth-parent`` (the parent's proof is wrong), ``replaced`` (another
+    connection authenticated under this name took over), ``versions`` (no VMBus version in common),
+    ``not-a-parent`` (what answered does not speak the envelope)."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -51,7 +54,8 @@ class ParentRefused(BusError):
 # sends no ``code`` (docs/protocol.md §3, §8). Anything else (shutting down, partition limit, handshake
 # timeout) may pass, so it is retried.
 _REFUSALS = (("name-taken", "partition name "), ("envelope", "envelope version "),
-             ("auth", "authentication method "), ("hello", "FrameError: HELLO "))
+             ("auth", "authentication method "), ("auth", "authentication required"),
+             ("auth-failed", "authentication failed "), ("hello", "FrameError: HELLO "))
 
 
 def refusal_kind(reason: str) -> str | None:
@@ -61,11 +65,14 @@ def refusal_kind(reason: str) -> str | None:
 
 class GuestBus(FramedConnection):
     def __init__(self, name: str, *, trace: bool = False, versions: list[int] | None = None,
-                 timeout: float = core.DEFAULT_TIMEOUT, memory: GuestMemory | None = None, log: Any = None) -> None:
+                 timeout: float = core.DEFAULT_TIMEOUT, memory: GuestMemory | None = None, log: Any = None,
+                 secret: bytes | None = None) -> None:
         """``memory``: the partition's guest memory, where the connection's three pages come from (a bus given
-        none keeps a private three-page memory: its page numbers then overlap the VSCs' own)."""
+        none keeps a private three-page memory: its page numbers then overlap the VSCs' own). ``secret``: the
+        partition's secret, proved to the parent (and the parent's proof checked) before INITIATE_CONTACT."""
         super().__init__(log=log)
         self.name = name
+        self.auth = GuestAuth(name, secret, data_window=self.data_window)
         self.trace = trace
         self.memory = memory if memory is not None else GuestMemory(3 * PAGE_SIZE)
         # vmbus_connect: the interrupt page, then the parent->child and child->parent monitor pages.
@@ -92,23 +99,40 @@ class GuestBus(FramedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.name, data_window=self.data_window).encode())
+        self.send_frame(FrameKind.HELLO, 0, self.auth.hello().encode())
 
     def on_hello(self, frame: Frame) -> None:
-        if self.hello_future.done():
-            raise FrameError("second HELLO from the host")
         hello = Hello.decode(frame.body)
-        if hello.envelope != ENVELOPE_VERSION or hello.auth != "none":
-            reason = (f"the parent speaks envelope {hello.envelope} with auth {hello.auth!r}; "
-                      f"this child speaks envelope {ENVELOPE_VERSION} with no authentication")
+        if hello.envelope != ENVELOPE_VERSION:
+            reason = f"the parent speaks envelope {hello.envelope}; this child speaks envelope {ENVELOPE_VERSION}"
             self.refused = ParentRefused("envelope", reason)
             raise FrameError(reason)
+        try:
+            proof = self.auth.receive_hello(hello)
+        except AuthError as exc:
+            self.refused = ParentRefused(exc.code, exc.reason)
+            raise
         self.peer_data_window = hello.data_window
-        self.hello_future.set_result(hello)
+        if proof is None:
+            self.hello_future.set_result(hello)  # no authentication: the parent's HELLO accepts us
+        else:
+            self.send_frame(FrameKind.AUTH, 0, proof)  # the parent's AUTH, with its own proof, accepts us
+
+    def on_auth(self, frame: Frame) -> None:
+        try:
+            self.auth.receive_auth(frame.body)
+        except AuthError as exc:
+            self.refused = ParentRefused(exc.code, exc.reason)
+            raise
+        assert self.auth.host is not None
+        self.log.info("parent authenticated", parent=self.auth.host.partition)
+        self.hello_future.set_result(self.auth.host)
 
     def on_close_frame(self, reason: str, code: str | None) -> None:
         self.close_reason = reason
         kind = None if self.hello_future.done() else code if code in REFUSAL_CODES else refusal_kind(reason)
+        if code == REPLACED:
+            kind = REPLACED  # a newer connection under our name took over: taking it back would be a tug of war
         if kind is not None:
             self.refused = ParentRefused(kind, reason)
         self.close()

@@ -17,6 +17,7 @@ import uvloop
 
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
+from vmbus_proto.aio.keyfile import secret_file_arg
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
@@ -41,7 +42,14 @@ RUN_EPILOG = """\
 exit status: 0 after a clean unload (SIGINT or SIGTERM); 1 when the parent cannot be reached or the session
 ends and --no-reconnect is given; 2 for a mistake in the arguments; 3 when the parent refuses this child
 for a reason retrying cannot fix (the name is taken, no VMBus version in common) or the --connect address
-can never be connected to. The reason is the last line on stderr."""
+can never be connected to, or authentication fails (a wrong or missing --secret-file, a parent that cannot
+prove it holds the secret, or another connection authenticated under this name replaced this one). The
+reason is the last line on stderr."""
+
+SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex; readable by this user only), "
+               "proved to the parent without sending it; the parent must hold the same one for --name "
+               "([[auth.partition]]). Without it the child connects unauthenticated, which a parent allows only "
+               "for names it has no secret for, on loopback or a Unix socket")
 
 JSON_LOGS_HELP = (f"log JSON lines (default: readable lines, coloured on a terminal; {logs.FORMAT_ENV}=json in the "
                   "environment asks for JSON too)")
@@ -95,6 +103,7 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     add_version(ping)
     ping.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
     ping.add_argument("--name", required=True, type=_name, help="this partition's name (unique among the children)")
+    ping.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg, help=SECRET_HELP)
     ping.add_argument("--address", metavar="A/N", type=interface_arg,
                       help="this partition's IPv4 address and prefix (default: derived from --name, in 10.0.0.0/8)")
     ping.add_argument("-c", dest="count", metavar="COUNT", type=_number(int, 1),
@@ -121,6 +130,9 @@ def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
                                   "reason is on stderr), 2 for a mistake in the arguments.")
     add_version(probe)
     probe.add_argument("--connect", required=True, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    probe.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg,
+                       help="a secret the parent holds for the probe's name (probe-HOST-PID: a \"probe-*\" or \"*\" "
+                            "[[auth.partition]] entry), needed where the parent takes only authenticated partitions")
     probe.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0.1), default=5.0,
                        help="give up after this long")
 
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this partition's name: 1-64 printable characters, unique among the parent's children "
                           f"(its disks are kept under that name); default: ${NAME_ENV}, else the host name, which "
                           "in a container is unique (its ID, or the compose hostname:)")
+    run.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg, help=SECRET_HELP)
     run.add_argument("--trace", action="store_true", help="log every control message, decoded")
     offered = run.add_mutually_exclusive_group()
     offered.add_argument("--vmbus-version", action="append", metavar="V", type=vmbus_version_arg,
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
     if args.command == "probe":
         from .probe import probe  # noqa: PLC0415
 
-        return uvloop.run(probe(args.connect, args.timeout))
+        return uvloop.run(probe(args.connect, args.timeout, args.secret))
     if args.command == "run" and args.name is None:
         args.name = default_name()
         if args.name is None:
@@ -191,8 +204,8 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
     return uvloop.run(_run(args))
 
 
-_RUN_ARGS = {"command", "connect", "name", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect", "log_level",
-             "json_logs"}
+_RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
+             "log_level", "json_logs"}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -203,7 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS}  # the guest services' own options
     child = ChildPartition(args.connect, args.name, trace=args.trace,
                            versions=args.vmbus_version or args.vmbus_max_version,
-                           reconnect=not args.no_reconnect, **options)
+                           reconnect=not args.no_reconnect, secret=args.secret, **options)
     try:
         status = await child.run(stop)
     except GuestServiceError as exc:
@@ -219,7 +232,8 @@ async def vmbus_nic(args: argparse.Namespace) -> AsyncIterator[Nic]:
     """Bring this partition up (``--connect``, ``--name``, every offered device) and yield its NetVSC's NIC;
     on exit, shut it down cleanly (UNLOAD). Its own log lines go to stderr, at warning and above."""
     logs.setup("warning")
-    child = ChildPartition(args.connect, args.name, reconnect=False, address=args.address, guest_stack=False)
+    child = ChildPartition(args.connect, args.name, reconnect=False, address=args.address, guest_stack=False,
+                           secret=args.secret)
     stop = asyncio.Event()
     running = asyncio.get_running_loop().create_task(child.run(stop))
     net = child.service(NetworkService)

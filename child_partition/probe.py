@@ -31,14 +31,14 @@ def probe_name() -> str:
     return f"{logs.PROBE_PREFIX}{socket.gethostname()}"[:NAME_MAX - len(pid)] + pid
 
 
-async def probe(url: str, timeout: float) -> int:
+async def probe(url: str, timeout: float, secret: bytes | None = None) -> int:
     """Negotiate with the parent at ``url`` and unload, all within ``timeout`` seconds; prints one line (stdout
     when it serves, stderr when not) and returns the exit status."""
     logs.setup("error")  # the line printed says it all
     bus: GuestBus | None = None
     try:
         async with asyncio.timeout(timeout):
-            bus = await open_bus(url, probe_name(), log=logs.get(partition="probe"))
+            bus = await open_bus(url, probe_name(), log=logs.get(partition="probe"), secret=secret)
             offers = await bus.negotiate()
             version = bus.core.version
             await bus.unload()

@@ -56,7 +56,13 @@ _REFUSAL_HINTS = {
     "name-taken": "choose another --name (or stop the child that uses this one)",
     "hello": "check --name: 1-64 printable characters",
     "envelope": "run a parent-partition and a child-partition of the same release",
-    "auth": "run a parent-partition and a child-partition of the same release",
+    "auth": "give this child --secret-file with the secret the parent holds for this name ([[auth.partition]]; "
+            "parent-partition secret new NAME makes one)",
+    "auth-failed": "check --secret-file: it must hold the same secret as the parent's [[auth.partition]] "
+                   "secret_file for this name",
+    "auth-parent": "the parent does not hold this partition's secret: check its [[auth.partition]] secret_file "
+                   "and that --connect reaches the right parent",
+    "replaced": "another child authenticated under this name took over ([auth] replace = true); stop one of them",
     "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
     "versions": "drop --vmbus-version to offer Linux's versions (5.3 to 2.4), or offer one that the parent's "
                 "[parent] vmbus_versions lists",
@@ -77,10 +83,12 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
                  versions: list[int] | None = None, reconnect: bool = True, log: Any = None,
-                 **options: Any) -> None:
-        """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at)."""
+                 secret: bytes | None = None, **options: Any) -> None:
+        """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at);
+        ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1)."""
         self.url = url
         self.name = name
+        self.secret = secret
         self.trace = trace
         self.versions = versions
         self.reconnect = reconnect
@@ -128,7 +136,7 @@ class ChildPartition:
         while not stop.is_set():
             try:
                 self.bus = await open_bus(self.url, self.name, trace=self.trace, versions=self.versions,
-                                          memory=self.memory, log=self.log)
+                                          memory=self.memory, log=self.log, secret=self.secret)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
                 if not not_yet:
@@ -225,7 +233,7 @@ class ChildPartition:
         stopped.cancel()
         if bus.closed_future.done():
             self.ready.clear()
-            raise ConnectionResetError(bus.close_reason or "connection to the parent lost")
+            raise bus.refused or ConnectionResetError(bus.close_reason or "connection to the parent lost")
         await self.shutdown(bus)
 
     async def _attach(self, offer: m.OfferChannel) -> None:

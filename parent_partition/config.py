@@ -19,6 +19,7 @@ from vmbus_proto.devices.registry import BY_NAME, REGISTRY
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.versions import HOST_SUPPORTED
 
+from .auth import AuthSettings
 from .devices import vsp_classes
 from .settings import ConfigError, count, describe, flag, parse_section, seconds, setting, text
 from .web.settings import HttpSettings
@@ -76,6 +77,7 @@ class Config:
     max_partitions: int = setting(4096, check=count())
     devices: dict[str, bool] = field(default_factory=lambda: {e.name: e.enabled for e in REGISTRY})
     http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
+    auth: AuthSettings = field(default_factory=AuthSettings)  # [auth]: who may connect, with what secret
     sections: dict[str, Any] = field(default_factory=lambda: {n: c.Settings() for n, c in vsp_classes().items()
                                                               if dataclasses.fields(c.Settings)})
     source: str | None = None  # the TOML file these settings came from
@@ -99,7 +101,7 @@ class Config:
             lines = raw_text.count("\n") + 1
             why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
-        known = ["parent", "devices", "http", *cfg.sections]
+        known = ["parent", "devices", "http", "auth", *cfg.sections]
         for section in sorted(set(raw) - set(known)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(known)}")
         for section in known:
@@ -108,6 +110,9 @@ class Config:
         cfg.apply(raw.get("parent", {}), source=path)
         parse_section(HttpSettings, raw.get("http", {}), "[http]", path, obj=cfg.http)
         cfg.http.explicit = "listen" in raw.get("http", {})
+        cfg.http.load_token(f"{path}: [http] token_file")
+        parse_section(AuthSettings, raw.get("auth", {}), "[auth]", path, obj=cfg.auth)
+        cfg.auth.load_secrets(path)
         for name, enabled in raw.get("devices", {}).items():
             if name not in BY_NAME:
                 raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(BY_NAME)}")
@@ -135,7 +140,7 @@ class Config:
 
 def tables_help() -> str:
     """Every table a config file may have, with its keys (``serve --config`` help)."""
-    tables = describe("parent", Config) + describe("http", HttpSettings)
+    tables = describe("parent", Config) + describe("http", HttpSettings) + describe("auth", AuthSettings)
     for name, settings in Config().sections.items():
         tables += describe(name, type(settings))
     tables.append(f"[devices] ({', '.join(BY_NAME)} = true|false)")

@@ -23,12 +23,14 @@ from vmbus_proto import server as core
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.auth import AuthError, HostAuth
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.envelope import Hello
+from vmbus_proto.envelope import REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.versions import version_text
 
+from .auth import AuthSettings
 from .counters import Totals
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
@@ -47,6 +49,7 @@ class ConnectionConfig(Protocol):
     vmbus_versions: list[int]
     max_gpadls: int
     trace: bool
+    auth: AuthSettings
 
 
 class Host(Protocol):
@@ -70,11 +73,17 @@ class Host(Protocol):
 
 
 class PartitionConnection(FramedConnection):
-    def __init__(self, daemon: Host, transport_name: str) -> None:
+    def __init__(self, daemon: Host, transport_name: str, *, open_allowed: bool = False) -> None:
+        """``open_allowed``: a partition with no secret configured may connect unauthenticated here (the
+        listener is local and ``[auth] mode`` is open-on-loopback; ``AuthSettings.open_allowed``)."""
         cfg = daemon.config
         super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
                          data_window=cfg.channel_data_window, log=daemon.log.bind(transport=transport_name))
         self.daemon = daemon
+        self.open_allowed = open_allowed
+        self.handshake: HostAuth | None = None  # from the guest's HELLO on
+        self.authenticated = False
+        self.released = asyncio.Event()  # gone, and its devices have let go of its channels and GPADLs
         self.partition: str | None = None
         self.peer = "?"
         self.core: core.HostConnection | None = None
@@ -111,7 +120,8 @@ class PartitionConnection(FramedConnection):
             self.daemon.config.handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
-        what = "HELLO" if self.partition is None else "accepted INITIATE_CONTACT"
+        what = ("HELLO" if self.handshake is None else "AUTH" if self.partition is None
+                else "accepted INITIATE_CONTACT")
         self.fail(f"handshake timeout: no {what} within {self.daemon.config.handshake_timeout:g}s")
 
     def on_connection_lost(self, exc: Exception | None) -> None:
@@ -135,14 +145,19 @@ class PartitionConnection(FramedConnection):
         self.idle.set()
         if open_now:
             self.daemon.spawn(self._release_devices(open_now))
+        else:
+            self.released.set()
         self.log.info("partition disconnected", channels_released=len(open_now),
                       reason=str(exc) if exc else "closed")
 
     async def _release_devices(self, open_now: list[tuple[Vsp, Channel]]) -> None:
-        for vsp, ch in open_now:
-            await vsp.close(ch)
-        for gpadls in self._gpadl_maps.values():
-            gpadls.release_all()
+        try:
+            for vsp, ch in open_now:
+                await vsp.close(ch)
+            for gpadls in self._gpadl_maps.values():
+                gpadls.release_all()
+        finally:
+            self.released.set()
 
     def add_channel(self, ch: Channel) -> None:
         super().add_channel(ch)
@@ -159,7 +174,7 @@ class PartitionConnection(FramedConnection):
     # ---- frames -----------------------------------------------------------------------------------------
 
     def on_hello(self, frame: Frame) -> None:
-        if self.partition is not None:
+        if self.handshake is not None:
             raise FrameError("second HELLO on one connection")
         try:
             hello = Hello.decode(frame.body)
@@ -170,13 +185,41 @@ class PartitionConnection(FramedConnection):
             self._refuse("envelope", f"envelope version {hello.envelope} is not supported "
                                      f"(this parent speaks {ENVELOPE_VERSION})")
             return
-        if hello.auth != "none":
-            self._refuse("auth", f"authentication method {hello.auth!r} is not offered by this parent")
+        auth = self.daemon.config.auth
+        self.handshake = HostAuth(self.daemon.name, auth.lookup, self.open_allowed, data_window=self.data_window)
+        try:
+            challenge = self.handshake.receive_hello(hello)
+        except AuthError as exc:
+            self._refuse(exc.code, exc.reason, partition=hello.partition, **exc.log_fields)
             return
-        if hello.partition in self.daemon.partitions:
-            self._refuse("name-taken", f"partition name {hello.partition!r} is already connected")
+        if challenge is not None:  # docs/protocol.md §3.1: the guest proves itself in an AUTH frame
+            self.send_frame(FrameKind.HELLO, 0, challenge.encode())
             return
-        self.partition = hello.partition
+        self._admit(hello, FrameKind.HELLO, self.handshake.reply().encode())
+
+    def on_auth(self, frame: Frame) -> None:
+        if self.handshake is None or self.handshake.guest is None:
+            raise FrameError("AUTH frame before HELLO")
+        hello = self.handshake.guest
+        try:
+            answer = self.handshake.receive_proof(frame.body)
+        except AuthError as exc:
+            self._refuse(exc.code, exc.reason, partition=hello.partition, **exc.log_fields)
+            return
+        self.authenticated = True
+        self._admit(hello, FrameKind.AUTH, answer)
+
+    def _admit(self, hello: Hello, kind: FrameKind, answer: bytes) -> None:
+        """Take partition ``hello.partition`` under its name, answer with ``answer`` (the parent's HELLO, or
+        its AUTH after a good proof) and get ready for INITIATE_CONTACT. A name already connected is refused,
+        or, with ``[auth] replace`` and an authenticated newcomer, taken over: the old connection is closed
+        and the answer waits until its devices have let go of its channels."""
+        name = hello.partition
+        old = self.daemon.partitions.get(name)
+        if old is not None and not (self.authenticated and self.daemon.config.auth.replace):
+            self._refuse("name-taken", f"partition name {name!r} is already connected", partition=name)
+            return
+        self.partition = name
         self.connected_at = time.time()
         self.daemon.totals.connections += 1
         self.peer_data_window = hello.data_window
@@ -185,23 +228,38 @@ class PartitionConnection(FramedConnection):
         self.log = self.log.bind(partition=hello.partition)
         if hello.partition.startswith(logs.PROBE_PREFIX):
             self.log = self.log.bind(probe=True)
+        if old is None:
+            self._accepted(kind, answer)
+            return
+        old.log.warning("partition replaced by a new authenticated connection", by=self.peer)
+        old.close(f"partition {name!r} was replaced by a new authenticated connection from {self.peer}", REPLACED)
+        self._spawn(self._replace(old, kind, answer))
+
+    async def _replace(self, old: PartitionConnection, kind: FrameKind, answer: bytes) -> None:
+        await old.released.wait()  # bounded by this connection's handshake timer
+        if not self.closing:
+            self._accepted(kind, answer, replaced=old.peer)
+
+    def _accepted(self, kind: FrameKind, answer: bytes, **extra: Any) -> None:
+        """The answer goes out and the VMBus server for this partition starts: INITIATE_CONTACT is next."""
         cfg = self.daemon.config
         self.vsps = {v.name: v for v in self.daemon.vsps}
-        self.core = core.HostConnection([v.offer(hello.partition) for v in self.daemon.vsps],
+        self.core = core.HostConnection([v.offer(self.partition or "?") for v in self.daemon.vsps],
                                         supported=cfg.vmbus_versions,
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls))
-        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, self.daemon.name,
-                                                  data_window=self.data_window).encode())
-        self.log.info("partition connected")
+        self.send_frame(kind, 0, answer)
+        self.log.info("partition connected", authenticated=self.authenticated, **extra)
 
-    def _refuse(self, code: str, reason: str) -> None:
-        """A HELLO this parent will not accept however often it comes: not a protocol error, a refusal."""
-        self.log.warning("partition refused", code=code, reason=reason)
+    def _refuse(self, code: str, reason: str, **fields: Any) -> None:
+        """A HELLO (or proof) this parent will not accept however often it comes: not a protocol error, a
+        refusal. ``fields`` go to the log only (``detail``: what the guest is not told)."""
+        self.log.warning("partition refused", code=code, reason=reason, **fields)
         self.close(reason, code)
 
     def on_control(self, frame: Frame) -> None:
         if self.core is None:
-            raise FrameError("CONTROL frame before HELLO")
+            raise FrameError("CONTROL frame before HELLO" if self.handshake is None
+                             else "CONTROL frame before the partition was accepted")
         try:
             msg = m.decode(frame.body)
         except MessageError as exc:

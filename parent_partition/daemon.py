@@ -93,13 +93,29 @@ class ParentDaemon:
         self.accepting = True
         self.log.info("parent partition listening", listen=self.endpoints,
                       devices=[v.name for v in self.vsps], data_dir=str(self.config.data_path))
+        self._warn_auth()
+
+    def _warn_auth(self) -> None:
+        """Say once where partitions may connect without a secret, and where none can connect at all."""
+        auth = self.config.auth
+        open_on = [u for u in self.config.listen if auth.open_allowed(u)]
+        if open_on:
+            self.log.warning("partitions with no secret configured may connect unauthenticated on local "
+                             "listeners ([auth] mode = \"open-on-loopback\")", listeners=open_on,
+                             hint='[auth] mode = "required" refuses them')
+        closed = [u for u in self.config.listen if not auth.open_allowed(u)]
+        if closed and not auth.configured:
+            self.log.warning("no partition can connect on these listeners: they take only authenticated "
+                             "partitions, and no [[auth.partition]] has a secret", listeners=closed,
+                             hint="parent-partition secret new NAME --dir secrets/")
 
     async def _listen(self, url: str) -> None:
         loop = asyncio.get_running_loop()
         kind, where, port = parse_endpoint(url)
+        open_allowed = self.config.auth.open_allowed(url)
         if kind == "tcp":
-            server = await loop.create_server(lambda: PartitionConnection(self, "tcp"), where, port,
-                                              reuse_address=True, backlog=1024)
+            server = await loop.create_server(lambda: PartitionConnection(self, "tcp", open_allowed=open_allowed),
+                                              where, port, reuse_address=True, backlog=1024)
             sock = server.sockets[0]
             host, bound = sock.getsockname()[:2]
             self.endpoints.append(f"tcp://{host}:{bound}")
@@ -112,8 +128,8 @@ class ParentDaemon:
                 path.unlink()
             elif path.exists() or path.is_symlink():
                 raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
-            server = await loop.create_unix_server(lambda: PartitionConnection(self, "unix"), str(path),
-                                                   backlog=1024)
+            server = await loop.create_unix_server(
+                lambda: PartitionConnection(self, "unix", open_allowed=open_allowed), str(path), backlog=1024)
             self._unix_paths.append(path)
             os.chmod(path, 0o660)
             self.endpoints.append(f"unix:{path}")

@@ -1,4 +1,4 @@
-"""Bodies of the envelope's frames (docs/protocol.md): HELLO, PACKET, SIGNAL and CLOSE.
+"""Bodies of the envelope's frames (docs/protocol.md): HELLO, AUTH, PACKET, SIGNAL and CLOSE.
 
 A PACKET body is the ring packet's descriptor fields (Linux ``struct vmpacket_descriptor``: type, flags,
 trans_id), its in-band payload and, for GPA-direct packets, its ranges (``struct gpa_range``) or, for
@@ -36,23 +36,33 @@ MIN_DATA_WINDOW = 1024 * 1024
 MAX_DATA_WINDOW = 1 << 30
 
 
+AUTH_NONE = "none"
+AUTH_HMAC = "hmac-sha256"  # the challenge-response of vmbus_proto.auth (docs §3.1)
+NONCE_SIZE = 32  # bytes of a HELLO nonce
+PROOF_SIZE = 32  # bytes of an AUTH proof (an HMAC-SHA256)
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     envelope: int
     partition: str  # the child's name (child to parent) or the host's (parent to child)
-    auth: str = "none"  # the place for the challenge-response step
+    auth: str = AUTH_NONE  # the authentication method: "none" or "hmac-sha256"
     data_window: int = DEFAULT_DATA_WINDOW  # inline data bytes the sender accepts in flight per channel
+    nonce: bytes | None = None  # the sender's fresh random challenge, with auth "hmac-sha256" only
 
     def encode(self) -> bytes:
-        return _packb({"envelope": self.envelope, "partition": self.partition, "auth": self.auth,
-                       "data_window": self.data_window})
+        body: dict[str, Any] = {"envelope": self.envelope, "partition": self.partition, "auth": self.auth,
+                                "data_window": self.data_window}
+        if self.nonce is not None:
+            body["nonce"] = self.nonce
+        return _packb(body)
 
     @classmethod
     def decode(cls, body: bytes | memoryview) -> Hello:
         obj = _unpack(body, "HELLO")
         if not isinstance(obj, Mapping):
             raise FrameError("HELLO body is not a map")
-        env, name, auth = obj.get("envelope"), obj.get("partition"), obj.get("auth", "none")
+        env, name, auth = obj.get("envelope"), obj.get("partition"), obj.get("auth", AUTH_NONE)
         if not isinstance(env, int) or not isinstance(name, str) or not isinstance(auth, str):
             raise FrameError("HELLO needs envelope (int), partition (str) and auth (str)")
         if not 0 < len(name) <= 64 or not name.isprintable():
@@ -60,13 +70,36 @@ class Hello:
         window = obj.get("data_window", DEFAULT_DATA_WINDOW)
         if type(window) is not int or not MIN_DATA_WINDOW <= window <= MAX_DATA_WINDOW or window % 8:
             raise FrameError(f"HELLO data_window must be a multiple of 8 from {MIN_DATA_WINDOW} to {MAX_DATA_WINDOW}")
-        return cls(env, name, auth, window)
+        nonce = obj.get("nonce")
+        if auth == AUTH_HMAC and (type(nonce) is not bytes or len(nonce) != NONCE_SIZE):
+            raise FrameError(f"HELLO with auth {AUTH_HMAC!r} needs a nonce of {NONCE_SIZE} bytes (bin)")
+        return cls(env, name, auth, window, nonce if auth == AUTH_HMAC else None)
+
+
+# ---- AUTH -----------------------------------------------------------------------------------------------
+
+def encode_auth(proof: bytes) -> bytes:
+    return _packb({"proof": proof})
+
+
+def decode_auth(body: bytes | memoryview) -> bytes:
+    """An AUTH body's proof: exactly ``PROOF_SIZE`` bytes (bin), else a FrameError."""
+    obj = _unpack(body, "AUTH")
+    proof = obj.get("proof") if isinstance(obj, Mapping) else None
+    if type(proof) is not bytes or len(proof) != PROOF_SIZE:
+        raise FrameError(f"AUTH body must be a map with proof: {PROOF_SIZE} bytes (bin)")
+    return proof
 
 
 # ---- CLOSE ----------------------------------------------------------------------------------------------
 
-# Why a parent refused a HELLO, for a child to act on without parsing the reason's words (docs §8).
-REFUSAL_CODES = frozenset({"name-taken", "envelope", "auth", "hello"})
+# Why a parent refused a HELLO, for a child to act on without parsing the reason's words (docs §8):
+# ``auth`` no method in common (authentication needed, or not offered), ``auth-failed`` a wrong proof or a
+# name the parent has no secret for.
+REFUSAL_CODES = frozenset({"name-taken", "envelope", "auth", "auth-failed", "hello"})
+# The code of a CLOSE that ends an accepted connection because another one, authenticated under the same
+# name, replaced it (``[auth] replace = true``, docs §3.2): the child must not reconnect and take it back.
+REPLACED = "replaced"
 
 
 def encode_close(reason: str, code: str | None = None) -> bytes:

@@ -24,11 +24,12 @@ ENVELOPE_VERSION = 2  # 2: per-channel data windows (HELLO data_window, SIGNAL d
 
 
 class FrameKind(enum.IntEnum):
-    HELLO = 1  # envelope handshake: partition name, later authentication
+    HELLO = 1  # envelope handshake: partition name, authentication method and nonce
     CONTROL = 2  # one VMBus channel message (CHANNELMSG_*)
     PACKET = 3  # one ring packet of channel ``relid``
     SIGNAL = 4  # ring header fields a peer cannot see in shared memory: indices, pending_send_sz, mask
     CLOSE = 5  # the sender is closing the connection, with a reason
+    AUTH = 6  # the challenge-response proof of a partition's secret (vmbus_proto.auth)
 
 
 class Frame(NamedTuple):
@@ -193,4 +194,4 @@ class FrameDecoder:
         return pos
 
 
-_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.CLOSE)
+_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.AUTH)

@@ -118,7 +118,7 @@ class CyclePartition:
     async def operation(self, rec: Recorder) -> Done:
         w = self.workload
         self.n, n = self.n + 1, self.n
-        guest = LoadGuest(w.options.connect, f"{self.name}-{n}", w.log)
+        guest = LoadGuest(w.options.connect, f"{self.name}-{n}", w.log, secret=w.options.secret)
         self.live.add(guest)
         try:
             t = time.monotonic()
@@ -298,7 +298,7 @@ class ChurnWorkload:
         name = f"{self.options.prefix}-{index}"
         if not self.config.rescind:
             return CyclePartition(self, name)
-        guest = LoadGuest(self.options.connect, name, self.log)
+        guest = LoadGuest(self.options.connect, name, self.log, secret=self.options.secret)
         try:
             offers = await guest.connect()
             chosen = chosen_offers(offers, self.config.devices)

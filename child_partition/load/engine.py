@@ -34,6 +34,7 @@ from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import connect_endpoint
+from vmbus_proto.aio.keyfile import secret_file_arg
 
 from ..interrupt import Interrupt
 from .args import number, output
@@ -102,6 +103,7 @@ class Spec:
     run_id: int = field(default_factory=os.getpid)
     child: bool = False
     name_prefix: str | None = None
+    secret: bytes | None = None
 
     @property
     def job(self) -> dict[str, Any]:
@@ -117,7 +119,8 @@ def options_for(spec: Spec, entry: Entry, first: int, count: int, nth: int) -> L
     base = getattr(entry.cls, "prefix", None) or entry.cls.name
     host = f"{spec.name_prefix}-" if spec.name_prefix else ""
     return LoadOptions(connect=spec.connect, http=spec.http, partitions=count, first_index=first,
-                       prefix=f"{host}{base}{nth if nth > 1 else ''}-{spec.run_id}", tag=spec.tag)
+                       prefix=f"{host}{base}{nth if nth > 1 else ''}-{spec.run_id}", tag=spec.tag,
+                       secret=spec.secret)
 
 
 def prefixes(entries: list[Entry]) -> list[int]:
@@ -557,6 +560,10 @@ def add_common(parser: argparse.ArgumentParser, cls: Any | None, *, per_workload
     parser.add_argument("--name-prefix", metavar="PREFIX", type=_name_prefix,
                         help="put PREFIX in front of the partitions' names (WORKLOAD-PID-INDEX), so load clients on "
                              "several hosts, or in containers where PIDs repeat, never claim the same name")
+    parser.add_argument("--secret-file", dest="secret", metavar="PATH", type=secret_file_arg,
+                        help="the secret every partition of this run proves to the parent (its names are "
+                             "WORKLOAD-PID-INDEX, so the parent configures it for a name pattern: "
+                             "[[auth.partition]] name = \"PREFIX-*\" with --name-prefix PREFIX)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--share", type=_share, default=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--run-id", type=int, default=os.getpid(), help=argparse.SUPPRESS)
@@ -606,7 +613,7 @@ def spec_from(args: argparse.Namespace, entries: list[Entry]) -> Spec:
     spec = Spec(entries=entries, connect=args.connect, http=args.http, warmup=args.warmup, runtime=args.runtime,
                 processes=args.processes, start_concurrency=args.start_concurrency, tag=args.tag,
                 quiet=args.quiet or args.child, json=args.json, share=args.share, run_id=args.run_id,
-                child=args.child, name_prefix=args.name_prefix)
+                child=args.child, name_prefix=args.name_prefix, secret=args.secret)
     for entry in entries:
         check(entry, spec)
     return spec

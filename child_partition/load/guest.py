@@ -35,8 +35,8 @@ HTTP_TIMEOUT = ClientTimeout(total=30.0)
 class LoadGuest:
     """One guest on its own VMBus connection, with only the drivers bound that ``bind`` was asked for."""
 
-    def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY) -> None:
-        self.url, self.name = url, name
+    def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY, secret: bytes | None = None) -> None:
+        self.url, self.name, self.secret = url, name, secret
         self.log = (log if log is not None else logs.get()).bind(partition=name)
         self.memory = GuestMemory(memory)
         self.bus: GuestBus | None = None
@@ -45,7 +45,8 @@ class LoadGuest:
 
     async def open(self) -> GuestBus:
         """The transport and the envelope's HELLO (the partition name is taken here)."""
-        self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log, memory=self.memory),
+        self.bus = await asyncio.wait_for(open_bus(self.url, self.name, log=self.log, memory=self.memory,
+                                                   secret=self.secret),
                                           STEP_TIMEOUT)
         return self.bus
 
@@ -150,8 +151,8 @@ CONNECT_TIMEOUT = STEP_TIMEOUT
 class Guest(LoadGuest):
     """A guest with one VSC (``self.vsc``, set and attached by the subclass): what storage and network load."""
 
-    def __init__(self, url: str, name: str, memory: int, log: Any) -> None:
-        super().__init__(url, name, log, memory)
+    def __init__(self, url: str, name: str, memory: int, log: Any, secret: bytes | None = None) -> None:
+        super().__init__(url, name, log, memory, secret)
         self.vsc: Vsc | None = None
 
     async def offer(self, wanted: Callable[[m.OfferChannel], bool], what: str) -> m.OfferChannel:

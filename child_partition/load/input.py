@@ -202,7 +202,7 @@ class InputWorkload:
 
     async def start_partition(self, index: int) -> InputPartition:
         assert self.session is not None, "setup() first"
-        guest = LoadGuest(self.options.connect, f"{self.options.prefix}-{index}", self.log)
+        guest = LoadGuest(self.options.connect, f"{self.options.prefix}-{index}", self.log, secret=self.options.secret)
         try:
             await guest.connect()
             part = InputPartition(guest, self, index)

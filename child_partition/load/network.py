@@ -183,8 +183,8 @@ class Received:
 class NetPartition(Guest):
     """One traffic-generating guest: a VMBus connection with only its NetVSC bound."""
 
-    def __init__(self, url: str, name: str, index: int, log: Any) -> None:
-        super().__init__(url, name, GUEST_MEMORY, log)
+    def __init__(self, url: str, name: str, index: int, log: Any, secret: bytes | None = None) -> None:
+        super().__init__(url, name, GUEST_MEMORY, log, secret)
         self.index = index
         self.nic: Nic | None = None
         self.received = Received(index)
@@ -299,7 +299,7 @@ class NetworkWorkload:
     async def start_partition(self, index: int) -> NetPartition:
         name = f"{self.options.prefix}-{index}"
         part = NetPartition(self.options.connect, name, index - self.options.first_index,
-                            logs.get(component="load").bind(partition=name))
+                            logs.get(component="load").bind(partition=name), self.options.secret)
         await started(part, part.start, part.stop)
         return part
 

@@ -41,7 +41,7 @@ class StoragePartition(Guest):
 
     def __init__(self, workload: StorageWorkload, name: str) -> None:
         super().__init__(workload.options.connect, name, GUEST_MEMORY,
-                         logs.get(component="load").bind(partition=name))
+                         logs.get(component="load").bind(partition=name), workload.options.secret)
         self.workload = workload
         self.storage: StorageVsc | None = None
         self.rnd = random.Random(hash(name))

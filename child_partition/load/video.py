@@ -306,7 +306,7 @@ class VideoWorkload:
             self.session = http_session()
 
     async def start_partition(self, index: int) -> VideoPartition:
-        guest = LoadGuest(self.options.connect, f"{self.options.prefix}-{index}", self.log)
+        guest = LoadGuest(self.options.connect, f"{self.options.prefix}-{index}", self.log, secret=self.options.secret)
         try:
             await guest.connect()
             vsc = await guest.bind(guest.offer_of(synthvid.SPEC))

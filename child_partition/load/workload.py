@@ -52,6 +52,7 @@ class LoadOptions:
     first_index: int  # this process's first partition index (unique across --processes)
     prefix: str  # partition names are f"{prefix}-{index}", unique per run, host and process
     tag: str  # this client's tag in merged results (default: hostname)
+    secret: bytes | None = None  # every partition's secret (--secret-file), proved to the parent on connect
 
 
 class Recorder(Protocol):

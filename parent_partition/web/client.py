@@ -26,6 +26,7 @@ class SendError(Exception):
 
 
 async def _post(session: aiohttp.ClientSession, api: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` as JSON; the answer's JSON, or a SendError with the parent's words."""
     url = api.rstrip("/") + path
     try:
         async with session.post(url, json=body) as resp:
@@ -45,11 +46,13 @@ async def _post(session: aiohttp.ClientSession, api: str, path: str, body: dict[
         raise SendError(f"{url}: {type(exc).__name__}: {exc or 'timed out'}") from None
 
 
-async def send(api: str, partition: str, text: str | None, keys: str | None) -> int:
-    """Type ``text``, then press ``keys``; returns the number of key events sent."""
+async def send(api: str, partition: str, text: str | None, keys: str | None, token: str | None = None) -> int:
+    """Type ``text``, then press ``keys``; returns the number of key events sent. ``token``: the API's
+    (``[http] token_file``), sent as a Bearer token."""
     base = f"/api/partitions/{quote(partition, safe='')}/input"
     sent = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT), headers=headers) as session:
         if text:
             sent += int((await _post(session, api, base + "/text", {"text": text}))["events"])
         if keys:
@@ -57,9 +60,9 @@ async def send(api: str, partition: str, text: str | None, keys: str | None) -> 
     return sent
 
 
-def run(api: str, partition: str, text: str | None, keys: str | None) -> int:
+def run(api: str, partition: str, text: str | None, keys: str | None, token: str | None = None) -> int:
     try:
-        sent = asyncio.run(send(api, partition, text, keys))
+        sent = asyncio.run(send(api, partition, text, keys, token))
     except SendError as exc:
         print(f"parent-partition send-keys: error: {exc}", file=sys.stderr)
         return 1

@@ -2,12 +2,16 @@
 console's pages, which plug into ``build_app``.
 
 Binds to loopback unless told otherwise (``--http`` / ``[http] listen``): the API can type into any partition
-and hot-remove its devices, and it has no authentication, so a non-loopback address is logged as a warning.
+and hot-remove its devices. With ``[http] token_file`` every request must carry that token (RFC 6750: an
+``Authorization: Bearer`` header; a browser opens any page once with ``?token=`` and gets an HttpOnly,
+SameSite=Strict cookie instead); on an address other hosts can reach, the server does not start without it.
 Shutdown follows aiohttp's ``web_runner`` (stop accepting, let handlers finish within the shutdown timeout).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +31,7 @@ from .settings import HttpSettings, is_loopback, split_address
 
 LAG = web.AppKey("lag", LoopLag)
 MAX_BODY = 256 * 1024  # an API request body (typed text, a mouse report) is small
+COOKIE = "vmbus_token"  # the browser's proof of the token (a digest of it, not the token itself)
 
 #: Called with the app after the API and /metrics are registered: the web console adds its pages and
 #: websockets here (``parent_partition.web.console.setup``, say), each seeing the daemon as ``app[DAEMON]``.
@@ -37,7 +42,8 @@ def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin
     http_latency: dict[str, LatencyHistogram] = {}
     lag = LoopLag()
     local = settings.enabled and is_loopback(split_address(settings.listen)[0])
-    app = web.Application(middlewares=[_errors(daemon, http_latency, local)], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_errors(daemon, http_latency, local, settings.token)],
+                          client_max_size=MAX_BODY)
     app[DAEMON] = daemon
     app[LAG] = lag
     reg = registry(VmbusCollector(daemon, settings.partition_labels, lag, http_latency))
@@ -67,8 +73,9 @@ async def _stop_lag(app: web.Application) -> None:
     await app[LAG].stop()
 
 
-def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool) -> Any:
-    """Every error as JSON with its status; an exception in a handler is logged and costs only its request."""
+def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool, token: str | None) -> Any:
+    """Every error as JSON with its status; an exception in a handler is logged and costs only its request.
+    With ``token``, a request without it gets 401 before anything else is looked at."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
@@ -76,10 +83,16 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: b
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         try:
+            signed_in = _authorize(request, token)
+            if signed_in is not None:
+                return signed_in
             _guard(request, local)
             response: web.StreamResponse = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, str(exc))
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="vmbus-emu"'
+
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -96,6 +109,36 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: b
         return response
 
     return middleware
+
+
+def cookie_value(token: str) -> str:
+    return hashlib.sha256(b"vmbus-emu web console\0" + token.encode()).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _authorize(request: web.Request, token: str | None) -> web.StreamResponse | None:
+    """None when the request may go on: no token is configured, or it carries the token (a Bearer header) or
+    the cookie. A GET with the right ``?token=`` is answered with the cookie and a redirect to the same URL
+    without it (so it leaves the address bar and the history); anything else is a 401."""
+    if token is None:
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and _same(given.strip(), token):
+        return None
+    cookie = request.cookies.get(COOKIE)
+    if cookie is not None and _same(cookie, cookie_value(token)):
+        return None
+    query = request.query.get("token")
+    if query is not None and request.method == "GET" and _same(query, token):
+        rest = request.url.without_query_params("token")
+        response = web.Response(status=302, headers={"Location": rest.path_qs})
+        response.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="Strict", path="/")
+        return response
+    raise ApiError(401, "this parent's API needs its token ([http] token_file): send 'Authorization: Bearer "
+                        "TOKEN', or open any page once with ?token=TOKEN")
 
 
 def _guard(request: web.Request, local: bool) -> None:
@@ -141,6 +184,10 @@ class WebServer:
 
     async def start(self) -> str | None:
         host, port = split_address(self.settings.listen)
+        if not is_loopback(host) and self.settings.token is None:
+            raise StartupError(f"the web console and API on {self.settings.listen} would be reachable from other "
+                               f"hosts with no authentication: set [http] token_file (or --http-token-file; "
+                               f"'parent-partition secret new http' makes one), or listen on a loopback address")
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                shutdown_timeout=self.daemon.config.shutdown_timeout)
         await runner.setup()
@@ -160,10 +207,7 @@ class WebServer:
         bound = runner.addresses[0][1] if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
-        self.log.info("web console and API listening", url=self.url)
-        if not is_loopback(host):
-            self.log.warning("the HTTP API is reachable beyond this host: it has no authentication and can type "
-                             "into every partition and remove its devices", url=self.url)
+        self.log.info("web console and API listening", url=self.url, token=self.settings.token is not None)
         return self.url
 
     async def stop(self) -> None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.keyfile import SecretFileError, read_token_file
 
-from ..settings import flag, setting
+from ..settings import ConfigError, flag, setting, text
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 OFF = "none"
@@ -50,7 +51,18 @@ def is_loopback(host: str) -> bool:
 class HttpSettings:
     listen: str = setting(DEFAULT_HTTP, check=http_address)  # or "none"
     partition_labels: bool = setting(False, check=flag)  # /metrics: a partition label on per-partition series
+    token_file: str | None = setting(None, check=text)  # the API token; needed off loopback
     explicit: bool = field(default=False)  # listen was chosen (file or flag): failing to bind it is an error
+    token: str | None = field(default=None)  # read from token_file: every request must carry it
+
+    def load_token(self, where: str) -> None:
+        """Read ``token_file`` (a ConfigError names ``where`` and the file)."""
+        if self.token_file is None:
+            return
+        try:
+            self.token = read_token_file(self.token_file)
+        except SecretFileError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     @property
     def enabled(self) -> bool:

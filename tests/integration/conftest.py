@@ -22,6 +22,7 @@ from .netns import netns_factory, tap_allowed  # noqa: F401  (network namespace 
 from .rawclient import RawClient
 
 BIN = Path(sys.executable).parent
+OPEN_MODE_NOTICE = "partitions with no secret configured may connect unauthenticated"
 
 
 class Proc:
@@ -79,6 +80,13 @@ class Proc:
     def mark(self) -> int:
         with self._cond:
             return len(self.lines)
+
+    def complaints(self) -> list[dict[str, Any]]:
+        """Warnings and errors logged, but the parent's start-up notice that the open mode takes unauthenticated
+        partitions on its local listeners (README, Authentication)."""
+        with self._cond:
+            return [r for r in self.lines if r.get("level") in ("warning", "error")
+                    and not str(r.get("event", "")).startswith(OPEN_MODE_NOTICE)]
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:

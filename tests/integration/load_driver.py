@@ -110,5 +110,5 @@ async def drive(workload: Workload, partitions: int, ops: int, concurrency: int,
 
 def quiet(parent: Parent) -> None:
     """The parent logged no warning or error."""
-    bad = [e for e in parent.lines if e.get("level") in ("warning", "error")]
+    bad = parent.complaints()
     assert not bad, f"the parent complained: {bad[0]}"

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from vmbus_proto import messages as m
-from vmbus_proto.envelope import Hello, Signal, decode_close, decode_packet, encode_packet
+from vmbus_proto.auth import GuestAuth
+from vmbus_proto.envelope import Hello, Signal, decode_close_code, decode_packet, encode_packet
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameDecoder, FrameKind, encode_frame
 from vmbus_proto.gpadl import split
 from vmbus_proto.packets import Packet
@@ -36,6 +37,7 @@ class RawClient:
         self.decoder = FrameDecoder()
         self.pending: list[Frame] = []
         self.close_reason: str | None = None
+        self.close_code: str | None = None
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -46,6 +48,17 @@ class RawClient:
     def hello(self, name: str) -> Hello:
         self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, name).encode())
         return Hello.decode(self.expect_kind(FrameKind.HELLO).body)
+
+    def authenticate(self, name: str, secret: bytes) -> Hello:
+        """HELLO with a nonce, the parent's challenge, our AUTH, the parent's AUTH (docs/protocol.md §3.1)."""
+        auth = GuestAuth(name, secret)
+        self.send_frame(FrameKind.HELLO, 0, auth.hello().encode())
+        proof = auth.receive_hello(Hello.decode(self.expect_kind(FrameKind.HELLO).body))
+        assert proof is not None
+        self.send_frame(FrameKind.AUTH, 0, proof)
+        auth.receive_auth(self.expect_kind(FrameKind.AUTH).body)
+        assert auth.host is not None
+        return auth.host
 
     def send(self, msg: m.Message) -> None:
         self.send_frame(FrameKind.CONTROL, 0, msg.encode())
@@ -65,7 +78,7 @@ class RawClient:
                 raise Closed(self.close_reason)
             for f in self.decoder.feed(data):
                 if f.kind == FrameKind.CLOSE:
-                    self.close_reason = decode_close(f.body)
+                    self.close_reason, self.close_code = decode_close_code(f.body)
                 else:
                     self.pending.append(f)
         return self.pending.pop(0)

@@ -17,10 +17,9 @@ import aiohttp
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from structlog.testing import capture_logs
 
 from parent_partition.config import Config
-from parent_partition.daemon import ParentDaemon
+from parent_partition.daemon import ParentDaemon, StartupError
 from parent_partition.devices.input.vsp import KeyboardVsp
 from parent_partition.web.server import MAX_BODY, WebServer
 from parent_partition.web.settings import HttpSettings
@@ -296,15 +295,22 @@ async def test_screen_png_hook_and_root_and_garbage(running: tuple[ParentDaemon,
     assert (await api.get("/api/partitions/vm1"))["name"] == "vm1"
 
 
-async def test_a_non_loopback_address_is_logged_as_a_warning(tmp_path: Path) -> None:
+async def test_a_non_loopback_address_needs_a_token(tmp_path: Path) -> None:
+    """Off loopback the API does not start without a token; with one, a request without it is a 401 (the full
+    token, cookie and send-keys story with a real parent process is in test_auth.py)."""
     cfg = Config(listen=[f"unix:{tmp_path}/vmbus.sock"], data_dir=str(tmp_path / "var"))
     daemon = ParentDaemon(cfg)
-    web = WebServer(daemon, HttpSettings(listen="0.0.0.0:0", explicit=True))
-    with capture_logs() as logged:
-        url = await web.start()
+    with pytest.raises(StartupError, match="reachable from other hosts with no authentication"):
+        await WebServer(daemon, HttpSettings(listen="0.0.0.0:0", explicit=True)).start()
+    web = WebServer(daemon, HttpSettings(listen="0.0.0.0:0", explicit=True, token="t" * 40))
+    url = await web.start()
     try:
         assert url is not None
-        warned = [r for r in logged if r["log_level"] == "warning"]
-        assert warned and "reachable beyond this host" in warned[0]["event"], logged
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{local}/api/partitions") as resp:
+                assert resp.status == 401, resp
+            async with session.get(f"{local}/api/partitions", headers={"Authorization": "Bearer " + "t" * 40}) as resp:
+                assert resp.status == 200, resp
     finally:
         await web.stop()

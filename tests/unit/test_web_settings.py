@@ -40,12 +40,13 @@ def test_http_section_from_a_config_file(tmp_path: Path) -> None:
     path.write_text("[http]\npartition_labels = true\n")
     assert not Config.load(str(path)).http.explicit
     path.write_text('[http]\nport = 80\n')
-    with pytest.raises(ConfigError, match=r"\[http\] port: unknown setting; known: listen, partition_labels"):
+    with pytest.raises(ConfigError, match=r"\[http\] port: unknown setting; known: listen, partition_labels, "
+                                          r"token_file"):
         Config.load(str(path))
     path.write_text('[http]\nlisten = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"\[http\] listen: must be HOST:PORT"):
         Config.load(str(path))
-    assert "[http] (listen, partition_labels)" in tables_help()
+    assert "[http] (listen, partition_labels, token_file)" in tables_help()
 
 
 def test_histogram_buckets_are_cumulative_with_microsecond_bounds() -> None:
@@ -65,3 +66,7 @@ def test_device_counters_sum_over_partitions_in_json() -> None:
     out = counters_json(samples)
     assert out["totals"] == {"requests_total": 7, "drops_total{reason=runt}": 1, "open": 2}
     assert out["partitions"] == {"a": {"requests_total": 3}, "b": {"requests_total": 4}}
+
+
+def test_auth_tables_are_listed_in_the_help() -> None:
+    assert "[auth] (mode, replace), [[auth.partition]] (name, secret_file)" in tables_help()

@@ -21,7 +21,7 @@ from typing import Any, cast
 import structlog
 
 from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close_code, decode_packet, encode_close, encode_packet
-from ..errors import ProtocolError
+from ..errors import FrameError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME, HEADER, Frame, FrameDecoder, FrameKind, frame_parts
 from ..packets import Buffer, Packet
 from .channel import Channel
@@ -236,6 +236,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     def on_hello(self, frame: Frame) -> None:
         raise NotImplementedError
 
+    def on_auth(self, frame: Frame) -> None:
+        raise FrameError("AUTH frame when no authentication was negotiated")
+
     def on_close_frame(self, reason: str, code: str | None) -> None:
         self.log.info("peer closed the connection", reason=reason, code=code)
         self.close()
@@ -265,6 +268,8 @@ class FramedConnection(asyncio.BufferedProtocol):
             self.on_hello(frame)
         elif kind == FrameKind.CLOSE:
             self.on_close_frame(*decode_close_code(frame.body))
+        elif kind == FrameKind.AUTH:
+            self.on_auth(frame)
 
     def _stalled(self) -> None:
         """The peer read nothing for ``stall_timeout``. A CLOSE frame would queue behind what it does not
