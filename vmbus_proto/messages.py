@@ -80,6 +80,7 @@ MONITOR_ID_INVALID = 0xFF
 
 # Field kinds: struct code for fixed-width integers, or a special kind.
 _INT_RANGES = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF, "Q": 0xFFFFFFFFFFFFFFFF}
+_U64 = _INT_RANGES["Q"]
 _HEADER = struct.Struct("<II")  # vmbus_channel_message_header: msgtype, padding
 
 
@@ -438,25 +439,33 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
     cls = _REGISTRY.get(msgtype)
     if cls is None:
         raise UnsupportedMessage(msgtype)
+    layout, allowed, optional = _shape(cls)
     kwargs: dict[str, Any] = {}
-    known = {f.name for f in fields(cls)}
-    for name, kind in cls.LAYOUT:
+    for name, kind in layout:
         if name not in obj:
-            if name in known and _has_default(cls, name):
+            if name in optional:
                 continue
             raise MessageError(f"{cls.MSGTYPE.name}: missing field {name!r}")
         kwargs[name] = _check(cls, name, kind, obj[name])
-    extra = set(obj) - {n for n, _ in cls.LAYOUT} - {"msgtype"}
-    if extra:
-        raise MessageError(f"{cls.MSGTYPE.name}: unknown fields {sorted(map(repr, extra))}")
+    if len(obj) > len(kwargs) + 1 or "msgtype" not in obj:  # (only then can a field be unknown)
+        extra = set(obj) - allowed
+        if extra:
+            raise MessageError(f"{cls.MSGTYPE.name}: unknown fields {sorted(map(repr, extra))}")
     return cls(**kwargs)
 
 
-def _has_default(cls: type[Message], name: str) -> bool:
-    for f in fields(cls):
-        if f.name == name:
-            return f.default is not MISSING or f.default_factory is not MISSING
-    return False
+_SHAPES: dict[type[Message], tuple[tuple[tuple[str, str], ...], frozenset[str], frozenset[str]]] = {}
+
+
+def _shape(cls: type[Message]) -> tuple[tuple[tuple[str, str], ...], frozenset[str], frozenset[str]]:
+    """A message class's layout, the keys its map may have and the fields it may leave out (computed once)."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        optional = frozenset(f.name for f in fields(cls)
+                             if f.default is not MISSING or f.default_factory is not MISSING)
+        allowed = frozenset(n for n, _ in cls.LAYOUT) | {"msgtype"}
+        shape = _SHAPES[cls] = (tuple(cls.LAYOUT), allowed, optional)
+    return shape
 
 
 def _int(cls: type[Message], name: str, value: Any, maximum: int, minimum: int = 0) -> int:
@@ -482,7 +491,9 @@ def _check(cls: type[Message], name: str, kind: str, value: Any) -> Any:
     if kind == "pfns":
         if not isinstance(value, list) or len(value) > GPADL_BODY_MAX_PFNS:
             raise MessageError(f"{cls.MSGTYPE.name}.{name}: a list of at most {GPADL_BODY_MAX_PFNS} PFNs")
-        return tuple(_int(cls, name, v, _INT_RANGES["Q"]) for v in value)
+        if all(type(v) is int for v in value) and (not value or (min(value) >= 0 and max(value) <= _U64)):
+            return tuple(value)  # the common case, checked at C speed; otherwise name the bad one
+        return tuple(_int(cls, name, v, _U64) for v in value)
     if kind == "ranges":
         if not isinstance(value, list) or len(value) > GPADL_HEADER_MAX_PFNS + 1:
             raise MessageError(f"{cls.MSGTYPE.name}.{name}: a list of [byte_count, byte_offset]")
