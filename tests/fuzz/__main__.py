@@ -37,6 +37,8 @@ def _fuzz_one(name: str, runs: int | None, seconds: float | None, extra: list[st
 
     with atheris.instrument_imports(include=["vmbus_proto", "parent_partition.devices.storage.scsi"]):
         from tests.fuzz import seeds  # noqa: PLC0415  (late: after instrumentation, or only when needed)
+        if name == "scsi":  # the SCSI target lives in the parent; imported here so that it is instrumented
+            import parent_partition.devices.storage.scsi  # noqa: F401, PLC0415
         from tests.fuzz.targets import TARGETS  # noqa: PLC0415  (late: after instrumentation, or only when needed)
     target = TARGETS[name]
     work = WORK / name
