@@ -8,7 +8,7 @@
     python -m tests.fuzz --seed                                 # (re)write the seed corpus from real traffic
 
 A run starts from the stored corpus (tests/fuzz/corpus/<target>/) and works in var/fuzz/<target>/; ``--save``
-merges what it found into the stored corpus, keeping only inputs that add coverage (libFuzzer -merge=1).
+adds what it found to the stored corpus (libFuzzer keeps only inputs that add coverage).
 A crash (an exception outside the target's expected errors) is written to var/fuzz/crashes/<target>/ and
 ends the run with exit status 1. One summary line per target: inputs tried, coverage (edges, features),
 corpus size, crashes.
@@ -85,13 +85,15 @@ def _run_child(name: str, args: argparse.Namespace, seconds: float | None) -> di
 
 
 def _merge(name: str) -> None:
-    """Add to the stored corpus the inputs of the working corpus that bring new coverage."""
-    from tests.fuzz.seeds import corpus_dir  # noqa: PLC0415  (late: after instrumentation, or only when needed)
-    cmd = [sys.executable, "-m", "tests.fuzz", "--target", name, "--in-process", "--libfuzzer-merge"]
-    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    for f in corpus_dir(name).iterdir():  # libFuzzer names merged files by their SHA-1; ours say where from
-        if not f.name.startswith(("seed-", "crash-", "found-")):
-            f.rename(f.with_name(f"found-{f.name[:16]}"))
+    """Store the working corpus: libFuzzer keeps there only inputs that brought new coverage (and reduces
+    them), so each is worth keeping; files above 16 KiB stay out of the repository."""
+    from tests.fuzz.seeds import corpus, save  # noqa: PLC0415  (late: after instrumentation, or only when needed)
+    have = set(corpus(name))
+    for f in sorted((WORK / name).iterdir()):
+        data = f.read_bytes()
+        if data not in have and len(data) <= 16 * 1024:
+            save(name, data, "found")
+            have.add(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,13 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", action="store_true", help="write the seed corpus from real traffic")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--libfuzzer-merge", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.libfuzzer_merge:  # before anything imports the decoders: they must be imported instrumented
-        from tests.fuzz.seeds import corpus_dir  # noqa: PLC0415  (late: after instrumentation, or only when needed)
-        sys.argv = [sys.argv[0]]
-        _fuzz_one(args.target, None, None, ["-merge=1", str(corpus_dir(args.target)), str(WORK / args.target)])
-    if args.in_process:
+    if args.in_process:  # before anything imports the decoders: they must be imported instrumented
         sys.argv = [sys.argv[0]]
         _fuzz_one(args.target, args.runs, args.seconds, [])
 
