@@ -47,8 +47,9 @@ class Reader:
 
 # ---- packet sequences ------------------------------------------------------------------------------------
 # Each packet: kind u8 (low 2 bits: in-band, completion, GPA direct, transfer pages; bit 2: completion
-# requested), trans_id u8, payload length u16, payload, and for GPA direct a data length u16 (the data
-# itself is zeros: what the range points at, carried with the packet on a stream when bit 3 is set).
+# requested; bit 3: the range's data travels with the packet; bit 4: a u64 trans_id follows the head),
+# trans_id u8, payload length u16, then the payload, and for GPA direct the range's byte count u16 (its data
+# is zeros: what the range points at, carried with the packet on a stream for a write).
 
 _KINDS = (PacketType.DATA_INBAND, PacketType.COMP, PacketType.DATA_USING_GPA_DIRECT, PacketType.DATA_USING_XFER_PAGES)
 _HEAD = struct.Struct("<BBH")
@@ -74,6 +75,8 @@ def packets(data: bytes) -> Iterator[Packet]:
         if r.left < _HEAD.size:
             return
         kind, trans_id, length = r.u8(), r.u8(), r.u16()
+        if kind & 16:
+            trans_id = r.u64()
         ptype = _KINDS[kind & 3]
         flags = FLAG_COMPLETION_REQUESTED if kind & 4 else 0
         payload = r.take(length)
@@ -93,7 +96,12 @@ def encode_packets(seq: Iterable[Seq]) -> bytes:
         kind = _KINDS.index(PacketType(p.type)) | (4 if p.completion_requested else 0)
         if p.carries_data:
             kind |= 8
-        out += _HEAD.pack(kind, p.trans_id & 0xFF, len(p.payload)) + p.payload
+        if p.trans_id > 0xFF:
+            kind |= 16
+        out += _HEAD.pack(kind, p.trans_id & 0xFF, len(p.payload))
+        if p.trans_id > 0xFF:
+            out += struct.pack("<Q", p.trans_id)
+        out += p.payload
         if p.type == PacketType.DATA_USING_GPA_DIRECT:
             out += struct.pack("<H", min(p.range_len or PAGE_SIZE, 0xFFFF))
     return bytes(out)

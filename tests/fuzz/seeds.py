@@ -131,9 +131,10 @@ def host_core() -> Iterator[bytes]:
     yield b"".join(bytes([len(b)]) + b for b in bodies[:2] + bodies[-1:])  # contact, offers, unload
 
 
-def _pump(vsc: Handshake, vsp: Handshake) -> list[Outgoing]:
-    """Run a VSC's handshake against a VSP in memory; the guest's packets, in order."""
+def _pump_both(vsc: Handshake, vsp: Handshake) -> tuple[list[Outgoing], list[Outgoing]]:
+    """Run a VSC's handshake against a VSP in memory: the guest's packets and the host's, each in order."""
     sent: list[Outgoing] = []
+    replies: list[Outgoing] = []
     queue = vsc.start()
     for _ in range(64):
         if not queue:
@@ -141,8 +142,13 @@ def _pump(vsc: Handshake, vsp: Handshake) -> list[Outgoing]:
         out = queue.pop(0)
         sent.append(out)
         for reply in vsp.receive(Incoming(out.type, out.trans_id, out.completion_requested, out.payload)):
+            replies.append(reply)
             queue += vsc.receive(Incoming(reply.type, reply.trans_id, reply.completion_requested, reply.payload))
-    return sent
+    return sent, replies
+
+
+def _pump(vsc: Handshake, vsp: Handshake) -> list[Outgoing]:
+    return _pump_both(vsc, vsp)[0]
 
 
 def _seq(outs: Sequence[Outgoing]) -> list[Seq]:
@@ -288,10 +294,22 @@ def heartbeat_ic() -> Iterator[bytes]:
                                           0, 0), b"")
 
 
+def guest_side() -> Iterator[bytes]:
+    """What each VSC hears from its VSP during the handshake, and the host's heartbeat requests."""
+    for which, (vsc, vsp) in enumerate(((vstor.VscHandshake(), vstor.VspHandshake(max_channel_cnt=4)),
+                                        (nvsp.VscHandshake(), nvsp.VspHandshake()),
+                                        (sv.VscHandshake(), sv.VspHandshake()),
+                                        (mouse.VscHandshake(), mouse.VspHandshake()),
+                                        (keyboard.VscHandshake(), keyboard.VspHandshake()))):
+        yield bytes([which]) + encode_packets(_seq(_pump_both(vsc, vsp)[1]))
+    host = heartbeat.HeartbeatHost(interval=1.0)
+    yield b"\5" + encode_packets(_seq(host.start(0.0)))
+
+
 SEEDS: dict[str, Callable[[], Iterator[bytes]]] = {
     "frame": frame, "envelope": envelope, "ring_packet": ring_packet, "control": control, "gpadl": gpadl,
     "host_core": host_core, "storage": storage, "scsi": scsi_cdbs, "nvsp": nvsp_codec, "netvsp": netvsp,
-    "rndis": rndis_codec, "synthvid": video, "hid": hid, "heartbeat": heartbeat_ic,
+    "rndis": rndis_codec, "synthvid": video, "hid": hid, "heartbeat": heartbeat_ic, "guest": guest_side,
 }
 
 

@@ -415,6 +415,25 @@ def heartbeat_ic(data: bytes) -> None:
         host.events()
 
 
+_VSC_HANDSHAKES = (vstor.VscHandshake, nvsp.VscHandshake, synthvid.VscHandshake, mouse.VscHandshake,
+                   keyboard.VscHandshake)
+
+
+def guest_side(data: bytes) -> None:
+    """The other direction: each VSC's handshake (StorVSC, NetVSC, synthvid, mouse, keyboard) fed what a
+    broken or hostile parent might send, and the guest's IC answerer (heartbeat), which only ever drops."""
+    which, data = _pick(data, len(_VSC_HANDSHAKES) + 1)
+    if which == len(_VSC_HANDSHAKES):
+        ic_guest = heartbeat.HeartbeatGuest()
+        for pkt in packets(data):
+            ic_guest.answer(_incoming(pkt))
+        return
+    hs = _VSC_HANDSHAKES[which]()
+    hs.start()
+    for pkt in packets(data):
+        hs.receive(_incoming(pkt))
+
+
 _DEVICE = (DeviceProtocolError,)
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -432,6 +451,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("synthvid", video, _DEVICE, video.__doc__ or "", max_len=8192),
     Target("hid", hid, _DEVICE, hid.__doc__ or ""),
     Target("heartbeat", heartbeat_ic, _DEVICE, heartbeat_ic.__doc__ or ""),
+    Target("guest", guest_side, _DEVICE, guest_side.__doc__ or ""),
 )}
 
 __all__ = ["TARGETS", "PropertyFailed", "ProtocolError", "Target", "msgpack"]
