@@ -217,8 +217,9 @@ def _control_bodies(r: Reader) -> list[bytes]:
 
 def host_core(data: bytes) -> None:
     """The host's control-plane state machine (``server.HostConnection``) fed a sequence of guest message
-    bodies; the device answers every open, close and GPADL teardown (the input says whether an open
-    succeeds). The core never raises for a guest's mistake, and every request the guest waits on is answered."""
+    bodies; the device answers every open, close and GPADL teardown (an open fails when the OPENCHANNEL's
+    openid has its top bit set). The core never raises for a guest's mistake, and what it sends is host-to-guest
+    messages that round-trip."""
     r = Reader(data)
     core = server.HostConnection(_OFFERS)
     for body in _control_bodies(r):
@@ -234,7 +235,7 @@ def host_core(data: bytes) -> None:
                 break
             for action in actions:
                 if isinstance(action, server.DeviceOpen):
-                    core.open_complete(action.params.relid, action.seq, bool(r.u8() & 1) or not r.left)
+                    core.open_complete(action.params.relid, action.seq, not action.params.openid & 0x80000000)
                 elif isinstance(action, server.DeviceClose):
                     core.close_complete(action.relid, action.seq)
                 elif isinstance(action, server.TeardownGpadl):

@@ -25,7 +25,14 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from vmbus_proto import messages as m
 from vmbus_proto.envelope import Signal, encode_packet
@@ -33,7 +40,7 @@ from vmbus_proto.framing import FrameKind
 from vmbus_proto.gpadl import split
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from .conftest import OFFERED, Parent, Proc
+from .conftest import FAST_LIMITS, OFFERED, Parent, Proc
 from .rawclient import Closed, RawClient
 
 pytestmark = pytest.mark.integration
@@ -84,6 +91,15 @@ def _expect(c: RawClient, cls: type[m.Message], match: object = None) -> m.Messa
             raise AssertionError(f"no {cls.__name__} came in {ANSWER:g}s") from None
         if match is None or match(msg):  # type: ignore[operator]
             return msg
+
+
+@pytest.fixture(scope="module")
+def shared_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parent]:
+    """This module's parent (with its bystander, conftest's): disks close as soon as their last channel does
+    (by default they stay open 30 s for a returning partition), so what a partition held is released at once."""
+    p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS + "\n[storage]\nidle_close = 0\n")
+    yield p
+    p.stop()
 
 
 @pytest.fixture
@@ -184,13 +200,26 @@ def test_random_control_sequences_over_a_real_socket(shared_parent: Parent, byst
                     if created.creation_status == 0:
                         self.gpadls.add((relid, gid))
 
+        @precondition(lambda self: self.connected and self.offers)
+        @rule(index=st.integers(0, 64), pages=st.integers(2, 40))
+        def open_ring(self, index: int, pages: int) -> None:
+            """GPADL and OPENCHANNEL as a guest opens a channel, so that sequences reach open channels."""
+            relid = sorted(self.offers)[index % len(self.offers)]
+            self.gpadl(relid, pages, False, False)
+            mine = [g for r, g in self.gpadls if r == relid]
+            if mine:
+                self.open_channel(relid, None, max(mine), pages // 2)
+
         @rule(relid=relids, data=st.data())
-        def open_channel(self, relid: int, data: st.DataObject) -> None:
-            mine = sorted(g for r, g in self.gpadls if r == relid)
-            gid = data.draw(st.sampled_from(mine)) if mine else data.draw(st.integers(0, 0xFFFFFFFF))
+        def open_channel(self, relid: int, data: st.DataObject | None, gid: int | None = None,
+                         downstream: int | None = None) -> None:
+            if data is not None:
+                mine = sorted(g for r, g in self.gpadls if r == relid)
+                gid = data.draw(st.sampled_from(mine)) if mine else data.draw(st.integers(0, 0xFFFFFFFF))
+                downstream = data.draw(st.integers(0, 40))
             with self.guest() as c:
-                c.send(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
-                                     downstream_ringbuffer_pageoffset=data.draw(st.integers(0, 40))))
+                c.send(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid or 0,
+                                     downstream_ringbuffer_pageoffset=downstream or 0))
                 if self.connected and relid in self.offers:
                     result = _expect(c, m.OpenChannelResult, lambda r: r.child_relid == relid)
                     assert isinstance(result, m.OpenChannelResult)
