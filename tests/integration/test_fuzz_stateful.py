@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import msgpack
@@ -64,7 +66,8 @@ class Observer:
 
     def __init__(self, parent: Parent) -> None:
         self.client = RawClient(parent.unix)
-        self.offers = self.client.negotiate(f"fuzz-observer-{os.getpid()}")
+        self.name = f"fuzz-observer-{os.getpid()}"
+        self.offers = self.client.negotiate(self.name)
         self.relid = min(self.offers)
 
     def round_trip(self) -> None:
@@ -97,7 +100,8 @@ def _expect(c: RawClient, cls: type[m.Message], match: object = None) -> m.Messa
 def shared_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parent]:
     """This module's parent (with its bystander, conftest's): disks close as soon as their last channel does
     (by default they stay open 30 s for a returning partition), so what a partition held is released at once."""
-    p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS + "\n[storage]\nidle_close = 0\n")
+    p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS + "\n[storage]\nidle_close = 0\n",
+               extra=["--http", "127.0.0.1:0"])
     yield p
     p.stop()
 
@@ -294,4 +298,9 @@ def test_random_control_sequences_over_a_real_socket(shared_parent: Parent, byst
     while (now := _fds(pid)) > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert now <= fds_before, f"the parent holds {now} file descriptors, {fds_before} before the fuzzing"
+    # ... and keeps no partition of theirs: only the bystander and the observer are left (the JSON API).
+    url = parent.wait_event("web console and API listening")["url"]
+    with urllib.request.urlopen(f"{url}/api/partitions", timeout=ANSWER) as answer:
+        left = sorted(p["name"] for p in json.load(answer))
+    assert left == sorted(["bystander", observer.name]), f"partitions left on the parent: {left}"
     observer.round_trip()
