@@ -12,7 +12,7 @@ SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
 	iputils-arping
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
-.PHONY: venv sysdeps demo test lint typecheck unit integration bench clean clean-disks distclean
+.PHONY: venv sysdeps demo test lint typecheck unit integration bench fuzz clean clean-disks distclean
 
 # .ci/install-venv is the one install step, shared with the Dockerfile (tests/integration/test_compose.py checks).
 $(RUN_STAMP): pyproject.toml .ci/install-venv
@@ -58,9 +58,17 @@ integration: $(STAMP) sysdeps
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
 
+# Coverage-guided fuzzing of every decoder (atheris, the `fuzz` extra), one process, targets in turn:
+# `make fuzz FUZZ_SECONDS=1200 FUZZ_TARGET=frame`; FUZZ_ARGS=--save keeps new coverage in tests/fuzz/corpus.
+FUZZ_TARGET ?= all
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e '.[fuzz]'
+	$(PY) -m tests.fuzz --target $(FUZZ_TARGET) --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
 # `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
 clean:
-	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis var/fuzz
 	@if [ -d var ]; then echo "kept ./var (the VMs' disk images); 'make clean-disks' deletes it"; fi
 
 clean-disks:

@@ -114,7 +114,9 @@ def from_lso_frame(frame: bytes, lso: rndis.LsoV2) -> bytes:
 
 def _gso_hdr(frame: bytes, start: int, mss: int, ipv6: bool, flags: int) -> vnet.VnetHdr:
     hdr_len = start + (frame[start + 12] >> 4) * 4 if len(frame) > start + 12 else start
-    return vnet.VnetHdr(flags, vnet.GSO_TCPV6 if ipv6 else vnet.GSO_TCPV4, hdr_len, mss, start, TCP_CSUM_OFFSET)
+    # LSOv2's mss has 20 bits, virtio-net's gso_size 16: a larger MSS than any frame cuts it the same way.
+    return vnet.VnetHdr(flags, vnet.GSO_TCPV6 if ipv6 else vnet.GSO_TCPV4, hdr_len, min(mss, 0xFFFF), start,
+                        TCP_CSUM_OFFSET)
 
 
 def from_tx_info(frame: bytes, info: rndis.PacketInfo) -> vnet.VnetHdr | None:
