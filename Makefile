@@ -63,7 +63,7 @@ bench: $(STAMP) sysdeps
 FUZZ_TARGET ?= all
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
-	PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check -e '.[fuzz]'
+	.ci/install-venv $(VENV) -e '.[fuzz]'
 	$(PY) -m tests.fuzz --target $(FUZZ_TARGET) --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
