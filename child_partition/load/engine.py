@@ -36,6 +36,7 @@ from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import connect_endpoint
 from vmbus_proto.aio.keyfile import secret_file_arg, token_file_arg
 
+from ..bus import ParentRefused
 from ..interrupt import Interrupt
 from .args import number, output
 from .report import Progress, Results, summary, this_run
@@ -251,7 +252,13 @@ class WorkloadRun:
         return tasks
 
     def _failed(self, i: int, part: PartitionLoad, exc: Exception, consecutive: list[int]) -> bool:
-        """Count a failed operation; True when the partition should stop issuing."""
+        """Count a failed operation; True when the partition should stop issuing: after GIVE_UP_AFTER in a row,
+        or at once when the parent refused it (churn's new connections: no retry changes a refusal)."""
+        if isinstance(exc, ParentRefused):  # the partition's one failure line, not an operation's error
+            if i not in self.gave_up:
+                self.gave_up.add(i)
+                self.stats.fail(f"{part.name}: stopped: the parent refused it: {exc.reason}")
+            return True
         op = exc.op if isinstance(exc, OpError) else "operation"
         self.error(op, f"{part.name}: {exc if isinstance(exc, OpError) else describe(exc)}")
         consecutive[0] += 1
