@@ -12,7 +12,7 @@ SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
 	iputils-arping
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
-.PHONY: venv sysdeps demo test lint typecheck unit integration bench fuzz clean clean-disks distclean
+.PHONY: venv sysdeps compose-secrets demo test lint typecheck unit integration bench fuzz clean clean-disks distclean
 
 # .ci/install-venv is the one install step, shared with the Dockerfile (tests/integration/test_compose.py checks).
 $(RUN_STAMP): pyproject.toml .ci/install-venv
@@ -36,6 +36,16 @@ sysdeps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
 	  else echo "missing:$$missing; run: sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi; \
 	fi
+
+# docker-compose.yml's secrets (README "docker compose"), made once, never overwritten; needs only openssl. The
+# directory is yours alone (0700), the files 0644: compose bind-mounts them with this mode, and the image's
+# user (uid 10001) must read them.
+SECRETS ?= secrets
+compose-secrets:
+	@mkdir -p $(SECRETS) && chmod 700 $(SECRETS)
+	@for key in vmbus http; do f=$(SECRETS)/$$key.key; \
+	  if [ -e $$f ]; then echo "$$f exists; kept"; \
+	  else openssl rand -hex 32 > $$f.tmp && chmod 644 $$f.tmp && mv $$f.tmp $$f && echo "$$f made"; fi; done
 
 demo: $(RUN_STAMP)
 	$(VENV)/bin/parent-partition demo

@@ -292,7 +292,7 @@ class ChurnWorkload:
 
     async def setup(self) -> None:
         if self.http is not None:
-            self.session = http_session()
+            self.session = http_session(self.options.http_token)
 
     async def start_partition(self, index: int) -> CyclePartition | RescindPartition:
         name = f"{self.options.prefix}-{index}"

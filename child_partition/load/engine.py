@@ -34,8 +34,9 @@ from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import connect_endpoint
-from vmbus_proto.aio.keyfile import secret_file_arg
+from vmbus_proto.aio.keyfile import secret_file_arg, token_file_arg
 
+from ..bus import ParentRefused
 from ..interrupt import Interrupt
 from .args import number, output
 from .report import Progress, Results, summary, this_run
@@ -104,6 +105,7 @@ class Spec:
     child: bool = False
     name_prefix: str | None = None
     secret: bytes | None = None
+    http_token: str | None = None
 
     @property
     def job(self) -> dict[str, Any]:
@@ -120,7 +122,7 @@ def options_for(spec: Spec, entry: Entry, first: int, count: int, nth: int) -> L
     host = f"{spec.name_prefix}-" if spec.name_prefix else ""
     return LoadOptions(connect=spec.connect, http=spec.http, partitions=count, first_index=first,
                        prefix=f"{host}{base}{nth if nth > 1 else ''}-{spec.run_id}", tag=spec.tag,
-                       secret=spec.secret)
+                       secret=spec.secret, http_token=spec.http_token)
 
 
 def prefixes(entries: list[Entry]) -> list[int]:
@@ -250,7 +252,13 @@ class WorkloadRun:
         return tasks
 
     def _failed(self, i: int, part: PartitionLoad, exc: Exception, consecutive: list[int]) -> bool:
-        """Count a failed operation; True when the partition should stop issuing."""
+        """Count a failed operation; True when the partition should stop issuing: after GIVE_UP_AFTER in a row,
+        or at once when the parent refused it (churn's new connections: no retry changes a refusal)."""
+        if isinstance(exc, ParentRefused):  # the partition's one failure line, not an operation's error
+            if i not in self.gave_up:
+                self.gave_up.add(i)
+                self.stats.fail(f"{part.name}: stopped: the parent refused it: {exc.reason}")
+            return True
         op = exc.op if isinstance(exc, OpError) else "operation"
         self.error(op, f"{part.name}: {exc if isinstance(exc, OpError) else describe(exc)}")
         consecutive[0] += 1
@@ -564,6 +572,9 @@ def add_common(parser: argparse.ArgumentParser, cls: Any | None, *, per_workload
                         help="the secret every partition of this run proves to the parent (its names are "
                              "WORKLOAD-PID-INDEX, so the parent configures it for a name pattern: "
                              "[[auth.partition]] name = \"PREFIX-*\" with --name-prefix PREFIX)")
+    parser.add_argument("--http-token-file", dest="http_token", metavar="PATH", type=token_file_arg,
+                        help="the token of the parent's web API ([http] token_file), sent as a Bearer token by "
+                             "the workloads that drive it")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     parser.add_argument("--share", type=_share, default=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--run-id", type=int, default=os.getpid(), help=argparse.SUPPRESS)
@@ -613,7 +624,8 @@ def spec_from(args: argparse.Namespace, entries: list[Entry]) -> Spec:
     spec = Spec(entries=entries, connect=args.connect, http=args.http, warmup=args.warmup, runtime=args.runtime,
                 processes=args.processes, start_concurrency=args.start_concurrency, tag=args.tag,
                 quiet=args.quiet or args.child, json=args.json, share=args.share, run_id=args.run_id,
-                child=args.child, name_prefix=args.name_prefix, secret=args.secret)
+                child=args.child, name_prefix=args.name_prefix, secret=args.secret,
+                http_token=args.http_token)
     for entry in entries:
         check(entry, spec)
     return spec

@@ -134,9 +134,10 @@ async def api(session: ClientSession, method: str, url: str, body: dict[str, Any
     return answer if isinstance(answer, dict) else {"result": answer}
 
 
-def http_session() -> ClientSession:
-    """One session per load process (a connection pool to the parent's API)."""
-    return ClientSession(timeout=HTTP_TIMEOUT)
+def http_session(token: str | None = None) -> ClientSession:
+    """One session per load process (a connection pool to the parent's API); with ``token`` (``[http]
+    token_file``) every request carries it as ``Authorization: Bearer``."""
+    return ClientSession(timeout=HTTP_TIMEOUT, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def need_http(workload: str, http: str | None) -> str:

@@ -198,7 +198,7 @@ class InputWorkload:
         return cls(options, args.events)
 
     async def setup(self) -> None:
-        self.session = http_session()
+        self.session = http_session(self.options.http_token)
 
     async def start_partition(self, index: int) -> InputPartition:
         assert self.session is not None, "setup() first"

@@ -303,7 +303,7 @@ class VideoWorkload:
 
     async def setup(self) -> None:
         if self.http is not None:
-            self.session = http_session()
+            self.session = http_session(self.options.http_token)
 
     async def start_partition(self, index: int) -> VideoPartition:
         guest = LoadGuest(self.options.connect, f"{self.options.prefix}-{index}", self.log, secret=self.options.secret)

@@ -53,6 +53,7 @@ class LoadOptions:
     prefix: str  # partition names are f"{prefix}-{index}", unique per run, host and process
     tag: str  # this client's tag in merged results (default: hostname)
     secret: bytes | None = None  # every partition's secret (--secret-file), proved to the parent on connect
+    http_token: str | None = None  # the web API's token (--http-token-file), sent as a Bearer token
 
 
 class Recorder(Protocol):

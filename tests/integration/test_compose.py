@@ -4,19 +4,21 @@
   each profile, and refuses a broken copy (so the check can fail).
 * The Dockerfile installs with the step ``make venv`` runs (``.ci/install-venv``); its image has the promised
   shape (two stages, only the venv copied over, no compiler, a user without privileges).
-* The services run as local processes, each with its compose command line exactly and the image's environment
-  plus its own (nothing inherited from pytest): the Dockerfile's build stage is replayed first, as
-  ``docker build --build-arg VENV=<a temporary directory>`` would run it, and that venv is the image's. Each
-  container is a process in its own UTS and mount namespaces: its host name is twelve hex digits like a
-  container ID (the VMs' partition names come from it), its named volumes are bind-mounted at their container
-  paths, and a private ``/etc/hosts`` names ``parent`` (what compose's DNS does). Each has a network
-  namespace of its own on a bridge, as on a compose network (link-local addresses, in namespaces deleted
-  afterwards). The parent's healthcheck runs inside the parent's namespaces (``nsenter``, as ``docker exec``
-  does), and the VMs start once it passes (``service_healthy``); the web console's port is reached inside the
-  parent's network namespace, where Docker would publish it. The TAP profile runs too: its containers' kernels
-  ping the other VMs through the parent's switch. Differences from a real engine: everything runs as root
-  here (the image runs as ``vmbus``; the TAP service is root in its container anyway), the working directory
-  is a temporary one, and the tools (``ip``, ``ping``, ``arping``) are this machine's.
+* The services run as local processes, each with its compose command line exactly and the image's environment plus
+  its own (nothing inherited from pytest): the Dockerfile's build stage is replayed first, as ``docker build
+  --build-arg VENV=<a temporary directory>`` would run it, and that venv is the image's. Each container is a
+  process in its own UTS and mount namespaces: its host name is twelve hex digits like a container ID (the VMs'
+  partition names come from it), its named volumes are bind-mounted at their container paths, its ``secrets:``
+  read-only at ``/run/secrets/NAME`` (compose without swarm bind-mounts the host file, made first with ``make
+  compose-secrets`` as the README says), and a private ``/etc/hosts`` names ``parent`` (what compose's DNS does).
+  Each has a network namespace of its own on a bridge, as on a compose network (link-local addresses, in
+  namespaces deleted afterwards). The parent's healthcheck runs inside the parent's namespaces (``nsenter``, as
+  ``docker exec`` does), and the VMs start once it passes (``service_healthy``); the web console's port is reached
+  inside the parent's network namespace, where Docker would publish it, with the token of ``secrets/http.key``.
+  The TAP profile runs too: its containers' kernels ping the other VMs through the parent's switch. Differences
+  from a real engine: everything runs as root here (the image runs as ``vmbus``; the TAP service is root in its
+  container anyway), the working directory is a temporary one, and the tools (``ip``, ``ping``, ``arping``) are
+  this machine's.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def test_the_image_is_two_stages_non_root_without_build_tools() -> None:
     users = [rest for instruction, rest in final.steps if instruction == "USER"]
     assert users and users[-1] not in ("root", "0"), f"the image runs as root: {users}"
     ignored = (REPO / ".dockerignore").read_text().split()
-    for kept_out in (".git", ".venv/", "var/", "run/", "bench/results/", "**/__pycache__/"):
+    for kept_out in (".git", ".venv/", "var/", "run/", "bench/results/", "**/__pycache__/", "secrets/"):
         assert kept_out in ignored, f".dockerignore does not keep {kept_out} out"
 
 
@@ -245,7 +247,7 @@ class Container:
     services."""
 
     def __init__(self, service: str, spec: dict[str, Any], image_env: dict[str, str], network: ComposeNetwork,
-                 volumes: dict[str, Path], workdir: Path) -> None:
+                 volumes: dict[str, Path], secret_files: dict[str, Path], workdir: Path) -> None:
         self.service = service
         self.hostname = container_id()
         self.command = [interpolate(str(a)) for a in spec["command"]]
@@ -264,15 +266,20 @@ class Container:
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n" + f"{self.address}\t{self.hostname}\n" +
                          "".join(f"{address}\t{name}\n" for name, address in network.hosts.items()))
         setup = [f"hostname {self.hostname}", f"mount --bind {hosts} /etc/hosts"]
+        # (host path, container path): the named volumes, then the secrets (read-only files)
+        self.mounts = {Path(m.split(":")[1]): volumes[m.split(":")[0]] for m in spec.get("volumes", [])}
+        secret_mounts = dict(secret_mount(s, secret_files) for s in spec.get("secrets", []))
         covered: set[Path] = set()
-        for mount in spec.get("volumes", []):
-            name, target = mount.split(":")[:2]
-            where = Path(target)
+        for where, source in {**self.mounts, **secret_mounts}.items():
             ancestor = next(p for p in (where, *where.parents) if p.exists() or p in covered)
             if ancestor != where and ancestor not in covered:  # a private tmpfs to make the mount point in
                 setup.append(f"mount -t tmpfs tmpfs {ancestor}")
                 covered.add(ancestor)
-            setup += [f"mkdir -p {where}", f"mount --bind {volumes[name]} {where}"]
+            if where in secret_mounts:
+                setup += [f"mkdir -p {where.parent}", f"touch {where}", f"mount --bind -o ro {source} {where}"]
+            else:
+                setup += [f"mkdir -p {where}", f"mount --bind {source} {where}"]
+        self.mounts.update(secret_mounts)
         script = " && ".join(setup) + ' && exec "$@"'
         self.log = home / "log"
         argv = self.ns.argv(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script, "sh",
@@ -307,6 +314,29 @@ class Container:
         return self.proc.returncode
 
 
+def secret_mount(entry: str | dict[str, Any], secret_files: dict[str, Path]) -> tuple[Path, Path]:
+    """A service's ``secrets:`` entry (short syntax, or long with ``source``/``target``) as compose mounts it:
+    (its path in the container, the host file)."""
+    source = entry if isinstance(entry, str) else entry["source"]
+    target = source if isinstance(entry, str) else entry.get("target", source)
+    assert source in secret_files, f"secret {source} is not in the compose file's top-level secrets"
+    return Path("/run/secrets") / target, secret_files[source]
+
+
+def make_secrets(project: Path) -> dict[str, Path]:
+    """The README's one-time step (``make compose-secrets``) in ``project``; returns the compose file's top-level
+    secrets resolved there (``file:`` is relative to the project directory)."""
+    secrets_dir = project / "secrets"
+    subprocess.run(["make", "-s", "compose-secrets", f"SECRETS={secrets_dir}"], cwd=REPO, check=True, timeout=60,
+                   capture_output=True, text=True)
+    files = {name: (project / spec["file"]).resolve() for name, spec in compose_file()["secrets"].items()}
+    for name, path in files.items():
+        assert path.is_file(), f"make compose-secrets did not make {path}, the file of secret {name}"
+        assert path.stat().st_mode & 0o004, f"{path} is not readable by the image's user through compose's bind mount"
+    assert not secrets_dir.stat().st_mode & 0o077, f"{secrets_dir} lets other users in"
+    return files
+
+
 def wait_for(cond: Callable[[], bool], what: Callable[[], str], timeout: float = DEADLINE) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -331,12 +361,20 @@ def wait_healthy(parent: Container, healthcheck: dict[str, Any]) -> None:
     assert "negotiated with the parent" in last[0].stdout, last[0].stdout
 
 
+def api_token(parent: Container) -> str:
+    """The token of the parent's ``--http-token-file``, read from the host file mounted there."""
+    path = Path(parent.command[parent.command.index("--http-token-file") + 1])
+    return parent.mounts[path].read_text().strip()
+
+
 def api_partitions(parent: Container) -> list[dict[str, Any]]:
-    """GET /api/partitions on the parent's published port (127.0.0.1:8080 in its network namespace)."""
+    """GET /api/partitions on the parent's published port (127.0.0.1:8080 in its network namespace), with its
+    token."""
     python = str(Path(parent.env["PATH"].split(":")[0]) / "python")
-    fetch = ("import sys, urllib.request; "
-             "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
-    done = parent.ns.run([python, "-c", fetch, "http://127.0.0.1:8080/api/partitions"], check=False)
+    fetch = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(urllib.request.Request("
+             "sys.argv[1], headers={'Authorization': 'Bearer ' + sys.argv[2]}), timeout=10).read().decode())")
+    done = parent.ns.run([python, "-c", fetch, "http://127.0.0.1:8080/api/partitions", api_token(parent)],
+                         check=False)
     if done.returncode != 0:
         return []
     doc: list[dict[str, Any]] = json.loads(done.stdout)
@@ -353,18 +391,19 @@ def compose_up(tmp_path: Path, image_env: dict[str, str], replicas: dict[str, in
     volumes = {name: tmp_path / "volumes" / name for name in doc["volumes"]}
     for path in volumes.values():
         path.mkdir(parents=True)
+    secret_files = make_secrets(tmp_path / "project")
     started: list[Container] = []
     with contextlib.ExitStack() as stack:
         network = ComposeNetwork(stack)
         try:
-            parent = Container("parent", services["parent"], image_env, network, volumes, tmp_path)
+            parent = Container("parent", services["parent"], image_env, network, volumes, secret_files, tmp_path)
             started.append(parent)
             wait_healthy(parent, services["parent"]["healthcheck"])
             vms: dict[str, list[Container]] = {}
             for service, count in replicas.items():
                 spec = services[service]
                 assert spec["depends_on"]["parent"]["condition"] == "service_healthy", f"{service} starts early"
-                vms[service] = [Container(service, spec, image_env, network, volumes, tmp_path)
+                vms[service] = [Container(service, spec, image_env, network, volumes, secret_files, tmp_path)
                                 for _ in range(count or spec["deploy"]["replicas"])]
                 started += vms[service]
             yield parent, vms

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from vmbus_proto.aio.keyfile import new_secret_file
+
 from .conftest import BIN, Parent
 
 pytestmark = pytest.mark.integration
@@ -183,5 +185,40 @@ def test_the_every_device_workload_file_runs_clean(workdir: Path) -> None:
         quiet = [w for w, res in doc["workloads"].items() if not sum(s["ops"] for s in res["ops"].values())]
         assert set(doc["workloads"]) == {"storage", "network", "video", "input", "churn"} and not quiet, \
             f"workloads {sorted(doc['workloads'])}, without a measured operation: {quiet}"
+    finally:
+        parent.stop()
+
+
+def test_the_input_workload_sends_the_api_token_it_is_given(workdir: Path) -> None:
+    """A parent whose API needs a token ([http] token_file): ``--http-token-file`` makes the input workload's
+    API calls carry it; without it the run fails with the API's one-line refusal."""
+    token_file = new_secret_file(workdir / "http.key")
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0", "--http-token-file", str(token_file)])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        common = ["--connect", parent.unix, "--http", url, "--events", "keys", "--count", "10", "--warmup", "0",
+                  "--runtime", "600", "--processes", "1"]
+        out = workdir / "input.json"
+        done, _ = load("input", *common, "--http-token-file", str(token_file), "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ops_of(out, "input", "key") == 10, f"the client counted {ops_of(out, 'input', 'key')} keys, not 10"
+        refused, _ = load("input", *common)
+        assert refused.returncode == 1 and "HTTP 401" in refused.stdout + refused.stderr, \
+            f"without the token: status {refused.returncode}: {refused.stdout + refused.stderr}"
+    finally:
+        parent.stop()
+
+
+def test_churn_stops_at_the_parents_first_refusal(workdir: Path) -> None:
+    """A parent that takes only authenticated partitions, and a churn run without a secret: each partition
+    stops at its first refused connection with the refusal's one line, instead of cycling on."""
+    parent = Parent(workdir / "p", extra=["--auth-mode", "required"])
+    try:
+        done, _ = load("churn", "--connect", parent.unix, "--partitions", "2", "--warmup", "0", "--runtime", "600",
+                       "--processes", "1", "--quiet")
+        text = done.stdout + done.stderr
+        stopped = re.findall(r"stopped: the parent refused it: authentication required", text)
+        assert done.returncode == 1 and len(stopped) == 2 and "in a row" not in text, \
+            f"status {done.returncode}, expected each of 2 partitions stopped by the refusal: {text}"
     finally:
         parent.stop()

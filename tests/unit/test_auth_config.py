@@ -13,6 +13,7 @@ from child_partition.runner import EXIT_REFUSED
 from parent_partition import cli
 from parent_partition.auth import AuthSettings, listener_is_local
 from parent_partition.config import Config, ConfigError
+from vmbus_proto.aio import keyfile
 from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file, read_secret_file, read_token_file
 
 from .test_child_retry import RefusingBus, run_child
@@ -26,9 +27,17 @@ def private(path: Path, text: str = HEX, mode: int = 0o600) -> Path:
     return path
 
 
+def shared(tmp_path: Path, name: str = "shared") -> Path:
+    """A directory everyone may enter (pytest's own are 0700, which would keep any file in them private)."""
+    d = tmp_path / name
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    return d
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o660, 0o666, 0o602])
 def test_a_secret_file_others_may_read_or_change_is_refused(tmp_path: Path, mode: int) -> None:
-    f = private(tmp_path / "vm1.key", mode=mode)
+    f = private(shared(tmp_path) / "vm1.key", mode=mode)
     with pytest.raises(SecretFileError, match=f"permissions {mode:04o} are too open .*; chmod 600 {f}"):
         read_secret_file(f)
 
@@ -36,6 +45,36 @@ def test_a_secret_file_others_may_read_or_change_is_refused(tmp_path: Path, mode
 @pytest.mark.parametrize("mode", [0o600, 0o400, 0o640])
 def test_a_private_secret_file_is_read(tmp_path: Path, mode: int) -> None:
     assert read_secret_file(private(tmp_path / "vm1.key", mode=mode)) == bytes([0x5A]) * 32
+
+
+def test_a_loose_file_in_a_directory_only_its_owner_may_enter_is_read(tmp_path: Path) -> None:
+    """The layout of the compose demo's secrets/ (0700, files 0644 for the container's user): nobody else can
+    open the file, so its mode does not matter; the same directory opened to others makes it refused."""
+    d = tmp_path / "secrets"
+    d.mkdir(mode=0o700)
+    f = private(d / "vmbus.key", mode=0o644)
+    assert read_secret_file(f) == bytes([0x5A]) * 32
+    assert read_token_file(private(d / "http.key", "x" * 40, 0o644)) == "x" * 40
+    d.chmod(0o711)  # others may pass through it: refused
+    with pytest.raises(SecretFileError, match="permissions 0644 are too open"):
+        read_secret_file(f)
+    if os.geteuid() == 0:  # a 0700 directory of another user: that user can open the file
+        d.chmod(0o700)
+        os.chown(d, 12345, -1)
+        with pytest.raises(SecretFileError, match="permissions 0644 are too open"):
+            read_secret_file(f)
+
+
+def test_any_mode_is_read_under_the_platforms_secrets_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/run/secrets/ (compose bind-mounts the host file with its own mode there); a link from it to a loose file
+    elsewhere is judged where it leads."""
+    mount = shared(tmp_path, "run-secrets")
+    monkeypatch.setattr(keyfile, "SECRETS_MOUNT", str(mount))
+    assert read_secret_file(private(mount / "vmbus", mode=0o644)) == bytes([0x5A]) * 32
+    outside = private(shared(tmp_path) / "loose.key", mode=0o644)
+    (mount / "elsewhere").symlink_to(outside)
+    with pytest.raises(SecretFileError, match="permissions 0644 are too open"):
+        read_secret_file(mount / "elsewhere")
 
 
 def test_what_is_not_a_secret_file_says_why(tmp_path: Path) -> None:
@@ -63,7 +102,7 @@ def test_a_token_file_holds_visible_ascii(tmp_path: Path) -> None:
     with pytest.raises(SecretFileError, match="at least 32 visible ASCII"):
         read_token_file(private(tmp_path / "s", "with a space " * 4))
     with pytest.raises(SecretFileError, match="too open"):
-        read_token_file(private(tmp_path / "o", "x" * 40, 0o644))
+        read_token_file(private(shared(tmp_path) / "o", "x" * 40, 0o644))
 
 
 @pytest.mark.parametrize(("url", "local"), [
@@ -132,7 +171,7 @@ def test_each_auth_mistake_names_the_file_and_the_key(tmp_path: Path, text: str,
 
 
 def test_a_world_readable_secret_in_the_config_stops_the_parent(tmp_path: Path) -> None:
-    f = private(tmp_path / "vm1.key", mode=0o644)
+    f = private(shared(tmp_path) / "vm1.key", mode=0o644)
     with pytest.raises(ConfigError, match=r"\[\[auth.partition\]\] #1: secret file .* permissions 0644 are too open"):
         load(tmp_path, f'[[auth.partition]]\nname = "vm1"\nsecret_file = "{f}"\n')
 
@@ -184,6 +223,6 @@ def test_serve_auth_flags_refuse_mistakes(argv: list[str], message: str, capsys:
 
 def test_a_partition_secret_flag_with_a_loose_file_stops_the_parent(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    f = private(tmp_path / "vm1.key", mode=0o644)
+    f = private(shared(tmp_path) / "vm1.key", mode=0o644)
     assert cli.main(["serve", "--partition-secret", f"vm1={f}", "--listen", f"unix:{tmp_path}/s"]) == 2
     assert "--partition-secret: [[auth.partition]] #1: secret file" in capsys.readouterr().err

@@ -2,7 +2,15 @@
 ``[[auth.partition]] secret_file``, ``secret new``) and ``child-partition`` (``--secret-file``).
 
 The rules are OpenSSH's for a private key: a secret file that other users may read is refused with a clear
-error rather than used ("UNPROTECTED PRIVATE KEY FILE!"), and a new one is created with mode 0600.
+error rather than used ("UNPROTECTED PRIVATE KEY FILE!"), and a new one is created with mode 0600. Two places
+keep other users out where the file's own mode cannot, and there any mode is accepted:
+
+* a directory only its owner (you, or root) may enter, mode 0700: nobody else can open a file in it. That is
+  the layout for docker compose's file secrets, which compose (without swarm) bind-mounts with the host file's
+  owner and mode, so the image's user (uid 10001) can read one only if its mode lets others read it: the
+  host's ``secrets/`` is 0700 and its files 0644 (README "docker compose").
+* ``/run/secrets/``, where Docker (compose and swarm) and Kubernetes mount secrets: inside the container's own
+  filesystem, whose access the platform decides (compose: the host file's mode; swarm 0444; Kubernetes 0644).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from ..auth import MIN_SECRET, parse_secret
 from .cli import os_reason
 
 LOOSE = 0o027  # group write, or any access by others: refused
+SECRETS_MOUNT = "/run/secrets"  # the platform's secrets mount: any mode accepted below it
 
 
 class SecretFileError(ValueError):
@@ -53,9 +62,10 @@ def _read_private(path: str | Path, what: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SecretFileError(f"{what} {path}: not a regular file")
-        if st.st_mode & LOOSE:
+        if st.st_mode & LOOSE and not _kept_from_others(path):
             raise SecretFileError(f"{what} {path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open "
-                                  f"(other users may read or change it); chmod 600 {path}")
+                                  f"(other users may read or change it); chmod 600 {path}, or keep it in a "
+                                  f"directory only you may enter (chmod 700)")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read(64 * 1024 + 1)
     finally:
@@ -63,6 +73,19 @@ def _read_private(path: str | Path, what: str) -> bytes:
     if len(data) > 64 * 1024:
         raise SecretFileError(f"{what} {path}: larger than 64 KiB; is it the right file?")
     return data
+
+
+def _kept_from_others(path: str | Path) -> bool:
+    """Whether other users cannot reach ``path`` whatever its mode: it is under ``SECRETS_MOUNT``, or the
+    directory holding it (links resolved) belongs to us or root and lets nobody else in."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, SECRETS_MOUNT]) == SECRETS_MOUNT:
+        return True
+    try:
+        st = os.stat(os.path.dirname(real))
+    except OSError:
+        return False
+    return st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o077
 
 
 def new_secret_file(path: str | Path) -> Path:
