@@ -349,8 +349,8 @@ class PartitionConnection(FramedConnection):
             self.log.warning(log_line, limit=what)
         if self._strikes.strike(time.monotonic()) and not self.closing:
             lim = self.daemon.config.limits
-            self.log.warning("connection ended for abuse", limit=what, strikes=lim.strikes,
-                             window=lim.strike_window)
+            # Info: once per connection, so the per-peer log limiter (warnings) cannot hide it after a flood.
+            self.log.info("connection ended for abuse", limit=what, strikes=lim.strikes, window=lim.strike_window)
             self.close(f"abuse: {what} ({lim.strikes} limit refusals within {lim.strike_window:g}s)", ABUSE)
 
     def _spawn(self, coro: Any) -> None:
