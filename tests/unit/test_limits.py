@@ -7,17 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
 from parent_partition.config import Config, ConfigError, tables_help
+from parent_partition.connection import ABUSE, Subchannels
 from parent_partition.devices.network.switch import Switch
 from vmbus_proto import messages as m
 from vmbus_proto import server as s
+from vmbus_proto.framing import Frame, FrameKind
 from vmbus_proto.gpadl import split
 from vmbus_proto.limits import MemoryBudget, Strikes, TokenBucket
 from vmbus_proto.messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 from vmbus_proto.versions import Version
 
-from .test_host_core import NET, STORAGE, kinds, sends
+from .test_host_core import NET, STORAGE, Host, _connection, kinds, loop, sends  # noqa: F401  (loop: a fixture)
 
 
 def test_token_bucket_allows_the_burst_then_the_rate() -> None:
@@ -127,3 +130,37 @@ def test_a_port_without_mac_spoofing_drops_frames_from_other_macs() -> None:
     assert b.pending() == 0
     own = bytes(6 * [0xFF]) + a.mac + b"\x08\x00" + bytes(50)
     assert a.send_nowait(own) and b.pending() == 1, "a frame from the port's own MAC must be forwarded"
+
+
+@pytest.mark.usefixtures("loop")
+def test_subchannels_past_the_partition_limit_are_not_offered() -> None:
+    conn, _sent, _spawned = _connection()
+    conn.daemon.config.limits.subchannels = 3
+    h = Host([STORAGE])
+    conn.core = h.core
+    primary = next(iter(h.core.channels))
+    subs = Subchannels(conn, primary, STORAGE)
+    with structlog.testing.capture_logs() as logs:
+        assert len(subs.offer(2)) == 2
+        assert len(subs.offer(4)) == 1, "only the room left under [limits] subchannels is offered"
+        assert subs.offer(1) == []
+    limited = [e for e in logs if e["event"] == "sub-channels limited"]
+    assert [(e["asked"], e["offered"]) for e in limited] == [(4, 1), (1, 0)]
+
+
+@pytest.mark.usefixtures("loop")
+def test_a_control_flood_is_dropped_then_ends_the_connection_as_abuse() -> None:
+    conn, sent, _spawned = _connection()
+    lim = conn.daemon.config.limits
+    lim.control_per_second, lim.control_burst, lim.strikes = 1, 3, 2
+    conn._control_rate, conn._strikes = TokenBucket(1, 3), Strikes(2, 60.0)  # as built from these limits
+    closed: list[tuple[str, str | None]] = []
+    conn.close = lambda reason="", code=None: closed.append((reason, code))  # type: ignore[method-assign]
+    conn.core = Host([STORAGE]).core
+    frame = Frame(FrameKind.CONTROL, 0, m.RequestOffers().encode(), b"")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            conn.on_control(frame)
+    assert conn.limit_refusals == 2 and closed, "the 4th and 5th message are over the burst: two strikes"
+    assert closed[0][0].startswith("abuse: control messages per second") and closed[0][1] == ABUSE
+    assert any(e["event"].startswith("control message dropped: over 1 a second") for e in logs)
