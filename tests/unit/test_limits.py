@@ -150,7 +150,7 @@ def test_subchannels_past_the_partition_limit_are_not_offered() -> None:
 
 @pytest.mark.usefixtures("loop")
 def test_a_control_flood_is_dropped_then_ends_the_connection_as_abuse() -> None:
-    conn, sent, _spawned = _connection()
+    conn, _sent, _spawned = _connection()
     lim = conn.daemon.config.limits
     lim.control_per_second, lim.control_burst, lim.strikes = 1, 3, 2
     conn._control_rate, conn._strikes = TokenBucket(1, 3), Strikes(2, 60.0)  # as built from these limits
