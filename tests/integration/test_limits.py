@@ -5,14 +5,16 @@ budget refuses a partition while others hold it. A bystander child shares the pa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from vmbus_proto import messages as m
 from vmbus_proto.gpadl import split
 
-from .conftest import FAST_LIMITS, Parent, Proc, bystander_of
+from .conftest import FAST_LIMITS, Parent, Proc, bystander_of, child
 from .rawclient import RawClient
+from .test_subchannels import qemu_io
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +142,22 @@ def test_the_bystander_never_noticed(limited: tuple[Parent, Proc]) -> None:
     newcomer.close()
 
 
+
+
+def test_subchannels_past_the_partition_limit_are_not_offered_and_io_still_works(tmp_path: Path) -> None:
+    """A StorVSC asks for 4 sub-channels; ``[limits] subchannels = 2`` offers 2, and the disk works over them."""
+    parent = Parent(tmp_path, FAST_LIMITS + "[storage]\nsubchannels = 4\n[network]\nsubchannels = 0\n"
+                                            "[limits]\nsubchannels = 2\n")
+    sock = tmp_path / "vm1.nbd"
+    vm = child(tmp_path, parent.unix, "vm1", "--nbd", f"unix:{sock}")
+    try:
+        vm.wait_event("disk exported over NBD")
+        limited = parent.wait_event("sub-channels limited", partition="vm1")
+        assert (limited["asked"], limited["offered"], limited["limit"]) == (4, 2, 2), limited
+        assert len(vm.events("sub-channel open")) == 2, vm.events("sub-channel open")
+        qemu_io(sock, "vm1", *[f"aio_write -P 0x{i + 1:02x} {i * 64}k 64k" for i in range(16)], "aio_flush",
+                *[f"aio_read -P 0x{i + 1:02x} {i * 64}k 64k" for i in range(16)], "aio_flush")
+        assert vm.stop() == 0
+    finally:
+        vm.stop()
+        parent.stop()
