@@ -4,6 +4,9 @@ budget refuses a partition while others hold it. A bystander child shares the pa
 
 from __future__ import annotations
 
+import json
+import re
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +36,7 @@ memory_budget = {BYSTANDER + BIG * 8 + 34720}
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Parent, Proc]]:
-    p = Parent(tmp_path_factory.mktemp("limits") / "parent", LIMITS)
+    p = Parent(tmp_path_factory.mktemp("limits") / "parent", LIMITS, extra=["--http", "127.0.0.1:0"])
     try:
         with bystander_of(p, tmp_path_factory.mktemp("bystander")) as vm:
             yield p, vm
@@ -98,6 +101,32 @@ def test_the_memory_budget_refuses_while_others_hold_it(limited: tuple[Parent, P
         answered.append(b.expect(m.GpadlCreated))
     assert [(x.gpadl, x.creation_status) for x in answered] == [(6, 0)], f"the budget A gave back: {answered}"
     b.close()
+
+
+def _get(p: Parent, path: str) -> str:
+    url = p.wait_event("web console and API listening")["url"]
+    with urllib.request.urlopen(url + path, timeout=30) as resp:
+        return str(resp.read().decode())
+
+
+def test_the_api_and_metrics_show_the_budget_in_use(limited: tuple[Parent, Proc]) -> None:
+    p, _ = limited
+    c = RawClient(p.tcp)
+    relid = min(c.negotiate("budget-view"))
+    _claim(c, relid, 1, BIG)
+    assert _gpadl(c, relid, 2, 8) == 0  # ordered after the claim: it was taken
+    budget = json.loads(_get(p, "/api/"))["memory_budget"]
+    assert budget["bytes"] == BYSTANDER + BIG * 8 + 34720
+    assert budget["used_bytes"] >= (BIG + 8) * 8, f"the claimed GPADL is not in the budget in use: {budget}"
+    view = json.loads(_get(p, "/api/partitions/budget-view"))
+    assert view["gpadl_pages"] == BIG + 8, view
+    metrics = _get(p, "/metrics")
+    used = re.search(r"^vmbus_memory_budget_used_bytes (\S+)$", metrics, re.M)
+    assert used and float(used.group(1)) >= (BIG + 8) * 8, "vmbus_memory_budget_used_bytes missing or too low"
+    assert re.search(r"^vmbus_memory_budget_bytes ", metrics, re.M), "vmbus_memory_budget_bytes missing"
+    mark = p.mark()
+    c.close()
+    p.wait_event("partition disconnected", start=mark, partition="budget-view")
 
 
 def test_a_control_message_flood_is_dropped_then_ends_the_connection(limited: tuple[Parent, Proc]) -> None:
