@@ -24,7 +24,7 @@ from .devices import vsp_classes
 from .settings import ConfigError, count, describe, flag, parse_section, seconds, setting, text
 from .web.settings import HttpSettings
 
-__all__ = ["Config", "ConfigError"]
+__all__ = ["Config", "ConfigError", "LimitsSettings"]
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
 DEFAULT_UNIX = "unix:./run/vmbus.sock"
@@ -60,6 +60,21 @@ def _data_window(v: Any) -> int:
 
 
 @dataclass(slots=True)
+class LimitsSettings:
+    """``[limits]``: what one partition may cost the parent, and the parent-wide memory budget. The defaults
+    never bother a real guest; a guest past one gets the protocol's refusal, and ``strikes`` refusals within
+    ``strike_window`` seconds end its connection (CLOSE code ``abuse``)."""
+
+    gpadl_pages: int = setting(1 << 18, check=count())  # pages all of a partition's GPADLs describe (1 GiB)
+    subchannels: int = setting(128, check=count(0))  # sub-channels a partition's guest may have asked for
+    control_per_second: int = setting(1000, check=count())  # control messages a second, on average ...
+    control_burst: int = setting(5000, check=count())  # ... and at once; past it they are dropped
+    strikes: int = setting(16, check=count())  # limit refusals within strike_window that end the connection
+    strike_window: float = setting(60.0, check=seconds)
+    memory_budget: int = setting(1 << 30, check=count(4096))  # bytes of GPADL page lists, all partitions
+
+
+@dataclass(slots=True)
 class Config:
     """``[parent]`` settings as fields; ``devices`` and ``sections`` hold ``[devices]`` and each device's own."""
 
@@ -78,6 +93,7 @@ class Config:
     devices: dict[str, bool] = field(default_factory=lambda: {e.name: e.enabled for e in REGISTRY})
     http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
     auth: AuthSettings = field(default_factory=AuthSettings)  # [auth]: who may connect, with what secret
+    limits: LimitsSettings = field(default_factory=LimitsSettings)  # [limits]: per partition, and the budget
     sections: dict[str, Any] = field(default_factory=lambda: {n: c.Settings() for n, c in vsp_classes().items()
                                                               if dataclasses.fields(c.Settings)})
     source: str | None = None  # the TOML file these settings came from
@@ -101,7 +117,7 @@ class Config:
             lines = raw_text.count("\n") + 1
             why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
-        known = ["parent", "devices", "http", "auth", *cfg.sections]
+        known = ["parent", "devices", "http", "auth", "limits", *cfg.sections]
         for section in sorted(set(raw) - set(known)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(known)}")
         for section in known:
@@ -113,6 +129,7 @@ class Config:
         cfg.http.load_token(f"{path}: [http] token_file")
         parse_section(AuthSettings, raw.get("auth", {}), "[auth]", path, obj=cfg.auth)
         cfg.auth.load_secrets(path)
+        parse_section(LimitsSettings, raw.get("limits", {}), "[limits]", path, obj=cfg.limits)
         for name, enabled in raw.get("devices", {}).items():
             if name not in BY_NAME:
                 raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(BY_NAME)}")
@@ -141,6 +158,7 @@ class Config:
 def tables_help() -> str:
     """Every table a config file may have, with its keys (``serve --config`` help)."""
     tables = describe("parent", Config) + describe("http", HttpSettings) + describe("auth", AuthSettings)
+    tables += describe("limits", LimitsSettings)
     for name, settings in Config().sections.items():
         tables += describe(name, type(settings))
     tables.append(f"[devices] ({', '.join(BY_NAME)} = true|false)")

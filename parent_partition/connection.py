@@ -28,14 +28,17 @@ from vmbus_proto.channel import ChannelRings
 from vmbus_proto.envelope import REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
+from vmbus_proto.limits import MemoryBudget, Strikes, TokenBucket
 from vmbus_proto.versions import version_text
 
 from .auth import AuthSettings
+from .config import LimitsSettings
 from .counters import Totals
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
+ABUSE = "abuse"  # the CLOSE code of a connection ended for repeated limit violations
 
 
 class ConnectionConfig(Protocol):
@@ -50,6 +53,7 @@ class ConnectionConfig(Protocol):
     max_gpadls: int
     trace: bool
     auth: AuthSettings
+    limits: LimitsSettings
 
 
 class Host(Protocol):
@@ -63,6 +67,7 @@ class Host(Protocol):
     connections: set[PartitionConnection]
     partitions: dict[str, PartitionConnection]
     totals: Totals  # what closed channels and gone connections carried (the JSON API and /metrics read it)
+    budget: MemoryBudget  # bytes held for all partitions ([limits] memory_budget)
 
     @property
     def config(self) -> ConnectionConfig: ...
@@ -100,6 +105,10 @@ class PartitionConnection(FramedConnection):
         self.idle.set()
         self._gpadl_maps: dict[int, GpadlMap] = {}  # by relid
         self._subchannels: dict[int, list[int]] = {}  # primary relid -> its sub-channels' relids
+        lim = cfg.limits
+        self._control_rate = TokenBucket(lim.control_per_second, lim.control_burst)
+        self._strikes = Strikes(lim.strikes, lim.strike_window)
+        self.limit_refusals = 0  # requests refused for a [limits] limit
 
     # ---- connection lifetime ----------------------------------------------------------------------------
 
@@ -142,6 +151,8 @@ class PartitionConnection(FramedConnection):
         if self.partition is not None:
             totals.forget(self.partition)
         self.channels.clear()
+        if self.core is not None:
+            self.core.release()  # its GPADLs' bytes go back to the memory budget
         self.idle.set()
         if open_now:
             self.daemon.spawn(self._release_devices(open_now))
@@ -246,7 +257,9 @@ class PartitionConnection(FramedConnection):
         self.vsps = {v.name: v for v in self.daemon.vsps}
         self.core = core.HostConnection([v.offer(self.partition or "?") for v in self.daemon.vsps],
                                         supported=cfg.vmbus_versions,
-                                        limits=core.Limits(max_gpadls=cfg.max_gpadls))
+                                        limits=core.Limits(max_gpadls=cfg.max_gpadls,
+                                                           total_gpadl_pages=cfg.limits.gpadl_pages,
+                                                           budget=self.daemon.budget))
         self.send_frame(kind, 0, answer)
         self.log.info("partition connected", authenticated=self.authenticated, **extra)
 
@@ -260,6 +273,13 @@ class PartitionConnection(FramedConnection):
         if self.core is None:
             raise FrameError("CONTROL frame before HELLO" if self.handshake is None
                              else "CONTROL frame before the partition was accepted")
+        if not self._control_rate.take(time.monotonic()):
+            self.dropped_messages += 1
+            lim = self.daemon.config.limits
+            self._refused("control messages per second",
+                          f"control message dropped: over {lim.control_per_second} a second "
+                          f"(burst {lim.control_burst})")
+            return
         try:
             msg = m.decode(frame.body)
         except MessageError as exc:
@@ -298,6 +318,8 @@ class PartitionConnection(FramedConnection):
                 self.dropped_messages += 1
                 self.log.warning("control message dropped", kind=kind.value, reason=reason,
                                  message=msg.describe() if msg else None)
+                if kind in core.LIMIT_KINDS:
+                    self._refused(kind.value.replace("_", " "))
             case core.Connected(version=version):
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
@@ -318,6 +340,18 @@ class PartitionConnection(FramedConnection):
                 self._gpadl_maps.pop(relid, None)
             case _:
                 assert_never(act)
+
+    def _refused(self, what: str, log_line: str = "") -> None:
+        """A request refused for a limit (``log_line``, if the refusal was not logged yet): one strike; the
+        ``[limits] strikes``-th within ``strike_window`` ends the connection as abuse."""
+        self.limit_refusals += 1
+        if log_line:
+            self.log.warning(log_line, limit=what)
+        if self._strikes.strike(time.monotonic()) and not self.closing:
+            lim = self.daemon.config.limits
+            # Info: once per connection, so the per-peer log limiter (warnings) cannot hide it after a flood.
+            self.log.info("connection ended for abuse", limit=what, strikes=lim.strikes, window=lim.strike_window)
+            self.close(f"abuse: {what} ({lim.strikes} limit refusals within {lim.strike_window:g}s)", ABUSE)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -453,6 +487,12 @@ class Subchannels:
         conn, first = self.conn, self.offered + 1
         if conn.core is None or conn.closing:
             return []
+        limit = conn.daemon.config.limits.subchannels
+        room = limit - sum(len(subs) for subs in conn._subchannels.values())
+        if count > room:
+            conn.log.warning("sub-channels limited", asked=count, offered=max(room, 0), limit=limit,
+                             device=self.primary_offer.name)
+            count = max(room, 0)
         new = [conn.core.add_offer(dataclasses.replace(self.primary_offer, sub_channel_index=i), primary=self.primary)
                for i in range(first, first + count)]
         self.relids.extend(new)

@@ -18,6 +18,7 @@ from typing import Any
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.limits import MemoryBudget
 
 from .config import Config, ConfigError
 from .connection import PartitionConnection
@@ -53,6 +54,7 @@ class ParentDaemon:
         self.connections: set[PartitionConnection] = set()
         self.partitions: dict[str, PartitionConnection] = {}
         self.totals = Totals()
+        self.budget = MemoryBudget(config.limits.memory_budget)  # bytes held for all partitions ([limits])
         self.servers: list[asyncio.Server] = []
         self.endpoints: list[str] = []
         self.accepting = False

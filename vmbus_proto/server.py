@@ -25,13 +25,14 @@ from __future__ import annotations
 import array
 import enum
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, assert_never
+from typing import ClassVar, Generic, TypeVar, assert_never, overload
 
 from . import messages as m
 from .errors import MessageError
 from .gpadl import Gpadl, GpadlAssembly
+from .limits import MemoryBudget
 from .messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL, VP_INDEX_DISABLE_INTERRUPT, ConnectionState, MsgType
 from .pipe import PIPE_TYPE_MESSAGE
 from .ring import ring_data_size
@@ -84,6 +85,8 @@ class DropKind(enum.Enum):
     BAD_RING = "bad_ring"  # OPENCHANNEL's ring GPADL or offset is unusable
     GPADL_DUPLICATE_ID = "gpadl_duplicate_id"  # OpenVMM DuplicateGpadlId
     GPADL_LIMIT = "gpadl_limit"  # too many GPADLs on this connection
+    GPADL_PAGES_LIMIT = "gpadl_pages_limit"  # the connection's GPADLs would describe too many pages
+    MEMORY_BUDGET = "memory_budget"  # the parent-wide memory budget is spent
     GPADL_INVALID = "gpadl_invalid"  # bad header, ranges or size (OpenVMM InvalidGpaRange)
     GPADL_UNKNOWN_ID = "gpadl_unknown_id"  # GPADL_BODY for an id not in progress (OpenVMM UnknownGpadlId)
     GPADL_NOT_ACCEPTED = "gpadl_not_accepted"  # teardown of a GPADL that is not accepted (InvalidGpadlState)
@@ -423,10 +426,67 @@ class HostChannel:
         return self.state.target_vp if isinstance(self.state, Open) else None
 
 
+# Drops that are a guest exceeding a limit (a strike toward ending its connection), not a protocol slip.
+LIMIT_KINDS = frozenset({DropKind.GPADL_LIMIT, DropKind.GPADL_PAGES_LIMIT, DropKind.MEMORY_BUDGET})
+PFN_BYTES = 8  # what the host holds per GPADL page: its PFN (an array of u64)
+
+
 @dataclass(slots=True)
 class Limits:
     max_gpadls: int = 256  # per connection, in progress or complete
     max_gpadl_pages: int = 1 << 18  # 1 GiB of 4 KiB pages in one GPADL
+    total_gpadl_pages: int = 1 << 18  # all of a connection's GPADLs together, in progress or complete
+    budget: MemoryBudget | None = None  # parent-wide, shared by every connection
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _PageTable(dict[K, V], Generic[K, V]):
+    """GPADLs (accepted or in progress) that keep a count of the pages they describe and charge the PFN
+    bytes to the memory budget; every way of removing an entry gives them back."""
+
+    def __init__(self, pages_of: Callable[[V], int], budget: MemoryBudget | None) -> None:
+        super().__init__()
+        self.pages = 0
+        self._pages_of = pages_of
+        self._budget = budget
+
+    def _count(self, value: V, sign: int) -> None:
+        n = self._pages_of(value)
+        self.pages += sign * n
+        if self._budget is not None:
+            (self._budget.take if sign > 0 else self._budget.give)(n * PFN_BYTES)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        old = super().get(key)
+        if old is not None:
+            self._count(old, -1)
+        super().__setitem__(key, value)
+        self._count(value, 1)
+
+    def __delitem__(self, key: K) -> None:
+        self._count(self[key], -1)
+        super().__delitem__(key)
+
+    @overload  # type: ignore[override]
+    def pop(self, key: K, /) -> V: ...
+
+    @overload
+    def pop(self, key: K, default: None, /) -> V | None: ...
+
+    def pop(self, key: K, *default: None) -> V | None:
+        if key in self:
+            value = super().pop(key)
+            self._count(value, -1)
+            return value
+        return default[0] if default else super().pop(key)
+
+    def clear(self) -> None:
+        for value in self.values():
+            self._count(value, -1)
+        super().clear()
 
 
 class HostConnection:
@@ -440,8 +500,9 @@ class HostConnection:
         self.version = 0
         self.offers_sent = False
         self.channels: dict[int, HostChannel] = {}
-        self.gpadls: dict[tuple[int, int], HostGpadl] = {}  # (gpadl id, relid)
-        self.in_progress: dict[int, GpadlAssembly] = {}  # gpadl id -> assembly (globally unique)
+        budget = self.limits.budget
+        self.gpadls = _PageTable[tuple[int, int], HostGpadl](lambda g: g.gpadl.page_count, budget)  # (id, relid)
+        self.in_progress = _PageTable[int, GpadlAssembly](lambda a: a.expected_pfns, budget)  # id -> assembly
         self._next_action: m.Message | None = None  # UNLOAD or INITIATE_CONTACT waiting for idle
         self._seq = 0
         self._out: list[Action] = []
@@ -470,6 +531,16 @@ class HostConnection:
     def channel_gpadls(self, relid: int) -> list[Gpadl]:
         """The accepted GPADLs of ``relid``."""
         return [g.gpadl for (_, rid), g in self.gpadls.items() if rid == relid and g.state == GpadlState.ACCEPTED]
+
+    @property
+    def gpadl_pages(self) -> int:
+        """Pages described by this connection's GPADLs, accepted and in progress."""
+        return self.gpadls.pages + self.in_progress.pages
+
+    def release(self) -> None:
+        """The connection is gone: its GPADLs go, and their bytes go back to the memory budget."""
+        self.gpadls.clear()
+        self.in_progress.clear()
 
     def subchannels(self, primary: int) -> list[HostChannel]:
         """The sub-channels linked to ``primary``, by sub-channel index."""
@@ -829,9 +900,22 @@ class HostConnection:
         except MessageError as exc:
             self._gpadl_failed(msg, DropKind.GPADL_INVALID, str(exc))
             return
-        if asm.expected_pfns > self.limits.max_gpadl_pages:
+        pages = asm.expected_pfns
+        if pages > self.limits.max_gpadl_pages:
             self._gpadl_failed(msg, DropKind.GPADL_INVALID,
-                               f"GPADL of {asm.expected_pfns} pages exceeds {self.limits.max_gpadl_pages}")
+                               f"GPADL of {pages} pages exceeds {self.limits.max_gpadl_pages}")
+            return
+        held = self.gpadl_pages
+        if held + pages > self.limits.total_gpadl_pages:
+            self._gpadl_failed(msg, DropKind.GPADL_PAGES_LIMIT,
+                               f"GPADL of {pages} pages would make {held + pages} pages on this connection; "
+                               f"the limit is {self.limits.total_gpadl_pages}")
+            return
+        budget = self.limits.budget
+        if budget is not None and not budget.fits(pages * PFN_BYTES):
+            self._gpadl_failed(msg, DropKind.MEMORY_BUDGET,
+                               f"GPADL of {pages} pages refused: the parent's memory budget "
+                               f"({budget.used} of {budget.capacity} bytes in use) is spent")
             return
         self._gpadl_progress(asm, msg)
 

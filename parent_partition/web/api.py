@@ -105,7 +105,8 @@ def partition_json(conn: PartitionConnection, detail: bool) -> dict[str, Any]:
                   "version": version_text(core.version) if core and core.version else None,
                   "connected_since": _when(conn.vmbus_connected_at)},
         "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out, "dropped_messages": conn.dropped_messages,
-        "gpadls": len(core.gpadls) if core else 0,
+        "gpadls": len(core.gpadls) if core else 0, "gpadl_pages": core.gpadl_pages if core else 0,
+        "limit_refusals": conn.limit_refusals,
         "channels": channels if detail else [{k: c[k] for k in ("relid", "device", "state", "sub_channel_index")}
                                              for c in channels]}
 
@@ -187,6 +188,7 @@ async def index(request: web.Request) -> web.Response:
     return web.json_response({
         "parent": daemon.name, "partitions": sorted(daemon.partitions), "devices": [v.name for v in daemon.vsps],
         "listen": daemon.endpoints,
+        "memory_budget": {"bytes": daemon.budget.capacity, "used_bytes": daemon.budget.used},
         "routes": sorted({str(r.resource.canonical) for r in request.app.router.routes() if r.resource})})
 
 

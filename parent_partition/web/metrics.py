@@ -120,10 +120,17 @@ class VmbusCollector(Collector):
         gpadls = GaugeMetricFamily("vmbus_gpadls", "GPADLs the partitions hold now")
         pages = GaugeMetricFamily("vmbus_gpadl_bytes", "guest memory described by the GPADLs held now")
         gpadls.add_metric([], sum(len(c.core.gpadls) for c in live if c.core))
-        pages.add_metric([], PAGE_SIZE * sum(g.gpadl.page_count for c in live if c.core
-                                             for g in c.core.gpadls.values()))
+        pages.add_metric([], PAGE_SIZE * sum(c.core.gpadls.pages for c in live if c.core))
         yield gpadls
         yield pages
+        yield GaugeMetricFamily("vmbus_memory_budget_bytes",
+                                "bytes the parent may hold for all partitions together ([limits] memory_budget)",
+                                value=d.budget.capacity)
+        yield GaugeMetricFamily("vmbus_memory_budget_used_bytes",
+                                "bytes of the memory budget in use now (GPADL page lists)", value=d.budget.used)
+        yield CounterMetricFamily("vmbus_limit_refusals_total",
+                                  "requests refused for a [limits] limit, connected partitions",
+                                  value=sum(c.limit_refusals for c in live))
 
     def _channels(self) -> Iterator[Metric]:
         """Ring traffic by device (and partition, when asked): what closed channels carried plus live ones."""

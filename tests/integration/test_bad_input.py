@@ -9,6 +9,8 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -21,7 +23,7 @@ from vmbus_proto.gpadl import split
 from vmbus_proto.guids import NETWORK, SYNTH_KEYBOARD
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
-from .conftest import Parent, Proc
+from .conftest import FAST_LIMITS, Parent, Proc
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
@@ -219,11 +221,23 @@ def test_unloaded_guest_may_contact_again_after_the_handshake_timeout(p: Parent)
     c.close()
 
 
-def test_client_that_never_reads_is_dropped_without_unbounded_buffering(p: Parent) -> None:
+@pytest.fixture
+def unlimited_rate(tmp_path: Path) -> Iterator[Parent]:
+    """A parent whose control-message rate limit is out of reach."""
+    p = Parent(tmp_path / "parent", FAST_LIMITS + "[limits]\ncontrol_per_second = 100000000\n"
+                                                  "control_burst = 100000000\n")
+    yield p
+    p.stop()
+
+
+def test_client_that_never_reads_is_dropped_without_unbounded_buffering(unlimited_rate: Parent) -> None:
     """Each bad GPADL_HEADER earns a failed GPADL_CREATED. A client that sends them and never reads fills the
     parent's output past what credit explains; the parent stops reading it, and after the stall timeout
     resets it, having buffered no more than its stated limit. Nothing here depends on who is faster: the
-    client sends until the parent resets it (or a fixed cap, which a correct parent never lets it reach)."""
+    client sends until the parent resets it (or a fixed cap, which a correct parent never lets it reach).
+    The control-message rate limit would end this flood first (tests/integration/test_limits.py), so this
+    parent's is out of reach: the output bound must hold on its own."""
+    p = unlimited_rate
     mark = p.mark()
     c = RawClient(p.tcp, timeout=60)
     c.negotiate("deaf")

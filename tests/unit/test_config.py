@@ -67,7 +67,8 @@ echo = true
     ("[parent]\nmax_gpadls = 1.5\n", "[parent] max_gpadls: must be an integer of at least 1, not 1.5"),
     ('[parent]\ndata_dir = ""\n', "[parent] data_dir: must be a non-empty string"),
     ("storage = []\n", "storage must be a table ([storage])"),
-    ("[bogus]\n", "[bogus]: unknown section; known: parent, devices, http, auth, storage, network, video, heartbeat"),
+    ("[bogus]\n", "[bogus]: unknown section; known: parent, devices, http, auth, limits, storage, network, video, "
+                   "heartbeat"),
     ("[storage]\nidle_close = -1\n", "[storage] idle_close: must be a number of seconds (0 or more), not -1"),
     ('[storage]\nprotocol_versions = ["9.9"]\n', "[storage] protocol_versions: must be a non-empty list of"),
     ("[storage]\nlun = 1\n", "[storage] lun must be an array of tables ([[storage.lun]])"),

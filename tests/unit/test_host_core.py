@@ -25,6 +25,7 @@ from vmbus_proto import state_table
 from vmbus_proto.devices import registry
 from vmbus_proto.gpadl import Gpadl, split
 from vmbus_proto.guids import NETWORK, SCSI, SYNTHVID
+from vmbus_proto.limits import MemoryBudget
 from vmbus_proto.messages import STATUS_SUCCESS
 from vmbus_proto.versions import Version
 
@@ -398,7 +399,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def _connection() -> tuple[PartitionConnection, list[tuple[int, bytes]], list[Any]]:
     daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), totals=Totals(),
-                                  partitions_changed=lambda: None)
+                                  budget=MemoryBudget(1 << 30), partitions_changed=lambda: None)
     conn = PartitionConnection(daemon, "test")
     sent: list[tuple[int, bytes]] = []
     spawned: list[Any] = []

@@ -18,6 +18,7 @@ from parent_partition.counters import Totals
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.envelope import decode_close_code
 from vmbus_proto.framing import Frame, FrameDecoder, FrameKind, frame_parts
+from vmbus_proto.limits import MemoryBudget
 
 
 class Buggy(FramedConnection):
@@ -55,7 +56,7 @@ async def test_a_device_operation_that_raises_closes_only_that_partitions_connec
     logged with its traceback, and the partition's connection closes with a CLOSE frame saying so."""
     loop = asyncio.get_running_loop()
     daemon: Any = SimpleNamespace(config=Config(), log=structlog.get_logger(), accepting=True, connections=set(),
-                                  partitions={}, vsps=[], name="parent", totals=Totals(),
+                                  partitions={}, vsps=[], name="parent", totals=Totals(), budget=MemoryBudget(1 << 30),
                                   partitions_changed=lambda: None)
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)

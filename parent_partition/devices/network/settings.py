@@ -8,7 +8,7 @@ from typing import Any
 
 from vmbus_proto.aio.tap import IFNAMSIZ
 
-from ...settings import count, seconds_or_zero, setting
+from ...settings import count, flag, seconds_or_zero, setting
 
 
 def _mac_style(v: Any) -> str:
@@ -29,6 +29,8 @@ class NetworkSettings:
     mtu: int = setting(1500, check=count(576, 9000))  # the switch's MTU (the guest's NDIS_CONFIG asks for MTU + 14)
     link_speed_mbps: int = setting(10_000, check=count(10))  # what OID_GEN_LINK_SPEED reports
     mac_style: str = setting("local", check=_mac_style)  # how a partition's MAC is made from its name
+    # A partition may send frames from MACs other than its NIC's (Hyper-V "Enable MAC address spoofing").
+    mac_spoofing: bool = setting(False, check=flag)
     port_queue_frames: int = setting(1024, check=count(16))  # frames waiting for a partition before drops
     # NVSP sub-channels a NIC may have (RSS queues = this + 1; OpenVMM's default 4 queues); 0: one channel.
     subchannels: int = setting(3, check=count(0, 63))

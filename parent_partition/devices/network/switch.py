@@ -9,6 +9,9 @@ Memory is bounded everywhere: each port's outbound queue has a frame and a byte 
 frame and counts it, forwarding never awaits a slow port), and the MAC table has a size limit (a port that
 sends from many MACs cannot grow it without bound).
 
+A partition's port drops frames whose source MAC is not its NIC's (``drops['mac_spoofed']``), as a Hyper-V
+vSwitch does unless MAC address spoofing is enabled for that vNIC (``[network] mac_spoofing``).
+
 Large segments (LSO on transmit, RSC on receive, GSO/GRO on a TAP with virtio-net headers) travel as one
 frame of up to 64 KiB with their offload metadata (``vnet.VnetHdr``) beside it, between ports whose
 ``max_frame`` allows them; towards a port that cannot take them a TCP segment is cut into MTU-sized frames in
@@ -151,10 +154,11 @@ class Port:
     """
 
     def __init__(self, switch: Switch, name: str, mac: bytes, max_frame: int, queue_frames: int,
-                 queue_bytes: int) -> None:
+                 queue_bytes: int, spoof_check: bool = False) -> None:
         self.switch = switch
         self.name = name
         self.mac = mac
+        self.spoof_check = spoof_check  # frames from another source MAC are dropped
         self.max_frame = max_frame
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
@@ -259,12 +263,14 @@ class Switch:
 
     # -- ports -------------------------------------------------------------------------------------------
     def attach(self, name: str, mac: bytes | None = None, *, max_frame: int | None = None,
-               queue_frames: int | None = None, queue_bytes: int | None = None) -> Port:
+               queue_frames: int | None = None, queue_bytes: int | None = None,
+               spoof_check: bool = False) -> Port:
         """A new port named ``name`` (unique) whose owner's MAC is ``mac`` (default ``mac_for(name)``).
 
         ``max_frame``: the largest frame the port sends and accepts, Ethernet header included; default the
         MTU plus a tagged header; up to ``MAX_LARGE_FRAME`` for a port that carries large segments.
         The port's own MAC is known from the start (a static table entry, as Hyper-V knows a vNIC's MAC).
+        ``spoof_check``: frames sent from any other source MAC are dropped (a vNIC without MAC spoofing).
         """
         if name in self.ports:
             raise ValueError(f"switch port {name!r} is already attached")
@@ -278,7 +284,8 @@ class Switch:
         max_frame = standard if max_frame is None else max_frame
         if not standard <= max_frame <= MAX_LARGE_FRAME:
             raise ValueError(f"port {name!r}: max_frame {max_frame} outside {standard}..{MAX_LARGE_FRAME}")
-        port = Port(self, name, mac, max_frame, queue_frames or self.queue_frames, queue_bytes or self.queue_bytes)
+        port = Port(self, name, mac, max_frame, queue_frames or self.queue_frames, queue_bytes or self.queue_bytes,
+                    spoof_check)
         self.ports[name] = port
         self._table[mac] = _Entry(port, self.clock(), static=True)
         return port
@@ -344,6 +351,8 @@ class Switch:
         src = data[6:12]
         if src[0] & 1:
             return self._drop_in(port, "bad_source")
+        if port.spoof_check and src != port.mac:
+            return self._drop_in(port, "mac_spoofed")
         pc.rx_frames += 1
         pc.rx_bytes += size
         self.counters.frames += 1

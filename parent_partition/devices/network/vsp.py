@@ -195,7 +195,8 @@ class NetworkVsp(Vsp):
         try:
             # Large segments both ways: the NvspHost enforces the MTU on transmits without LSO, and the pump cuts
             # what a guest without RSC cannot take.
-            port = self.switch.attach(res.partition, mac, max_frame=MAX_LARGE_FRAME)
+            port = self.switch.attach(res.partition, mac, max_frame=MAX_LARGE_FRAME,
+                                      spoof_check=not st.mac_spoofing)
             nic.port = port
             self.hosts[res.partition] = host
             res.log.info("NIC on the virtual switch", mac=format_mac(mac))
