@@ -52,7 +52,7 @@ import re
 import struct
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,6 +146,7 @@ class ScsiResult:
     sense: bytes = b""
     data: bytes = b""
     transferred: int = 0
+    failure: DiskError | None = field(default=None, compare=False, repr=False)  # the backend error, if one
 
     @property
     def sense_key(self) -> int | None:
@@ -193,13 +194,49 @@ def _write_protected() -> _Check:
 
 
 def _io_failure(exc: DiskError, writing: bool) -> ScsiResult:
-    """A backend error as the guest sees it."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, ASCQ_SPACE_ALLOCATION_FAILED)
-    if exc.errno == errno.EROFS:
-        return _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
-    asc = Asc.WRITE_ERROR if writing else Asc.UNRECOVERED_READ_ERROR
-    return _check(SrbStatus.ERROR, SenseKey.MEDIUM_ERROR, asc)
+    """A backend error as the guest sees it (Linux's target, target_core_transport.c ``sense_detail_table``:
+    a full thin store is TCM_SPACE_ALLOCATION_FAILED_WRITE_PROTECT, DATA PROTECT 0x27/0x07; a failed read or
+    write is MEDIUM ERROR, 0x11 or 0x0C)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        result = _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, ASCQ_SPACE_ALLOCATION_FAILED)
+    elif exc.errno == errno.EROFS:
+        result = _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+    else:
+        asc = Asc.WRITE_ERROR if writing else Asc.UNRECOVERED_READ_ERROR
+        result = _check(SrbStatus.ERROR, SenseKey.MEDIUM_ERROR, asc)
+    return ScsiResult(result.srb_status, result.scsi_status, result.sense, failure=exc)
+
+
+# Commands that reach the backend: a GOOD answer to one ends a burst of backend failures.
+_BACKEND_OPS = frozenset({Op.READ10, Op.READ16, Op.WRITE10, Op.WRITE16, Op.SYNCHRONIZE_CACHE10,
+                          Op.SYNCHRONIZE_CACHE16, Op.UNMAP, Op.WRITE_SAME16})
+
+
+class FailureBurst:
+    """Backend failures of one disk, logged once per burst (Linux ratelimits its "critical medium error" and
+    "Buffer I/O error" lines the same way): the first failure is a warning with its errno and the sense the
+    guest gets; the rest are only counted until a command that reaches the disk succeeds, which logs how many
+    failed. A guest retrying into a full or broken disk so costs two log lines, not one per command."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def note(self, result: ScsiResult, opcode: int, log: Any) -> ScsiResult:
+        exc = result.failure
+        if exc is not None:
+            if not self.failed:
+                (log if log is not None else logs.get(component="scsi")).warning(
+                    "disk I/O failing; answering CHECK CONDITION until it recovers", opcode=f"{opcode:#04x}",
+                    errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)), error=exc.strerror,
+                    sense=f"{result.sense_key:#x}/{result.asc:#04x}/{result.ascq:#04x}")
+            self.failed += 1
+        elif self.failed and opcode in _BACKEND_OPS and result.scsi_status == ScsiStatus.GOOD:
+            (log if log is not None else logs.get(component="scsi")).info(
+                "disk I/O recovered", failed_commands=self.failed)
+            self.failed = 0
+        return result
 
 
 def _internal_failure(log: Any, cdb: bytes, exc: BaseException | None = None) -> ScsiResult:
@@ -303,6 +340,7 @@ class ScsiDisk:
         self.max_transfer_blocks = max_transfer_bytes // block
         self.read_only = backend.read_only
         self.unmap_supported = not backend.read_only
+        self.failures = FailureBurst()
         # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached),
         # and reads and writes started without a coroutine (a future each).
         self.read_cached: Callable[[int, int], bytes | bytearray | None] | None = getattr(
@@ -345,11 +383,12 @@ class ScsiDisk:
                 return _illegal(Asc.INVALID_COMMAND_OPERATION_CODE).result
             if len(cdb) < CDB_LENGTH[cdb[0]]:
                 return _illegal(Asc.INVALID_FIELD_IN_CDB).result
-            return await handler(_Request(cdb, data_out if data_out is not None else b"", max(0, data_in_length)))
+            result = await handler(_Request(cdb, data_out if data_out is not None else b"", max(0, data_in_length)))
         except _Check as check:
-            return check.result
+            result = check.result
         except Exception:
             return _internal_failure(log, cdb)
+        return self.failures.note(result, cdb[0], log)
 
     async def flush(self) -> None:
         if not self.read_only:
@@ -762,17 +801,19 @@ class ScsiController:
         except DiskError:
             return None  # the full path turns it into the right sense
 
-    @staticmethod
-    def rw_result(started: asyncio.Future[Any], length: int, reading: bool, log: Any = None,
-                  cdb: bytes = b"") -> ScsiResult:
-        """The outcome of a command begun with :meth:`start_rw`, once its future is done (an exception that is
-        not a ``DiskError`` is logged on ``log`` with its traceback)."""
+    def rw_result(self, started: asyncio.Future[Any], length: int, reading: bool, log: Any = None,
+                  cdb: bytes = b"", lun: int = 0) -> ScsiResult:
+        """The outcome of a command begun with :meth:`start_rw` on ``lun``, once its future is done (an exception
+        that is not a ``DiskError`` is logged on ``log`` with its traceback; backend failures once per burst)."""
         exc = started.exception()
         if exc is None:
-            return _good(started.result()) if reading else _good(transferred=length)
-        if isinstance(exc, DiskError):
-            return _io_failure(exc, writing=not reading)
-        return _internal_failure(log, cdb, exc)
+            result = _good(started.result()) if reading else _good(transferred=length)
+        elif isinstance(exc, DiskError):
+            result = _io_failure(exc, writing=not reading)
+        else:
+            return _internal_failure(log, cdb, exc)
+        disk = self._disks.get(lun)
+        return disk.failures.note(result, cdb[0], log) if disk is not None and cdb else result
 
     def _report_luns(self, cdb: bytes, data_in_length: int, luns: list[int]) -> ScsiResult:
         if len(cdb) < CDB_LENGTH[Op.REPORT_LUNS]:
