@@ -734,15 +734,18 @@ async def test_backend_failures_are_logged_once_per_burst() -> None:
                      srb=ERROR_SENSE)
     assert_good(await d.execute(bytes(6), None, 0, log))  # TEST UNIT READY, no backend I/O: the burst goes on
     backend.fail = None
-    assert_good(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log))
+    assert_good(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log))  # reads work on a full disk: goes on
+    assert_good(await d.execute(sync10(), None, 0, log))  # so does a flush with nothing dirty
+    assert_good(await d.execute(rw10(Op.WRITE10, 0, 1), bytes(512), 0, log))  # a write that lands ends it
     backend.fail = errno.EIO  # a second burst
+    assert_sense(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log), MEDIUM, 0x11, srb=ERROR_SENSE)
     assert_sense(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log), MEDIUM, 0x11, srb=ERROR_SENSE)
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     failing = [x for x in lines if x["event"].startswith("disk I/O failing")]
     recovered = [x for x in lines if x["event"] == "disk I/O recovered"]
     assert [(x["errno"], x["sense"], x["opcode"]) for x in failing] == [
         ("ENOSPC", "0x7/0x27/0x07", "0x2a"), ("EIO", "0x3/0x11/0x00", "0x28")], failing
-    assert [(x["failed_commands"], x["partition"]) for x in recovered] == [(5, "vm1")], recovered
+    assert [(x["failed_commands"], x["writes"], x["partition"]) for x in recovered] == [(5, True, "vm1")], recovered
 
 
 async def test_real_io_error_through_the_file(ctl: ScsiController, monkeypatch: pytest.MonkeyPatch) -> None:

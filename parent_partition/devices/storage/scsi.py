@@ -207,35 +207,40 @@ def _io_failure(exc: DiskError, writing: bool) -> ScsiResult:
     return ScsiResult(result.srb_status, result.scsi_status, result.sense, failure=exc)
 
 
-# Commands that reach the backend: a GOOD answer to one ends a burst of backend failures.
-_BACKEND_OPS = frozenset({Op.READ10, Op.READ16, Op.WRITE10, Op.WRITE16, Op.SYNCHRONIZE_CACHE10,
-                          Op.SYNCHRONIZE_CACHE16, Op.UNMAP, Op.WRITE_SAME16})
+# Commands whose GOOD answer ends a burst of backend failures in their direction (a SYNCHRONIZE CACHE with
+# nothing dirty succeeds on a full disk, so it ends nothing).
+_READS = frozenset({Op.READ10, Op.READ16})
+_WRITES = frozenset({Op.WRITE10, Op.WRITE16, Op.UNMAP, Op.WRITE_SAME16})
+_READING = _READS | {Op.SERVICE_ACTION_IN16}  # a failure of one of these is a read failure
 
 
 class FailureBurst:
-    """Backend failures of one disk, logged once per burst (Linux ratelimits its "critical medium error" and
-    "Buffer I/O error" lines the same way): the first failure is a warning with its errno and the sense the
-    guest gets; the rest are only counted until a command that reaches the disk succeeds, which logs how many
-    failed. A guest retrying into a full or broken disk so costs two log lines, not one per command."""
+    """Backend failures of one disk, logged once per burst and direction (Linux ratelimits its "critical medium
+    error" and "Buffer I/O error" lines the same way): the first failed read or write is a warning with its errno
+    and the sense the guest gets; the rest are only counted until a read (or write) to the disk succeeds, which
+    logs how many failed. A guest retrying into a full or broken disk so costs two lines, not one per command."""
 
     __slots__ = ("failed",)
 
     def __init__(self) -> None:
-        self.failed = 0
+        self.failed = {False: 0, True: 0}  # writing -> failed commands in the current burst
 
     def note(self, result: ScsiResult, opcode: int, log: Any) -> ScsiResult:
         exc = result.failure
         if exc is not None:
-            if not self.failed:
+            writing = opcode not in _READING
+            if not self.failed[writing]:
                 (log if log is not None else logs.get(component="scsi")).warning(
                     "disk I/O failing; answering CHECK CONDITION until it recovers", opcode=f"{opcode:#04x}",
                     errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)), error=exc.strerror,
                     sense=f"{result.sense_key:#x}/{result.asc:#04x}/{result.ascq:#04x}")
-            self.failed += 1
-        elif self.failed and opcode in _BACKEND_OPS and result.scsi_status == ScsiStatus.GOOD:
-            (log if log is not None else logs.get(component="scsi")).info(
-                "disk I/O recovered", failed_commands=self.failed)
-            self.failed = 0
+            self.failed[writing] += 1
+        elif result.scsi_status == ScsiStatus.GOOD and (opcode in _READS or opcode in _WRITES):
+            writing = opcode in _WRITES
+            if self.failed[writing]:
+                (log if log is not None else logs.get(component="scsi")).info(
+                    "disk I/O recovered", writes=writing, failed_commands=self.failed[writing])
+                self.failed[writing] = 0
         return result
 
 
