@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import tempfile
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Parent, Proc, child
+from vmbus_proto import messages as m
+from vmbus_proto.devices.registry import ALL as OFFERED
+from vmbus_proto.gpadl import split
+
+from .conftest import FAST_LIMITS, Parent, Proc, child
+from .load_driver import Api
+from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -178,3 +188,128 @@ def test_full_and_failing_disks_are_scsi_errors_to_the_guest_and_the_daemon_serv
             if proc is not None:
                 proc.stop()
         p.stop()
+
+
+# -- kill -9 of a child at awkward moments -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_parent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parent]:
+    """This module's parent, with its web API, and disks closed as soon as their last channel is (by default they
+    stay open 30 s for a returning partition), so everything a partition held is released at once."""
+    p = Parent(tmp_path_factory.mktemp("shared") / "parent", FAST_LIMITS + "\n[storage]\nidle_close = 0\n",
+               extra=["--http", "127.0.0.1:0"])
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def api(shared_parent: Parent) -> Api:
+    return Api(shared_parent.wait_event("web console and API listening")["url"])
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def gone(parent: Parent, api: Api, name: str, mark: int, baseline: int) -> None:
+    """Everything ``name`` held is released: the parent said so, the API lists neither the partition nor its
+    channels and GPADLs, and the parent's file descriptors are back to ``baseline``."""
+    parent.wait_event("partition disconnected", start=mark, partition=name)
+    api.until(lambda: name not in api.names(), f"{name} leaves /api/partitions")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        api.get(f"/api/partitions/{name}/gpadls")
+    assert missing.value.code == 404, f"/api/partitions/{name}/gpadls answered {missing.value.code}"
+    api.until(lambda: fds(parent.proc.pid) <= baseline,
+              f"the parent's fds are back to {baseline} (now {fds(parent.proc.pid)})")
+
+
+def kill_hard(client: RawClient) -> None:
+    """What the kernel does to a killed process's socket with data unread: RST, no CLOSE frame."""
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def healthy(parent: Parent, name: str) -> None:
+    """``name`` connects, gets every offer and opens a channel over a full GPADL."""
+    c = RawClient(parent.unix)
+    try:
+        offers = c.negotiate(name)
+        assert len(offers) == len(OFFERED), f"{name} got {len(offers)} offers, not {len(OFFERED)}"
+        c.open(min(offers), 4, next(_gpadl_ids))
+    finally:
+        c.close()
+
+
+_gpadl_ids = itertools.count(0x200000)
+
+
+def test_kill_9_of_a_child_with_storage_io_in_flight(shared_parent: Parent, api: Api, bystander: Proc,
+                                                     tmp_path: Path) -> None:
+    p = shared_parent
+    baseline = fds(p.proc.pid)
+    sock = tmp_path / "victim.nbd"
+    vm = child(tmp_path, p.unix, "victim", "--nbd", f"unix:{sock}")
+    writer: subprocess.Popen[str] | None = None
+    try:
+        vm.wait_event("nbd server listening")
+        image = next((p.unix_path.parent.parent / "var" / "victim").glob("lun0.img"))
+        # A long stream of writes: requests are always in flight on the storage channel.
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 768M", nbd(sock, "victim")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        api.until(lambda: image.stat().st_blocks * 512 >= 16 * MiB, "the writes reach the image")
+        mark = p.mark()
+        assert vm.stop(signal.SIGKILL) == -signal.SIGKILL
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode != 0 or "error" in out.lower(), f"qemu-io did not notice its disk go: {out}"
+        gone(p, api, "victim", mark, baseline)
+        # The same name at once: a new child of that name opens every channel and reads what was written.
+        vm = child(tmp_path, p.unix, "victim", "--nbd", f"unix:{sock}")
+        vm.wait_event("nbd server listening")
+        status, out = qemu_io(nbd(sock, "victim"), "read -P 0x3c 0 4M")
+        assert status == 0 and "Pattern verification failed" not in out, f"the first 4 MiB after the kill: {out}"
+        assert vm.stop() == 0
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        vm.stop()
+
+
+def test_kill_9_in_the_middle_of_a_gpadl_exchange(shared_parent: Parent, api: Api, bystander: Proc) -> None:
+    p = shared_parent
+    baseline = fds(p.proc.pid)
+    c = RawClient(p.unix)
+    offers = c.negotiate("gpadl-victim")
+    c.open(min(offers), 4, next(_gpadl_ids))  # one channel open, with its ring GPADL
+    # A 200-page GPADL: the header goes, its 7 bodies never do.
+    header, bodies = split(max(offers), next(_gpadl_ids), list(range(0x4000, 0x4000 + 200)))
+    assert len(bodies) > 1
+    c.send(header)
+    c.send(bodies[0])
+    mark = p.mark()
+    kill_hard(c)
+    gone(p, api, "gpadl-victim", mark, baseline)
+    healthy(p, "gpadl-victim")
+
+
+def test_kill_9_between_openchannel_and_its_result(shared_parent: Parent, api: Api, bystander: Proc) -> None:
+    p = shared_parent
+    baseline = fds(p.proc.pid)
+    c = RawClient(p.unix)
+    offers = c.negotiate("open-victim")
+    # Every channel's ring GPADL accepted, then every OPENCHANNEL sent (storage opens its disks), and gone
+    # before a single OPENCHANNEL_RESULT is read.
+    gpadls = {}
+    for relid in offers:
+        gpadls[relid] = next(_gpadl_ids)
+        header, bodies = split(relid, gpadls[relid], list(range(0x1000, 0x1000 + 8)))
+        for msg in [header, *bodies]:
+            c.send(msg)
+    for relid, gid in gpadls.items():
+        c.expect(m.GpadlCreated)
+        c.send(m.OpenChannel(child_relid=relid, openid=relid, ringbuffer_gpadlhandle=gid,
+                             downstream_ringbuffer_pageoffset=4))
+    mark = p.mark()
+    kill_hard(c)
+    gone(p, api, "open-victim", mark, baseline)
+    healthy(p, "open-victim")
