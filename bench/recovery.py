@@ -97,6 +97,54 @@ def acknowledged(lines: list[str]) -> list[int]:
             if kind == "wrote" and blk is not None and nxt in ("wrote", "write")]
 
 
+def written(lines: list[str]) -> list[int]:
+    """Blocks whose write completed (with or without a flush after it)."""
+    return [int(w.group(1)) // BLOCK for line in lines if (w := WROTE.match(line)) is not None]
+
+
+class StampedWriter:
+    """qemu-io writing stamped blocks 0, 1, ... through ``uri``, each followed by a flush, its lines as they come."""
+
+    def __init__(self, uri: str, blocks: int) -> None:
+        cmds = [a for i in range(blocks) for a in ("-c", f"write -P {stamp(i)} {i * BLOCK} {BLOCK}", "-c", "flush")]
+        self.proc = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", *cmds, uri], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        self.out = Lines(self.proc)
+
+    def lines(self) -> list[str]:
+        with self.out.cond:
+            return [x for _, x in self.out.lines]
+
+    def wait_acknowledged(self, n: int, timeout: float) -> None:
+        """Until block ``n - 1`` and its flush are done (the write of block ``n`` completed after them)."""
+        self.out.wait(lambda x: x.startswith(f"wrote {BLOCK}/{BLOCK} bytes at offset {n * BLOCK}"),
+                      f"{n} acknowledged flushes", timeout)
+
+    def failed(self) -> list[str]:
+        return [x for x in self.lines() if FAILED.match(x)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.thread.join(10)
+
+
+def missing(image: Path, blocks: list[int]) -> list[int]:
+    """Which of ``blocks`` the image file does not hold with their stamp."""
+    lost: list[int] = []
+    with open(image, "rb") as fh:
+        for b in blocks:
+            fh.seek(b * BLOCK)
+            if fh.read(BLOCK) != bytes((stamp(b),)) * BLOCK:
+                lost.append(b)
+    return lost
+
+
 def run_once(workdir: Path, flushed: int = 32, blocks: int = 4096, timeout: float = 120.0) -> dict[str, Any]:
     """One kill -9 and restart of the parent under write load; the figures and what was verified."""
     parent_dir = workdir / "parent"
@@ -109,18 +157,14 @@ def run_once(workdir: Path, flushed: int = 32, blocks: int = 4096, timeout: floa
          "--nbd", f"unix:{sock}", "--json-logs"], env=child_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     guest_log = Lines(guest, guest.stderr)
-    writer: subprocess.Popen[str] | None = None
+    writer: StampedWriter | None = None
     try:
         guest_log.wait(lambda x: '"nbd server listening"' in x, "the child's NBD export", timeout)
-        cmds = [a for i in range(blocks) for a in ("-c", f"write -P {stamp(i)} {i * BLOCK} {BLOCK}", "-c", "flush")]
-        writer = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", *cmds, uri], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-        out = Lines(writer)
-        out.wait(lambda x: x.startswith(f"wrote {BLOCK}/{BLOCK} bytes at offset {flushed * BLOCK}"),
-                 f"{flushed} acknowledged flushes", timeout)
+        writer = StampedWriter(uri, blocks)
+        out = writer.out
+        writer.wait_acknowledged(flushed, timeout)
         mark = len(guest_log.lines)
-        with out.cond:
-            before_kill = len(acknowledged([x for _, x in out.lines]))
+        before_kill = len(acknowledged(writer.lines()))
         killed = time.monotonic()
         parent.proc.send_signal(signal.SIGKILL)
         parent.proc.wait(30)
@@ -135,24 +179,15 @@ def run_once(workdir: Path, flushed: int = 32, blocks: int = 4096, timeout: floa
         # The guest resumes: its writes go on through the reconnected channels.
         after = len(out.lines)
         _, resumed, _ = out.wait(lambda x: WROTE.match(x) is not None, "a write after the restart", timeout, after)
-        with out.cond:
-            failed = [x for _, x in out.lines if FAILED.match(x)]
-        writer.send_signal(signal.SIGTERM)  # enough: what was acknowledged before now is what counts
-        writer.wait(60)
-        out.thread.join(10)
-        acked = [b for b in acknowledged([x for _, x in out.lines]) if b >= 0]
+        failed = writer.failed()
+        writer.stop()  # enough: what was acknowledged before now is what counts
+        acked = acknowledged(writer.lines())
         # Every acknowledged block, through the guest and from the parent's image file.
         check = [a for b in acked for a in ("-c", f"read -P {stamp(b)} {b * BLOCK} {BLOCK}")]
         read = subprocess.run(["qemu-io", "-f", "raw", "-r", *check, uri], capture_output=True, text=True,
                               timeout=timeout, check=False)
         bad_guest = read.returncode != 0 or "Pattern verification failed" in read.stdout
-        image = next((parent_dir / "var" / "vm1").glob("lun0.img"))
-        lost: list[int] = []
-        with open(image, "rb") as fh:
-            for b in acked:
-                fh.seek(b * BLOCK)
-                if fh.read(BLOCK) != bytes((stamp(b),)) * BLOCK:
-                    lost.append(b)
+        lost = missing(parent_dir / "var" / "vm1" / "lun0.img", acked)
         return {"acknowledged_blocks": len(acked), "acknowledged_before_kill": before_kill,
                 "lost_blocks": len(lost), "lost": lost[:20],
                 "guest_read_ok": not bad_guest, "outage_s": round(opened - killed, 3),
@@ -160,9 +195,8 @@ def run_once(workdir: Path, flushed: int = 32, blocks: int = 4096, timeout: floa
                 "restart_to_open_s": round(opened - restarted, 3), "restart_to_write_s": round(resumed - restarted, 3),
                 "failed_commands": len(failed), "failed_sample": failed[:3]}
     finally:
-        if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        if writer is not None:
+            writer.stop()
         if guest.poll() is None:
             guest.send_signal(signal.SIGINT)
             try:
