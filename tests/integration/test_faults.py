@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.recovery import run_once
+from bench.recovery import StampedWriter, acknowledged, missing, run_once, written
 from vmbus_proto import messages as m
 from vmbus_proto.devices.registry import ALL as OFFERED
 from vmbus_proto.gpadl import split
@@ -327,3 +327,44 @@ def test_every_acknowledged_flush_survives_kill_9_of_the_parent_and_the_guest_re
     assert r["lost_blocks"] == 0, f"acknowledged blocks lost: {r['lost']}"
     assert r["guest_read_ok"], "the guest read back a block it had flushed wrongly"
     assert r["failed_commands"] == 0, f"the guest saw errors across the restart: {r['failed_sample']}"
+
+
+# -- graceful SIGTERM of the parent while a child is busy ----------------------------------------------------------
+
+def test_sigterm_with_writes_in_flight_drains_flushes_rescinds_and_exits_0(tmp_path: Path) -> None:
+    p = Parent(tmp_path / "parent")
+    sock = tmp_path / "vm1.nbd"
+    vm = child(tmp_path, p.unix, "vm1", "--nbd", f"unix:{sock}")
+    writer: StampedWriter | None = None
+    p2: Parent | None = None
+    try:
+        vm.wait_event("nbd server listening")
+        writer = StampedWriter(nbd(sock, "vm1"), 4096)
+        writer.wait_acknowledged(16, 120)
+        mark = vm.mark()
+        assert p.stop(signal.SIGTERM) == 0, "the parent's graceful shutdown did not exit 0"
+        # Offers rescinded (the child saw them go), every disk flushed and closed, nothing logged as an error.
+        vm.wait_event("offer rescinded", start=mark)
+        assert p.events("disk closed"), "the parent closed no disk"
+        assert not [r for r in p.lines if r.get("level") == "error"], "the shutdown logged errors"
+        # Every write the guest saw complete is in the image as the parent left it: drained, then flushed.
+        done = written(writer.lines())
+        assert len(done) >= 16
+        lost = missing(tmp_path / "parent" / "var" / "vm1" / "lun0.img", done)
+        assert not lost, f"completed writes missing from the image after SIGTERM: {lost[:10]}"
+        # What was in flight failed cleanly or waits for the parent: it comes back and the guest goes on.
+        mark = vm.mark()
+        p2 = Parent(tmp_path / "parent")
+        vm.wait_event("all offered channels open", start=mark)
+        writer.out.wait(lambda x: x.startswith("wrote"), "a write after the restart", 120, len(writer.lines()))
+        assert all("Input/output error" in x or "No space" in x for x in writer.failed()), writer.failed()
+        writer.stop()
+        assert not missing(tmp_path / "parent" / "var" / "vm1" / "lun0.img", acknowledged(writer.lines()))
+        assert vm.stop() == 0
+    finally:
+        if writer is not None:
+            writer.stop()
+        vm.stop()
+        p.stop()
+        if p2 is not None:
+            p2.stop()
