@@ -37,8 +37,9 @@ Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsu
 and an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST (OpenVMM validates the range from the
 CDB: ``ScsiError::IllegalRequest(ILLEGAL_BLOCK)``); a write to a read-only disk is DATA PROTECT / WRITE
 PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C writing) with SRB
-ERROR; a failure of our own (a bug, an unexpected exception) is logged with its traceback and answered
-HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense is returned the SRB status carries
+ERROR, and a full host filesystem (ENOSPC) DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (0x27/0x07),
+each logged once per burst (:class:`FailureBurst`); a failure of our own (a bug, an unexpected exception) is
+logged with its traceback and answered HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense is returned the SRB status carries
 AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
 """
 
