@@ -40,7 +40,8 @@ PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0
 ERROR, and a full host filesystem (ENOSPC) DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (0x27/0x07),
 each logged once per burst (:class:`FailureBurst`); a failure of our own (a bug, an unexpected exception) is
 logged with its traceback and answered HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense
-is returned the SRB status carries AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
+is returned the SRB status carries AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends
+makes ``execute`` raise.
 """
 
 from __future__ import annotations
