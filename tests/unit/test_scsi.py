@@ -616,7 +616,7 @@ async def test_an_unexpected_backend_failure_is_logged_before_hardware_error() -
     logs.setup("debug", stream=out, json=True)
     fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     fut.set_exception(ValueError("pool worker bug"))
-    r = ScsiController.rw_result(fut, 4096, True, logs.get(partition="vm1", relid=1), rw10(Op.READ10, 0, 8))
+    r = ScsiController().rw_result(fut, 4096, True, logs.get(partition="vm1", relid=1), rw10(Op.READ10, 0, 8))
     assert_sense(r, 0x4, 0x44, srb=ERROR_SENSE)
     (line,) = [json.loads(x) for x in out.getvalue().splitlines() if "HARDWARE ERROR" in x]
     assert (line["partition"], line["relid"], line["opcode"]) == ("vm1", 1, "0x28")
@@ -721,6 +721,31 @@ async def test_backend_errors_are_medium_errors() -> None:
     backend.fail = errno.ENOSPC  # thin disk, host filesystem full
     assert_sense(await d.execute(rw10(Op.WRITE10, 0, 1), bytes(512), 0), DATA_PROTECT, 0x27, 0x07,
                  srb=ERROR_SENSE)
+
+
+async def test_backend_failures_are_logged_once_per_burst() -> None:
+    out = io.StringIO()
+    logs.setup("debug", stream=out, json=True)
+    backend = FakeBackend(MiB, fail=errno.ENOSPC)
+    d = ScsiDisk(backend, disk_id=uuid.uuid4())
+    log = logs.get(partition="vm1", lun=0)
+    for _ in range(5):  # a guest retrying into a full disk
+        assert_sense(await d.execute(rw10(Op.WRITE10, 0, 1), bytes(512), 0, log), DATA_PROTECT, 0x27, 0x07,
+                     srb=ERROR_SENSE)
+    assert_good(await d.execute(bytes(6), None, 0, log))  # TEST UNIT READY, no backend I/O: the burst goes on
+    backend.fail = None
+    assert_good(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log))  # reads work on a full disk: goes on
+    assert_good(await d.execute(sync10(), None, 0, log))  # so does a flush with nothing dirty
+    assert_good(await d.execute(rw10(Op.WRITE10, 0, 1), bytes(512), 0, log))  # a write that lands ends it
+    backend.fail = errno.EIO  # a second burst
+    assert_sense(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log), MEDIUM, 0x11, srb=ERROR_SENSE)
+    assert_sense(await d.execute(rw10(Op.READ10, 0, 1), None, 512, log), MEDIUM, 0x11, srb=ERROR_SENSE)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    failing = [x for x in lines if x["event"].startswith("disk I/O failing")]
+    recovered = [x for x in lines if x["event"] == "disk I/O recovered"]
+    assert [(x["errno"], x["sense"], x["opcode"]) for x in failing] == [
+        ("ENOSPC", "0x7/0x27/0x07", "0x2a"), ("EIO", "0x3/0x11/0x00", "0x28")], failing
+    assert [(x["failed_commands"], x["writes"], x["partition"]) for x in recovered] == [(5, True, "vm1")], recovered
 
 
 async def test_real_io_error_through_the_file(ctl: ScsiController, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ also sends unsolicited VSTOR packets (ENUMERATE_BUS) the way OpenVMM's worker do
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from child_partition.devices.storage.vsc import TAGGED, UNTAGGED, StorageVsc
+from child_partition.devices.storage.vsc import TAGGED, UNTAGGED, ScsiReply, StorageVsc
 from child_partition.guest_memory import GuestMemory
 from parent_partition.devices.storage.disk import DiskBackend
 from parent_partition.devices.storage.scsi import LunConfig, ScsiController, ScsiDisk, disk_id_for, open_disks
@@ -25,7 +26,7 @@ from parent_partition.vsp import ChannelResources
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.devices.storage import vstor
+from vmbus_proto.devices.storage import scsi, vstor
 from vmbus_proto.envelope import Signal
 from vmbus_proto.packets import Packet, PacketType
 
@@ -183,3 +184,15 @@ async def test_unsolicited_packets_that_are_not_a_bus_change_are_ignored(control
         assert await vsc.disks[0].read(0, 512) == bytes(512)
     finally:
         await stop(vsc, pair, host)
+
+
+def test_sense_becomes_the_errno_linux_gives_the_block_layer() -> None:
+    """A full thin store (DATA PROTECT 0x27/0x07) is ENOSPC, as Linux scsi_check_sense makes it (DID_ALLOC_FAILURE);
+    write protect is EPERM, a medium error EIO, an illegal request EINVAL."""
+    def code(key: int, asc: int, ascq: int = 0) -> int:
+        return ScsiReply(0x84, 2, 0, scsi.fixed_sense(key, asc, ascq), b"").error("WRITE(10)").errno
+
+    assert code(scsi.SenseKey.DATA_PROTECT, 0x27, 0x07) == errno.ENOSPC
+    assert code(scsi.SenseKey.DATA_PROTECT, 0x27) == errno.EPERM
+    assert code(scsi.SenseKey.MEDIUM_ERROR, 0x0C) == errno.EIO
+    assert code(scsi.SenseKey.ILLEGAL_REQUEST, 0x21) == errno.EINVAL

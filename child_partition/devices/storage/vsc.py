@@ -99,6 +99,9 @@ class ScsiReply:
     def error(self, what: str) -> BlockDeviceError:
         key, asc, ascq = scsi.sense_fields(self.sense)
         code = errno.EPERM if key == scsi.SenseKey.DATA_PROTECT else errno.EINVAL if key == ILLEGAL else errno.EIO
+        if key == scsi.SenseKey.DATA_PROTECT and (asc, ascq) == (scsi.Asc.WRITE_PROTECTED,
+                                                                 scsi.ASCQ_SPACE_ALLOCATION_FAILED):
+            code = errno.ENOSPC  # a full thin store: Linux scsi_check_sense -> DID_ALLOC_FAILURE -> BLK_STS_NOSPC
         name = scsi.SenseKey(key).name.replace("_", " ") if key in _SENSE_KEYS else hex(key)
         text = (f"{what}: srb_status {self.srb_status:#x} scsi_status {self.scsi_status:#x}"
                 + (f" sense {name} asc/ascq {asc:#04x}/{ascq:#04x}" if key else ""))

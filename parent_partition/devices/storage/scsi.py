@@ -37,9 +37,11 @@ Result rules (OpenVMM ``process_result``): a bad CDB or parameter field, an unsu
 and an LBA out of range are ILLEGAL REQUEST with SRB INVALID_REQUEST (OpenVMM validates the range from the
 CDB: ``ScsiError::IllegalRequest(ILLEGAL_BLOCK)``); a write to a read-only disk is DATA PROTECT / WRITE
 PROTECTED with SRB ERROR; a backend failure is MEDIUM ERROR (ASC 0x11 reading, 0x0C writing) with SRB
-ERROR; a failure of our own (a bug, an unexpected exception) is logged with its traceback and answered
-HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense is returned the SRB status carries
-AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends makes ``execute`` raise.
+ERROR, and a full host filesystem (ENOSPC) DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (0x27/0x07),
+each logged once per burst (:class:`FailureBurst`); a failure of our own (a bug, an unexpected exception) is
+logged with its traceback and answered HARDWARE ERROR / INTERNAL TARGET FAILURE with SRB ERROR. Whenever sense
+is returned the SRB status carries AUTOSENSE_VALID (0x80), as OpenVMM's storvsp sets it. Nothing a guest sends
+makes ``execute`` raise.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import re
 import struct
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,6 +148,7 @@ class ScsiResult:
     sense: bytes = b""
     data: bytes = b""
     transferred: int = 0
+    failure: DiskError | None = field(default=None, compare=False, repr=False)  # the backend error, if one
 
     @property
     def sense_key(self) -> int | None:
@@ -193,13 +196,54 @@ def _write_protected() -> _Check:
 
 
 def _io_failure(exc: DiskError, writing: bool) -> ScsiResult:
-    """A backend error as the guest sees it."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, ASCQ_SPACE_ALLOCATION_FAILED)
-    if exc.errno == errno.EROFS:
-        return _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
-    asc = Asc.WRITE_ERROR if writing else Asc.UNRECOVERED_READ_ERROR
-    return _check(SrbStatus.ERROR, SenseKey.MEDIUM_ERROR, asc)
+    """A backend error as the guest sees it (Linux's target, target_core_transport.c ``sense_detail_table``:
+    a full thin store is TCM_SPACE_ALLOCATION_FAILED_WRITE_PROTECT, DATA PROTECT 0x27/0x07; a failed read or
+    write is MEDIUM ERROR, 0x11 or 0x0C)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        result = _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED, ASCQ_SPACE_ALLOCATION_FAILED)
+    elif exc.errno == errno.EROFS:
+        result = _check(SrbStatus.ERROR, SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+    else:
+        asc = Asc.WRITE_ERROR if writing else Asc.UNRECOVERED_READ_ERROR
+        result = _check(SrbStatus.ERROR, SenseKey.MEDIUM_ERROR, asc)
+    return ScsiResult(result.srb_status, result.scsi_status, result.sense, failure=exc)
+
+
+# Commands whose GOOD answer ends a burst of backend failures in their direction (a SYNCHRONIZE CACHE with
+# nothing dirty succeeds on a full disk, so it ends nothing).
+_READS = frozenset({Op.READ10, Op.READ16})
+_WRITES = frozenset({Op.WRITE10, Op.WRITE16, Op.UNMAP, Op.WRITE_SAME16})
+_READING = _READS | {Op.SERVICE_ACTION_IN16}  # a failure of one of these is a read failure
+
+
+class FailureBurst:
+    """Backend failures of one disk, logged once per burst and direction (Linux ratelimits its "critical medium
+    error" and "Buffer I/O error" lines the same way): the first failed read or write is a warning with its errno
+    and the sense the guest gets; the rest are only counted until a read (or write) to the disk succeeds, which
+    logs how many failed. A guest retrying into a full or broken disk so costs two lines, not one per command."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = {False: 0, True: 0}  # writing -> failed commands in the current burst
+
+    def note(self, result: ScsiResult, opcode: int, log: Any) -> ScsiResult:
+        exc = result.failure
+        if exc is not None:
+            writing = opcode not in _READING
+            if not self.failed[writing]:
+                (log if log is not None else logs.get(component="scsi")).warning(
+                    "disk I/O failing; answering CHECK CONDITION until it recovers", opcode=f"{opcode:#04x}",
+                    errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)), error=exc.strerror,
+                    sense=f"{result.sense_key:#x}/{result.asc:#04x}/{result.ascq:#04x}")
+            self.failed[writing] += 1
+        elif result.scsi_status == ScsiStatus.GOOD and (opcode in _READS or opcode in _WRITES):
+            writing = opcode in _WRITES
+            if self.failed[writing]:
+                (log if log is not None else logs.get(component="scsi")).info(
+                    "disk I/O recovered", writes=writing, failed_commands=self.failed[writing])
+                self.failed[writing] = 0
+        return result
 
 
 def _internal_failure(log: Any, cdb: bytes, exc: BaseException | None = None) -> ScsiResult:
@@ -303,6 +347,7 @@ class ScsiDisk:
         self.max_transfer_blocks = max_transfer_bytes // block
         self.read_only = backend.read_only
         self.unmap_supported = not backend.read_only
+        self.failures = FailureBurst()
         # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached),
         # and reads and writes started without a coroutine (a future each).
         self.read_cached: Callable[[int, int], bytes | bytearray | None] | None = getattr(
@@ -345,11 +390,12 @@ class ScsiDisk:
                 return _illegal(Asc.INVALID_COMMAND_OPERATION_CODE).result
             if len(cdb) < CDB_LENGTH[cdb[0]]:
                 return _illegal(Asc.INVALID_FIELD_IN_CDB).result
-            return await handler(_Request(cdb, data_out if data_out is not None else b"", max(0, data_in_length)))
+            result = await handler(_Request(cdb, data_out if data_out is not None else b"", max(0, data_in_length)))
         except _Check as check:
-            return check.result
+            result = check.result
         except Exception:
             return _internal_failure(log, cdb)
+        return self.failures.note(result, cdb[0], log)
 
     async def flush(self) -> None:
         if not self.read_only:
@@ -762,17 +808,19 @@ class ScsiController:
         except DiskError:
             return None  # the full path turns it into the right sense
 
-    @staticmethod
-    def rw_result(started: asyncio.Future[Any], length: int, reading: bool, log: Any = None,
-                  cdb: bytes = b"") -> ScsiResult:
-        """The outcome of a command begun with :meth:`start_rw`, once its future is done (an exception that is
-        not a ``DiskError`` is logged on ``log`` with its traceback)."""
+    def rw_result(self, started: asyncio.Future[Any], length: int, reading: bool, log: Any = None,
+                  cdb: bytes = b"", lun: int = 0) -> ScsiResult:
+        """The outcome of a command begun with :meth:`start_rw` on ``lun``, once its future is done (an exception
+        that is not a ``DiskError`` is logged on ``log`` with its traceback; backend failures once per burst)."""
         exc = started.exception()
         if exc is None:
-            return _good(started.result()) if reading else _good(transferred=length)
-        if isinstance(exc, DiskError):
-            return _io_failure(exc, writing=not reading)
-        return _internal_failure(log, cdb, exc)
+            result = _good(started.result()) if reading else _good(transferred=length)
+        elif isinstance(exc, DiskError):
+            result = _io_failure(exc, writing=not reading)
+        else:
+            return _internal_failure(log, cdb, exc)
+        disk = self._disks.get(lun)
+        return disk.failures.note(result, cdb[0], log) if disk is not None and cdb else result
 
     def _report_luns(self, cdb: bytes, data_in_length: int, luns: list[int]) -> ScsiResult:
         if len(cdb) < CDB_LENGTH[Op.REPORT_LUNS]:

@@ -183,17 +183,17 @@ class StorageVsp(HandshakeVsp):
                                    srb.data_transfer_length if reading else 0)
             if started is not None:
                 io, length = started
-                queue.add(io, lambda done: self._answer_rw(channel, res, queue, pkt, srb, done, length, reading))
+                queue.add(io, lambda done: self._answer_rw(channel, res, ctl, queue, pkt, srb, done, length, reading))
                 return None
         task = asyncio.get_running_loop().create_task(self._execute(channel, res, ctl, pkt, srb))
         queue.add(task, lambda done: _task_failed(done, channel, res, self.name))
         return None
 
-    def _answer_rw(self, channel: Channel, res: ChannelResources, queue: _Inflight, pkt: Packet,
+    def _answer_rw(self, channel: Channel, res: ChannelResources, ctl: ScsiController, queue: _Inflight, pkt: Packet,
                    srb: vstor.ExecuteSrb, done: asyncio.Future[Any], length: int, reading: bool) -> None:
         if channel.closed or done.cancelled():
             return  # the guest went: nobody to answer
-        result = ScsiController.rw_result(done, length, reading, res.log, srb.data)  # data: the CDB
+        result = ctl.rw_result(done, length, reading, res.log.bind(lun=srb.lun), srb.data, srb.lun)  # data: CDB
         answer = _result_completion(pkt, result, reading)
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
