@@ -251,6 +251,11 @@ def test_random_control_sequences_over_a_real_socket(shared_parent: Parent, byst
         def relid_released(self, relid: int) -> None:
             with self.guest() as c:
                 c.send(m.RelidReleased(child_relid=relid))
+                if relid in self.offers and relid not in self.open:
+                    # Released (Linux's vmbus_release_relid): the host forgets the relid for this connection,
+                    # drops its GPADLs and answers nothing more for it (an OPENCHANNEL would wait forever).
+                    self.offers.discard(relid)
+                    self.gpadls = {(r, g) for r, g in self.gpadls if r != relid}
 
         @rule()
         def unload(self) -> None:
