@@ -89,7 +89,10 @@ def main() -> int:
             flooder.join(10)
         finally:
             vm.terminate()
-            vm.wait(30)
+            try:
+                vm.wait(30)
+            except subprocess.TimeoutExpired:
+                vm.kill()
             parent.stop()
     result: dict[str, Any] = {"quiet": quiet, "flooded": flooded, "flood_frames_per_s": sent[0] / seconds,
                               "machine": describe(Path(tempfile.gettempdir()))}
