@@ -268,39 +268,45 @@ class WorkloadRun:
         return i in self.gave_up
 
     async def _closed(self, i: int, part: PartitionLoad, budget: list[int], w: Window) -> None:
-        clock, operation, stats, consecutive = time.monotonic, part.operation, self.stats, [0]
-        n = 0
+        consecutive, n = [0], 0
         while not self.stopping and budget[0] > 0 and i not in self.gave_up:
-            t0 = clock()
+            t0 = time.monotonic()
             if t0 >= w.deadline:
                 return
             budget[0] -= 1
-            self.in_flight += 1
-            try:
-                done: Done = await operation(self)
-            except Exception as exc:
-                if self._failed(i, part, exc, consecutive):
-                    return
-                continue
-            finally:
-                self.in_flight -= 1
-            consecutive[0] = 0
-            t1 = clock()
-            self.live_ops += 1
-            self.live_bytes += done.nbytes
-            if w.counts(t0):
-                stats.op(done.op).record(int((t1 - t0) * 1e6), done.nbytes)
+            if not await self._attempt(i, part, consecutive, w, t0):
+                return
             n += 1
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
+
+    async def _attempt(self, i: int, part: PartitionLoad, consecutive: list[int], w: Window, since: float,
+                       late: bool = False) -> bool:
+        """One operation, its latency counted from ``since`` (started, or intended in an open loop); False
+        when the partition stops issuing."""
+        self.in_flight += 1
+        try:
+            done: Done = await part.operation(self)
+        except Exception as exc:
+            return not self._failed(i, part, exc, consecutive)
+        finally:
+            self.in_flight -= 1
+        consecutive[0] = 0
+        t1 = time.monotonic()
+        self.live_ops += 1
+        self.live_bytes += done.nbytes
+        if w.counts(since):
+            s = self.stats.op(done.op)
+            s.record(int((t1 - since) * 1e6), done.nbytes)
+            s.late += late
+        return True
 
     async def _open(self, i: int, part: PartitionLoad, budget: list[int], slot: list[int], w: Window) -> None:
         rate = self.entry.rate
         assert rate
         interval = 1.0 / rate
         tolerance = max(0.001, interval)
-        clock, operation, stats, consecutive = time.monotonic, part.operation, self.stats, [0]
-        n = 0
+        clock, consecutive, n = time.monotonic, [0], 0
         while not self.stopping and budget[0] > 0 and i not in self.gave_up:
             intended = w.start + slot[0] * interval
             if intended >= w.deadline:
@@ -314,23 +320,8 @@ class WorkloadRun:
             if self.halted():
                 return
             late = now - intended > tolerance
-            self.in_flight += 1
-            try:
-                done: Done = await operation(self)
-            except Exception as exc:
-                if self._failed(i, part, exc, consecutive):
-                    return
-                continue
-            finally:
-                self.in_flight -= 1
-            consecutive[0] = 0
-            t1 = clock()
-            self.live_ops += 1
-            self.live_bytes += done.nbytes
-            if w.counts(intended):
-                s = stats.op(done.op)
-                s.record(int((t1 - intended) * 1e6), done.nbytes)
-                s.late += late
+            if not await self._attempt(i, part, consecutive, w, intended, late):
+                return
             n += 1
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
