@@ -12,7 +12,7 @@ SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
 	iputils-arping
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
-.PHONY: venv sysdeps compose-secrets demo test lint typecheck unit integration bench fuzz clean clean-disks distclean
+.PHONY: venv sysdeps compose-secrets demo grade test lint typecheck unit integration bench fuzz clean clean-disks distclean
 
 # .ci/install-venv is the one install step, shared with the Dockerfile (tests/integration/test_compose.py checks).
 $(RUN_STAMP): pyproject.toml .ci/install-venv
@@ -49,6 +49,11 @@ compose-secrets:
 
 demo: $(RUN_STAMP)
 	$(VENV)/bin/parent-partition demo
+
+# The teaching labs (labs/README.md): `make grade LAB=2` grades labs/02-*/starter, SOLUTION=1 the reference.
+grade: $(STAMP)
+	@test -n "$(LAB)" || { echo "usage: make grade LAB=N [SOLUTION=1]; the labs:"; $(PY) -m labs.grade --list; exit 2; }
+	$(PY) -m labs.grade $(LAB) $(if $(SOLUTION),--solution)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
