@@ -9,9 +9,12 @@ import itertools
 import pytest
 
 from vmbus_proto import messages as m
+from vmbus_proto.devices.base import Incoming
+from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import Signal
+from vmbus_proto.gpadl import split
 from vmbus_proto.guids import SYNTH_KEYBOARD
-from vmbus_proto.packets import Packet, PacketType
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 
 from .conftest import Parent, Proc
 from .rawclient import RawClient
@@ -86,3 +89,104 @@ def test_packets_and_signals_on_anothers_channel_never_reach_it(p: Parent) -> No
 
 def test_the_bystander_never_noticed(p: Parent, bystander: Proc) -> None:
     assert bystander.proc.poll() is None and not bystander.events("session with the parent ended")
+
+
+# ---- guest memory: the pages a partition may name (docs/protocol.md §7.4) --------------------------------
+
+MEMORY = 64 << 20  # what the raw guests below declare: pages below 0x4000
+BOUND = MEMORY // 4096
+
+
+def _storage_ready(c: RawClient, name: str, memory: int | None = MEMORY) -> int:
+    """Connect as ``name``, open the storage channel and finish the VSTOR handshake; its relid."""
+    offers = c.negotiate(name, memory=memory)
+    relid = next(r for r, o in offers.items() if o.if_type == vstor.SPEC.class_id)
+    c.open(relid, vstor.SPEC.ring_bytes // 4096, gpadl=0xE1E10)
+    hs = vstor.VscHandshake()
+    outs = hs.start()
+    while not hs.done:
+        for o in outs:
+            c.send_packet(relid, Packet(o.type, FLAG_COMPLETION_REQUESTED, o.trans_id, o.payload))
+        pkt = c.recv_packet(relid)
+        outs = hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
+    return relid
+
+
+def _read_srb(trans_id: int, pfn: int, *, path: int = 0, target: int = 0, lun: int = 0) -> Packet:
+    """A READ(10) of the first 4 KiB into page ``pfn`` of the guest, at (path, target, LUN)."""
+    cdb = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+    srb = vstor.VmscsiRequest(cdb_length=10, data_in=vstor.DataDirection.READ, data_transfer_length=4096,
+                              data=cdb.ljust(20, b"\0"), path_id=path, target_id=target, lun=lun)
+    return Packet(PacketType.DATA_USING_GPA_DIRECT, FLAG_COMPLETION_REQUESTED, trans_id,
+                  vstor.pack_request(vstor.Operation.EXECUTE_SRB, srb.pack()), ranges=(GpaRange(4096, 0, (pfn,)),))
+
+
+def test_a_gpa_direct_range_beyond_the_partitions_memory_is_refused(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    name = f"iso-gpa-{next(_names)}"
+    relid = _storage_ready(c, name)
+    c.send_packet(relid, _read_srb(1, BOUND - 1))  # the last page of its memory: served
+    done = c.recv_packet(relid)
+    assert done.type == PacketType.COMP and len(done.data) == 4096, "a READ into the last guest page failed"
+    mark = p.mark()
+    c.send_packet(relid, _read_srb(2, BOUND))  # the first page beyond it: Hyper-V refuses it
+    reason = c.wait_closed()
+    assert reason is not None and f"names page {BOUND:#x}, outside the partition's guest memory" in reason, reason
+    p.wait_for(lambda r: r.get("event") == "protocol error, closing connection" and r.get("partition") == name
+               and "outside the partition's guest memory" in str(r.get("error")), start=mark)
+
+
+def test_a_gpadl_beyond_the_partitions_memory_fails(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    name = f"iso-gpadl-{next(_names)}"
+    relid = _keyboard_relid(c.negotiate(name, memory=MEMORY))
+    mark = p.mark()
+    for gid, first in ((0x71, BOUND - 40), (0x72, BOUND - 39)):  # 40 pages: a GPADL_HEADER and a GPADL_BODY
+        header, bodies = split(relid, gid, list(range(first, first + 40)))
+        for msg in [header, *bodies]:
+            c.send(msg)
+        created = c.expect(m.GpadlCreated)
+        assert created.gpadl == gid and (created.creation_status == 0) == (gid == 0x71), created
+    p.wait_event("control message dropped", start=mark, partition=name, kind="gpa_outside_memory")
+    # The refusal is the GPADL's alone: the connection and its good GPADL go on.
+    c.send(m.OpenChannel(child_relid=relid, openid=1, ringbuffer_gpadlhandle=0x71,
+                         downstream_ringbuffer_pageoffset=20))
+    assert c.expect(m.OpenChannelResult).status == 0, "the GPADL inside guest memory could not carry a ring"
+    c.close()
+
+
+def test_a_hello_without_memory_keeps_any_page_and_a_declared_one_is_capped(p: Parent) -> None:
+    c = RawClient(p.tcp)
+    relid = _storage_ready(c, f"iso-old-{next(_names)}", memory=None)
+    c.send_packet(relid, _read_srb(1, 0x7FFF_FFFF))  # a HELLO of earlier releases: no memory map declared
+    assert c.recv_packet(relid).type == PacketType.COMP
+    c.close()
+    big = RawClient(p.tcp)
+    name = f"iso-big-{next(_names)}"
+    mark = p.mark()
+    relid = _storage_ready(big, name, memory=1 << 40)
+    p.wait_event("guest memory capped", start=mark, partition=name, declared=1 << 40, cap=4 << 30)
+    big.send_packet(relid, _read_srb(1, (4 << 30) // 4096))
+    assert "outside the partition's guest memory" in str(big.wait_closed())
+
+
+def _keyboard_relid(offers: dict[int, m.OfferChannel]) -> int:
+    return next(r for r, o in offers.items() if o.if_type == SYNTH_KEYBOARD)
+
+
+# ---- disks ---------------------------------------------------------------------------------------------
+
+def test_scsi_addresses_beyond_the_partitions_own_disk_reach_nothing(p: Parent) -> None:
+    """Every (path, target, LUN) a VSTOR request can name is looked up in the partition's own controller:
+    another address is an error, never another partition's disk."""
+    c = RawClient(p.tcp)
+    relid = _storage_ready(c, f"iso-lun-{next(_names)}")
+    for i, (path, target, lun) in enumerate([(0, 0, 1), (0, 0, 63), (0, 1, 0), (1, 0, 0), (0xFF, 0xFF, 0xFF)]):
+        c.send_packet(relid, _read_srb(10 + i, 0x200, path=path, target=target, lun=lun))
+        done = c.recv_packet(relid)
+        status = vstor.unpack_execute_srb(done.payload).srb_status & 0x3F
+        assert status != vstor.SrbStatus.SUCCESS and not done.data, \
+            f"a READ at path {path} target {target} LUN {lun} succeeded with {len(done.data)} bytes"
+    c.send_packet(relid, _read_srb(99, 0x200))
+    assert c.recv_packet(relid).data == bytes(4096), "the partition's own new disk does not read as zeros"
+    c.close()
