@@ -4,19 +4,32 @@ channels and GPADLs. The module's bystander child must never notice."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import itertools
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from child_partition.bus import GuestBus
+from child_partition.devices.video.framebuffer import Framebuffer
+from child_partition.devices.video.vsc import VideoVsc
+from child_partition.guest_memory import GuestMemory
+from child_partition.runner import open_bus
 from vmbus_proto import messages as m
+from vmbus_proto.aio import logs
 from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import Signal
 from vmbus_proto.gpadl import split
-from vmbus_proto.guids import SYNTH_KEYBOARD
+from vmbus_proto.guids import SYNTH_KEYBOARD, SYNTHVID
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 
-from .conftest import Parent, Proc
+from .conftest import FAST_LIMITS, Parent, Proc
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
@@ -190,3 +203,80 @@ def test_scsi_addresses_beyond_the_partitions_own_disk_reach_nothing(p: Parent) 
     c.send_packet(relid, _read_srb(99, 0x200))
     assert c.recv_packet(relid).data == bytes(4096), "the partition's own new disk does not read as zeros"
     c.close()
+
+
+# ---- framebuffers --------------------------------------------------------------------------------------
+
+def _pattern(size: tuple[int, int], seed: int) -> Image.Image:
+    """A picture no other seed draws: every pixel a function of its place and ``seed``."""
+    w, h = size
+    data = bytes(v for y in range(h) for x in range(w)
+                 for v in ((x * seed) & 0xFF, (y + seed * 40) & 0xFF, (x ^ y ^ seed) & 0xFF))
+    return Image.frombytes("RGB", size, data)
+
+
+async def _screen(api: str, name: str) -> Image.Image | None:
+    def get() -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"{api}/api/partitions/{name}/screen.png", timeout=10) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError:
+            return None  # no screen yet
+    png = await asyncio.to_thread(get)
+    return Image.open(io.BytesIO(png)).convert("RGB") if png is not None else None
+
+
+async def _shows(api: str, name: str, want: Image.Image, timeout: float = 60.0) -> None:
+    """Until the API's picture of ``name``'s screen is ``want``, pixel for pixel."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await _screen(api, name)
+        if got is not None and got.size == want.size and got.tobytes() == want.tobytes():
+            return
+        if time.monotonic() > deadline:
+            wrong = "no screen" if got is None else f"size {got.size}" if got.size != want.size else _differ(got, want)
+            raise AssertionError(f"{name}'s screen via the API is not what it drew: {wrong}")
+        await asyncio.sleep(0.1)
+
+
+def _differ(got: Image.Image, want: Image.Image) -> str:
+    g, w = got.tobytes(), want.tobytes()
+    bad = [i // 3 for i in range(0, len(w), 3) if g[i:i + 3] != w[i:i + 3]]
+    x, y = bad[0] % want.width, bad[0] // want.width
+    return f"{len(bad)} pixels differ, the first at ({x}, {y}): {tuple(g[bad[0] * 3:bad[0] * 3 + 3])}"
+
+
+async def _video_guest(url: str, name: str) -> tuple[GuestBus, VideoVsc, Framebuffer]:
+    memory = GuestMemory(MEMORY)
+    bus = await open_bus(url, name, log=logs.get(partition=name), memory=memory)
+    offers = await asyncio.wait_for(bus.negotiate(), 30)
+    vsc = VideoVsc(bus, memory, next(o for o in offers.values() if o.if_type == SYNTHVID), logs.get(partition=name))
+    await asyncio.wait_for(vsc.attach(), 30)
+    fb = vsc.framebuffer
+    assert fb is not None
+    fb.set_pointer(0, 0, visible=False)  # Linux's 1x1 pointer would be painted into the API's picture
+    return bus, vsc, fb
+
+
+async def test_each_partition_draws_only_into_its_own_screen(tmp_path: Path) -> None:
+    """Two guests place their VRAM GPADLs at the same guest page numbers and damage the whole screen; the
+    API's picture of each is exactly what that one drew, before and after the other draws again."""
+    parent = Parent(tmp_path / "parent", FAST_LIMITS, extra=["--http", "127.0.0.1:0"])
+    try:
+        api = parent.wait_event("web console and API listening")["url"]
+        a_name, b_name = f"iso-fb-a-{next(_names)}", f"iso-fb-b-{next(_names)}"
+        (a, va, fb_a), (b, vb, fb_b) = await _video_guest(parent.unix, a_name), await _video_guest(parent.tcp, b_name)
+        assert va.vram_pfns == vb.vram_pfns, "the two VRAMs are not at the same guest pages"
+        pa, pb = _pattern(fb_a.size, 3), _pattern(fb_b.size, 7)
+        fb_a.draw(pa)
+        fb_b.draw(pb)
+        await _shows(api, a_name, pa)
+        await _shows(api, b_name, pb)
+        pb2 = _pattern(fb_b.size, 11)
+        fb_b.draw(pb2)
+        await _shows(api, b_name, pb2)
+        await _shows(api, a_name, pa, timeout=1.0)
+        for bus in (a, b):
+            bus.close()
+    finally:
+        parent.stop()
