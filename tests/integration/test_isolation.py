@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +30,7 @@ from vmbus_proto.gpadl import split
 from vmbus_proto.guids import SYNTH_KEYBOARD, SYNTHVID
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 
-from .conftest import FAST_LIMITS, Parent, Proc
+from .conftest import FAST_LIMITS, Parent, Proc, child
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
@@ -280,3 +281,39 @@ async def test_each_partition_draws_only_into_its_own_screen(tmp_path: Path) -> 
             bus.close()
     finally:
         parent.stop()
+
+
+def test_names_that_differ_only_in_case_or_a_trailing_dot_get_their_own_disks(tmp_path: Path) -> None:
+    """Real children, each writing its own pattern through its NBD export: every one reads back only its own,
+    and the parent keeps one image each, inside its data directory (where case or a trailing '.' is ignored,
+    too: the directory names differ in more than that)."""
+    parent = Parent(tmp_path / "parent", FAST_LIMITS)
+    vms: list[Proc] = []
+    try:
+        names = {"iso-disk": 0x11, "ISO-DISK": 0x22, "iso-disk.": 0x33}
+        socks = {}
+        for name, byte in names.items():
+            sock = tmp_path / f"{len(socks)}.nbd"
+            vms.append(child(tmp_path, parent.unix, name, "--nbd", f"unix:{sock}", "--no-console"))
+            vms[-1].wait_event("disk exported over NBD")
+            socks[name] = sock
+            _qemu_io(sock, f"write -P {byte} 0 64k")
+        for name, byte in names.items():
+            _qemu_io(socks[name], f"read -P {byte} 0 64k")
+        var = tmp_path / "parent" / "var"
+        images = sorted(var.rglob("lun0.img"))
+        dirs = {img.parent.name.casefold().rstrip(".") for img in images}
+        assert len(images) == len(dirs) == 3 and all(img.parent.parent == var for img in images), images
+        for vm in vms:
+            assert vm.stop() == 0
+    finally:
+        for vm in vms:
+            vm.stop()
+        parent.stop()
+
+
+def _qemu_io(sock: Path, command: str) -> None:
+    proc = subprocess.run(["qemu-io", "-f", "raw", "-c", command, f"nbd+unix:///?socket={sock}"], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Pattern verification failed" not in proc.stdout, \
+        f"qemu-io {command!r}: {proc.stdout.strip()} {proc.stderr.strip()}"
