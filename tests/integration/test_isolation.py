@@ -23,6 +23,7 @@ from child_partition.guest_memory import GuestMemory
 from child_partition.runner import open_bus
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.keyfile import new_secret_file, read_secret_file
 from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import Signal
@@ -31,7 +32,7 @@ from vmbus_proto.guids import SYNTH_KEYBOARD, SYNTHVID
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 
 from .conftest import FAST_LIMITS, Parent, Proc, child
-from .rawclient import RawClient
+from .rawclient import Closed, RawClient
 
 pytestmark = pytest.mark.integration
 PAGES = 10  # ring pages per direction
@@ -317,3 +318,37 @@ def _qemu_io(sock: Path, command: str) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Pattern verification failed" not in proc.stdout, \
         f"qemu-io {command!r}: {proc.stdout.strip()} {proc.stderr.strip()}"
+
+
+def test_a_departed_partitions_disk_is_not_an_impostors(tmp_path: Path) -> None:
+    """``[auth] mode = "required"``: vm1 writes its disk and leaves; newcomers under its name without its
+    secret are refused before any channel opens; vm1 comes back and finds its data."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    secret, wrong = new_secret_file(keys / "vm1.key"), new_secret_file(keys / "wrong.key")
+    parent = Parent(tmp_path / "parent", f'{FAST_LIMITS}\n[auth]\nmode = "required"\n'
+                                         f'[[auth.partition]]\nname = "vm1"\nsecret_file = "{secret}"\n')
+    try:
+        sock = tmp_path / "vm1.nbd"
+        args = ("--secret-file", str(secret), "--nbd", f"unix:{sock}", "--no-console")
+        vm1 = child(tmp_path, parent.unix, "vm1", *args)
+        vm1.wait_event("disk exported over NBD")
+        _qemu_io(sock, "write -P 0x5a 0 64k")
+        assert vm1.stop() == 0
+        mark = parent.mark()
+        for label, attempt in (("no secret", lambda c: c.negotiate("vm1")),
+                               ("a wrong secret", lambda c: c.authenticate("vm1", read_secret_file(wrong)))):
+            impostor = RawClient(parent.tcp)
+            with pytest.raises((Closed, ConnectionResetError, AssertionError)):
+                attempt(impostor)
+                pytest.fail(f"an impostor with {label} was accepted as vm1")
+            assert impostor.close_code in ("auth", "auth-failed"), (label, impostor.close_reason)
+            impostor.close()
+        assert not [r for r in parent.lines[mark:] if r.get("partition") == "vm1"
+                    and r.get("event") in ("partition connected", "channel open")], "an impostor got vm1's channels"
+        vm1 = child(tmp_path, parent.unix, "vm1", *args)
+        vm1.wait_event("disk exported over NBD")
+        _qemu_io(sock, "read -P 0x5a 0 64k")
+        assert vm1.stop() == 0
+    finally:
+        parent.stop()
