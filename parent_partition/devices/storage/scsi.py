@@ -107,8 +107,8 @@ __all__ = [
     "disk_id_for",
     "fixed_sense",
     "inquiry_data",
-    "open_disks",
     "legacy_partition_dir_name",
+    "open_disks",
     "partition_dir_name",
 ]
 
