@@ -10,6 +10,7 @@ takes the interrupt page and the two monitor pages from guest memory, and return
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -75,6 +76,9 @@ class GuestBus(FramedConnection):
         self.auth = GuestAuth(name, secret, data_window=self.data_window)
         self.trace = trace
         self.memory = memory if memory is not None else GuestMemory(3 * PAGE_SIZE)
+        # The memory map the HELLO declares: only a bus given the partition's memory knows it (a private
+        # three-page one says nothing of the pages the VSCs name).
+        self.declared_memory = memory.end if memory is not None else None
         # vmbus_connect: the interrupt page, then the parent->child and child->parent monitor pages.
         self.connection_pfns = [self.memory.alloc(1)[0] for _ in range(3)]
         self.core = core.GuestConnection(core.ConnectionPages.from_pfns(*self.connection_pfns),
@@ -99,7 +103,8 @@ class GuestBus(FramedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send_frame(FrameKind.HELLO, 0, self.auth.hello().encode())
+        hello = dataclasses.replace(self.auth.hello(), memory=self.declared_memory)
+        self.send_frame(FrameKind.HELLO, 0, hello.encode())
 
     def on_hello(self, frame: Frame) -> None:
         hello = Hello.decode(frame.body)

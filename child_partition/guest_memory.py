@@ -31,6 +31,12 @@ class GuestMemory:
         self.view = memoryview(self.mem)
         self._free: list[tuple[int, int]] = [(0, self.pages)]  # (first page index, count), sorted
 
+    @property
+    def end(self) -> int:
+        """The GPA where this memory ends: every page frame it has is below ``end / PAGE_SIZE`` (the HELLO's
+        ``memory``, docs/protocol.md §3)."""
+        return (GUEST_PFN_BASE + self.pages) << PAGE_SHIFT
+
     def alloc(self, count: int) -> list[int]:
         """Allocate ``count`` contiguous pages; returns their page frame numbers."""
         for i, (start, n) in enumerate(self._free):

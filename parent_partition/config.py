@@ -17,6 +17,7 @@ from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
 from vmbus_proto.devices.registry import BY_NAME, REGISTRY
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
+from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import HOST_SUPPORTED
 
 from .auth import AuthSettings
@@ -52,6 +53,12 @@ def _versions(v: Any) -> list[int]:
     return [vmbus_version(x) for x in v]
 
 
+def _pages(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % PAGE_SIZE:
+        raise ValueError(f"must be a positive multiple of {PAGE_SIZE} bytes, not {v!r}")
+    return v
+
+
 def _data_window(v: Any) -> int:
     if (not isinstance(v, int) or isinstance(v, bool) or not MIN_DATA_WINDOW <= v <= MAX_DATA_WINDOW
             or v % 8):
@@ -72,6 +79,7 @@ class LimitsSettings:
     strikes: int = setting(16, check=count())  # limit refusals within strike_window that end the connection
     strike_window: float = setting(60.0, check=seconds)
     memory_budget: int = setting(1 << 30, check=count(4096))  # bytes of GPADL page lists, all partitions
+    guest_memory: int = setting(4 << 30, check=_pages)  # the most guest memory a partition's HELLO may declare
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ from vmbus_proto.envelope import REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.limits import MemoryBudget, Strikes, TokenBucket
+from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import version_text
 
 from .auth import AuthSettings
@@ -239,6 +240,7 @@ class PartitionConnection(FramedConnection):
         self.log = self.log.bind(partition=hello.partition)
         if hello.partition.startswith(logs.PROBE_PREFIX):
             self.log = self.log.bind(probe=True)
+        self._declare_memory(hello)
         if old is None:
             self._accepted(kind, answer)
             return
@@ -259,10 +261,19 @@ class PartitionConnection(FramedConnection):
                                         supported=cfg.vmbus_versions,
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls,
                                                            total_gpadl_pages=cfg.limits.gpadl_pages,
-                                                           budget=self.daemon.budget))
+                                                           budget=self.daemon.budget, pfn_bound=self.pfn_bound))
         self.send_frame(kind, 0, answer)
         self.log.info("partition connected", authenticated=self.authenticated, **extra)
 
+    def _declare_memory(self, hello: Hello) -> None:
+        """The guest's memory map (HELLO ``memory``), capped by ``[limits] guest_memory``: GPA ranges and
+        GPADLs naming a page beyond it are refused (Hyper-V's rule; docs/protocol.md §7.4)."""
+        if hello.memory is None:
+            return  # not declared: any page, as before; the shadow's own limit still holds
+        cap = self.daemon.config.limits.guest_memory
+        if hello.memory > cap:
+            self.log.warning("guest memory capped", declared=hello.memory, cap=cap)
+        self.pfn_bound = min(hello.memory, cap) // PAGE_SIZE
     def _refuse(self, code: str, reason: str, **fields: Any) -> None:
         """A HELLO (or proof) this parent will not accept however often it comes: not a protocol error, a
         refusal. ``fields`` go to the log only (``detail``: what the guest is not told)."""

@@ -39,6 +39,7 @@ MAX_DATA_WINDOW = 1 << 30
 AUTH_NONE = "none"
 AUTH_HMAC = "hmac-sha256"  # the challenge-response of vmbus_proto.auth (docs §3.1)
 NONCE_SIZE = 32  # bytes of a HELLO nonce
+MAX_GUEST_MEMORY = 1 << 52  # a HELLO ``memory``: x64's widest guest physical address space (52 bits)
 PROOF_SIZE = 32  # bytes of an AUTH proof (an HMAC-SHA256)
 
 
@@ -49,12 +50,17 @@ class Hello:
     auth: str = AUTH_NONE  # the authentication method: "none" or "hmac-sha256"
     data_window: int = DEFAULT_DATA_WINDOW  # inline data bytes the sender accepts in flight per channel
     nonce: bytes | None = None  # the sender's fresh random challenge, with auth "hmac-sha256" only
+    # The guest's memory map: the GPA where its RAM ends (every page frame it names is below memory / 4096);
+    # None (not sent): not declared, no bound beyond the parent's own (docs §3, "Guest memory").
+    memory: int | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"envelope": self.envelope, "partition": self.partition, "auth": self.auth,
                                 "data_window": self.data_window}
         if self.nonce is not None:
             body["nonce"] = self.nonce
+        if self.memory is not None:
+            body["memory"] = self.memory
         return _packb(body)
 
     @classmethod
@@ -73,7 +79,11 @@ class Hello:
         nonce = obj.get("nonce")
         if auth == AUTH_HMAC and (type(nonce) is not bytes or len(nonce) != NONCE_SIZE):
             raise FrameError(f"HELLO with auth {AUTH_HMAC!r} needs a nonce of {NONCE_SIZE} bytes (bin)")
-        return cls(env, name, auth, window, nonce if auth == AUTH_HMAC else None)
+        memory = obj.get("memory")
+        if memory is not None and (type(memory) is not int or not PAGE_SIZE <= memory <= MAX_GUEST_MEMORY
+                                   or memory % PAGE_SIZE):
+            raise FrameError(f"HELLO memory must be whole pages of {PAGE_SIZE} bytes, at most {MAX_GUEST_MEMORY}")
+        return cls(env, name, auth, window, nonce if auth == AUTH_HMAC else None, memory)
 
 
 # ---- AUTH -----------------------------------------------------------------------------------------------
@@ -143,7 +153,12 @@ _PAIR = frozenset({2})
 _tuple_new = tuple.__new__
 
 
-def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> Packet:
+NO_PFN_BOUND = 1 << 64  # a PFN is a u64: no partition memory map declared
+
+
+def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int, pfn_bound: int = NO_PFN_BOUND) -> Packet:
+    """A PACKET body. ``pfn_bound``: the partition's memory map ends at this page frame; a GPA range naming a
+    page at or beyond it is refused like any bad range (a PacketError: Hyper-V's rule, docs §7.4)."""
     try:
         obj = _unpackb(body)
     except Exception:
@@ -163,7 +178,7 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
                 count, offset, pfns = r
                 if (type(count) is int and type(offset) is int and type(pfns) is list and count > 0
                         and 0 <= offset < PAGE_SIZE and len(pfns) == (offset + count + PAGE_SIZE - 1) >> PAGE_SHIFT
-                        and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0):
+                        and set(map(type, pfns)) <= _INT_ONLY and min(pfns) >= 0 and max(pfns) < pfn_bound):
                     # The range built without its named tuple's __new__; the ring size (Packet.ring_size:
                     # descriptor, GPA-direct header, one range, padded payload, trailer) known at once.
                     rng = _tuple_new(GpaRange, (count, offset, tuple(pfns)))
@@ -191,6 +206,9 @@ def decode_packet(body: bytes | memoryview, data: Buffer, max_payload: int) -> P
             if (type(r) is not list or len(r) != 3 or type(r[0]) is not int or type(r[1]) is not int
                     or type(r[2]) is not list or not all(type(p) is int and p >= 0 for p in r[2])):
                 raise PacketError("GPA range must be [byte_count, byte_offset, [pfn, ...]]")
+            if r[2] and max(r[2]) >= pfn_bound:
+                raise PacketError(f"GPA range names page {max(r[2]):#x}, outside the partition's guest memory "
+                                  f"(pages below {pfn_bound:#x})")
             ranges.append(GpaRange(r[0], r[1], tuple(r[2])))
         pkt.ranges = tuple(ranges)
     elif ptype == PacketType.DATA_USING_XFER_PAGES:

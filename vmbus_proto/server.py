@@ -88,6 +88,7 @@ class DropKind(enum.Enum):
     GPADL_PAGES_LIMIT = "gpadl_pages_limit"  # the connection's GPADLs would describe too many pages
     MEMORY_BUDGET = "memory_budget"  # the parent-wide memory budget is spent
     GPADL_INVALID = "gpadl_invalid"  # bad header, ranges or size (OpenVMM InvalidGpaRange)
+    GPA_OUTSIDE_MEMORY = "gpa_outside_memory"  # a GPADL names a page beyond the partition's memory map
     GPADL_UNKNOWN_ID = "gpadl_unknown_id"  # GPADL_BODY for an id not in progress (OpenVMM UnknownGpadlId)
     GPADL_NOT_ACCEPTED = "gpadl_not_accepted"  # teardown of a GPADL that is not accepted (InvalidGpadlState)
     GPADL_ON_REVOKED = "gpadl_on_revoked"  # a GPADL completed on a rescinded channel
@@ -437,6 +438,7 @@ class Limits:
     max_gpadl_pages: int = 1 << 18  # 1 GiB of 4 KiB pages in one GPADL
     total_gpadl_pages: int = 1 << 18  # all of a connection's GPADLs together, in progress or complete
     budget: MemoryBudget | None = None  # parent-wide, shared by every connection
+    pfn_bound: int = 1 << 64  # the partition's memory map ends at this page frame (its HELLO ``memory``)
 
 
 K = TypeVar("K")
@@ -951,6 +953,13 @@ class HostConnection:
             self._drop(msg, DropKind.GPADL_ON_REVOKED, f"GPADL {asm.gpadl:#x} completed on rescinded relid {asm.relid}")
             return
         pfns = array.array("Q", asm.pfns)  # 8 bytes a page: a netvsc receive buffer is 4,096 of them
+        if pfns and max(pfns) >= self.limits.pfn_bound:
+            # Hyper-V refuses a GPADL naming a page outside the guest's memory map (OpenVMM InvalidGpaRange).
+            self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_UNSUCCESSFUL))
+            self._drop(msg, DropKind.GPA_OUTSIDE_MEMORY,
+                       f"GPADL {asm.gpadl:#x} names page {max(pfns):#x}, outside the partition's guest memory "
+                       f"(pages below {self.limits.pfn_bound:#x})")
+            return
         self.gpadls[(asm.gpadl, asm.relid)] = HostGpadl(Gpadl(asm.relid, asm.gpadl, asm.ranges, pfns))
         self._send(m.GpadlCreated(child_relid=asm.relid, gpadl=asm.gpadl, creation_status=STATUS_SUCCESS))
 

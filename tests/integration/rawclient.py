@@ -45,8 +45,8 @@ class RawClient:
     def send_frame(self, kind: int, relid: int, body: bytes, data: bytes = b"") -> None:
         self.sock.sendall(encode_frame(kind, relid, body, data) + data)
 
-    def hello(self, name: str) -> Hello:
-        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, name).encode())
+    def hello(self, name: str, memory: int | None = None) -> Hello:
+        self.send_frame(FrameKind.HELLO, 0, Hello(ENVELOPE_VERSION, name, memory=memory).encode())
         return Hello.decode(self.expect_kind(FrameKind.HELLO).body)
 
     def authenticate(self, name: str, secret: bytes) -> Hello:
@@ -116,8 +116,8 @@ class RawClient:
             except (ConnectionResetError, BrokenPipeError):
                 return self.close_reason
 
-    def negotiate(self, name: str, version: int = 0x00050003) -> dict[int, m.OfferChannel]:
-        self.hello(name)
+    def negotiate(self, name: str, version: int = 0x00050003, memory: int | None = None) -> dict[int, m.OfferChannel]:
+        self.hello(name, memory)
         self.send(m.InitiateContact(vmbus_version_requested=version, interrupt_page=2))
         resp = self.expect(m.VersionResponse)
         assert resp.version_supported == 1

@@ -20,7 +20,15 @@ from typing import Any, cast
 
 import structlog
 
-from ..envelope import DEFAULT_DATA_WINDOW, Signal, decode_close_code, decode_packet, encode_close, encode_packet
+from ..envelope import (
+    DEFAULT_DATA_WINDOW,
+    NO_PFN_BOUND,
+    Signal,
+    decode_close_code,
+    decode_packet,
+    encode_close,
+    encode_packet,
+)
 from ..errors import FrameError, ProtocolError
 from ..framing import DEFAULT_MAX_FRAME, HEADER, Frame, FrameDecoder, FrameKind, frame_parts
 from ..packets import Buffer, Packet
@@ -54,6 +62,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.log: Any = log if log is not None else structlog.get_logger()
         self.closing = False
         self.max_payload = max_payload
+        self.pfn_bound = NO_PFN_BOUND  # GPA ranges name pages below this (the partition's memory map; docs §7.4)
         self.stall_timeout = stall_timeout
         self.data_window = data_window  # what we accept in flight per channel (our HELLO says it)
         self.peer_data_window = DEFAULT_DATA_WINDOW  # what the peer accepts (its HELLO says it)
@@ -152,13 +161,13 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def _handle(self, frames: list[Frame]) -> None:
         try:
-            dispatch, channels, max_payload = self._dispatch, self.channels, self.max_payload
+            dispatch, channels, max_payload, bound = self._dispatch, self.channels, self.max_payload, self.pfn_bound
             for frame in frames:
                 if self.closing:  # a frame before this one closed the connection
                     self._backlog.clear()
                     return
                 if frame[0] == _PACKET:  # the hot path, inline: (kind, relid, body, data, flags)
-                    pkt = decode_packet(frame[2], frame[3], max_payload)  # garbage is refused on any relid
+                    pkt = decode_packet(frame[2], frame[3], max_payload, bound)  # garbage refused on any relid
                     ch = channels.get(frame[1])
                     if ch is None or ch.closed:
                         self.on_unknown_channel(frame)

@@ -50,6 +50,7 @@ import asyncio
 import errno
 import functools
 import hashlib
+import os
 import re
 import struct
 import uuid
@@ -106,6 +107,7 @@ __all__ = [
     "disk_id_for",
     "fixed_sense",
     "inquiry_data",
+    "legacy_partition_dir_name",
     "open_disks",
     "partition_dir_name",
 ]
@@ -884,24 +886,55 @@ class LunConfig:
 
 
 _DISK_NAMESPACE = uuid.UUID("8f6a3b0e-5d0c-4f63-9c55-0b1c3e7a2d41")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# A name is its own directory name only when it stays distinct on a case-insensitive file system (macOS, a
+# Docker bind mount from one) and on one that drops a trailing '.' (Windows): lower case, no trailing dot.
+_SAFE_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9._-]*[a-z0-9_-])?")
 _MAX_DIR_NAME = 200
-_SAFE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_SAFE_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-")
+_LEGACY_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # before case-insensitive file systems counted
+_LEGACY_SAFE_CHARS = _SAFE_CHARS | frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def partition_dir_name(partition: str) -> str:
     """A directory name for a partition: the name itself when it is plainly safe, else its UTF-8 bytes with
-    everything but letters, digits, '_' and '-' written as %XX (never '/', '.' or '..'; never colliding), or
-    a hash of the name when that would be too long for a file name."""
+    everything but lower-case letters, digits, '_' and '-' written as %XX (never '/', '.' or '..'; never
+    colliding, even where case is ignored), or a hash of the name when that would be too long."""
+    return _dir_name(partition, _SAFE_NAME, _SAFE_CHARS)
+
+
+def legacy_partition_dir_name(partition: str) -> str:
+    """The directory name earlier releases gave: upper case kept, so 'vm1' and 'VM1' were one directory
+    where case is ignored. ``open_disks`` moves such a directory to its new name."""
+    return _dir_name(partition, _LEGACY_SAFE_NAME, _LEGACY_SAFE_CHARS)
+
+
+def _dir_name(partition: str, plain: re.Pattern[str], safe: frozenset[int]) -> str:
     if not partition:
         raise ValueError("empty partition name")
-    if _SAFE_NAME.fullmatch(partition) and len(partition) <= _MAX_DIR_NAME:
+    if plain.fullmatch(partition) and len(partition) <= _MAX_DIR_NAME:
         return partition
     raw = partition.encode("utf-8", "surrogatepass")
-    quoted = "".join(chr(b) if b in _SAFE_CHARS else f"%{b:02X}" for b in raw)
+    quoted = "".join(chr(b) if b in safe else f"%{b:02X}" for b in raw)
     if len(quoted) <= _MAX_DIR_NAME:
         return quoted
     return "%%" + hashlib.sha256(raw).hexdigest()  # quoting never yields "%%"
+
+
+def _adopt_legacy_dir(data_dir: Path, partition: str, log: Any) -> Path:
+    """The partition's directory, moved from its legacy name if only that one exists (listed under exactly
+    that name: where case is ignored, a directory listed as 'vm1' is not VM1's to take)."""
+    directory = data_dir / partition_dir_name(partition)
+    legacy = legacy_partition_dir_name(partition)
+    if legacy == directory.name or directory.exists():
+        return directory
+    try:
+        listed = legacy in os.listdir(data_dir)
+    except FileNotFoundError:
+        return directory
+    if listed:
+        os.rename(data_dir / legacy, directory)
+        log.info("partition disk directory renamed", partition=partition, old=legacy, new=directory.name)
+    return directory
 
 
 def disk_id_for(partition: str, lun: int) -> uuid.UUID:
@@ -926,8 +959,9 @@ async def open_disks(data_dir: Path | str, partition: str, luns: Sequence[LunCon
     seen = [cfg.lun for cfg in configs]
     if len(set(seen)) != len(seen):
         raise ValueError(f"partition {partition!r}: a LUN is configured twice in {seen}")
-    directory = Path(data_dir) / partition_dir_name(partition)
     loop = asyncio.get_running_loop()
+    directory = await loop.run_in_executor(default_executor(), _adopt_legacy_dir, Path(data_dir), partition,
+                                           logs.get(component="storage"))
     opened: dict[int, DiskBackend] = {}
     try:
         for cfg in configs:
