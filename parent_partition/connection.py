@@ -34,6 +34,7 @@ from vmbus_proto.versions import version_text
 from .auth import AuthSettings
 from .config import LimitsSettings
 from .counters import Totals
+from .ioports import EmulatedDevice, PartitionPorts
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
@@ -63,6 +64,7 @@ class Host(Protocol):
     name: str
     log: Any
     vsps: list[Vsp]
+    emulated: list[EmulatedDevice]  # devices on trapped I/O ports, attached to each accepted partition
     accepting: bool
     connections: set[PartitionConnection]
     partitions: dict[str, PartitionConnection]
@@ -109,6 +111,7 @@ class PartitionConnection(FramedConnection):
         self._control_rate = TokenBucket(lim.control_per_second, lim.control_burst)
         self._strikes = Strikes(lim.strikes, lim.strike_window)
         self.limit_refusals = 0  # requests refused for a [limits] limit
+        self.ports: PartitionPorts | None = None  # the partition's I/O-port space, once accepted
 
     # ---- connection lifetime ----------------------------------------------------------------------------
 
@@ -150,6 +153,8 @@ class PartitionConnection(FramedConnection):
         totals.dropped_messages += self.dropped_messages
         if self.partition is not None:
             totals.forget(self.partition)
+        if self.ports is not None:
+            self.ports.close()
         self.channels.clear()
         if self.core is not None:
             self.core.release()  # its GPADLs' bytes go back to the memory budget
@@ -260,6 +265,9 @@ class PartitionConnection(FramedConnection):
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls,
                                                            total_gpadl_pages=cfg.limits.gpadl_pages,
                                                            budget=self.daemon.budget))
+        if self.daemon.emulated:
+            self.ports = PartitionPorts(self.partition or "?", self.daemon.emulated, self.send_frame, self.log)
+            self.ioport = self.ports.on_frame
         self.send_frame(kind, 0, answer)
         self.log.info("partition connected", authenticated=self.authenticated, **extra)
 
