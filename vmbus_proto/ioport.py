@@ -119,8 +119,8 @@ def string_exits(direction: int, size: int, count: int, page_offset: int = 0) ->
 
 
 class PortDevice(Protocol):
-    """A device on the I/O-port bus (QEMU ``MemoryRegionPortio``): ``width(port, size)`` says whether it takes
-    an access of that size at that port as one access; anything else is split into bytes."""
+    """A device on the I/O-port bus (QEMU ``MemoryRegionPortio``): it takes every byte access to its ports;
+    ``width(port, size)`` says whether it takes a wider one as one access, else it is split into bytes."""
 
     def width(self, port: int, size: int) -> bool: ...
 
@@ -158,7 +158,7 @@ class PortBus:
 
     def read(self, port: int, size: int) -> int:
         dev = self._device(port)
-        if dev is not None and dev.width(port, size):
+        if dev is not None and (size == 1 or dev.width(port, size)):
             return dev.io_read(port, size) & _ALL_ONES[size]
         if dev is None and size == 1:
             self.unclaimed += 1
@@ -167,7 +167,7 @@ class PortBus:
 
     def write(self, port: int, size: int, value: int) -> None:
         dev = self._device(port)
-        if dev is not None and dev.width(port, size):
+        if dev is not None and (size == 1 or dev.width(port, size)):
             dev.io_write(port, size, value & _ALL_ONES[size])
         elif dev is None and size == 1:
             self.unclaimed += 1
