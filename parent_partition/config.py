@@ -15,7 +15,7 @@ from typing import Any
 
 from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
-from vmbus_proto.devices.registry import BY_NAME, REGISTRY
+from vmbus_proto.devices.registry import BY_NAME, EMULATED, REGISTRY
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import HOST_SUPPORTED
@@ -98,7 +98,8 @@ class Config:
     channel_data_window: int = setting(DEFAULT_DATA_WINDOW, check=_data_window)  # inline data per channel in flight
     max_gpadls: int = setting(256, check=count())
     max_partitions: int = setting(4096, check=count())
-    devices: dict[str, bool] = field(default_factory=lambda: {e.name: e.enabled for e in REGISTRY})
+    devices: dict[str, bool] = field(default_factory=lambda: {**{e.name: e.enabled for e in REGISTRY},
+                                                              **{e.name: e.enabled for e in EMULATED}})
     http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
     auth: AuthSettings = field(default_factory=AuthSettings)  # [auth]: who may connect, with what secret
     limits: LimitsSettings = field(default_factory=LimitsSettings)  # [limits]: per partition, and the budget
@@ -139,8 +140,8 @@ class Config:
         cfg.auth.load_secrets(path)
         parse_section(LimitsSettings, raw.get("limits", {}), "[limits]", path, obj=cfg.limits)
         for name, enabled in raw.get("devices", {}).items():
-            if name not in BY_NAME:
-                raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(BY_NAME)}")
+            if name not in cfg.devices:
+                raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(cfg.devices)}")
             if not isinstance(enabled, bool):
                 raise ConfigError(f"{path}: [devices] {name} must be true or false, not {enabled!r}")
             cfg.devices[name] = enabled
@@ -169,5 +170,5 @@ def tables_help() -> str:
     tables += describe("limits", LimitsSettings)
     for name, settings in Config().sections.items():
         tables += describe(name, type(settings))
-    tables.append(f"[devices] ({', '.join(BY_NAME)} = true|false)")
+    tables.append(f"[devices] ({', '.join([*BY_NAME, *(e.name for e in EMULATED)])} = true|false)")
     return ", ".join(tables)

@@ -35,6 +35,7 @@ from vmbus_proto.versions import version_text
 from .auth import AuthSettings
 from .config import LimitsSettings
 from .counters import Totals
+from .ioports import EmulatedDevice, PartitionPorts
 from .memory import GpadlMap, ShadowMemory
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
@@ -64,6 +65,7 @@ class Host(Protocol):
     name: str
     log: Any
     vsps: list[Vsp]
+    emulated: list[EmulatedDevice]  # devices on trapped I/O ports, attached to each accepted partition
     accepting: bool
     connections: set[PartitionConnection]
     partitions: dict[str, PartitionConnection]
@@ -110,6 +112,7 @@ class PartitionConnection(FramedConnection):
         self._control_rate = TokenBucket(lim.control_per_second, lim.control_burst)
         self._strikes = Strikes(lim.strikes, lim.strike_window)
         self.limit_refusals = 0  # requests refused for a [limits] limit
+        self.ports: PartitionPorts | None = None  # the partition's I/O-port space, once accepted
 
     # ---- connection lifetime ----------------------------------------------------------------------------
 
@@ -151,6 +154,8 @@ class PartitionConnection(FramedConnection):
         totals.dropped_messages += self.dropped_messages
         if self.partition is not None:
             totals.forget(self.partition)
+        if self.ports is not None:
+            self.ports.close()
         self.channels.clear()
         if self.core is not None:
             self.core.release()  # its GPADLs' bytes go back to the memory budget
@@ -262,6 +267,9 @@ class PartitionConnection(FramedConnection):
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls,
                                                            total_gpadl_pages=cfg.limits.gpadl_pages,
                                                            budget=self.daemon.budget, pfn_bound=self.pfn_bound))
+        if self.daemon.emulated:
+            self.ports = PartitionPorts(self.partition or "?", self.daemon.emulated, self.send_frame, self.log)
+            self.ioport = self.ports.on_frame
         self.send_frame(kind, 0, answer)
         self.log.info("partition connected", authenticated=self.authenticated, **extra)
 

@@ -18,6 +18,7 @@ from typing import Any
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.devices.registry import EMULATED, load
 from vmbus_proto.limits import MemoryBudget
 
 from .config import Config, ConfigError
@@ -25,6 +26,7 @@ from .connection import PartitionConnection
 from .counters import Totals
 from .devices import vsp_classes
 from .gc_policy import GcPolicy
+from .ioports import EmulatedDevice
 from .vsp import HostContext, Vsp
 
 
@@ -42,6 +44,16 @@ def build_vsps(config: Config) -> list[Vsp]:
     return [cls.create(config.section(name), host) for name, cls in vsp_classes().items() if config.devices[name]]
 
 
+def build_emulated(config: Config, vsps: list[Vsp]) -> list[EmulatedDevice]:
+    """The enabled non-VMBus devices (the emulated ATA disk), on the disks of the VSPs that offer them."""
+    out: list[EmulatedDevice] = []
+    for entry in EMULATED:
+        if config.devices[entry.name]:
+            cls: Any = load(entry.device)
+            out.append(cls.create(vsps, config.section("storage"), host_context(config)))
+    return out
+
+
 class ParentDaemon:
     def __init__(self, config: Config, vsps: list[Vsp] | None = None, name: str = "parent", *,
                  gc_settle: bool = False) -> None:
@@ -51,6 +63,7 @@ class ParentDaemon:
         self.name = name
         self.log = logs.get(component="parent")
         self.vsps = vsps if vsps is not None else build_vsps(config)
+        self.emulated = build_emulated(config, self.vsps)  # devices on trapped I/O ports (IOPORT frames)
         self.connections: set[PartitionConnection] = set()
         self.partitions: dict[str, PartitionConnection] = {}
         self.totals = Totals()
@@ -151,8 +164,8 @@ class ParentDaemon:
         # Stage 2: drain in-flight I/O: the rescinds close every open channel's device.
         await _bounded(self._until_idle(), timeout, self.log, "drain")
         # Stage 3: flush backends.
-        await _bounded(asyncio.gather(*(v.shutdown() for v in self.vsps), return_exceptions=True), timeout,
-                       self.log, "flush")
+        flushes = [*(d.shutdown() for d in self.emulated), *(v.shutdown() for v in self.vsps)]
+        await _bounded(asyncio.gather(*flushes, return_exceptions=True), timeout, self.log, "flush")
         # Stage 4: close connections.
         for conn in list(self.connections):
             conn.close("parent shutting down")

@@ -30,6 +30,7 @@ class FrameKind(enum.IntEnum):
     SIGNAL = 4  # ring header fields a peer cannot see in shared memory: indices, pending_send_sz, mask
     CLOSE = 5  # the sender is closing the connection, with a reason
     AUTH = 6  # the challenge-response proof of a partition's secret (vmbus_proto.auth)
+    IOPORT = 7  # one trapped IN/OUT and its answer, for the emulated devices (vmbus_proto.ioport)
 
 
 class Frame(NamedTuple):
@@ -194,4 +195,4 @@ class FrameDecoder:
         return pos
 
 
-_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.AUTH)
+_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.IOPORT)

@@ -27,12 +27,15 @@ from rich.console import Console
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.storage import vstor
 
+from ..devices.ata.driver import PIO_MODES, AtaDisk
+from ..devices.ata.portio import PortIo
 from ..devices.storage.vsc import ScsiLun, StorageVsc
 from .args import number, parse_size, size
 from .guest import Guest, started
 from .workload import Done, LoadOptions, OpError, Recorder
 
 MODES = ("read", "write", "randread", "randwrite", "randrw", "rw")
+PATHS = ("synthetic", "emulated")  # StorVSC over VMBus, or the emulated IDE disk by trapped port I/O
 GUEST_MEMORY = 256 * 1024 * 1024
 
 
@@ -44,6 +47,8 @@ class StoragePartition(Guest):
                          logs.get(component="load").bind(partition=name), workload.options.secret)
         self.workload = workload
         self.storage: StorageVsc | None = None
+        self.ata: AtaDisk | None = None
+        self.io: PortIo | None = None
         self.rnd = random.Random(hash(name))
         self.cursor = 0
         self.blocks = 1
@@ -51,6 +56,16 @@ class StoragePartition(Guest):
 
     async def start(self) -> None:
         w = self.workload
+        if w.path == "emulated":
+            # The emulated disk is no VMBus device: connect, bind nothing, and probe the IDE channel.
+            await self.connect()
+            assert self.bus is not None
+            self.io = PortIo(self.bus)
+            self.ata = AtaDisk(self.io, w.pio)
+            await self.ata.probe()
+            self.blocks = max(1, min(w.size or self.ata.size, self.ata.size) // w.bs)
+            self.payload = os.urandom(w.bs)
+            return
         offer = await self.offer(lambda o: o.if_type == vstor.SPEC.class_id, "storage controller")
         assert self.bus is not None
         self.vsc = self.storage = StorageVsc(self.bus, self.memory, offer, self.log)
@@ -62,7 +77,9 @@ class StoragePartition(Guest):
         self.payload = os.urandom(w.bs)
 
     @property
-    def disk(self) -> ScsiLun:
+    def disk(self) -> ScsiLun | AtaDisk:
+        if self.ata is not None:
+            return self.ata
         assert self.storage is not None
         return self.storage.disks[0]
 
@@ -95,6 +112,10 @@ class StoragePartition(Guest):
         return ", ".join(done) or "nothing to discard"
 
     async def stop(self) -> None:
+        if self.ata is not None and self.io is not None:
+            c = self.io.counters
+            self.workload.exits.append({"partition": self.name, "exits": c.exits, "bytes_sent": c.bytes_sent,
+                                        "bytes_received": c.bytes_received, "busy_polls": self.ata.polls})
         if self.storage is not None and not self.workload.keep_disks:
             try:
                 outcome = await self.discard_disks()
@@ -118,7 +139,7 @@ class StorageWorkload:
     concurrency_aliases: ClassVar[tuple[str, ...]] = ("--iodepth",)
 
     def __init__(self, options: LoadOptions, rw: str, bs: int, size: int, rwmixread: int, keep_disks: bool,
-                 data_dir: str | None) -> None:
+                 data_dir: str | None, path: str = "synthetic", pio: str = "string") -> None:
         if bs <= 0 or bs % 512:
             raise ValueError("--bs must be a positive multiple of 512")
         if rw not in MODES:
@@ -130,6 +151,10 @@ class StorageWorkload:
         self.all_reads = rw in ("read", "randread")
         self.read_share = rwmixread / 100
         self.cleanup: list[str] = []
+        if path not in PATHS or pio not in PIO_MODES:
+            raise ValueError(f"--path {path!r} / --pio {pio!r}: one of {PATHS} / {PIO_MODES}")
+        self.path, self.pio = path, pio
+        self.exits: list[dict[str, Any]] = []  # the emulated path's VM exits, per partition
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -142,6 +167,11 @@ class StorageWorkload:
                             help="percent reads for randrw and rw")
         parser.add_argument("--keep-disks", action="store_true",
                             help="leave the partitions' disks as the run left them (default: discard them at the end)")
+        parser.add_argument("--path", default="synthetic", choices=PATHS,
+                            help="synthetic: StorVSC over VMBus; emulated: the IDE disk on trapped I/O ports "
+                                 "(the same image; one partition's I/O is then QD1)")
+        parser.add_argument("--pio", default="string", choices=PIO_MODES,
+                            help="emulated path: rep insw/outsw (string) or one inw/outw a word (word)")
         parser.add_argument("--data-dir", metavar="DIR",
                             help="the parent's data directory (same host): also delete the images it created for "
                                  "the run")
@@ -149,7 +179,8 @@ class StorageWorkload:
     @classmethod
     def from_args(cls, args: argparse.Namespace, options: LoadOptions) -> StorageWorkload:
         return cls(options, rw=args.rw, bs=parse_size(args.bs), size=parse_size(args.size) if args.size else 0,
-                   rwmixread=args.rwmixread, keep_disks=args.keep_disks, data_dir=args.data_dir)
+                   rwmixread=args.rwmixread, keep_disks=args.keep_disks, data_dir=args.data_dir,
+                   path=args.path, pio=args.pio)
 
     async def setup(self) -> None:
         return None
@@ -164,7 +195,10 @@ class StorageWorkload:
             first = self.options.first_index
             names = [f"{self.options.prefix}-{i}" for i in range(first, first + self.options.partitions)]
             self.cleanup.extend(remove_images(Path(self.data_dir), names))
-        return {"disks": self.cleanup}
+        extra: dict[str, Any] = {"disks": self.cleanup}
+        if self.path == "emulated":
+            extra["exits"] = self.exits
+        return extra
 
     @classmethod
     def render(cls, section: dict[str, Any], console: Console) -> None:
@@ -187,6 +221,9 @@ class StorageWorkload:
             cells = [f"{float(p):5.2f}th=[{v:6d}]" for p, v in lat["percentiles"].items()]
             for i in range(0, len(cells), 4):
                 console.print("     | " + ", ".join(cells[i:i + 4]) + ("," if i + 4 < len(cells) else ""))
+        for e in section["extra"].get("exits", []):
+            console.print(f"  exits: {e['partition']}: {e['exits']} VM exits ({e['busy_polls']} busy polls), "
+                          f"{e['bytes_sent']} bytes sent, {e['bytes_received']} received")
         for line in section["extra"].get("disks", []):
             console.print(f"  disks: {line}")
 

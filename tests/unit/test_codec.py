@@ -509,7 +509,7 @@ def test_frame_at_the_limit_is_accepted_and_one_over_is_not() -> None:
 
 @pytest.mark.parametrize("header", [
     HEADER.pack(0, 0, 0, 0, 0, 0),  # kind 0
-    HEADER.pack(0, 7, 0, 0, 0, 0),  # kind 7 (6 is AUTH)
+    HEADER.pack(0, 8, 0, 0, 0, 0),  # kind 8 (7 is IOPORT)
     HEADER.pack(0, 255, 0, 0, 0, 0),
     HEADER.pack(4, FrameKind.CONTROL, 0, 1, 0, 0),  # reserved bits set
     HEADER.pack(4, FrameKind.CONTROL, 0, 0x8000, 0, 0),

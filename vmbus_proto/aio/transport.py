@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -78,6 +79,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self._backlog: collections.deque[Frame] = collections.deque()  # decoded, waiting for a turn
         self._read_holds: set[str] = set()  # why reading is paused (_WRITES, _BACKLOG)
+        self.ioport: Callable[[Frame], None] | None = None  # takes IOPORT frames (emulated devices)
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -248,6 +250,11 @@ class FramedConnection(asyncio.BufferedProtocol):
     def on_auth(self, frame: Frame) -> None:
         raise FrameError("AUTH frame when no authentication was negotiated")
 
+    def on_ioport(self, frame: Frame) -> None:
+        if self.ioport is None:
+            raise FrameError("IOPORT frame on a connection with no emulated devices")
+        self.ioport(frame)
+
     def on_close_frame(self, reason: str, code: str | None) -> None:
         self.log.info("peer closed the connection", reason=reason, code=code)
         self.close()
@@ -279,6 +286,8 @@ class FramedConnection(asyncio.BufferedProtocol):
             self.on_close_frame(*decode_close_code(frame.body))
         elif kind == FrameKind.AUTH:
             self.on_auth(frame)
+        elif kind == FrameKind.IOPORT:
+            self.on_ioport(frame)
 
     def _stalled(self) -> None:
         """The peer read nothing for ``stall_timeout``. A CLOSE frame would queue behind what it does not

@@ -25,7 +25,7 @@ from .network import nvsp
 from .storage import vstor
 from .video import synthvid
 
-__all__ = ["ALL", "BY_CLASS", "BY_NAME", "REGISTRY", "DeviceEntry"]
+__all__ = ["ALL", "BY_CLASS", "BY_NAME", "EMULATED", "REGISTRY", "DeviceEntry", "EmulatedEntry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,22 @@ REGISTRY: tuple[DeviceEntry, ...] = (
 BY_NAME: dict[str, DeviceEntry] = {e.name: e for e in REGISTRY}
 BY_CLASS: dict[uuid.UUID, DeviceEntry] = {e.spec.class_id: e for e in REGISTRY}
 ALL: tuple[DeviceSpec, ...] = tuple(e.spec for e in REGISTRY if e.enabled)  # what a default parent offers
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedEntry:
+    """A device that is not on VMBus: a register-level model the guest drives by trapped port I/O (the IOPORT
+    frame, docs/protocol.md §10). ``device`` is the parent's model, ``driver`` the child's, as ``module:Class``."""
+
+    name: str
+    device: str
+    driver: str
+    enabled: bool = True
+
+
+EMULATED: tuple[EmulatedEntry, ...] = (
+    EmulatedEntry("ata", f"{_P}.ata.device:AtaDevice", f"{_C}.ata.driver:AtaDisk"),  # IDE on 0x1F0, lab 6
+)
 
 
 def load(path: str) -> object:

@@ -93,21 +93,29 @@ class StorageVsp(HandshakeVsp):
                 self.controllers[partition] = ctl
             return ctl
 
+    async def hold(self, partition: str) -> ScsiController:
+        """The partition's disks, kept open until ``release``: what a channel, or another device on the same
+        disks (the emulated ATA disk), holds."""
+        ctl = await self.controller(partition)  # an unopenable disk raises (and fails the OPENCHANNEL)
+        self._users[partition] = self._users.get(partition, 0) + 1
+        return ctl
+
+    def release(self, partition: str) -> None:
+        self._users[partition] -= 1
+        if not self._users[partition]:
+            # Keep the disks open a while for a reconnect; then flush and close them.
+            asyncio.get_running_loop().call_later(self.idle_close, self._close_if_idle, partition)
+
     async def open(self, channel: Channel, res: ChannelResources) -> None:
-        await self.controller(res.partition)  # an unopenable disk fails the OPENCHANNEL
-        self._users[res.partition] = self._users.get(res.partition, 0) + 1
+        await self.hold(res.partition)
         self._partition_of[channel] = res.partition
         await super().open(channel, res)
 
     async def close(self, channel: Channel) -> None:
         await super().close(channel)
         partition = self._partition_of.pop(channel, None)
-        if partition is None:
-            return
-        self._users[partition] -= 1
-        if not self._users[partition]:
-            # Keep the disks open a while for a reconnect; then flush and close them.
-            asyncio.get_running_loop().call_later(self.idle_close, self._close_if_idle, partition)
+        if partition is not None:
+            self.release(partition)
 
     def _close_if_idle(self, partition: str) -> None:
         if self._users.get(partition) == 0 and partition in self.controllers:

@@ -1,0 +1,138 @@
+"""Emulated versus synthetic disk: the same 4 KiB random reads and writes at QD1 through StorVSC (VMBus) and
+through the emulated IDE disk (trapped port I/O), in one guest, on one disk image, in one run.
+
+For each path and direction: ops/s, latency percentiles, round trips per op (StorVSC: one request and its
+completion; IDE: VM exits, counted by the guest's ``PortIo``), and bytes on the wire per op (every frame
+of the guest's connection, both directions). The IDE path runs with string PIO (``rep insw``/``rep outsw``
+under KVM's exit rule) and with word PIO (one ``inw``/``outw`` a word). Machine facts from
+``bench.machine.describe``.
+
+    python -m bench.emulated_vs_synthetic --ops 200 --runs 3 --out bench/results/2026-12-03-emulated/
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from child_partition.devices.ata.driver import AtaDisk
+from child_partition.devices.ata.portio import PortIo
+from child_partition.devices.storage.vsc import StorageVsc
+from child_partition.load.guest import LoadGuest
+from vmbus_proto.devices.storage import vstor
+
+from .machine import describe
+from .parent import start_parent
+
+BS = 4096
+SPAN = 64 << 20  # the random offsets fall in the first 64 MiB
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    s = sorted(lat)
+    return {f"p{p}": round(s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6, 1) for p in (50, 90, 99)}
+
+
+async def _measure(guest: LoadGuest, disk: Any, op: str, n: int, rnd: random.Random,
+                   trips: Any) -> dict[str, Any]:
+    bus = guest.bus
+    assert bus is not None
+    payload = os.urandom(BS)
+    lat: list[float] = []
+    b0, t0 = bus.bytes_in + bus.bytes_out, trips()
+    start = time.perf_counter()
+    for _ in range(n):
+        offset = rnd.randrange(SPAN // BS) * BS
+        t = time.perf_counter()
+        if op == "read":
+            await disk.read(offset, BS)
+        else:
+            await disk.write(offset, payload)
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - start
+    return {"ops": n, "ops_per_s": round(n / wall, 1), "latency_us": _percentiles(lat),
+            "mean_us": round(statistics.fmean(lat) * 1e6, 1),
+            "round_trips_per_op": round((trips() - t0) / n, 1),
+            "wire_bytes_per_op": round((bus.bytes_in + bus.bytes_out - b0) / n)}
+
+
+async def one_run(url: str, name: str, ops: int, seed: int) -> dict[str, Any]:
+    guest = LoadGuest(url, name, None)
+    await guest.connect()
+    try:
+        vsc = await guest.bind(guest.offer_of(vstor.SPEC))
+        assert isinstance(vsc, StorageVsc) and guest.bus is not None
+        lun = vsc.disks[0]
+        io = PortIo(guest.bus)
+        string, word = AtaDisk(io, "string"), AtaDisk(io, "word")
+        await string.probe()
+        word.identify = string.identify
+        await lun.write(0, b"\0" * SPAN)  # the span allocated and in the page cache for every path alike
+        served = [0]
+        real_read, real_write = lun.read, lun.write
+
+        async def counted_read(offset: int, length: int) -> bytes:
+            served[0] += 1  # one EXECUTE_SRB and its COMPLETE_IO
+            return await real_read(offset, length)
+
+        async def counted_write(offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+            served[0] += 1
+            await real_write(offset, data, fua)
+
+        synthetic = argparse.Namespace(read=counted_read, write=counted_write)
+        out: dict[str, Any] = {}
+        few = max(10, ops // 10)  # a path that takes thousands of exits an op gets fewer ops
+        counts = {"synthetic": (ops, ops), "emulated-string": (ops, few), "emulated-word": (few, few)}
+        for path, disk, trips in (("synthetic", synthetic, lambda: served[0]),
+                                  ("emulated-string", string, lambda: io.counters.exits),
+                                  ("emulated-word", word, lambda: io.counters.exits)):
+            out[path] = {op: await _measure(guest, disk, op, n, random.Random(seed), trips)
+                         for op, n in zip(("read", "write"), counts[path], strict=True)}
+        return out
+    finally:
+        await guest.leave()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", type=int, default=200,
+                    help="ops per path and direction (a tenth where an op takes thousands of exits)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, help="directory for result.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-emulated-") as tmp:
+        work = Path(tmp)
+        parent = start_parent(work, {"storage"}, log_level="warning")
+        try:
+            runs = [asyncio.run(one_run(parent.endpoint("unix"), f"emu-{i}", args.ops, i)) for i in range(args.runs)]
+        finally:
+            parent.stop()
+        machine = describe(work)
+    ratios = {op: [round(r["synthetic"][op]["ops_per_s"] / r["emulated-string"][op]["ops_per_s"], 1) for r in runs]
+              for op in ("read", "write")}
+    result = {"meta": {"bench": "emulated_vs_synthetic", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "bs": BS,
+                       "iodepth": 1, "transport": "unix", "machine": machine},
+              "runs": runs, "synthetic_over_emulated_string_ops_ratio": ratios}
+    for i, r in enumerate(runs):
+        for path, ops in r.items():
+            for op, d in ops.items():
+                print(f"run {i} {path:16s} {op:5s} {d['ops_per_s']:9.1f} ops/s  p50 {d['latency_us']['p50']:9.1f}µs"
+                      f"  p99 {d['latency_us']['p99']:9.1f}µs  {d['round_trips_per_op']:7.1f} trips/op"
+                      f"  {d['wire_bytes_per_op']:7d} B/op")
+    print("synthetic / emulated (string PIO) ops/s:", ratios)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

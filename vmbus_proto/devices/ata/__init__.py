@@ -1,0 +1,1 @@
+"""The emulated ATA (IDE) disk: register model (``registers``) and the sans-IO controller (``controller``)."""
