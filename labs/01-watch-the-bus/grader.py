@@ -15,8 +15,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from labs.harness import Context, Failed, Lab, Step, TraceMsg, answer, answers, child, control_messages, \
-    key_terms, parent
+from labs.harness import (
+    Context,
+    Failed,
+    Lab,
+    Step,
+    TraceMsg,
+    answer,
+    answers,
+    child,
+    control_messages,
+    key_terms,
+    parent,
+)
 
 HERE = Path(__file__).resolve().parent
 STORAGE_CLASS = "ba6163d9-04a1-4d29-b605-72e2ffb1dc7f"
@@ -85,14 +96,14 @@ def observe(log: str) -> Observed:
 @functools.cache
 def observed() -> Observed:
     """One real run for every step: the lab's parent, a child that opens everything, Ctrl-C."""
-    with tempfile.TemporaryDirectory(prefix="lab1-trace-") as tmp:
-        with parent(Path(tmp), "--trace", config=(HERE / "parent.toml").read_text()) as (_, url):
-            vm = child(Path(tmp), url, "vm1", "--trace")
-            vm.wait_for("all offered channels open", 90)
-            vm.wait_for("NIC queues", 60)  # the NIC's sub-channels are open too
-            if vm.interrupt() != 0:
-                raise Failed(f"the grader's child did not stop cleanly:\n{vm.output()[-2000:]}")
-            return observe(vm.output())
+    with tempfile.TemporaryDirectory(prefix="lab1-trace-") as tmp, \
+            parent(Path(tmp), "--trace", config=(HERE / "parent.toml").read_text()) as (_, url):
+        vm = child(Path(tmp), url, "vm1", "--trace")
+        vm.wait_for("all offered channels open", 90)
+        vm.wait_for("NIC queues", 60)  # the NIC's sub-channels are open too
+        if vm.interrupt() != 0:
+            raise Failed(f"the grader's child did not stop cleanly:\n{vm.output()[-2000:]}")
+        return observe(vm.output())
 
 
 def _same(got: Any, want: Any, key: str, hint: str = "") -> None:

@@ -20,8 +20,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from labs.harness import Context, Failed, Lab, Proc, Step, answer, answers, control_messages, free_port, \
-    key_terms, parent
+from labs.harness import (
+    Context,
+    Failed,
+    Lab,
+    Proc,
+    Step,
+    answer,
+    answers,
+    control_messages,
+    free_port,
+    key_terms,
+    parent,
+)
 
 HERE = Path(__file__).resolve().parent
 SCENARIO_STEPS = ("storage: close and release", "storage: I/O across remove and re-add", "video: the VRAM GPADL",
