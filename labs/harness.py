@@ -13,16 +13,20 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 LABS = REPO / "labs"
@@ -107,16 +111,22 @@ class Proc:
 
     def wait_for(self, text: str, timeout: float = 60.0) -> str:
         """Wait until ``text`` shows in the output; the output so far."""
+        return self.wait_until(lambda out: out if text in out else None, f"printing {text!r}", timeout)
+
+    def wait_until(self, check: Callable[[str], T | None], what: str, timeout: float = 60.0) -> T:
+        """Wait until ``check(output)`` returns something other than None, and return that; ``what`` names the
+        awaited thing in the failure (``"printing 'x'"``). ``check`` may raise :class:`Failed` to stop early."""
         deadline = time.monotonic() + timeout
         while True:
             out = self.output()
-            if text in out:
-                return out
+            got = check(out)
+            if got is not None:
+                return got
             if self.popen.poll() is not None:
-                raise Failed(f"{Path(self.argv[0]).name} exited {self.popen.returncode} before printing "
-                             f"{text!r}; its last lines:\n{_tail(out)}")
+                raise Failed(f"{Path(self.argv[0]).name} exited {self.popen.returncode} before {what}; "
+                             f"its last lines:\n{_tail(out)}")
             if time.monotonic() > deadline:
-                raise Failed(f"{Path(self.argv[0]).name} did not print {text!r} within {timeout:g}s; "
+                raise Failed(f"{Path(self.argv[0]).name} did not get to {what} within {timeout:g}s; "
                              f"its last lines:\n{_tail(out)}")
             time.sleep(0.05)
 
@@ -153,6 +163,7 @@ def parent(tmp: Path, *args: str, config: str = "") -> Iterator[tuple[Proc, str]
     proc = Proc(argv, tmp / "parent.log")
     url = f"tcp://127.0.0.1:{port}"
     try:
+        proc.wait_for("parent partition listening")  # probe does not wait for a listener: it would be refused
         probe = subprocess.run([str(BIN / "child-partition"), "probe", "--connect", url, "--timeout", "60"],
                                check=False, capture_output=True, text=True, timeout=90)
         if probe.returncode != 0:
@@ -166,3 +177,76 @@ def child(tmp: Path, url: str, name: str, *args: str) -> Proc:
     """A real ``child-partition run`` named ``name``; its log is ``<tmp>/<name>.log``."""
     return Proc([str(BIN / "child-partition"), "run", "--connect", url, "--name", name, "--no-reconnect", *args],
                 tmp / f"{name}.log")
+
+
+# ---- reading a --trace log (labs 1 and 4) -------------------------------------------------------------------
+
+_TRACE = re.compile(r"\b(G>H|H>G) CHANNELMSG_(\w+)\((\d+)\)(.*)$")
+_FIELD = re.compile(r"(\w+)=(\S+)")
+_PFNS = re.compile(r"\((\d+) pfns\)")
+
+
+@dataclass(frozen=True)
+class TraceMsg:
+    """One control message line of a ``--trace`` log: ``G>H CHANNELMSG_GPADL_BODY(9) msgnumber=0 gpadl=...``."""
+
+    direction: str  # "G>H" (child to parent) or "H>G"
+    name: str  # without the CHANNELMSG_ prefix: "GPADL_BODY"
+    number: int  # its CHANNELMSG number: 9
+    fields: dict[str, str]  # "gpadl": "0xe1e11", "if_type": "ba6163d9-...(storage)", ...
+    text: str  # the rest of the line as printed
+
+    def num(self, key: str) -> int:
+        """A numeric field (decimal or 0x hex)."""
+        return int(self.fields[key], 0)
+
+    @property
+    def pfn_count(self) -> int:
+        """Page numbers a GPADL_HEADER or GPADL_BODY carries (the ``(N pfns)`` of its ``pfns=`` field)."""
+        m = _PFNS.search(self.text)
+        return int(m.group(1)) if m else 0
+
+
+def control_messages(log: str) -> list[TraceMsg]:
+    """Every VMBus control message a ``--trace`` log shows, in order."""
+    out: list[TraceMsg] = []
+    for line in log.splitlines():
+        m = _TRACE.search(line)
+        if m:
+            direction, name, number, rest = m.groups()
+            out.append(TraceMsg(direction, name, int(number), dict(_FIELD.findall(rest)), rest))
+    return out
+
+
+# ---- answers files (questions a student answers in starter/answers.toml) ------------------------------------
+
+def answers(ctx: Context, name: str = "answers.toml") -> dict[str, Any]:
+    """The student's answers file, parsed; a TOML mistake is a Failed that says where."""
+    try:
+        return tomllib.loads(ctx.text(name))
+    except tomllib.TOMLDecodeError as exc:
+        raise Failed(f"{(ctx.code / name).relative_to(REPO)} is not valid TOML: {exc}") from None
+
+
+def answer(table: dict[str, Any], key: str) -> Any:
+    """``table[key]`` where ``key`` is dotted (``"version.negotiated"``); Failed if it is missing or empty."""
+    value: Any = table
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise Failed(f"answers.toml has no {key}")
+        value = value[part]
+    if value in ("", [], 0, None):
+        raise Failed(f"{key} is not answered yet")
+    return value
+
+
+def key_terms(text: str, groups: list[tuple[str, ...]], key: str, min_words: int = 8) -> None:
+    """A lenient check of a written answer: it has ``min_words`` words and names at least one term of each
+    group (case-insensitive substrings). A grader cannot judge prose; this only catches a blank or
+    off-topic answer, and your instructor reads the rest."""
+    if not isinstance(text, str) or len(text.split()) < min_words:
+        raise Failed(f"{key}: write a sentence or two (at least {min_words} words)")
+    low = text.lower()
+    missing = [" / ".join(g) for g in groups if not any(t.lower() in low for t in g)]
+    if missing:
+        raise Failed(f"{key}: the answer should say something about " + "; and about ".join(missing))
