@@ -135,6 +135,9 @@ def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
                             "[[auth.partition]] entry), needed where the parent takes only authenticated partitions")
     probe.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0.1), default=5.0,
                        help="give up after this long")
+    probe.add_argument("--wait", action="store_true",
+                       help="while nothing listens at URL yet (connection refused, no socket file), try again until "
+                            "--timeout: for scripts that start a parent and go on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
     if args.command == "probe":
         from .probe import probe  # noqa: PLC0415
 
-        return uvloop.run(probe(args.connect, args.timeout, args.secret))
+        return uvloop.run(probe(args.connect, args.timeout, args.secret, wait=args.wait))
     if args.command == "run" and args.name is None:
         args.name = default_name()
         if args.name is None:

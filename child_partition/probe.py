@@ -31,14 +31,15 @@ def probe_name() -> str:
     return f"{logs.PROBE_PREFIX}{socket.gethostname()}"[:NAME_MAX - len(pid)] + pid
 
 
-async def probe(url: str, timeout: float, secret: bytes | None = None) -> int:
+async def probe(url: str, timeout: float, secret: bytes | None = None, *, wait: bool = False) -> int:
     """Negotiate with the parent at ``url`` and unload, all within ``timeout`` seconds; prints one line (stdout
-    when it serves, stderr when not) and returns the exit status."""
+    when it serves, stderr when not) and returns the exit status. With ``wait``, nothing listening yet is
+    tried again (backing off to 0.5 s) until the timeout."""
     logs.setup("error")  # the line printed says it all
     bus: GuestBus | None = None
     try:
         async with asyncio.timeout(timeout):
-            bus = await open_bus(url, probe_name(), log=logs.get(partition="probe"), secret=secret)
+            bus = await _connect(url, secret, wait)
             offers = await bus.negotiate()
             version = bus.core.version
             await bus.unload()
@@ -54,6 +55,18 @@ async def probe(url: str, timeout: float, secret: bytes | None = None) -> int:
     print(f"VMBus {version_text(version)} negotiated with the parent at {url}: {len(offers)} offers, unloaded",
           flush=True)
     return EXIT_SERVING
+
+
+async def _connect(url: str, secret: bytes | None, wait: bool) -> GuestBus:
+    delay = 0.02
+    while True:
+        try:
+            return await open_bus(url, probe_name(), log=logs.get(partition="probe"), secret=secret)
+        except (ConnectionRefusedError, FileNotFoundError):
+            if not wait:
+                raise
+        await asyncio.sleep(delay)  # a retry backoff, as the child's reconnect does
+        delay = min(0.5, delay * 2)
 
 
 def _down(why: str) -> int:

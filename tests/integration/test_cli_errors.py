@@ -411,3 +411,22 @@ def test_serve_config_help_names_every_table(workdir: Path) -> None:
 def test_version(workdir: Path, command: str) -> None:
     code, out, _ = run_cli(workdir, command, "--version")
     assert code == 0 and out.strip() == f"{command} {importlib.metadata.version('vmbus-emu')}", out
+
+
+def test_probe_wait_tries_until_a_parent_listens(tmp_path: Path) -> None:
+    """``probe`` alone says at once that nothing serves; ``probe --wait`` keeps trying while nothing listens,
+    so a script can start a parent and go on."""
+    sock = tmp_path / "p" / "run" / "vmbus.sock"
+    code, out, err = run_cli(tmp_path, "child-partition", "probe", "--connect", f"unix:{sock}", "--timeout", "30")
+    assert code == 1 and "does not serve VMBus" in one_line(err), (code, err)
+    waiting = subprocess.Popen([str(BIN / "child-partition"), "probe", "--wait", "--connect", f"unix:{sock}",
+                                "--timeout", "120"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        parent = Parent(tmp_path / "p")
+        out, err = waiting.communicate(timeout=150)
+        parent.stop()
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0 and "negotiated with the parent" in out, (waiting.returncode, out, err)

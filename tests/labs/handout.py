@@ -81,7 +81,8 @@ def run_handout(readme: Path, tmp: Path) -> list[str]:
         assert _port_free(port), f"port {port} is taken: a handout's parent uses the embedded defaults"
     work = scratch(tmp)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NO_COLOR": "1",
-           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent)}
+           "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+           "VENV": str(Path(sys.executable).parent.parent)}  # make's venv: the real one, not the symlink
     background: list[tuple[Command, subprocess.Popen[bytes], Path]] = []
     transcript: list[str] = []
     try:
