@@ -96,7 +96,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_keepalive(sock, self.keepalive, self.stall_timeout)
+            set_keepalive(sock, self.keepalive)
 
     # ---- channels ---------------------------------------------------------------------------------------
 
@@ -258,8 +258,9 @@ class FramedConnection(asyncio.BufferedProtocol):
         if exc is None:
             return "closed"
         if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
-            return (f"the peer went silent: no answer to TCP keepalive or retransmission within "
-                    f"{silence_limit(self.keepalive, self.stall_timeout):g}s (half-open connection; {exc})")
+            return (f"the peer went silent: TCP had no answer to keepalive probes or acknowledgement of data "
+                    f"for {silence_limit(self.keepalive)}s (keepalive {list(self.keepalive)}): it is gone without "
+                    f"a FIN or RST (a half-open connection), or its receive window stayed shut ({exc})")
         return str(exc)
 
     def pause_writing(self) -> None:
@@ -408,12 +409,10 @@ class FramedConnection(asyncio.BufferedProtocol):
             ch.close()
 
 
-def silence_limit(keepalive: tuple[int, int, int], stall_timeout: float) -> float:
-    """Seconds of silence after which the kernel gives a TCP connection up (``TCP_USER_TIMEOUT``): an idle
-    peer's keepalive (idle + interval * count), or, with our data unacknowledged, at least ``stall_timeout``,
-    so a peer that only stops reading (a zero window) is still ours to drop after ``stall_timeout``."""
+def silence_limit(keepalive: tuple[int, int, int]) -> int:
+    """Seconds of silence after which the kernel gives a TCP connection up: idle + interval * count."""
     idle, interval, count = keepalive
-    return max(idle + interval * count, stall_timeout)
+    return idle + interval * count
 
 
 KEEPALIVE_MAX = (32767, 32767, 127)  # Linux's limits of TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
@@ -432,15 +431,18 @@ def check_keepalive(v: Any) -> tuple[int, int, int]:
     return int(v[0]), int(v[1]), int(v[2])
 
 
-def set_keepalive(sock: socket.socket, keepalive: tuple[int, int, int], stall_timeout: float) -> None:
-    """TCP keepalive (``keepalive``: idle, interval, count) and ``TCP_USER_TIMEOUT`` on ``sock``: a peer that
-    vanished without a FIN or RST is found whether or not we have data on its way to it."""
+def set_keepalive(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
+    """TCP keepalive (``keepalive``: idle, interval, count) on ``sock``, and ``TCP_USER_TIMEOUT`` at the same
+    total: keepalive probes only an idle connection, so without it a peer that vanished while our data was on
+    its way (a heartbeat) would be retransmitted to for 15 minutes (``tcp_retries2``). The kernel then also
+    gives up a peer whose receive window stays shut that long (tcp(7)): on TCP that may come before
+    ``stall_timeout``, as the same ``ETIMEDOUT``."""
     idle, interval, count = keepalive
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(silence_limit(keepalive, stall_timeout) * 1000))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, silence_limit(keepalive) * 1000)
 
 
 def _abort_if_open(transport: asyncio.Transport) -> None:
