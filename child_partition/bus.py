@@ -17,7 +17,7 @@ from typing import Any, assert_never
 from vmbus_proto import client as core
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel
-from vmbus_proto.aio.transport import FramedConnection
+from vmbus_proto.aio.transport import KEEPALIVE, FramedConnection
 from vmbus_proto.auth import AuthError, GuestAuth
 from vmbus_proto.channel import ChannelRings
 from vmbus_proto.client import Request
@@ -67,11 +67,12 @@ def refusal_kind(reason: str) -> str | None:
 class GuestBus(FramedConnection):
     def __init__(self, name: str, *, trace: bool = False, versions: list[int] | None = None,
                  timeout: float = core.DEFAULT_TIMEOUT, memory: GuestMemory | None = None, log: Any = None,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE) -> None:
         """``memory``: the partition's guest memory, where the connection's three pages come from (a bus given
         none keeps a private three-page memory: its page numbers then overlap the VSCs' own). ``secret``: the
-        partition's secret, proved to the parent (and the parent's proof checked) before INITIATE_CONTACT."""
-        super().__init__(log=log)
+        partition's secret, proved to the parent (and the parent's proof checked) before INITIATE_CONTACT.
+        ``keepalive``: TCP keepalive's idle, interval and count, how soon a parent gone silent is noticed."""
+        super().__init__(log=log, keepalive=keepalive)
         self.name = name
         self.auth = GuestAuth(name, secret, data_window=self.data_window)
         self.trace = trace

@@ -18,6 +18,7 @@ import uvloop
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
 from vmbus_proto.aio.keyfile import secret_file_arg
+from vmbus_proto.aio.transport import KEEPALIVE, KEEPALIVE_RULE, check_keepalive
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
@@ -64,6 +65,16 @@ def _name(text: str) -> str:
     except FrameError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {str(exc).removeprefix('HELLO ')}") from None
     return text
+
+
+def _keepalive(text: str) -> tuple[int, int, int]:
+    """argparse type: ``IDLE,INTERVAL,COUNT`` (the parent's ``keepalive = [idle, interval, count]``)."""
+    parts = text.split(",")
+    try:
+        return check_keepalive([int(x) if x.strip().isdigit() else x for x in parts])
+    except ValueError:
+        why = f"must be IDLE,INTERVAL,COUNT: {KEEPALIVE_RULE}, as 10,5,3"
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}") from None
 
 
 NAME_ENV = "VMBUS_NAME"
@@ -162,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     offered.add_argument("--vmbus-max-version", metavar="V", type=_max_version,
                          help="offer Linux's VMBus versions from V down, as hv_vmbus.max_version does; 6.0 "
                               "starts at 6.0, as kernels with the 2025 'default VMBus version 6.0' series")
+    run.add_argument("--keepalive", metavar="IDLE,INTERVAL,COUNT", type=_keepalive,
+                     default=",".join(map(str, KEEPALIVE)),
+                     help="TCP keepalive: seconds of silence before the first probe, seconds between probes, "
+                          "unanswered probes before a silent parent is given up and reconnected to")
     run.add_argument("--no-reconnect", action="store_true",
                      help="exit with the reason instead of waiting for the parent or reconnecting to it")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
 
 
 _RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
-             "log_level", "json_logs"}
+             "log_level", "json_logs", "keepalive"}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -219,7 +234,8 @@ async def _run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS}  # the guest services' own options
     child = ChildPartition(args.connect, args.name, trace=args.trace,
                            versions=args.vmbus_version or args.vmbus_max_version,
-                           reconnect=not args.no_reconnect, secret=args.secret, **options)
+                           reconnect=not args.no_reconnect, secret=args.secret, keepalive=args.keepalive,
+                           **options)
     try:
         status = await child.run(stop)
     except GuestServiceError as exc:

@@ -29,6 +29,7 @@ from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import ChannelClosed
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.transport import KEEPALIVE
 from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
 
@@ -83,12 +84,14 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
                  versions: list[int] | None = None, reconnect: bool = True, log: Any = None,
-                 secret: bytes | None = None, **options: Any) -> None:
+                 secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE, **options: Any) -> None:
         """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at);
-        ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1)."""
+        ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1);
+        ``keepalive`` TCP keepalive's idle, interval and count: a parent gone silent is left after their sum."""
         self.url = url
         self.name = name
         self.secret = secret
+        self.keepalive = keepalive
         self.trace = trace
         self.versions = versions
         self.reconnect = reconnect
@@ -136,7 +139,8 @@ class ChildPartition:
         while not stop.is_set():
             try:
                 self.bus = await open_bus(self.url, self.name, trace=self.trace, versions=self.versions,
-                                          memory=self.memory, log=self.log, secret=self.secret)
+                                          memory=self.memory, log=self.log, secret=self.secret,
+                                          keepalive=self.keepalive)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
                 if not not_yet:
@@ -233,7 +237,8 @@ class ChildPartition:
         stopped.cancel()
         if bus.closed_future.done():
             self.ready.clear()
-            raise bus.refused or ConnectionResetError(bus.close_reason or "connection to the parent lost")
+            why = f"connection to the parent lost: {bus.closed_future.result()}"
+            raise bus.refused or ConnectionResetError(bus.close_reason or why)
         await self.shutdown(bus)
 
     async def _attach(self, offer: m.OfferChannel) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.transport import FRAME_TIMEOUT, KEEPALIVE, check_keepalive
 from vmbus_proto.devices.registry import BY_NAME, EMULATED, REGISTRY
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
 from vmbus_proto.packets import PAGE_SIZE
@@ -93,6 +94,8 @@ class Config:
     vmbus_versions: list[int] = setting(check=_versions, factory=lambda: sorted(HOST_SUPPORTED, reverse=True))
     handshake_timeout: float = setting(10.0, check=seconds)  # HELLO and an accepted INITIATE_CONTACT within this
     stall_timeout: float = setting(60.0, check=seconds)  # a child that leaves our writes unread this long goes
+    frame_timeout: float = setting(FRAME_TIMEOUT, check=seconds)  # a frame's first byte to its last (slow loris)
+    keepalive: tuple[int, int, int] = setting(KEEPALIVE, check=check_keepalive)  # TCP [idle, interval, count]
     shutdown_timeout: float = setting(10.0, check=seconds)  # per shutdown stage
     max_frame: int = setting(4 * 1024 * 1024 + 64 * 1024, check=count(MIN_FRAME))
     channel_data_window: int = setting(DEFAULT_DATA_WINDOW, check=_data_window)  # inline data per channel in flight

@@ -48,6 +48,8 @@ class ConnectionConfig(Protocol):
 
     max_frame: int
     stall_timeout: float
+    frame_timeout: float
+    keepalive: tuple[int, int, int]
     channel_data_window: int
     handshake_timeout: float
     max_partitions: int
@@ -86,7 +88,8 @@ class PartitionConnection(FramedConnection):
         listener is local and ``[auth] mode`` is open-on-loopback; ``AuthSettings.open_allowed``)."""
         cfg = daemon.config
         super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
-                         data_window=cfg.channel_data_window, log=daemon.log.bind(transport=transport_name))
+                         data_window=cfg.channel_data_window, frame_timeout=cfg.frame_timeout,
+                         keepalive=cfg.keepalive, log=daemon.log.bind(transport=transport_name))
         self.daemon = daemon
         self.open_allowed = open_allowed
         self.handshake: HostAuth | None = None  # from the guest's HELLO on
@@ -164,8 +167,7 @@ class PartitionConnection(FramedConnection):
             self.daemon.spawn(self._release_devices(open_now))
         else:
             self.released.set()
-        self.log.info("partition disconnected", channels_released=len(open_now),
-                      reason=str(exc) if exc else "closed")
+        self.log.info("partition disconnected", channels_released=len(open_now), reason=self.loss_reason(exc))
 
     async def _release_devices(self, open_now: list[tuple[Vsp, Channel]]) -> None:
         try:

@@ -9,12 +9,18 @@ covered by credit it can see, its ring for descriptors and its data window for i
 connection always reads; what it holds for a peer is bounded by the credit it granted. Only output beyond
 what credit can explain (control replies a peer does not read) stops reading, and a peer that leaves us
 so for ``stall_timeout`` is disconnected. TCP keepalive finds a peer that vanished without a FIN or RST.
+
+Slow peers (docs/reliability.md, "Slow and silent peers"): once the first byte of a frame is in, the whole
+frame must follow within ``frame_timeout``, or the connection is closed with CLOSE code ``frame-timeout`` (a
+slow-loris peer that dribbles bytes would otherwise hold its buffers forever). The clock is read once per
+socket read, and one timer per connection runs only while a frame is incomplete: nothing per frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -37,6 +43,11 @@ from .channel import Channel
 
 CONTROL_WRITE_HIGH = 1024 * 1024  # output allowed beyond what the open channels' credit can explain
 KEEPALIVE = (10, 5, 3)  # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: a silent dead peer found in ~25 s
+#: The default frame deadline. A maximal frame (4 MiB of data and its descriptor) in 30 s is 1.1 Mbit/s, slower
+#: than any link a VM's disk is usefully served over; and 30 s is Linux's own SCSI command timeout (sd's
+#: default), so a guest request whose frame takes longer has already failed for the guest.
+FRAME_TIMEOUT = 30.0
+FRAME_TIMEOUT_CODE = "frame-timeout"  # the CLOSE code of a connection whose frame did not complete in time
 _DISCARD = bytearray(64 * 1024)
 FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
 BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
@@ -56,7 +67,10 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, write_high: int = CONTROL_WRITE_HIGH,
                  stall_timeout: float = 60.0, max_payload: int = 64 * 1024,
-                 data_window: int = DEFAULT_DATA_WINDOW, log: Any = None) -> None:
+                 data_window: int = DEFAULT_DATA_WINDOW, frame_timeout: float = FRAME_TIMEOUT,
+                 keepalive: tuple[int, int, int] = KEEPALIVE, log: Any = None) -> None:
+        """``frame_timeout``: seconds a frame may take from its first byte to its last; ``keepalive``: TCP
+        keepalive's idle, interval and count (TCP only; see ``set_keepalive``)."""
         self.decoder = FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
         self.channels: dict[int, Channel] = {}
@@ -65,6 +79,10 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.max_payload = max_payload
         self.pfn_bound = NO_PFN_BOUND  # GPA ranges name pages below this (the partition's memory map; docs §7.4)
         self.stall_timeout = stall_timeout
+        self.frame_timeout = frame_timeout
+        self.keepalive = keepalive
+        self._partial_since: float | None = None  # loop time the incomplete frame's first byte came (None: none)
+        self._frame_timer: asyncio.TimerHandle | None = None  # armed only while a frame is incomplete
         self.data_window = data_window  # what we accept in flight per channel (our HELLO says it)
         self.peer_data_window = DEFAULT_DATA_WINDOW  # what the peer accepts (its HELLO says it)
         self._write_high = write_high
@@ -89,11 +107,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            idle, interval, count = KEEPALIVE
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+            set_keepalive(sock, self.keepalive)
 
     # ---- channels ---------------------------------------------------------------------------------------
 
@@ -135,6 +149,13 @@ class FramedConnection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._failed(exc)
             return
+        if self.decoder.buffered:  # a frame is incomplete: it began in this read if this read completed one
+            if frames or self._partial_since is None:
+                self._partial_since = self._loop.time()
+                if self._frame_timer is None:
+                    self._frame_timer = self._loop.call_later(self.frame_timeout, self._frame_deadline)
+        elif self._partial_since is not None:
+            self._partial_since = None  # the timer, when it fires, finds nothing pending and is not re-armed
         backlog = self._backlog
         if backlog:  # earlier frames still wait for their turn: these go behind them
             backlog.extend(frames)
@@ -200,6 +221,28 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._read_holds.discard(why)
         if not self._read_holds and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+            if self._partial_since is not None:  # the time we did not read is not the peer's
+                self._partial_since = self._loop.time()
+
+    def _frame_deadline(self) -> None:
+        """The frame timer: close the connection if its incomplete frame is older than ``frame_timeout``,
+        else wait for that frame's own deadline. While we hold reading, the time is not counted against the
+        peer (``_release_reading`` restarts it; a peer that does not read is ``stall_timeout``'s)."""
+        self._frame_timer = None
+        since = self._partial_since
+        if since is None or self.closing:
+            return
+        now = self._loop.time()
+        if self._read_holds or now - since < self.frame_timeout:
+            due = now + self.frame_timeout if self._read_holds else since + self.frame_timeout
+            self._frame_timer = self._loop.call_at(due, self._frame_deadline)
+            return
+        buffered = self.decoder.buffered
+        # Info, not a warning: one line per connection, that the per-peer log limiter must never hide.
+        self.log.info("frame deadline missed; closing the connection", buffered=buffered,
+                      frame_timeout=self.frame_timeout)
+        self.close(f"frame timeout: {buffered} bytes of a frame came, and not the rest within "
+                   f"{self.frame_timeout:g}s", FRAME_TIMEOUT_CODE)
 
     def eof_received(self) -> bool | None:
         if self.decoder.buffered:
@@ -208,8 +251,9 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
+        for timer in (self._stall_timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
         for ch in list(self.channels.values()):
             ch.close()
         for w in self._drain_waiters:
@@ -217,8 +261,18 @@ class FramedConnection(asyncio.BufferedProtocol):
                 w.set_exception(ConnectionResetError("connection lost"))
         self._drain_waiters.clear()
         if not self.closed_future.done():
-            self.closed_future.set_result(str(exc) if exc else "closed")
+            self.closed_future.set_result(self.loss_reason(exc))
         self.on_connection_lost(exc)
+
+    def loss_reason(self, exc: Exception | None) -> str:
+        """Why the connection went, in words: a kernel timeout is a peer gone silent (no FIN, no RST)."""
+        if exc is None:
+            return "closed"
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            return (f"the peer went silent: TCP had no answer to keepalive probes or acknowledgement of data "
+                    f"for {silence_limit(self.keepalive)}s (keepalive {list(self.keepalive)}): it is gone without "
+                    f"a FIN or RST (a half-open connection), or its receive window stayed shut ({exc})")
+        return str(exc)
 
     def pause_writing(self) -> None:
         """More output waits than credit explains: the peer is not reading. Stop reading it (nothing it
@@ -371,6 +425,42 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.closing = True
         for ch in list(self.channels.values()):
             ch.close()
+
+
+def silence_limit(keepalive: tuple[int, int, int]) -> int:
+    """Seconds of silence after which the kernel gives a TCP connection up: idle + interval * count."""
+    idle, interval, count = keepalive
+    return idle + interval * count
+
+
+KEEPALIVE_MAX = (32767, 32767, 127)  # Linux's limits of TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
+
+
+KEEPALIVE_RULE = ("seconds of silence before the first probe (1-32767), seconds between probes (1-32767) and "
+                  "unanswered probes before the peer is given up (1-127)")
+
+
+def check_keepalive(v: Any) -> tuple[int, int, int]:
+    """A ``keepalive`` setting, ``[idle, interval, count]``, checked; a ValueError says what it must be."""
+    if (not isinstance(v, list | tuple) or len(v) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= top
+                       for x, top in zip(v, KEEPALIVE_MAX, strict=True))):
+        raise ValueError(f"must be [idle, interval, count]: {KEEPALIVE_RULE}, as [10, 5, 3]; not {v!r}")
+    return int(v[0]), int(v[1]), int(v[2])
+
+
+def set_keepalive(sock: socket.socket, keepalive: tuple[int, int, int]) -> None:
+    """TCP keepalive (``keepalive``: idle, interval, count) on ``sock``, and ``TCP_USER_TIMEOUT`` at the same
+    total: keepalive probes only an idle connection, so without it a peer that vanished while our data was on
+    its way (a heartbeat) would be retransmitted to for 15 minutes (``tcp_retries2``). The kernel then also
+    gives up a peer whose receive window stays shut that long (tcp(7)): on TCP that may come before
+    ``stall_timeout``, as the same ``ETIMEDOUT``."""
+    idle, interval, count = keepalive
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, silence_limit(keepalive) * 1000)
 
 
 def _abort_if_open(transport: asyncio.Transport) -> None:
