@@ -5,14 +5,12 @@ child partition with the student's ``split()`` against a real parent."""
 
 from __future__ import annotations
 
-import re
-import sys
-import time
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from labs.harness import Context, Failed, Lab, Proc, Step, parent
+from labs.harness import Context, Failed, Lab, Step, parent
 from vmbus_proto import gpadl as core_gpadl
 from vmbus_proto.errors import LocalProtocolError
 from vmbus_proto.packets import packet_ring_size
@@ -123,36 +121,18 @@ def _first_diff(a: bytes, b: bytes) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-SPLIT_LINE = re.compile(r"lab2 split: relid=\d+ gpadl=(0x[0-9a-f]+)")
-CREATED = re.compile(r"GPADL_CREATED\(10\) child_relid=\d+ gpadl=(0x[0-9a-f]+) creation_status=(0x[0-9a-f]+)")
+def _patched_child() -> Any:
+    spec = importlib.util.spec_from_file_location("_lab2_patched_child", HERE / "patched_child.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def real_parent(ctx: Context) -> None:
     _call_split(ctx.load("gpadl"), 30)  # not written yet: fail here, before starting processes
     with parent(ctx.tmp) as (_, url):
-        child = Proc([sys.executable, str(HERE / "patched_child.py"), str(ctx.code), "run", "--connect", url,
-                      "--name", "lab2", "--no-reconnect", "--trace"], ctx.tmp / "lab2.log")
-        try:
-            deadline = time.monotonic() + 90
-            while True:  # until every device's channel opened (or failed) and every GPADL was answered
-                out = child.output()
-                asked = SPLIT_LINE.findall(out)
-                answered = dict(CREATED.findall(out))
-                failed = {g: s for g, s in answered.items() if s != "0x0"}
-                if failed:
-                    raise Failed(f"the parent refused GPADLs {failed} (GPADL_CREATED with a failure status): "
-                                 "run the child yourself (the handout's step 3) and read its GPADL_HEADER/BODY lines")
-                settled = "all offered channels open" in out or "offered channels open except" in out
-                if settled and asked and all(g in answered for g in asked):
-                    break
-                if child.popen.poll() is not None or time.monotonic() > deadline:
-                    missing = [g for g in asked if g not in answered]
-                    raise Failed(f"the child {'exited' if child.popen.poll() is not None else 'is stuck'}: "
-                                 f"GPADLs {missing} have no GPADL_CREATED; its last lines:\n"
-                                 + "\n".join(out.splitlines()[-8:]))
-                time.sleep(0.05)
-        finally:
-            child.interrupt()
+        asked = _patched_child().check(ctx.code, url, ctx.tmp / "lab2.log")
     if len(asked) < 6:
         raise Failed(f"only {len(asked)} GPADLs went through your split(); the child shares at least six")
 
