@@ -163,7 +163,7 @@ def parent(tmp: Path, *args: str, config: str = "") -> Iterator[tuple[Proc, str]
     proc = Proc(argv, tmp / "parent.log")
     url = f"tcp://127.0.0.1:{port}"
     try:
-        proc.wait_for("parent partition listening")  # probe does not wait for a listener: it would be refused
+        proc.wait_for("parent partition listening")  # a parent that fails to start says why here
         probe = subprocess.run([str(BIN / "child-partition"), "probe", "--connect", url, "--timeout", "60"],
                                check=False, capture_output=True, text=True, timeout=90)
         if probe.returncode != 0:
