@@ -428,7 +428,7 @@ class HostChannel:
 
 # Drops that are a guest exceeding a limit (a strike toward ending its connection), not a protocol slip.
 LIMIT_KINDS = frozenset({DropKind.GPADL_LIMIT, DropKind.GPADL_PAGES_LIMIT, DropKind.MEMORY_BUDGET})
-PFN_BYTES = 8  # what the host holds per GPADL page: its PFN (an array of u64)
+PFN_BYTES = 40  # what the host holds per GPADL page: its PFN, a Python int (32 bytes) in a list (8)
 
 
 @dataclass(slots=True)
