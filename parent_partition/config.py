@@ -79,7 +79,8 @@ class LimitsSettings:
     control_burst: int = setting(5000, check=count())  # ... and at once; past it they are dropped
     strikes: int = setting(16, check=count())  # limit refusals within strike_window that end the connection
     strike_window: float = setting(60.0, check=seconds)
-    memory_budget: int = setting(1 << 30, check=count(4096))  # bytes of GPADL page lists, all partitions
+    memory_budget: int = setting(1 << 30, check=count(4096))  # bytes held for all partitions together
+    partition_bytes: int = setting(64 << 20, check=count(4096))  # bytes held for one partition (limits.py)
     guest_memory: int = setting(4 << 30, check=_pages)  # the most guest memory a partition's HELLO may declare
 
 

@@ -28,7 +28,7 @@ from vmbus_proto.channel import ChannelRings
 from vmbus_proto.envelope import REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
-from vmbus_proto.limits import MemoryBudget, Strikes, TokenBucket
+from vmbus_proto.limits import OUTPUT, MemoryBudget, PartitionBytes, Strikes, TokenBucket
 from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import version_text
 
@@ -41,6 +41,7 @@ from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
 ABUSE = "abuse"  # the CLOSE code of a connection ended for repeated limit violations
+OUTPUT_SAMPLE = 0.05  # seconds between samples of output a partition has not read yet (while there is some)
 
 
 class ConnectionConfig(Protocol):
@@ -106,12 +107,16 @@ class PartitionConnection(FramedConnection):
         self.transport_name = transport_name
         self.connected_at: float | None = None  # wall-clock time of the accepted HELLO
         self.vmbus_connected_at: float | None = None  # of the accepted INITIATE_CONTACT (None while not connected)
-        self.memory = ShadowMemory()
+        lim = cfg.limits
+        # Every byte the parent holds on this partition's behalf, charged to its cap and the parent's budget.
+        self.account = PartitionBytes(lim.partition_bytes, daemon.budget)
+        self.memory = ShadowMemory(account=self.account,
+                                   on_refused=lambda why: self._refused("bytes held for the partition", why))
+        self._output_sample: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # no channel open (shutdown waits for every partition's)
         self.idle.set()
         self._gpadl_maps: dict[int, GpadlMap] = {}  # by relid
         self._subchannels: dict[int, list[int]] = {}  # primary relid -> its sub-channels' relids
-        lim = cfg.limits
         self._control_rate = TokenBucket(lim.control_per_second, lim.control_burst)
         self._strikes = Strikes(lim.strikes, lim.strike_window)
         self.limit_refusals = 0  # requests refused for a [limits] limit
@@ -162,6 +167,9 @@ class PartitionConnection(FramedConnection):
         self.channels.clear()
         if self.core is not None:
             self.core.release()  # its GPADLs' bytes go back to the memory budget
+        if self._output_sample is not None:
+            self._output_sample.cancel()
+        self.account.release()  # and so does all else it held
         self.idle.set()
         if open_now:
             self.daemon.spawn(self._release_devices(open_now))
@@ -268,7 +276,7 @@ class PartitionConnection(FramedConnection):
                                         supported=cfg.vmbus_versions,
                                         limits=core.Limits(max_gpadls=cfg.max_gpadls,
                                                            total_gpadl_pages=cfg.limits.gpadl_pages,
-                                                           budget=self.daemon.budget, pfn_bound=self.pfn_bound))
+                                                           budget=self.account, pfn_bound=self.pfn_bound))
         if self.daemon.emulated:
             self.ports = PartitionPorts(self.partition or "?", self.daemon.emulated, self.send_frame, self.log)
             self.ioport = self.ports.on_frame
@@ -373,6 +381,44 @@ class PartitionConnection(FramedConnection):
             # Info: once per connection, so the per-peer log limiter (warnings) cannot hide it after a flood.
             self.log.info("connection ended for abuse", limit=what, strikes=lim.strikes, window=lim.strike_window)
             self.close(f"abuse: {what} ({lim.strikes} limit refusals within {lim.strike_window:g}s)", ABUSE)
+
+    # ---- output the partition has not read ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        super().flush()
+        self._sample_output()
+
+    def _sample_output(self) -> None:
+        """Charge the output waiting for the partition to read it (the transport's write buffer). Past
+        ``write_high`` (control replies always fit) it may not take the partition past its byte budget or
+        the parent past its memory budget: a partition that does not read is dropped then, not after
+        ``stall_timeout``. While output waits it is sampled again, as the peer reads it."""
+        self._output_sample = None
+        t = self.transport
+        if t is None or self.closing:
+            return
+        n = t.get_write_buffer_size()
+        account = self.account
+        if n != account.by_kind[OUTPUT]:
+            account.set(OUTPUT, n)
+            if n > self._write_high and account.over:
+                self._drop_unread(n)
+                return
+        if n and self._output_sample is None:
+            self._output_sample = self._loop.call_later(OUTPUT_SAMPLE, self._sample_output)
+
+    def _drop_unread(self, waiting: int) -> None:
+        """Output the partition does not read took it past a budget. A CLOSE frame would wait behind that
+        output, so the connection is reset; the reason is in our log."""
+        assert self.transport is not None
+        account, budget = self.account, self.daemon.budget
+        self.limit_refusals += 1
+        self.log.info("connection ended for abuse", limit="bytes held for the partition",
+                      error=f"{waiting} bytes of output not read: {account.refusal(0)}",
+                      partition_bytes=account.used, cap=account.cap, budget_used=budget.used,
+                      budget=budget.capacity)
+        self.closing = True
+        self.transport.abort()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

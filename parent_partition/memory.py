@@ -19,6 +19,7 @@ from typing import Protocol
 
 from vmbus_proto.errors import DeviceProtocolError
 from vmbus_proto.gpadl import Gpadl
+from vmbus_proto.limits import SHADOW, PartitionBytes
 from vmbus_proto.packets import PAGE_SIZE, GpaRange
 
 MAX_SHADOW_BYTES = 64 << 20  # per partition: a netvsc receive buffer (16 MiB) and a VRAM fit
@@ -39,8 +40,13 @@ class ShadowMemory:
     keep more by naming more pages: beyond the limit a write is refused as the guest's protocol error).
     """
 
-    def __init__(self, limit: int = MAX_SHADOW_BYTES) -> None:
+    def __init__(self, limit: int = MAX_SHADOW_BYTES, account: PartitionBytes | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        """``account``: the partition's bytes, charged a page for every page kept (a page past its cap or the
+        parent's budget is refused like one past ``limit``, and ``on_refused`` hears why)."""
         self.limit_pages = limit // PAGE_SIZE
+        self.account = account
+        self.on_refused = on_refused
         self._pages: dict[int, bytearray] = {}
         self._written: dict[int, None] = {}  # pages the host wrote that the guest has not been sent
 
@@ -72,9 +78,12 @@ class ShadowMemory:
 
     def forget(self, pfns: Iterable[int]) -> None:
         """Drop pages (their GPADL was torn down)."""
+        dropped = 0
         for pfn in pfns:
-            self._pages.pop(pfn, None)
+            dropped += self._pages.pop(pfn, None) is not None
             self._written.pop(pfn, None)
+        if self.account is not None and dropped:
+            self.account.give(dropped * PAGE_SIZE, SHADOW)
 
     def _store(self, ranges: Iterable[GpaRange], data: bytes, written: bool) -> None:
         ranges = tuple(ranges)
@@ -89,11 +98,24 @@ class ShadowMemory:
                 if len(self._pages) >= self.limit_pages:
                     raise DeviceProtocolError(f"guest memory shadow limit of {self.limit_pages * PAGE_SIZE} "
                                               f"bytes reached")
+                self._charge_page()
                 page = self._pages[pfn] = bytearray(PAGE_SIZE)
             page[start:end] = view[pos:pos + end - start]
             pos += end - start
             if written:
                 self._written[pfn] = None
+
+
+    def _charge_page(self) -> None:
+        account = self.account
+        if account is None:
+            return
+        if not account.fits(PAGE_SIZE):
+            why = f"guest memory page refused: {account.refusal(PAGE_SIZE)}"
+            if self.on_refused is not None:
+                self.on_refused(why)
+            raise DeviceProtocolError(why)
+        account.take(PAGE_SIZE, SHADOW)
 
 
 def _pieces(ranges: Iterable[GpaRange]) -> Iterator[tuple[int, int, int]]:

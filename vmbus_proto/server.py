@@ -32,7 +32,7 @@ from typing import ClassVar, Generic, TypeVar, assert_never, overload
 from . import messages as m
 from .errors import MessageError
 from .gpadl import Gpadl, GpadlAssembly
-from .limits import MemoryBudget
+from .limits import Budget
 from .messages import STATUS_SUCCESS, STATUS_UNSUCCESSFUL, VP_INDEX_DISABLE_INTERRUPT, ConnectionState, MsgType
 from .pipe import PIPE_TYPE_MESSAGE
 from .ring import ring_data_size
@@ -429,7 +429,7 @@ class HostChannel:
 
 # Drops that are a guest exceeding a limit (a strike toward ending its connection), not a protocol slip.
 LIMIT_KINDS = frozenset({DropKind.GPADL_LIMIT, DropKind.GPADL_PAGES_LIMIT, DropKind.MEMORY_BUDGET})
-PFN_BYTES = 8  # what the host holds per GPADL page: its PFN (an array of u64)
+PFN_BYTES = 40  # what the host holds per GPADL page: its PFN, a Python int (32 bytes) in a list (8)
 
 
 @dataclass(slots=True)
@@ -437,7 +437,7 @@ class Limits:
     max_gpadls: int = 256  # per connection, in progress or complete
     max_gpadl_pages: int = 1 << 18  # 1 GiB of 4 KiB pages in one GPADL
     total_gpadl_pages: int = 1 << 18  # all of a connection's GPADLs together, in progress or complete
-    budget: MemoryBudget | None = None  # parent-wide, shared by every connection
+    budget: Budget | None = None  # parent-wide, or one partition's bytes charged to it (limits.py)
     pfn_bound: int = 1 << 64  # the partition's memory map ends at this page frame (its HELLO ``memory``)
 
 
@@ -449,7 +449,7 @@ class _PageTable(dict[K, V], Generic[K, V]):
     """GPADLs (accepted or in progress) that keep a count of the pages they describe and charge the PFN
     bytes to the memory budget; every way of removing an entry gives them back."""
 
-    def __init__(self, pages_of: Callable[[V], int], budget: MemoryBudget | None) -> None:
+    def __init__(self, pages_of: Callable[[V], int], budget: Budget | None) -> None:
         super().__init__()
         self.pages = 0
         self._pages_of = pages_of
@@ -916,8 +916,7 @@ class HostConnection:
         budget = self.limits.budget
         if budget is not None and not budget.fits(pages * PFN_BYTES):
             self._gpadl_failed(msg, DropKind.MEMORY_BUDGET,
-                               f"GPADL of {pages} pages refused: the parent's memory budget "
-                               f"({budget.used} of {budget.capacity} bytes in use) is spent")
+                               f"GPADL of {pages} pages refused: {budget.refusal(pages * PFN_BYTES)}")
             return
         self._gpadl_progress(asm, msg)
 

@@ -106,9 +106,17 @@ def partition_json(conn: PartitionConnection, detail: bool) -> dict[str, Any]:
                   "connected_since": _when(conn.vmbus_connected_at)},
         "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out, "dropped_messages": conn.dropped_messages,
         "gpadls": len(core.gpadls) if core else 0, "gpadl_pages": core.gpadl_pages if core else 0,
-        "limit_refusals": conn.limit_refusals,
+        "limit_refusals": conn.limit_refusals, "bytes_held": bytes_held(conn),
         "channels": channels if detail else [{k: c[k] for k in ("relid", "device", "state", "sub_channel_index")}
                                              for c in channels]}
+
+
+def bytes_held(conn: PartitionConnection) -> dict[str, int]:
+    """What the parent holds for the partition, charged to ``[limits] partition_bytes`` (``cap``) and the
+    memory budget by kind, and the inline data its channels hold now (bounded by their data windows)."""
+    acc = conn.account
+    return {"total": acc.used, "cap": acc.cap, **acc.by_kind,
+            "inline_data": sum(ch.rings.data_reader.used for ch in conn.channels.values())}
 
 
 def gpadls_json(conn: PartitionConnection) -> list[dict[str, Any]]:

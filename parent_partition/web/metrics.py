@@ -127,7 +127,18 @@ class VmbusCollector(Collector):
                                 "bytes the parent may hold for all partitions together ([limits] memory_budget)",
                                 value=d.budget.capacity)
         yield GaugeMetricFamily("vmbus_memory_budget_used_bytes",
-                                "bytes of the memory budget in use now (GPADL page lists)", value=d.budget.used)
+                                "bytes of the memory budget in use now (all partitions' bytes held)",
+                                value=d.budget.used)
+        labels = ["kind", "partition"] if self.partition_labels else ["kind"]
+        held = GaugeMetricFamily("vmbus_partition_bytes_held", "bytes the parent holds for partitions, by kind "
+                                 "(GPADL page lists, shadow guest pages, output not read yet)", labels=labels)
+        by_kind: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for name, conn in d.partitions.items():
+            for kind, n in conn.account.by_kind.items():
+                by_kind[(kind, name) if self.partition_labels else (kind,)] += n
+        for key, n in sorted(by_kind.items()):
+            held.add_metric(list(key), n)
+        yield held
         yield CounterMetricFamily("vmbus_limit_refusals_total",
                                   "requests refused for a [limits] limit, connected partitions",
                                   value=sum(c.limit_refusals for c in live))

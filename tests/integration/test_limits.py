@@ -14,6 +14,7 @@ import pytest
 
 from vmbus_proto import messages as m
 from vmbus_proto.gpadl import split
+from vmbus_proto.server import PFN_BYTES
 
 from .conftest import FAST_LIMITS, Parent, Proc, bystander_of, child
 from .rawclient import RawClient
@@ -21,8 +22,9 @@ from .test_subchannels import qemu_io
 
 pytestmark = pytest.mark.integration
 
-BIG = 8000  # pages a GPADL claims in its header alone (at most 8190 fit): 64,000 bytes of PFNs held
-BYSTANDER = 61280  # bytes of PFNs the bystander's GPADLs hold (7,660 pages; GET /api/ memory_budget)
+BIG = 8000  # pages a GPADL claims in its header alone (at most 8190 fit)
+BYSTANDER = 7660 * PFN_BYTES  # the PFNs the bystander's GPADLs hold (7,660 pages; GET /api/ memory_budget)
+ROOM = 4340 * PFN_BYTES  # what the budget has left beyond the bystander and one BIG claim
 LIMITS = FAST_LIMITS + f"""
 [limits]
 gpadl_pages = 12000
@@ -30,7 +32,7 @@ control_per_second = 20
 control_burst = 2000
 strikes = 3
 strike_window = 600.0
-memory_budget = {BYSTANDER + BIG * 8 + 34720}
+memory_budget = {BYSTANDER + BIG * PFN_BYTES + ROOM}
 """
 
 
@@ -116,13 +118,13 @@ def test_the_api_and_metrics_show_the_budget_in_use(limited: tuple[Parent, Proc]
     _claim(c, relid, 1, BIG)
     assert _gpadl(c, relid, 2, 8) == 0  # ordered after the claim: it was taken
     budget = json.loads(_get(p, "/api/"))["memory_budget"]
-    assert budget["bytes"] == BYSTANDER + BIG * 8 + 34720
-    assert budget["used_bytes"] >= (BIG + 8) * 8, f"the claimed GPADL is not in the budget in use: {budget}"
+    assert budget["bytes"] == BYSTANDER + BIG * PFN_BYTES + ROOM
+    assert budget["used_bytes"] >= (BIG + 8) * PFN_BYTES, f"the claimed GPADL is not in the budget in use: {budget}"
     view = json.loads(_get(p, "/api/partitions/budget-view"))
     assert view["gpadl_pages"] == BIG + 8, view
     metrics = _get(p, "/metrics")
     used = re.search(r"^vmbus_memory_budget_used_bytes (\S+)$", metrics, re.M)
-    assert used and float(used.group(1)) >= (BIG + 8) * 8, "vmbus_memory_budget_used_bytes missing or too low"
+    assert used and float(used.group(1)) >= (BIG + 8) * PFN_BYTES, "vmbus_memory_budget_used_bytes missing or too low"
     assert re.search(r"^vmbus_memory_budget_bytes ", metrics, re.M), "vmbus_memory_budget_bytes missing"
     mark = p.mark()
     c.close()
