@@ -202,6 +202,9 @@ class TimesyncGuest(IcGuest):
         self.samples: list[TimeSample] = []  # new since the caller last took them
 
     def on_message(self, body: bytearray) -> int | None:
+        """One TIMESYNC body (the answer is the same bytes): decode it in the negotiated layout, work out
+        the host's time now and the offset from ``clock()``, append a TimeSample, return HV_S_OK. A body
+        that does not decode: append why to ``dropped`` and return None (no answer)."""
         try:
             msg = decode_timesync(bytes(body), self.service_version or 0)
         except DeviceProtocolError as exc:
@@ -219,6 +222,7 @@ class VscHandshake(IcVscHandshake[TimesyncGuest]):
     """The guest's IC NEGOTIATE; its ``guest`` then answers every TIMESYNC."""
 
     def __init__(self, fw_versions: Sequence[int] = UTIL_FW_VERSIONS, versions: Sequence[int] = TS_VERSIONS) -> None:
+        """A TimesyncGuest with these versions, handed to ``IcVscHandshake``."""
         super().__init__(TimesyncGuest(fw_versions, versions))
 
 
@@ -227,6 +231,7 @@ class VspHandshake(IcHostNegotiation):
 
     def __init__(self, versions: Iterable[int] = HOST_VERSIONS,
                  framework_versions: Iterable[int] = FRAMEWORK_VERSIONS_HOST) -> None:
+        """``IcHostNegotiation`` for the service named "timesync"."""
         super().__init__("timesync", versions, framework_versions)
 
 
@@ -241,12 +246,12 @@ class TimesyncHost:
 
     ``clock()`` is the host's wall clock in 100 ns ticks since 1601, ``ref_clock()`` the reference counter."""
 
-    def __init__(self, interval: float = 5.0, clock: Callable[[], int] = host_clock(),
+    def __init__(self, interval: float = 5.0, clock: Callable[[], int] | None = None,
                  ref_clock: Callable[[], int] = reference_time, versions: Iterable[int] = HOST_VERSIONS) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.negotiation = VspHandshake(versions)
-        self.interval, self.clock, self.ref_clock = interval, clock, ref_clock
+        self.interval, self.clock, self.ref_clock = interval, clock or host_clock(), ref_clock
         self.outstanding: int | None = None  # the flags of the message in flight
         self.sent_at = 0.0
         self.round_trip: float | None = None  # seconds, the last answer's
@@ -275,6 +280,8 @@ class TimesyncHost:
         return self._timer
 
     def handle_timer(self, now: float) -> list[Outgoing]:
+        """The timer ran out (``now`` >= ``get_timer()``): the next SAMPLE, or nothing (and count it in
+        ``skipped``) while the last message is unanswered. Before the timer is due: nothing."""
         if self._timer is None or now < self._timer:
             return []
         if self.outstanding is not None:
@@ -284,6 +291,10 @@ class TimesyncHost:
         return self._send(TimesyncFlag.SAMPLE, now)
 
     def receive(self, packet: Incoming, now: float) -> list[Outgoing]:
+        """One packet from the guest. While negotiating it goes to ``negotiation`` (a guest that refuses every
+        version is a DeviceProtocolError); once negotiated, send the SYNC (``_send``). After that it must
+        answer the message in flight (``parse_response``: a TIMESYNC, status S_OK): keep its round trip
+        and record ``(flags, round trip)`` for ``answers()``; anything else is a DeviceProtocolError."""
         if not self.running:
             self.negotiation.receive(packet)
             if self.negotiation.failed is not None:
@@ -303,7 +314,9 @@ class TimesyncHost:
         return []
 
     def message(self, flags: int) -> TimesyncMessage:
-        """The message the host sends now, in the negotiated layout."""
+        """The message the host sends now, in the negotiated layout: after 3.0 a TimesyncRefData with the
+        host's clock and the reference counter; else a TimesyncData with the clock and the last round trip
+        in 100 ns ticks."""
         if (self.version or 0) > TS_VERSION_3:
             return TimesyncRefData(self.clock(), self.ref_clock(), flags)
         rtt = round((self.round_trip or 0.0) * TICKS_PER_SECOND)

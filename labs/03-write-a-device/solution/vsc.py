@@ -21,6 +21,9 @@ class TimesyncVsc(HandshakeVsc):
     offset: float | None = None  # host clock minus guest clock, seconds, from the last message
 
     async def run(self, channel: Channel) -> None:
+        """After the handshake: answer every packet with ``self.hs.guest`` (send the answer back, if any),
+        log each reason it dropped one as a warning ("timesync packet dropped"), and for each new sample
+        set ``offset`` and log "time sync" or "time sample" with ``offset=`` in seconds."""
         assert isinstance(self.hs, timesync.VscHandshake)
         guest = self.hs.guest
         while True:

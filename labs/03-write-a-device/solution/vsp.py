@@ -46,6 +46,10 @@ class TimesyncVsp(Vsp):
         return cls(settings.interval, settings.offset)
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
+        """One open channel: run a TimesyncHost (its clock ``host_clock(self.offset)``) until the channel
+        closes. Send what it returns; wait for a packet until its timer (``asyncio.timeout_at``); a timeout
+        goes to ``handle_timer``, a packet to ``receive``. Log "device protocol negotiated" once it runs,
+        and a line per answer ("time sync answered" / "time sample answered")."""
         loop = asyncio.get_running_loop()
         host = timesync.TimesyncHost(self.interval, timesync.host_clock(self.offset))
         trace = HandshakeTrace(timesync.describe) if res.trace else None
