@@ -19,17 +19,19 @@ from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
 from vmbus_proto.aio.keyfile import secret_file_arg
 from vmbus_proto.aio.transport import KEEPALIVE, KEEPALIVE_RULE, check_keepalive
+from vmbus_proto.devices.plugins import PluginError
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
 from vmbus_proto.versions import GUEST_ORDER, guest_order
 
+from .devices import load_vsc_plugin
 from .devices.network.nic import Nic, NicError
 from .devices.network.service import NetworkService, interface_arg
 from .load.args import number as _number
 from .runner import ChildPartition
 from .services import guest_services
-from .vsc import GuestServiceError
+from .vsc import GuestServiceError, Vsc
 
 if TYPE_CHECKING:
     from .devices.network.ping import NicFactory
@@ -88,6 +90,13 @@ def default_name() -> str | None:
             if text:
                 return _name(text)
     return None
+
+
+def _plugin(ref: str) -> type[Vsc]:
+    try:
+        return load_vsc_plugin(ref)
+    except PluginError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _max_version(text: str) -> list[int]:
@@ -182,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="least severe level logged")
     run.add_argument("--json-logs", action="store_true", help=JSON_LOGS_HELP)
+    run.add_argument("--device-plugin", dest="plugins", action="append", default=[], metavar="FILE.py:CLASS",
+                     type=_plugin, help="also bind this VSC class (a Vsc subclass in a Python file, or "
+                                        "package.module:Class) to its device's offers; may repeat")
     for service in guest_services():  # each guest service adds its own options (storage: --nbd, --no-console)
         service.add_arguments(run)
     _add_ping(sub)
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
 
 
 _RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
-             "log_level", "json_logs", "keepalive"}
+             "log_level", "json_logs", "keepalive", "plugins"}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -235,7 +247,7 @@ async def _run(args: argparse.Namespace) -> int:
     child = ChildPartition(args.connect, args.name, trace=args.trace,
                            versions=args.vmbus_version or args.vmbus_max_version,
                            reconnect=not args.no_reconnect, secret=args.secret, keepalive=args.keepalive,
-                           **options)
+                           plugins=args.plugins, **options)
     try:
         status = await child.run(stop)
     except GuestServiceError as exc:

@@ -23,6 +23,8 @@ import os
 import random
 import socket
 import stat
+import uuid
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from vmbus_proto import messages as m
@@ -84,10 +86,12 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
                  versions: list[int] | None = None, reconnect: bool = True, log: Any = None,
-                 secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE, **options: Any) -> None:
+                 secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE,
+                 plugins: Sequence[type[Vsc]] = (), **options: Any) -> None:
         """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at);
         ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1);
-        ``keepalive`` TCP keepalive's idle, interval and count: a parent gone silent is left after their sum."""
+        ``keepalive`` TCP keepalive's idle, interval and count: a parent gone silent is left after their sum;
+        ``plugins`` more drivers (``--device-plugin``), bound by their spec's class GUID like the registry's."""
         self.url = url
         self.name = name
         self.secret = secret
@@ -103,7 +107,10 @@ class ChildPartition:
         self.ready = asyncio.Event()
         self.sessions = 0
         ctx = GuestContext(name, self.log, options, self)
-        self.services: dict[type[GuestService], GuestService] = {cls: cls(ctx) for cls in guest_services()}
+        self.drivers: dict[uuid.UUID, type[Vsc]] = {**vsc_classes(), **{p.spec.class_id: p for p in plugins}}
+        extra = [p.Service for p in plugins if p.Service is not None]
+        self.services: dict[type[GuestService], GuestService] = {
+            cls: cls(ctx) for cls in dict.fromkeys([*guest_services(), *extra])}
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
         self.failure: str | None = None  # why run() gave up, in one line
@@ -245,7 +252,7 @@ class ChildPartition:
         if offer.sub_channel_index:
             await self._attach_subchannel(offer)
             return
-        cls = vsc_classes().get(offer.if_type)
+        cls = self.drivers.get(offer.if_type)
         if cls is None:
             self.log.info("no driver for offer", relid=offer.child_relid, class_id=str(offer.if_type))
             return

@@ -22,8 +22,9 @@ from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import HOST_SUPPORTED
 
 from .auth import AuthSettings
-from .devices import vsp_classes
+from .devices import load_vsp_plugin, vsp_classes
 from .settings import ConfigError, count, describe, flag, parse_section, seconds, setting, text
+from .vsp import Vsp
 from .web.settings import HttpSettings
 
 __all__ = ["Config", "ConfigError", "LimitsSettings"]
@@ -52,6 +53,14 @@ def _versions(v: Any) -> list[int]:
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
         raise ValueError(f'must be a non-empty list of version strings, as in ["6.0", "5.3"], not {v!r}')
     return [vmbus_version(x) for x in v]
+
+
+def _plugins(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f'must be a list of device plug-ins, as in ["lab/vsp.py:TimesyncVsp"], not {v!r}')
+    for ref in v:
+        load_vsp_plugin(ref)  # a PluginError is a ValueError: the file, the key and why
+    return v
 
 
 def _pages(v: Any) -> int:
@@ -102,6 +111,7 @@ class Config:
     channel_data_window: int = setting(DEFAULT_DATA_WINDOW, check=_data_window)  # inline data per channel in flight
     max_gpadls: int = setting(256, check=count())
     max_partitions: int = setting(4096, check=count())
+    device_plugins: list[str] = setting(check=_plugins, factory=list)  # more devices: "file.py:VspClass"
     devices: dict[str, bool] = field(default_factory=lambda: {**{e.name: e.enabled for e in REGISTRY},
                                                               **{e.name: e.enabled for e in EMULATED}})
     http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
@@ -110,6 +120,7 @@ class Config:
     sections: dict[str, Any] = field(default_factory=lambda: {n: c.Settings() for n, c in vsp_classes().items()
                                                               if dataclasses.fields(c.Settings)})
     source: str | None = None  # the TOML file these settings came from
+    plugins: dict[str, type[Vsp]] = field(default_factory=dict)  # device_plugins' VSPs, by device name
 
     @classmethod
     def load(cls, path: str | None) -> Config:
@@ -130,13 +141,14 @@ class Config:
             lines = raw_text.count("\n") + 1
             why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
+        cfg.apply(raw.get("parent", {}), source=path)
+        cfg.add_plugins(path)  # before the sections: a plug-in device may have one
         known = ["parent", "devices", "http", "auth", "limits", *cfg.sections]
         for section in sorted(set(raw) - set(known)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(known)}")
         for section in known:
             if not isinstance(raw.get(section, {}), dict):
                 raise ConfigError(f"{path}: {section} must be a table ([{section}])")
-        cfg.apply(raw.get("parent", {}), source=path)
         parse_section(HttpSettings, raw.get("http", {}), "[http]", path, obj=cfg.http)
         cfg.http.explicit = "listen" in raw.get("http", {})
         cfg.http.load_token(f"{path}: [http] token_file")
@@ -158,10 +170,26 @@ class Config:
         """Set ``[parent]`` keys, each checked (``source`` names the file in errors)."""
         parse_section(Config, values, "[parent]", source, obj=self)
 
+    def add_plugins(self, source: str) -> None:
+        """Offer the ``device_plugins`` devices too, each with its own section if its VSP has settings."""
+        for ref in self.device_plugins:
+            cls = load_vsp_plugin(ref)
+            name = cls.spec.name
+            if self.plugins.get(name, cls) is not cls:
+                raise ConfigError(f"{source}: [parent] device_plugins: two plug-ins are named {name!r}")
+            self.plugins[name] = cls
+            self.devices.setdefault(name, True)
+            if dataclasses.fields(cls.Settings):
+                self.sections.setdefault(name, cls.Settings())
+
+    def vsp_classes(self) -> dict[str, type[Vsp]]:
+        """The VSP of every device this configuration knows: the registry's, then the plug-ins'."""
+        return {**vsp_classes(), **self.plugins}
+
     def section(self, device: str) -> Any:
         """The settings of ``device`` (its ``[<device>]`` section, or its defaults; a device with nothing to
         configure has no section)."""
-        return self.sections.get(device) or vsp_classes()[device].Settings()
+        return self.sections.get(device) or self.vsp_classes()[device].Settings()
 
     @property
     def data_path(self) -> Path:

@@ -24,7 +24,6 @@ from vmbus_proto.limits import MemoryBudget
 from .config import Config, ConfigError
 from .connection import PartitionConnection
 from .counters import Totals
-from .devices import vsp_classes
 from .gc_policy import GcPolicy
 from .ioports import EmulatedDevice
 from .vsp import HostContext, Vsp
@@ -41,7 +40,8 @@ def host_context(config: Config) -> HostContext:
 def build_vsps(config: Config) -> list[Vsp]:
     """The VSPs this parent offers, in registry order, each made from its configuration section."""
     host = host_context(config)
-    return [cls.create(config.section(name), host) for name, cls in vsp_classes().items() if config.devices[name]]
+    return [cls.create(config.section(name), host) for name, cls in config.vsp_classes().items()
+            if config.devices[name]]
 
 
 def build_emulated(config: Config, vsps: list[Vsp]) -> list[EmulatedDevice]:
@@ -220,6 +220,6 @@ def check_paths(config: Config) -> None:
     if not os.access(data, os.W_OK | os.X_OK):
         raise ConfigError(f"data directory {data}: not writable by this user; choose another --data-dir")
     host = host_context(config)
-    for name, cls in vsp_classes().items():
+    for name, cls in config.vsp_classes().items():
         if config.devices[name]:
             cls.check(config.section(name), host)

@@ -20,6 +20,7 @@ import enum
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ...errors import DeviceProtocolError, LocalProtocolError
 from ...packets import PacketType
@@ -40,6 +41,7 @@ __all__ = [
     "IcHeader",
     "IcHostNegotiation",
     "IcMessageType",
+    "IcVscHandshake",
     "Negotiate",
     "describe_ic",
     "pack_ic",
@@ -269,6 +271,41 @@ class IcGuest:
     def on_message(self, body: bytearray) -> int | None:
         """Handle the service's own message in place; the status to answer with, or None to drop it."""
         raise NotImplementedError
+
+
+G = TypeVar("G", bound=IcGuest)
+
+
+class IcVscHandshake(Handshake, Generic[G]):
+    """The guest's side of an IC NEGOTIATE, for any IC service: nothing to send first; ``guest`` answers what
+    the host sends (as hv_util answers any packet) and the handshake is done once a NEGOTIATE found versions
+    both sides know. The same ``guest`` then answers the service's messages."""
+
+    def __init__(self, guest: G) -> None:
+        self.guest = guest
+        self.negotiated_version = None
+        self._failed: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.guest.negotiated
+
+    @property
+    def failed(self) -> str | None:
+        return self._failed
+
+    def start(self) -> list[Outgoing]:
+        return []
+
+    def receive(self, packet: Incoming) -> list[Outgoing]:
+        out = self.guest.answer(packet)
+        if self.guest.negotiated:
+            self.negotiated_version = self.guest.service_version
+        elif out is not None and IcHeader.unpack(out.payload[PIPE_HEADER.size:]).message_type == \
+                IcMessageType.NEGOTIATE:
+            offered = ", ".join(map(version_text, self.guest.service_versions))
+            self._failed = f"host offered none of the {self.guest.name} versions this guest knows ({offered})"
+        return [out] if out is not None else []
 
 
 # ---- the host: OpenVMM IcPipe::negotiate ------------------------------------------------------------------

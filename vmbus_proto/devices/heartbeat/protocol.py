@@ -30,7 +30,7 @@ from ... import guids
 from ...errors import DeviceProtocolError
 from ...packets import PacketType
 from ...ring import vmbus_ring_size
-from ..base import DeviceSpec, Handshake, Incoming, Outgoing, major_minor_text
+from ..base import DeviceSpec, Incoming, Outgoing, major_minor_text
 from .ic import (
     FRAMEWORK_VERSIONS_HOST,
     HV_S_OK,
@@ -40,6 +40,7 @@ from .ic import (
     IcHeader,
     IcHostNegotiation,
     IcMessageType,
+    IcVscHandshake,
     describe_ic,
     pack_ic,
     parse_response,
@@ -156,40 +157,13 @@ class HeartbeatGuest(IcGuest):
         return HV_S_OK
 
 
-class VscHandshake(Handshake):
-    """The guest's side of the IC NEGOTIATE: nothing to send first; answers what the host sends (as hv_util
-    answers any packet) and is done once a NEGOTIATE found versions both sides know. The same ``guest`` then
-    answers every heartbeat."""
+class VscHandshake(IcVscHandshake[HeartbeatGuest]):
+    """The guest's side of the IC NEGOTIATE (``ic.IcVscHandshake``); the same ``guest`` then answers every
+    heartbeat."""
 
     def __init__(self, fw_versions: Sequence[int] = UTIL_FW_VERSIONS,
                  versions: Sequence[int] = HB_VERSIONS) -> None:
-        self.guest = HeartbeatGuest(fw_versions, versions)
-        self.negotiated_version = None
-        self._failed: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.guest.negotiated
-
-    @property
-    def failed(self) -> str | None:
-        return self._failed
-
-    def start(self) -> list[Outgoing]:
-        return []
-
-    def receive(self, packet: Incoming) -> list[Outgoing]:
-        out = self.guest.answer(packet)
-        if self.guest.negotiated:
-            self.negotiated_version = self.guest.service_version
-        elif out is not None and _is_negotiate(out.payload):
-            offered = ", ".join(map(version_text, self.guest.service_versions))
-            self._failed = f"host offered none of the heartbeat versions this guest knows ({offered})"
-        return [out] if out is not None else []
-
-
-def _is_negotiate(payload: bytes) -> bool:
-    return IcHeader.unpack(payload[8:]).message_type == IcMessageType.NEGOTIATE
+        super().__init__(HeartbeatGuest(fw_versions, versions))
 
 
 class VspHandshake(IcHostNegotiation):

@@ -1,0 +1,28 @@
+"""Tier 3: a device plug-in between a real parent and a real child: the parent's config names the VSP file,
+the child's --device-plugin the VSC file, and the device is offered, opened and served like a built-in one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.device_plugin_files import write_plugin
+
+from .conftest import Parent, child
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_plugin_device_is_offered_opened_and_served(workdir: Path) -> None:
+    vsp_ref, vsc_ref = write_plugin(workdir / "beat2")
+    p = Parent(workdir / "parent", f'[parent]\ndevice_plugins = ["{vsp_ref}"]\n[beat2]\ninterval = 0.2\n')
+    try:
+        vm = child(workdir, p.tcp, "vm1", "--device-plugin", vsc_ref)
+        ready = vm.wait_event("all offered channels open")
+        assert ready["versions"].get("beat2") == "3.0", ready
+        p.wait_event("device protocol negotiated", partition="vm1", device="beat2", version="3.0")
+        p.wait_event("heartbeat started", partition="vm1", device="beat2")
+        assert vm.stop() == 0
+    finally:
+        p.stop()
