@@ -28,7 +28,7 @@ from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).absolute().parent.parent  # not resolve(): a checkout of symlinks is graded as itself
 LABS = REPO / "labs"
 BIN = Path(sys.executable).parent  # the venv's scripts: parent-partition, child-partition
 

@@ -5,8 +5,9 @@ The convention (labs/README.md, "Writing a lab"): fenced blocks tagged ``sh`` ar
 (``\\`` continues a line); other blocks (``console``, ``text``, ``mermaid``) are not run. A block whose first
 line is ``# terminal N ...`` runs its commands in the background, each in its own session, for the rest of
 the handout; at the end each gets Ctrl-C and must exit 0. Any other command must exit 0, or the status its
-trailing ``# exits N`` comment states. Commands run in a scratch directory of symlinks to the repository's
-top-level entries (so ``./var`` and ``./run`` are the test's own) with the venv's ``bin`` first on PATH.
+``# exits N`` comment states. Commands run in a scratch directory of symlinks to the repository's
+top-level entries (so ``./var`` and ``./run`` are the test's own) with the venv's ``bin`` first on PATH, as a
+student who has done the lab runs them: there, each lab's ``starter/`` is its ``solution/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
-EXITS = re.compile(r"#\s*exits\s+(\d+)\s*$")
+EXITS = re.compile(r"#\s*exits\s+(\d+)\b")
 TERMINAL = re.compile(r"^#\s*terminal\s+\d+", re.I)
 COMMAND_TIMEOUT = 300.0
 
@@ -61,8 +62,17 @@ def scratch(tmp: Path) -> Path:
     work = tmp / "checkout"
     work.mkdir()
     for entry in REPO.iterdir():
-        if entry.name not in {"var", "run", ".git"}:
+        if entry.name not in {"var", "run", ".git", "labs"}:
             (work / entry.name).symlink_to(entry)
+    for entry in (REPO / "labs").iterdir():
+        target = work / "labs" / entry.name
+        target.parent.mkdir(exist_ok=True)
+        if entry.is_dir() and (entry / "solution").is_dir():
+            target.mkdir()
+            for part in entry.iterdir():
+                (target / part.name).symlink_to(entry / ("solution" if part.name == "starter" else part.name))
+        else:
+            target.symlink_to(entry)
     return work
 
 
