@@ -268,6 +268,12 @@ class ChildPartition:
                 raise  # the connection went, not the device
             await self._drop_device(vsc, str(exc) or type(exc).__name__)
             return
+        except Exception as exc:  # a driver's bug costs its device, as a Linux driver whose probe oopses
+            if bus.closing:
+                raise
+            vsc.log.error("device driver raised during attach", exc_info=True)
+            await self._drop_device(vsc, f"{type(exc).__name__}: {exc}")
+            return
         vsc.log.info("device ready", version=vsc.spec.version_text(vsc.version) if vsc.version is not None else None)
         if cls.Service is not None:
             await self.services[cls.Service].on_ready(vsc)

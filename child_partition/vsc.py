@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -120,8 +119,13 @@ class Vsc:
         self._reader = asyncio.get_running_loop().create_task(self._run(self.channel))
 
     async def _run(self, channel: Channel) -> None:
-        with contextlib.suppress(ChannelClosed):
+        try:
             await self.run(channel)
+        except ChannelClosed:
+            pass
+        except Exception as exc:  # a driver's bug (a plug-in's, say) stops its device, never the partition
+            self.log.error("device driver failed; the device has stopped", error=f"{type(exc).__name__}: {exc}",
+                           exc_info=True)
 
     async def handshake(self, channel: Channel) -> None:
         pass

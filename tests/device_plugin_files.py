@@ -23,10 +23,25 @@ class Beat2Vsc(HeartbeatVsc):
     spec = spec.SPEC
 '''
 
+#: Drivers with a bug: one raises in its handshake, one in its steady state (after the handshake).
+BROKEN_VSC = '''
+from child_partition.devices.heartbeat.vsc import HeartbeatVsc
+from . import spec
+class BrokenHandshakeVsc(HeartbeatVsc):
+    spec = spec.SPEC
+    async def handshake(self, channel):
+        raise RuntimeError("a bug in the handshake")
+class BrokenRunVsc(HeartbeatVsc):
+    spec = spec.SPEC
+    async def run(self, channel):
+        await channel.recv()
+        raise RuntimeError("a bug in the steady state")
+'''
+
 
 def write_plugin(folder: Path) -> tuple[str, str]:
     """The plug-in's files in ``folder``; its VSP and VSC references."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("spec", SPEC), ("vsp", VSP), ("vsc", VSC)):
+    for name, text in (("spec", SPEC), ("vsp", VSP), ("vsc", VSC), ("broken", BROKEN_VSC)):
         (folder / f"{name}.py").write_text(text)
     return f"{folder / 'vsp.py'}:Beat2Vsp", f"{folder / 'vsc.py'}:Beat2Vsc"

@@ -26,3 +26,20 @@ def test_a_plugin_device_is_offered_opened_and_served(workdir: Path) -> None:
         assert vm.stop() == 0
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize(("cls", "event"), [("BrokenHandshakeVsc", "device driver raised during attach"),
+                                             ("BrokenRunVsc", "device driver failed; the device has stopped")])
+def test_a_drivers_bug_costs_its_device_not_the_partition(workdir: Path, cls: str, event: str) -> None:
+    vsp_ref, _ = write_plugin(workdir / "beat2")
+    p = Parent(workdir / "parent", f'[parent]\ndevice_plugins = ["{vsp_ref}"]\n[beat2]\ninterval = 0.2\n')
+    try:
+        vm = child(workdir, p.tcp, "vm1", "--device-plugin", f"{workdir / 'beat2' / 'broken.py'}:{cls}")
+        failed = vm.wait_event(event)
+        assert "RuntimeError: a bug in the" in failed.get("exception", "") + failed.get("error", ""), failed
+        vm.wait_event("device ready", device="storage")  # the other devices carry on
+        vm.wait_event("device ready", device="network")
+        assert vm.proc.poll() is None, "the partition ended with its driver"
+        assert vm.stop() == 0
+    finally:
+        p.stop()
