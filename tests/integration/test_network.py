@@ -67,7 +67,7 @@ def test_run_ping_logs_each_reply_and_loss_and_the_parent_logs_the_switch_ports(
         assert off["port_rx_frames"] >= reply["sent"] and off["port_tx_frames"] >= reply["received"], off
         drops = {k: v for k, v in off.items() if k.startswith("port_dropped_")}
         assert set(drops) == {f"port_dropped_{r}" for r in ("queue_full", "too_big", "oversize", "runt",
-                                                             "bad_source")}, drops
+                                                             "bad_source", "mac_spoofed")}, drops
         assert not any(drops.values()), f"the switch dropped vm1's frames: {drops}"
         assert vm2.stop(signal.SIGINT) == 0, "vm2 did not unload cleanly while pinging"
         assert not parent.complaints(), "the parent complained"

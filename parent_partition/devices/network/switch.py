@@ -100,7 +100,8 @@ class PortCounters:
     tx_frames: int = 0
     tx_bytes: int = 0
     rx_flooded: int = 0  # of rx_frames, those sent to every other port (broadcast, multicast, unknown unicast)
-    # Ingress: runt (< 14 bytes), oversize (over the MTU / the port's max_frame), bad_source (multicast source).
+    # Ingress: runt (< 14 bytes), oversize (over the MTU / the port's max_frame), bad_source (multicast source),
+    # mac_spoofed (a source MAC not the port's NIC's, unless [network] mac_spoofing).
     # Egress: queue_full (the owner is not taking frames), too_big (over the receiving port's max_frame).
     drops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
@@ -126,7 +127,7 @@ def counters_dict(c: PortCounters | SwitchCounters) -> dict[str, object]:
 
 
 #: Every reason a port's frames are dropped: where each is counted is in :class:`PortCounters`.
-DROP_REASONS = ("queue_full", "too_big", "oversize", "runt", "bad_source")
+DROP_REASONS = ("queue_full", "too_big", "oversize", "runt", "bad_source", "mac_spoofed")
 
 
 def port_fields(c: PortCounters) -> dict[str, int]:
