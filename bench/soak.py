@@ -7,7 +7,8 @@ One real ``parent-partition serve`` daemon, and as child processes of this scrip
 * journaling writers (``bench/soak_writer.py``): storage writes whose content derives from (partition, LBA,
   generation), each recorded as acknowledged only after its SYNCHRONIZE CACHE completed;
 * ``child-partition run`` VMs: every device open, the text console drawing on the framebuffer, each pinging
-  the next VM through the virtual switch; they reconnect by themselves;
+  the next VM through the virtual switch and writing, flushing and reading back a block a second
+  (``--disk-writes``); they reconnect by themselves;
 * ``child-partition load`` processes: video frames (SYNTHVID), input events through the JSON API (the parent
   injects them into the partitions' keyboard and mouse), and churn (partitions coming and going).
 
@@ -100,8 +101,9 @@ class Child:
         self.starts += 1
         log = self.logdir / f"{self.key}.{self.starts}.log"
         self.logs.append(log)
+        argv = [a.replace("{start}", str(self.starts)) for a in self.argv]
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+            self.proc = subprocess.Popen(argv, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
 
     def holds(self, name: str) -> bool:
@@ -200,14 +202,14 @@ class Soak:
             out.append(Child(f"vm-{i}", "vm", [
                 py, "-m", "child_partition", "run", "--connect", sock, "--name", f"vm-{i}", "--json-logs",
                 "--address", f"10.77.0.{i + 1}/24", "--ping", f"10.77.0.{(i + 1) % vms + 1}",
-                "--ping-interval", "0.5"], self.logdir))
+                "--ping-interval", "0.5", "--disk-writes", "1"], self.logdir))
         for workload, n, extra in (("video", video, ["--rate", "10", "--frame", "rects", "--rects", "4"]),
                                    ("input", inputs, ["--rate", "10", "--events", "mixed"]),
                                    ("churn", 1, ["--rate", "1", "--data-dir", str(self.parent_dir / "var")])):
             out.append(Child(workload, "load", [
                 py, "-m", "child_partition", "load", workload, "--connect", sock, "--http", self.http,
                 "--partitions", str(n), "--processes", "1", "--warmup", "0", "--runtime", "86400", "--quiet",
-                "--name-prefix", "soak-", "--json", str(self.workdir / f"{workload}.json"), *extra],
+                "--name-prefix", "soak-", "--json", str(self.logdir / f"{workload}.{{start}}.json"), *extra],
                 self.logdir))
         return out
 
@@ -419,6 +421,9 @@ class Soak:
         failures += written["lost"][:20]
         if written["acknowledged_writes"] == 0:
             failures.append("no write was acknowledged: the writers never ran")
+        differs = [f"{c.key}: a disk write read back differs (log: {c.logs})" for c in self.children
+                   if c.kind == "vm" and c.events("disk write read back differs")]
+        failures += differs
         errors = self.parent_errors()
         failures += [f"the parent logged an error: {e}" for e in errors[:5]]
         leaks["final_parent_soak_seconds"] = round(final_parent, 1)
@@ -440,11 +445,8 @@ class Soak:
         writers = [c for c in self.children if c.kind == "writer"]
         sessions = sum(c.events("all offered channels open") for c in vms) + \
             sum(c.events("writing") for c in writers)
-        loads = {}
-        for c in self.children:
-            if c.kind == "load" and (path := self.workdir / f"{c.key}.json").exists():
-                with contextlib.suppress(ValueError):
-                    loads[c.key] = _load_summary(json.loads(path.read_text()))
+        loads = {c.key: _load_summary(sorted(self.logdir.glob(f"{c.key}.*.json"))) for c in self.children
+                 if c.kind == "load"}
         return {
             "seed": self.seed, "partitions": self.partitions, "processes": len(self.children),
             "seconds": round(soaked, 1), "wall_seconds": round(total, 1),
@@ -456,17 +458,24 @@ class Soak:
             "reconnects": sessions - sum(c.starts for c in vms + writers),
             "pings": {"replies": sum(c.events("ping reply") for c in vms),
                       "lost": sum(c.events("ping lost") for c in vms)},
+            "vm_disk_writes": {"verified": sum(c.events("disk write") for c in vms),
+                               "failed": sum(c.events("disk write failed") for c in vms),
+                               "read_back_differs": sum(c.events("disk write read back differs") for c in vms)},
             "load": loads, "writes": written, "leaks": leaks, "parent_errors": errors[:20],
             "failures": failures, "passed": not failures,
         }
 
 
-def _load_summary(doc: dict[str, Any]) -> dict[str, Any]:
-    """The operations and errors of a load client's last run (its JSON, written when it was stopped)."""
-    out: dict[str, Any] = {}
-    for key, section in doc.get("workloads", {}).items():
-        ops = section.get("ops", {})
-        out[key] = {name: {"ops": d.get("ops"), "errors": d.get("errors")} for name, d in ops.items()}
+def _load_summary(paths: list[Path]) -> dict[str, dict[str, int]]:
+    """A load client's operations and errors by name, over its runs that reported (a kill -9 leaves no JSON)."""
+    out: dict[str, dict[str, int]] = {}
+    for path in paths:
+        with contextlib.suppress(ValueError, OSError):
+            for section in json.loads(path.read_text()).get("workloads", {}).values():
+                for name, d in section.get("ops", {}).items():
+                    mine = out.setdefault(name, {"ops": 0, "errors": 0})
+                    mine["ops"] += int(d.get("ops") or 0)
+                    mine["errors"] += int(d.get("errors") or 0)
     return out
 
 
