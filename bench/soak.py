@@ -125,12 +125,20 @@ class Child:
         needle = f'"event": "{event}"'
         return sum(p.read_text(errors="replace").count(needle) for p in self.logs if p.exists())
 
-    def stop(self) -> int:
-        """SIGCONT and the child's graceful signal, then SIGKILL if it overstays; its exit code."""
-        if self.proc is None:
-            return 0
+    def ask_to_stop(self) -> None:
+        """SIGCONT, then the child's graceful signal (``child-partition run`` unloads on SIGINT)."""
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGINT if self.kind == "vm" else signal.SIGTERM)
+
+    def sessions_after_the_first(self, event: str) -> int:
+        """Sessions this child's processes opened beyond each one's first: the reconnects it made by itself."""
+        needle = f'"event": "{event}"'
+        return sum(max(0, p.read_text(errors="replace").count(needle) - 1) for p in self.logs if p.exists())
+
+    def stop(self) -> int:
+        """Its exit code after ``ask_to_stop``; SIGKILL if it overstays."""
+        if self.proc is None:
+            return 0
         try:
             code = self.proc.wait(STOP_WAIT)
         except subprocess.TimeoutExpired:
@@ -167,11 +175,12 @@ def wait_for(pred: Callable[[], bool], what: str, timeout: float = WAIT) -> None
 
 class Soak:
     def __init__(self, workdir: Path, seconds: float, partitions: int, seed: int, parent_restarts: int = 1,
-                 pauses: bool = True, warmup: float = 5.0, log: Callable[[str], None] = print) -> None:
+                 pauses: bool = True, warmup: float = 5.0, log: Callable[[str], None] | None = None) -> None:
         if partitions < 8:
             raise ValueError("--partitions: at least 8 (writers, VMs, video, input and churn)")
         self.workdir, self.seconds, self.partitions, self.seed = workdir, seconds, partitions, seed
-        self.parent_restarts, self.pauses, self.warmup, self.say = parent_restarts, pauses, warmup, log
+        self.parent_restarts, self.pauses, self.warmup = parent_restarts, pauses, warmup
+        self.say = log or functools.partial(print, flush=True)
         self.rng = random.Random(seed)
         self.parent_dir = workdir / "parent"
         self.logdir = workdir / "logs"
@@ -350,8 +359,8 @@ class Soak:
 
     def stop_children(self) -> list[str]:
         failures = []
-        for c in self.children:
-            c.signal(signal.SIGCONT)
+        for c in self.children:  # all at once, then each waited for
+            c.ask_to_stop()
         for c in self.children:
             code = c.stop()
             ok = (0, 1, 143) if c.kind == "load" else (0,)  # load: 143 after SIGTERM, 1 if an operation failed
@@ -443,8 +452,6 @@ class Soak:
                errors: list[str], failures: list[str]) -> dict[str, Any]:
         vms = [c for c in self.children if c.kind == "vm"]
         writers = [c for c in self.children if c.kind == "writer"]
-        sessions = sum(c.events("all offered channels open") for c in vms) + \
-            sum(c.events("writing") for c in writers)
         loads = {c.key: _load_summary(sorted(self.logdir.glob(f"{c.key}.*.json"))) for c in self.children
                  if c.kind == "load"}
         return {
@@ -453,9 +460,10 @@ class Soak:
             "children": {c.key: {"starts": c.starts, "kills": c.kills, "pauses": c.pauses,
                                  "exit_codes": c.exit_codes} for c in self.children},
             **self.counts,
-            # Sessions a writer or VM opened beyond each process's first: reconnects after a kill of the parent,
-            # after a pause that cost the connection, or of a restarted process.
-            "reconnects": sessions - sum(c.starts for c in vms + writers),
+            # Sessions a writer or VM process opened beyond its first: reconnects by itself after the parent's
+            # kill -9 or a pause that cost it its connection (a restarted process's first session is not one).
+            "reconnects": sum(c.sessions_after_the_first("all offered channels open") for c in vms)
+            + sum(c.sessions_after_the_first("writing") for c in writers),
             "pings": {"replies": sum(c.events("ping reply") for c in vms),
                       "lost": sum(c.events("ping lost") for c in vms)},
             "vm_disk_writes": {"verified": sum(c.events("disk write") for c in vms),
