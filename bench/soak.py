@@ -190,6 +190,7 @@ class Soak:
         self.parent_starts = 0
         self.last_parent_start = 0.0
         self.children = self._children()
+        self.failures: list[str] = []
         self.counts = {"child_kills": 0, "pauses": 0, "parent_restarts": 0, "load_restarts_after_parent": 0}
 
     # -- the processes ---------------------------------------------------------------------------------------
@@ -303,6 +304,10 @@ class Soak:
                 if due <= now:
                     next(c for c in self.children if c.key == key).signal(signal.SIGCONT)
                     del paused[key]
+            for c in self.children:  # every exit of ours is followed by a start: this one left by itself
+                if c.proc is not None and (code := c.proc.poll()) is not None:
+                    self.failures.append(f"{c.key} exited {code} by itself during the soak (log: {c.logs[-1]})")
+                    c.start()
             if now >= end:
                 break
             if restarts and restarts[0] <= now:
@@ -385,7 +390,7 @@ class Soak:
         return {"acknowledged_writes": acknowledged, "blocks_verified": blocks, "lost": lost}
 
     def run(self) -> dict[str, Any]:
-        failures: list[str] = []
+        failures = self.failures
         began = time.monotonic()
         self.start_parent()
         try:
