@@ -37,6 +37,7 @@ import functools
 import json
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -506,24 +507,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--workdir", type=Path, help="keep the parent's data, journals and logs here")
     args = ap.parse_args(argv)
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="vmbus-soak-")
-    workdir = args.workdir or Path(tmp.name if tmp else ".")
+    if args.partitions < 8:
+        ap.error("--partitions: at least 8 (writers, VMs, video, input and churn)")
+    # Without --workdir: a temporary one, deleted after a passed run and kept (and named) after a failed one.
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmbus-soak-"))
     try:
         result = run_soak(workdir, args.seconds, args.partitions, args.seed, parent_restarts=args.parent_restarts,
                           pauses=not args.no_pauses)
-    except (SoakFailed, ValueError) as exc:
-        print(f"python -m bench.soak: {exc}", file=sys.stderr)
+    except SoakFailed as exc:
+        print(f"python -m bench.soak: {exc}; logs in {workdir}", file=sys.stderr)
         return 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     if args.json:
-        result["machine"] = describe(workdir if args.workdir else Path(tempfile.gettempdir()))
+        result["machine"] = describe(workdir)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     for f in result["failures"]:
         print(f"FAILED: {f}", file=sys.stderr)
+    if not result["passed"]:
+        print(f"logs, journals and the parent's data dir are in {workdir}", file=sys.stderr)
+    elif args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0 if result["passed"] else 1
 
 
