@@ -81,6 +81,16 @@ fuzz: $(STAMP)
 	.ci/install-venv $(VENV) -e '.[fuzz]'
 	$(PY) -m tests.fuzz --target $(FUZZ_TARGET) --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
+# The soak test (bench/soak.py, docs/reliability.md "Soak"): SOAK_SECONDS of mixed load over SOAK_PARTITIONS
+# partitions with seeded kill -9s, pauses and a parent restart; then every acknowledged write is verified and the
+# idle parent's tasks, fds and RSS are checked. The suite runs a bounded one (VMBUS_SOAK_SECONDS, default 60).
+.PHONY: soak
+SOAK_SECONDS ?= 600
+SOAK_PARTITIONS ?= 32
+SOAK_SEED ?= 1
+soak: $(RUN_STAMP)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --partitions $(SOAK_PARTITIONS) --seed $(SOAK_SEED) $(SOAK_ARGS)
+
 # `clean` keeps ./var, where the VMs' disks live; `clean-disks` (or `distclean`) deletes them, and says so.
 clean:
 	rm -rf $(VENV) run .mypy_cache .ruff_cache .pytest_cache .hypothesis var/fuzz

@@ -30,6 +30,7 @@ from ..daemon import ParentDaemon
 from ..devices.input.vsp import to_absolute
 from ..devices.video.screen import Screen, encode_png
 from ..vsp import Vsp
+from .metrics import process_status
 
 DAEMON = web.AppKey("daemon", ParentDaemon)
 MAX_TEXT = 16 * 1024  # characters typed by one request
@@ -197,6 +198,7 @@ async def index(request: web.Request) -> web.Response:
         "parent": daemon.name, "partitions": sorted(daemon.partitions), "devices": [v.name for v in daemon.vsps],
         "listen": daemon.endpoints,
         "memory_budget": {"bytes": daemon.budget.capacity, "used_bytes": daemon.budget.used},
+        "process": process_status(),
         "routes": sorted({str(r.resource.canonical) for r in request.app.router.routes() if r.resource})})
 
 

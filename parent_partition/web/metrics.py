@@ -6,6 +6,10 @@ keep their own counters (``Vsp.samples``), and the connection keeps what closed 
 base units (seconds, bytes), ``_total`` on counters, histograms with microsecond buckets. Series carry a
 ``device`` label (a handful); a ``partition`` label only with ``[http] partition_labels = true``, since there
 may be thousands of partitions.
+
+The daemon's own health for leak checks (bench/soak.py): ``vmbus_parent_tasks`` (asyncio tasks alive in its
+event loop) next to the standard ``process_open_fds`` and ``process_resident_memory_bytes`` of
+prometheus_client's process collector; ``process_status`` gives the same three to the JSON API.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -73,6 +78,32 @@ def _histogram(name: str, help_: str, labels: list[str],
     return fam
 
 
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no procfs
+        return None
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def task_count() -> int:
+    """asyncio tasks alive in the running loop (the daemon's: connections, channels, timers, HTTP requests)."""
+    return len(asyncio.all_tasks())
+
+
+def process_status() -> dict[str, int | None]:
+    """The daemon's tasks, open file descriptors and resident memory now (``None`` where /proc is missing):
+    cheap, read on request."""
+    return {"tasks": task_count(), "open_fds": _open_fds(), "resident_memory_bytes": _resident_bytes()}
+
+
 def _metric_name(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", text)
 
@@ -88,6 +119,8 @@ class VmbusCollector(Collector):
         self.http_latency = http_latency
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("vmbus_parent_tasks", "asyncio tasks alive in the daemon's event loop",
+                                value=task_count())
         yield from self._partitions()
         yield from self._channels()
         for vsp in self.daemon.vsps:

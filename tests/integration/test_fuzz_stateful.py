@@ -7,7 +7,8 @@ signals on random relids, against the real parent daemon of this module. After e
 alive, an observer partition on the same daemon still gets a GPADL round trip answered, and each request a
 guest waits on got its answer as the protocol gives it (VERSION_RESPONSE, ALLOFFERS_DELIVERED, GPADL_CREATED,
 OPENCHANNEL_RESULT, GPADL_TORNDOWN, UNLOAD_RESPONSE). A connection the daemon ends must end with a CLOSE frame
-that says why. The module's bystander child must never notice; at the end no file descriptor is left over.
+that says why. The module's bystander child must never notice; at the end no file descriptor or asyncio task
+(``vmbus_parent_tasks``) is left over.
 
 Bounded for CI (derandomized, no database): ``FUZZ_STATEFUL_EXAMPLES`` sequences (default 8) of
 ``FUZZ_STATEFUL_STEPS`` steps (default 30); raise both for a longer run.
@@ -36,6 +37,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from bench.soak import scrape
 from vmbus_proto import messages as m
 from vmbus_proto.envelope import Signal, encode_packet
 from vmbus_proto.framing import FrameKind
@@ -59,6 +61,12 @@ relids = st.one_of(st.integers(1, len(OFFERED)), st.integers(0, 4096))
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _tasks(url: str) -> float:
+    """The parent's asyncio tasks (``vmbus_parent_tasks`` in /metrics; this scrape's own request is one)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=ANSWER) as answer:
+        return scrape(answer.read().decode())["vmbus_parent_tasks"]
 
 
 class Observer:
@@ -118,6 +126,8 @@ def test_random_control_sequences_over_a_real_socket(shared_parent: Parent, byst
     parent = shared_parent
     pid = parent.proc.pid
     fds_before = _fds(pid)
+    url = parent.wait_event("web console and API listening")["url"]
+    tasks_before = _tasks(url)
     closes: list[str] = []
 
     class HostMachine(RuleBasedStateMachine):
@@ -303,8 +313,11 @@ def test_random_control_sequences_over_a_real_socket(shared_parent: Parent, byst
     while (now := _fds(pid)) > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert now <= fds_before, f"the parent holds {now} file descriptors, {fds_before} before the fuzzing"
+    # ... nor more asyncio tasks: every connection's reader, writer and timers ended with it.
+    while (tasks := _tasks(url)) > tasks_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tasks <= tasks_before, f"the parent runs {tasks:g} asyncio tasks, {tasks_before:g} before the fuzzing"
     # ... and keeps no partition of theirs: only the bystander and the observer are left (the JSON API).
-    url = parent.wait_event("web console and API listening")["url"]
     with urllib.request.urlopen(f"{url}/api/partitions", timeout=ANSWER) as answer:
         left = sorted(p["name"] for p in json.load(answer))
     assert left == sorted(["bystander", observer.name]), f"partitions left on the parent: {left}"
