@@ -18,6 +18,7 @@ import uvloop
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
 from vmbus_proto.aio.keyfile import secret_file_arg
+from vmbus_proto.aio.tls import add_client_options, connect_url
 from vmbus_proto.envelope import Hello
 from vmbus_proto.errors import FrameError
 from vmbus_proto.framing import ENVELOPE_VERSION
@@ -54,7 +55,8 @@ SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex;
 JSON_LOGS_HELP = (f"log JSON lines (default: readable lines, coloured on a terminal; {logs.FORMAT_ENV}=json in the "
                   "environment asks for JSON too)")
 
-URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
+URL_HELP = ("the parent's address: tcp://HOST:PORT, tls://HOST:PORT (with --tls-ca) or unix:PATH, as given to "
+            "parent-partition serve --listen")
 
 
 def _name(text: str) -> str:
@@ -115,6 +117,7 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     ping.add_argument("-s", dest="size", metavar="SIZE", type=_number(int, 0, 65507), default=56,
                       help="data bytes per request (56 makes 84 with the IPv4 and ICMP headers)")
     ping.add_argument("target", metavar="TARGET", help="another partition's name, or an IPv4 address")
+    add_client_options(ping)
 
 
 PROBE_DESCRIPTION = """\
@@ -135,6 +138,7 @@ def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
                             "[[auth.partition]] entry), needed where the parent takes only authenticated partitions")
     probe.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0.1), default=5.0,
                        help="give up after this long")
+    add_client_options(probe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json-logs", action="store_true", help=JSON_LOGS_HELP)
     for service in guest_services():  # each guest service adds its own options (storage: --nbd, --no-console)
         service.add_arguments(run)
+    add_client_options(run)
     _add_ping(sub)
     _add_probe(sub)
     # ``load`` has its own parser (child_partition.load.command), built only when it runs: main() hands it the
@@ -189,6 +194,10 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
         return load_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.connect = connect_url(args, f"child-partition {args.command}")
+    except ValueError as exc:
+        parser.error(f"{args.command}: {exc}")
     if args.command == "ping":
         return _ping(args, nic_factory or vmbus_nic)
     if args.command == "probe":
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
 
 
 _RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
-             "log_level", "json_logs"}
+             "log_level", "json_logs", "tls_ca", "tls_cert", "tls_key", "tls_insecure"}
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import socket
 import sys
 
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.endpoint import without_query
 from vmbus_proto.errors import ProtocolError
 from vmbus_proto.versions import version_text
 
@@ -36,9 +37,10 @@ async def probe(url: str, timeout: float, secret: bytes | None = None) -> int:
     when it serves, stderr when not) and returns the exit status."""
     logs.setup("error")  # the line printed says it all
     bus: GuestBus | None = None
+    connect, url = url, without_query(url)  # a tls:// URL's query holds its TLS options, not shown
     try:
         async with asyncio.timeout(timeout):
-            bus = await open_bus(url, probe_name(), log=logs.get(partition="probe"), secret=secret)
+            bus = await open_bus(connect, probe_name(), log=logs.get(partition="probe"), secret=secret)
             offers = await bus.negotiate()
             version = bus.core.version
             await bus.unload()
