@@ -153,7 +153,7 @@ class ChildPartition:
                                           memory=self.memory, log=self.log, secret=self.secret)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
-                if self._tls_silent(isinstance(exc, ConnectionError | ssl.SSLEOFError)):
+                if self._tls_silent(isinstance(exc, ConnectionResetError | ConnectionAbortedError | ssl.SSLEOFError)):
                     return self._give_up(EXIT_REFUSED, self._tls_refusal())
                 if not not_yet:
                     return self._give_up(EXIT_REFUSED, f"cannot connect to the parent at {self.url}: {reason}")
