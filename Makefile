@@ -7,10 +7,11 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 # chromium: the web console tests; docker-compose (v1, Debian's): validates docker-compose.yml (no engine
-# needed); arping: the compose file's TAP variant, run by its test
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping
+# needed); arping: the compose file's TAP variant, run by its test; openssl and curl: the TLS tests' certificates
+# and HTTPS client
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping openssl curl
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
-	iputils-arping
+	iputils-arping openssl curl
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps compose-secrets demo test lint typecheck unit integration bench fuzz clean clean-disks distclean
 
