@@ -8,6 +8,7 @@ bystanders on TLS and on the Unix socket never notice. The HTTPS API takes its t
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ class Pki:
         self.server = self.ca.issue("parent", "parent", server=True)
         self.clients = {name: self.ca.issue(name, name) for name in ("vm1", "bystander", "vm2")}
         self.clients["probe-*"] = self.ca.issue("probe", "probe-*")
+        self.clients["tlsload-*"] = self.ca.issue("tlsload", "tlsload-*")
         self.stranger = self.other.issue("vm3", "vm3")
 
     def args(self, name: str, *, ca: Path | None = None) -> list[str]:
@@ -130,6 +132,26 @@ def test_a_child_over_tls_opens_every_device_and_its_disk_reads_back(
                             str(pki.ca.pem), "--tls-cert", str(cert), "--tls-key", str(key), "--timeout", "30"],
                            capture_output=True, text=True, timeout=60, check=False)
     assert probe.returncode == 0 and "negotiated with the parent at tls://127.0.0.1:" in probe.stdout, probe.stderr
+
+
+def test_the_load_tool_over_tls_in_two_processes(
+        tls_parent: tuple[TlsParent, Path], pki: Pki, bystanders: list[Proc], tmp_path: Path) -> None:
+    """Its worker processes get the TLS options with the rest of the command line; its partitions' names
+    (tlsload-storage-PID-N) match the certificate's prefix name tlsload-*."""
+    parent, _ = tls_parent
+    out = tmp_path / "load.json"
+    done = subprocess.run([str(BIN / "child-partition"), "load", "storage", "--connect", parent.tls,
+                           *pki.args("tlsload-*"), "--name-prefix", "tlsload", "--partitions", "2", "--processes",
+                           "2", "--rw", "randrw", "--bs", "4k", "--size", "8M", "--count", "100", "--warmup", "0",
+                           "--runtime", "600", "--quiet", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == [], doc["errors"]
+    ops = doc["workloads"]["storage"]["ops"]
+    assert ops["read"]["ops"] + ops["write"]["ops"] == 200, ops
+    connected = [r for r in parent.events("partition connected") if str(r.get("partition")).startswith("tlsload-")]
+    assert len(connected) == 2 and all(r["authenticated"] and r["transport"] == "tls" for r in connected), connected
 
 
 def test_a_child_without_a_client_certificate_is_refused_in_words(
