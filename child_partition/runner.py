@@ -64,7 +64,7 @@ _REFUSAL_HINTS = {
                    "secret_file for this name",
     "auth-parent": "the parent does not hold this partition's secret: check its [[auth.partition]] secret_file "
                    "and that --connect reaches the right parent",
-"auth-cert": "give --tls-cert and --tls-key: a certificate signed by the parent's [tls] client_ca_file whose "
+    "auth-cert": "give --tls-cert and --tls-key: a certificate signed by the parent's [tls] client_ca_file whose "
                  "CN or DNS subjectAltName is this --name",
     "replaced": "another child authenticated under this name took over ([auth] replace = true); stop one of them",
     "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
@@ -153,7 +153,7 @@ class ChildPartition:
                                           memory=self.memory, log=self.log, secret=self.secret)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
-                if self._tls_silent(isinstance(exc, ConnectionResetError | ConnectionAbortedError | ssl.SSLEOFError)):
+                if self._tls_silent(isinstance(exc, ConnectionResetError | ssl.SSLEOFError)):
                     return self._give_up(EXIT_REFUSED, self._tls_refusal())
                 if not not_yet:
                     return self._give_up(EXIT_REFUSED, f"cannot connect to the parent at {self.url}: {reason}")
@@ -181,7 +181,7 @@ class ChildPartition:
             except (ConnectionError, BusError, TimeoutError, ChannelClosed, ProtocolError) as exc:
                 error = (str(exc) or type(exc).__name__) + self._unanswered_hint()
                 await self._forget(self.bus)
-                if self._tls_silent(self.bus.bytes_in == 0):
+                if self._tls_silent(isinstance(exc, ConnectionError) and self.bus.bytes_in == 0):
                     return self._give_up(EXIT_REFUSED, self._tls_refusal())
                 if not self.reconnect:
                     return self._give_up(EXIT_LOST, f"the session with the parent at {self.url} ended: {error}")

@@ -234,6 +234,8 @@ class TlsGate(asyncio.Protocol):
 
     async def _handshake(self) -> None:
         assert self.raw is not None
+        if self._gone():
+            return  # the client left before its handshake could start
         loop = asyncio.get_running_loop()
         # The transport read for us until now (uvloop starts reading after connection_made, whatever it was told):
         # what came (the ClientHello) goes to the TLS protocol that start_tls installs before its handshake runs.
@@ -266,6 +268,9 @@ class TlsGate(asyncio.Protocol):
             _eof(target)
         if self._lost is not None:
             target.connection_lost(self._lost[0])
+
+    def _gone(self) -> bool:
+        return self._lost is not None or self.raw is None or self.raw.is_closing()
 
     def _replay(self, raw: bytes) -> None:
         """Hand the bytes read before start_tls to its protocol (it queues them for its handshake)."""
