@@ -44,8 +44,9 @@ exit status: 0 after a clean unload (SIGINT or SIGTERM); 1 when the parent canno
 ends and --no-reconnect is given; 2 for a mistake in the arguments; 3 when the parent refuses this child
 for a reason retrying cannot fix (the name is taken, no VMBus version in common) or the --connect address
 can never be connected to, or authentication fails (a wrong or missing --secret-file, a parent that cannot
-prove it holds the secret, or another connection authenticated under this name replaced this one). The
-reason is the last line on stderr."""
+prove it holds the secret, or another connection authenticated under this name replaced this one), or TLS
+does (the parent's certificate is not trusted, or the parent refuses this child's certificate or its lack of
+one). The reason is the last line on stderr."""
 
 SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex; readable by this user only), "
                "proved to the parent without sending it; the parent must hold the same one for --name "
