@@ -7,10 +7,11 @@ RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 # chromium: the web console tests; docker-compose (v1, Debian's): validates docker-compose.yml (no engine
-# needed); arping: the compose file's TAP variant, run by its test; nft: cuts a network path (test_slow_peers)
-SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping nft
+# needed); arping: the compose file's TAP variant, run by its test; nft: cuts a network path (test_slow_peers);
+# openssl and curl: the TLS tests' certificates and HTTPS client
+SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-compose arping nft openssl curl
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
-	iputils-arping nftables
+	iputils-arping nftables openssl curl
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
 .PHONY: venv sysdeps compose-secrets demo grade test lint typecheck unit integration bench fuzz clean clean-disks distclean
 

@@ -104,7 +104,8 @@ def _free_port() -> int:
 
 
 def start_parent(workdir: Path, devices: set[str], *, log_level: str = "info",
-                 wrap: list[str] | None = None, timeout: float = 30.0, extra_config: str = "") -> ParentProcess:
+                 wrap: list[str] | None = None, timeout: float = 30.0, extra_config: str = "",
+                 extra_listen: tuple[str, ...] = ()) -> ParentProcess:
     """Start the daemon with only ``devices`` enabled; returns once it logged its bound listeners.
 
     ``wrap`` runs the daemon under another Python tool, e.g. ``["-m", "pyinstrument", ...]``.
@@ -117,7 +118,7 @@ def start_parent(workdir: Path, devices: set[str], *, log_level: str = "info",
     table = "\n".join(f"{d} = {'true' if d in devices else 'false'}" for d in DEVICES)
     cfg.write_text(
         "[parent]\n"
-        f"listen = [{_toml_str(f'tcp://127.0.0.1:{port}')}, {_toml_str(f'unix:{sock}')}]\n"
+        f"listen = [{', '.join(_toml_str(u) for u in (f'tcp://127.0.0.1:{port}', f'unix:{sock}', *extra_listen))}]\n"
         f"data_dir = {_toml_str(str(workdir / 'var'))}\n"
         f"log_level = {_toml_str(log_level)}\n"
         f"\n[devices]\n{table}\n{extra_config}", encoding="utf-8")

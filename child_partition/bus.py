@@ -43,7 +43,8 @@ class ParentRefused(BusError):
     authentication method in common: a secret is needed, or the parent offers none), ``auth-failed`` (the
     parent refused this child's proof), ``auth-parent`` (the parent's proof is wrong), ``replaced`` (another
     connection authenticated under this name took over), ``versions`` (no VMBus version in common),
-    ``not-a-parent`` (what answered does not speak the envelope)."""
+    ``not-a-parent`` (what answered does not speak the envelope), ``auth-cert`` (a TLS listener wants a client
+    certificate naming this partition)."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)

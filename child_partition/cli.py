@@ -18,6 +18,7 @@ import uvloop
 from vmbus_proto.aio import logs, malloc
 from vmbus_proto.aio.cli import ArgumentParser, add_version, connect_endpoint, vmbus_version_arg
 from vmbus_proto.aio.keyfile import secret_file_arg
+from vmbus_proto.aio.tls import add_client_options, connect_url
 from vmbus_proto.aio.transport import KEEPALIVE, KEEPALIVE_RULE, check_keepalive
 from vmbus_proto.devices.plugins import PluginError
 from vmbus_proto.envelope import Hello
@@ -46,8 +47,9 @@ exit status: 0 after a clean unload (SIGINT or SIGTERM); 1 when the parent canno
 ends and --no-reconnect is given; 2 for a mistake in the arguments; 3 when the parent refuses this child
 for a reason retrying cannot fix (the name is taken, no VMBus version in common) or the --connect address
 can never be connected to, or authentication fails (a wrong or missing --secret-file, a parent that cannot
-prove it holds the secret, or another connection authenticated under this name replaced this one). The
-reason is the last line on stderr."""
+prove it holds the secret, or another connection authenticated under this name replaced this one), or TLS
+does (the parent's certificate is not trusted, or the parent refuses this child's certificate or its lack of
+one). The reason is the last line on stderr."""
 
 SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex; readable by this user only), "
                "proved to the parent without sending it; the parent must hold the same one for --name "
@@ -57,7 +59,8 @@ SECRET_HELP = ("this partition's secret (at least 32 random bytes, or their hex;
 JSON_LOGS_HELP = (f"log JSON lines (default: readable lines, coloured on a terminal; {logs.FORMAT_ENV}=json in the "
                   "environment asks for JSON too)")
 
-URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
+URL_HELP = ("the parent's address: tcp://HOST:PORT, tls://HOST:PORT (with --tls-ca) or unix:PATH, as given to "
+            "parent-partition serve --listen")
 
 
 def _name(text: str) -> str:
@@ -135,6 +138,7 @@ def _add_ping(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     ping.add_argument("-s", dest="size", metavar="SIZE", type=_number(int, 0, 65507), default=56,
                       help="data bytes per request (56 makes 84 with the IPv4 and ICMP headers)")
     ping.add_argument("target", metavar="TARGET", help="another partition's name, or an IPv4 address")
+    add_client_options(ping)
 
 
 PROBE_DESCRIPTION = """\
@@ -158,6 +162,7 @@ def _add_probe(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     probe.add_argument("--wait", action="store_true",
                        help="while nothing listens at URL yet (connection refused, no socket file), try again until "
                             "--timeout: for scripts that start a parent and go on")
+    add_client_options(probe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "package.module:Class) to its device's offers; may repeat")
     for service in guest_services():  # each guest service adds its own options (storage: --nbd, --no-console)
         service.add_arguments(run)
+    add_client_options(run)
     _add_ping(sub)
     _add_probe(sub)
     # ``load`` has its own parser (child_partition.load.command), built only when it runs: main() hands it the
@@ -219,6 +225,10 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
         return load_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.connect = connect_url(args, f"child-partition {args.command}")
+    except ValueError as exc:
+        parser.error(f"{args.command}: {exc}")
     if args.command == "ping":
         return _ping(args, nic_factory or vmbus_nic)
     if args.command == "probe":
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
 
 
 _RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
-             "log_level", "json_logs", "keepalive", "plugins"}
+             "log_level", "json_logs", "keepalive", "plugins", "tls_ca", "tls_cert", "tls_key", "tls_insecure"}
 
 
 async def _run(args: argparse.Namespace) -> int:

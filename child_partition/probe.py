@@ -15,6 +15,7 @@ import socket
 import sys
 
 from vmbus_proto.aio import logs
+from vmbus_proto.aio.endpoint import without_query
 from vmbus_proto.errors import ProtocolError
 from vmbus_proto.versions import version_text
 
@@ -37,9 +38,10 @@ async def probe(url: str, timeout: float, secret: bytes | None = None, *, wait: 
     tried again (backing off to 0.5 s) until the timeout."""
     logs.setup("error")  # the line printed says it all
     bus: GuestBus | None = None
+    connect, url = url, without_query(url)  # a tls:// URL's query holds its TLS options, not shown
     try:
         async with asyncio.timeout(timeout):
-            bus = await _connect(url, secret, wait)
+            bus = await _connect(connect, secret, wait)
             offers = await bus.negotiate()
             version = bus.core.version
             await bus.unload()

@@ -22,6 +22,7 @@ import errno
 import os
 import random
 import socket
+import ssl
 import stat
 import uuid
 from collections.abc import Sequence
@@ -30,7 +31,8 @@ from typing import Any, TypeVar
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import ChannelClosed
-from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.endpoint import parse_endpoint, without_query
+from vmbus_proto.aio.tls import client_context, permanent, tls_reason
 from vmbus_proto.aio.transport import KEEPALIVE
 from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.versions import version_text
@@ -44,6 +46,7 @@ from .vsc import GuestContext, GuestService, GuestServiceError, Vsc
 S = TypeVar("S", bound=GuestService)
 
 NEGOTIATE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0  # a TCP connect (and TLS handshake) that has had no answer by then is tried again
 
 # Exit statuses of ``ChildPartition.run`` (2 is left to usage errors, as argparse uses it).
 EXIT_OK = 0  # unloaded cleanly after stop
@@ -65,6 +68,8 @@ _REFUSAL_HINTS = {
                    "secret_file for this name",
     "auth-parent": "the parent does not hold this partition's secret: check its [[auth.partition]] secret_file "
                    "and that --connect reaches the right parent",
+    "auth-cert": "give --tls-cert and --tls-key: a certificate signed by the parent's [tls] client_ca_file whose "
+                 "CN or DNS subjectAltName is this --name",
     "replaced": "another child authenticated under this name took over ([auth] replace = true); stop one of them",
     "not-a-parent": "check --connect: it must be an address given to parent-partition serve --listen",
     "versions": "drop --vmbus-version to offer Linux's versions (5.3 to 2.4), or offer one that the parent's "
@@ -73,11 +78,20 @@ _REFUSAL_HINTS = {
 
 
 async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
+    """Connect to the parent at ``url`` (``tls://``: with the TLS options of its query, ``tls.ClientTls``) and
+    send the HELLO. A TLS handshake failure is an ssl.SSLError (``tls.permanent`` says whether to retry)."""
     loop = asyncio.get_running_loop()
     kind, where, port = parse_endpoint(url)
     bus: GuestBus
-    if kind == "tcp":
-        _, bus = await loop.create_connection(lambda: GuestBus(name, **kw), where, port)
+    if kind == "tls":
+        ctx, server_name = client_context(url)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, bus = await loop.create_connection(lambda: GuestBus(name, **kw), where, port, ssl=ctx,
+                                                  server_hostname=server_name or where,
+                                                  ssl_handshake_timeout=NEGOTIATE_TIMEOUT)
+    elif kind == "tcp":
+        async with asyncio.timeout(CONNECT_TIMEOUT):  # a path that drops SYNs: the kernel would retry ~2 min
+            _, bus = await loop.create_connection(lambda: GuestBus(name, **kw), where, port)
     else:
         _, bus = await loop.create_unix_connection(lambda: GuestBus(name, **kw), where)
     return bus
@@ -89,10 +103,12 @@ class ChildPartition:
                  secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE,
                  plugins: Sequence[type[Vsc]] = (), **options: Any) -> None:
         """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at);
-        ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1);
+        ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1); a
+        ``tls://`` ``url`` carries its TLS options in its query (``tls.connect_url``);
         ``keepalive`` TCP keepalive's idle, interval and count: a parent gone silent is left after their sum;
         ``plugins`` more drivers (``--device-plugin``), bound by their spec's class GUID like the registry's."""
-        self.url = url
+        self.connect_url = url
+        self.url = without_query(url)  # what messages show
         self.name = name
         self.secret = secret
         self.keepalive = keepalive
@@ -117,6 +133,7 @@ class ChildPartition:
         self.negotiated = False  # a session of ours was accepted (its name was ours)
         self.failed_devices: dict[int, str] = {}  # relid -> why its driver could not attach
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._silent = 0  # TLS connections in a row the parent dropped without a word (_tls_silent)
 
     def service(self, cls: type[S]) -> S:
         """This child's instance of a guest service (``StorageService`` holds the disks)."""
@@ -145,11 +162,13 @@ class ChildPartition:
         waiting = False  # the last connect found no parent (the hint how to start one is given once)
         while not stop.is_set():
             try:
-                self.bus = await open_bus(self.url, self.name, trace=self.trace, versions=self.versions,
+                self.bus = await open_bus(self.connect_url, self.name, trace=self.trace, versions=self.versions,
                                           memory=self.memory, log=self.log, secret=self.secret,
                                           keepalive=self.keepalive)
             except OSError as exc:
                 reason, not_yet = self._connect_failed(exc)
+                if self._tls_silent(isinstance(exc, ConnectionResetError | ssl.SSLEOFError)):
+                    return self._give_up(EXIT_REFUSED, self._tls_refusal())
                 if not not_yet:
                     return self._give_up(EXIT_REFUSED, f"cannot connect to the parent at {self.url}: {reason}")
                 if not self.reconnect:
@@ -174,8 +193,10 @@ class ChildPartition:
                     return self._give_up(EXIT_REFUSED, self._refusal(exc))
                 self.log.warning("the parent still holds this partition's previous connection", error=str(exc))
             except (ConnectionError, BusError, TimeoutError, ChannelClosed, ProtocolError) as exc:
-                error = str(exc) or type(exc).__name__
+                error = (str(exc) or type(exc).__name__) + self._unanswered_hint()
                 await self._forget(self.bus)
+                if self._tls_silent(isinstance(exc, ConnectionError) and self.bus.bytes_in == 0):
+                    return self._give_up(EXIT_REFUSED, self._tls_refusal())
                 if not self.reconnect:
                     return self._give_up(EXIT_LOST, f"the session with the parent at {self.url} ended: {error}")
                 self.log.warning("session with the parent ended", error=error)
@@ -200,9 +221,35 @@ class ChildPartition:
             what = f"the parent at {self.url} refused this child: {exc.reason}"
         return f"{what}; {_REFUSAL_HINTS[exc.kind]}"
 
+    def _tls_silent(self, silent: bool) -> bool:
+        """Count a TLS connection the parent dropped without a word (no byte after the handshake, or a reset in
+        it): how a TLS server refuses a client certificate (asyncio sends no alert). True on the second in a row
+        (the first may be a parent that was restarting), when the run should end."""
+        if not self.url.startswith("tls://"):
+            return False
+        self._silent = self._silent + 1 if silent else 0
+        return self._silent >= 2
+
+    def _tls_refusal(self) -> str:
+        return (f"the parent at {self.url} dropped the TLS connection without a word, twice: it does not accept "
+                f"this child's certificate (the parent's log says why); check --tls-cert and --tls-key: the "
+                f"parent's [tls] client_ca_file must have signed it")
+
+    def _unanswered_hint(self) -> str:
+        """For a session that ended before the parent said a word: a TLS listener drops a plain client."""
+        if self.bus is not None and self.bus.bytes_in == 0 and self.url.startswith("tcp://"):
+            return ("; the parent closed the connection before answering HELLO: if it listens with TLS, connect "
+                    "with tls:// (and --tls-ca)")
+        return ""
+
     def _connect_failed(self, exc: OSError) -> tuple[str, bool]:
         """Why a connect failed, and whether that means the parent is not there yet (retry) rather than
         that the address never can work."""
+        if isinstance(exc, ssl.SSLError):
+            hint = "; is it a tcp:// listener?" if "does not speak TLS" in tls_reason(exc) else ""
+            return f"TLS: {tls_reason(exc)}{hint}", not permanent(exc)
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {CONNECT_TIMEOUT:g} s (a path that drops packets, or a parent too busy)", True
         if isinstance(exc, socket.gaierror):
             return f"cannot resolve the host: {exc.strerror}", exc.errno == socket.EAI_AGAIN
         if exc.errno == errno.ENOENT:

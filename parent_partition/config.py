@@ -8,6 +8,7 @@ section of its own, parsed from the ``Settings`` dataclass its VSP declares (``[
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from vmbus_proto.aio.cli import vmbus_version
 from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.tls import TlsConfigError, server_context
 from vmbus_proto.aio.transport import FRAME_TIMEOUT, KEEPALIVE, check_keepalive
 from vmbus_proto.devices.registry import BY_NAME, EMULATED, REGISTRY
 from vmbus_proto.envelope import DEFAULT_DATA_WINDOW, MAX_DATA_WINDOW, MIN_DATA_WINDOW
@@ -27,7 +29,7 @@ from .settings import ConfigError, count, describe, flag, parse_section, seconds
 from .vsp import Vsp
 from .web.settings import HttpSettings
 
-__all__ = ["Config", "ConfigError", "LimitsSettings"]
+__all__ = ["Config", "ConfigError", "LimitsSettings", "TlsSettings"]
 
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
 DEFAULT_UNIX = "unix:./run/vmbus.sock"
@@ -94,6 +96,33 @@ class LimitsSettings:
 
 
 @dataclass(slots=True)
+class TlsSettings:
+    """``[tls]``: the certificate of the parent's ``tls://`` listeners (docs/protocol.md §1, §3.3). With
+    ``client_ca_file`` every client must present a certificate that CA signed (CERT_REQUIRED), and one whose
+    name (CN or DNS subjectAltName) is the partition's counts as that partition's authentication."""
+
+    cert_file: str | None = setting(None, check=text)  # PEM: the parent's certificate (and its chain)
+    key_file: str | None = setting(None, check=text)  # PEM: its private key, readable by this user only
+    client_ca_file: str | None = setting(None, check=text)  # PEM: the CA(s) whose client certificates are taken
+    context: ssl.SSLContext | None = field(default=None)  # made from the files by load()
+
+    def load(self, where: str) -> None:
+        """Check the files and make the server context (a ConfigError names ``where`` and the file)."""
+        self.context = None
+        if self.cert_file is None and self.key_file is None and self.client_ca_file is None:
+            return
+        if self.cert_file is None or self.key_file is None:
+            raise ConfigError(f"{where}: needs both cert_file and key_file (PEM files: the parent's certificate "
+                              f"and its private key)")
+        try:
+            # A client certificate is verified when presented; TlsGate refuses a client without one, in words.
+            self.context = server_context(self.cert_file, self.key_file, self.client_ca_file,
+                                          client_cert_required=False)
+        except TlsConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(slots=True)
 class Config:
     """``[parent]`` settings as fields; ``devices`` and ``sections`` hold ``[devices]`` and each device's own."""
 
@@ -117,6 +146,7 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)  # [http]: the web console, JSON API and /metrics
     auth: AuthSettings = field(default_factory=AuthSettings)  # [auth]: who may connect, with what secret
     limits: LimitsSettings = field(default_factory=LimitsSettings)  # [limits]: per partition, and the budget
+    tls: TlsSettings = field(default_factory=TlsSettings)  # [tls]: the certificate of tls:// listeners
     sections: dict[str, Any] = field(default_factory=lambda: {n: c.Settings() for n, c in vsp_classes().items()
                                                               if dataclasses.fields(c.Settings)})
     source: str | None = None  # the TOML file these settings came from
@@ -143,7 +173,7 @@ class Config:
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
         cfg.apply(raw.get("parent", {}), source=path)
         cfg.add_plugins(path)  # before the sections: a plug-in device may have one
-        known = ["parent", "devices", "http", "auth", "limits", *cfg.sections]
+        known = ["parent", "devices", "http", "auth", "limits", "tls", *cfg.sections]
         for section in sorted(set(raw) - set(known)):
             raise ConfigError(f"{path}: [{section}]: unknown section; known: {', '.join(known)}")
         for section in known:
@@ -152,9 +182,12 @@ class Config:
         parse_section(HttpSettings, raw.get("http", {}), "[http]", path, obj=cfg.http)
         cfg.http.explicit = "listen" in raw.get("http", {})
         cfg.http.load_token(f"{path}: [http] token_file")
+        cfg.http.load_tls(f"{path}: [http]")
         parse_section(AuthSettings, raw.get("auth", {}), "[auth]", path, obj=cfg.auth)
         cfg.auth.load_secrets(path)
         parse_section(LimitsSettings, raw.get("limits", {}), "[limits]", path, obj=cfg.limits)
+        parse_section(TlsSettings, raw.get("tls", {}), "[tls]", path, obj=cfg.tls)
+        cfg.tls.load(f"{path}: [tls]")
         for name, enabled in raw.get("devices", {}).items():
             if name not in cfg.devices:
                 raise ConfigError(f"{path}: [devices] {name}: unknown device; known: {', '.join(cfg.devices)}")
@@ -199,7 +232,7 @@ class Config:
 def tables_help() -> str:
     """Every table a config file may have, with its keys (``serve --config`` help)."""
     tables = describe("parent", Config) + describe("http", HttpSettings) + describe("auth", AuthSettings)
-    tables += describe("limits", LimitsSettings)
+    tables += describe("limits", LimitsSettings) + describe("tls", TlsSettings)
     for name, settings in Config().sections.items():
         tables += describe(name, type(settings))
     tables.append(f"[devices] ({', '.join([*BY_NAME, *(e.name for e in EMULATED)])} = true|false)")

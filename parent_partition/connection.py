@@ -15,17 +15,18 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, assert_never
 
 from vmbus_proto import messages as m
 from vmbus_proto import server as core
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.tls import name_matches, peer_names
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.auth import AuthError, HostAuth
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.envelope import REPLACED, Hello
+from vmbus_proto.envelope import AUTH_NONE, CERT_REFUSED, REPLACED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.limits import OUTPUT, MemoryBudget, PartitionBytes, Strikes, TokenBucket
@@ -42,6 +43,10 @@ from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
 ABUSE = "abuse"  # the CLOSE code of a connection ended for repeated limit violations
 OUTPUT_SAMPLE = 0.05  # seconds between samples of output a partition has not read yet (while there is some)
+
+
+def _no_secret(_name: str) -> bytes | None:
+    return None
 
 
 class ConnectionConfig(Protocol):
@@ -98,6 +103,7 @@ class PartitionConnection(FramedConnection):
         self.released = asyncio.Event()  # gone, and its devices have let go of its channels and GPADLs
         self.partition: str | None = None
         self.peer = "?"
+        self.cert_names: list[str] | None = None
         self.core: core.HostConnection | None = None
         self.vsps: dict[str, Vsp] = {}
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -128,6 +134,7 @@ class PartitionConnection(FramedConnection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.cert_names = peer_names(transport)  # a TLS listener's verified client certificate, else None
         self.log = self.log.bind(peer=self.peer, **{logs.LIMIT_KEY: next(_CONNECTION_IDS)})
         if not self.daemon.accepting:
             self.close("parent is shutting down")
@@ -213,7 +220,16 @@ class PartitionConnection(FramedConnection):
                                      f"(this parent speaks {ENVELOPE_VERSION})")
             return
         auth = self.daemon.config.auth
-        self.handshake = HostAuth(self.daemon.name, auth.lookup, self.open_allowed, data_window=self.data_window)
+        lookup: Callable[[str], bytes | None] = auth.lookup
+        open_allowed = self.open_allowed
+        if self.cert_names is not None:  # docs/protocol.md §3.3: a verified client certificate names the partition
+            if not name_matches(hello.partition, self.cert_names):
+                self._refuse(CERT_REFUSED, f"the client certificate is for {', '.join(map(repr, self.cert_names))}, "
+                                           f"not partition {hello.partition!r}", partition=hello.partition)
+                return
+            if hello.auth == AUTH_NONE:  # the certificate is the proof; a guest with a secret proves it as well
+                lookup, open_allowed, self.authenticated = _no_secret, True, True
+        self.handshake = HostAuth(self.daemon.name, lookup, open_allowed, data_window=self.data_window)
         try:
             challenge = self.handshake.receive_hello(hello)
         except AuthError as exc:

@@ -11,13 +11,14 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import os_reason
-from vmbus_proto.aio.endpoint import parse_endpoint
+from vmbus_proto.aio.endpoint import parse_endpoint, tls_query
+from vmbus_proto.aio.tls import TlsGate
 from vmbus_proto.devices.registry import EMULATED, load
 from vmbus_proto.limits import MemoryBudget
 
@@ -128,12 +129,15 @@ class ParentDaemon:
         loop = asyncio.get_running_loop()
         kind, where, port = parse_endpoint(url)
         open_allowed = self.config.auth.open_allowed(url)
-        if kind == "tcp":
-            server = await loop.create_server(lambda: PartitionConnection(self, "tcp", open_allowed=open_allowed),
-                                              where, port, reuse_address=True, backlog=1024)
+        if kind in ("tcp", "tls"):
+            factory: Callable[[], asyncio.BaseProtocol] = lambda: PartitionConnection(self, kind,  # noqa: E731
+                                                                                      open_allowed=open_allowed)
+            if kind == "tls":
+                factory = self._tls_gate(url, factory)
+            server = await loop.create_server(factory, where, port, reuse_address=True, backlog=1024)
             sock = server.sockets[0]
             host, bound = sock.getsockname()[:2]
-            self.endpoints.append(f"tcp://{host}:{bound}")
+            self.endpoints.append(f"{kind}://{host}:{bound}")
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,18 @@ class ParentDaemon:
             os.chmod(path, 0o660)
             self.endpoints.append(f"unix:{path}")
         self.servers.append(server)
+
+    def _tls_gate(self, url: str, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], TlsGate]:
+        """Connections to a ``tls://`` listener shake hands first (``[tls]``'s certificate), then are partitions."""
+        ctx = self.config.tls.context
+        if tls_query(url):
+            raise ConfigError(f"listener {url}: a listening URL takes no TLS options; the parent's certificate "
+                              f"and client CA are in [tls]")
+        if ctx is None:
+            raise ConfigError(f"listener {url} needs the parent's certificate: [tls] cert_file and key_file")
+        timeout = self.config.handshake_timeout
+        log, certs = self.log.bind(transport="tls"), self.config.tls.client_ca_file is not None
+        return lambda: TlsGate(ctx, factory, timeout, log, require_cert=certs)
 
     async def shutdown(self) -> None:
         """Stop accepting, rescind every offer, drain I/O, flush backends, close."""

@@ -106,7 +106,9 @@ def decode_auth(body: bytes | memoryview) -> bytes:
 # Why a parent refused a HELLO, for a child to act on without parsing the reason's words (docs §8):
 # ``auth`` no method in common (authentication needed, or not offered), ``auth-failed`` a wrong proof or a
 # name the parent has no secret for.
-REFUSAL_CODES = frozenset({"name-taken", "envelope", "auth", "auth-failed", "hello"})
+#: A TLS client certificate that names another partition (docs §3.3).
+CERT_REFUSED = "auth-cert"
+REFUSAL_CODES = frozenset({"name-taken", "envelope", "auth", "auth-failed", "hello", CERT_REFUSED})
 # The code of a CLOSE that ends an accepted connection because another one, authenticated under the same
 # name, replaced it (``[auth] replace = true``, docs §3.2): the child must not reconnect and take it back.
 REPLACED = "replaced"

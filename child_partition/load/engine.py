@@ -35,6 +35,7 @@ from typing import Any
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.cli import connect_endpoint
 from vmbus_proto.aio.keyfile import secret_file_arg, token_file_arg
+from vmbus_proto.aio.tls import add_client_options, connect_url
 
 from ..bus import ParentRefused
 from ..interrupt import Interrupt
@@ -44,7 +45,8 @@ from .stats import MergeError, WorkloadStats
 from .workload import Done, LoadOptions, OpError, PartitionLoad, Workload
 
 PROG = "child-partition load"
-URL_HELP = "the parent's address: tcp://HOST:PORT or unix:PATH, as given to parent-partition serve --listen"
+URL_HELP = ("the parent's address: tcp://HOST:PORT, tls://HOST:PORT (with --tls-ca) or unix:PATH, as given to "
+            "parent-partition serve --listen")
 DRAIN_TIMEOUT = 30.0  # seconds the operations in flight get to finish after the end or an interrupt
 STOP_TIMEOUT = 60.0  # seconds a partition gets to leave
 SETUP_TIMEOUT = 120.0  # seconds for setup(), ready(), finish() and teardown() each
@@ -567,6 +569,7 @@ def add_common(parser: argparse.ArgumentParser, cls: Any | None, *, per_workload
                         help="the token of the parent's web API ([http] token_file), sent as a Bearer token by "
                              "the workloads that drive it")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    add_client_options(parser)
     parser.add_argument("--share", type=_share, default=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--run-id", type=int, default=os.getpid(), help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -612,7 +615,11 @@ def check(entry: Entry, spec: Spec) -> None:
 
 
 def spec_from(args: argparse.Namespace, entries: list[Entry]) -> Spec:
-    spec = Spec(entries=entries, connect=args.connect, http=args.http, warmup=args.warmup, runtime=args.runtime,
+    try:
+        connect = connect_url(args, PROG, warn=not args.child)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    spec = Spec(entries=entries, connect=connect, http=args.http, warmup=args.warmup, runtime=args.runtime,
                 processes=args.processes, start_concurrency=args.start_concurrency, tag=args.tag,
                 quiet=args.quiet or args.child, json=args.json, share=args.share, run_id=args.run_id,
                 child=args.child, name_prefix=args.name_prefix, secret=args.secret,

@@ -5,6 +5,8 @@ Binds to loopback unless told otherwise (``--http`` / ``[http] listen``): the AP
 and hot-remove its devices. With ``[http] token_file`` every request must carry that token (RFC 6750: an
 ``Authorization: Bearer`` header; a browser opens any page once with ``?token=`` and gets an HttpOnly,
 SameSite=Strict cookie instead); on an address other hosts can reach, the server does not start without it.
+With ``[http] tls_cert_file`` and ``tls_key_file`` it serves HTTPS; with ``tls_client_ca_file`` too, a client
+certificate that CA signed is accepted in place of the token (nginx's ``ssl_verify_client optional``).
 Shutdown follows aiohttp's ``web_runner`` (stop accepting, let handlers finish within the shutdown timeout).
 """
 
@@ -42,7 +44,7 @@ def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin
     http_latency: dict[str, LatencyHistogram] = {}
     lag = LoopLag()
     local = settings.enabled and is_loopback(split_address(settings.listen)[0])
-    app = web.Application(middlewares=[_errors(daemon, http_latency, local, settings.token)],
+    app = web.Application(middlewares=[_errors(daemon, http_latency, local, settings.token, settings.client_certs)],
                           client_max_size=MAX_BODY)
     app[DAEMON] = daemon
     app[LAG] = lag
@@ -73,9 +75,11 @@ async def _stop_lag(app: web.Application) -> None:
     await app[LAG].stop()
 
 
-def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool, token: str | None) -> Any:
+def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool, token: str | None,
+            certs: bool = False) -> Any:
     """Every error as JSON with its status; an exception in a handler is logged and costs only its request.
-    With ``token``, a request without it gets 401 before anything else is looked at."""
+    With ``token`` (or ``certs``: client certificates), a request without it gets 401 before anything else is
+    looked at."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
@@ -83,7 +87,7 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: b
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         try:
-            signed_in = _authorize(request, token)
+            signed_in = _authorize(request, token, certs)
             if signed_in is not None:
                 return signed_in
             _guard(request, local)
@@ -119,11 +123,17 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _authorize(request: web.Request, token: str | None) -> web.StreamResponse | None:
-    """None when the request may go on: no token is configured, or it carries the token (a Bearer header) or
-    the cookie. A GET with the right ``?token=`` is answered with the cookie and a redirect to the same URL
-    without it (so it leaves the address bar and the history); anything else is a 401."""
+def _authorize(request: web.Request, token: str | None, certs: bool = False) -> web.StreamResponse | None:
+    """None when the request may go on: no token (and no client CA) is configured, or it came with a verified
+    client certificate (``certs``), or it carries the token (a Bearer header) or the cookie. A GET with the right
+    ``?token=`` is answered with the cookie and a redirect to the same URL without it (so it leaves the address
+    bar and the history); anything else is a 401."""
+    if certs and request.transport is not None and request.transport.get_extra_info("peercert"):
+        return None  # the TLS handshake verified it against tls_client_ca_file
     if token is None:
+        if certs:
+            raise ApiError(401, "this parent's API needs a client certificate signed by its [http] "
+                                "tls_client_ca_file (curl --cert FILE --key FILE)")
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and _same(given.strip(), token):
@@ -184,14 +194,15 @@ class WebServer:
 
     async def start(self) -> str | None:
         host, port = split_address(self.settings.listen)
-        if not is_loopback(host) and self.settings.token is None:
+        if not is_loopback(host) and self.settings.token is None and not self.settings.client_certs:
             raise StartupError(f"the web console and API on {self.settings.listen} would be reachable from other "
                                f"hosts with no authentication: set [http] token_file (or --http-token-file; "
-                               f"'parent-partition secret new http' makes one), or listen on a loopback address")
+                               f"'parent-partition secret new http' makes one) or tls_client_ca_file, or listen "
+                               f"on a loopback address")
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                shutdown_timeout=self.daemon.config.shutdown_timeout)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self.settings.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -206,8 +217,9 @@ class WebServer:
         self.runner = runner
         bound = runner.addresses[0][1] if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{bound}"
-        self.log.info("web console and API listening", url=self.url, token=self.settings.token is not None)
+        self.url = f"{'https' if self.settings.ssl_context else 'http'}://{shown}:{bound}"
+        self.log.info("web console and API listening", url=self.url, token=self.settings.token is not None,
+                      client_certs=self.settings.client_certs)
         return self.url
 
     async def stop(self) -> None:

@@ -67,7 +67,7 @@ echo = true
     ("[parent]\nmax_gpadls = 1.5\n", "[parent] max_gpadls: must be an integer of at least 1, not 1.5"),
     ('[parent]\ndata_dir = ""\n', "[parent] data_dir: must be a non-empty string"),
     ("storage = []\n", "storage must be a table ([storage])"),
-    ("[bogus]\n", "[bogus]: unknown section; known: parent, devices, http, auth, limits, storage, network, video, "
+    ("[bogus]\n", "[bogus]: unknown section; known: parent, devices, http, auth, limits, tls, storage, network, video, "
                    "heartbeat"),
     ("[storage]\nidle_close = -1\n", "[storage] idle_close: must be a number of seconds (0 or more), not -1"),
     ('[storage]\nprotocol_versions = ["9.9"]\n', "[storage] protocol_versions: must be a non-empty list of"),
@@ -91,7 +91,7 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("foo", "'foo' is not an endpoint URL; expected tcp://HOST:PORT or unix:PATH"),
+    ("foo", "'foo' is not an endpoint URL; expected tcp://HOST:PORT, tls://HOST:PORT or unix:PATH"),
     ("tcp://127.0.0.1:99999", "'tcp://127.0.0.1:99999': port '99999' is not a number in 0-65535"),
     ("tcp://127.0.0.1:-1", "port '-1' is not a number"),
     ("tcp://127.0.0.1", "'tcp://127.0.0.1': no port"),

@@ -17,6 +17,7 @@ from child_partition import cli
 from child_partition.devices.storage.blockdev import BlockDeviceError, MemoryBlockDevice
 from child_partition.devices.storage.writes import BLOCK, SLOTS, DiskWriteService, stamped_block
 from child_partition.probe import probe_name
+from child_partition.runner import CONNECT_TIMEOUT, ChildPartition
 from child_partition.vsc import GuestContext
 from parent_partition import cli as parent_cli
 from vmbus_proto.aio import logs
@@ -191,3 +192,9 @@ def test_a_health_probes_info_lines_show_only_at_debug(level: str) -> None:
     quiet = [(True, "warning"), (False, "info")]
     assert seen == (quiet if level == "info" else [(True, "info"), *quiet]), seen
     assert not any("probe" in e for e in lines), "the marker leaked into the log lines"
+
+
+def test_a_connect_with_no_answer_is_tried_again() -> None:
+    """A path that drops SYNs ends in CONNECT_TIMEOUT, not the kernel's two minutes, and is retried."""
+    reason, retry = ChildPartition("tcp://192.0.2.1:6464", "vm1")._connect_failed(TimeoutError())
+    assert retry and f"no answer within {CONNECT_TIMEOUT:g} s" in reason, (reason, retry)

@@ -41,12 +41,13 @@ def test_http_section_from_a_config_file(tmp_path: Path) -> None:
     assert not Config.load(str(path)).http.explicit
     path.write_text('[http]\nport = 80\n')
     with pytest.raises(ConfigError, match=r"\[http\] port: unknown setting; known: listen, partition_labels, "
-                                          r"token_file"):
+                                          r"token_file, tls_cert_file, tls_key_file, tls_client_ca_file"):
         Config.load(str(path))
     path.write_text('[http]\nlisten = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"\[http\] listen: must be HOST:PORT"):
         Config.load(str(path))
-    assert "[http] (listen, partition_labels, token_file)" in tables_help()
+    assert ("[http] (listen, partition_labels, token_file, tls_cert_file, tls_key_file, tls_client_ca_file)"
+            in tables_help())
 
 
 def test_histogram_buckets_are_cumulative_with_microsecond_bounds() -> None:

@@ -68,14 +68,14 @@ def checked_url(parse: Callable[[str], object]) -> Callable[[str], str]:
 
 
 endpoint = checked_url(parse_endpoint)
-"""argparse type: a ``tcp://HOST:PORT`` or ``unix:PATH`` URL (checked, returned as given)."""
+"""argparse type: a ``tcp://HOST:PORT``, ``tls://HOST:PORT`` or ``unix:PATH`` URL (checked, returned as given)."""
 
 
 def connect_endpoint(url: str) -> str:
     """argparse type: an endpoint a child can connect to (port 0 only makes sense for listening)."""
     endpoint(url)
     kind, _, port = parse_endpoint(url)
-    if kind == "tcp" and port == 0:
+    if kind in ("tcp", "tls") and port == 0:
         raise argparse.ArgumentTypeError(f"{url!r}: port 0 cannot be connected to; give the parent's port")
     return url
 

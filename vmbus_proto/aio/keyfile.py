@@ -121,3 +121,8 @@ def token_file_arg(text: str) -> str:
         return read_token_file(text)
     except SecretFileError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """A TLS private key file (``[tls] key_file``, ``--tls-key``): as private as a secret file."""
+    return _read_private(path, "key file")
