@@ -171,6 +171,8 @@ class Config:
             lines = raw_text.count("\n") + 1
             why = str(exc).replace("(at end of document)", f"(at end of document, line {lines})")
             raise ConfigError(f"{path}: not valid TOML: {why}") from None
+        if not isinstance(raw.get("parent", {}), dict):
+            raise ConfigError(f"{path}: parent must be a table ([parent])")
         cfg.apply(raw.get("parent", {}), source=path)
         cfg.add_plugins(path)  # before the sections: a plug-in device may have one
         known = ["parent", "devices", "http", "auth", "limits", "tls", *cfg.sections]
