@@ -192,3 +192,29 @@ def test_subchannels_past_the_partition_limit_are_not_offered_and_io_still_works
     finally:
         vm.stop()
         parent.stop()
+
+
+def test_max_gpadls_and_max_partitions_are_refused_and_logged(tmp_path: Path) -> None:
+    """``[parent] max_gpadls``: the GPADL past it gets a failed GPADL_CREATED and one line, the ones before
+    stand; ``max_partitions``: the connection past it gets a CLOSE naming the limit, and a place freed is
+    taken again."""
+    p = Parent(tmp_path / "parent", FAST_LIMITS + "max_gpadls = 3\nmax_partitions = 2\n")
+    try:
+        a, b = RawClient(p.tcp), RawClient(p.tcp)
+        relid = min(a.negotiate("a"))
+        b.negotiate("b")
+        mark = p.mark()
+        assert [_gpadl(a, relid, gid, 4) for gid in (1, 2, 3)] == [0, 0, 0], "GPADLs within max_gpadls failed"
+        assert _gpadl(a, relid, 4, 4) != 0, "the GPADL past [parent] max_gpadls must get a failed GPADL_CREATED"
+        p.wait_event("control message dropped", kind="gpadl_limit", start=mark)
+        third = RawClient(p.tcp)
+        assert third.wait_closed() == "partition limit of 2 reached", third.close_reason
+        p.wait_event("partition limit reached; refusing connection", start=mark)
+        b.close()
+        p.wait_event("partition disconnected", start=mark, partition="b")
+        again = RawClient(p.tcp)
+        assert again.negotiate("c"), "a freed place under max_partitions was not taken again"
+        again.close()
+        a.close()
+    finally:
+        p.stop()
