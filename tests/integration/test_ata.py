@@ -25,6 +25,7 @@ from vmbus_proto.ioport import IoRequest
 
 from .conftest import Parent
 from .rawclient import RawClient
+from .test_load_engine import load, ops_of
 
 pytestmark = pytest.mark.integration
 DEADLINE = 120.0
@@ -224,3 +225,34 @@ ATA_PORTS = (*range(0x1F0, 0x1F8), 0x3F6)
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as resp:
         return str(resp.read().decode())
+
+
+def test_load_storage_emulated_end_to_end(workdir: Path) -> None:
+    """``child-partition load storage --path emulated``: a real load client drives the IDE disk; every op is
+    counted, the exits it reports are exactly the probe's and 24 per 4 KiB read (plus the busy polls it
+    reports), the parent's /metrics counted the same exits, and --data-dir removes the run's image."""
+    data = workdir / "p" / "var"
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0", "--data-dir", str(data)])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        out, n = workdir / "emulated.json", 40
+        done, pid = load("storage", "--connect", parent.unix, "--path", "emulated", "--rw", "randread", "--bs", "4k",
+                         "--iodepth", "1", "--size", "8M", "--count", str(n), "--warmup", "0", "--runtime", "600",
+                         "--processes", "1", "--data-dir", str(data), "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "VM exits" in done.stdout, f"the report shows no exits line:\n{done.stdout}"
+        assert ops_of(out, "storage", "read") == n
+        exits = json.loads(out.read_text())["workloads"]["storage"]["extra"]["exits"]
+        assert len(exits) == 1, exits
+        e = exits[0]
+        probe = 2 + 1 + 7 + 2 + 1  # nIEN and device select, status; IDENTIFY: status + 6 OUTs, DRQ + data, status
+        assert e["exits"] == probe + 24 * n + e["busy_polls"], f"{e}: expected {probe} + 24 x {n} + busy polls"
+        parent.wait_event("VMBus disconnected", 30, partition=f"load-{pid}-0")
+        text = _get(f"{url}/metrics")
+        counted = sum(_metric(text, "vmbus_ata_exits_total", port=f"{p:#x}", direction=d) for p in ATA_PORTS
+                      for d in ("in", "out"))
+        assert counted == e["exits"], f"the parent counted {counted} exits, the client {e['exits']}"
+        assert _metric(text, "vmbus_ata_read_bytes_total") == n * 4096, "the reads' bytes (IDENTIFY is not a read)"
+        assert not (data / f"load-{pid}-0").exists(), "--data-dir did not remove the run's image"
+    finally:
+        parent.stop()
