@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from child_partition.devices.ata.driver import AtaDisk
 from child_partition.devices.ata.portio import PortIo
 from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.load.guest import LoadGuest
+from vmbus_proto.aio import logs
 from vmbus_proto.devices.storage import vstor
 
 from .machine import describe
@@ -47,7 +51,7 @@ async def _measure(guest: LoadGuest, disk: Any, op: str, n: int, rnd: random.Ran
     assert bus is not None
     payload = os.urandom(BS)
     lat: list[float] = []
-    b0, t0 = bus.bytes_in + bus.bytes_out, trips()
+    b0, t0, p0 = bus.bytes_in + bus.bytes_out, trips(), getattr(disk, "polls", 0)
     start = time.perf_counter()
     for _ in range(n):
         offset = rnd.randrange(SPAN // BS) * BS
@@ -61,6 +65,7 @@ async def _measure(guest: LoadGuest, disk: Any, op: str, n: int, rnd: random.Ran
     return {"ops": n, "ops_per_s": round(n / wall, 1), "latency_us": _percentiles(lat),
             "mean_us": round(statistics.fmean(lat) * 1e6, 1),
             "round_trips_per_op": round((trips() - t0) / n, 1),
+            "busy_polls_per_op": round((getattr(disk, "polls", 0) - p0) / n, 1),  # of the round trips
             "wire_bytes_per_op": round((bus.bytes_in + bus.bytes_out - b0) / n)}
 
 
@@ -101,6 +106,44 @@ async def one_run(url: str, name: str, ops: int, seed: int) -> dict[str, Any]:
         await guest.leave()
 
 
+def run_emulated(workdir: Path, ops: int, runs: int) -> dict[str, Any]:
+    """``runs`` runs of every path and direction against one parent (its own, in ``workdir``); the result
+    ``bench.run`` stores under ``emulated`` and this module's ``main`` writes as result.json."""
+    parent = start_parent(workdir, {"storage"}, log_level="warning")
+    try:
+        results = [asyncio.run(one_run(parent.endpoint("unix"), f"emu-{i}", ops, i)) for i in range(runs)]
+    finally:
+        parent.stop()
+    ratios = {op: [round(r["synthetic"][op]["ops_per_s"] / r["emulated-string"][op]["ops_per_s"], 1)
+                   for r in results] for op in ("read", "write")}
+    return {"meta": {"bench": "emulated_vs_synthetic", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "bs": BS,
+                     "iodepth": 1, "transport": "unix"},
+            "runs": results, "synthetic_over_emulated_string_ops_ratio": ratios}
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if lo == hi else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def emulated_table(result: dict[str, Any]) -> Table:
+    """One row per path and direction: the range over the runs of each figure (as lab 6's handout shows)."""
+    runs = result["runs"]
+    t = Table(title=f"emulated IDE vs StorVSC: {BS // 1024} KiB random I/O at QD1 (range over {len(runs)} "
+                    "run(s); round trips: StorVSC requests or VM exits)")
+    for col in ("path", "op", "ops/s", "p50 µs", "p99 µs", "round trips/op", "wire B/op"):
+        t.add_column(col, justify="left" if col in ("path", "op") else "right")
+    for path, ops in runs[0].items():
+        for op in ops:
+            cells = [r[path][op] for r in runs]
+            t.add_row(path, op, _span([c["ops_per_s"] for c in cells], ",.1f"),
+                      _span([c["latency_us"]["p50"] for c in cells], ",.0f"),
+                      _span([c["latency_us"]["p99"] for c in cells], ",.0f"),
+                      _span([c["round_trips_per_op"] for c in cells], ",.1f"),
+                      _span([c["wire_bytes_per_op"] for c in cells], ",.0f"))
+    return t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", type=int, default=200,
@@ -108,26 +151,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, help="directory for result.json")
     args = ap.parse_args()
+    logs.setup("warning")
     with tempfile.TemporaryDirectory(prefix="bench-emulated-") as tmp:
-        work = Path(tmp)
-        parent = start_parent(work, {"storage"}, log_level="warning")
-        try:
-            runs = [asyncio.run(one_run(parent.endpoint("unix"), f"emu-{i}", args.ops, i)) for i in range(args.runs)]
-        finally:
-            parent.stop()
-        machine = describe(work)
-    ratios = {op: [round(r["synthetic"][op]["ops_per_s"] / r["emulated-string"][op]["ops_per_s"], 1) for r in runs]
-              for op in ("read", "write")}
-    result = {"meta": {"bench": "emulated_vs_synthetic", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "bs": BS,
-                       "iodepth": 1, "transport": "unix", "machine": machine},
-              "runs": runs, "synthetic_over_emulated_string_ops_ratio": ratios}
-    for i, r in enumerate(runs):
-        for path, ops in r.items():
-            for op, d in ops.items():
-                print(f"run {i} {path:16s} {op:5s} {d['ops_per_s']:9.1f} ops/s  p50 {d['latency_us']['p50']:9.1f}µs"
-                      f"  p99 {d['latency_us']['p99']:9.1f}µs  {d['round_trips_per_op']:7.1f} trips/op"
-                      f"  {d['wire_bytes_per_op']:7d} B/op")
-    print("synthetic / emulated (string PIO) ops/s:", ratios)
+        result = run_emulated(Path(tmp), args.ops, args.runs)
+        result["meta"]["machine"] = describe(Path(tmp))
+    Console(width=160).print(emulated_table(result))
+    print("synthetic / emulated (string PIO) ops/s:", result["synthetic_over_emulated_string_ops_ratio"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

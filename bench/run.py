@@ -49,7 +49,7 @@ from rich.table import Table
 
 from vmbus_proto.aio import logs, malloc
 
-from . import echo_raw, machine, net_frames, net_tap, net_veth, video, vmbus_echo, web
+from . import echo_raw, emulated_vs_synthetic, machine, net_frames, net_tap, net_veth, video, vmbus_echo, web
 from .input import input_table, run_input
 from .parent import REPO_ROOT, raise_nofile, start_parent
 from .profile import profile_vmbus
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="measured seconds of the scale test's active phase (default 10, quick 3; 0: none)")
     p.add_argument("--scale-period", type=float,
                    help="seconds in which each partition does one of each activity (default 5, quick 1)")
-    p.add_argument("--only", choices=["echo", "scale", "storage", "network", "input", "video", "web"],
+    p.add_argument("--only", choices=["echo", "scale", "storage", "emulated", "network", "input", "video",
+                                      "web"],
                    help="run one part only")
     p.add_argument("--storage-jobs", default=",".join(j[0] for j in JOBS),
                    help="storage jobs to run, comma-separated (default: all of randread,randwrite,read,write)")
@@ -345,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{probe['unsupported']:,} unsupported of {probe['reads']:,}, "
                         f"{probe.get('ns_per_read', 0):,} ns per read")
             console.print(storage_table(rows_st))
+        if args.only in (None, "emulated"):
+            console.log("emulated: 4 KiB random reads and writes at QD1, the emulated IDE disk vs StorVSC (lab 6)")
+            results["emulated"] = emu = emulated_vs_synthetic.run_emulated(workdir / "emulated",
+                                                                           50 if args.quick else 200, args.repeat)
+            console.print(emulated_vs_synthetic.emulated_table(emu))
         if args.only in (None, "network"):
             console.log(f"network: iperf3 over a veth pair between two namespaces, {args.seconds:g} s per run")
             veth = net_veth.run_veth(args.seconds, args.repeat)
@@ -398,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{key}_iops"] = round(r["vmbus"]["iops"])
         summary[f"{key}_iops_range"] = [r["vmbus"]["iops_min"], r["vmbus"]["iops_max"]]
         summary[f"{key}_parent_us_per_io"] = round(r["vmbus"].get("parent_us_per_io", 0), 1)
+    if "emulated" in results:
+        summary["emulated_synthetic_over_string_pio"] = results["emulated"]["synthetic_over_emulated_string_ops_ratio"]
     veth = results.get("network", {}).get("veth", {})
     if "forward" in veth:
         summary["network_veth_gbit_per_s"] = [veth["forward"]["gbit_per_s"], veth["reverse"]["gbit_per_s"]]

@@ -19,6 +19,7 @@ floats high) and swallows writes; an access wider than a device's register is sp
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -142,6 +143,8 @@ class PortBus:
     def __init__(self) -> None:
         self._ranges: list[_Range] = []
         self.unclaimed = 0  # accesses no device decoded
+        self.exits: collections.Counter[tuple[int, int]] = collections.Counter()  # (port, direction) -> exits
+        self.data_bytes: collections.Counter[tuple[int, int]] = collections.Counter()  # and the bytes they moved
 
     def register(self, first: int, count: int, device: PortDevice) -> None:
         if first < 0 or count < 1 or first + count - 1 > MAX_PORT:
@@ -178,6 +181,8 @@ class PortBus:
     def access(self, req: IoRequest) -> bytes:
         """Carry out one exit; the IN data (empty for OUT)."""
         size = req.size
+        self.exits[(req.port, req.direction)] += 1
+        self.data_bytes[(req.port, req.direction)] += req.length
         if req.direction == Direction.OUT:
             data = req.data
             for i in range(0, len(data), size):

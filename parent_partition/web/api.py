@@ -21,6 +21,7 @@ from aiohttp import web
 
 from vmbus_proto.devices.input.host import InputNotReady
 from vmbus_proto.errors import LocalProtocolError
+from vmbus_proto.ioport import Direction
 from vmbus_proto.server import HostChannel
 from vmbus_proto.versions import version_text
 
@@ -107,9 +108,24 @@ def partition_json(conn: PartitionConnection, detail: bool) -> dict[str, Any]:
                   "connected_since": _when(conn.vmbus_connected_at)},
         "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out, "dropped_messages": conn.dropped_messages,
         "gpadls": len(core.gpadls) if core else 0, "gpadl_pages": core.gpadl_pages if core else 0,
-        "limit_refusals": conn.limit_refusals, "bytes_held": bytes_held(conn),
+        "limit_refusals": conn.limit_refusals, "bytes_held": bytes_held(conn), "emulated": emulated_json(conn),
         "channels": channels if detail else [{k: c[k] for k in ("relid", "device", "state", "sub_channel_index")}
                                              for c in channels]}
+
+
+def emulated_json(conn: PartitionConnection) -> dict[str, Any] | None:
+    """The partition's I/O-port space: its VM exits and IOPORT frame bytes, and each emulated device's counters
+    for it (the ATA disk's commands, errors, bytes, and exits by port and direction); None before it is
+    accepted or with no emulated device."""
+    ports = conn.ports
+    if ports is None:
+        return None
+    out: dict[str, Any] = {"exits_in": ports.exits[Direction.IN], "exits_out": ports.exits[Direction.OUT],
+                           "frame_bytes_in": ports.bytes_in, "frame_bytes_out": ports.bytes_out,
+                           "unclaimed": ports.bus.unclaimed}
+    for dev in conn.daemon.emulated:
+        out[dev.name] = counters_json(dev.samples())["partitions"].get(conn.partition or "", {})
+    return out
 
 
 def bytes_held(conn: PartitionConnection) -> dict[str, int]:

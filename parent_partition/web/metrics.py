@@ -125,6 +125,8 @@ class VmbusCollector(Collector):
         yield from self._channels()
         for vsp in self.daemon.vsps:
             yield from self._device(vsp.name, vsp.samples())
+        for dev in self.daemon.emulated:  # the devices on trapped I/O ports: vmbus_ata_exits_total, ...
+            yield from self._device(dev.name, dev.samples())
         yield _histogram("vmbus_channel_open_duration_seconds",
                          "OPENCHANNEL to the device's answer (the VSP's open)", ["device"],
                          [([d], h) for d, h in sorted(self.daemon.totals.open_latency.items())])

@@ -4,7 +4,10 @@ trapped port I/O (IOPORT frames) beside its StorVSC, both on the same disk image
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from msgpack import packb
 
 from child_partition.devices.ata.driver import AtaDisk, AtaError
-from child_partition.devices.ata.portio import PortIo
+from child_partition.devices.ata.portio import ExitCounters, PortIo
 from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.load.guest import LoadGuest
 from vmbus_proto.devices.ata.registers import COMMAND, DATA, ERROR, STATUS, Command, Error, Status
@@ -22,6 +25,7 @@ from vmbus_proto.ioport import IoRequest
 
 from .conftest import Parent
 from .rawclient import RawClient
+from .test_load_engine import load, ops_of
 
 pytestmark = pytest.mark.integration
 DEADLINE = 120.0
@@ -165,3 +169,90 @@ def test_ioport_before_hello_closes(parent: Parent) -> None:
     c.send_frame(FrameKind.IOPORT, 0, body)
     reason = c.wait_closed()
     assert reason is not None and "IOPORT" in reason
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """One series of a /metrics page (0 if absent): ``name{k="v",...}`` with exactly these labels."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^{name}(?:{{{re.escape(want)}}})? (\S+)$" if want else rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_and_api_count_the_exits_the_guest_took(workdir: Path) -> None:
+    """The ATA device's counters in /metrics and in the API's partition view agree with the guest's own count
+    of its exits, by port and direction; commands, errors and bytes follow from what the guest did; and the
+    totals stay when the partition leaves (counters never go down)."""
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0"])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        seen: dict[str, object] = {}
+
+        async def body(guest: LoadGuest, vsc: StorageVsc, ata: AtaDisk, io: PortIo) -> None:
+            await ata.read(0, 4096)  # after IDENTIFY: 2 commands, 1 + 8 rep insw exits on the data port
+            with pytest.raises(AtaError):
+                await _read_past_end(ata)  # 1 error
+            seen["guest"] = io.counters.snapshot()
+            seen["metrics"] = await asyncio.to_thread(_get, f"{url}/metrics")
+            seen["api"] = json.loads(await asyncio.to_thread(_get, f"{url}/api/partitions/ata-metrics"))
+
+        with_guest(parent, "ata-metrics", body)
+        guest, text, api = seen["guest"], str(seen["metrics"]), seen["api"]
+        assert isinstance(guest, ExitCounters) and isinstance(api, dict)
+        ins = sum(_metric(text, "vmbus_ata_exits_total", port=f"{p:#x}", direction="in") for p in ATA_PORTS)
+        outs = sum(_metric(text, "vmbus_ata_exits_total", port=f"{p:#x}", direction="out") for p in ATA_PORTS)
+        assert (ins, outs) == (guest.ins, guest.outs), f"/metrics counts {ins} in, {outs} out; the guest {guest}"
+        assert _metric(text, "vmbus_ata_exits_total", port="0x1f0", direction="in") == 9, "1 + 8 sectors of rep insw"
+        assert _metric(text, "vmbus_ata_commands_total") == 3, "IDENTIFY, READ SECTORS, the READ past the end"
+        assert _metric(text, "vmbus_ata_errors_total") == 1
+        assert _metric(text, "vmbus_ata_read_bytes_total") == 4096
+        assert _metric(text, "vmbus_ata_port_bytes_total", direction="in") >= 512 + 4096
+        emu = api["emulated"]
+        assert (emu["exits_in"], emu["exits_out"]) == (guest.ins, guest.outs), f"API: {emu}"
+        assert emu["ata"]["exits_total{port=0x1f0,direction=in}"] == 9 and emu["ata"]["errors_total"] == 1, emu
+        parent.wait_event("VMBus disconnected", 30, partition="ata-metrics")
+        after = _get(f"{url}/metrics")
+        gone = sum(_metric(after, "vmbus_ata_exits_total", port=f"{p:#x}", direction=d) for p in ATA_PORTS
+                   for d in ("in", "out"))
+        assert gone == guest.exits, f"after the partition left, /metrics counts {gone} exits, not {guest.exits}"
+        assert _metric(after, "vmbus_ata_partitions_attached") == 0
+    finally:
+        parent.stop()
+
+
+ATA_PORTS = (*range(0x1F0, 0x1F8), 0x3F6)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return str(resp.read().decode())
+
+
+def test_load_storage_emulated_end_to_end(workdir: Path) -> None:
+    """``child-partition load storage --path emulated``: a real load client drives the IDE disk; every op is
+    counted, the exits it reports are exactly the probe's and 24 per 4 KiB read (plus the busy polls it
+    reports), the parent's /metrics counted the same exits, and --data-dir removes the run's image."""
+    data = workdir / "p" / "var"
+    parent = Parent(workdir / "p", extra=["--http", "127.0.0.1:0", "--data-dir", str(data)])
+    try:
+        url = parent.wait_event("web console and API listening")["url"]
+        out, n = workdir / "emulated.json", 40
+        done, pid = load("storage", "--connect", parent.unix, "--path", "emulated", "--rw", "randread", "--bs", "4k",
+                         "--iodepth", "1", "--size", "8M", "--count", str(n), "--warmup", "0", "--runtime", "600",
+                         "--processes", "1", "--data-dir", str(data), "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "VM exits" in done.stdout, f"the report shows no exits line:\n{done.stdout}"
+        assert ops_of(out, "storage", "read") == n
+        exits = json.loads(out.read_text())["workloads"]["storage"]["extra"]["exits"]
+        assert len(exits) == 1, exits
+        e = exits[0]
+        probe = 2 + 1 + 7 + 2 + 1  # nIEN and device select, status; IDENTIFY: status + 6 OUTs, DRQ + data, status
+        assert e["exits"] == probe + 24 * n + e["busy_polls"], f"{e}: expected {probe} + 24 x {n} + busy polls"
+        parent.wait_event("VMBus disconnected", 30, partition=f"load-{pid}-0")
+        text = _get(f"{url}/metrics")
+        counted = sum(_metric(text, "vmbus_ata_exits_total", port=f"{p:#x}", direction=d) for p in ATA_PORTS
+                      for d in ("in", "out"))
+        assert counted == e["exits"], f"the parent counted {counted} exits, the client {e['exits']}"
+        assert _metric(text, "vmbus_ata_read_bytes_total") == n * 4096, "the reads' bytes (IDENTIFY is not a read)"
+        assert not (data / f"load-{pid}-0").exists(), "--data-dir did not remove the run's image"
+    finally:
+        parent.stop()

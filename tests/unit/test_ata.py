@@ -172,3 +172,15 @@ def test_ioport_codec() -> None:
                        (IoRequest(1, 0, 8, 1).encode()[0], b"")):
         with pytest.raises(FrameError):
             decode_request(body, data)
+
+
+def test_bus_counts_exits_by_port_and_direction() -> None:
+    """One ``access`` is one exit, whatever its count; the bytes are what it moved (the /metrics source)."""
+    _, bus = drive()
+    bus.access(IoRequest(1, Direction.IN, 1, STATUS))
+    bus.access(IoRequest(2, Direction.OUT, 2, DATA, 3, b"\0" * 6))
+    bus.access(IoRequest(3, Direction.IN, 2, DATA, 256))
+    bus.access(IoRequest(4, Direction.IN, 1, 0x80))  # unclaimed: counted all the same (it still exited)
+    assert dict(bus.exits) == {(STATUS, Direction.IN): 1, (DATA, Direction.OUT): 1, (DATA, Direction.IN): 1,
+                               (0x80, Direction.IN): 1}
+    assert bus.data_bytes[(DATA, Direction.IN)] == 512 and bus.data_bytes[(DATA, Direction.OUT)] == 6

@@ -15,11 +15,13 @@ StorVSP offered, the device opens the same images itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.ata.controller import PORTS, AtaController, DiskOp, OpKind
-from vmbus_proto.ioport import PortBus
+from vmbus_proto.devices.ata.registers import SECTOR
+from vmbus_proto.ioport import Direction, PortBus
 
 from ...counters import Sample
 from ...vsp import HostContext, Vsp
@@ -29,6 +31,19 @@ from ..storage.settings import StorageSettings
 from ..storage.vsp import StorageVsp
 
 DISK_LUN = 0
+CountKey = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and labels
+COUNTER_HELP = {
+    "commands_total": "ATA commands executed",
+    "errors_total": "ATA commands ended with ERR (ABRT, IDNF, UNC)",
+    "read_bytes_total": "bytes read from the disk by PIO (sectors of READ SECTORS)",
+    "written_bytes_total": "bytes written to the disk by PIO (sectors of WRITE SECTORS)",
+    "flushes_total": "FLUSH CACHE commands completed",
+    "exits_total": "VM exits (IOPORT frames) to the IDE channel's ports, by port and direction",
+    "port_bytes_total": "bytes the exits to the IDE channel's ports moved, by direction",
+}
+_CONTROLLER = (("commands", "commands_total", 1), ("aborted", "errors_total", 1),
+               ("sectors_read", "read_bytes_total", SECTOR), ("sectors_written", "written_bytes_total", SECTOR),
+               ("flushes", "flushes_total", 1))
 
 
 class AtaDevice:
@@ -40,7 +55,7 @@ class AtaDevice:
         self.storage = storage
         self.log = logs.get(component="ata")
         self.partitions: dict[str, AtaAttachment] = {}
-        self.retired = AtaController().counters  # what detached partitions' controllers counted (summed)
+        self.retired: collections.Counter[CountKey] = collections.Counter()  # what detached partitions counted
 
     @classmethod
     def create(cls, vsps: list[Vsp], storage: StorageSettings, host: HostContext) -> AtaDevice:
@@ -49,7 +64,7 @@ class AtaDevice:
         return cls(shared if shared is not None else StorageVsp.create(storage, host))
 
     def attach(self, partition: str, bus: PortBus, log: Any) -> AtaAttachment:
-        att = AtaAttachment(self, partition, log.bind(device=self.name))
+        att = AtaAttachment(self, partition, bus, log.bind(device=self.name))
         for first, count in PORTS:
             bus.register(first, count, att)
         self.partitions[partition] = att
@@ -58,18 +73,14 @@ class AtaDevice:
     def detached(self, att: AtaAttachment) -> None:
         if self.partitions.get(att.partition) is att:
             del self.partitions[att.partition]
-        c, r = att.ctl.counters, self.retired
-        for name in ("commands", "aborted", "sectors_read", "sectors_written", "flushes", "stray_data",
-                     "ignored_writes"):
-            setattr(r, name, getattr(r, name) + getattr(c, name))
+        self.retired.update(att.counts())
 
     def samples(self) -> list[Sample]:
+        """What /metrics and the API show: per partition (live) and what detached partitions counted."""
         out = [Sample("partitions_attached", len(self.partitions), "partitions with the IDE channel", "gauge")]
-        for name, help_ in (("commands", "ATA commands executed"), ("aborted", "ATA commands ended with ERR"),
-                            ("sectors_read", "sectors read by PIO"), ("sectors_written", "sectors written by PIO"),
-                            ("flushes", "FLUSH CACHE commands completed")):
-            total = getattr(self.retired, name) + sum(getattr(a.ctl.counters, name) for a in self.partitions.values())
-            out.append(Sample(f"{name}_total", total, help_))
+        for partition, counts in [(None, self.retired), *((a.partition, a.counts()) for a in self.partitions.values())]:
+            out += [Sample(name, value, COUNTER_HELP[name], partition=partition, labels=labels)
+                    for (name, labels), value in sorted(counts.items())]
         return out
 
     async def shutdown(self) -> None:
@@ -80,8 +91,8 @@ class AtaDevice:
 class AtaAttachment:
     """One partition's IDE channel: the port device on its bus, and the disk work of its controller."""
 
-    def __init__(self, device: AtaDevice, partition: str, log: Any) -> None:
-        self.device, self.partition, self.log = device, partition, log
+    def __init__(self, device: AtaDevice, partition: str, bus: PortBus, log: Any) -> None:
+        self.device, self.partition, self.bus, self.log = device, partition, bus, log
         self.ctl = AtaController(serial=disk_id_for(partition, DISK_LUN).hex[:20].upper())
         self.disk: ScsiDisk | None = None
         self.closed = False
@@ -106,6 +117,20 @@ class AtaAttachment:
         self.disk = disk
         self.ctl.attach(disk.blocks if disk.block_size == 512 else 0, disk.read_only)
         self.log.info("emulated disk ready", sectors=disk.blocks, path=str(getattr(disk.backend, "path", "?")))
+
+    def counts(self) -> collections.Counter[CountKey]:
+        """The controller's counters and the exits to its ports, as sample names and labels."""
+        c = self.ctl.counters
+        out: collections.Counter[CountKey] = collections.Counter(
+            {(name, ()): getattr(c, attr) * scale for attr, name, scale in _CONTROLLER})
+        for first, count in PORTS:
+            for port in range(first, first + count):
+                for direction in Direction:
+                    way = (("direction", direction.name.lower()),)
+                    if exits := self.bus.exits[(port, direction)]:
+                        out[("exits_total", (("port", f"{port:#x}"), *way))] += exits
+                        out[("port_bytes_total", way)] += self.bus.data_bytes[(port, direction)]
+        return out
 
     def _release(self) -> None:
         if self._held:
