@@ -32,12 +32,14 @@ from vmbus_proto.devices.network import guest as netguest
 from vmbus_proto.devices.network import nvsp, offload, rndis, rss, vnet
 from vmbus_proto.devices.network.buffers import DEFAULT_RECEIVE_BUFFER, DEFAULT_SEND_BUFFER
 from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import PAGE_SIZE, Packet, PacketType
+from vmbus_proto.packets import PAGE_SIZE, GpaRange, Packet, PacketType, pages_spanned
 
 from ...guest_memory import GuestMemory
 from ...vsc import HandshakeVsc
 from .nic import Nic
 from .service import NetworkService
+
+TX_DIRECT_PAGES = 20  # a 64 KiB GSO frame and its RNDIS header: the largest transmit the NIC hands over
 
 SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
 DEFAULT_QUEUES = 8  # Linux VRSS_CHANNEL_DEFAULT (and at most VRSS_CHANNEL_MAX = 64)
@@ -86,15 +88,18 @@ class NetworkVsc(HandshakeVsc):
         self.queues: dict[int, _Queue] = {}  # open sub-channels by index
         self.spreading = False  # every granted sub-channel is open and RSS was set for them
         self._tx_hash: rss.Toeplitz | None = None
+        self.tx_pages: list[int] = []  # the guest pages a GPA-direct transmit names (its skb's pages, in Linux)
 
     async def handshake(self, channel: Channel) -> None:
         await super().handshake(channel)  # NVSP INIT, newest first
         recv_gpadl, recv = await self._share("receive", DEFAULT_RECEIVE_BUFFER)
         self.recv_pages = recv
         send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
+        self.tx_pages = self.memory.alloc(TX_DIRECT_PAGES)
         self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
                                         send_gpadl=send_gpadl, send_view=send, send_size=send.size,
-                                        version=self.version, queues=self._wanted_queues())
+                                        version=self.version, queues=self._wanted_queues(),
+                                        direct_ranges=self._direct_ranges)
         self.guest.start()
         await self.flush(channel)
         while not self._ready.is_set():  # Linux's probe: every setup answer, then the NIC is up
@@ -102,6 +107,12 @@ class NetworkVsc(HandshakeVsc):
             await self._receive(channel, pkt)
             if self._failed:
                 raise DeviceProtocolError(f"network setup failed: {self._failed}")
+
+    def _direct_ranges(self, length: int) -> tuple[GpaRange, ...]:
+        """A frame too large for a send section goes GPA-direct, naming pages of this guest's own memory (the
+        parent refuses pages outside it, as Hyper-V does); its bytes travel with the packet."""
+        pages = self.tx_pages
+        return (GpaRange(length, 0, tuple(pages[i % len(pages)] for i in range(pages_spanned(0, length)))),)
 
     async def _share(self, which: str, size: int) -> tuple[int, PageView]:
         pfns = self.memory.alloc(size // PAGE_SIZE)
@@ -230,6 +241,12 @@ class NetworkVsc(HandshakeVsc):
                 with contextlib.suppress(ChannelClosed, ConnectionError):
                     await self.bus.teardown_gpadl(self.relid, gpadl)
             self.memory.free(pfns)
+        self._free_tx_pages()
+
+    def _free_tx_pages(self) -> None:
+        if self.tx_pages:
+            self.memory.free(self.tx_pages)
+            self.tx_pages = []
 
     def forget(self) -> None:
         self._stop_queues()
@@ -238,6 +255,7 @@ class NetworkVsc(HandshakeVsc):
         for _, pfns in self.buffers.values():
             self.memory.free(pfns)
         self.buffers.clear()
+        self._free_tx_pages()
         super().forget()
 
     # ---- sub-channels ------------------------------------------------------------------------------------
