@@ -125,6 +125,7 @@ class Proc:
             if self.popen.poll() is not None:
                 raise Failed(f"{Path(self.argv[0]).name} exited {self.popen.returncode} before {what}; "
                              f"its last lines:\n{_tail(out)}")
+            driver_failed(out, what)
             if time.monotonic() > deadline:
                 raise Failed(f"{Path(self.argv[0]).name} did not get to {what} within {timeout:g}s; "
                              f"its last lines:\n{_tail(out)}")
@@ -142,6 +143,17 @@ class Proc:
                 self.popen.wait()
         self._out.close()
         return self.popen.returncode
+
+
+#: What a child logs when a driver raised: it carries on without that device, so nothing awaited comes.
+DRIVER_FAILED = ("device failed to attach", "device driver failed")
+
+
+def driver_failed(out: str, what: str) -> None:
+    """Fail at once, not at a deadline, when a device driver in this output has failed."""
+    for line in out.splitlines():
+        if any(phrase in line for phrase in DRIVER_FAILED):
+            raise Failed(f"a device driver failed before {what}: {line.strip()}\n{_tail(out)}")
 
 
 def _tail(text: str, lines: int = 12) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from labs.harness import BIN, Context, Failed, Lab, Proc, Step, child, free_port
+from labs.harness import BIN, Context, Failed, Lab, Proc, Step, child, driver_failed, free_port
 from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.heartbeat import ic
 from vmbus_proto.errors import DeviceProtocolError
@@ -210,6 +210,7 @@ def _wait_line(proc: Proc, pattern: str, count: int = 1, timeout: float = 60.0) 
         found = list(re.finditer(pattern, proc.output()))
         if len(found) >= count:
             return found
+        driver_failed(proc.output(), f"{count} lines matching {pattern!r}")
         if proc.popen.poll() is not None or time.monotonic() > deadline:
             raise Failed(f"{proc.log.stem} logged {len(found)} lines matching {pattern!r}, expected {count}; "
                          f"its last lines:\n" + "\n".join(proc.output().splitlines()[-8:]))

@@ -73,6 +73,20 @@ class Proc:
         return self.wait_for(lambda r: r.get("event") == event and all(r.get(k) == v for k, v in fields.items()),
                              timeout, start)
 
+    def wait_count(self, event: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until ``event`` has been logged ``count`` times (lines reach us through a pipe, after the peer
+        that caused them may already have seen the result); more than ``count`` fails at once."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = [r for r in self.lines if r.get("event") == event]
+                assert len(got) <= count, f"{self.name}: {event!r} logged {len(got)} times, expected {count}"
+                if len(got) == count:
+                    return got
+                left = deadline - time.monotonic()
+                assert left > 0, f"{self.name}: {event!r} logged {len(got)} times in {timeout:g}s, expected {count}"
+                self._cond.wait(left)
+
     def events(self, event: str) -> list[dict[str, Any]]:
         with self._cond:
             return [r for r in self.lines if r.get("event") == event]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench.emulated_vs_synthetic import emulated_table
 from bench.scale_stats import KINDS
 from vmbus_proto.devices.registry import ALL
 
@@ -59,6 +60,27 @@ def check_machine(meta: dict[str, Any]) -> None:
     assert len(load) == 3 and all(math.isfinite(x) and x >= 0 for x in load), f"load average {load}"
 
 
+def check_emulated(results: dict[str, Any], stdout: str) -> None:
+    """Lab 6's section: every path and direction measured, and its round trips per op the exact counts of
+    docs/protocol.md §13.2 (1 for StorVSC; 24 VM exits per 4 KiB read with ``rep insw``, 2,064 word by word and
+    per write, plus the busy status polls the run reports). Nothing about speed."""
+    runs = results["emulated"]["runs"]
+    assert len(runs) == 1, "--quick runs once"
+    exact = {("synthetic", "read"): 1, ("synthetic", "write"): 1, ("emulated-string", "read"): 24}
+    cells = {(path, op): d for path, ops in runs[0].items() for op, d in ops.items()}
+    assert set(cells) == {(p, o) for p in ("synthetic", "emulated-string", "emulated-word") for o in ("read", "write")}
+    for key, d in cells.items():
+        assert d["ops"] > 0 and d["ops_per_s"] > 0 and d["latency_us"]["p50"] <= d["latency_us"]["p99"], (key, d)
+        trips, busy = d["round_trips_per_op"], d["busy_polls_per_op"]
+        want = exact.get(key, 2064)  # a write: 2,064 exits either way
+        assert abs(trips - busy - want) < 0.11, f"{key}: {trips} round trips per op, {busy} of them busy polls"
+        assert d["wire_bytes_per_op"] > 4096, f"{key}: the 4 KiB of data must cross the wire: {d}"
+    ratio = results["summary"]["emulated_synthetic_over_string_pio"]
+    assert set(ratio) == {"read", "write"}, ratio
+    assert "emulated IDE vs StorVSC" in stdout, "the section's table was not printed"
+    assert emulated_table(results["emulated"]).row_count == 6
+
+
 @pytest.mark.timeout(330)
 def test_bench_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -69,6 +91,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert {"meta", "aims", "echo", "scale", "storage", "storage_image", "summary"} <= set(results)
     check_machine(results["meta"])
+    check_emulated(results, proc.stdout)
     assert "Python loops/s" in proc.stdout and "mitigations" in proc.stdout, "no machine summary printed"
 
     cells = {(row["size"], row["transport"]) for row in results["echo"]}

@@ -27,14 +27,14 @@ def test_children_over_tcp_and_unix_open_every_channel_and_unload(parent: Parent
                                      "keyboard": "1.0", "mouse": "2.0", "heartbeat": "3.0"}
         assert vm.events("VMBus negotiated")[0]["version"] == "5.3"  # a current Linux guest's first try
         vm.wait_event("NIC queues")  # the NIC's sub-channels open after its probe, as Linux's subchan_work
-    assert len(parent.events("channel open")) == 2 * CHANNELS
+    parent.wait_count("channel open", 2 * CHANNELS)
     for vm in (vm1, vm2):
         assert vm.stop(signal.SIGINT) == 0
         assert vm.events("unloaded cleanly")
         assert not vm.events("reconnecting"), "a child asked to stop must not reconnect"
     parent.wait_event("VMBus disconnected", partition="vm1", reason="unload")
     parent.wait_event("VMBus disconnected", partition="vm2", reason="unload")
-    assert len(parent.events("channel closed")) == 2 * CHANNELS
+    parent.wait_count("channel closed", 2 * CHANNELS)
     assert not [r for r in parent.lines if r.get("level") in ("error", "critical")]
 
 
