@@ -1,4 +1,4 @@
-"""One partition's I/O-port space on the parent: the VMM side of trapped IN/OUT (docs/protocol.md §10).
+"""One partition's I/O-port space on the parent: the VMM side of trapped IN/OUT (docs/protocol.md §13).
 
 What QEMU's vCPU loop does with ``KVM_EXIT_IO`` (accel/kvm/kvm-all.c ``kvm_handle_io``: for each of
 ``count`` units, ``address_space_rw`` on the I/O address space): each IOPORT frame is decoded

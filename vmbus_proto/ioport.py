@@ -1,4 +1,4 @@
-"""Trapped port I/O over the stream: the IOPORT frame (docs/protocol.md §10) and the I/O-port bus.
+"""Trapped port I/O over the stream: the IOPORT frame (docs/protocol.md §13) and the I/O-port bus.
 
 What a guest's IN and OUT instructions become under a hypervisor. On KVM an IN/OUT to a port no in-kernel
 device claims is a VM exit to the VMM (``KVM_EXIT_IO`` in Linux include/uapi/linux/kvm.h: ``direction``

@@ -62,7 +62,7 @@ ALL: tuple[DeviceSpec, ...] = tuple(e.spec for e in REGISTRY if e.enabled)  # wh
 @dataclass(frozen=True, slots=True)
 class EmulatedEntry:
     """A device that is not on VMBus: a register-level model the guest drives by trapped port I/O (the IOPORT
-    frame, docs/protocol.md §10). ``device`` is the parent's model, ``driver`` the child's, as ``module:Class``."""
+    frame, docs/protocol.md §13). ``device`` is the parent's model, ``driver`` the child's, as ``module:Class``."""
 
     name: str
     device: str

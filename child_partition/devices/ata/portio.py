@@ -1,7 +1,7 @@
 """The guest vCPU's IN/OUT instructions: each one a VM exit, carried to the parent as an IOPORT frame.
 
 What the CPU and KVM do when a guest touches an I/O port no in-kernel device claims (``KVM_EXIT_IO``,
-docs/protocol.md §10): the vCPU stops, the VMM carries out the access, the vCPU resumes with the value.
+docs/protocol.md §13): the vCPU stops, the VMM carries out the access, the vCPU resumes with the value.
 So one exit is one round trip, and a vCPU has at most one exit outstanding. String I/O (``rep insw``,
 ``rep outsw``) costs the exits KVM's instruction emulator takes (``vmbus_proto.ioport.string_exits``:
 ``rep ins`` reads ahead up to 1 KiB an exit, ``rep outs`` exits once per unit). Every exit and every byte
