@@ -10,7 +10,6 @@ score per step and the total, as MIT 6.1810's ``make grade`` does. Exit status 0
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from labs.harness import LABS, REPO, Context, Failed, Lab
+from labs.harness import LABS, REPO, Context, Failed, Lab, import_file
 
 
 @dataclass
@@ -40,11 +39,7 @@ def load_lab(number: int) -> tuple[Lab, Path]:
     if number not in dirs:
         raise SystemExit(f"no lab {number}: the labs are {', '.join(str(n) for n in dirs)} (python -m labs.grade "
                          "--list)")
-    path = dirs[number] / "grader.py"
-    spec = importlib.util.spec_from_file_location(f"_lab_grader_{number}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(dirs[number] / "grader.py", f"_lab_grader_{number}")
     lab: Lab = module.LAB
     return lab, dirs[number]
 

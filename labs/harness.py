@@ -73,13 +73,9 @@ class Context:
             path = self.code / f"{name}.py"
             if not path.exists():
                 raise Failed(f"{path.relative_to(REPO)} is missing")
-            spec = importlib.util.spec_from_file_location(f"_lab_{self.code.parent.name}_{self.code.name}_{name}",
-                                                          path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-            self._modules[name] = module
+            private = f"_lab_{self.code.parent.name}_{self.code.name}_{name}"
+            sys.modules.pop(private, None)  # each step imports the graded file afresh
+            self._modules[name] = import_file(path, private)
         return self._modules[name]
 
     def text(self, name: str) -> str:
@@ -87,6 +83,18 @@ class Context:
         if not path.exists():
             raise Failed(f"{path.relative_to(REPO)} is missing")
         return path.read_text()
+
+
+def import_file(path: Path, name: str) -> ModuleType:
+    """The Python file at ``path`` as module ``name``, imported once (a lab's helpers and graded files live
+    in folders that are not packages)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def free_port() -> int:

@@ -5,12 +5,11 @@ child partition with the student's ``split()`` against a real parent."""
 
 from __future__ import annotations
 
-import importlib.util
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from labs.harness import Context, Failed, Lab, Step, parent
+from labs.harness import Context, Failed, Lab, Step, import_file, parent
+from labs.harness import answers as read_answers
 from vmbus_proto import gpadl as core_gpadl
 from vmbus_proto.errors import LocalProtocolError
 from vmbus_proto.packets import packet_ring_size
@@ -122,11 +121,7 @@ def _first_diff(a: bytes, b: bytes) -> int:
 
 
 def _patched_child() -> Any:
-    spec = importlib.util.spec_from_file_location("_lab2_patched_child", HERE / "patched_child.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(HERE / "patched_child.py", "_lab2_patched_child")
 
 
 def real_parent(ctx: Context) -> None:
@@ -265,10 +260,7 @@ ANSWERS = {"q1_storvsc_ring_bodies": 2, "q2_netvsc_recv_messages": 147, "q3_max_
 
 
 def answers(ctx: Context) -> None:
-    try:
-        got = tomllib.loads(ctx.text("answers.toml"))
-    except tomllib.TOMLDecodeError as exc:
-        raise Failed(f"answers.toml is not valid TOML: {exc}") from None
+    got = read_answers(ctx)
     wrong = [k for k, v in ANSWERS.items() if got.get(k) != v]
     if wrong:
         raise Failed(f"not right yet: {', '.join(wrong)}")

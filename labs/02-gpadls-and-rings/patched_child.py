@@ -15,7 +15,6 @@ GPADL_CREATED; ``--trace`` shows them.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import time
@@ -25,18 +24,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for labs.harness
 import vmbus_proto.client
 from child_partition.cli import main
-from labs.harness import Failed, Proc
+from labs.harness import Failed, Proc, import_file
 
 SPLIT_LINE = re.compile(r"lab2 split: relid=\d+ gpadl=(0x[0-9a-f]+)")
 CREATED = re.compile(r"GPADL_CREATED\(10\) child_relid=\d+ gpadl=(0x[0-9a-f]+) creation_status=(0x[0-9a-f]+)")
 
 
 def _load(folder: Path) -> Any:
-    spec = importlib.util.spec_from_file_location("lab2_student_gpadl", folder / "gpadl.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(folder / "gpadl.py", f"lab2_student_gpadl_{folder.name}")
 
 
 def patch(folder: Path) -> None:

@@ -13,12 +13,11 @@ import contextlib
 import re
 import shutil
 import tempfile
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from labs.harness import BIN, Context, Failed, Lab, Proc, Step, child, driver_failed, free_port
+from labs.harness import Context, Failed, Lab, Proc, Step, child, driver_failed, parent
+from labs.harness import answers as read_answers
 from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.heartbeat import ic
 from vmbus_proto.errors import DeviceProtocolError
@@ -147,21 +146,6 @@ def host_exchange(ctx: Context) -> None:
     _raises("receive() of an answer with a failure status", host.receive, Incoming(INBAND, 0, False, bytes(bad)), 13.0)
 
 
-@contextlib.contextmanager
-def parent(tmp: Path, config: str) -> Iterator[tuple[Proc, str]]:
-    """A real parent with ``config``, once it listens (``labs.harness.parent`` probes once, and a probe that
-    comes before the listener is refused); stopped with Ctrl-C at the end."""
-    url = f"tcp://127.0.0.1:{free_port()}"
-    (tmp / "parent.toml").write_text(config)
-    proc = Proc([str(BIN / "parent-partition"), "serve", "--listen", url, "--data-dir", str(tmp / "var"), "--http",
-                 "none", "--config", str(tmp / "parent.toml")], tmp / "parent.log")
-    try:
-        proc.wait_for("parent partition listening", 60)
-        yield proc, url
-    finally:
-        proc.interrupt()
-
-
 # ---- real partitions: one parent with your VSP, two children with your VSC, shared by three steps ------------
 
 class Session:
@@ -170,7 +154,7 @@ class Session:
         self.stack = contextlib.ExitStack()
         config = (f'[parent]\ndevice_plugins = ["{ctx.code / "vsp.py"}:TimesyncVsp"]\n{OTHERS_OFF}'
                   f"[timesync]\ninterval = 0.5\noffset = {OFFSET}\n")
-        self.parent, url = self.stack.enter_context(parent(self.tmp, config))
+        self.parent, url = self.stack.enter_context(parent(self.tmp, config=config))
         self.children = [child(self.tmp, url, name, "--trace", "--device-plugin", f"{ctx.code / 'vsc.py'}:TimesyncVsc")
                          for name in ("vm1", "vm2")]
         for c in self.children:
@@ -244,7 +228,7 @@ def samples(ctx: Context) -> None:
 
 def malformed(ctx: Context) -> None:
     config = f'[parent]\ndevice_plugins = ["{LAB_DIR / "faults.py"}:FaultyTimesyncVsp"]\n{OTHERS_OFF}'
-    with parent(ctx.tmp, config) as (_, url):
+    with parent(ctx.tmp, config=config) as (_, url):
         c = child(ctx.tmp, url, "vm1", "--device-plugin", f"{ctx.code / 'vsc.py'}:TimesyncVsc")
         try:
             _wait_line(c, r"\[warning *\] timesync packet dropped")
@@ -266,10 +250,7 @@ QUESTIONS = {
 
 
 def questions(ctx: Context) -> None:
-    try:
-        answers = tomllib.loads(ctx.text("answers.toml"))
-    except tomllib.TOMLDecodeError as exc:
-        raise Failed(f"answers.toml is not valid TOML: {exc}") from None
+    answers = read_answers(ctx)
     for key, (word, what) in QUESTIONS.items():
         text = answers.get(key, "")
         if not isinstance(text, str) or len(text.split()) < 15:

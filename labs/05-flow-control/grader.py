@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import importlib.util
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from labs.harness import Context, Failed, Lab, Step, parent
+from labs.harness import Context, Failed, Lab, Step, import_file, parent
+from labs.harness import answers as read_answers
 from vmbus_proto.packets import packet_ring_size
 from vmbus_proto.ring import ring_data_size
 
@@ -25,14 +24,7 @@ CONFIG = (HERE / "parent.toml").read_text()
 
 
 def _flowlab() -> ModuleType:
-    name = "_lab5_flowlab"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "flowlab.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_file(HERE / "flowlab.py", "_lab5_flowlab")
 
 
 async def _until(cond: Any, what: str, timeout: float = 60.0) -> None:
@@ -189,10 +181,7 @@ ANSWERS = {"q1_packets_before_wait": 43, "q2_pending_send_sz": 280}
 
 
 def answers(ctx: Context) -> None:
-    try:
-        got = tomllib.loads(ctx.text("answers.toml"))
-    except tomllib.TOMLDecodeError as exc:
-        raise Failed(f"answers.toml is not valid TOML: {exc}") from None
+    got = read_answers(ctx)
     wrong = [k for k, v in ANSWERS.items() if got.get(k) != v]
     if wrong:
         raise Failed(f"not right yet: {', '.join(wrong)}")

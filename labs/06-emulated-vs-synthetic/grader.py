@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from labs.harness import Context, Failed, Lab, Step, answer, answers, key_terms, parent
+from labs.harness import Context, Failed, Lab, Step, answer, answers, import_file, key_terms, parent
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.ata.registers import (
     DATA,
@@ -47,14 +46,7 @@ READS = (Command.READ_SECTORS, Command.READ_SECTORS_NORETRY)
 
 
 def _emulab() -> ModuleType:
-    name = "_lab6_emulab"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "emulab.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_file(HERE / "emulab.py", "_lab6_emulab")
 
 
 def model_exits(sectors: int, pio: str) -> int:
