@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from child_partition.runner import EXIT_REFUSED
 from vmbus_proto.devices.registry import ALL as OFFERED
 
 from .netns import netns_factory, tap_allowed  # noqa: F401  (network namespace fixtures)
@@ -134,6 +135,21 @@ class Parent(Proc):
 def child(workdir: Path, url: str, name: str, *extra: str) -> Proc:
     return Proc([str(BIN / "child-partition"), "run", "--connect", url, "--name", name, "--json-logs", *extra],
                 workdir, name)
+
+
+def gave_up(proc: Proc, status: int = EXIT_REFUSED, timeout: float = 60.0) -> str:
+    """A child that must give up by itself, not retry: its exit status is ``status`` (a refusal's by default)
+    and its only non-log line, returned, is the reason."""
+    try:
+        code = proc.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+        raise AssertionError(f"{proc.name} did not give up within {timeout:g}s (it kept retrying?)") from None
+    proc.stop()
+    plain = [str(r["event"]) for r in proc.lines if r.get("level") == "raw"]
+    assert code == status, f"{proc.name} exited {code}, not {status}: {plain}"
+    assert len(plain) == 1, f"{proc.name} printed {len(plain)} lines besides its log, not one: {plain}"
+    return plain[0]
 
 
 @contextlib.contextmanager

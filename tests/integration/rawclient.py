@@ -8,10 +8,11 @@ from typing import Any
 
 from vmbus_proto import messages as m
 from vmbus_proto.auth import GuestAuth
+from vmbus_proto.devices.base import Incoming
 from vmbus_proto.envelope import Hello, Signal, decode_close_code, decode_packet, encode_packet
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameDecoder, FrameKind, encode_frame
 from vmbus_proto.gpadl import split
-from vmbus_proto.packets import Packet
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet
 
 
 def connect(url: str, timeout: float = 15.0) -> socket.socket:
@@ -104,6 +105,15 @@ class RawClient:
             f = self.expect_kind(FrameKind.PACKET, timeout)
             if f.relid == relid:
                 return decode_packet(f.body, f.data, 1 << 20)
+
+    def handshake(self, relid: int, hs: Any) -> None:
+        """Run a device's guest-side handshake (``vmbus_proto.devices.*.VscHandshake``) on an open channel."""
+        outs = hs.start()
+        while not hs.done:
+            for o in outs:
+                self.send_packet(relid, Packet(o.type, FLAG_COMPLETION_REQUESTED, o.trans_id, o.payload))
+            pkt = self.recv_packet(relid)
+            outs = hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
 
     def wait_closed(self, timeout: float = 15.0) -> str | None:
         """Read until the peer closes; returns the CLOSE frame's reason, if one came."""

@@ -14,11 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from child_partition.runner import EXIT_REFUSED
 from vmbus_proto.aio.keyfile import new_secret_file, read_secret_file, read_token_file
 from vmbus_proto.envelope import REPLACED
 
-from .conftest import BIN, FAST_LIMITS, Parent, Proc, child
+from .conftest import BIN, FAST_LIMITS, Parent, Proc, child, gave_up
 from .rawclient import RawClient
 
 pytestmark = pytest.mark.integration
@@ -34,21 +33,6 @@ def auth_config(keys: dict[str, Path], **auth: Any) -> str:
                    for k, v in auth.items())
     tables = "".join(f'[[auth.partition]]\nname = "{n}"\nsecret_file = "{p}"\n' for n, p in keys.items())
     return f"{FAST_LIMITS}\n[auth]\n{head}{tables}"
-
-
-def refused_line(proc: Proc, timeout: float = 60.0) -> str:
-    """A child that must give up at once: its exit status is EXIT_REFUSED and its only non-log line is the
-    reason, returned."""
-    try:
-        status = proc.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.stop()
-        raise AssertionError(f"{proc.name} did not give up within {timeout:g}s (it retried a refusal?)") from None
-    proc.stop()
-    plain = [r["event"] for r in proc.lines if r.get("level") == "raw"]
-    assert status == EXIT_REFUSED, f"{proc.name} exited {status}, not {EXIT_REFUSED}: {plain}"
-    assert len(plain) == 1, f"{proc.name} printed {len(plain)} lines besides its log, not one: {plain}"
-    return str(plain[0])
 
 
 def refusals(parent: Parent, name: str) -> list[dict[str, Any]]:
@@ -69,7 +53,7 @@ def test_required_mode_takes_good_children_and_refuses_the_rest_once(tmp_path: P
 
         # A wrong secret: refused once, one line, exit 3, no retry (reconnecting is on by default).
         bad = child(tmp_path, parent.tcp, "vm1", "--secret-file", str(wrong))
-        line = refused_line(bad)
+        line = gave_up(bad)
         assert line == (f"child-partition: error: the parent at {parent.tcp} refused this child: authentication "
                         f"failed for partition 'vm1'; check --secret-file: it must hold the same secret as the "
                         f"parent's [[auth.partition]] secret_file for this name"), line
@@ -78,15 +62,15 @@ def test_required_mode_takes_good_children_and_refuses_the_rest_once(tmp_path: P
 
         # No secret at all, on the Unix socket: "required" refuses it everywhere.
         anon = child(tmp_path, parent.unix, "vm3")
-        assert "authentication required: this parent accepts only authenticated partitions" in refused_line(anon)
+        assert "authentication required: this parent accepts only authenticated partitions" in gave_up(anon)
         # A name with no secret configured, with some secret: refused as a wrong secret is.
         stranger = child(tmp_path, parent.unix, "vm4", "--secret-file", str(keys["vm1"]))
-        assert "authentication failed for partition 'vm4'" in refused_line(stranger)
+        assert "authentication failed for partition 'vm4'" in gave_up(stranger)
         parent.wait_for(lambda r: r.get("event") == "partition refused" and r.get("partition") == "vm4")
         assert refusals(parent, "vm4")[0]["detail"] == "no secret is configured for this name"
         # The right secret while vm1 is connected: without [auth] replace, the name is taken.
         twin = child(tmp_path, parent.unix, "vm1", "--secret-file", str(keys["vm1"]))
-        assert "partition name 'vm1' is already connected" in refused_line(twin)
+        assert "partition name 'vm1' is already connected" in gave_up(twin)
 
         for vm in (good, bystander):
             assert not vm.events("session with the parent ended"), f"{vm.name} noticed the refused children"
@@ -111,7 +95,7 @@ def test_open_mode_takes_unauthenticated_children_only_on_local_listeners(tmp_pa
 
         anon = child(tmp_path, via_loopback, "anon")
         assert ("refused this child: authentication required: this parent accepts only authenticated partitions "
-                "(hmac-sha256) on this address") in refused_line(anon)
+                "(hmac-sha256) on this address") in gave_up(anon)
         local = child(tmp_path, parent.unix, "anon")
         local.wait_event("all offered channels open")
         parent.wait_event("partition connected", partition="anon", authenticated=False)
@@ -123,7 +107,7 @@ def test_open_mode_takes_unauthenticated_children_only_on_local_listeners(tmp_pa
         # vm1 has left. A newcomer that claims its name without its secret does not get its disk, even here.
         parent.wait_event("partition disconnected", partition="vm1")
         impostor = child(tmp_path, parent.unix, "vm1")
-        assert "authentication required: partition 'vm1' has a secret on this parent" in refused_line(impostor)
+        assert "authentication required: partition 'vm1' has a secret on this parent" in gave_up(impostor)
     finally:
         parent.stop()
 
@@ -148,7 +132,7 @@ def test_replace_takes_the_name_from_a_silent_holder_and_from_a_running_child(tm
         mark = parent.mark()
         second = child(tmp_path, parent.tcp, "vm1", "--secret-file", str(keys["vm1"]))
         second.wait_event("all offered channels open")
-        line = refused_line(first)
+        line = gave_up(first)
         assert "was replaced by a new authenticated connection" in line and "stop one of them" in line, line
         parent.wait_event("partition connected", start=mark, partition="vm1", authenticated=True)
         assert not second.events("session with the parent ended")

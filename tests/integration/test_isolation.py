@@ -24,7 +24,6 @@ from child_partition.runner import open_bus
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.keyfile import new_secret_file, read_secret_file
-from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import Signal
 from vmbus_proto.gpadl import split
@@ -117,13 +116,7 @@ def _storage_ready(c: RawClient, name: str, memory: int | None = MEMORY) -> int:
     offers = c.negotiate(name, memory=memory)
     relid = next(r for r, o in offers.items() if o.if_type == vstor.SPEC.class_id)
     c.open(relid, vstor.SPEC.ring_bytes // 4096, gpadl=0xE1E10)
-    hs = vstor.VscHandshake()
-    outs = hs.start()
-    while not hs.done:
-        for o in outs:
-            c.send_packet(relid, Packet(o.type, FLAG_COMPLETION_REQUESTED, o.trans_id, o.payload))
-        pkt = c.recv_packet(relid)
-        outs = hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
+    c.handshake(relid, vstor.VscHandshake())
     return relid
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from vmbus_proto.devices.base import Incoming
 from vmbus_proto.devices.storage import vstor
 from vmbus_proto.envelope import encode_packet
 from vmbus_proto.framing import FrameKind
@@ -159,13 +158,7 @@ def test_srb_whose_buffer_is_shorter_than_its_transfer_is_a_protocol_error(paren
     relid = next(r for r, o in offers.items() if o.if_type == vstor.SPEC.class_id)
     pages = vstor.SPEC.ring_bytes // 4096
     c.open(relid, pages, gpadl=0xE1E10)
-    hs = vstor.VscHandshake()
-    outs = hs.start()
-    while not hs.done:
-        for o in outs:
-            c.send_packet(relid, Packet(o.type, FLAG_COMPLETION_REQUESTED, o.trans_id, o.payload))
-        pkt = c.recv_packet(relid)
-        outs = hs.receive(Incoming(pkt.type, pkt.trans_id, pkt.completion_requested, pkt.payload))
+    c.handshake(relid, vstor.VscHandshake())
     cdb = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])  # READ(10) of 8 sectors = 4096 bytes
     srb = vstor.VmscsiRequest(cdb_length=10, data_in=vstor.DataDirection.READ, data_transfer_length=4096,
                               data=cdb.ljust(20, b"\0"))

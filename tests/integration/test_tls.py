@@ -18,12 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from child_partition.runner import EXIT_LOST, EXIT_REFUSED
+from child_partition.runner import EXIT_LOST
 from vmbus_proto.aio.keyfile import new_secret_file, read_token_file
 from vmbus_proto.devices.registry import ALL as OFFERED
 
 from ..tlscerts import Ca
-from .conftest import BIN, FAST_LIMITS, Parent, Proc, child
+from .conftest import BIN, FAST_LIMITS, Parent, Proc, child, gave_up
 
 pytestmark = pytest.mark.integration
 
@@ -97,21 +97,6 @@ def bystanders(tls_parent: tuple[TlsParent, Path], pki: Pki,
     for vm in vms:
         assert not vm.events("session with the parent ended"), f"{vm.name} noticed another partition's trouble"
         assert vm.stop() == 0, f"{vm.name} did not unload cleanly"
-
-
-def gave_up(proc: Proc, status: int = EXIT_REFUSED, timeout: float = 60.0) -> str:
-    """A child that must give up by itself: its exit status is ``status`` and its only non-log line, returned,
-    is the reason."""
-    try:
-        code = proc.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.stop()
-        raise AssertionError(f"{proc.name} did not give up within {timeout:g}s (it kept retrying?)") from None
-    proc.stop()
-    plain = [str(r["event"]) for r in proc.lines if r.get("level") == "raw"]
-    assert code == status, f"{proc.name} exited {code}, not {status}: {plain}"
-    assert len(plain) == 1, f"{proc.name} printed {len(plain)} lines besides its log, not one: {plain}"
-    return plain[0]
 
 
 def test_a_child_over_tls_opens_every_device_and_its_disk_reads_back(
