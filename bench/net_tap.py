@@ -30,7 +30,7 @@ import psutil
 from tests.integration import netns
 
 from . import meter
-from .parent import REPO_ROOT, child_env, start_parent
+from .parent import REPO_ROOT, child_env, start_parent, stop_process
 
 A_IP, B_IP = "169.254.89.1", "169.254.89.2"
 
@@ -55,13 +55,7 @@ def _tap_child(workdir: Path, url: str, name: str, ns: netns.Netns) -> Iterator[
             raise RuntimeError(f"child {name} exited {proc.returncode}: {log_path.read_text()[-1500:]}")
         yield psutil.Process(proc.pid), tap
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, signal.SIGINT, 20)
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -87,14 +88,20 @@ class ParentProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (the daemon's graceful shutdown), then SIGKILL if it overstays ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
+        return stop_process(self.proc, signal.SIGTERM, timeout)
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int, timeout: float) -> int:
+    """Stop ``proc`` the way a user would (``sig``: SIGTERM for the daemon, SIGINT for a child, which then
+    unloads), SIGKILL if it overstays ``timeout``; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
 
 
 def _free_port() -> int:

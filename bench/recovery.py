@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .parent import ParentProcess, child_env, start_parent
+from .parent import ParentProcess, child_env, start_parent, stop_process
 
 BLOCK = 64 * 1024
 WROTE = re.compile(r"^wrote \d+/\d+ bytes at offset (\d+)")
@@ -124,13 +124,7 @@ class StampedWriter:
         return [x for x in self.lines() if FAILED.match(x)]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, 60)
         self.out.thread.join(10)
 
 
@@ -197,13 +191,7 @@ def run_once(workdir: Path, flushed: int = 32, blocks: int = 4096, timeout: floa
     finally:
         if writer is not None:
             writer.stop()
-        if guest.poll() is None:
-            guest.send_signal(signal.SIGINT)
-            try:
-                guest.wait(30)
-            except subprocess.TimeoutExpired:
-                guest.kill()
-                guest.wait()
+        stop_process(guest, signal.SIGINT, 30)
         if parent is not None:
             parent.stop()
 

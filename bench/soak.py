@@ -39,7 +39,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import describe
-from .parent import DEVICES, ParentProcess, child_env, start_parent
+from .parent import DEVICES, ParentProcess, _free_port, child_env, start_parent
 from .soak_writer import Journal, lost_blocks
 
 MiB = 1 << 20
@@ -148,12 +147,6 @@ class Child:
             code = -signal.SIGKILL
         self.exit_codes.append(code)
         return code
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(text: str) -> dict[str, float]:
