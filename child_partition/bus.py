@@ -17,15 +17,17 @@ from typing import Any, assert_never
 from vmbus_proto import client as core
 from vmbus_proto import messages as m
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.shared import SharedChannel
 from vmbus_proto.aio.transport import KEEPALIVE, FramedConnection
 from vmbus_proto.auth import AuthError, GuestAuth
 from vmbus_proto.channel import ChannelRings
 from vmbus_proto.client import Request
-from vmbus_proto.envelope import REFUSAL_CODES, REPLACED, Hello
+from vmbus_proto.envelope import NO_PFN_BOUND, REFUSAL_CODES, REPLACED, SHARED, Hello
 from vmbus_proto.errors import FrameError, MessageError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.ring import ring_data_size
+from vmbus_proto.shm_ring import RingIn, RingOut
 from vmbus_proto.versions import GUEST_ORDER
 
 from .guest_memory import GuestMemory
@@ -81,6 +83,12 @@ class GuestBus(FramedConnection):
         # The memory map the HELLO declares: only a bus given the partition's memory knows it (a private
         # three-page one says nothing of the pages the VSCs name).
         self.declared_memory = memory.end if memory is not None else None
+        # Shared-memory mode (docs/protocol.md §14): asked for when the memory is a memfd and the connection a
+        # Unix socket (``open_bus`` passes the fd with the HELLO); on once the parent's HELLO says so.
+        self.offer_shared = False
+        self.shared = False
+        self._hello_sent = False
+        self._gpadl_pfns: dict[int, list[int]] = {}  # ring GPADLs' pages, for a shared channel's rings
         # vmbus_connect: the interrupt page, then the parent->child and child->parent monitor pages.
         self.connection_pfns = [self.memory.alloc(1)[0] for _ in range(3)]
         self.core = core.GuestConnection(core.ConnectionPages.from_pfns(*self.connection_pfns),
@@ -105,8 +113,16 @@ class GuestBus(FramedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if not self._hello_sent:
+            self.send_frame(FrameKind.HELLO, 0, self.hello().encode())
+
+    def hello(self) -> Hello:
+        """Our HELLO (once per connection: it holds a fresh nonce)."""
+        self._hello_sent = True
         hello = dataclasses.replace(self.auth.hello(), memory=self.declared_memory)
-        self.send_frame(FrameKind.HELLO, 0, hello.encode())
+        if self.offer_shared:
+            hello = dataclasses.replace(hello, memory_mode=SHARED, memory_base=self.memory.base)
+        return hello
 
     def on_hello(self, frame: Frame) -> None:
         hello = Hello.decode(frame.body)
@@ -120,6 +136,9 @@ class GuestBus(FramedConnection):
             self.refused = ParentRefused(exc.code, exc.reason)
             raise
         self.peer_data_window = hello.data_window
+        if hello.memory_mode == SHARED and not self.offer_shared:
+            raise FrameError("the parent's HELLO says shared memory, which this child did not offer")
+        self.shared = hello.memory_mode == SHARED
         if proof is None:
             self.hello_future.set_result(hello)  # no authentication: the parent's HELLO accepts us
         else:
@@ -286,15 +305,13 @@ class GuestBus(FramedConnection):
         fut = self._wait((Request.GPADL, gid))
         self._flush_core()
         await fut
+        self._gpadl_pfns[gid] = pfns
         return gid
 
     async def open_channel(self, relid: int, gpadl: int, pages: int, downstream_offset: int,
                            userdata: bytes = b"", name: str = "") -> Channel:
         """OPENCHANNEL on a ring GPADL of ``pages`` pages; returns the channel once the host accepted."""
-        rings = ChannelRings(relid, host=False, guest_to_host_data=ring_data_size(downstream_offset),
-                             host_to_guest_data=ring_data_size(pages - downstream_offset),
-                             window_in=self.data_window, window_out=self.peer_data_window)
-        ch = Channel(self, relid, rings, name=name, log=self.log.bind(relid=relid))
+        ch = self._channel(relid, gpadl, pages, downstream_offset, name)
         self._closed_here.discard(relid)
         self.add_channel(ch)
         fut = self._wait((Request.OPEN, relid))
@@ -307,6 +324,23 @@ class GuestBus(FramedConnection):
             ch.close()
             raise
         return ch
+
+    def _channel(self, relid: int, gpadl: int, pages: int, downstream_offset: int, name: str) -> Channel:
+        log = self.log.bind(relid=relid)
+        if not self.shared:
+            rings = ChannelRings(relid, host=False, guest_to_host_data=ring_data_size(downstream_offset),
+                                 host_to_guest_data=ring_data_size(pages - downstream_offset),
+                                 window_in=self.data_window, window_out=self.peer_data_window)
+            return Channel(self, relid, rings, name=name, log=log)
+        pfns = self._gpadl_pfns.get(gpadl)
+        if pfns is None or len(pfns) != pages:
+            raise BusError(f"ring GPADL {gpadl:#x} is not one of ours of {pages} pages")
+        view = self.memory.pages_view()
+        out_mem, in_mem = view.ring(pfns[:downstream_offset]), view.ring(pfns[downstream_offset:])
+        out_mem.init()  # hv_ringbuffer_init: both rings zeroed, feature_bits set, before OPENCHANNEL
+        in_mem.init()
+        return SharedChannel(self, relid, RingOut(out_mem), RingIn(in_mem, self.max_payload, NO_PFN_BOUND), view,
+                             host=False, name=name, log=log)
 
     def close_channel(self, relid: int) -> None:
         ch = self.remove_channel(relid)
@@ -324,6 +358,7 @@ class GuestBus(FramedConnection):
             super().on_unknown_channel(frame)
 
     async def teardown_gpadl(self, relid: int, gpadl: int) -> None:
+        self._gpadl_pfns.pop(gpadl, None)
         if relid not in self.core.channels:
             return
         if not self.core.teardown_gpadl(relid, gpadl, self._now()):

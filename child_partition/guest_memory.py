@@ -1,17 +1,20 @@
 """Guest physical memory: the pages a child partition owns and hands to the host by page number.
 
 On Hyper-V a GPADL or a GPA-direct range names guest page frames (4 KiB Hyper-V pages, whatever the guest's
-own page size; Linux include/linux/hyperv.h ``HV_HYP_PAGE_SIZE``). Here guest RAM is one anonymous mmap,
-committed by the kernel only where touched, so ring pages that are only accounted for cost nothing. The
-mapping is the seam where a shared memfd (passed with SCM_RIGHTS over a Unix socket) can later replace
-copying data with each packet.
+own page size; Linux include/linux/hyperv.h ``HV_HYP_PAGE_SIZE``). Here guest RAM is one mmap, committed by
+the kernel only where touched, so ring pages that are only accounted for cost nothing. For shared-memory mode
+(docs/protocol.md §14) it is a memfd, sealed against shrinking, that the child passes to the parent with
+SCM_RIGHTS: the parent maps the same pages, as a Hyper-V host maps what a GPADL names.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 
 from vmbus_proto.packets import PAGE_SHIFT, PAGE_SIZE, Buffer, GpaRange, pages_spanned
+from vmbus_proto.shm_ring import GuestPages
 
 GUEST_PFN_BASE = 0x100  # the first megabyte stays unused, as on a PC
 
@@ -20,14 +23,26 @@ class OutOfGuestMemory(Exception):
     pass
 
 
+#: Seals on a shared guest memory: its size is fixed, so a mapping of it can never fault past its end.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
 class GuestMemory:
-    def __init__(self, size: int = 256 * 1024 * 1024) -> None:
+    def __init__(self, size: int = 256 * 1024 * 1024, *, shared: bool = False) -> None:
+        """``shared``: back the memory with a sealed memfd (``fd``) another process can map."""
         if size % PAGE_SIZE:
             raise ValueError("guest memory is whole pages")
         self.size = size
         self.pages = size >> PAGE_SHIFT
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self.mem = mmap.mmap(-1, size, flags=flags)
+        self.fd: int | None = None
+        if shared:
+            self.fd = os.memfd_create("vmbus-guest-memory", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
+            self.mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self.mem = mmap.mmap(-1, size, flags=flags)
         self.view = memoryview(self.mem)
         self._free: list[tuple[int, int]] = [(0, self.pages)]  # (first page index, count), sorted
 
@@ -122,6 +137,18 @@ class GuestMemory:
             page_off = 0
         return bytes(out)
 
+    @property
+    def base(self) -> int:
+        """The GPA of the memory's first byte (the HELLO's ``memory_base``)."""
+        return GUEST_PFN_BASE << PAGE_SHIFT
+
+    def pages_view(self) -> GuestPages:
+        """This memory as ``vmbus_proto.shm_ring`` reads rings and GPA ranges in it."""
+        return GuestPages(self.view, GUEST_PFN_BASE)
+
     def close(self) -> None:
         self.view.release()
         self.mem.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -16,6 +16,7 @@ gives the rest of the guest (storage: its disks and their NBD export) is its gue
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -34,7 +35,9 @@ from vmbus_proto.aio.channel import ChannelClosed
 from vmbus_proto.aio.endpoint import parse_endpoint, without_query
 from vmbus_proto.aio.tls import client_context, permanent, tls_reason
 from vmbus_proto.aio.transport import KEEPALIVE
+from vmbus_proto.envelope import SHARED, STREAM
 from vmbus_proto.errors import DeviceProtocolError, ProtocolError
+from vmbus_proto.framing import FrameKind, encode_frame
 from vmbus_proto.versions import version_text
 
 from .bus import BusError, GuestBus, ParentRefused
@@ -93,20 +96,54 @@ async def open_bus(url: str, name: str, **kw: Any) -> GuestBus:
         async with asyncio.timeout(CONNECT_TIMEOUT):  # a path that drops SYNs: the kernel would retry ~2 min
             _, bus = await loop.create_connection(lambda: GuestBus(name, **kw), where, port)
     else:
-        _, bus = await loop.create_unix_connection(lambda: GuestBus(name, **kw), where)
+        bus = GuestBus(name, **kw)
+        memory: GuestMemory | None = kw.get("memory")
+        if memory is None or memory.fd is None:
+            await loop.create_unix_connection(lambda: bus, where)
+            return bus
+        # Shared-memory mode (docs/protocol.md §14): the guest's memory travels with the HELLO's bytes.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, where)
+            bus.offer_shared = True
+            frame = encode_frame(FrameKind.HELLO, 0, bus.hello().encode())
+            sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memory.fd]))])
+            if sent < len(frame):
+                await loop.sock_sendall(sock, frame[sent:])
+            await loop.create_unix_connection(lambda: bus, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
     return bus
+
+
+MEMORY_MODE_ENV = "VMBUS_MEMORY_MODE"
+MEMORY_MODE_CHOICES = ("auto", SHARED, STREAM)
+
+
+def memory_mode_for(url: str, asked: str | None = None) -> str:
+    """The memory mode a child offers at ``url`` (docs/protocol.md §14): ``asked`` (or ``$VMBUS_MEMORY_MODE``)
+    when it is "shared" or "stream", and "auto" is shared on a Unix socket; TCP and TLS always stream."""
+    mode = asked or os.environ.get(MEMORY_MODE_ENV) or "auto"
+    if mode not in MEMORY_MODE_CHOICES:
+        raise ValueError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODE_CHOICES)}")
+    unix = parse_endpoint(url)[0] == "unix"
+    return SHARED if unix and mode != STREAM else STREAM
 
 
 class ChildPartition:
     def __init__(self, url: str, name: str, *, trace: bool = False, memory: int = 512 * 1024 * 1024,
                  versions: list[int] | None = None, reconnect: bool = True, log: Any = None,
                  secret: bytes | None = None, keepalive: tuple[int, int, int] = KEEPALIVE,
-                 plugins: Sequence[type[Vsc]] = (), **options: Any) -> None:
+                 plugins: Sequence[type[Vsc]] = (), memory_mode: str | None = None, **options: Any) -> None:
         """``options`` are the guest services' own (storage: ``nbd``, the URL to export the disks at);
         ``secret`` the partition's, proved to the parent on every connection (docs/protocol.md §3.1); a
         ``tls://`` ``url`` carries its TLS options in its query (``tls.connect_url``);
         ``keepalive`` TCP keepalive's idle, interval and count: a parent gone silent is left after their sum;
-        ``plugins`` more drivers (``--device-plugin``), bound by their spec's class GUID like the registry's."""
+        ``plugins`` more drivers (``--device-plugin``), bound by their spec's class GUID like the registry's;
+        ``memory_mode`` "shared", "stream" or "auto" (shared on a Unix socket; default: ``$VMBUS_MEMORY_MODE``,
+        else auto; ``memory_mode_for``)."""
         self.connect_url = url
         self.url = without_query(url)  # what messages show
         self.name = name
@@ -116,7 +153,8 @@ class ChildPartition:
         self.versions = versions
         self.reconnect = reconnect
         self.log = log if log is not None else logs.get(partition=name)
-        self.memory = GuestMemory(memory)
+        self.memory_mode = memory_mode_for(url, memory_mode)
+        self.memory = GuestMemory(memory, shared=self.memory_mode == SHARED)
         self.vscs: dict[int, Vsc] = {}
         self.bus: GuestBus | None = None
         self.version = 0

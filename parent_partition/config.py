@@ -140,6 +140,8 @@ class Config:
     channel_data_window: int = setting(DEFAULT_DATA_WINDOW, check=_data_window)  # inline data per channel in flight
     max_gpadls: int = setting(256, check=count())
     max_partitions: int = setting(4096, check=count())
+    # Take a Unix child's guest memory when it offers it (docs/protocol.md §14); false: every child streams.
+    shared_memory: bool = setting(True, check=flag)
     device_plugins: list[str] = setting(check=_plugins, factory=list)  # more devices: "file.py:VspClass"
     devices: dict[str, bool] = field(default_factory=lambda: {**{e.name: e.enabled for e in REGISTRY},
                                                               **{e.name: e.enabled for e in EMULATED}})

@@ -22,22 +22,26 @@ from vmbus_proto import messages as m
 from vmbus_proto import server as core
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.shared import SharedChannel
 from vmbus_proto.aio.tls import name_matches, peer_names
 from vmbus_proto.aio.transport import FramedConnection
 from vmbus_proto.auth import AuthError, HostAuth
 from vmbus_proto.channel import ChannelRings
-from vmbus_proto.envelope import AUTH_NONE, CERT_REFUSED, REPLACED, Hello
-from vmbus_proto.errors import FrameError, MessageError
+from vmbus_proto.envelope import AUTH_NONE, CERT_REFUSED, REPLACED, SHARED, Hello
+from vmbus_proto.errors import DeviceProtocolError, FrameError, MessageError, PacketError
 from vmbus_proto.framing import ENVELOPE_VERSION, Frame, FrameKind
 from vmbus_proto.limits import OUTPUT, MemoryBudget, PartitionBytes, Strikes, TokenBucket
 from vmbus_proto.packets import PAGE_SIZE
+from vmbus_proto.shm_ring import RingIn, RingOut
 from vmbus_proto.versions import version_text
 
+from .accept import FirstMessage
 from .auth import AuthSettings
 from .config import LimitsSettings
 from .counters import Totals
 from .ioports import EmulatedDevice, PartitionPorts
-from .memory import GpadlMap, ShadowMemory
+from .memory import GpadlMap, HostMemory, MappedMemory, ShadowMemory
+from .shared import SharedGuestMemory, SharedMemoryError
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
@@ -59,6 +63,7 @@ class ConnectionConfig(Protocol):
     channel_data_window: int
     handshake_timeout: float
     max_partitions: int
+    shared_memory: bool
     vmbus_versions: list[int]
     max_gpadls: int
     trace: bool
@@ -89,9 +94,11 @@ class Host(Protocol):
 
 
 class PartitionConnection(FramedConnection):
-    def __init__(self, daemon: Host, transport_name: str, *, open_allowed: bool = False) -> None:
+    def __init__(self, daemon: Host, transport_name: str, *, open_allowed: bool = False,
+                 first: FirstMessage | None = None) -> None:
         """``open_allowed``: a partition with no secret configured may connect unauthenticated here (the
-        listener is local and ``[auth] mode`` is open-on-loopback; ``AuthSettings.open_allowed``)."""
+        listener is local and ``[auth] mode`` is open-on-loopback; ``AuthSettings.open_allowed``). ``first``:
+        a Unix child's first bytes and the fds that came with them (its guest memory, docs/protocol.md §14)."""
         cfg = daemon.config
         super().__init__(max_frame=cfg.max_frame, stall_timeout=cfg.stall_timeout,
                          data_window=cfg.channel_data_window, frame_timeout=cfg.frame_timeout,
@@ -116,7 +123,7 @@ class PartitionConnection(FramedConnection):
         lim = cfg.limits
         # Every byte the parent holds on this partition's behalf, charged to its cap and the parent's budget.
         self.account = PartitionBytes(lim.partition_bytes, daemon.budget)
-        self.memory = ShadowMemory(account=self.account,
+        self.memory: HostMemory = ShadowMemory(account=self.account,
                                    on_refused=lambda why: self._refused("bytes held for the partition", why))
         self._output_sample: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # no channel open (shutdown waits for every partition's)
@@ -127,6 +134,8 @@ class PartitionConnection(FramedConnection):
         self._strikes = Strikes(lim.strikes, lim.strike_window)
         self.limit_refusals = 0  # requests refused for a [limits] limit
         self.ports: PartitionPorts | None = None  # the partition's I/O-port space, once accepted
+        self.first = first
+        self.shared: SharedGuestMemory | None = None  # the guest's memory, mapped (shared-memory mode)
 
     # ---- connection lifetime ----------------------------------------------------------------------------
 
@@ -146,6 +155,8 @@ class PartitionConnection(FramedConnection):
         self.daemon.connections.add(self)
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.daemon.config.handshake_timeout, self._handshake_expired)
+        if self.first is not None:
+            self.feed(self.first.data)  # what the acceptor's recvmsg read, HELLO first
 
     def _handshake_expired(self) -> None:
         what = ("HELLO" if self.handshake is None else "AUTH" if self.partition is None
@@ -155,6 +166,10 @@ class PartitionConnection(FramedConnection):
     def on_connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self.first is not None:
+            self.first.close()
+        if self.shared is not None:
+            self.shared.close()
         self.daemon.connections.discard(self)
         if self.partition is not None and self.daemon.partitions.get(self.partition) is self:
             del self.daemon.partitions[self.partition]
@@ -235,10 +250,35 @@ class PartitionConnection(FramedConnection):
         except AuthError as exc:
             self._refuse(exc.code, exc.reason, partition=hello.partition, **exc.log_fields)
             return
-        if challenge is not None:  # docs/protocol.md §3.1: the guest proves itself in an AUTH frame
-            self.send_frame(FrameKind.HELLO, 0, challenge.encode())
+        try:
+            mode = self._memory_mode(hello)
+        except SharedMemoryError as exc:
+            self._refuse("hello", f"shared memory refused: {exc}", partition=hello.partition)
             return
-        self._admit(hello, FrameKind.HELLO, self.handshake.reply().encode())
+        if challenge is not None:  # docs/protocol.md §3.1: the guest proves itself in an AUTH frame
+            self.send_frame(FrameKind.HELLO, 0, dataclasses.replace(challenge, memory_mode=mode).encode())
+            return
+        self._admit(hello, FrameKind.HELLO, dataclasses.replace(self.handshake.reply(), memory_mode=mode).encode())
+
+    def _memory_mode(self, hello: Hello) -> str | None:
+        """The memory mode our HELLO answers (docs/protocol.md §14): "shared" when the child asked for it and its
+        memfd passes the checks (a SharedMemoryError says why not), else None (a stream)."""
+        first = self.first
+        if hello.memory_mode != SHARED:
+            if first is not None:
+                first.close()  # fds nobody asked for
+            return None
+        if first is None or not first.fds:
+            raise SharedMemoryError("HELLO memory_mode shared came without its memfd (SCM_RIGHTS on a Unix socket)")
+        if len(first.fds) != 1 or first.truncated:
+            raise SharedMemoryError(f"{len(first.fds)} fds came with the HELLO; shared memory is exactly one memfd")
+        if not self.daemon.config.shared_memory:
+            first.close()
+            return None
+        assert hello.memory is not None and hello.memory_base is not None  # Hello.decode's rule
+        size = min(hello.memory, self.daemon.config.limits.guest_memory) - hello.memory_base
+        self.shared = SharedGuestMemory.check(first.fds.pop(), size, hello.memory_base)
+        return SHARED
 
     def on_auth(self, frame: Frame) -> None:
         if self.handshake is None or self.handshake.guest is None:
@@ -272,6 +312,10 @@ class PartitionConnection(FramedConnection):
         if hello.partition.startswith(logs.PROBE_PREFIX):
             self.log = self.log.bind(probe=True)
         self._declare_memory(hello)
+        if self.shared is not None:
+            self.shared.map()
+            self.memory = MappedMemory(self.shared.pages)
+            self.log = self.log.bind(memory="shared")
         if old is None:
             self._accepted(kind, answer)
             return
@@ -453,10 +497,7 @@ class PartitionConnection(FramedConnection):
         vsp = self.vsps[act.offer.name]
         log = self.log.bind(relid=p.relid, device=vsp.name)
         started = time.perf_counter()
-        rings = ChannelRings(p.relid, host=True, guest_to_host_data=p.guest_to_host_data,
-                             host_to_guest_data=p.host_to_guest_data, window_in=self.data_window,
-                             window_out=self.peer_data_window)
-        ch = Channel(self, p.relid, rings, name=vsp.name, log=log)
+        ch = self._channel(p, vsp.name, log)
         self.add_channel(ch)
         primary = next((pr for pr, subs in self._subchannels.items() if p.relid in subs), 0)
         control: SubchannelControl = NoSubchannels() if primary else Subchannels(self, p.relid, act.offer)
@@ -484,6 +525,22 @@ class PartitionConnection(FramedConnection):
             self.daemon.partitions_changed()
         self.core.open_complete(p.relid, act.seq, ok)
         self._run_actions()
+
+    def _channel(self, p: core.OpenParams, name: str, log: Any) -> Channel:
+        """The channel's rings: accounted over a stream, or the ring GPADL's own pages in shared memory (its
+        first ``downstream_offset`` pages the guest-to-host ring, the rest host-to-guest)."""
+        if self.shared is None:
+            rings = ChannelRings(p.relid, host=True, guest_to_host_data=p.guest_to_host_data,
+                                 host_to_guest_data=p.host_to_guest_data, window_in=self.data_window,
+                                 window_out=self.peer_data_window)
+            return Channel(self, p.relid, rings, name=name, log=log)
+        pages, pfns = self.shared.pages, list(p.gpadl.pfns)
+        try:
+            g2h, h2g = pages.ring(pfns[:p.downstream_offset]), pages.ring(pfns[p.downstream_offset:])
+        except (PacketError, ValueError) as exc:
+            raise DeviceProtocolError(f"ring GPADL {p.gpadl.gpadl:#x}: {exc}") from None
+        return SharedChannel(self, p.relid, RingOut(h2g), RingIn(g2h, self.max_payload, self.pfn_bound), pages,
+                             host=True, name=name, log=log)
 
     async def _device_close(self, act: core.DeviceClose) -> None:
         ch = self.remove_channel(act.relid)

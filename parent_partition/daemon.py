@@ -22,6 +22,7 @@ from vmbus_proto.aio.tls import TlsGate
 from vmbus_proto.devices.registry import EMULATED, load
 from vmbus_proto.limits import MemoryBudget
 
+from .accept import UnixAcceptor
 from .config import Config, ConfigError
 from .connection import PartitionConnection
 from .counters import Totals
@@ -69,7 +70,7 @@ class ParentDaemon:
         self.partitions: dict[str, PartitionConnection] = {}
         self.totals = Totals()
         self.budget = MemoryBudget(config.limits.memory_budget)  # bytes held for all partitions ([limits])
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | UnixAcceptor] = []
         self.endpoints: list[str] = []
         self.accepting = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -134,9 +135,9 @@ class ParentDaemon:
                                                                                       open_allowed=open_allowed)
             if kind == "tls":
                 factory = self._tls_gate(url, factory)
-            server = await loop.create_server(factory, where, port, reuse_address=True, backlog=1024)
-            sock = server.sockets[0]
-            host, bound = sock.getsockname()[:2]
+            server: asyncio.Server | UnixAcceptor = await loop.create_server(factory, where, port,
+                                                                             reuse_address=True, backlog=1024)
+            host, bound = server.sockets[0].getsockname()[:2]
             self.endpoints.append(f"{kind}://{host}:{bound}")
         else:
             path = Path(where)
@@ -147,12 +148,25 @@ class ParentDaemon:
                 path.unlink()
             elif path.exists() or path.is_symlink():
                 raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
-            server = await loop.create_unix_server(
-                lambda: PartitionConnection(self, "unix", open_allowed=open_allowed), str(path), backlog=1024)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            server = self._unix_acceptor(sock, open_allowed)
             self._unix_paths.append(path)
             os.chmod(path, 0o660)
             self.endpoints.append(f"unix:{path}")
         self.servers.append(server)
+
+    def _unix_acceptor(self, sock: socket.socket, open_allowed: bool) -> UnixAcceptor:
+        """Children on a Unix listener: each one's first message is read with its fds (a memfd for shared
+        memory, docs/protocol.md §14) before it becomes a partition connection."""
+        return UnixAcceptor(sock, lambda first: PartitionConnection(self, "unix", open_allowed=open_allowed,
+                                                                     first=first),
+                            self.config.handshake_timeout, self.log.bind(transport="unix"))
 
     def _tls_gate(self, url: str, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], TlsGate]:
         """Connections to a ``tls://`` listener shake hands first (``[tls]``'s certificate), then are partitions."""

@@ -7,8 +7,9 @@ go, and GPADL_TORNDOWN goes out only once every hold is released (``GpadlMap::re
 
 Over a stream the host cannot map guest pages, so the view is a shadow: guest data reaches it with the
 packet that names it (``absorb``), and what the host writes leaves with the packet that tells the guest
-(``take_written``) -- the rule storage already follows for GPA-direct data (docs/protocol.md §7.4). A
-shared-memory transport replaces the shadow with a mapping behind the same methods.
+(``take_written``) -- the rule storage already follows for GPA-direct data (docs/protocol.md §7.4). In
+shared-memory mode (§14) ``MappedMemory`` puts the guest's own pages, mapped from its memfd, behind the same
+methods: nothing is shadowed and nothing travels.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.errors import DeviceProtocolError, PacketError
 from vmbus_proto.gpadl import Gpadl
 from vmbus_proto.limits import SHADOW, PartitionBytes
 from vmbus_proto.packets import PAGE_SIZE, GpaRange
+from vmbus_proto.shm_ring import GuestPages
 
 MAX_SHADOW_BYTES = 64 << 20  # per partition: a netvsc receive buffer (16 MiB) and a VRAM fit
 
@@ -45,6 +47,7 @@ class ShadowMemory:
         """``account``: the partition's bytes, charged a page for every page kept (a page past its cap or the
         parent's budget is refused like one past ``limit``, and ``on_refused`` hears why)."""
         self.limit_pages = limit // PAGE_SIZE
+        self.shared = False
         self.account = account
         self.on_refused = on_refused
         self._pages: dict[int, bytearray] = {}
@@ -118,6 +121,45 @@ class ShadowMemory:
         account.take(PAGE_SIZE, SHADOW)
 
 
+class MappedMemory:
+    """A partition's guest memory mapped from the memfd it passed (shared-memory mode): reads and writes go
+    to its pages in place, each page checked to be inside it (a page outside is the guest's protocol error)."""
+
+    shared = True
+    resident_bytes = 0  # the guest's own pages: nothing held on its behalf
+
+    def __init__(self, pages: GuestPages) -> None:
+        self.pages = pages
+
+    def read(self, ranges: Iterable[GpaRange]) -> bytes:
+        try:
+            return bytes(self.pages.read(tuple(ranges)))
+        except PacketError as exc:
+            raise DeviceProtocolError(str(exc)) from None
+
+    def write(self, ranges: Iterable[GpaRange], data: bytes) -> None:
+        ranges = tuple(ranges)
+        total = sum(r.byte_count for r in ranges)
+        if len(data) > total:
+            raise DeviceProtocolError(f"{len(data)} bytes of data for GPA ranges of {total} bytes")
+        try:
+            self.pages.write(ranges, data)
+        except PacketError as exc:
+            raise DeviceProtocolError(str(exc)) from None
+
+    def absorb(self, ranges: Iterable[GpaRange], data: bytes) -> None:
+        """Nothing travels with packets in shared mode; the pages are already there."""
+
+    def take_written(self, ranges: Iterable[GpaRange]) -> bytes:
+        return b""  # what the host wrote is in the guest's pages already
+
+    def forget(self, pfns: Iterable[int]) -> None:
+        pass
+
+
+HostMemory = ShadowMemory | MappedMemory  # a partition's guest memory as its devices see it
+
+
 def _pieces(ranges: Iterable[GpaRange]) -> Iterator[tuple[int, int, int]]:
     """(pfn, start, end) for each page piece of ``ranges``, in order."""
     for r in ranges:
@@ -134,7 +176,7 @@ class GpadlBuffer:
     """One GPADL as a flat buffer (a netvsc receive or send buffer, a VRAM): offsets into the bytes its
     ranges describe, in order, translated to GPA ranges of the partition's memory."""
 
-    def __init__(self, gpadl: Gpadl, memory: ShadowMemory) -> None:
+    def __init__(self, gpadl: Gpadl, memory: HostMemory) -> None:
         self.gpadl = gpadl
         self.memory = memory
         self.size = sum(count for count, _ in gpadl.ranges)
@@ -185,7 +227,7 @@ class GpadlHold:
 class GpadlMap:
     """The GPADLs of one channel that its device may use, with holds and device-acknowledged teardown."""
 
-    def __init__(self, lookup: Callable[[int], Gpadl | None], memory: ShadowMemory,
+    def __init__(self, lookup: Callable[[int], Gpadl | None], memory: HostMemory,
                  listing: Callable[[], Iterable[Gpadl]] = tuple) -> None:
         self._lookup = lookup
         self._listing = listing  # the channel's accepted GPADLs

@@ -27,7 +27,7 @@ from vmbus_proto.packets import PAGE_SIZE, Packet
 from vmbus_proto.server import OfferSpec, OpenParams
 
 from .counters import Sample
-from .memory import GpadlMap, ShadowMemory
+from .memory import GpadlMap, HostMemory, ShadowMemory
 from .settings import NoSettings
 
 
@@ -75,7 +75,7 @@ class ChannelResources:
     params: OpenParams
     log: Any
     gpadls: GpadlMap
-    memory: ShadowMemory
+    memory: HostMemory
     subchannels: SubchannelControl
     fail: Callable[[str], None]  # end the partition's connection with this reason
     trace: bool = False

@@ -41,6 +41,8 @@ AUTH_HMAC = "hmac-sha256"  # the challenge-response of vmbus_proto.auth (docs §
 NONCE_SIZE = 32  # bytes of a HELLO nonce
 MAX_GUEST_MEMORY = 1 << 52  # a HELLO ``memory``: x64's widest guest physical address space (52 bits)
 PROOF_SIZE = 32  # bytes of an AUTH proof (an HMAC-SHA256)
+SHARED, STREAM = "shared", "stream"  # a HELLO's memory_mode (docs §14)
+MEMORY_MODES = (SHARED, STREAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,10 @@ class Hello:
     # The guest's memory map: the GPA where its RAM ends (every page frame it names is below memory / 4096);
     # None (not sent): not declared, no bound beyond the parent's own (docs §3, "Guest memory").
     memory: int | None = None
+    # "shared": the child's guest memory came with this HELLO as a memfd (SCM_RIGHTS, Unix sockets only) and
+    # its rings and data live there (docs §14); in the parent's HELLO, that it took the memory. None: a stream.
+    memory_mode: str | None = None
+    memory_base: int | None = None  # the GPA of the memfd's first byte (with memory_mode "shared")
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"envelope": self.envelope, "partition": self.partition, "auth": self.auth,
@@ -61,6 +67,10 @@ class Hello:
             body["nonce"] = self.nonce
         if self.memory is not None:
             body["memory"] = self.memory
+        if self.memory_mode is not None:
+            body["memory_mode"] = self.memory_mode
+        if self.memory_base is not None:
+            body["memory_base"] = self.memory_base
         return _packb(body)
 
     @classmethod
@@ -83,7 +93,13 @@ class Hello:
         if memory is not None and (type(memory) is not int or not PAGE_SIZE <= memory <= MAX_GUEST_MEMORY
                                    or memory % PAGE_SIZE):
             raise FrameError(f"HELLO memory must be whole pages of {PAGE_SIZE} bytes, at most {MAX_GUEST_MEMORY}")
-        return cls(env, name, auth, window, nonce if auth == AUTH_HMAC else None, memory)
+        mode, base = obj.get("memory_mode"), obj.get("memory_base")
+        if mode is not None and mode not in MEMORY_MODES:
+            raise FrameError(f"HELLO memory_mode must be one of {', '.join(MEMORY_MODES)}")
+        if base is not None and (type(base) is not int or base < 0 or base % PAGE_SIZE or memory is None
+                                 or base >= memory):
+            raise FrameError("HELLO memory_base must be a page-aligned GPA below memory")
+        return cls(env, name, auth, window, nonce if auth == AUTH_HMAC else None, memory, mode, base)
 
 
 # ---- AUTH -----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class FrameKind(enum.IntEnum):
     CLOSE = 5  # the sender is closing the connection, with a reason
     AUTH = 6  # the challenge-response proof of a partition's secret (vmbus_proto.auth)
     IOPORT = 7  # one trapped IN/OUT and its answer, for the emulated devices (vmbus_proto.ioport)
+    EVENT = 8  # a channel's event (HvSignalEvent / SynIC event flag) when its rings are in shared memory
 
 
 class Frame(NamedTuple):
@@ -195,4 +196,4 @@ class FrameDecoder:
         return pos
 
 
-_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.IOPORT)
+_FIRST_KIND, _LAST_KIND = int(FrameKind.HELLO), int(FrameKind.EVENT)

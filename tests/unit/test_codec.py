@@ -509,7 +509,7 @@ def test_frame_at_the_limit_is_accepted_and_one_over_is_not() -> None:
 
 @pytest.mark.parametrize("header", [
     HEADER.pack(0, 0, 0, 0, 0, 0),  # kind 0
-    HEADER.pack(0, 8, 0, 0, 0, 0),  # kind 8 (7 is IOPORT)
+    HEADER.pack(0, 9, 0, 0, 0, 0),  # kind 9 (8 is EVENT)
     HEADER.pack(0, 255, 0, 0, 0, 0),
     HEADER.pack(4, FrameKind.CONTROL, 0, 1, 0, 0),  # reserved bits set
     HEADER.pack(4, FrameKind.CONTROL, 0, 0x8000, 0, 0),
@@ -524,7 +524,7 @@ def test_good_frames_before_a_bad_header_in_one_feed() -> None:
     good = _frame(FrameKind.CONTROL, 0, b"\x80")
     dec = FrameDecoder()
     with pytest.raises(FrameError):
-        dec.feed(good + HEADER.pack(0, 9, 0, 0, 0, 0))
+        dec.feed(good + HEADER.pack(0, 10, 0, 0, 0, 0))
     # The connection is dead anyway; the decoder must not have produced half-state that hides the error.
     with pytest.raises(FrameError):
         dec.feed(b"")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..channel import ChannelRings
 from ..envelope import Signal
-from ..errors import LocalProtocolError
+from ..errors import FrameError, LocalProtocolError
 from ..packets import FLAG_COMPLETION_REQUESTED, Buffer, GpaRange, Packet, PacketType
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class ChannelClosed(Exception):
 class Channel:
     """One open channel on a connection."""
 
+    shared = False  # rings and GPA data in shared guest memory (``vmbus_proto.aio.shared.SharedChannel``)
+
     def __init__(self, conn: FramedConnection, relid: int, rings: ChannelRings, name: str = "",
                  log: Any = None) -> None:
         self.conn = conn
@@ -49,6 +51,20 @@ class Channel:
         self._next_trans = 1
         self._pending: dict[int, asyncio.Future[Packet]] = {}
         self.on_packet: Callable[[Packet], None] | None = None  # optional push-style delivery
+
+    @property
+    def credit_bytes(self) -> int:
+        """Output this channel's credit can explain: each packet's frame at most twice its ring size, plus the
+        peer's data window (``FramedConnection.write_limit``)."""
+        return 2 * self.rings.writer.data_size + self.rings.data_writer.data_size
+
+    def dma(self, pkt: Packet) -> memoryview | None:
+        """The guest pages ``pkt``'s GPA range names, mapped, when the rings are in shared memory (a device
+        reads and writes them in place); None over a stream, where the data travels as ``pkt.data``."""
+        return None
+
+    def _on_event(self) -> None:
+        raise FrameError(f"EVENT frame for channel {self.relid}, whose rings travel as frames")
 
     # ---- receive ----------------------------------------------------------------------------------------
 

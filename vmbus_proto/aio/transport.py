@@ -51,7 +51,7 @@ FRAME_TIMEOUT_CODE = "frame-timeout"  # the CLOSE code of a connection whose fra
 _DISCARD = bytearray(64 * 1024)
 FLUSH_PARTS = 16  # buffers queued before writing out without waiting for the end of the loop iteration
 BULK_WRITE = 64 * 1024  # from this size a flush hands its buffers over without joining them
-_PACKET = int(FrameKind.PACKET)
+_PACKET, _EVENT = int(FrameKind.PACKET), int(FrameKind.EVENT)
 #: Frames of one connection handled per turn of the event loop; the rest wait (reading paused) for the next
 #: turn, so one peer's flood of small frames cannot hold up every other connection (fairness).
 FRAMES_PER_TURN = 256
@@ -126,8 +126,7 @@ class FramedConnection(asyncio.BufferedProtocol):
     def write_limit(self) -> int:
         """Output we buffer before we stop reading: what the open channels' credit lets us send (each
         packet's frame at most twice its ring size, plus the peer's data window) and ``write_high`` more."""
-        return self._write_high + sum(2 * ch.rings.writer.data_size + ch.rings.data_writer.data_size
-                                      for ch in self.channels.values())
+        return self._write_high + sum(ch.credit_bytes for ch in self.channels.values())
 
     def _set_write_limits(self) -> None:
         if self.transport is not None and not self.closing:
@@ -168,6 +167,16 @@ class FramedConnection(asyncio.BufferedProtocol):
             self._hold_reading(_BACKLOG)
             self._loop.call_soon(self._next_turn)
         self._handle(frames)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the socket before this protocol had it (a Unix child's first message)."""
+        view, pos = memoryview(data), 0
+        while pos < len(data) and not self.closing:
+            buf = self.get_buffer(len(data) - pos)
+            n = min(len(buf), len(data) - pos)
+            buf[:n] = view[pos:pos + n]
+            pos += n
+            self.buffer_updated(n)
 
     def _next_turn(self) -> None:
         backlog = self._backlog
@@ -325,7 +334,15 @@ class FramedConnection(asyncio.BufferedProtocol):
     def _dispatch(self, frame: Frame) -> None:
         """Every frame but PACKET, which ``buffer_updated`` hands to its channel itself."""
         kind = frame.kind
-        if kind == FrameKind.SIGNAL:
+        if kind == _EVENT:
+            ch = self.channels.get(frame.relid)
+            if frame.body:
+                raise FrameError("EVENT frame with a body")
+            if ch is None or ch.closed:
+                self.on_unknown_channel(frame)
+                return
+            ch._on_event()
+        elif kind == FrameKind.SIGNAL:
             sig = Signal.decode(frame.body)
             ch = self.channels.get(frame.relid)
             if ch is None or ch.closed:
@@ -374,6 +391,10 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def send_packet(self, relid: int, pkt: Packet) -> None:
         self.send_frame(_PACKET, relid, encode_packet(pkt), pkt.data)
+
+    def send_event(self, relid: int) -> None:
+        """Channel ``relid``'s event, for rings in shared memory: a bare header, written with the next flush."""
+        self.send_frame(_EVENT, relid, b"")
 
     def send_signal(self, relid: int, sig: Signal) -> None:
         self.send_frame(FrameKind.SIGNAL, relid, sig.encode())

@@ -130,7 +130,8 @@ class DmaBuffer:
         """``data`` is written into the pages (by the guest before a WRITE, by the host's DMA for a READ);
         returns the bytes as they now stand there, for the other side to take."""
         base, end = self.base, self.base + len(data)
-        self._mem[base:end] = data
+        if not (isinstance(data, memoryview) and data.obj is self._mem):  # shared memory: already in place
+            self._mem[base:end] = data
         return self._mem[base:end]
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vmbus_proto.aio import logs
+from vmbus_proto.packets import Buffer
 
 __all__ = [
     "BLOCK_SIZE",
@@ -291,19 +292,23 @@ class DiskBackend:
         self.reads_pool += 1
         return await self._run(self._pread, offset, length)
 
-    def read_soon(self, offset: int, length: int) -> asyncio.Future[bytes]:
+    def read_soon(self, offset: int, length: int, into: memoryview | None = None) -> asyncio.Future[Buffer]:
         """An uncached ``read`` without a coroutine: a future that the pool completes with the data (or a
-        ``DiskError``). For a caller that answers in a done callback instead of a task per request."""
+        ``DiskError``). For a caller that answers in a done callback instead of a task per request. ``into``:
+        read straight into that buffer (a guest's mapped pages) and complete with ``into[:length]``."""
         self._check_range("read", offset, length)
         self.reads_pool += 1
+        if into is not None:
+            return self._submit(self._pread_into, offset, into[:length])
         return self._submit(self._pread, offset, length)
 
-    def read_cached(self, offset: int, length: int) -> bytearray | None:
+    def read_cached(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None:
         """The bytes if they are all in the page cache, else None, without ever waiting for the disk:
-        preadv2(RWF_NOWAIT) says EAGAIN instead (the fast path QEMU and io_uring users take)."""
+        preadv2(RWF_NOWAIT) says EAGAIN instead (the fast path QEMU and io_uring users take). ``into``: read
+        into that buffer (then returned as ``into[:length]``)."""
         if not self._nowait_read or self._closed or length <= 0:
             return None
-        buf = bytearray(length)
+        buf: bytearray | memoryview = bytearray(length) if into is None else into[:length]
         try:
             if os.preadv(self._fd, [buf], offset, _RWF_NOWAIT) == length:
                 self.reads_inline += 1
@@ -458,6 +463,20 @@ class DiskBackend:
             return b"".join(parts)
         except OSError as exc:
             raise _oserror(f"{self._path}: read of {length} bytes at {offset}", exc) from exc
+
+    def _pread_into(self, offset: int, view: memoryview) -> memoryview:
+        """``_pread`` into ``view`` (preadv into the guest's pages: the data is copied once, by the kernel)."""
+        try:
+            got, length = 0, len(view)
+            while got < length:
+                n = os.preadv(self._fd, [view[got:]], offset + got)
+                if not n:
+                    view[got:] = bytes(length - got)  # past the file's end: zeros, as a sparse disk reads
+                    break
+                got += n
+            return view
+        except OSError as exc:
+            raise _oserror(f"{self._path}: read of {len(view)} bytes at {offset}", exc) from exc
 
     def _pwrite(self, offset: int, view: memoryview, fua: bool) -> None:
         try:

@@ -76,6 +76,7 @@ from vmbus_proto.devices.storage.scsi import (
     fixed_sense,
 )
 from vmbus_proto.devices.storage.vstor import DEFAULT_MAX_TRANSFER_BYTES, SRB_STATUS_AUTOSENSE_VALID, SrbStatus
+from vmbus_proto.packets import Buffer
 
 from .disk import BLOCK_SIZE, DiskBackend, DiskError, default_executor
 
@@ -148,7 +149,7 @@ class ScsiResult:
     srb_status: int
     scsi_status: int
     sense: bytes = b""
-    data: bytes = b""
+    data: Buffer = b""
     transferred: int = 0
     failure: DiskError | None = field(default=None, compare=False, repr=False)  # the backend error, if one
 
@@ -165,7 +166,19 @@ class ScsiResult:
         return self.sense[13] if len(self.sense) >= 14 else None
 
 
-def _good(data: bytes = b"", transferred: int | None = None) -> ScsiResult:
+class ReadCached(Protocol):
+    """A backend's ``read_cached(offset, length, into=None)``: the data now, or None if it is not cached."""
+
+    def __call__(self, offset: int, length: int, into: memoryview | None = None) -> Buffer | None: ...
+
+
+class ReadSoon(Protocol):
+    """A backend's ``read_soon(offset, length, into=None)``: a future of the data (``into[:length]`` if given)."""
+
+    def __call__(self, offset: int, length: int, into: memoryview | None = None) -> asyncio.Future[Buffer]: ...
+
+
+def _good(data: Buffer = b"", transferred: int | None = None) -> ScsiResult:
     return ScsiResult(SrbStatus.SUCCESS, ScsiStatus.GOOD, b"", data, len(data) if transferred is None else transferred)
 
 
@@ -352,9 +365,8 @@ class ScsiDisk:
         self.failures = FailureBurst()
         # Optional in the BlockBackend protocol: a read that never waits (None when the data is not cached),
         # and reads and writes started without a coroutine (a future each).
-        self.read_cached: Callable[[int, int], bytes | bytearray | None] | None = getattr(
-            backend, "read_cached", None)
-        self.read_soon: Callable[[int, int], asyncio.Future[bytes]] | None = getattr(backend, "read_soon", None)
+        self.read_cached: ReadCached | None = getattr(backend, "read_cached", None)
+        self.read_soon: ReadSoon | None = getattr(backend, "read_soon", None)
         self.write_soon: Callable[[int, memoryview, bool], asyncio.Future[None]] | None = getattr(
             backend, "write_soon", None)
         self._handlers: dict[int, _Handler] = {
@@ -777,20 +789,20 @@ class ScsiController:
             return None
         return disk, op, lba * disk.block_size, count * disk.block_size
 
-    def read_cached(self, lun: int, cdb: bytes, data_in_length: int) -> bytes | bytearray | None:
+    def read_cached(self, lun: int, cdb: bytes, data_in_length: int, into: memoryview | None = None) -> Buffer | None:
         """The data of a plain READ(10)/(16) served from the page cache without awaiting anything (the command
         is then GOOD), or None when it needs the full path (``execute``): not a READ, an error to report,
-        or data not cached."""
+        or data not cached. ``into``: the guest's pages to read into (shared memory)."""
         plain = self._plain_transfer(lun, cdb)
         if plain is None:
             return None
         disk, op, offset, length = plain
         if op not in (Op.READ10, Op.READ16) or data_in_length < length or disk.read_cached is None:
             return None
-        return disk.read_cached(offset, length)
+        return disk.read_cached(offset, length) if into is None else disk.read_cached(offset, length, into)
 
     def start_rw(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview | None,
-                 data_in_length: int) -> tuple[asyncio.Future[Any], int] | None:
+                 data_in_length: int, into: memoryview | None = None) -> tuple[asyncio.Future[Any], int] | None:
         """A plain READ or WRITE (10)/(16) that passes every check ``execute`` makes, started on the backend
         without a coroutine: (a future for its data or its completion, the bytes it moves). None when the
         command needs the full path: not a READ/WRITE, an error to report, or a backend without
@@ -803,7 +815,8 @@ class ScsiController:
             if op in (Op.READ10, Op.READ16):
                 if data_in_length < length or disk.read_soon is None:
                     return None
-                return disk.read_soon(offset, length), length
+                read = disk.read_soon(offset, length) if into is None else disk.read_soon(offset, length, into)
+                return read, length
             if disk.read_only or data_out is None or len(data_out) < length or disk.write_soon is None:
                 return None
             return disk.write_soon(offset, memoryview(data_out).cast("B")[:length], bool(cdb[1] & 0x08)), length

@@ -31,8 +31,8 @@ from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.devices.base import Handshake
 from vmbus_proto.devices.storage import vstor
-from vmbus_proto.errors import DeviceProtocolError
-from vmbus_proto.packets import Packet, PacketType
+from vmbus_proto.errors import DeviceProtocolError, PacketError
+from vmbus_proto.packets import Buffer, Packet, PacketType
 
 from ...counters import Sample
 from ...settings import ConfigError
@@ -173,22 +173,25 @@ class StorageVsp(HandshakeVsp):
                queue: _Inflight) -> Packet | None:
         """Answer ``pkt`` now if that needs no waiting (the completion is returned); else start it, to be
         answered when it is done."""
-        op, srb = parse_request(pkt)
+        shared = channel.shared
+        op, srb = parse_request(pkt, shared)
         if srb is None:
             return Packet(COMP, 0, pkt.trans_id, _control_answer(op, pkt, queue.hs, res))
         self.requests += 1
         queue.served += 1
         reading = srb.data_in == READ
         if not (srb.path_id or srb.target_id):  # our LUNs sit at path 0, target 0; the rest take the full path
+            # In shared memory the data moves between the image and the guest's own pages (preadv/pwritev).
+            dma = _dma(channel, pkt) if shared else None
             if reading:
                 # A READ whose data is in the page cache completes right here.
-                data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length)
+                data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length, dma)
                 if data is not None:
-                    return _completion(pkt, SUCCESS, 0, len(data), b"", data)
+                    return _completion(pkt, SUCCESS, 0, len(data), b"", b"" if shared else data)
             # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback;
             # anything else (and every error case) runs the whole SCSI path in a task.
-            started = ctl.start_rw(srb.lun, srb.cdb, pkt.data if srb.data_in == WRITE else None,
-                                   srb.data_transfer_length if reading else 0)
+            out = (dma if shared else pkt.data) if srb.data_in == WRITE else None
+            started = ctl.start_rw(srb.lun, srb.cdb, out, srb.data_transfer_length if reading else 0, dma)
             if started is not None:
                 io, length = started
                 queue.add(io, lambda done: self._answer_rw(channel, res, ctl, queue, pkt, srb, done, length, reading))
@@ -202,7 +205,7 @@ class StorageVsp(HandshakeVsp):
         if channel.closed or done.cancelled():
             return  # the guest went: nobody to answer
         result = ctl.rw_result(done, length, reading, res.log.bind(lun=srb.lun), srb.data, srb.lun)  # data: CDB
-        answer = _result_completion(pkt, result, reading)
+        answer = _result_completion(pkt, result, reading and not channel.shared)  # shared: read into its pages
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
             queue.add(sending, lambda t: _task_failed(t, channel, res, self.name))
@@ -211,7 +214,7 @@ class StorageVsp(HandshakeVsp):
                        srb: vstor.ExecuteSrb) -> None:
         want = srb.data_transfer_length
         reading = srb.data_in == READ
-        data_out = pkt.data if srb.data_in == WRITE and want else None
+        data_out = (_dma(channel, pkt) if channel.shared else pkt.data) if srb.data_in == WRITE and want else None
         result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0, path_id=srb.path_id,
                                    target_id=srb.target_id,
                                    log=res.log.bind(path_id=srb.path_id, target_id=srb.target_id, lun=srb.lun))
@@ -271,6 +274,14 @@ async def _send_quietly(channel: Channel, answer: Packet) -> None:
         await channel.send(answer)
 
 
+def _dma(channel: Channel, pkt: Packet) -> memoryview | None:
+    """The request's buffer in the guest's mapped pages; a page outside its memory is its protocol error."""
+    try:
+        return channel.dma(pkt)
+    except PacketError as exc:
+        raise DeviceProtocolError(f"EXECUTE_SRB buffer: {exc}") from None
+
+
 def _task_failed(task: asyncio.Future[Any], channel: Channel, res: ChannelResources, name: str) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         res.log.error("storage request failed; closing the partition's connection", exc_info=exc)
@@ -297,7 +308,7 @@ def _control_answer(op: int, pkt: Packet, hs: vstor.VspHandshake, res: ChannelRe
 
 
 def _completion(pkt: Packet, srb_status: int, scsi_status: int, transferred: int, sense: bytes,
-                data: bytes | bytearray) -> Packet:
+                data: Buffer) -> Packet:
     """The VM_PKT_COMP answering ``pkt``: COMPLETE_IO, with READ data riding along into its GPA range."""
     return Packet(COMP, 0, pkt.trans_id, pack_complete_io(srb_status, scsi_status, transferred, sense,
                                                           len(pkt.payload)), data=data)

@@ -474,10 +474,11 @@ _WRITE = int(DataDirection.WRITE)
 _SRB_SIZE, _SRB_UNPACK = SRB_PACKET.size, SRB_PACKET.unpack_from
 
 
-def parse_request(pkt: Packet) -> tuple[int, ExecuteSrb | None]:
+def parse_request(pkt: Packet, in_memory: bool = False) -> tuple[int, ExecuteSrb | None]:
     """Validate one guest packet after initialization the way OpenVMM ``parse_packet`` and ``Range::new`` do;
     raise ``DeviceProtocolError`` on a protocol violation (the channel's connection is then closed).
-    Returns the operation and, for EXECUTE_SRB, the request. The host's per-I/O hot path: one call."""
+    Returns the operation and, for EXECUTE_SRB, the request. The host's per-I/O hot path: one call.
+    ``in_memory``: the request's data is in guest memory the host maps, not in the packet (shared memory)."""
     if pkt.type == _COMP:
         raise DeviceProtocolError("unsolicited completion on the storage channel")
     if not pkt.flags & FLAG_COMPLETION_REQUESTED:
@@ -506,7 +507,9 @@ def parse_request(pkt: Packet) -> tuple[int, ExecuteSrb | None]:
     have = ranges[0].byte_count if ranges else 0
     if want and have < want:
         raise DeviceProtocolError(f"EXECUTE_SRB for {want} bytes with a {have}-byte buffer")
-    if srb.data_in == _WRITE:
+    if in_memory:
+        pass  # the data is in the guest's pages (shared memory), not in the packet
+    elif srb.data_in == _WRITE:
         if want and len(pkt.data) != want:
             raise DeviceProtocolError(f"WRITE of {want} bytes carried {len(pkt.data)} bytes of data")
     elif pkt.data:
