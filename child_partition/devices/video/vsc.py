@@ -67,7 +67,8 @@ class VideoVsc(HandshakeVsc):
         hs = self.hs
         first = getattr(hs, "_next_trans_id", 1)
         guest = vguest.SynthvidGuest(self.version, self.vram_pfns[0] * PAGE_SIZE,
-                                     self.memory.view[base:base + self.vram_size], first_trans_id=first)
+                                     self.memory.view[base:base + self.vram_size], first_trans_id=first,
+                                     in_memory=channel.shared)
         self.guest = guest
         guest.start()
         await self._send_pending(channel)

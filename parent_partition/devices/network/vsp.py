@@ -30,11 +30,11 @@ from vmbus_proto.aio.tap import Tap, TapError
 from vmbus_proto.devices.base import HandshakeTrace
 from vmbus_proto.devices.network import host as nethost
 from vmbus_proto.devices.network import nvsp, offload, rndis, rss, vnet
-from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.errors import DeviceProtocolError, PacketError
 from vmbus_proto.packets import Buffer, Packet
 
 from ...counters import Sample
-from ...memory import GpadlHold
+from ...memory import GpadlBuffer, GpadlHold, MappedMemory
 from ...settings import ConfigError
 from ...vsp import ChannelResources, HostContext, Vsp, offer_subchannels
 from .settings import NetworkSettings
@@ -100,6 +100,59 @@ class StreamSendView:
 
     def write(self, offset: int, data: bytes) -> None:
         raise nvsp.NvspError("the host never writes the guest's send buffer")
+
+
+def _data(channel: Channel, pkt: Packet) -> Buffer:
+    """The bytes a guest packet's GPA ranges name: with the packet over a stream, in its pages in shared memory
+    (then also set as ``pkt.data``, where the NVSP state machine reads a GPA-direct RNDIS message)."""
+    if channel.shared and pkt.ranges:
+        try:
+            view = channel.dma(pkt)
+        except PacketError as exc:
+            raise DeviceProtocolError(f"SEND_RNDIS_PKT buffer: {exc}") from None
+        pkt.data = view if view is not None else b""
+    return pkt.data
+
+
+class MappedView:
+    """A receive or send buffer in shared memory: the guest's own pages, mapped (one view when its GPADL is
+    consecutive pages, else page by page through the GPADL). Frames are written where the transfer-page packet
+    says they are and read where SEND_RNDIS_PKT says; nothing travels with a packet."""
+
+    def __init__(self, buffer: GpadlBuffer, memory: MappedMemory) -> None:
+        self.buffer = buffer
+        self.current: Buffer = b""  # (a stream's section data; unused here)
+        ranges = buffer.ranges(0, buffer.size)
+        view = memory.pages.slice(ranges[0]) if len(ranges) == 1 else None
+        self._map = view
+
+    @property
+    def mapping(self) -> memoryview | None:
+        return self._map
+
+    def read(self, offset: int, length: int) -> bytes:
+        m = self._map
+        if m is None:
+            return self.buffer.read(offset, length)
+        if offset < 0 or length < 0 or offset + length > len(m):
+            raise nvsp.NvspError(f"bytes {offset}..{offset + length} are outside a {len(m)}-byte buffer")
+        return bytes(m[offset:offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        m = self._map
+        if m is None:
+            self.buffer.write(offset, data)
+            return
+        if offset < 0 or offset + len(data) > len(m):
+            raise nvsp.NvspError(f"bytes {offset}..{offset + len(data)} are outside a {len(m)}-byte buffer")
+        m[offset:offset + len(data)] = data
+
+    def write_many(self, offsets: list[int], pieces: list[bytes]) -> None:
+        for offset, piece in zip(offsets, pieces, strict=True):
+            self.write(offset, piece)
+
+    def take(self, ranges: tuple[tuple[int, int], ...]) -> bytes:
+        return b""  # written in place already
 
 
 _SWITCH_COUNTERS = (("frames", "frames accepted at ingress"), ("unicast", "frames forwarded to one learned port"),
@@ -247,13 +300,18 @@ class _Nic:
     def __init__(self, channel: Channel, res: ChannelResources, host: nethost.NvspHost, mtu: int) -> None:
         self.channel, self.res, self.host, self.mtu = channel, res, host, mtu
         self.port: Port | None = None
-        self.rx_view = StreamReceiveView()
-        self.send_view = StreamSendView()
+        self.rx_view: StreamReceiveView | MappedView = StreamReceiveView()
+        self.send_view: StreamSendView | MappedView = StreamSendView()
         self.holds: dict[str, GpadlHold] = {}
         self._out: list[Packet] = []
         self._ready = False
         self.queues: dict[int, Channel] = {}  # open sub-channels by index
         self.rx_by_queue: dict[int, int] = {}  # frames delivered per queue (0: the primary)
+
+    def _mapped(self, hold: GpadlHold) -> MappedView:
+        memory = self.res.memory
+        assert isinstance(memory, MappedMemory)
+        return MappedView(self.res.gpadls.buffer(hold), memory)
 
     async def run(self) -> None:
         channel, host = self.channel, self.host
@@ -268,7 +326,7 @@ class _Nic:
             for _ in range(RX_POLL):  # what the channel already holds, then one flush (NAPI-like)
                 if pkt is None:
                     break
-                self.send_view.current = pkt.data
+                self.send_view.current = _data(channel, pkt)
                 for event in host.receive(pkt):
                     self._event(event)
                 pkt = channel.recv_nowait() if handshake is None and host.version is not None else None
@@ -282,12 +340,16 @@ class _Nic:
                 if hold is None:
                     host.refuse_receive_buffer()
                 else:
+                    if self.channel.shared:
+                        self.rx_view = self._mapped(hold)
                     host.attach_receive_buffer(self.rx_view, self._size(hold))
             case nethost.SendBufferRequested(gpadl_handle=gid):
                 hold = self._hold("send", gid)
                 if hold is None:
                     host.refuse_send_buffer()
                 else:
+                    if self.channel.shared:
+                        self.send_view = self._mapped(hold)
                     host.attach_send_buffer(self.send_view, self._size(hold))
             case nethost.FramesSent(frames=frames):
                 port = self.port
@@ -414,7 +476,7 @@ class _Nic:
         channel, host = self.queues[queue], self.host
         while True:
             pkt = await channel.recv()
-            self.send_view.current = pkt.data
+            self.send_view.current = _data(channel, pkt)
             for event in host.receive_on_queue(pkt, queue):
                 self._event(event)
             await self._send_queue(queue)

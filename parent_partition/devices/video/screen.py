@@ -133,13 +133,25 @@ class Screen:
 
     # ---- kept current by the VSP ------------------------------------------------------------------------
 
-    def attach_vram(self, size: int) -> None:
+    def attach_vram(self, size: int, guest: memoryview | None = None) -> None:
         """A new VRAM of ``size`` bytes (VRAM_LOCATION): zeros until the guest's DIRT brings its pixels (an
-        anonymous mapping, so pages the screen never uses cost nothing)."""
+        anonymous mapping, so pages the screen never uses cost nothing); or ``guest``, the guest's own VRAM
+        mapped (shared memory), which DIRT only says has changed."""
         self._release()
-        self._vram = mmap.mmap(-1, size)
-        self._view = memoryview(self._vram)
+        if guest is not None:
+            self._view = guest[:size]
+        else:
+            self._vram = mmap.mmap(-1, size)
+            self._view = memoryview(self._vram)
         self.vram_size = size
+
+    def detach_vram(self) -> None:
+        """The guest's VRAM goes (torn down, or the channel closed): keep a copy of the last picture."""
+        if self._vram is None and self._view is not None:
+            copy = mmap.mmap(-1, self.vram_size)
+            copy[:] = self._view
+            self._release()
+            self._vram, self._view = copy, memoryview(copy)
 
     def set_mode(self, active: bool, width: int, height: int, pitch: int) -> None:
         """SITUATION_UPDATE: the host state machine checked it fits the VRAM."""
@@ -157,7 +169,7 @@ class Screen:
             return
         src = memoryview(pixels).cast("B")
         pitch, pos = self.pitch, 0
-        for x1, y1, x2, y2 in rects:
+        for x1, y1, x2, y2 in (rects if pixels else ()):  # none: the VRAM is the guest's own, already there
             row = (x2 - x1) * 4
             if row == pitch:  # whole rows: one copy
                 n = row * (y2 - y1)
@@ -189,6 +201,7 @@ class Screen:
     def close(self) -> None:
         """The channel closed: subscriptions end; the last picture stays readable."""
         self.closed = True
+        self.detach_vram()
         for sub in list(self._subscribers):
             sub.close()
 

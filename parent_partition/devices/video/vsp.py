@@ -16,9 +16,10 @@ from vmbus_proto.aio.channel import Channel
 from vmbus_proto.devices.base import HandshakeTrace
 from vmbus_proto.devices.video import host as vhost
 from vmbus_proto.devices.video import synthvid
+from vmbus_proto.devices.video.synthvid import Rect
 from vmbus_proto.errors import DeviceProtocolError
 
-from ...memory import GpadlHold
+from ...memory import GpadlBuffer, GpadlHold, MappedMemory
 from ...vsp import ChannelResources, HostContext, Vsp
 from .screen import Screen
 from .settings import VideoSettings
@@ -48,7 +49,7 @@ class VideoVsp(Vsp):
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
         if res.sub_channel_index:
             raise DeviceProtocolError("the video VSP offers no sub-channels")
-        host = vhost.SynthvidHost(self.settings.resolutions, self.default_index)
+        host = vhost.SynthvidHost(self.settings.resolutions, self.default_index, in_memory=channel.shared)
         screen = Screen(res.partition)
         self.screens[res.partition] = screen
         self.hosts[res.partition] = host
@@ -78,7 +79,7 @@ class VideoVsp(Vsp):
     def _event(self, event: vhost.Event, res: ChannelResources, screen: Screen, vram: _Vram) -> None:
         match event:
             case vhost.Dirty(rects=rects, pixels=pixels):
-                screen.apply(rects, pixels)
+                screen.apply(rects, pixels if pixels or vram.view is not None else vram.pixels(rects, screen.pitch))
             case vhost.PointerMoved(visible=visible, x=x, y=y):
                 screen.move_pointer(x, y, visible)
             case vhost.PointerShapeChanged():
@@ -99,6 +100,9 @@ class _Vram:
     def __init__(self, res: ChannelResources, host: vhost.SynthvidHost, screen: Screen) -> None:
         self.res, self.host, self.screen = res, host, screen
         self.hold: GpadlHold | None = None
+        self.view: memoryview | None = None  # the guest's VRAM, mapped (shared memory, consecutive pages)
+        self.buffer: GpadlBuffer | None = None  # the VRAM's bytes in its GPADL (shared memory)
+        self.offset = 0
 
     def map(self, gpa: int) -> None:
         self.release()
@@ -114,7 +118,13 @@ class _Vram:
             hold.release()
             raise
         self.hold = hold
-        self.screen.attach_vram(size)
+        self.view, self.buffer, self.offset = None, None, offset
+        memory = self.res.memory
+        if isinstance(memory, MappedMemory):  # shared memory: the screen shows the guest's VRAM itself
+            self.buffer = self.res.gpadls.buffer(hold)
+            ranges = self.buffer.ranges(offset, size)
+            self.view = memory.pages.slice(ranges[0]) if len(ranges) == 1 else None
+        self.screen.attach_vram(size, self.view)
         self.res.log.info("VRAM mapped", gpa=f"{gpa:#x}", gpadl=f"{gpadl.gpadl:#x}", bytes=size)
 
     def _torn_down(self) -> None:
@@ -124,8 +134,21 @@ class _Vram:
         self.host.unmap_vram()
         self.release()
 
+    def pixels(self, rects: tuple[Rect, ...], pitch: int) -> bytes:
+        """A DIRT's pixels read from the mapped VRAM when its pages are not consecutive (shared memory)."""
+        if self.buffer is None:
+            return b""
+        rows = []
+        for x1, y1, x2, y2 in rects:
+            for y in range(y1, y2):
+                rows.append(self.buffer.read(self.offset + y * pitch + x1 * 4, (x2 - x1) * 4))
+        return b"".join(rows)
+
     def release(self) -> None:
         hold, self.hold = self.hold, None
+        if self.view is not None:
+            self.screen.detach_vram()
+        self.view, self.buffer = None, None
         if hold is not None:
             hold.release()
 

@@ -98,8 +98,11 @@ class SynthvidGuest:
     """One framebuffer channel, guest side, from the accepted version on."""
 
     def __init__(self, version: int, vram_gpa: int, vram: Buffer, *, mode: tuple[int, int] | None = None,
-                 throttle: float = THROTTLE, max_dirt_data: int = MAX_DIRT_DATA, first_trans_id: int = 1) -> None:
+                 throttle: float = THROTTLE, max_dirt_data: int = MAX_DIRT_DATA, first_trans_id: int = 1,
+                 in_memory: bool = False) -> None:
+        """``in_memory``: the host maps the VRAM (shared memory), so a DIRT names rectangles without pixels."""
         self.version = version
+        self.in_memory = in_memory
         self.vram_gpa = vram_gpa
         self.vram = memoryview(vram).cast("B")
         self.vram_size = len(self.vram)
@@ -299,4 +302,4 @@ class SynthvidGuest:
 
     def _send_dirt(self, rects: list[Rect]) -> None:
         self.dirt_sent += 1
-        self._send(sv.Dirt(tuple(rects)), self.pixels(rects))
+        self._send(sv.Dirt(tuple(rects)), b"" if self.in_memory else self.pixels(rects))

@@ -98,7 +98,8 @@ class SynthvidHost:
 
     def __init__(self, resolutions: Sequence[tuple[int, int]] = DEFAULT_RESOLUTIONS, default_index: int = 0,
                  supported: frozenset[int] = sv.DEFAULT_SUPPORTED, vram_limit: int = sv.VRAM_SIZE,
-                 edid: bytes = sv.EDID) -> None:
+                 edid: bytes = sv.EDID, in_memory: bool = False) -> None:
+        """``in_memory``: the host maps the VRAM (shared memory), so DIRT carries no pixels."""
         if not resolutions or not 0 <= default_index < len(resolutions):
             raise ValueError("a non-empty resolution list and a default index inside it")
         self.resolutions = tuple(resolutions)
@@ -114,6 +115,7 @@ class SynthvidHost:
         self._out: list[Packet] = []
         self.dirt_messages = 0
         self.dirt_rects = 0
+        self.in_memory = in_memory
 
     @property
     def version(self) -> int | None:
@@ -255,7 +257,7 @@ class SynthvidHost:
             if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
                 raise DeviceProtocolError(f"DIRT rectangle {tuple(r)} is empty or outside the {w}x{h} screen")
             total += (x2 - x1) * (y2 - y1)
-        if len(data) != total * 4:
+        if len(data) != total * 4 and not (self.in_memory and not data):
             raise DeviceProtocolError(f"DIRT of {len(msg.rects)} rectangles came with {len(data)} bytes of pixels; "
                                       f"they hold {total * 4}")
         self.dirt_messages += 1
