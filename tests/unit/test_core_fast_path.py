@@ -60,10 +60,10 @@ def _header(length: int, kind: int, reserved: int = 0, data_len: int = 0, relid:
 @pytest.mark.parametrize("header", [
     _header(5 * 1024 * 1024, FrameKind.PACKET),
     _header(4, 0),
-    _header(4, 8),
+    _header(4, 9),
     _header(4, FrameKind.PACKET, reserved=1),
     _header(4, FrameKind.PACKET, data_len=5),
-], ids=["too-long", "kind-0", "kind-8", "reserved", "data-longer-than-frame"])
+], ids=["too-long", "kind-0", "kind-9", "reserved", "data-longer-than-frame"])
 def test_the_inline_header_check_refuses_what_the_general_check_refuses(header: bytes) -> None:
     with pytest.raises(FrameError) as general:
         FrameDecoder()._check(header + bytes(4), 0)
