@@ -9,6 +9,7 @@ SCM_RIGHTS: the parent maps the same pages, as a Hyper-V host maps what a GPADL 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -147,8 +148,9 @@ class GuestMemory:
         return GuestPages(self.view, GUEST_PFN_BASE)
 
     def close(self) -> None:
-        self.view.release()
-        self.mem.close()
+        with contextlib.suppress(BufferError):  # views still held (rings of shared channels): unmapped by the GC
+            self.view.release()
+            self.mem.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

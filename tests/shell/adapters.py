@@ -19,7 +19,7 @@ from typing import Any
 from child_partition.bus import BusError
 from child_partition.guest_memory import GuestMemory
 from child_partition.vsc import Vsc
-from parent_partition.memory import GpadlMap
+from parent_partition.memory import GpadlMap, MappedMemory
 from parent_partition.vsp import ChannelResources, Vsp
 from vmbus_proto.aio import logs
 from vmbus_proto.aio.channel import Channel
@@ -29,6 +29,7 @@ from vmbus_proto.packets import PAGE_SIZE
 from vmbus_proto.versions import Version
 
 GUEST_MEMORY = 64 * 1024 * 1024
+MEMORY_MODE = "stream"  # or "shared": the link's channels on rings in the guest's memory (conftest.memory_mode)
 
 
 async def open_vsp(vsp: Vsp, pair: ChannelPair, *, partition: str | None = None, trace: bool = False,
@@ -39,6 +40,8 @@ async def open_vsp(vsp: Vsp, pair: ChannelPair, *, partition: str | None = None,
     name = partition or pair.link.partition
     res = ChannelResources.standalone(name, vsp.offer(name), pair.params, log, fail=pair.link.host.fail)
     res.trace = trace
+    if pair.link.pages is not None:
+        res.memory = MappedMemory(pair.link.pages)
     if gpadls is not None:
         def lookup(gid: int) -> Gpadl | None:
             pfns = gpadls.get(gid)
@@ -132,9 +135,10 @@ def new_vsc(cls: type[Vsc], bus: HarnessBus, memory: GuestMemory, relid: int = 1
 async def attach(vsp: Vsp, vsc_cls: type[Vsc], *, link: MemoryLink | None = None, relid: int = 1,
                  trace: bool = False) -> DevicePair:
     """Offer ``vsp``'s device on a fresh link (or ``link``), and attach a ``vsc_cls`` driver to it."""
-    link = link if link is not None else MemoryLink()
-    bus = HarnessBus(link, vsp, trace=trace)
     memory = GuestMemory(GUEST_MEMORY)
+    if link is None:
+        link = MemoryLink(pages=memory.pages_view() if MEMORY_MODE == "shared" else None)
+    bus = HarnessBus(link, vsp, trace=trace)
     vsc = new_vsc(vsc_cls, bus, memory, relid)
     devices = DevicePair(link, bus, vsp, vsc, memory)
     try:

@@ -23,6 +23,8 @@ from .waits import until
 PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
+pytestmark = pytest.mark.usefixtures("memory_mode")  # each test in both memory modes (conftest)
+
 @pytest.fixture
 async def service() -> InputService:
     return InputService(GuestContext("vm", logs.get(partition="vm")))

@@ -3,6 +3,7 @@ guest's drawing in the parent's screen, a new mode, DIRT throttling, and removal
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from child_partition.devices.video.vsc import VideoVsc
@@ -12,6 +13,7 @@ from vmbus_proto.devices.video.synthvid import VRAM_SIZE
 from .adapters import attach
 from .waits import until
 
+pytestmark = pytest.mark.usefixtures("memory_mode")  # each test in both memory modes (conftest)
 
 async def test_the_guests_drawing_reaches_the_hosts_screen_and_a_new_mode_resizes_it() -> None:
     vsp = VideoVsp()

@@ -33,7 +33,9 @@ from ..framing import DEFAULT_MAX_FRAME, Frame, FrameKind
 from ..gpadl import Gpadl
 from ..packets import PAGE_SIZE, Buffer
 from ..server import OpenParams
+from ..shm_ring import GuestPages, RingIn, RingOut
 from .channel import Channel
+from .shared import SharedChannel
 from .transport import CONTROL_WRITE_HIGH, FramedConnection
 
 HOST, GUEST = "host", "guest"
@@ -273,9 +275,12 @@ class MemoryLink:
     def __init__(self, *, data_window: int = DEFAULT_DATA_WINDOW, host_data_window: int | None = None,
                  guest_data_window: int | None = None, max_frame: int = DEFAULT_MAX_FRAME,
                  max_payload: int = 64 * 1024, write_high: int = CONTROL_WRITE_HIGH, partition: str = "vm1",
-                 log: Any = None) -> None:
+                 log: Any = None, pages: GuestPages | None = None) -> None:
+        """``pages``: the guest's memory, which both ends then share (docs/protocol.md §14): channels are
+        ``SharedChannel``s on rings in it, and only EVENT frames cross for them."""
         log = log if log is not None else structlog.get_logger()
         self.partition = partition
+        self.pages = pages
         hw = data_window if host_data_window is None else host_data_window
         gw = data_window if guest_data_window is None else guest_data_window
         conn = {"max_frame": max_frame, "max_payload": max_payload, "write_high": write_high}
@@ -336,13 +341,18 @@ class ChannelPair:
         self.relid = relid = params.relid
         g2h, h2g = params.guest_to_host_data, params.host_to_guest_data
         hc, gc = link.host, link.guest
-        self.host = Channel(hc, relid, ChannelRings(relid, host=True, guest_to_host_data=g2h, host_to_guest_data=h2g,
-                                                    window_in=hc.data_window, window_out=hc.peer_data_window),
-                            name=name, log=hc.log.bind(relid=relid))
-        self.guest = Channel(gc, relid, ChannelRings(relid, host=False, guest_to_host_data=g2h,
-                                                     host_to_guest_data=h2g, window_in=gc.data_window,
-                                                     window_out=gc.peer_data_window),
-                             name=name, log=gc.log.bind(relid=relid))
+        self.host: Channel
+        self.guest: Channel
+        if link.pages is not None:
+            self.host, self.guest = _shared_ends(link.pages, params, hc, gc, name)
+        else:
+            self.host = Channel(hc, relid, ChannelRings(relid, host=True, guest_to_host_data=g2h, host_to_guest_data=h2g,
+                                                        window_in=hc.data_window, window_out=hc.peer_data_window),
+                                name=name, log=hc.log.bind(relid=relid))
+            self.guest = Channel(gc, relid, ChannelRings(relid, host=False, guest_to_host_data=g2h,
+                                                         host_to_guest_data=h2g, window_in=gc.data_window,
+                                                         window_out=gc.peer_data_window),
+                                 name=name, log=gc.log.bind(relid=relid))
         for conn, ch in ((hc, self.host), (gc, self.guest)):
             conn.add_channel(ch)
             conn.pairs[relid] = self
@@ -385,6 +395,20 @@ class ChannelPair:
         task = asyncio.get_running_loop().create_task(_run_closer(ch, closer, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _shared_ends(pages: GuestPages, params: OpenParams, hc: FramedConnection, gc: FramedConnection,
+                 name: str) -> tuple[Channel, Channel]:
+    """Both ends of a channel whose rings are the ring GPADL's pages in ``pages``, initialised by the guest."""
+    pfns, offset, relid = list(params.gpadl.pfns), params.downstream_offset, params.relid
+    g2h, h2g = pages.ring(pfns[:offset]), pages.ring(pfns[offset:])
+    g2h.init()
+    h2g.init()
+    host = SharedChannel(hc, relid, RingOut(h2g), RingIn(g2h, hc.max_payload, hc.pfn_bound), pages, host=True,
+                         name=name, log=hc.log.bind(relid=relid))
+    guest = SharedChannel(gc, relid, RingOut(g2h), RingIn(h2g, gc.max_payload, gc.pfn_bound), pages, host=False,
+                          name=name, log=gc.log.bind(relid=relid))
+    return host, guest
 
 
 async def _run_closer(ch: Channel, closer: Closer | None, done: asyncio.Future[None]) -> None:
