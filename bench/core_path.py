@@ -27,6 +27,7 @@ import uvloop
 
 from vmbus_proto.aio.pair import MemoryLink
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
+from vmbus_proto.shm_ring import GuestPages
 
 SHAPES = {"1k": (1024, 64), "64k": (65536, 16)}
 RING_PAGES = 2 * (260 * 1024 // 4096)  # the echo device's ring: 260 KiB each way
@@ -45,18 +46,21 @@ async def _echo(ch: Any) -> None:
             pkt = ch.recv_nowait()
 
 
-async def run(shape: str, round_trips: int) -> float:
-    """CPU µs per round trip (both ends) for ``round_trips`` round trips of ``shape``."""
+async def run(shape: str, round_trips: int, mode: str = "stream") -> float:
+    """CPU µs per round trip (both ends) for ``round_trips`` round trips of ``shape``; ``mode`` "shared": the
+    rings and the data in guest memory both ends share (docs/protocol.md §14)."""
     size, window = SHAPES[shape]
-    link = MemoryLink()
-    pair = link.open(1, pages=RING_PAGES)
+    memory = memoryview(bytearray((RING_PAGES + 32) * 4096)) if mode == "shared" else None
+    link = MemoryLink(pages=GuestPages(memory, 0) if memory is not None else None)
+    pair = link.open(1, pages=RING_PAGES, pfns=tuple(range(RING_PAGES)))
     server = asyncio.ensure_future(_echo(pair.host))
     left = round_trips
     ranges: tuple[GpaRange, ...]
     if size <= 1024:
         payload, ranges, data = bytes(size), (), b""
     else:
-        payload, ranges, data = bytes(8), (GpaRange(size, 0, tuple(range(16))),), bytes(size)
+        first = RING_PAGES + 8  # the data's pages, after the rings
+        payload, ranges, data = bytes(8), (GpaRange(size, 0, tuple(range(first, first + 16))),), bytes(size)
 
     async def worker() -> None:
         nonlocal left
@@ -85,20 +89,23 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--only", choices=sorted(SHAPES), action="append")
     p.add_argument("--profile", action="store_true", help="print cProfile's top entries of one more run")
+    p.add_argument("--mode", choices=["stream", "shared"], action="append",
+                   help="memory mode(s) to run (default: both, side by side)")
     args = p.parse_args()
     out: dict[str, Any] = {}
     for shape in args.only or sorted(SHAPES):
-        runs = [uvloop.run(run(shape, args.round_trips)) for _ in range(args.repeat)]
-        out[shape] = {"us_per_rt": round(statistics.median(runs), 2), "min": round(min(runs), 2),
-                      "runs": [round(r, 2) for r in runs]}
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            uvloop.run(run(shape, args.round_trips))
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-            print(text.getvalue())
+        for mode in args.mode or ["stream", "shared"]:
+            runs = [uvloop.run(run(shape, args.round_trips, mode)) for _ in range(args.repeat)]
+            out[f"{shape} {mode}"] = {"us_per_rt": round(statistics.median(runs), 2), "min": round(min(runs), 2),
+                                      "runs": [round(r, 2) for r in runs]}
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                uvloop.run(run(shape, args.round_trips, mode))
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+                print(text.getvalue())
     print(json.dumps(out))
 
 

@@ -59,7 +59,9 @@ from .scale_stats import KINDS
 from .storage import CACHE_MODES, JOBS, run_storage
 
 SIZES = (1024, 64 * 1024)
-TRANSPORTS = ("tcp", "unix")
+# "shared": the Unix socket with the guest's memory shared (docs/protocol.md §14): rings and data in the memfd,
+# only events on the socket; "unix" streams over the same socket. The raw echo's baseline for both is Unix.
+TRANSPORTS = ("tcp", "unix", "shared")
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "latest.json"
 AIM_RATIO_1K = 0.5
 
@@ -135,14 +137,15 @@ def run_echo(args: argparse.Namespace, workdir: Path, console: Console) -> list[
                 raw, framed, vmbus = [], [], []
                 # Interleave (a), (a') and (b) so slow drift on the machine hits all of them alike.
                 for _ in range(args.repeat):
-                    raw.append(uvloop.run(echo_raw.measure(server.urls[transport], size, window, args.seconds,
+                    socket_kind = "unix" if transport == "shared" else transport
+                    raw.append(uvloop.run(echo_raw.measure(server.urls[socket_kind], size, window, args.seconds,
                                                            args.warmup, server.pid)))
-                    framed.append(uvloop.run(echo_raw.measure(server.urls[f"framed_{transport}"], size, window,
+                    framed.append(uvloop.run(echo_raw.measure(server.urls[f"framed_{socket_kind}"], size, window,
                                                               args.seconds, args.warmup, server.pid)))
                     n += 1
-                    vmbus.append(uvloop.run(vmbus_echo.measure(parent.endpoint(transport), size, window,
+                    vmbus.append(uvloop.run(vmbus_echo.measure(parent.endpoint(socket_kind), size, window,
                                                                args.seconds, args.warmup, parent.pid,
-                                                               name=f"bench-echo-{n}")))
+                                                               name=f"bench-echo-{n}", shared=transport == "shared")))
                 a, a2, b = _median_run(raw), _median_run(framed), _median_run(vmbus)
                 row = {"size": size, "transport": transport, "window": window, "packet": b["packet"],
                        "raw": a, "framed": a2, "vmbus": b, "ratio": b["rtt_per_s"] / a["rtt_per_s"],

@@ -44,12 +44,16 @@ async def _open_echo(bus: GuestBus, memory: GuestMemory) -> tuple[Channel, int, 
 
 
 async def measure(url: str, size: int, window: int, seconds: float, warmup: float,
-                  parent_pid: int | None = None, name: str = "bench-echo") -> dict[str, Any]:
-    """Completed requests per second over ``seconds`` after ``warmup``, ``window`` in flight."""
+                  parent_pid: int | None = None, name: str = "bench-echo", shared: bool = False) -> dict[str, Any]:
+    """Completed requests per second over ``seconds`` after ``warmup``, ``window`` in flight. ``shared``: the
+    guest's memory is a memfd the parent maps (a Unix ``url``): rings and data stay in it (docs/protocol.md §14)."""
     data_pages = (size + PAGE_SIZE - 1) // PAGE_SIZE
-    memory = GuestMemory((2 * (echo.SPEC.ring_bytes // PAGE_SIZE) + window * data_pages + 16) * PAGE_SIZE)
+    memory = GuestMemory((2 * (echo.SPEC.ring_bytes // PAGE_SIZE) + window * data_pages + 16) * PAGE_SIZE,
+                         shared=shared)
     bus = await asyncio.wait_for(open_bus(url, name, memory=memory), 30.0)
     ch, gpadl, _ = await asyncio.wait_for(_open_echo(bus, memory), 60.0)
+    if bus.shared != shared:
+        raise RuntimeError(f"asked for {'shared' if shared else 'stream'} memory, the parent chose otherwise")
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     completed = 0
     stop = False
@@ -84,7 +88,8 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
             if len(pkt.data) != size or (not completed % CHECK_EVERY and pkt.data != payload):
                 errors.append(f"echo returned {len(pkt.data)} different data bytes for {size}")
                 return
-            write(rng, pkt.data)
+            if not shared:  # (shared: the host's data is in these pages already)
+                write(rng, pkt.data)
             completed += 1
 
     workers = [asyncio.ensure_future(inband() if size <= INBAND_MAX else gpa_direct(i)) for i in range(window)]

@@ -133,7 +133,7 @@ def test_read_batch_stops_at_its_budget_and_keeps_the_rest() -> None:
     (lambda w: w.__setitem__(W_WRITE, 8), "less than a packet"),
 ])
 def test_reader_refuses_a_scribbled_write_index(scribble: object, match: str) -> None:
-    out, inn, _ = _ring()
+    _, inn, _ = _ring()
     scribble(inn.mem.words)  # type: ignore[operator]
     with pytest.raises(RingCorruptError, match=match):
         inn.read_batch(1 << 20)

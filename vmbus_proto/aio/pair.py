@@ -346,8 +346,9 @@ class ChannelPair:
         if link.pages is not None:
             self.host, self.guest = _shared_ends(link.pages, params, hc, gc, name)
         else:
-            self.host = Channel(hc, relid, ChannelRings(relid, host=True, guest_to_host_data=g2h, host_to_guest_data=h2g,
-                                                        window_in=hc.data_window, window_out=hc.peer_data_window),
+            self.host = Channel(hc, relid, ChannelRings(relid, host=True, guest_to_host_data=g2h,
+                                                        host_to_guest_data=h2g, window_in=hc.data_window,
+                                                        window_out=hc.peer_data_window),
                                 name=name, log=hc.log.bind(relid=relid))
             self.guest = Channel(gc, relid, ChannelRings(relid, host=False, guest_to_host_data=g2h,
                                                          host_to_guest_data=h2g, window_in=gc.data_window,

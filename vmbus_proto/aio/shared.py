@@ -180,7 +180,10 @@ class SharedChannel(Channel):
     def try_send(self, pkt: Packet) -> bool:
         if self.closed or self._blocked_writers:
             return False
-        due = self.out_ring.write(self._prepare(pkt))
+        if pkt.data or pkt.ranges or self._ranges:
+            due = self.out_ring.write(self._prepare(pkt))
+        else:  # an in-band packet with nothing in guest memory to move: the hot path
+            due = self.out_ring.write_packet(pkt)
         if due is None:
             return False
         self._written(pkt, due)
