@@ -24,6 +24,7 @@ wrong read of the host's own state.
 from __future__ import annotations
 
 import struct
+import threading
 
 from .errors import PacketError, RingOverrunError
 from .packets import (
@@ -52,6 +53,17 @@ _INBAND, _COMP = int(PacketType.DATA_INBAND), int(PacketType.COMP)
 _PAD = bytes(8)
 _FAST_TYPES = frozenset({_INBAND, _COMP})
 MAX_RANGES = 4096  # GPA ranges in one packet: far above what a storvsc or netvsc packet names
+
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier (Linux ``virt_mb``): a locked instruction, which orders our store before our next
+    load as another CPU sees them. Taken where a side stores one header field and then reads one the other
+    side stores (the two checks that decide whether a signal is due), so neither side misses the other's."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class RingCorruptError(RingOverrunError):
@@ -243,13 +255,7 @@ class RingOut:
             data[end:w + body] = _PAD[:w + body - end]
         _TRAILER.pack_into(data, w + body, w << 32)
         words[W_WRITE] = (w + n) % size  # published after the data (x86 stores are not reordered)
-        stats = self.stats
-        stats.packets += 1
-        stats.bytes += n
-        if r != w or words[W_MASK]:
-            return False
-        stats.interrupts += 1
-        return True
+        return self._signal_due(w, n)
 
     def write(self, raw: bytes) -> bool | None:
         """Put the encoded packet ``raw`` (``encode``) and its trailer in the ring: None if it does not fit now,
@@ -266,10 +272,17 @@ class RingOut:
         mem.copy_in(w, raw)
         mem.copy_in((w + n - TRAILER_SIZE) % size, _TRAILER.pack(w << 32))
         words[W_WRITE] = (w + n) % size  # published after the data (x86 stores are not reordered)
+        return self._signal_due(w, n)
+
+    def _signal_due(self, w: int, n: int) -> bool:
+        """``hv_signal_on_write``: after the barrier, whether the ring was empty before this packet (read_index,
+        read again now, is where it started) and the reader has not masked interrupts."""
         stats = self.stats
         stats.packets += 1
         stats.bytes += n
-        if r != w or words[W_MASK]:  # hv_signal_on_write: only empty -> non-empty, when unmasked
+        fence()
+        words = self.mem.words
+        if words[W_MASK] or words[W_READ] != w:
             return False
         stats.interrupts += 1
         return True
@@ -282,6 +295,7 @@ class RingOut:
         freed space meanwhile); returns whether it fits now (pending_send_sz is cleared again)."""
         words = self.mem.words
         words[W_PENDING] = (n + 7) & ~7
+        fence()
         if n < self.free:
             words[W_PENDING] = 0
             return True
@@ -354,7 +368,9 @@ class RingIn:
                 taken += n
             if avail:
                 break  # the budget is spent; the rest stays in the ring (masked: the reader comes back)
+            words[W_READ] = r  # hv_pkt_iter_close: the space is the writer's before we unmask
             words[W_MASK] = 0
+            fence()
             if words[W_WRITE] == w:  # hv_end_read: nothing came while we were masked
                 break
             words[W_MASK] = 1
@@ -372,6 +388,7 @@ class RingIn:
         free space went from at most its pending_send_sz to above it; pss rounded down to 8, as OpenVMM)."""
         words, size = self.mem.words, self.size
         words[W_READ] = new
+        fence()
         pss = words[W_PENDING] & ~7
         if not pss:
             return False

@@ -21,6 +21,7 @@ from vmbus_proto.shm_ring import (
     GuestPages,
     RingCorruptError,
     RingIn,
+    RingMemory,
     RingOut,
     decode,
     encode,
@@ -194,3 +195,24 @@ def test_guest_pages_views_copies_and_bounds() -> None:
         pages.read((GpaRange(10, 0, (0x108,)),))
     with pytest.raises(PacketError, match="outside"):
         pages.slice(GpaRange(10, 0, (0xFF,)))
+
+
+def test_a_reader_that_empties_the_ring_during_a_write_still_gets_its_signal() -> None:
+    """The writer decides on the signal with read_index read again after publishing (``hv_signal_on_write``):
+    a reader that drained the ring and went to sleep meanwhile would otherwise never hear of this packet."""
+    buf = memoryview(bytearray(3 * PAGE_SIZE))
+    inn: list[RingIn] = []
+
+    class Racing(RingMemory):
+        def copy_in(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+            if inn and inn[0].used:
+                inn[0].read_batch(1 << 20)  # the reader takes what is there, unmasks, finds nothing more
+            super().copy_in(offset, data)
+
+    mem = Racing(buf[:PAGE_SIZE], [buf[PAGE_SIZE:]])
+    mem.init()
+    out = RingOut(mem)
+    inn.append(RingIn(mem, 4096, BOUND))
+    assert out.write(encode(Packet(INBAND, 0, 1, b"first"))) is True
+    assert out.write(encode(Packet(INBAND, 0, 2, b"second"))) is True  # the ring was empty when it landed
+    assert [p.trans_id for p in inn[0].read_batch(1 << 20)[0]] == [2]
