@@ -340,7 +340,7 @@ class GuestBus(FramedConnection):
         out_mem.init()  # hv_ringbuffer_init: both rings zeroed, feature_bits set, before OPENCHANNEL
         in_mem.init()
         return SharedChannel(self, relid, RingOut(out_mem), RingIn(in_mem, self.max_payload, NO_PFN_BOUND), view,
-                             host=False, name=name, log=log)
+                             host=False, name=name, log=log, trace=self.trace)
 
     def close_channel(self, relid: int) -> None:
         ch = self.remove_channel(relid)

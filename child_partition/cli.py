@@ -30,7 +30,7 @@ from .devices import load_vsc_plugin
 from .devices.network.nic import Nic, NicError
 from .devices.network.service import NetworkService, interface_arg
 from .load.args import number as _number
-from .runner import ChildPartition
+from .runner import MEMORY_MODE_CHOICES, MEMORY_MODE_ENV, ChildPartition
 from .services import guest_services
 from .vsc import GuestServiceError, Vsc
 
@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                      default=",".join(map(str, KEEPALIVE)),
                      help="TCP keepalive: seconds of silence before the first probe, seconds between probes, "
                           "unanswered probes before a silent parent is given up and reconnected to")
+    run.add_argument("--memory-mode", choices=MEMORY_MODE_CHOICES,
+                     help=f"shared: the guest's memory is a memfd the parent maps, rings and data stay in it, only "
+                          f"events cross the socket (Unix sockets only); stream: everything travels as frames; auto: "
+                          f"shared on unix: URLs (default: ${MEMORY_MODE_ENV}, else auto; docs/protocol.md 14)")
     run.add_argument("--no-reconnect", action="store_true",
                      help="exit with the reason instead of waiting for the parent or reconnecting to it")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None, *, nic_factory: NicFactory | None = None
 
 
 _RUN_ARGS = {"command", "connect", "name", "secret", "trace", "vmbus_version", "vmbus_max_version", "no_reconnect",
+             "memory_mode",
              "log_level", "json_logs", "keepalive", "plugins", "tls_ca", "tls_cert", "tls_key", "tls_insecure"}
 
 
@@ -257,7 +262,7 @@ async def _run(args: argparse.Namespace) -> int:
     child = ChildPartition(args.connect, args.name, trace=args.trace,
                            versions=args.vmbus_version or args.vmbus_max_version,
                            reconnect=not args.no_reconnect, secret=args.secret, keepalive=args.keepalive,
-                           plugins=args.plugins, **options)
+                           plugins=args.plugins, memory_mode=args.memory_mode, **options)
     try:
         status = await child.run(stop)
     except GuestServiceError as exc:

@@ -540,7 +540,7 @@ class PartitionConnection(FramedConnection):
         except (PacketError, ValueError) as exc:
             raise DeviceProtocolError(f"ring GPADL {p.gpadl.gpadl:#x}: {exc}") from None
         return SharedChannel(self, p.relid, RingOut(h2g), RingIn(g2h, self.max_payload, self.pfn_bound), pages,
-                             host=True, name=name, log=log)
+                             host=True, name=name, log=log, trace=self.daemon.config.trace)
 
     async def _device_close(self, act: core.DeviceClose) -> None:
         ch = self.remove_channel(act.relid)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 from vmbus_proto.aio.channel import Channel, ChannelClosed
 from vmbus_proto.devices.base import DeviceSpec, Handshake, HandshakeModule, HandshakeTrace, Incoming, Outgoing
-from vmbus_proto.errors import DeviceProtocolError
+from vmbus_proto.errors import DeviceProtocolError, ProtocolError
 from vmbus_proto.gpadl import Gpadl
 from vmbus_proto.packets import PAGE_SIZE, Packet
 from vmbus_proto.server import OfferSpec, OpenParams
@@ -160,7 +160,7 @@ class Vsp(abc.ABC):
             await self.serve(channel, res)
         except ChannelClosed:
             pass
-        except DeviceProtocolError as exc:
+        except ProtocolError as exc:  # the guest's fault: a device protocol error, or its rings (shared memory)
             self.errors += 1
             res.log.error("device protocol error; closing the partition's connection", error=str(exc))
             res.fail(f"{self.name} relid {channel.relid}: {exc}")

@@ -11,13 +11,13 @@ into the guest's memory, so a device sees ``Packet.data`` exactly as over a stre
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..envelope import Signal
-from ..errors import FrameError, LocalProtocolError
+from ..errors import FrameError, LocalProtocolError, ProtocolError
 from ..packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 from ..ring import RingReader, RingWriter
-from ..shm_ring import GuestPages, RingIn, RingOut, encode
+from ..shm_ring import W_MASK, W_PENDING, W_READ, W_WRITE, GuestPages, RingIn, RingOut, encode
 from .channel import Channel, ChannelClosed
 
 if TYPE_CHECKING:
@@ -46,9 +46,11 @@ class SharedChannel(Channel):
     shared = True
 
     def __init__(self, conn: FramedConnection, relid: int, out_ring: RingOut, in_ring: RingIn, pages: GuestPages,
-                 *, host: bool, name: str = "", log: Any = None) -> None:
+                 *, host: bool, name: str = "", log: Any = None, trace: bool = False) -> None:
+        """``trace``: log each event in and out with both rings' header fields (``--trace``)."""
         super().__init__(conn, relid, SharedRings(relid, out_ring, in_ring), name, log)  # type: ignore[arg-type]
         self.out_ring, self.in_ring, self.pages, self.host = out_ring, in_ring, pages, host
+        self.trace = trace and log is not None
         self._queued = 0  # ring bytes of packets delivered to the queue and not yet taken by recv
         self._ranges: dict[int, tuple[GpaRange, ...]] = {}  # GPA ranges of requests awaiting their completion
         self._bounce: dict[int, memoryview] = {}  # dma() bounce buffers, copied back with the completion
@@ -70,6 +72,8 @@ class SharedChannel(Channel):
     def _on_event(self) -> None:
         """The peer's event: it wrote to our inbound ring when it was empty, or freed space we wait for."""
         self.events_in += 1
+        if self.trace:
+            self._trace("ring event in", "from the peer")
         self._poll()
         w = self._space_waiter
         if w is not None and not w.done():
@@ -85,7 +89,7 @@ class SharedChannel(Channel):
             return
         pkts, due = ring.read_batch(budget)
         if due:
-            self._event()
+            self._event("pending_send_sz crossed")
         if pkts:
             ring.stats.interrupts += 1
         for pkt in pkts:
@@ -134,7 +138,17 @@ class SharedChannel(Channel):
     def _consume(self, pkt: Packet) -> None:
         self._queued -= pkt.size
         if self.in_ring.held and self._queued <= self.in_ring.size >> 1:
-            self._poll()
+            try:
+                self._poll()
+            except ProtocolError as exc:
+                self._corrupt(exc)
+
+    def _corrupt(self, exc: ProtocolError) -> NoReturn:
+        """The peer broke a ring in shared memory (found by a device's send or receive, not by a frame): its
+        connection ends with the reason, and this device's call ends as on any close."""
+        self.conn.fail(f"{type(exc).__name__}: {exc}")
+        self.close()
+        raise ChannelClosed(f"channel {self.relid} closed: {exc}")
 
     def recv_nowait(self) -> Packet | None:
         queue = self._queue
@@ -146,9 +160,19 @@ class SharedChannel(Channel):
 
     # ---- send -------------------------------------------------------------------------------------------
 
-    def _event(self) -> None:
+    def _event(self, why: str = "empty to non-empty") -> None:
         self.events_out += 1
+        if self.trace:
+            self._trace("ring event out", why)
         self.conn.send_event(self.relid)
+
+    def _trace(self, what: str, why: str) -> None:
+        """One ``--trace`` line: the event and both rings' header fields as they stand (docs/protocol.md §14)."""
+        fields: dict[str, Any] = {}
+        for side, ring in (("in", self.in_ring.mem.words), ("out", self.out_ring.mem.words)):
+            fields[side] = (f"w={ring[W_WRITE]} r={ring[W_READ]} mask={ring[W_MASK]} "
+                            f"pending={ring[W_PENDING]}")
+        self.log.info(what, why=why, **fields)
 
     def _prepare(self, pkt: Packet) -> bytes:
         """The packet's ring bytes; GPA data moves in guest memory instead of with the packet."""
@@ -180,16 +204,25 @@ class SharedChannel(Channel):
     def try_send(self, pkt: Packet) -> bool:
         if self.closed or self._blocked_writers:
             return False
-        if pkt.data or pkt.ranges or self._ranges:
-            due = self.out_ring.write(self._prepare(pkt))
-        else:  # an in-band packet with nothing in guest memory to move: the hot path
-            due = self.out_ring.write_packet(pkt)
+        try:
+            if pkt.data or pkt.ranges or self._ranges:
+                due = self.out_ring.write(self._prepare(pkt))
+            else:  # an in-band packet with nothing in guest memory to move: the hot path
+                due = self.out_ring.write_packet(pkt)
+        except ProtocolError as exc:
+            self._corrupt(exc)
         if due is None:
             return False
         self._written(pkt, due)
         return True
 
     async def send(self, pkt: Packet) -> None:
+        try:
+            await self._send(pkt)
+        except ProtocolError as exc:
+            self._corrupt(exc)
+
+    async def _send(self, pkt: Packet) -> None:
         raw = self._prepare(pkt)
         if not self.out_ring.fits_ever(len(raw) + _TRAILER):
             raise LocalProtocolError(f"a {len(raw) + _TRAILER}-byte packet can never fit a "
