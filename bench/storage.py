@@ -6,8 +6,9 @@ partition. ``child-partition load storage`` drives one partition over TCP and ov
 runs the same job shape directly on the file (io_uring, buffered, same block size and queue depth). Both
 read through the host's page cache, so the ratio measures what the emulated VMBus path costs on top of the
 file I/O itself. Jobs: 4 KiB random read and write at iodepth 32, and 1 MiB sequential read and write at iodepth 8.
-Each job is repeated (fio, TCP, Unix interleaved, in a rotating order) and the medians reported, with the
-CPU each process spent per I/O (parent and guest), which moves less with the machine's load than the rates.
+Each job is repeated (fio, TCP, Unix streaming and Unix with shared memory interleaved, in a rotating order) and
+the medians reported, with the CPU each process spent per I/O (parent and guest), which moves less with the
+machine's load than the rates.
 
 The page cache (``cache="warm"``, the default): fio runs with ``--invalidate=0`` and the image is read
 through before any run that finds it less than fully resident, so every run starts with the whole image
@@ -37,7 +38,8 @@ from .meter import ProcMeter
 from .parent import REPO_ROOT, ParentProcess, child_env, start_parent
 
 JOBS = [("randread", "4k", 32), ("randwrite", "4k", 32), ("read", "1M", 8), ("write", "1M", 8)]
-TRANSPORTS = ("tcp", "unix")
+# "unix" streams over the Unix socket, "shared" shares the guest's memory on it (docs/protocol.md §14)
+TRANSPORTS = ("tcp", "unix", "shared")
 CACHE_MODES = ("warm", "fio-default")
 IMAGE_BYTES = 1 << 30
 SETUP = 1.0  # seconds a load run takes to connect, negotiate and scan its disk
@@ -79,11 +81,11 @@ def _disk_stats(parent: ParentProcess, seen: int) -> dict[str, Any]:
 
 
 def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
-         parent: ParentProcess) -> dict[str, Any]:
+         parent: ParentProcess, mode: str = "stream") -> dict[str, Any]:
     """One ``child-partition load storage`` run; both processes' counters sampled inside its measured window."""
     cmd = [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", rw, "--bs", bs,
            "--iodepth", str(iodepth), "--runtime", str(seconds), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
-           "--json", str(out)]
+           "--memory-mode", mode, "--json", str(out)]
     seen = len(disk_closed_lines(parent))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
     counters: dict[str, Any] = {}
@@ -173,15 +175,16 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1, cache: str = "wa
             # a run leaves behind for the next) hits all three alike.
             for i in range(repeat):
                 order = ["fio", *TRANSPORTS]
-                order = order[i % 3:] + order[:i % 3]
+                order = order[i % len(order):] + order[:i % len(order)]
                 runs: dict[str, dict[str, Any]] = {}
                 for what in order:
                     resident = _before_run(image, cache)
                     if what == "fio":
                         runs[what] = fio(image, rw, bs, depth, seconds, invalidate=cache == "fio-default")
                     else:
-                        runs[what] = ours(parent.endpoint(what), rw, bs, depth, seconds,
-                                          workdir / f"{rw}-{what}-{i}.json", parent)
+                        runs[what] = ours(parent.endpoint("unix" if what == "shared" else what), rw, bs, depth,
+                                          seconds, workdir / f"{rw}-{what}-{i}.json", parent,
+                                          "shared" if what == "shared" else "stream")
                     runs[what]["cache_resident_before"] = resident
                 base.append(runs["fio"])
                 for transport in TRANSPORTS:

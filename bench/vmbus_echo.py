@@ -20,6 +20,7 @@ from child_partition.bus import GuestBus
 from child_partition.guest_memory import GUEST_PFN_BASE, GuestMemory
 from child_partition.runner import open_bus
 from vmbus_proto.aio.channel import Channel
+from vmbus_proto.aio.shared import SharedChannel
 from vmbus_proto.devices.echo import protocol as echo
 from vmbus_proto.packets import PAGE_SIZE
 
@@ -118,7 +119,11 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
         raise RuntimeError(errors[0])
     elapsed = t1 - t0
     rate = (c1 - c0) / elapsed
+    events: dict[str, float] = {}
+    if isinstance(ch, SharedChannel):  # signals that crossed the socket, per round trip (the rest were batched)
+        done = max(completed, 1)
+        events = {"events_in_per_rt": ch.events_in / done, "events_out_per_rt": ch.events_out / done}
     return {"round_trips": c1 - c0, "seconds": elapsed, "rtt_per_s": rate, "mb_per_s": rate * size / 1e6,
-            "capped": completed >= MAX_ROUND_TRIPS,
+            "capped": completed >= MAX_ROUND_TRIPS, **events,
             **cpu,
             "packet": "inband" if size <= INBAND_MAX else "gpa_direct"}

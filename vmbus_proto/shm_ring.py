@@ -325,11 +325,13 @@ class RingIn:
         words = self.mem.words
         return (words[W_WRITE] - words[W_READ]) % self.size
 
-    def read_batch(self, budget: int) -> tuple[list[Packet], bool]:
+    def read_batch(self, budget: int, linger: bool = False) -> tuple[list[Packet], bool]:
         """Take the packets the writer has published, up to ``budget`` ring bytes, copying each out of the ring
         and advancing read_index once for the batch. Returns them and whether the writer must be signalled
         (its pending_send_sz was crossed). Interrupts stay masked while draining (``hv_begin_read``); the
-        unmask is followed by a re-check, so a packet written meanwhile is not left without a signal."""
+        unmask is followed by a re-check, so a packet written meanwhile is not left without a signal.
+        ``linger``: when packets came, leave interrupts masked (the caller polls once more soon, as NAPI does,
+        and a writer meanwhile need not signal); a batch that finds nothing always unmasks."""
         mem = self.mem
         words, size, data = mem.words, self.size, mem.data
         r = words[W_READ]
@@ -369,6 +371,8 @@ class RingIn:
             if avail:
                 break  # the budget is spent; the rest stays in the ring (masked: the reader comes back)
             words[W_READ] = r  # hv_pkt_iter_close: the space is the writer's before we unmask
+            if linger and out:
+                break  # still masked: the caller comes back
             words[W_MASK] = 0
             fence()
             if words[W_WRITE] == w:  # hv_end_read: nothing came while we were masked

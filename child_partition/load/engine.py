@@ -39,6 +39,7 @@ from vmbus_proto.aio.tls import add_client_options, connect_url
 
 from ..bus import ParentRefused
 from ..interrupt import Interrupt
+from ..runner import MEMORY_MODE_CHOICES, MEMORY_MODE_ENV
 from .args import number, output
 from .report import Progress, Results, summary, this_run
 from .stats import MergeError, WorkloadStats
@@ -545,6 +546,9 @@ def add_common(parser: argparse.ArgumentParser, cls: Any | None, *, per_workload
     if not run_level:
         return
     parser.add_argument("--connect", required=cls is not None, metavar="URL", type=connect_endpoint, help=URL_HELP)
+    parser.add_argument("--memory-mode", choices=MEMORY_MODE_CHOICES,
+                        help="the guests' memory: shared (a memfd the parent maps; Unix sockets), stream, or auto "
+                             f"(shared on unix: URLs; default: ${MEMORY_MODE_ENV}, else auto)")
     parser.add_argument("--http", metavar="URL", default=None if cls is None else DEFAULT_HTTP,
                         help="the parent's web API, for workloads that drive it")
     parser.add_argument("--processes", metavar="N", type=number(int, 1), default=os.cpu_count() or 1,
@@ -615,6 +619,8 @@ def check(entry: Entry, spec: Spec) -> None:
 
 
 def spec_from(args: argparse.Namespace, entries: list[Entry]) -> Spec:
+    if args.memory_mode:  # every guest of this process reads it (LoadGuest), and the processes it starts inherit it
+        os.environ[MEMORY_MODE_ENV] = args.memory_mode
     try:
         connect = connect_url(args, PROG, warn=not args.child)
     except ValueError as exc:

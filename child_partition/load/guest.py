@@ -20,11 +20,12 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from vmbus_proto import messages as m
 from vmbus_proto.aio import logs
 from vmbus_proto.devices.base import DeviceSpec
+from vmbus_proto.envelope import SHARED
 
 from ..bus import GuestBus
 from ..devices import vsc_classes
 from ..guest_memory import GuestMemory
-from ..runner import open_bus
+from ..runner import memory_mode_for, open_bus
 from ..vsc import Vsc
 
 STEP_TIMEOUT = 30.0  # seconds any one control-plane step may take
@@ -38,7 +39,7 @@ class LoadGuest:
     def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY, secret: bytes | None = None) -> None:
         self.url, self.name, self.secret = url, name, secret
         self.log = (log if log is not None else logs.get()).bind(partition=name)
-        self.memory = GuestMemory(memory)
+        self.memory = GuestMemory(memory, shared=memory_mode_for(url) == SHARED)  # (--memory-mode, via the env)
         self.bus: GuestBus | None = None
         self.offers: dict[int, m.OfferChannel] = {}
         self.vscs: dict[int, Vsc] = {}  # by relid, bound

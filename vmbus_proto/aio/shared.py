@@ -56,6 +56,8 @@ class SharedChannel(Channel):
         self._bounce: dict[int, memoryview] = {}  # dma() bounce buffers, copied back with the completion
         self.events_in = 0
         self.events_out = 0
+        self._repoll = False  # a second look at the inbound ring is scheduled
+        self._loop = asyncio.get_event_loop()
 
     @property
     def credit_bytes(self) -> int:
@@ -87,13 +89,26 @@ class SharedChannel(Channel):
         if budget <= 0:
             ring.held = True
             return
-        pkts, due = ring.read_batch(budget)
+        pkts, due = ring.read_batch(budget, linger=True)
         if due:
             self._event("pending_send_sz crossed")
         if pkts:
             ring.stats.interrupts += 1
+            if not self._repoll:  # interrupts stay masked until one more look on the loop's next turn
+                self._repoll = True
+                self._loop.call_soon(self._poll_again)
         for pkt in pkts:
             self._route(pkt, pkt.size, 0)
+
+    def _poll_again(self) -> None:
+        """The NAPI-style second look: packets written while we were busy came without an event; none means
+        the ring is unmasked (and checked once more) before we sleep."""
+        self._repoll = False
+        try:
+            self._poll()
+        except ProtocolError as exc:
+            self.conn.fail(f"{type(exc).__name__}: {exc}")
+            self.close()
 
     def _route(self, pkt: Packet, size: int, data: int) -> None:
         ptype = pkt.type
