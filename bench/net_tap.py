@@ -40,12 +40,13 @@ def _cpu_s(before: dict[str, float], after: dict[str, float]) -> float:
 
 
 @contextlib.contextmanager
-def _tap_child(workdir: Path, url: str, name: str, ns: netns.Netns) -> Iterator[tuple[psutil.Process, str]]:
+def _tap_child(workdir: Path, url: str, name: str, ns: netns.Netns,
+               mode: str = "stream") -> Iterator[tuple[psutil.Process, str]]:
     tap = netns.tap_name()
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "child_partition", "run", "--connect", url, "--name", name,
-                                 "--json-logs", "--tap", tap, "--tap-netns", ns.name],
+                                 "--json-logs", "--tap", tap, "--tap-netns", ns.name, "--memory-mode", mode],
                                 cwd=str(REPO_ROOT), env=child_env(), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT)
     try:
@@ -84,8 +85,9 @@ def _iperf3(ns: netns.Netns, reverse: bool, seconds: float) -> dict[str, Any]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def run_tap(seconds: float = 2.0, repeat: int = 1, workdir: Path | None = None) -> dict[str, Any]:
-    """iperf3 both ways between two TAP-attached children; ``{"error": why}`` where it cannot run here."""
+def run_tap(seconds: float = 2.0, repeat: int = 1, workdir: Path | None = None, mode: str = "stream") -> dict[str, Any]:
+    """iperf3 both ways between two TAP-attached children on the Unix socket in memory mode ``mode`` ("stream" or
+    "shared", docs/protocol.md §14); ``{"error": why}`` where it cannot run here."""
     why = netns.unavailable() or netns.tap_unavailable()
     if why is not None:
         return {"error": why}
@@ -95,8 +97,8 @@ def run_tap(seconds: float = 2.0, repeat: int = 1, workdir: Path | None = None) 
     try:
         url = parent.endpoint("unix")
         with netns.namespace() as a, netns.namespace() as b, \
-                _tap_child(workdir, url, "bench-tap-a", a) as (ca, tap_a), \
-                _tap_child(workdir, url, "bench-tap-b", b) as (cb, tap_b):
+                _tap_child(workdir, url, "bench-tap-a", a, mode) as (ca, tap_a), \
+                _tap_child(workdir, url, "bench-tap-b", b, mode) as (cb, tap_b):
             a.address(tap_a, f"{A_IP}/24")
             b.address(tap_b, f"{B_IP}/24")
             netns.wait_until(lambda: netns.ping(a, B_IP, count=1, timeout=10)["received"] == 1,
@@ -120,7 +122,7 @@ def run_tap(seconds: float = 2.0, repeat: int = 1, workdir: Path | None = None) 
                         runs["reverse" if reverse else "forward"].append(r)
     finally:
         parent.stop()
-    return {"seconds": seconds, "repeat": repeat, "path": "VMBus switch (TAP children)",
+    return {"seconds": seconds, "repeat": repeat, "path": "VMBus switch (TAP children)", "memory_mode": mode,
             **{k: _summary(v) for k, v in runs.items()}, "runs": runs}
 
 

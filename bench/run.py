@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import statistics
@@ -275,18 +276,20 @@ def network_table(net: dict[str, Any]) -> Table:
     return t
 
 
-def network_tap_table(tap: dict[str, Any], veth: dict[str, Any]) -> Table:
-    t = Table(title="network: iperf3 TCP between two TAP-attached children through the VMBus switch (medians, "
-                    "range; ratio to veth; CPU seconds per Gbit of each process)")
-    for col in ("direction", "Gbit/s", "range", "ratio to veth", "retransmits", "parent s/Gbit",
+def network_tap_table(taps: dict[str, dict[str, Any]], veth: dict[str, Any]) -> Table:
+    t = Table(title="network: iperf3 TCP between two TAP-attached children through the VMBus switch, Unix socket in "
+                    "each memory mode (medians, range; ratio to veth; CPU seconds per Gbit of each process)")
+    for col in ("memory", "direction", "Gbit/s", "range", "ratio to veth", "retransmits", "parent s/Gbit",
                 "sender child s/Gbit", "receiver child s/Gbit"):
-        t.add_column(col, justify="left" if col == "direction" else "right")
-    for direction in ("forward", "reverse"):
+        t.add_column(col, justify="left" if col in ("memory", "direction") else "right")
+    for (mode, tap), direction in itertools.product(taps.items(), ("forward", "reverse")):
+        if "error" in tap:
+            continue
         r = tap[direction]
         base = veth.get(direction, {}).get("gbit_per_s")
         cpu = r["cpu_s_per_gbit"]
         send, recv = ("child_a", "child_b") if direction == "forward" else ("child_b", "child_a")
-        t.add_row("A->B" if direction == "forward" else "B->A (-R)", f"{r['gbit_per_s']:.2f}",
+        t.add_row(mode, "A->B" if direction == "forward" else "B->A (-R)", f"{r['gbit_per_s']:.2f}",
                   f"{r['gbit_per_s_min']:.2f}-{r['gbit_per_s_max']:.2f}",
                   f"{r['gbit_per_s'] / base:.3f}" if base else "-", f"{r['retransmits']:,}",
                   f"{cpu['parent']}", f"{cpu[send]}", f"{cpu[recv]}")
@@ -362,13 +365,15 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]network baseline not measured: {veth['error']}")
             else:
                 console.print(network_table(veth))
-            console.log("network: the same iperf3 between two TAP-attached children through the VMBus switch")
-            tap = net_tap.run_tap(args.seconds, args.repeat, workdir / "net-tap")
-            results["network"]["vmbus_tap"] = tap
-            if "error" in tap:
-                console.print(f"[red]VMBus network not measured: {tap['error']}")
-            else:
-                console.print(network_tap_table(tap, veth))
+            console.log("network: the same iperf3 between two TAP-attached children through the VMBus switch, "
+                        "streaming and in shared memory")
+            taps = {mode: net_tap.run_tap(args.seconds, args.repeat, workdir / f"net-tap-{mode}", mode)
+                    for mode in ("stream", "shared")}
+            results["network"]["vmbus_tap"], results["network"]["vmbus_tap_shared"] = taps["stream"], taps["shared"]
+            for mode, tap in taps.items():
+                if "error" in tap:
+                    console.print(f"[red]VMBus network ({mode}) not measured: {tap['error']}")
+            console.print(network_tap_table(taps, veth))
             console.log("network: 64-byte frames between two children through the switch vs the raw uvloop echo")
             results["network"]["frames"] = frames = net_frames.run_frames(workdir / "frames", args.seconds, args.repeat)
             console.print(net_frames.frames_table(frames))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from child_partition.devices.video.framebuffer import Framebuffer
 from child_partition.devices.video.service import VideoService
 from child_partition.runner import ChildPartition
 from vmbus_proto.devices.video.synthvid import Rect
+from vmbus_proto.envelope import MEMORY_MODES
 
 from . import echo_raw
 from .meter import ProcMeter
@@ -45,8 +47,11 @@ SETUP_TIMEOUT = 30.0
 AIM_FULL_FPS = 30
 
 
-async def _framebuffer(parent: ParentProcess) -> tuple[asyncio.Event, asyncio.Task[int], Framebuffer]:
-    child = ChildPartition(parent.endpoint("unix"), "bench-video", reconnect=False)
+async def _framebuffer(parent: ParentProcess,
+                       mode: str | None = None) -> tuple[asyncio.Event, asyncio.Task[int], Framebuffer]:
+    """A child on the Unix socket, in memory mode ``mode`` (None: the default, shared there)."""
+    child = ChildPartition(parent.endpoint("unix"), f"bench-video-{mode or 'auto'}", reconnect=False,
+                           memory_mode=mode)
     video = child.service(VideoService)
     video.splash = False
     stop = asyncio.Event()
@@ -95,8 +100,8 @@ async def _updates(fb: Framebuffer, small: bool, seconds: float, meter: ProcMete
             "child_us_per_update": per_op.get("child", {}).get("cpu_us"), "steal_frac": cpu["steal_frac"]}
 
 
-async def _ours(parent: ParentProcess, seconds: float) -> dict[str, Any]:
-    stop, task, fb = await _framebuffer(parent)
+async def _ours(parent: ParentProcess, seconds: float, mode: str) -> dict[str, Any]:
+    stop, task, fb = await _framebuffer(parent, mode)
     try:
         meter = ProcMeter({"parent": parent.ps, "child": psutil.Process()})
         full = await _updates(fb, False, seconds, meter)
@@ -128,37 +133,50 @@ def run_video(workdir: Path, seconds: float, repeat: int) -> dict[str, Any]:
         for _ in range(repeat):
             echo_full = _echo(server.urls["unix"], frame_bytes, FULL_WINDOW, seconds, server.pid)
             echo_small = _echo(server.urls["unix"], small_bytes, SMALL_WINDOW, seconds, server.pid)
-            ours = uvloop.run(_ours(parent, seconds))
-            runs.append({"ours": ours, "echo_full": echo_full, "echo_small": echo_small})
+            ours = {mode: uvloop.run(_ours(parent, seconds, mode)) for mode in MEMORY_MODES}
+            runs.append({"ours": ours["stream"], "ours_shared": ours["shared"], "echo_full": echo_full,
+                         "echo_small": echo_small})
     finally:
         server.stop()
         parent.stop()
     out: dict[str, Any] = {"mode": f"{MODE[0]}x{MODE[1]}", "small_rect": f"{SMALL}x{SMALL}", "transport": "unix",
                            "repeat": repeat, "seconds": seconds, "aim_full_fps": AIM_FULL_FPS, "samples": runs}
-    for kind, echo in (("full", "echo_full"), ("small", "echo_small")):
-        ours_rates = [r["ours"][kind]["updates_per_s"] for r in runs]
-        echo_rates = [r[echo]["messages_per_s"] for r in runs]
-        out[kind] = {
-            "updates_per_s": _med(ours_rates),
-            "mb_per_s": _med([r["ours"][kind]["mb_per_s"] for r in runs]),
-            "echo_per_s": _med(echo_rates),
-            "ratio": _med([o / e for o, e in zip(ours_rates, echo_rates, strict=True)]),
-            "parent_us_per_update": _med([r["ours"][kind]["parent_us_per_update"] or 0 for r in runs]),
-            "child_us_per_update": _med([r["ours"][kind]["child_us_per_update"] or 0 for r in runs]),
-        }
+    out.update(_summary(runs, "ours"))  # streaming: the pixels travel with each DIRT
+    out["shared"] = _summary(runs, "ours_shared")  # shared memory: the parent's screen is the guest's VRAM
     out["meets_aim"] = out["full"]["updates_per_s"]["median"] >= AIM_FULL_FPS
     return out
 
 
+def _summary(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, echo in (("full", "echo_full"), ("small", "echo_small")):
+        ours_rates = [r[key][kind]["updates_per_s"] for r in runs]
+        echo_rates = [r[echo]["messages_per_s"] for r in runs]
+        out[kind] = {
+            "updates_per_s": _med(ours_rates),
+            "mb_per_s": _med([r[key][kind]["mb_per_s"] for r in runs]),
+            "echo_per_s": _med(echo_rates),
+            "ratio": _med([o / e for o, e in zip(ours_rates, echo_rates, strict=True)]),
+            "parent_us_per_update": _med([r[key][kind]["parent_us_per_update"] or 0 for r in runs]),
+            "child_us_per_update": _med([r[key][kind]["child_us_per_update"] or 0 for r in runs]),
+        }
+    return out
+
+
 def video_table(res: dict[str, Any]) -> Table:
-    t = Table(title=f"video: screen updates from one child to the parent ({res['transport']}; medians, range over "
-                    f"{res['repeat']}; beside the raw uvloop echo of the same message size)")
-    for col in ("update", "ours /s", "range", "MB/s", "echo /s", "ratio", "CPU µs/update"):
-        t.add_column(col, justify="left" if col == "update" else "right")
-    for kind, label in (("full", f"full frame {res['mode']} (3 MiB)"), ("small", f"DIRT {res['small_rect']} (16 KiB)")):
-        r = res[kind]
+    t = Table(title=f"video: screen updates from one child to the parent ({res['transport']}, streaming and in "
+                    f"shared memory; medians, range over {res['repeat']}; beside the raw uvloop echo of the same "
+                    f"message size)")
+    for col in ("update", "memory", "ours /s", "range", "MB/s", "echo /s", "ratio", "CPU µs/update"):
+        t.add_column(col, justify="left" if col in ("update", "memory") else "right")
+    kinds = (("full", f"full frame {res['mode']} (3 MiB)"), ("small", f"DIRT {res['small_rect']} (16 KiB)"))
+    for (kind, label), (mode, rows) in itertools.product(kinds, (("stream", res), ("shared", res.get("shared")))):
+        if rows is None:
+            continue
+        r = rows[kind]
         u = r["updates_per_s"]
-        t.add_row(label, f"{u['median']:,.1f}", f"{u['min']:,.1f}-{u['max']:,.1f}", f"{r['mb_per_s']['median']:,.0f}",
+        t.add_row(label, mode, f"{u['median']:,.1f}", f"{u['min']:,.1f}-{u['max']:,.1f}",
+                  f"{r['mb_per_s']['median']:,.0f}",
                   f"{r['echo_per_s']['median']:,.1f}", f"{r['ratio']['median']:.2f}",
                   f"parent {r['parent_us_per_update']['median']:,.0f}, child {r['child_us_per_update']['median']:,.0f}")
     return t
