@@ -51,6 +51,7 @@ def summarise(folded: Path, top: int = 25) -> dict[str, Any]:
 
 def profile_vmbus(workdir: Path, outdir: Path, seconds: float, window: int, transport: str = "tcp",
                   size: int = 1024) -> dict[str, Any]:
+    """``transport``: "tcp", "unix" (streaming) or "shared" (the Unix socket with shared memory)."""
     spy = find_py_spy()
     if spy is None:
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
@@ -65,8 +66,9 @@ def profile_vmbus(workdir: Path, outdir: Path, seconds: float, window: int, tran
                 [spy, "record", "--pid", str(pid), "--duration", str(int(seconds + 1)), "--rate", "500",
                  "--nonblocking", "--format", "raw", "-o", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        result["run"] = uvloop.run(vmbus_echo.measure(parent.endpoint(transport), size, window, seconds, 0.5,
-                                                      parent.pid, name="bench-profile"))
+        socket_kind = "unix" if transport == "shared" else transport
+        result["run"] = uvloop.run(vmbus_echo.measure(parent.endpoint(socket_kind), size, window, seconds, 0.5,
+                                                      parent.pid, name="bench-profile", shared=transport == "shared"))
         for who, (out, proc) in spies.items():
             try:
                 _, err = proc.communicate(timeout=30)

@@ -180,6 +180,7 @@ class SharedChannel(Channel):
         if self.trace:
             self._trace("ring event out", why)
         self.conn.send_event(self.relid)
+        self.conn.flush()  # at once, not at the end of this turn: the peer starts on it while we go on
 
     def _trace(self, what: str, why: str) -> None:
         """One ``--trace`` line: the event and both rings' header fields as they stand (docs/protocol.md §14)."""
