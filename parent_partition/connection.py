@@ -41,7 +41,7 @@ from .config import LimitsSettings
 from .counters import Totals
 from .ioports import EmulatedDevice, PartitionPorts
 from .memory import GpadlMap, HostMemory, MappedMemory, ShadowMemory
-from .shared import SharedGuestMemory, SharedMemoryError
+from .guest_map import SharedGuestMemory, SharedMemoryError
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
