@@ -70,7 +70,7 @@ async def _measure(guest: LoadGuest, disk: Any, op: str, n: int, rnd: random.Ran
 
 
 async def one_run(url: str, name: str, ops: int, seed: int) -> dict[str, Any]:
-    guest = LoadGuest(url, name, None)
+    guest = LoadGuest(url, name, None, memory_mode="stream")  # both paths' bytes on the socket, counted alike
     await guest.connect()
     try:
         vsc = await guest.bind(guest.offer_of(vstor.SPEC))

@@ -50,7 +50,7 @@ AIM_FULL_FPS = 30
 async def _framebuffer(parent: ParentProcess,
                        mode: str | None = None) -> tuple[asyncio.Event, asyncio.Task[int], Framebuffer]:
     """A child on the Unix socket, in memory mode ``mode`` (None: the default, shared there)."""
-    child = ChildPartition(parent.endpoint("unix"), f"bench-video-{mode or 'auto'}", reconnect=False,
+    child = ChildPartition(parent.endpoint("unix"), "bench-video", reconnect=False,
                            memory_mode=mode)
     video = child.service(VideoService)
     video.splash = False

@@ -36,10 +36,12 @@ HTTP_TIMEOUT = ClientTimeout(total=30.0)
 class LoadGuest:
     """One guest on its own VMBus connection, with only the drivers bound that ``bind`` was asked for."""
 
-    def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY, secret: bytes | None = None) -> None:
+    def __init__(self, url: str, name: str, log: Any, memory: int = GUEST_MEMORY, secret: bytes | None = None,
+                 memory_mode: str | None = None) -> None:
+        """``memory_mode``: "shared", "stream" or "auto" (default: ``--memory-mode``, through the environment)."""
         self.url, self.name, self.secret = url, name, secret
         self.log = (log if log is not None else logs.get()).bind(partition=name)
-        self.memory = GuestMemory(memory, shared=memory_mode_for(url) == SHARED)  # (--memory-mode, via the env)
+        self.memory = GuestMemory(memory, shared=memory_mode_for(url, memory_mode) == SHARED)
         self.bus: GuestBus | None = None
         self.offers: dict[int, m.OfferChannel] = {}
         self.vscs: dict[int, Vsc] = {}  # by relid, bound

@@ -115,8 +115,9 @@ class LabGuest:
 
 @contextlib.asynccontextmanager
 async def guest(url: str, name: str) -> AsyncIterator[LabGuest]:
-    """A guest on ``url`` with its StorVSC bound and the IDE disk probed (IDENTIFY DEVICE)."""
-    g = LoadGuest(url, name, None)
+    """A guest on ``url`` with its StorVSC bound and the IDE disk probed (IDENTIFY DEVICE). It streams (every
+    byte a path moves crosses the socket, where we count it), also on a Unix socket that could share memory."""
+    g = LoadGuest(url, name, None, memory_mode="stream")
     await g.connect()
     try:
         vsc = await g.bind(g.offer_of(vstor.SPEC))

@@ -95,7 +95,7 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert "Python loops/s" in proc.stdout and "mitigations" in proc.stdout, "no machine summary printed"
 
     cells = {(row["size"], row["transport"]) for row in results["echo"]}
-    assert cells == {(1024, "tcp"), (1024, "unix"), (65536, "tcp"), (65536, "unix")}
+    assert cells == {(size, t) for size in (1024, 65536) for t in ("tcp", "unix", "shared")}
     for row in results["echo"]:
         assert row["packet"] == ("inband" if row["size"] == 1024 else "gpa_direct")
         for part in ("raw", "framed", "vmbus"):
@@ -126,7 +126,8 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     assert phase["parent_cpu_cores"] > 0 and phase["workers_cpu_cores"] > 0, phase
 
     storage = {(row["rw"], row["transport"]): row for row in results["storage"]}
-    assert set(storage) == {(rw, t) for rw in ("randread", "randwrite", "read", "write") for t in ("tcp", "unix")}
+    assert set(storage) == {(rw, t) for rw in ("randread", "randwrite", "read", "write")
+                            for t in ("tcp", "unix", "shared")}
     for row in storage.values():
         assert row["vmbus"]["errors"] == []
         assert row["vmbus"]["iops"] > 0 and row["fio"]["iops"] > 0 and row["ratio_iops"] > 0

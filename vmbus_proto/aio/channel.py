@@ -63,6 +63,10 @@ class Channel:
         reads and writes them in place); None over a stream, where the data travels as ``pkt.data``."""
         return None
 
+    def moved(self, data_in: int = 0, data_out: int = 0) -> None:
+        """A device moved GPA data in guest memory itself (shared memory: ``dma``): count it as the data a stream
+        would have carried. Over a stream the rings count what travels, so this does nothing."""
+
     def _on_event(self) -> None:
         raise FrameError(f"EVENT frame for channel {self.relid}, whose rings travel as frames")
 

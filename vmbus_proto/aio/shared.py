@@ -150,6 +150,10 @@ class SharedChannel(Channel):
             self._bounce[pkt.trans_id] = bounce
         return bounce
 
+    def moved(self, data_in: int = 0, data_out: int = 0) -> None:
+        self.rings.data_reader.stats.bytes += data_in
+        self.rings.data_writer.stats.bytes += data_out
+
     def _consume(self, pkt: Packet) -> None:
         self._queued -= pkt.size
         if self.in_ring.held and self._queued <= self.in_ring.size >> 1:

@@ -187,6 +187,8 @@ class StorageVsp(HandshakeVsp):
                 # A READ whose data is in the page cache completes right here.
                 data = ctl.read_cached(srb.lun, srb.cdb, srb.data_transfer_length, dma)
                 if data is not None:
+                    if shared:
+                        channel.moved(data_out=len(data))
                     return _completion(pkt, SUCCESS, 0, len(data), b"", b"" if shared else data)
             # A plain READ or WRITE goes to the disk's pool and is answered from its future's callback;
             # anything else (and every error case) runs the whole SCSI path in a task.
@@ -194,6 +196,8 @@ class StorageVsp(HandshakeVsp):
             started = ctl.start_rw(srb.lun, srb.cdb, out, srb.data_transfer_length if reading else 0, dma)
             if started is not None:
                 io, length = started
+                if shared and not reading:
+                    channel.moved(data_in=length)
                 queue.add(io, lambda done: self._answer_rw(channel, res, ctl, queue, pkt, srb, done, length, reading))
                 return None
         task = asyncio.get_running_loop().create_task(self._execute(channel, res, ctl, pkt, srb))
@@ -206,6 +210,8 @@ class StorageVsp(HandshakeVsp):
             return  # the guest went: nobody to answer
         result = ctl.rw_result(done, length, reading, res.log.bind(lun=srb.lun), srb.data, srb.lun)  # data: CDB
         answer = _result_completion(pkt, result, reading and not channel.shared)  # shared: read into its pages
+        if reading and channel.shared:
+            channel.moved(data_out=result.transferred)
         if not channel.try_send(answer):  # the guest's ring is full: wait for room like any blocked writer
             sending = asyncio.get_running_loop().create_task(_send_quietly(channel, answer))
             queue.add(sending, lambda t: _task_failed(t, channel, res, self.name))
@@ -215,6 +221,8 @@ class StorageVsp(HandshakeVsp):
         want = srb.data_transfer_length
         reading = srb.data_in == READ
         data_out = (_dma(channel, pkt) if channel.shared else pkt.data) if srb.data_in == WRITE and want else None
+        if channel.shared and data_out is not None:
+            channel.moved(data_in=len(data_out))
         result = await ctl.execute(srb.lun, srb.cdb, data_out, want if reading else 0, path_id=srb.path_id,
                                    target_id=srb.target_id,
                                    log=res.log.bind(path_id=srb.path_id, target_id=srb.target_id, lun=srb.lun))
