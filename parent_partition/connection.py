@@ -39,9 +39,9 @@ from .accept import FirstMessage
 from .auth import AuthSettings
 from .config import LimitsSettings
 from .counters import Totals
+from .guest_map import SharedGuestMemory, SharedMemoryError
 from .ioports import EmulatedDevice, PartitionPorts
 from .memory import GpadlMap, HostMemory, MappedMemory, ShadowMemory
-from .guest_map import SharedGuestMemory, SharedMemoryError
 from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
