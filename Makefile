@@ -13,7 +13,7 @@ SYSTOOLS := qemu-img qemu-io nbdcopy nbdinfo fio ip ping iperf3 chromium docker-
 SYSPKGS := qemu-utils libnbd-bin fio iproute2 iputils-ping iperf3 fonts-dejavu-core chromium docker-compose \
 	iputils-arping nftables openssl curl
 SYSFILES := /usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf  # the guest console's font (fonts-dejavu-core)
-.PHONY: venv sysdeps compose-secrets demo grade test lint typecheck unit integration bench fuzz clean clean-disks distclean
+.PHONY: venv sysdeps compose-secrets demo grade test lint typecheck unit integration integration-stream bench fuzz clean clean-disks distclean
 
 # .ci/install-venv is the one install step, shared with the Dockerfile (tests/integration/test_compose.py checks).
 $(RUN_STAMP): pyproject.toml .ci/install-venv
@@ -70,6 +70,11 @@ unit: $(STAMP)
 
 integration: $(STAMP) sysdeps
 	$(VENV)/bin/pytest -q tests/integration
+
+# The integration tier with every child streaming, Unix sockets too (docs/protocol.md §14; by default a Unix
+# child shares its memory, so `make test` runs Unix children in shared mode and TCP children streaming).
+integration-stream: $(STAMP) sysdeps
+	VMBUS_MEMORY_MODE=stream $(VENV)/bin/pytest -q tests/integration
 
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run
