@@ -156,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         config = serve_config(args)
     except ConfigError as exc:
         return _fail(exc, 2)
-    logs.setup(config.log_level, json=True if args.json_logs else None)
+    if worker_count(config) > 1:
+        from .workers import line_writer  # noqa: PLC0415
+
+        logs.setup(config.log_level, line_writer(), json=True if args.json_logs else None)
+    else:
+        logs.setup(config.log_level, json=True if args.json_logs else None)
     malloc.tune()
     try:
         if worker_count(config) > 1:

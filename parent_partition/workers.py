@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -35,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import msgpack
 import uvloop
@@ -66,6 +67,32 @@ TRUNK_BUFFER = 4 << 20  # bytes of frames between two workers' switches (the ker
 RESTART_PAUSE = 1.0  # between a worker's death and its restart (a worker that cannot start does not spin)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+class LineWriter(io.TextIOBase):
+    """Standard error for processes sharing one: each log line leaves in one write(2), so lines of the
+    supervisor and its workers never interleave mid-line (a pipe keeps writes up to PIPE_BUF whole)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.fd = fd
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in text:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            data = (lines + "\n").encode(errors="replace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        return len(text)
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+
+def line_writer() -> TextIO:
+    return cast(TextIO, LineWriter())
 
 
 class Control:
@@ -446,7 +473,7 @@ def worker_main(argv: list[str], parser: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         print(f"parent-partition worker: error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(config.log_level, json=True if args.json_logs else None)
+    logs.setup(config.log_level, line_writer(), json=True if args.json_logs else None)
     malloc.tune()
     uvloop.run(run_worker(config, spec))
     return 0
