@@ -104,6 +104,7 @@ class SharedBudget(MemoryBudget):
         self.slot = slot
         self.reserved = 0
         self.local_used = 0
+        self.overdrawn = False
         self.grain = max(4096, min(GRAIN, capacity // (16 * slot.state.workers)) // 4096 * 4096)
 
     @property
@@ -116,7 +117,7 @@ class SharedBudget(MemoryBudget):
 
     def fits(self, nbytes: int) -> bool:
         need = self.local_used + nbytes
-        if need <= self.reserved:
+        if need <= self.reserved and not self.overdrawn:
             return True
         state = self.slot.state
         with state.locked():
@@ -130,15 +131,19 @@ class SharedBudget(MemoryBudget):
     def take(self, nbytes: int) -> None:
         self.local_used += nbytes
         if self.local_used > self.reserved:  # taken without asking (output waiting to be read): reserve it
-            state = self.slot.state
-            with state.locked():
-                free = self.capacity - state.total(1, but=self.slot.worker)
-                self.reserved = max(self.local_used, min(free, self.local_used + self.grain))
+            self._rebalance()
         self.slot.publish()
 
     def give(self, nbytes: int) -> None:
         self.local_used = max(0, self.local_used - nbytes)
-        if self.reserved - self.local_used > 2 * self.grain:  # hand back what this worker no longer needs
-            with self.slot.state.locked():
-                self.reserved = self.local_used + self.grain
+        if self.overdrawn or self.reserved - self.local_used > 2 * self.grain:
+            self._rebalance()  # hand back what this worker no longer needs, and any overdraft first
         self.slot.publish()
+
+    def _rebalance(self) -> None:
+        """Reserve what is used and a grain more, within what the others leave; more than that (output taken
+        without asking) is an overdraft, given back as soon as the bytes are."""
+        with self.slot.state.locked():
+            free = self.capacity - self.slot.state.total(1, but=self.slot.worker)
+            self.reserved = max(self.local_used, min(free, self.local_used + self.grain))
+            self.overdrawn = self.reserved > free
