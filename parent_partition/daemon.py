@@ -230,8 +230,19 @@ def bind_listener(url: str) -> Listener:
     """Bind ``url``'s socket (an OSError says why not): what every listener's accept path is given."""
     kind, where, port = parse_endpoint(url)
     if kind in ("tcp", "tls"):
-        family = socket.getaddrinfo(where or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        sock = socket.create_server((where, port), family=family, backlog=1024)
+        family, *_, address = socket.getaddrinfo(where or None, port, type=socket.SOCK_STREAM,
+                                                 flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, (exc.strerror or str(exc)).lower()) from None  # as asyncio words it
+        except BaseException:
+            sock.close()
+            raise
         host, bound = sock.getsockname()[:2]
         return Listener(url, kind, sock, f"{kind}://{host}:{bound}", None)
     path = Path(where)

@@ -171,6 +171,11 @@ class Control:
         if "id" in msg:
             self.send({"re": msg["id"], **(reply or {})})
 
+    async def drain(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -193,6 +198,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.started = 0  # how many times it was started
         self.pid: int | None = None
+        self.failure: str | None = None  # a configuration error the worker met starting (its devices)
 
     @property
     def alive(self) -> bool:
@@ -261,6 +267,11 @@ class Supervisor:
         deadline = time.monotonic() + READY_TIMEOUT
         for w in self.workers:
             while not w.ready.is_set():
+                if not w.alive and w.control is not None:
+                    with contextlib.suppress(TimeoutError):  # its last words (a "failed" notice) first
+                        await asyncio.wait_for(w.control.closed.wait(), 5)
+                if w.failure is not None:
+                    raise ConfigError(w.failure)
                 if not w.alive:
                     raise StartupError(f"worker process {w.index} exited with status "
                                        f"{w.proc.returncode if w.proc else '?'} while starting (its log says why)")
@@ -312,7 +323,9 @@ class Supervisor:
 
     async def _handle(self, w: Worker, msg: dict[str, Any]) -> dict[str, Any] | None:
         op = msg.get("op")
-        if op == "ready":
+        if op == "failed":
+            w.failure = str(msg.get("error"))
+        elif op == "ready":
             w.ready.set()
             self.log.info("worker process ready", worker=w.index, pid=w.pid, started=w.started)
         elif op == "claim":
@@ -345,7 +358,9 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Every worker shuts down (the staged shutdown of each), then the listeners close."""
         self.stopping = True
-        self.log.info("shutting down", workers=self.count)
+        started = any(w.proc is not None for w in self.workers)
+        if started:
+            self.log.info("shutting down", workers=self.count)
         for w in self.workers:
             if w.alive and w.proc is not None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -371,7 +386,8 @@ class Supervisor:
                 end.close()
         self.state.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
-        self.log.info("parent partition stopped")
+        if started:
+            self.log.info("parent partition stopped")
 
 
 async def supervise(config: Config, argv: list[str]) -> None:
@@ -494,10 +510,16 @@ async def run_worker(config: Config, spec: dict[str, Any]) -> None:
 
     control = Control(socket.socket(fileno=int(spec["control"])), handle, logs.get(component="worker"))
     await control.start()
-    daemon = WorkerDaemon(config, index, slot, control)
+    try:
+        daemon = WorkerDaemon(config, index, slot, control)
+        for url, kind, fd, endpoint in spec["listeners"]:
+            await daemon.serve_on(Listener(url, kind, socket.socket(fileno=int(fd)), endpoint, None))
+    except ConfigError as exc:  # a device that cannot start (an external TAP): the supervisor says so
+        control.send({"op": "failed", "error": str(exc)})
+        await control.drain()
+        await control.close()
+        raise SystemExit(2) from None
     holder.append(daemon)
-    for url, kind, fd, endpoint in spec["listeners"]:
-        await daemon.serve_on(Listener(url, kind, socket.socket(fileno=int(fd)), endpoint, None))
     switch = getattr(daemon.device("network"), "switch", None)
     links = [] if switch is None else [TrunkLink(switch, int(peer), socket.socket(fileno=int(fd)))
                                        for peer, fd in spec["trunks"]]
