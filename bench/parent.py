@@ -67,12 +67,18 @@ class ParentProcess:
                 return ep
         raise LookupError(f"parent has no {kind} listener: {self.endpoints}")
 
+    def _all(self) -> list[psutil.Process]:
+        """The parent and its worker processes (``[parent] workers``)."""
+        try:
+            return [self.ps, *self.ps.children()]
+        except psutil.Error:
+            return [self.ps]
+
     def rss(self) -> int:
-        return int(self.ps.memory_info().rss)
+        return sum(int(p.memory_info().rss) for p in self._all())
 
     def cpu_seconds(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        return sum(float(t.user + t.system) for t in (p.cpu_times() for p in self._all()))
 
     def log_lines(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
@@ -112,10 +118,11 @@ def _free_port() -> int:
 
 def start_parent(workdir: Path, devices: set[str], *, log_level: str = "info",
                  wrap: list[str] | None = None, timeout: float = 30.0, extra_config: str = "",
-                 extra_listen: tuple[str, ...] = ()) -> ParentProcess:
+                 extra_listen: tuple[str, ...] = (), workers: int = 1) -> ParentProcess:
     """Start the daemon with only ``devices`` enabled; returns once it logged its bound listeners.
 
-    ``wrap`` runs the daemon under another Python tool, e.g. ``["-m", "pyinstrument", ...]``.
+    ``wrap`` runs the daemon under another Python tool, e.g. ``["-m", "pyinstrument", ...]``. ``workers``: its
+    ``[parent] workers`` (1, the default, keeps every benchmark's figures those of one process).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     sock = workdir / "vmbus.sock"
@@ -128,6 +135,7 @@ def start_parent(workdir: Path, devices: set[str], *, log_level: str = "info",
         f"listen = [{', '.join(_toml_str(u) for u in (f'tcp://127.0.0.1:{port}', f'unix:{sock}', *extra_listen))}]\n"
         f"data_dir = {_toml_str(str(workdir / 'var'))}\n"
         f"log_level = {_toml_str(log_level)}\n"
+        f"workers = {workers}\n"
         f"\n[devices]\n{table}\n{extra_config}", encoding="utf-8")
     log_path = workdir / "parent.log"
     serve = ["-m", "parent_partition", "serve", "--config", str(cfg), "--json-logs"]

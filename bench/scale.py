@@ -131,17 +131,18 @@ class ScaleSession:
     phase (as many as wanted), ``finish`` shuts everything down and returns the whole record."""
 
     def __init__(self, workdir: Path, partitions: int, workers: int, concurrency: int, timeout: float = 120.0,
-                 parent_log_level: str = "info", gc_probe: Path | None = None) -> None:
+                 parent_log_level: str = "info", gc_probe: Path | None = None, parent_workers: int = 1) -> None:
         self.workdir, self.partitions, self.timeout = workdir, partitions, timeout
         self.http_port = _free_port()
         self.api = f"http://127.0.0.1:{self.http_port}"
         self.parent: ParentProcess = start_parent(
             workdir / "parent", REAL_DEVICES, log_level=parent_log_level,
             extra_config=f'\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n',
-            wrap=["-m", "bench.gc_probe", str(gc_probe)] if gc_probe else None)
+            wrap=["-m", "bench.gc_probe", str(gc_probe)] if gc_probe else None, workers=parent_workers)
         self.n_workers, self.concurrency, self.gc_probe = workers, concurrency, gc_probe
         self.procs: list[Worker] = []
-        self.record: dict[str, Any] = {"transport": "tcp", "partitions": partitions, "active": []}
+        self.record: dict[str, Any] = {"transport": "tcp", "partitions": partitions, "active": [],
+                                       "parent_workers": parent_workers}
         self.errors: list[str] = []
         self.error_count = 0
 
@@ -281,10 +282,11 @@ class ScaleSession:
 
 def run_scale(workdir: Path, partitions: int, workers: int, concurrency: int, timeout: float = 120.0,
               parent_log_level: str = "info", period: float = 0.0, seconds: float = 0.0,
-              warmup: float = 2.0) -> dict[str, Any]:
+              warmup: float = 2.0, parent_workers: int = 1) -> dict[str, Any]:
     """Bring ``partitions`` up, then (with ``seconds``) one active phase at one of each activity per ``period``,
     and shut down. The returned record has the bring-up figures, ``active`` (the phases) and the errors."""
-    session = ScaleSession(workdir, partitions, workers, concurrency, timeout, parent_log_level)
+    session = ScaleSession(workdir, partitions, workers, concurrency, timeout, parent_log_level,
+                           parent_workers=parent_workers)
     try:
         session.start()
         if seconds > 0:
@@ -292,3 +294,34 @@ def run_scale(workdir: Path, partitions: int, workers: int, concurrency: int, ti
     finally:
         record = session.finish()
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.scale --partitions 200 --workers 1,2``: the bring-up with each number of parent worker
+    processes in turn, channel opens per second side by side (and the record as JSON with ``--json``)."""
+    import argparse  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--partitions", type=int, default=200)
+    p.add_argument("--workers", default="1,2", help="the parent's worker processes, comma-separated runs")
+    p.add_argument("--load", type=int, default=4, help="load processes bringing the partitions up")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="scale-workers-") as tmp:
+        for n in (int(x) for x in args.workers.split(",")):
+            r = run_scale(Path(tmp) / f"w{n}", args.partitions, args.load, args.concurrency, parent_workers=n)
+            runs.append(r)
+            print(f"parent workers {n}: {r.get('channels_per_s', 0):8.1f} channel opens/s, "
+                  f"{r.get('partitions_per_s', 0):6.1f} partitions/s, errors {r['errors']}", flush=True)
+    if len(runs) > 1 and runs[0].get("channels_per_s"):
+        print(f"ratio {runs[-1].get('channels_per_s', 0) / runs[0]['channels_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1, default=str))
+    return 0 if all(r["errors"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

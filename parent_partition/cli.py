@@ -17,7 +17,17 @@ from vmbus_proto.aio.keyfile import SecretFileError, new_secret_file, token_file
 from vmbus_proto.devices.registry import REGISTRY
 
 from .auth import MODES, OPEN_ON_LOOPBACK, REQUIRED, PartitionSecret, name_pattern
-from .config import DEFAULT_TCP, DEFAULT_UNIX, LOG_LEVELS, Config, ConfigError, tables_help
+from .config import (
+    DEFAULT_TCP,
+    DEFAULT_UNIX,
+    LOG_LEVELS,
+    WORKER_COMMAND,
+    Config,
+    ConfigError,
+    tables_help,
+    worker_count,
+    workers_setting,
+)
 from .daemon import ParentDaemon, StartupError
 from .web.settings import DEFAULT_HTTP, http_address
 
@@ -48,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory for the partitions' disk images, created if missing "
                             "(default: ./var, or [parent] data_dir)")
     serve.add_argument("--config", metavar="FILE", help=CONFIG_HELP.format(tables=tables_help()))
+    serve.add_argument("--workers", metavar="N", type=_workers,
+                       help="worker processes serving the partitions: a number, or 'auto' for one per core; 1 "
+                            "runs everything in this process (default: auto, or [parent] workers)")
     serve.add_argument("--trace", action="store_true", help="log every control message, decoded")
     serve.add_argument("--log-level", choices=LOG_LEVELS,
                        help="least severe level logged (default: info, or [parent] log_level)")
@@ -117,6 +130,10 @@ def _add_secret(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [WORKER_COMMAND]:  # a worker process of a supervisor (workers.py), not for people
+        from .workers import worker_main  # noqa: PLC0415
+
+        return worker_main(argv[1:], build_parser())
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main  # noqa: PLC0415 - keeps rich off the daemon's import path
 
@@ -136,9 +153,33 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args.api, args.name, args.text, args.keys, args.token)
     try:
-        config = Config.load(args.config)
+        config = serve_config(args)
     except ConfigError as exc:
         return _fail(exc, 2)
+    if worker_count(config) > 1:
+        from .workers import line_writer  # noqa: PLC0415
+
+        logs.setup(config.log_level, line_writer(), json=True if args.json_logs else None)
+    else:
+        logs.setup(config.log_level, json=True if args.json_logs else None)
+    malloc.tune()
+    try:
+        if worker_count(config) > 1:
+            from .workers import supervise  # noqa: PLC0415
+
+            uvloop.run(supervise(config, argv))
+        else:
+            uvloop.run(serve(config))
+    except ConfigError as exc:
+        return _fail(exc, 2)
+    except (StartupError, OSError) as exc:
+        return _fail(exc, 1)
+    return 0
+
+
+def serve_config(args: argparse.Namespace) -> Config:
+    """The configuration ``serve``'s flags and file give (a worker process makes it again from the same ones)."""
+    config = Config.load(args.config)
     if args.listen:
         config.listen = args.listen
     if args.data_dir:
@@ -151,24 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         config.http.listen, config.http.explicit = args.http, True
     if args.auth_mode:
         config.auth.mode = args.auth_mode
+    if args.workers:
+        config.workers = args.workers
+    if args.http_token_file:
+        config.http.token_file = args.http_token_file
+        config.http.load_token("--http-token-file")
+    if args.partition_secret:
+        config.auth.partition += args.partition_secret
+        config.auth.load_secrets("--partition-secret")
+    return config
+
+
+def _workers(text: str) -> int | str:
     try:
-        if args.http_token_file:
-            config.http.token_file = args.http_token_file
-            config.http.load_token("--http-token-file")
-        if args.partition_secret:
-            config.auth.partition += args.partition_secret
-            config.auth.load_secrets("--partition-secret")
-    except ConfigError as exc:
-        return _fail(exc, 2)
-    logs.setup(config.log_level, json=True if args.json_logs else None)
-    malloc.tune()
-    try:
-        uvloop.run(serve(config))
-    except ConfigError as exc:
-        return _fail(exc, 2)
-    except (StartupError, OSError) as exc:
-        return _fail(exc, 1)
-    return 0
+        return workers_setting(text if text == "auto" else int(text) if text.isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _http(text: str) -> str:

@@ -8,6 +8,7 @@ section of its own, parsed from the ``Settings`` dataclass its VSP declares (``[
 from __future__ import annotations
 
 import dataclasses
+import os
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = ["Config", "ConfigError", "LimitsSettings", "TlsSettings"]
 DEFAULT_TCP = "tcp://127.0.0.1:6464"
 DEFAULT_UNIX = "unix:./run/vmbus.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WORKER_COMMAND = "_worker"  # the hidden command a supervisor starts its worker processes with
 MIN_FRAME = 64 * 1024 + 4096  # a 64 KiB in-band payload and its framing
 
 
@@ -43,6 +45,23 @@ def _listen(v: Any) -> list[str]:
     for url in v:
         parse_endpoint(url)
     return v
+
+
+def workers_setting(v: Any) -> int | str:
+    """``[parent] workers``: a number of worker processes (1 or more), or "auto" (one per core)."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v  # type: ignore[no-any-return]
+    raise ValueError(f'must be a number of worker processes (1 or more) or "auto" (one per core), not {v!r}')
+
+
+def worker_count(config: Config) -> int:
+    """The worker processes ``config`` asks for: "auto" is the cores this process may run on."""
+    if config.workers != "auto":
+        return int(config.workers)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _level(v: Any) -> str:
@@ -128,6 +147,7 @@ class Config:
 
     listen: list[str] = setting(check=_listen, factory=lambda: [DEFAULT_TCP, DEFAULT_UNIX])
     data_dir: str = setting("./var", check=text)
+    workers: int | str = setting("auto", check=workers_setting)  # worker processes; "auto": one per core
     trace: bool = setting(False, check=flag)
     log_level: str = setting("info", check=_level)
     vmbus_versions: list[int] = setting(check=_versions, factory=lambda: sorted(HOST_SUPPORTED, reverse=True))

@@ -92,6 +92,19 @@ class Host(Protocol):
 
     def partitions_changed(self) -> None: ...  # a partition came or went, or a channel opened
 
+    def room_for_connection(self) -> bool: ...  # one more connection fits max_partitions (every worker's)
+
+    def name_released(self, name: str) -> None: ...  # the partition left (another worker may take its name)
+
+    # None in a single process; a worker process asks its supervisor whether a name is free (workers.py)
+    claims: NameClaims | None
+
+
+class NameClaims(Protocol):
+    """Partition names across worker processes: each is connected at most once in the whole parent."""
+
+    async def claim(self, name: str, replace: bool, peer: str) -> bool: ...
+
 
 class PartitionConnection(FramedConnection):
     def __init__(self, daemon: Host, transport_name: str, *, open_allowed: bool = False,
@@ -148,7 +161,7 @@ class PartitionConnection(FramedConnection):
         if not self.daemon.accepting:
             self.close("parent is shutting down")
             return
-        if len(self.daemon.connections) >= self.daemon.config.max_partitions:
+        if not self.daemon.room_for_connection():
             self.log.warning("partition limit reached; refusing connection")
             self.close(f"partition limit of {self.daemon.config.max_partitions} reached")
             return
@@ -173,6 +186,7 @@ class PartitionConnection(FramedConnection):
         self.daemon.connections.discard(self)
         if self.partition is not None and self.daemon.partitions.get(self.partition) is self:
             del self.daemon.partitions[self.partition]
+            self.daemon.name_released(self.partition)
             self.daemon.partitions_changed()
         # Release this child's channels and GPADLs only; every other partition is untouched.
         open_now = [(self.vsps[ch.name], ch) for ch in list(self.channels.values()) if ch.name in self.vsps]
@@ -292,15 +306,20 @@ class PartitionConnection(FramedConnection):
         self.authenticated = True
         self._admit(hello, FrameKind.AUTH, answer)
 
-    def _admit(self, hello: Hello, kind: FrameKind, answer: bytes) -> None:
+    def _admit(self, hello: Hello, kind: FrameKind, answer: bytes, claimed: bool = False) -> None:
         """Take partition ``hello.partition`` under its name, answer with ``answer`` (the parent's HELLO, or
         its AUTH after a good proof) and get ready for INITIATE_CONTACT. A name already connected is refused,
         or, with ``[auth] replace`` and an authenticated newcomer, taken over: the old connection is closed
-        and the answer waits until its devices have let go of its channels."""
+        and the answer waits until its devices have let go of its channels. With worker processes the name
+        is claimed from the supervisor first (``claimed``: it was)."""
         name = hello.partition
         old = self.daemon.partitions.get(name)
-        if old is not None and not (self.authenticated and self.daemon.config.auth.replace):
+        replace = self.authenticated and self.daemon.config.auth.replace
+        if old is not None and not replace:
             self._refuse("name-taken", f"partition name {name!r} is already connected", partition=name)
+            return
+        if old is None and self.daemon.claims is not None and not claimed:
+            self._spawn(self._claim(hello, kind, answer, replace))
             return
         self.partition = name
         self.connected_at = time.time()
@@ -322,6 +341,19 @@ class PartitionConnection(FramedConnection):
         old.log.warning("partition replaced by a new authenticated connection", by=self.peer)
         old.close(f"partition {name!r} was replaced by a new authenticated connection from {self.peer}", REPLACED)
         self._spawn(self._replace(old, kind, answer))
+
+    async def _claim(self, hello: Hello, kind: FrameKind, answer: bytes, replace: bool) -> None:
+        """Another worker process may hold the name: the supervisor says (and with ``replace`` ends it there)."""
+        assert self.daemon.claims is not None
+        name = hello.partition
+        ok = await self.daemon.claims.claim(name, replace, self.peer)
+        if self.closing:
+            if ok and name not in self.daemon.partitions:
+                self.daemon.name_released(name)
+        elif not ok:
+            self._refuse("name-taken", f"partition name {name!r} is already connected", partition=name)
+        else:
+            self._admit(hello, kind, answer, claimed=True)
 
     async def _replace(self, old: PartitionConnection, kind: FrameKind, answer: bytes) -> None:
         await old.released.wait()  # bounded by this connection's handshake timer

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from vmbus_proto.limits import MemoryBudget
 
 from .accept import UnixAcceptor
 from .config import Config, ConfigError
-from .connection import PartitionConnection
+from .connection import NameClaims, PartitionConnection
 from .counters import Totals
 from .gc_policy import GcPolicy
 from .ioports import EmulatedDevice
@@ -76,6 +77,7 @@ class ParentDaemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unix_paths: list[Path] = []
         self.gc: GcPolicy | None = GcPolicy(self.log) if gc_settle else None
+        self.claims: NameClaims | None = None  # a worker process asks its supervisor (workers.py)
 
     def partitions_changed(self) -> None:
         """A partition connected or left, or a channel opened (the GC policy waits for this to settle)."""
@@ -110,55 +112,34 @@ class ParentDaemon:
         self.accepting = True
         self.log.info("parent partition listening", listen=self.endpoints,
                       devices=[v.name for v in self.vsps], data_dir=str(self.config.data_path))
-        self._warn_auth()
-
-    def _warn_auth(self) -> None:
-        """Say once where partitions may connect without a secret, and where none can connect at all."""
-        auth = self.config.auth
-        open_on = [u for u in self.config.listen if auth.open_allowed(u)]
-        if open_on:
-            self.log.warning("partitions with no secret configured may connect unauthenticated on local "
-                             "listeners ([auth] mode = \"open-on-loopback\")", listeners=open_on,
-                             hint='[auth] mode = "required" refuses them')
-        closed = [u for u in self.config.listen if not auth.open_allowed(u)]
-        if closed and not auth.configured:
-            self.log.warning("no partition can connect on these listeners: they take only authenticated "
-                             "partitions, and no [[auth.partition]] has a secret", listeners=closed,
-                             hint="parent-partition secret new NAME --dir secrets/")
+        warn_auth(self.config, self.log)
 
     async def _listen(self, url: str) -> None:
+        listener = bind_listener(url)
+        if listener.unix_path is not None:
+            self._unix_paths.append(listener.unix_path)
+        try:
+            await self.serve_on(listener)
+        except BaseException:
+            listener.sock.close()
+            raise
+
+    async def serve_on(self, listener: Listener) -> None:
+        """Accept partitions on ``listener``'s bound socket: the one accept path of every listener (a worker
+        process calls it with the sockets its supervisor bound; ``bind_listener``)."""
         loop = asyncio.get_running_loop()
-        kind, where, port = parse_endpoint(url)
+        kind, url = listener.kind, listener.url
         open_allowed = self.config.auth.open_allowed(url)
         if kind in ("tcp", "tls"):
             factory: Callable[[], asyncio.BaseProtocol] = lambda: PartitionConnection(self, kind,  # noqa: E731
                                                                                       open_allowed=open_allowed)
             if kind == "tls":
                 factory = self._tls_gate(url, factory)
-            server: asyncio.Server | UnixAcceptor = await loop.create_server(factory, where, port,
-                                                                             reuse_address=True, backlog=1024)
-            host, bound = server.sockets[0].getsockname()[:2]
-            self.endpoints.append(f"{kind}://{host}:{bound}")
+            server: asyncio.Server | UnixAcceptor = await loop.create_server(factory, sock=listener.sock,
+                                                                             backlog=1024)
         else:
-            path = Path(where)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_socket():
-                if _unix_in_use(path):
-                    raise OSError(errno.EADDRINUSE, "another parent is listening there")
-                path.unlink()
-            elif path.exists() or path.is_symlink():
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(str(path))
-                sock.listen(1024)
-            except OSError:
-                sock.close()
-                raise
-            server = self._unix_acceptor(sock, open_allowed)
-            self._unix_paths.append(path)
-            os.chmod(path, 0o660)
-            self.endpoints.append(f"unix:{path}")
+            server = self._unix_acceptor(listener.sock, open_allowed)
+        self.endpoints.append(listener.endpoint)
         self.servers.append(server)
 
     def _unix_acceptor(self, sock: socket.socket, open_allowed: bool) -> UnixAcceptor:
@@ -168,14 +149,18 @@ class ParentDaemon:
                                                                      first=first),
                             self.config.handshake_timeout, self.log.bind(transport="unix"))
 
+    # ---- cross-process hooks (a worker process overrides them; parent_partition.workers) ----------------
+
+    def room_for_connection(self) -> bool:
+        """Whether one more connection fits ``max_partitions`` (counted over every worker process)."""
+        return len(self.connections) < self.config.max_partitions
+
+    def name_released(self, name: str) -> None:
+        """Partition ``name`` left this process (another worker process may take the name now)."""
+
     def _tls_gate(self, url: str, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], TlsGate]:
         """Connections to a ``tls://`` listener shake hands first (``[tls]``'s certificate), then are partitions."""
-        ctx = self.config.tls.context
-        if tls_query(url):
-            raise ConfigError(f"listener {url}: a listening URL takes no TLS options; the parent's certificate "
-                              f"and client CA are in [tls]")
-        if ctx is None:
-            raise ConfigError(f"listener {url} needs the parent's certificate: [tls] cert_file and key_file")
+        ctx = tls_listener_context(self.config, url)
         timeout = self.config.handshake_timeout
         log, certs = self.log.bind(transport="tls"), self.config.tls.client_ca_file is not None
         return lambda: TlsGate(ctx, factory, timeout, log, require_cert=certs)
@@ -212,6 +197,78 @@ class ParentDaemon:
     async def _until_idle(self) -> None:
         while busy := [conn for conn in self.connections if not conn.idle.is_set()]:
             await busy[0].idle.wait()
+
+
+def tls_listener_context(config: Config, url: str) -> ssl.SSLContext:
+    """The server context of ``tls://`` listener ``url`` (a ConfigError when ``[tls]`` has none)."""
+    ctx = config.tls.context
+    if tls_query(url):
+        raise ConfigError(f"listener {url}: a listening URL takes no TLS options; the parent's certificate "
+                          f"and client CA are in [tls]")
+    if ctx is None:
+        raise ConfigError(f"listener {url} needs the parent's certificate: [tls] cert_file and key_file")
+    return ctx
+
+
+def warn_auth(config: Config, log: Any) -> None:
+    """Say once where partitions may connect without a secret, and where none can connect at all."""
+    auth = config.auth
+    open_on = [u for u in config.listen if auth.open_allowed(u)]
+    if open_on:
+        log.warning("partitions with no secret configured may connect unauthenticated on local "
+                    "listeners ([auth] mode = \"open-on-loopback\")", listeners=open_on,
+                    hint='[auth] mode = "required" refuses them')
+    closed = [u for u in config.listen if not auth.open_allowed(u)]
+    if closed and not auth.configured:
+        log.warning("no partition can connect on these listeners: they take only authenticated "
+                    "partitions, and no [[auth.partition]] has a secret", listeners=closed,
+                    hint="parent-partition secret new NAME --dir secrets/")
+
+
+class Listener:
+    """A bound listening socket: its URL as configured, what it is bound to (``endpoint``), and for a Unix
+    listener the path to remove once nobody listens there."""
+
+    def __init__(self, url: str, kind: str, sock: socket.socket, endpoint: str, unix_path: Path | None) -> None:
+        self.url, self.kind, self.sock, self.endpoint, self.unix_path = url, kind, sock, endpoint, unix_path
+
+
+def bind_listener(url: str) -> Listener:
+    """Bind ``url``'s socket (an OSError says why not): what every listener's accept path is given."""
+    kind, where, port = parse_endpoint(url)
+    if kind in ("tcp", "tls"):
+        family, *_, address = socket.getaddrinfo(where or None, port, type=socket.SOCK_STREAM,
+                                                 flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, (exc.strerror or str(exc)).lower()) from None  # as asyncio words it
+        except BaseException:
+            sock.close()
+            raise
+        host, bound = sock.getsockname()[:2]
+        return Listener(url, kind, sock, f"{kind}://{host}:{bound}", None)
+    path = Path(where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        if _unix_in_use(path):
+            raise OSError(errno.EADDRINUSE, "another parent is listening there")
+        path.unlink()
+    elif path.exists() or path.is_symlink():
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; remove it or choose another path")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(1024)
+        os.chmod(path, 0o660)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(url, "unix", sock, f"unix:{path}", path)
 
 
 async def _bounded(aw: Any, timeout: float, log: Any, stage: str) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vmbus_proto.aio.cli import os_reason
 
+from ..config import Config
 from ..counters import LatencyHistogram
 from ..daemon import ParentDaemon, StartupError
 from . import api
@@ -44,7 +45,7 @@ def build_app(daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin
     http_latency: dict[str, LatencyHistogram] = {}
     lag = LoopLag()
     local = settings.enabled and is_loopback(split_address(settings.listen)[0])
-    app = web.Application(middlewares=[_errors(daemon, http_latency, local, settings.token, settings.client_certs)],
+    app = web.Application(middlewares=[_errors(daemon.log, http_latency, local, settings.token, settings.client_certs)],
                           client_max_size=MAX_BODY)
     app[DAEMON] = daemon
     app[LAG] = lag
@@ -75,7 +76,7 @@ async def _stop_lag(app: web.Application) -> None:
     await app[LAG].stop()
 
 
-def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: bool, token: str | None,
+def _errors(log: Any, latency: dict[str, LatencyHistogram], local: bool, token: str | None,
             certs: bool = False) -> Any:
     """Every error as JSON with its status; an exception in a handler is logged and costs only its request.
     With ``token`` (or ``certs``: client certificates), a request without it gets 401 before anything else is
@@ -102,7 +103,7 @@ def _errors(daemon: ParentDaemon, latency: dict[str, LatencyHistogram], local: b
                 raise
             response = error_response(exc.status, _http_message(exc, request))
         except Exception:
-            daemon.log.exception("HTTP handler failed", method=request.method, path=request.path)
+            log.exception("HTTP handler failed", method=request.method, path=request.path)
             response = error_response(500, "internal error in the parent (logged)")
         if isinstance(response, web.WebSocketResponse):
             return response  # a console's session, not a request: its minutes are no request latency
@@ -180,14 +181,29 @@ def _http_message(exc: web.HTTPException, request: web.Request) -> str:
     return exc.text or exc.reason
 
 
+class WebHost(Protocol):
+    """What the HTTP listener needs of the process it serves: its log and its configuration."""
+
+    log: Any
+
+    @property
+    def config(self) -> Config: ...
+
+
 class WebServer:
     """The HTTP listener: ``start`` binds it (a StartupError if an address chosen explicitly cannot be bound),
     ``stop`` closes it."""
 
-    def __init__(self, daemon: ParentDaemon, settings: HttpSettings, plugins: list[Plugin] | None = None) -> None:
+    def __init__(self, daemon: WebHost, settings: HttpSettings, plugins: list[Plugin] | None = None,
+                 app: web.Application | None = None) -> None:
+        """``app``: serve this application instead of ``build_app``'s for ``daemon`` (the supervisor of worker
+        processes serves one that asks them; ``aggregate.py``)."""
         self.daemon = daemon
         self.settings = settings
-        self.app = build_app(daemon, settings, plugins)
+        if app is None:
+            assert isinstance(daemon, ParentDaemon)
+            app = build_app(daemon, settings, plugins)
+        self.app = app
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.log = daemon.log.bind(component="http")

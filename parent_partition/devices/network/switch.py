@@ -160,6 +160,7 @@ class Port:
         self.name = name
         self.mac = mac
         self.spoof_check = spoof_check  # frames from another source MAC are dropped
+        self.trunk = False  # the switch of another worker process (trunk.py): never forwarded to another trunk
         self.max_frame = max_frame
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
@@ -363,7 +364,7 @@ class Switch:
         if not dst[0] & 1:
             out = self.lookup(dst)
             if out is not None:
-                if out is port:
+                if out is port or (out.trunk and port.trunk):  # split horizon: every worker has its own trunk
                     self.counters.filtered += 1
                 else:
                     self.counters.unicast += 1
@@ -372,7 +373,7 @@ class Switch:
         self.counters.flooded += 1
         pc.rx_flooded += 1
         for other in list(self.ports.values()):
-            if other is not port:
+            if other is not port and not (other.trunk and port.trunk):
                 self._egress(other, frame)
         return True
 
