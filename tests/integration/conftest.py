@@ -126,6 +126,9 @@ class Parent(Proc):
                "--data-dir", str(workdir / "var"), *(extra or [])]
         if "--http" not in cmd:
             cmd += ["--http", "none"]  # tests that want the web side pass --http 127.0.0.1:0
+        if "--workers" not in cmd and "workers" not in config:
+            # One process, whose fds, memory and disks the tests inspect by its pid; test_workers.py runs more.
+            cmd += ["--workers", "1"]
         super().__init__(cmd, workdir, "parent")
         ready = self.wait_event("parent partition listening")
         self.tcp = next(u for u in ready["listen"] if u.startswith("tcp://"))
