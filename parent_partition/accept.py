@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
+
+from vmbus_proto.envelope import encode_close
+from vmbus_proto.framing import FrameKind, encode_frame
 
 FIRST_READ = 64 * 1024  # a HELLO is far smaller; what else came is fed to the connection as read
 MAX_FDS = 4  # SCM_RIGHTS fds taken from the first message (one is allowed; more are closed and refused)
@@ -97,8 +101,16 @@ class UnixAcceptor:
         try:
             async with asyncio.timeout(self.timeout):
                 first = await first_message(self._loop, conn)
-        except (TimeoutError, OSError) as exc:
-            self.log.info("unix connection closed before its first message", error=str(exc) or "timeout")
+        except TimeoutError:
+            # As a partition connection's own handshake timer says it (with a CLOSE frame the peer can read).
+            reason = f"handshake timeout: no HELLO within {self.timeout:g}s"
+            self.log.info("protocol error, closing connection", error=reason)
+            with contextlib.suppress(OSError):
+                conn.send(encode_frame(FrameKind.CLOSE, 0, encode_close(reason)))
+            conn.close()
+            return
+        except OSError as exc:
+            self.log.info("unix connection closed before its first message", error=str(exc))
             conn.close()
             return
         if not first.data:

@@ -220,3 +220,12 @@ def _run(cmd: list[str]) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, f"{cmd[0]} failed: {res.stderr or res.stdout}"
     return res.stdout
+
+
+def test_a_unix_peer_that_never_says_hello_is_closed_with_the_reason(bystander_parent: tuple[Parent, Proc]) -> None:
+    """A Unix peer's first bytes are read before its connection exists (with any fds): one that sends none gets
+    the same CLOSE a silent TCP peer gets."""
+    parent, _ = bystander_parent
+    client = RawClient(parent.unix)
+    assert "handshake timeout: no HELLO within 3s" in _closed_with(client)
+    client.close()
