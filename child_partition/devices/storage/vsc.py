@@ -112,12 +112,13 @@ class DmaBuffer:
     """Contiguous guest pages a request's data lives in, with the GPA range for each transfer size it has
     served (a driver's bounce buffer: the range names these pages, the host moves data in and out of them)."""
 
-    __slots__ = ("_mem", "_ranges", "base", "pfns")
+    __slots__ = ("_mem", "_ranges", "_view", "base", "pfns")
 
     def __init__(self, memory: GuestMemory, pfns: list[int]) -> None:
         self.pfns = tuple(pfns)
         self.base = memory.offset_of(pfns[0])
         self._mem = memory.mem
+        self._view = memory.view
         self._ranges: dict[int, GpaRange] = {}
 
     def range(self, length: int) -> GpaRange:
@@ -133,6 +134,13 @@ class DmaBuffer:
         if not (isinstance(data, memoryview) and data.obj is self._mem):  # shared memory: already in place
             self._mem[base:end] = data
         return self._mem[base:end]
+
+    def put(self, data: Buffer) -> memoryview:
+        """A WRITE's data into the pages, returned as a view of them (what the host DMAs out; in shared memory
+        the host reads the pages themselves, and nothing is copied again)."""
+        base, end = self.base, self.base + len(data)
+        self._mem[base:end] = data
+        return self._view[base:end]
 
 
 class BufferPool:
@@ -327,7 +335,7 @@ class StorageVsc(HandshakeVsc):
                 return reply.payload, b""
             buf = pool.take(length)
             try:
-                out = buf.stage(data_out) if data_out is not None else b""  # what the host DMAs out of our pages
+                out = buf.put(data_out) if data_out is not None else b""  # what the host DMAs out of our pages
                 reply = await channel.request(payload, (buf.range(length),), out)
                 if reply.type != _COMP:
                     raise DeviceProtocolError("storage answer is not a completion")
