@@ -17,7 +17,7 @@ from vmbus_proto.devices.network import host as H
 from vmbus_proto.devices.network import nvsp, rndis
 from vmbus_proto.devices.network.buffers import RX_RESERVED_CONTROL, ByteBuffer, ReceiveBufferAllocator
 from vmbus_proto.errors import DeviceProtocolError, LocalProtocolError
-from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, GpaRange, Packet, PacketType
 
 from .test_rss import tcp_frame
 
@@ -640,3 +640,27 @@ def test_guest_sets_rss_only_once_its_subchannels_are_open() -> None:
     for p in guest.data_to_send():
         host.receive(p)
     assert host.rss is not None and set(host.rss.table) == {0, 1}
+
+
+def test_direct_transmits_in_flight_hold_their_pages_until_each_completes() -> None:
+    """A GPA-direct transmit names pages that stay its own until its completion (Linux: the skb's pages): in
+    shared memory the host reads them after we move on, so two in flight must never share a page."""
+    link = Link().up()
+    g = link.guest
+    assert g.sends is not None
+    handed: list[tuple[GpaRange, ...]] = []
+    done: list[tuple[GpaRange, ...]] = []
+
+    def direct(length: int) -> tuple[GpaRange, ...]:
+        first = 0x1000 + 32 * len(handed)
+        handed.append((GpaRange(length, 0, tuple(range(first, first + (length + 4095) // 4096))),))
+        return handed[-1]
+
+    g.direct_ranges, g.direct_done = direct, done.append
+    for _ in range(g.sends.count + 3):  # the send buffer fills: the last three go GPA-direct, all in flight
+        g.send_frame(frame(100))
+    pfns = [p for ranges in handed for r in ranges for p in r.pfns]
+    assert len(handed) == 3 and len(pfns) == len(set(pfns)), "direct transmits in flight share pages"
+    assert done == []
+    link.pump()
+    assert sorted(done) == sorted(handed), "each direct transmit's pages come back with its completion"

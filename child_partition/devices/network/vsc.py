@@ -39,7 +39,9 @@ from ...vsc import HandshakeVsc
 from .nic import Nic
 from .service import NetworkService
 
-TX_DIRECT_PAGES = 20  # a 64 KiB GSO frame and its RNDIS header: the largest transmit the NIC hands over
+# Transmits awaiting their completion (a NIC's TX ring: a full one says busy). Each GPA-direct one holds its own
+# pages until then, up to 17 of them for a 64 KiB GSO frame and its RNDIS header.
+MAX_TX_IN_FLIGHT = 256
 
 SETUP_TIMEOUT = 10.0  # Linux netvsc waits this long for each setup answer
 DEFAULT_QUEUES = 8  # Linux VRSS_CHANNEL_DEFAULT (and at most VRSS_CHANNEL_MAX = 64)
@@ -88,18 +90,19 @@ class NetworkVsc(HandshakeVsc):
         self.queues: dict[int, _Queue] = {}  # open sub-channels by index
         self.spreading = False  # every granted sub-channel is open and RSS was set for them
         self._tx_hash: rss.Toeplitz | None = None
-        self.tx_pages: list[int] = []  # the guest pages a GPA-direct transmit names (its skb's pages, in Linux)
+        self._tx_blocks: list[list[int]] = []  # guest pages GPA-direct transmits name (their skbs' pages, in Linux)
+        self._tx_free: dict[int, list[list[int]]] = {}  # blocks of completed direct transmits, by page count
 
     async def handshake(self, channel: Channel) -> None:
         await super().handshake(channel)  # NVSP INIT, newest first
         recv_gpadl, recv = await self._share("receive", DEFAULT_RECEIVE_BUFFER)
         self.recv_pages = recv
         send_gpadl, send = await self._share("send", DEFAULT_SEND_BUFFER)
-        self.tx_pages = self.memory.alloc(TX_DIRECT_PAGES)
+        self._tx_blocks, self._tx_free = [], {}
         self.guest = netguest.NvspGuest(recv_gpadl=recv_gpadl, recv_view=recv, recv_size=recv.size,
                                         send_gpadl=send_gpadl, send_view=send, send_size=send.size,
                                         version=self.version, queues=self._wanted_queues(),
-                                        direct_ranges=self._direct_ranges)
+                                        direct_ranges=self._direct_ranges, direct_done=self._direct_done)
         self.guest.start()
         await self.flush(channel)
         while not self._ready.is_set():  # Linux's probe: every setup answer, then the NIC is up
@@ -110,9 +113,21 @@ class NetworkVsc(HandshakeVsc):
 
     def _direct_ranges(self, length: int) -> tuple[GpaRange, ...]:
         """A frame too large for a send section goes GPA-direct, naming pages of this guest's own memory (the
-        parent refuses pages outside it, as Hyper-V does); its bytes travel with the packet."""
-        pages = self.tx_pages
-        return (GpaRange(length, 0, tuple(pages[i % len(pages)] for i in range(pages_spanned(0, length)))),)
+        parent refuses pages outside it, as Hyper-V does), its own until the send completes (Linux maps the
+        skb's pages): over a stream its bytes travel with the packet, in shared memory the host reads them."""
+        count = pages_spanned(0, length)
+        free = self._tx_free.get(count)
+        if free:
+            pfns = free.pop()
+        else:
+            pfns = self.memory.alloc(count)
+            self._tx_blocks.append(pfns)
+        return (GpaRange(length, 0, tuple(pfns)),)
+
+    def _direct_done(self, ranges: tuple[GpaRange, ...]) -> None:
+        """A GPA-direct transmit completed: its pages take the next one."""
+        for rng in ranges:
+            self._tx_free.setdefault(len(rng.pfns), []).append(list(rng.pfns))
 
     async def _share(self, which: str, size: int) -> tuple[int, PageView]:
         pfns = self.memory.alloc(size // PAGE_SIZE)
@@ -169,8 +184,11 @@ class NetworkVsc(HandshakeVsc):
             case netguest.FramesReceived(frames=frames):
                 nic = self.nic
                 if nic is not None:
+                    # In shared memory a frame is a view of the receive buffer, which the host writes again as
+                    # soon as our completion reaches it: copy it out first (netvsc copies into an skb, too).
+                    copy = self.channel is not None and self.channel.shared
                     for frame, info in frames:  # checksum-OK PPI and RSC frames as receive offload metadata
-                        nic.deliver(*offload.from_rx_info(frame, info, nic.mtu))
+                        nic.deliver(*offload.from_rx_info(bytes(frame) if copy else frame, info, nic.mtu))
             case netguest.LinkChanged(connected=up):
                 if self.nic is not None:
                     self.nic.set_link(up)
@@ -211,7 +229,7 @@ class NetworkVsc(HandshakeVsc):
         if self.spreading and (queue := self._tx_queue(frame)) is not None:
             return queue.transmit(frame, info)
         guest, channel = self.guest, self.channel
-        if guest is None or channel is None or self._backlog:
+        if guest is None or channel is None or self._backlog or guest.tx_in_flight >= MAX_TX_IN_FLIGHT:
             return False
         guest.send_frame(frame, info)
         for pkt in self.packets():
@@ -244,9 +262,9 @@ class NetworkVsc(HandshakeVsc):
         self._free_tx_pages()
 
     def _free_tx_pages(self) -> None:
-        if self.tx_pages:
-            self.memory.free(self.tx_pages)
-            self.tx_pages = []
+        for block in self._tx_blocks:
+            self.memory.free(block)
+        self._tx_blocks, self._tx_free = [], {}
 
     def forget(self) -> None:
         self._stop_queues()
@@ -381,7 +399,7 @@ class _Queue:
     def transmit(self, frame: bytes, info: rndis.PacketInfo) -> bool:
         """A frame whose flow this queue carries: onto its ring now, or by its flusher."""
         guest = self.vsc.guest
-        if guest is None or self.backlog:
+        if guest is None or self.backlog or guest.tx_in_flight >= MAX_TX_IN_FLIGHT:
             return False
         guest.send_frame(frame, info)
         self.tx_frames += 1

@@ -110,7 +110,8 @@ def _data(channel: Channel, pkt: Packet) -> Buffer:
             view = channel.dma(pkt)
         except PacketError as exc:
             raise DeviceProtocolError(f"SEND_RNDIS_PKT buffer: {exc}") from None
-        pkt.data = view if view is not None else b""
+        # Copied: the frames go on to the switch's queues, and the guest reuses these pages once we complete.
+        pkt.data = bytes(view) if view is not None else b""
     return pkt.data
 
 

@@ -110,12 +110,16 @@ class NvspGuest:
                  send_view: BufferView, send_size: int, mtu: int = 1500, queues: int = 1,
                  versions: tuple[int, ...] = nvsp.LINUX_VERSIONS, version: int | None = None,
                  direct_ranges: Callable[[int], tuple[GpaRange, ...]] = default_direct_ranges,
+                 direct_done: Callable[[tuple[GpaRange, ...]], None] | None = None,
                  auto_complete: bool = True) -> None:
         self.recv_gpadl, self.recv_view, self.recv_size = recv_gpadl, recv_view, recv_size
         self.send_gpadl, self.send_view, self.send_size = send_gpadl, send_view, send_size
         self.mtu = mtu
         self.queues = queues
         self.direct_ranges = direct_ranges
+        # Called with a GPA-direct transmit's ranges once its completion came: the pages are the guest's again.
+        self.direct_done = direct_done
+        self._tx_direct: dict[int, tuple[GpaRange, ...]] = {}  # trans_id -> the pages a direct transmit names
         self.auto_complete = auto_complete
         self.handshake = nvsp.VscHandshake(versions)
         self.version: int | None = version
@@ -411,6 +415,10 @@ class NvspGuest:
             self.counters.tx_failed_completions += 1  # Linux logs it and still frees the section
         if section != nvsp.NO_SECTION and self.sends is not None:
             self.sends.release(section)
+        elif section == nvsp.NO_SECTION and self._tx_direct:
+            ranges = self._tx_direct.pop(packet.trans_id, None)
+            if ranges is not None and self.direct_done is not None:
+                self.direct_done(ranges)
         if packet.trans_id == self._halt_trans_id:
             return self._revoke()
         return []
@@ -547,8 +555,11 @@ class NvspGuest:
         self._tx_sections[trans_id] = nvsp.NO_SECTION
         self.counters.tx_direct += channel == nvsp.CHANNEL_DATA
         payload = nvsp.pack_rndis_packet(channel, nvsp.NO_SECTION, 0)
+        ranges = self.direct_ranges(len(data))
+        if self.direct_done is not None:
+            self._tx_direct[trans_id] = ranges
         self._outbox.append(Packet(PacketType.DATA_USING_GPA_DIRECT, FLAG_COMPLETION_REQUESTED, trans_id, payload,
-                                   self.direct_ranges(len(data)), data))
+                                   ranges, data))
         return trans_id
 
     @property
