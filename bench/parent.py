@@ -62,6 +62,8 @@ class ParentProcess:
         return self.proc.pid
 
     def endpoint(self, kind: str) -> str:
+        """The listener for ``kind``: "tcp", "unix", or "shared" (the Unix one, where a guest shares its memory)."""
+        kind = "unix" if kind == "shared" else kind
         for ep in self.endpoints:
             if ep.startswith(kind + ":"):
                 return ep

@@ -66,8 +66,7 @@ def profile_vmbus(workdir: Path, outdir: Path, seconds: float, window: int, tran
                 [spy, "record", "--pid", str(pid), "--duration", str(int(seconds + 1)), "--rate", "500",
                  "--nonblocking", "--format", "raw", "-o", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        socket_kind = "unix" if transport == "shared" else transport
-        result["run"] = uvloop.run(vmbus_echo.measure(parent.endpoint(socket_kind), size, window, seconds, 0.5,
+        result["run"] = uvloop.run(vmbus_echo.measure(parent.endpoint(transport), size, window, seconds, 0.5,
                                                       parent.pid, name="bench-profile", shared=transport == "shared"))
         for who, (out, proc) in spies.items():
             try:

@@ -144,7 +144,7 @@ def run_echo(args: argparse.Namespace, workdir: Path, console: Console) -> list[
                     framed.append(uvloop.run(echo_raw.measure(server.urls[f"framed_{socket_kind}"], size, window,
                                                               args.seconds, args.warmup, server.pid)))
                     n += 1
-                    vmbus.append(uvloop.run(vmbus_echo.measure(parent.endpoint(socket_kind), size, window,
+                    vmbus.append(uvloop.run(vmbus_echo.measure(parent.endpoint(transport), size, window,
                                                                args.seconds, args.warmup, parent.pid,
                                                                name=f"bench-echo-{n}", shared=transport == "shared")))
                 a, a2, b = _median_run(raw), _median_run(framed), _median_run(vmbus)

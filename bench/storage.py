@@ -182,7 +182,7 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1, cache: str = "wa
                     if what == "fio":
                         runs[what] = fio(image, rw, bs, depth, seconds, invalidate=cache == "fio-default")
                     else:
-                        runs[what] = ours(parent.endpoint("unix" if what == "shared" else what), rw, bs, depth,
+                        runs[what] = ours(parent.endpoint(what), rw, bs, depth,
                                           seconds, workdir / f"{rw}-{what}-{i}.json", parent,
                                           "shared" if what == "shared" else "stream")
                     runs[what]["cache_resident_before"] = resident

@@ -11,6 +11,7 @@ into the guest's memory, so a device sees ``Packet.data`` exactly as over a stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..envelope import Signal
@@ -104,11 +105,16 @@ class SharedChannel(Channel):
         """The NAPI-style second look: packets written while we were busy came without an event; none means
         the ring is unmasked (and checked once more) before we sleep."""
         self._repoll = False
+        with contextlib.suppress(ChannelClosed):  # (its rings were found broken: the connection is closing)
+            self._checked_poll()
+
+    def _checked_poll(self) -> None:
+        """``_poll`` outside a frame's dispatch (a device's recv, the second look): a broken ring ends the
+        connection here, as a bad frame would in the transport."""
         try:
             self._poll()
         except ProtocolError as exc:
-            self.conn.fail(f"{type(exc).__name__}: {exc}")
-            self.close()
+            self._corrupt(exc)
 
     def _route(self, pkt: Packet, size: int, data: int) -> None:
         ptype = pkt.type
@@ -157,10 +163,7 @@ class SharedChannel(Channel):
     def _consume(self, pkt: Packet) -> None:
         self._queued -= pkt.size
         if self.in_ring.held and self._queued <= self.in_ring.size >> 1:
-            try:
-                self._poll()
-            except ProtocolError as exc:
-                self._corrupt(exc)
+            self._checked_poll()
 
     def _corrupt(self, exc: ProtocolError) -> NoReturn:
         """The peer broke a ring in shared memory (found by a device's send or receive, not by a frame): its
