@@ -12,6 +12,7 @@ sub-channels each primary has offered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -46,6 +47,7 @@ from .vsp import ChannelResources, NoSubchannels, SubchannelControl, Vsp
 
 _CONNECTION_IDS = itertools.count(1)  # keys the log limiter per connection (logs.LIMIT_KEY)
 ABUSE = "abuse"  # the CLOSE code of a connection ended for repeated limit violations
+NAME_GRACE = 2.0  # seconds a newcomer waits for a name's old connection to go before "already connected"
 OUTPUT_SAMPLE = 0.05  # seconds between samples of output a partition has not read yet (while there is some)
 
 
@@ -306,17 +308,22 @@ class PartitionConnection(FramedConnection):
         self.authenticated = True
         self._admit(hello, FrameKind.AUTH, answer)
 
-    def _admit(self, hello: Hello, kind: FrameKind, answer: bytes, claimed: bool = False) -> None:
+    def _admit(self, hello: Hello, kind: FrameKind, answer: bytes, claimed: bool = False,
+               waited: bool = False) -> None:
         """Take partition ``hello.partition`` under its name, answer with ``answer`` (the parent's HELLO, or
         its AUTH after a good proof) and get ready for INITIATE_CONTACT. A name already connected is refused,
         or, with ``[auth] replace`` and an authenticated newcomer, taken over: the old connection is closed
-        and the answer waits until its devices have let go of its channels. With worker processes the name
-        is claimed from the supervisor first (``claimed``: it was)."""
+        and the answer waits until its devices have let go of its channels. A name still held is waited for
+        up to ``NAME_GRACE`` seconds first (``waited``: it was). With worker processes the name is claimed
+        from the supervisor first (``claimed``: it was)."""
         name = hello.partition
         old = self.daemon.partitions.get(name)
         replace = self.authenticated and self.daemon.config.auth.replace
         if old is not None and not replace:
-            self._refuse("name-taken", f"partition name {name!r} is already connected", partition=name)
+            if waited:
+                self._refuse("name-taken", f"partition name {name!r} is already connected", partition=name)
+            else:  # a guest that unloads and reconnects at once can be back before its old connection is gone
+                self._spawn(self._after(old, hello, kind, answer, claimed))
             return
         if old is None and self.daemon.claims is not None and not claimed:
             self._spawn(self._claim(hello, kind, answer, replace))
@@ -341,6 +348,13 @@ class PartitionConnection(FramedConnection):
         old.log.warning("partition replaced by a new authenticated connection", by=self.peer)
         old.close(f"partition {name!r} was replaced by a new authenticated connection from {self.peer}", REPLACED)
         self._spawn(self._replace(old, kind, answer))
+
+    async def _after(self, old: PartitionConnection, hello: Hello, kind: FrameKind, answer: bytes,
+                     claimed: bool) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(old.released.wait(), NAME_GRACE)
+        if not self.closing:
+            self._admit(hello, kind, answer, claimed, waited=True)
 
     async def _claim(self, hello: Hello, kind: FrameKind, answer: bytes, replace: bool) -> None:
         """Another worker process may hold the name: the supervisor says (and with ``replace`` ends it there)."""

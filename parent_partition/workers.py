@@ -46,7 +46,7 @@ from vmbus_proto.aio.cli import os_reason
 from vmbus_proto.envelope import REPLACED
 
 from .config import Config, ConfigError, worker_count
-from .connection import PartitionConnection
+from .connection import NAME_GRACE, PartitionConnection
 from .daemon import (
     Listener,
     ParentDaemon,
@@ -217,6 +217,7 @@ class Supervisor:
         self.listeners: list[Listener] = []
         self.endpoints: list[str] = []
         self.names: dict[str, int] = {}  # partition name -> the worker that has it (or is taking it)
+        self._released = asyncio.Condition()  # a name came free
         self.runtime = Path(tempfile.mkdtemp(prefix="vmbus-workers-"))
         self.runtime.chmod(0o700)
         self.state = SharedState(self.count)
@@ -312,6 +313,8 @@ class Supervisor:
         gone = [name for name, i in self.names.items() if i == w.index]
         for name in gone:
             del self.names[name]
+        async with self._released:
+            self._released.notify_all()
         self.state.clear(w.index)
         if self.stopping:
             return
@@ -332,12 +335,20 @@ class Supervisor:
             return {"ok": await self._claim(w.index, str(msg["name"]), bool(msg["replace"]), str(msg["peer"]))}
         elif op == "release" and self.names.get(msg["name"]) == w.index:
             del self.names[msg["name"]]
+            async with self._released:
+                self._released.notify_all()
         return None
 
     async def _claim(self, index: int, name: str, replace: bool, peer: str) -> bool:
         """Worker ``index`` takes partition ``name`` unless another worker has it (``replace``: it is ended
         there first, and the newcomer's answer waits until its devices have let go)."""
         owner = self.names.get(name)
+        if not (owner is None or owner == index or replace):  # its old connection may be going: a grace
+            async with self._released:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait_for(lambda: self._free_for(name, index)),
+                                           NAME_GRACE)
+            owner = self.names.get(name)
         if owner is None or owner == index or not self.workers[owner].alive:
             self.names[name] = index
             return True
@@ -350,6 +361,10 @@ class Supervisor:
                 await asyncio.wait_for(control.request("replace", name=name, by=peer),
                                        self.config.handshake_timeout)
         return True
+
+    def _free_for(self, name: str, index: int) -> bool:
+        owner = self.names.get(name)
+        return owner is None or owner == index or not self.workers[owner].alive
 
     def worker_of(self, name: str) -> Worker | None:
         i = self.names.get(name)

@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmbus_proto import messages as m
+
 from .conftest import Parent, Proc, child, gave_up
+from .rawclient import Closed, RawClient
 
 CHILDREN = 20
 
@@ -139,3 +143,49 @@ def test_ping_and_keys_cross_workers_and_a_killed_worker_comes_back(tmp_path: Pa
         for k in kids:
             k.stop()
         assert parent.stop() == 0, "the supervisor did not exit 0 on SIGINT"
+
+
+def test_a_guest_that_reconnects_at_once_under_its_name_is_taken_back_on_either_worker(tmp_path: Path) -> None:
+    """A guest unloads, closes and connects again at once (a lab's grader does): the new connection may land on
+    the other worker before the old one's worker has seen the close. The name is waited for, not refused; a
+    real duplicate still is. The old worker is held with SIGSTOP so that the race happens every time."""
+    parent, url = _start(tmp_path)
+    try:
+        for i in range(4):
+            old = RawClient(parent.unix if i % 2 else parent.tcp)
+            old.negotiate("comeback")
+            owner = _wait(lambda: [w["comeback"]] if "comeback" in (w := _by_worker(url)) else None,
+                          "comeback is listed")[0]
+            pid = next(w["pid"] for w in _get(f"{url}/api/")["workers"] if w["worker"] == owner)
+            os.kill(pid, signal.SIGSTOP)  # its worker cannot see the close until SIGCONT
+            wake = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
+            try:
+                old.send(m.Unload())
+                old.close()
+                new = RawClient(parent.unix if i % 2 else parent.tcp)  # only the other worker can accept it
+                wake.start()
+                try:
+                    new.negotiate("comeback")
+                except Closed as exc:
+                    raise AssertionError(f"reconnection {i} was refused: {exc}") from exc
+            finally:
+                wake.cancel()
+                os.kill(pid, signal.SIGCONT)
+            _wait(lambda o=owner: _by_worker(url).get("comeback") not in (None, o), "comeback is on the other worker")
+            new.send(m.Unload())
+            new.expect(m.UnloadResponse)
+            new.close()
+            _wait(lambda: "comeback" not in _by_worker(url), "comeback is gone")
+        held = RawClient(parent.tcp)
+        held.negotiate("comeback")
+        twin = RawClient(parent.unix)
+        try:
+            twin.negotiate("comeback")
+        except Closed as exc:
+            assert "partition name 'comeback' is already connected" in str(exc)
+        else:
+            raise AssertionError("a second live 'comeback' was not refused")
+        held.close()
+        twin.close()
+    finally:
+        assert parent.stop() == 0
