@@ -62,19 +62,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict vmbus_proto parent_partition child_partition
 
+# The suite runs in TEST_JOBS processes (pytest-xdist): most tests wait on real processes, not the CPU.
+TEST_JOBS ?= 3
+PARALLEL := -n $(TEST_JOBS)
+
 test: sysdeps lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PARALLEL)
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit
 
 integration: $(STAMP) sysdeps
-	$(VENV)/bin/pytest -q tests/integration
+	$(VENV)/bin/pytest -q $(PARALLEL) tests/integration
 
 # The integration tier with every child streaming, Unix sockets too (docs/protocol.md §14; by default a Unix
 # child shares its memory, so `make test` runs Unix children in shared mode and TCP children streaming).
 integration-stream: $(STAMP) sysdeps
-	VMBUS_MEMORY_MODE=stream $(VENV)/bin/pytest -q tests/integration
+	VMBUS_MEMORY_MODE=stream $(VENV)/bin/pytest -q $(PARALLEL) tests/integration
 
 bench: $(STAMP) sysdeps
 	$(PY) -m bench.run

@@ -86,7 +86,12 @@ async def test_flows_spread_over_subchannels_both_ways_and_queues_go_with_the_ni
         for i in range(FLOWS):
             await nic.send(tcp_frame(nic.mac, mac_for("vm2", "local"), src, dst, 33000 + i, 5201))
         host2 = nic2.host
-        await until(lambda: host2.counters.rx_frames >= FLOWS, f"{FLOWS} frames delivered to vm2")
+        try:
+            await until(lambda: host2.counters.rx_frames >= FLOWS, f"{FLOWS} frames delivered to vm2")
+        except AssertionError as exc:  # where the others went: the NICs' and the switch's counters
+            ports = [p.counters for p in vsp.switch.ports.values()]
+            raise AssertionError(f"{exc}: vm2 {host2.counters}, vm1 {vsc.queue_counters()}, switch "
+                                 f"{vsp.switch.counters}, ports {ports}") from None
         if subchannels:
             used = {q: n for q, n in nic2.rx_by_queue.items() if n}
             assert len(used) > 1 and sum(used.values()) >= FLOWS, f"vm2's receives were not spread: {used}"

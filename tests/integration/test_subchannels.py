@@ -43,6 +43,9 @@ def test_subchannels_are_offered_opened_and_carry_io(tmp_path: Path, subchannels
         vm.wait_event("disk exported over NBD")
         opened = vm.events("sub-channel open")
         assert len(opened) == subchannels, opened
+        # (the parent's lines may come after the child's)
+        parent.wait_for(lambda r: r.get("event") == "channel open"
+                        and len(parent.events("channel open")) >= CHANNELS + subchannels)
         assert len(parent.events("channel open")) == CHANNELS + subchannels
         if subchannels:
             assert vm.events("sub-channels requested")[0]["count"] == subchannels
