@@ -132,7 +132,7 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _before_run(image: Path, cache: str) -> float:
+def before_run(image: Path, cache: str) -> float:
     """Re-warm the image if it is not all cached (``warm`` mode); the resident share the run starts with."""
     if cache == "warm" and pagecache.resident_fraction(image) < 0.999:
         pagecache.warm(image)
@@ -178,7 +178,7 @@ def run_storage(workdir: Path, seconds: float, repeat: int = 1, cache: str = "wa
                 order = order[i % len(order):] + order[:i % len(order)]
                 runs: dict[str, dict[str, Any]] = {}
                 for what in order:
-                    resident = _before_run(image, cache)
+                    resident = before_run(image, cache)
                     if what == "fio":
                         runs[what] = fio(image, rw, bs, depth, seconds, invalidate=cache == "fio-default")
                     else:

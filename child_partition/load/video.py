@@ -178,8 +178,12 @@ class ScreenWatch:
     async def wait_shown(self, n: int, latest: int) -> None:
         """Until the console shows frame ``n`` or a later one (``latest`` is the newest drawn)."""
         async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(
-                lambda: unwrap(self.shown_low, latest) >= n or self.error is not None), STEP_TIMEOUT)
+            try:
+                await asyncio.wait_for(self.changed.wait_for(
+                    lambda: unwrap(self.shown_low, latest) >= n or self.error is not None), STEP_TIMEOUT)
+            except TimeoutError:
+                raise TimeoutError(f"frame {n} not shown on the console in {STEP_TIMEOUT:g}s: it shows frame "
+                                   f"{unwrap(self.shown_low, latest)} after {self.updates} updates") from None
             if unwrap(self.shown_low, latest) < n:
                 raise RuntimeError(f"frame {n} never shown on the console: {self.error}")
 
