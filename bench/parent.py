@@ -138,7 +138,9 @@ def start_parent(workdir: Path, devices: set[str], *, log_level: str = "info",
         f"data_dir = {_toml_str(str(workdir / 'var'))}\n"
         f"log_level = {_toml_str(log_level)}\n"
         f"workers = {workers}\n"
-        f"\n[devices]\n{table}\n{extra_config}", encoding="utf-8")
+        f"\n[devices]\n{table}\n{extra_config}"
+        # no web side unless asked for: the embedded default (8080) belongs to whoever runs the demo or a lab
+        + ("" if "[http]" in extra_config else '\n[http]\nlisten = "none"\n'), encoding="utf-8")
     log_path = workdir / "parent.log"
     serve = ["-m", "parent_partition", "serve", "--config", str(cfg), "--json-logs"]
     cmd = [sys.executable, *(wrap or []), *serve]
