@@ -72,7 +72,7 @@ def run_case(workdir: Path, image: Path, workers: int, hog: bool, seconds: float
     url = parent.endpoint("shared")
     try:
         before_run(image, "warm")
-        row: dict[str, Any] = {"workers": workers, "hog": hog}
+        row: dict[str, Any] = {"workers": workers, "with_hog": hog, "hog": None}
         hog_proc = None
         if hog:
             hog_proc = _load(url, "hog", 32, seconds + SETTLE + PLACEMENT_TRIES * (seconds + 3), workdir / "hog.json")

@@ -156,3 +156,23 @@ def test_bench_quick_run(tmp_path: Path) -> None:
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and not line.startswith("| job")]
     assert len(rows) == len(results["echo"]) + len(results["storage"]), table.stdout
     assert "Range over 1 result file(s)" in table.stdout, table.stdout
+
+
+@pytest.mark.timeout(300)
+def test_workers_isolation_runs_every_case(tmp_path: Path) -> None:
+    """``python -m bench.workers_isolation``: the probe measured in all four cases, beside a hog that did I/O,
+    and with two workers on the worker the hog is not on. Shape only, never timing."""
+    out = tmp_path / "isolation.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.workers_isolation", "--seconds", "0.5", "--repeat", "1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"1w-alone", "1w-hog", "2w-alone", "2w-hog"}
+    for case, (row,) in runs.items():
+        assert "error" not in row, (case, row)
+        assert row["probe"]["iops"] > 0 and 0 < row["probe"]["p50_us"] <= row["probe"]["p99_us"], (case, row)
+        assert (row["hog"] is not None) == row["with_hog"] == case.endswith("hog"), (case, row)
+        if row["hog"] is not None:
+            assert row["hog"]["iops"] > 0, (case, row)
+    assert runs["2w-hog"][0]["probe_worker"] != runs["2w-hog"][0]["hog_worker"]
+    assert "probe IOPS" in proc.stdout, "no table printed"
