@@ -340,20 +340,20 @@ class Supervisor:
         return None
 
     async def _claim(self, index: int, name: str, replace: bool, peer: str) -> bool:
-        """Worker ``index`` takes partition ``name`` unless another worker has it (``replace``: it is ended
-        there first, and the newcomer's answer waits until its devices have let go)."""
-        owner = self.names.get(name)
-        if not (owner is None or owner == index or replace):  # its old connection may be going: a grace
+        """Worker ``index`` takes partition ``name`` unless another worker has it after ``NAME_GRACE`` seconds
+        (its connection may be going) or, with ``replace``, at once: it is ended there first, and the
+        newcomer's answer waits until its devices have let go."""
+        if not replace and not self._free_for(name, index):  # its old connection may be going: a grace
             async with self._released:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._released.wait_for(lambda: self._free_for(name, index)),
                                            NAME_GRACE)
-            owner = self.names.get(name)
-        if owner is None or owner == index or not self.workers[owner].alive:
+        if self._free_for(name, index):
             self.names[name] = index
             return True
         if not replace:
             return False
+        owner = self.names[name]
         self.names[name] = index
         control = self.workers[owner].control
         if control is not None:
