@@ -37,6 +37,7 @@ import io
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -175,16 +176,17 @@ class ScreenWatch:
                 self.error = self.error or f"the console socket closed ({self.ws.close_code})"
                 self.changed.notify_all()
 
-    async def wait_shown(self, n: int, latest: int) -> None:
-        """Until the console shows frame ``n`` or a later one (``latest`` is the newest drawn)."""
+    async def wait_shown(self, n: int, latest: Callable[[], int]) -> None:
+        """Until the console shows frame ``n`` or a later one (``latest()``: the newest drawn, read at each look,
+        since other operations go on drawing meanwhile)."""
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(
-                    lambda: unwrap(self.shown_low, latest) >= n or self.error is not None), STEP_TIMEOUT)
+                    lambda: unwrap(self.shown_low, latest()) >= n or self.error is not None), STEP_TIMEOUT)
             except TimeoutError:
                 raise TimeoutError(f"frame {n} not shown on the console in {STEP_TIMEOUT:g}s: it shows frame "
-                                   f"{unwrap(self.shown_low, latest)} after {self.updates} updates") from None
-            if unwrap(self.shown_low, latest) < n:
+                                   f"{unwrap(self.shown_low, latest())} after {self.updates} updates") from None
+            if unwrap(self.shown_low, latest()) < n:
                 raise RuntimeError(f"frame {n} never shown on the console: {self.error}")
 
     async def close(self) -> None:
@@ -248,7 +250,7 @@ class VideoPartition:
         for nbytes in dirts:
             rec.record("dirt", usec, nbytes)
         if self.watch is not None:
-            await self.watch.wait_shown(n, self.frames)
+            await self.watch.wait_shown(n, lambda: self.frames)
             rec.record("visible", int((time.monotonic() - t0) * 1e6))
         return Done("frame", carried(rects))
 

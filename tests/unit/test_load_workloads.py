@@ -4,6 +4,7 @@ console's rectangle messages, event matching, key and position choice, device se
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import random
 import struct
@@ -85,6 +86,45 @@ def _video_args(**kw: Any) -> argparse.Namespace:
     for k, v in kw.items():
         setattr(args, k, v)
     return args
+
+
+class _SilentSocket:
+    """A console websocket that says nothing until closed (the test sets what the console shows)."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.close_code = None
+
+    def __aiter__(self) -> _SilentSocket:
+        return self
+
+    async def __anext__(self) -> Any:
+        await self.closed.wait()
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+async def test_a_frame_shown_then_passed_by_later_frames_still_counts_as_shown() -> None:
+    """Frame 2 waits while the partition's other operation draws 3, 4, 5 and the console shows each: the wait
+    reads the newest frame drawn at each look, not the one drawn when it began (a stale one made frame 5 read
+    as 5 - 2**24, and the wait never ended)."""
+    ws = _SilentSocket()
+    watch = video.ScreenWatch(ws)  # type: ignore[arg-type]
+    frames = [2]
+    waiting = asyncio.get_running_loop().create_task(watch.wait_shown(2, lambda: frames[0]))
+    await asyncio.sleep(0)
+    for shown in (3, 4, 5):
+        frames[0] = shown
+        async with watch.changed:
+            watch.shown_low = shown
+            watch.updates += 1
+        await asyncio.sleep(0)  # the waiter is not woken until the last one: it looks at frame 5 first
+    async with watch.changed:
+        watch.changed.notify_all()
+    await asyncio.wait_for(waiting, 5)
+    await watch.close()
 
 
 def test_video_options_are_checked() -> None:
