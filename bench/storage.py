@@ -86,7 +86,7 @@ def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
          parent: ParentProcess, mode: str = "stream") -> dict[str, Any]:
     """One ``child-partition load storage`` run; both processes' counters sampled inside its measured window.
     A busy machine can make the setup outlast ``SETUP``: a run whose measured window did not contain the
-    sampling window is run again with twice the setup time (at most ``SETUP_TRIES`` runs)."""
+    sampling window is run again with twice the setup time, and as much longer (at most ``SETUP_TRIES`` runs)."""
     setup = SETUP
     for _ in range(SETUP_TRIES):
         res, counters, window, inside = _run_load(url, rw, bs, iodepth, seconds, out, parent, mode, setup)
@@ -100,8 +100,9 @@ def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
 
 def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path, parent: ParentProcess,
               mode: str, setup: float) -> tuple[dict[str, Any], dict[str, Any], float, bool]:
+    runtime = seconds + setup - SETUP  # a longer setup, a longer run: the sampling window still ends inside it
     cmd = [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", rw, "--bs", bs,
-           "--iodepth", str(iodepth), "--runtime", str(seconds), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
+           "--iodepth", str(iodepth), "--runtime", str(runtime), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
            "--memory-mode", mode, "--json", str(out)]
     seen = len(disk_closed_lines(parent))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
@@ -113,13 +114,13 @@ def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Pat
         time.sleep(setup + RAMP)  # connect, negotiate, scan, ramp: then the measured part
         t0, wall0 = time.monotonic(), time.time()
         meter.start()
-        time.sleep(max(0.5, seconds - setup))
+        time.sleep(max(0.5, seconds - SETUP))
         window = time.monotonic() - t0
         counters = meter.stop(1)  # totals over the window; divided by the run's I/O count below
         sampled = (wall0, wall0 + window)
     except psutil.Error:
         pass  # the run ended early; its exit status says why
-    _, err = proc.communicate(timeout=seconds + 120)
+    _, err = proc.communicate(timeout=runtime + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"load storage exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
     res = json.loads(out.read_text())  # the load engine's results document (child_partition/load/report.py)

@@ -90,7 +90,16 @@ async def test_flows_spread_over_subchannels_both_ways_and_queues_go_with_the_ni
             await until(lambda: host2.counters.rx_frames >= FLOWS, f"{FLOWS} frames delivered to vm2")
         except AssertionError as exc:  # where the others went: the NICs' and the switch's counters
             ports = [p.counters for p in vsp.switch.ports.values()]
-            raise AssertionError(f"{exc}: vm2 {host2.counters}, vm1 {vsc.queue_counters()}, switch "
+            (nic1,) = nics_of(vsp, "vm1")
+            ch = vsc.channel
+            rings = ""
+            if ch is not None and getattr(ch, "shared", False):
+                out = ch.out_ring.mem.words  # type: ignore[attr-defined]
+                rings = (f" ring out w={out[0]} r={out[1]} mask={out[2]} pending={out[3]} blocked="
+                         f"{ch._blocked_writers} events_out={ch.events_out}")  # type: ignore[attr-defined]
+            flight = vsc.guest.tx_in_flight if vsc.guest else "?"
+            raise AssertionError(f"{exc}: vm2 {host2.counters}, vm1 {vsc.queue_counters()} host {nic1.host.counters}"
+                                 f" backlog={len(vsc._backlog)} in_flight={flight}{rings}, switch "
                                  f"{vsp.switch.counters}, ports {ports}") from None
         if subchannels:
             used = {q: n for q, n in nic2.rx_by_queue.items() if n}

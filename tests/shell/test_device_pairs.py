@@ -7,6 +7,7 @@ protocol-version handshakes (what they do today).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -19,13 +20,14 @@ from structlog.testing import capture_logs
 from child_partition.bus import BusError
 from child_partition.devices.echo.vsc import EchoVsc
 from child_partition.devices.input.vsc import KeyboardVsc, MouseVsc
+from child_partition.devices.network.nic import Nic
 from child_partition.devices.network.vsc import NetworkVsc
 from child_partition.devices.storage.vsc import StorageVsc
 from child_partition.devices.video.vsc import VideoVsc
 from child_partition.vsc import HandshakeVsc
 from parent_partition.devices.echo.vsp import EchoVsp
 from parent_partition.devices.input.vsp import KeyboardVsp, MouseVsp
-from parent_partition.devices.network.vsp import NetworkVsp
+from parent_partition.devices.network.vsp import RX_POLL, NetworkVsp
 from parent_partition.devices.storage.scsi import LunConfig
 from parent_partition.devices.storage.vsp import StorageVsp
 from parent_partition.devices.video.vsp import VideoVsp
@@ -197,18 +199,30 @@ async def test_handshake_trace_lines_from_both_sides() -> None:
     assert any(line.startswith("H>G SYNTHVID_VERSION_RESPONSE") for line in lines), lines
 
 
-async def test_network_nic_comes_up_and_frames_cross_the_switch_both_ways() -> None:
-    """NetVSC ⇄ NetVSP with no sockets: NVSP and RNDIS set up in Linux's order on the shared receive and send
-    buffers, then a frame from the guest reaches another switch port and one from that port reaches the guest
-    (a small one through a send-buffer section, a full-size one GPA-direct... whichever the NetVSC picks)."""
+PEER_MAC = bytes.fromhex("020000000099")
+
+
+@contextlib.asynccontextmanager
+async def nic_pair() -> AsyncIterator[tuple[NetworkVsp, NetworkVsc, Nic, DevicePair]]:
+    """A NetVSP and a NetVSC attached over an in-memory pair, the guest's NIC up; closed afterwards."""
     vsp = NetworkVsp()
     devices = await attach(vsp, NetworkVsc)
     try:
         vsc = cast(NetworkVsc, devices.vsc)
         nic = vsc.nic
         assert nic is not None and nic.link_up, "the NIC did not come up"
-        peer_mac = bytes.fromhex("020000000099")
-        peer = vsp.switch.attach("peer", peer_mac)
+        yield vsp, vsc, nic, devices
+    finally:
+        await devices.close()
+
+
+async def test_network_nic_comes_up_and_frames_cross_the_switch_both_ways() -> None:
+    """NetVSC ⇄ NetVSP with no sockets: NVSP and RNDIS set up in Linux's order on the shared receive and send
+    buffers, then a frame from the guest reaches another switch port and one from that port reaches the guest
+    (a small one through a send-buffer section, a full-size one GPA-direct... whichever the NetVSC picks)."""
+    async with nic_pair() as (vsp, _vsc, nic, devices):
+        peer = vsp.switch.attach("peer", PEER_MAC)
+        peer_mac = PEER_MAC
         for size in (60, 1514):
             out = peer_mac + nic.mac + b"\x88\xb5" + bytes(range(256)) * 6
             await nic.send(out[:size])
@@ -219,6 +233,20 @@ async def test_network_nic_comes_up_and_frames_cross_the_switch_both_ways() -> N
             assert await asyncio.wait_for(nic.recv(), 10) == back
         host = vsp.hosts["vm1"]
         assert host.counters.tx_frames == 2 and host.counters.rx_frames == 2
-    finally:
-        await devices.close()
     assert devices.bus.torn_down, "the buffer GPADLs were not torn down after close"
+
+
+async def test_network_a_burst_longer_than_one_poll_batch_loses_no_frame() -> None:
+    """The guest queues more frames at once than the NetVSP serves in one batch (RX_POLL): every one reaches
+    the switch, in order (a batch once took the next packet off the channel and dropped it)."""
+    async with nic_pair() as (vsp, _vsc, nic, _devices):
+        peer_mac = PEER_MAC
+        peer = vsp.switch.attach("peer", peer_mac, queue_frames=1024)
+        count = 3 * RX_POLL + 1
+        for i in range(count):  # no await between them while there is room: the host finds them queued at once
+            frame = peer_mac + nic.mac + b"\x88\xb5" + i.to_bytes(2, "big") + bytes(44)
+            if not nic.send_nowait(frame):
+                await nic.send(frame)
+        got = [await asyncio.wait_for(peer.recv(), 10) for _ in range(count)]
+        assert [int.from_bytes(f.data[14:16], "big") for f in got] == list(range(count))
+        assert vsp.hosts["vm1"].counters.tx_frames == count

@@ -324,13 +324,14 @@ class _Nic:
                 self.res.log.info(handshake.line("G>H", first.type, first.trans_id, first.completion_requested,
                                                  first.payload))
             pkt: Packet | None = first
-            for _ in range(RX_POLL):  # what the channel already holds, then one flush (NAPI-like)
-                if pkt is None:
-                    break
+            budget = RX_POLL  # what the channel already holds, up to RX_POLL, then one flush (NAPI-like)
+            while pkt is not None:
                 self.send_view.current = _data(channel, pkt)
                 for event in host.receive(pkt):
                     self._event(event)
-                pkt = channel.recv_nowait() if handshake is None and host.version is not None else None
+                budget -= 1
+                # (a packet is taken off the channel only when it will be served in this batch)
+                pkt = channel.recv_nowait() if budget and handshake is None and host.version is not None else None
             await self.flush(handshake)
 
     def _event(self, event: nethost.Event) -> None:
