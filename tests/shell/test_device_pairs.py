@@ -238,8 +238,9 @@ async def test_network_nic_comes_up_and_frames_cross_the_switch_both_ways() -> N
 
 async def test_network_a_burst_longer_than_one_poll_batch_loses_no_frame() -> None:
     """The guest queues more frames at once than the NetVSP serves in one batch (RX_POLL): every one reaches
-    the switch, in order (a batch once took the next packet off the channel and dropped it)."""
-    async with nic_pair() as (vsp, _vsc, nic, _devices):
+    the switch, in order, and every completion comes back through the NetVSC's receive batches (both once took
+    the packet after their RX_POLL-th off the channel and dropped it)."""
+    async with nic_pair() as (vsp, vsc, nic, _devices):
         peer_mac = PEER_MAC
         peer = vsp.switch.attach("peer", peer_mac, queue_frames=1024)
         count = 3 * RX_POLL + 1
@@ -250,3 +251,7 @@ async def test_network_a_burst_longer_than_one_poll_batch_loses_no_frame() -> No
         got = [await asyncio.wait_for(peer.recv(), 10) for _ in range(count)]
         assert [int.from_bytes(f.data[14:16], "big") for f in got] == list(range(count))
         assert vsp.hosts["vm1"].counters.tx_frames == count
+        # Every transmit's completion came back: the guest's receive batches lose none either.
+        guest = vsc.guest
+        assert guest is not None
+        await until(lambda: guest.tx_in_flight == 0, "every transmit completed")

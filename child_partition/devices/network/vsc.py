@@ -144,9 +144,8 @@ class NetworkVsc(HandshakeVsc):
         one flush: their completions and answers leave together."""
         guest = self.guest
         assert guest is not None
-        for _ in range(RX_POLL):
-            if pkt is None:
-                break
+        budget = RX_POLL
+        while pkt is not None:
             if pkt.type == PacketType.DATA_USING_XFER_PAGES and pkt.data:
                 self._absorb(pkt)
             try:
@@ -155,7 +154,9 @@ class NetworkVsc(HandshakeVsc):
                 raise DeviceProtocolError(str(exc)) from None
             for event in events:
                 self._event(event)
-            pkt = channel.recv_nowait() if self._ready.is_set() else None
+            budget -= 1
+            # (a packet is taken off the channel only when it will be served in this batch)
+            pkt = channel.recv_nowait() if budget and self._ready.is_set() else None
         await self.flush(channel)
 
     def _absorb(self, pkt: Packet) -> None:
