@@ -82,6 +82,14 @@ def _disk_stats(parent: ParentProcess, seen: int) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def load_cmd(url: str, rw: str, bs: str, iodepth: int, runtime: float, mode: str, out: Path,
+             *extra: str) -> list[str]:
+    """``child-partition load storage`` on the whole image, its results as JSON in ``out``."""
+    return [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", rw, "--bs", bs,
+            "--iodepth", str(iodepth), "--runtime", str(runtime), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
+            "--memory-mode", mode, "--json", str(out), *extra]
+
+
 def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
          parent: ParentProcess, mode: str = "stream") -> dict[str, Any]:
     """One ``child-partition load storage`` run; both processes' counters sampled inside its measured window.
@@ -101,9 +109,7 @@ def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
 def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path, parent: ParentProcess,
               mode: str, setup: float) -> tuple[dict[str, Any], dict[str, Any], float, bool]:
     runtime = seconds + setup - SETUP  # a longer setup, a longer run: the sampling window still ends inside it
-    cmd = [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", rw, "--bs", bs,
-           "--iodepth", str(iodepth), "--runtime", str(runtime), "--ramp", str(RAMP), "--size", str(IMAGE_BYTES),
-           "--memory-mode", mode, "--json", str(out)]
+    cmd = load_cmd(url, rw, bs, iodepth, runtime, mode, out)
     seen = len(disk_closed_lines(parent))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
     counters: dict[str, Any] = {}

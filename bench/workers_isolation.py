@@ -25,17 +25,19 @@ from typing import Any
 
 from .machine import describe
 from .parent import REPO_ROOT, ParentProcess, child_env, start_parent
-from .storage import IMAGE_BYTES, before_run, prepare_image
+from .storage import before_run, load_cmd, prepare_image
 
 PLACEMENT_TRIES = 6  # probe runs at most this often to land on the worker the hog is not on
 SETTLE = 1.5  # seconds the hog runs before the probe starts
 
 
 def _load(url: str, name: str, depth: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "child_partition", "load", "storage", "--connect", url, "--rw", "randread",
-           "--bs", "4k", "--iodepth", str(depth), "--runtime", str(seconds), "--ramp", "0.5",
-           "--size", str(IMAGE_BYTES), "--memory-mode", "shared", "--name-prefix", name, "--json", str(out)]
+    cmd = load_cmd(url, "randread", "4k", depth, seconds, "shared", out, "--name-prefix", name)
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _case(workers: int, hog: bool) -> str:
+    return f"{workers}w-{'hog' if hog else 'alone'}"
 
 
 def _finish(proc: subprocess.Popen[bytes], out: Path, seconds: float, ok: int = 0) -> dict[str, Any]:
@@ -117,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         results["machine"] = describe(workdir)
         image, _ = prepare_image(workdir)
-        runs: dict[str, list[dict[str, Any]]] = {f"{w}w-{'hog' if h else 'alone'}": [] for w, h in cases}
+        runs: dict[str, list[dict[str, Any]]] = {_case(w, h): [] for w, h in cases}
         for i in range(args.repeat):
             for workers, hog in cases[i % len(cases):] + cases[:i % len(cases)]:
                 row = run_case(workdir, image, workers, hog, args.seconds, i)
-                runs[f"{workers}w-{'hog' if hog else 'alone'}"].append(row)
+                runs[_case(workers, hog)].append(row)
                 print(json.dumps(row), flush=True)
     results["runs"] = runs
     results["summary"] = {case: {k: _median(rows, k) for k in ("iops", "p50_us", "p99_us", "p999_us")}
