@@ -22,14 +22,15 @@ from child_partition.runner import open_bus
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.aio.shared import SharedChannel
 from vmbus_proto.devices.echo import protocol as echo
-from vmbus_proto.packets import PAGE_SIZE
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, PAGE_SIZE, Packet, PacketType
 
 from .meter import CpuMeter
 
 INBAND_MAX = 1024  # sizes up to this go in-band; larger ones GPA-direct
 HEADER = struct.Struct("<II")  # (slot, length): the small in-band header of a GPA-direct request
 CHECK_EVERY = 256  # compare the echoed bytes on every 256th round trip
-MAX_ROUND_TRIPS = 20_000_000  # a count bound on top of the time bound; a capped run is flagged
+MAX_ROUND_TRIPS = 20_000_000
+TRANS_ID_LIMIT = 1 << 32  # a count bound on top of the time bound; a capped run is flagged
 
 
 async def _open_echo(bus: GuestBus, memory: GuestMemory) -> tuple[Channel, int, list[int]]:
@@ -61,15 +62,40 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
     errors: list[str] = []
 
     async def inband() -> None:
+        """Driver-style, as the raw echo's client is (and Linux's channel callback): each completion, delivered
+        by the channel (``on_packet``), is checked and answered by the next request at once; this task only
+        starts the window and waits for the end."""
         nonlocal completed
-        request = ch.request
-        while not stop and completed < MAX_ROUND_TRIPS:
-            pkt = await request(payload)
-            # Check the echo: its length always, its bytes every so often (cheap but not free).
+        finished = asyncio.get_running_loop().create_future()
+        next_tid = 0
+        inband, flags = int(PacketType.DATA_INBAND), FLAG_COMPLETION_REQUESTED
+        try_sendpacket = ch.try_sendpacket
+
+        def send_next() -> None:
+            nonlocal next_tid
+            next_tid = next_tid + 1 if next_tid < TRANS_ID_LIMIT else 1
+            if not try_sendpacket(payload, next_tid, inband, flags) and not finished.done():
+                finished.set_result(None)
+                errors.append("the echo ring had no room for a request within the window")
+
+        def on_completion(pkt: Packet) -> None:
+            nonlocal completed
+            if finished.done():
+                return
             if len(pkt.payload) != size or (not completed % CHECK_EVERY and pkt.payload != payload):
                 errors.append(f"echo returned {len(pkt.payload)} different bytes for {size}")
+                finished.set_result(None)
                 return
             completed += 1
+            if stop or completed >= MAX_ROUND_TRIPS:
+                finished.set_result(None)
+                return
+            send_next()
+
+        ch.on_packet = on_completion
+        for _ in range(window):
+            send_next()
+        await finished
 
     async def gpa_direct(slot: int) -> None:
         nonlocal completed
@@ -93,7 +119,8 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
                 write(rng, pkt.data)
             completed += 1
 
-    workers = [asyncio.ensure_future(inband() if size <= INBAND_MAX else gpa_direct(i)) for i in range(window)]
+    workers = ([asyncio.ensure_future(inband())] if size <= INBAND_MAX
+               else [asyncio.ensure_future(gpa_direct(i)) for i in range(window)])
     meter = CpuMeter(parent_pid)
     try:
         await asyncio.sleep(warmup)

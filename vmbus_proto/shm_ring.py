@@ -56,14 +56,16 @@ MAX_RANGES = 4096  # GPA ranges in one packet: far above what a storvsc or netvs
 
 
 _FENCE = threading.Lock()
+_FENCE_ACQUIRE, _FENCE_RELEASE = _FENCE.acquire, _FENCE.release
 
 
 def fence() -> None:
     """A full memory barrier (Linux ``virt_mb``): a locked instruction, which orders our store before our next
     load as another CPU sees them. Taken where a side stores one header field and then reads one the other
-    side stores (the two checks that decide whether a signal is due), so neither side misses the other's."""
-    _FENCE.acquire()
-    _FENCE.release()
+    side stores (the two checks that decide whether a signal is due), so neither side misses the other's.
+    (``write_packet`` inlines it: the same two calls.)"""
+    _FENCE_ACQUIRE()
+    _FENCE_RELEASE()
 
 
 class RingCorruptError(RingOverrunError):
@@ -230,12 +232,18 @@ class RingOut:
         return self.size - (words[W_WRITE] - self._read_index()) % self.size
 
     def write_packet(self, pkt: Packet) -> bool | None:
-        """``write(encode(pkt))``, with the in-band and completion packets that fit before the ring's end packed
-        straight into it (the per-packet hot path: no intermediate bytes)."""
-        data = self.mem.data
-        if pkt.ranges or pkt.xfer_ranges or data is None:
+        """``write(encode(pkt))``, with in-band packets and completions through ``write_inband``."""
+        if pkt.ranges or pkt.xfer_ranges or self.mem.data is None:
             return self.write(encode(pkt))
-        payload = pkt.payload
+        return self.write_inband(pkt.type, pkt.flags, pkt.trans_id, pkt.payload)
+
+    def write_inband(self, ptype: int, flags: int, trans_id: int, payload: bytes) -> bool | None:
+        """An in-band packet or completion (no GPA ranges) packed straight into the ring when it fits before the
+        ring's end: the per-packet hot path, Linux's ``vmbus_sendpacket`` (buffer, request id, type, flags;
+        no packet object, no intermediate bytes). Returns as ``write``."""
+        data = self.mem.data
+        if data is None:
+            return self.write(encode(Packet(ptype, flags, trans_id, payload)))
         plen = len(payload)
         body = 16 + ((plen + 7) & ~7)
         n = body + TRAILER_SIZE
@@ -247,15 +255,23 @@ class RingOut:
         if n >= size - (w - r) % size:
             return None
         if w + n > size:
-            return self.write(encode(pkt))
-        _DESC.pack_into(data, w, pkt.type, 2, body >> 3, pkt.flags, pkt.trans_id)
+            return self.write(encode(Packet(ptype, flags, trans_id, payload)))
+        _DESC.pack_into(data, w, ptype, 2, body >> 3, flags, trans_id)
         end = w + 16 + plen
         data[w + 16:end] = payload
         if end & 7:
             data[end:w + body] = _PAD[:w + body - end]
         _TRAILER.pack_into(data, w + body, w << 32)
         words[W_WRITE] = (w + n) % size  # published after the data (x86 stores are not reordered)
-        return self._signal_due(w, n)
+        stats = self.stats  # _signal_due, inline (once a packet)
+        stats.packets += 1
+        stats.bytes += n
+        _FENCE_ACQUIRE()
+        _FENCE_RELEASE()
+        if words[W_MASK] or words[W_READ] != w:
+            return False
+        stats.interrupts += 1
+        return True
 
     def write(self, raw: bytes) -> bool | None:
         """Put the encoded packet ``raw`` (``encode``) and its trailer in the ring: None if it does not fit now,
@@ -362,7 +378,7 @@ class RingIn:
                         and r + n <= size):  # the hot path: an in-band packet or completion, not wrapped
                     if (len8 - 2) << 3 > self.max_payload:
                         raise PacketError(f"in-band payload of {(len8 - 2) << 3} bytes exceeds {self.max_payload}")
-                    out.append(Packet(ptype, flags, tid, bytes(data[r + 16:r + (len8 << 3)]), size=n))
+                    out.append(Packet(ptype, flags, tid, data[r + 16:r + (len8 << 3)].tobytes(), (), b"", 0, (), n))
                 else:
                     out.append(decode(mem.copy_out(r, n - TRAILER_SIZE), self.max_payload, self.pfn_bound))
                 r = (r + n) % size

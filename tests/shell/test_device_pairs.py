@@ -35,7 +35,7 @@ from parent_partition.vsp import HandshakeVsp
 from vmbus_proto.aio.channel import ChannelClosed
 from vmbus_proto.devices.base import VscVersionHandshake
 from vmbus_proto.devices.storage import vstor
-from vmbus_proto.packets import PAGE_SIZE, GpaRange, Packet, PacketType
+from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, PAGE_SIZE, GpaRange, Packet, PacketType
 
 from .adapters import DevicePair, attach
 from .waits import until
@@ -185,6 +185,48 @@ async def test_echo_returns_gpa_direct_data_into_the_requests_range() -> None:
         reply = await asyncio.wait_for(channel.request(b"ping", (GpaRange(len(data), 0, (0x900, 0x901)),), data), 30)
         # A ring carries a payload padded to 8 bytes (len8): in shared memory the zeros arrive too.
         assert (reply.type, reply.payload.rstrip(b"\0"), bytes(reply.data)) == (PacketType.COMP, b"ping", data)
+    finally:
+        await devices.close()
+
+
+async def test_echo_driver_style_completions_queue_in_order_while_the_guests_ring_is_full(memory_mode: str) -> None:
+    """A driver sends with ``try_sendpacket`` and takes completions through ``on_packet``; the guest stops
+    reading (its wire paused) so the echo VSP's completions fill the host-to-guest ring. Shared memory: the guest
+    writes twice a ring's worth (the host reads them without any frame), so the VSP holds completions in its
+    backlog and writes them as a blocked writer; over a stream the guest's credit stops it at one ring's worth.
+    Either way every completion arrives once, in order, after the guest reads again."""
+    devices = await attach(EchoVsp(), EchoVsc)
+    try:
+        guest = devices.vsc.channel
+        host = devices.pair.host
+        assert guest is not None
+        got: list[int] = []
+        guest.on_packet = lambda pkt: got.append(pkt.trans_id)
+        payload = bytes(range(256)) * 4
+        per_ring = guest.rings.writer.data_size // (16 + len(payload) + 8)
+        want = 2 * per_ring if memory_mode == "shared" else per_ring + 100
+        devices.link.to_guest.pause()
+        flags = int(FLAG_COMPLETION_REQUESTED)
+        sent = 0
+        for _ in range(100 * want):  # bounded: shared memory yields on a refusal, so the host reads on
+            if sent == want:
+                break
+            if guest.try_sendpacket(payload, sent + 1, PacketType.DATA_INBAND, flags):
+                sent += 1
+            elif memory_mode == "stream":
+                break  # out of credit until the guest reads again
+            else:
+                await asyncio.sleep(0)
+        if memory_mode == "shared":
+            assert sent == want
+            await until(lambda: host.out_ring.stats.blocked > 0, "the VSP blocked on the full ring")
+        devices.link.to_guest.resume()
+        while sent < want:  # (stream: the rest as credit returns)
+            await guest.send(Packet(PacketType.DATA_INBAND, flags, sent + 1, payload))
+            sent += 1
+        await until(lambda: len(got) == want, f"all {want} completions arrived")
+        assert got == list(range(1, want + 1))
+        assert devices.vsp.errors == 0 and not devices.link.host.closing
     finally:
         await devices.close()
 

@@ -216,3 +216,33 @@ def test_a_reader_that_empties_the_ring_during_a_write_still_gets_its_signal() -
     assert out.write(encode(Packet(INBAND, 0, 1, b"first"))) is True
     assert out.write(encode(Packet(INBAND, 0, 2, b"second"))) is True  # the ring was empty when it landed
     assert [p.trans_id for p in inn[0].read_batch(1 << 20)[0]] == [2]
+
+
+@given(payload=st.binary(max_size=300), ptype=st.sampled_from([INBAND, COMP]), flags=st.sampled_from([0, 1]),
+       tid=st.integers(0, (1 << 64) - 1), start=st.integers(0, 4096 // 8 - 1))
+@settings(max_examples=200, deadline=None)
+def test_write_inband_puts_the_same_bytes_as_write_of_the_encoded_packet(
+        payload: bytes, ptype: int, flags: int, tid: int, start: int) -> None:
+    """The hot path (``write_inband``: fields straight into the ring) against ``write(encode(pkt))``, from the
+    same write_index, wrapping around the ring's end or not, and with the same signal."""
+    fast, _, fast_buf = _ring(2)
+    slow, _, slow_buf = _ring(2)
+    for ring in (fast, slow):
+        ring.mem.words[W_WRITE] = ring.mem.words[W_READ] = start * 8
+    due_fast = fast.write_inband(ptype, flags, tid, payload)
+    due_slow = slow.write(encode(Packet(ptype, flags, tid, payload)))
+    assert due_fast == due_slow is True
+    assert bytes(fast_buf) == bytes(slow_buf)
+    assert (fast.stats.packets, fast.stats.bytes, fast.stats.interrupts) == (
+        slow.stats.packets, slow.stats.bytes, slow.stats.interrupts)
+
+
+def test_write_inband_says_when_the_ring_is_full_and_refuses_a_scribbled_read_index() -> None:
+    out, inn, _ = _ring(2)  # 4 KiB of data
+    assert out.write_inband(INBAND, 0, 1, bytes(2100)) is True
+    assert out.write_inband(INBAND, 0, 2, bytes(2100)) is None  # 2,128 + 2,128 bytes do not fit in 4,096
+    assert [p.trans_id for p in inn.read_batch(1 << 20)[0]] == [1]
+    assert out.write_inband(INBAND, 0, 2, bytes(2100)) is True
+    out.mem.words[W_READ] = 4 * PAGE_SIZE + 3  # the peer scribbled on its read_index
+    with pytest.raises(RingCorruptError, match="read_index"):
+        out.write_inband(COMP, 0, 3, b"x")

@@ -155,6 +155,12 @@ class Channel:
         self.conn.send_packet(self.relid, pkt)
         return True
 
+    def try_sendpacket(self, payload: bytes, trans_id: int, ptype: int = _INBAND, flags: int = 0) -> bool:
+        """``try_send`` of an in-band packet or completion given as its fields (Linux's ``vmbus_sendpacket``:
+        buffer, request id, type, flags), for a driver's per-packet path; shared rings take it without building a
+        ``Packet``. A request sent this way is answered through ``on_packet``, not ``request``."""
+        return self.try_send(Packet(ptype, flags, trans_id, payload))
+
     async def send(self, pkt: Packet) -> None:
         """Write one packet, waiting for ring space like a blocked writer."""
         size, data, rings = pkt.ring_size, len(pkt.data), self.rings

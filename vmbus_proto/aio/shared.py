@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .transport import FramedConnection
 
 _COMP, _GPA_DIRECT = int(PacketType.COMP), int(PacketType.DATA_USING_GPA_DIRECT)
+_INBAND = int(PacketType.DATA_INBAND)
 _TRAILER = 8
 
 
@@ -227,16 +228,33 @@ class SharedChannel(Channel):
     def try_send(self, pkt: Packet) -> bool:
         if self.closed or self._blocked_writers:
             return False
+        hot = not (pkt.data or pkt.ranges or self._ranges)  # in-band, nothing in guest memory to move or track
         try:
-            if pkt.data or pkt.ranges or self._ranges:
-                due = self.out_ring.write(self._prepare(pkt))
-            else:  # an in-band packet with nothing in guest memory to move: the hot path
-                due = self.out_ring.write_packet(pkt)
+            due = self.out_ring.write_packet(pkt) if hot else self.out_ring.write(self._prepare(pkt))
         except ProtocolError as exc:
             self._corrupt(exc)
         if due is None:
             return False
-        self._written(pkt, due)
+        if hot:
+            if due:  # _written, inline: no GPA ranges to forget
+                self._event()
+        else:
+            self._written(pkt, due)
+        return True
+
+    def try_sendpacket(self, payload: bytes, trans_id: int, ptype: int = _INBAND, flags: int = 0) -> bool:
+        if self.closed or self._blocked_writers:
+            return False
+        if self._ranges:  # a completion may answer a GPA-direct request whose ranges it must forget
+            return super().try_sendpacket(payload, trans_id, ptype, flags)
+        try:
+            due = self.out_ring.write_inband(ptype, flags, trans_id, payload)
+        except ProtocolError as exc:
+            self._corrupt(exc)
+        if due is None:
+            return False
+        if due:
+            self._event()
         return True
 
     async def send(self, pkt: Packet) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+
 from vmbus_proto.aio.channel import Channel
 from vmbus_proto.devices.echo import protocol as echo
 from vmbus_proto.errors import DeviceProtocolError
@@ -9,25 +12,42 @@ from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, Packet, PacketType
 
 from ...vsp import ChannelResources, Vsp
 
+_COMP = int(PacketType.COMP)
+
 
 class EchoVsp(Vsp):
     """Diagnostic device for the benchmark: completes every request with its own payload, and sends
-    GPA-direct data back into the request's ranges (as a storage READ would)."""
+    GPA-direct data back into the request's ranges (as a storage READ would).
+
+    Driver-style, as a VSP's channel callback is: each request is answered inside the channel's delivery
+    (``Channel.on_packet``), while the ring has room; a completion that does not fit waits in order in a
+    backlog this device's task writes as space frees."""
 
     spec = echo.SPEC
 
     async def serve(self, channel: Channel, res: ChannelResources) -> None:
-        recv, recv_nowait, try_send, send = channel.recv, channel.recv_nowait, channel.try_send, channel.send
-        comp = PacketType.COMP
-        while True:
-            pkt: Packet | None = await recv()
-            while pkt is not None:  # answer everything already queued without a coroutine switch each
-                if pkt.type == comp:
-                    raise DeviceProtocolError("unsolicited completion")
-                if pkt.flags & FLAG_COMPLETION_REQUESTED:
-                    out = Packet(comp, 0, pkt.trans_id, pkt.payload, data=pkt.data)
-                    if not try_send(out):
-                        await send(out)
-                pkt = recv_nowait()
+        try_sendpacket = channel.try_sendpacket
+        backlog: collections.deque[Packet] = collections.deque()
+        wake = asyncio.Event()
 
+        def on_packet(pkt: Packet) -> None:
+            if pkt.type == _COMP:
+                raise DeviceProtocolError("unsolicited completion")
+            if pkt.flags & FLAG_COMPLETION_REQUESTED:
+                if not (backlog or pkt.data) and try_sendpacket(pkt.payload, pkt.trans_id, _COMP):
+                    return
+                out = Packet(_COMP, 0, pkt.trans_id, pkt.payload, data=pkt.data)
+                if backlog or not channel.try_send(out):
+                    backlog.append(out)
+                    wake.set()
 
+        channel.on_packet = on_packet
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while backlog:
+                    await channel.send(backlog[0])
+                    backlog.popleft()
+        finally:
+            channel.on_packet = None
