@@ -99,6 +99,14 @@ class SharedChannel(Channel):
             if not self._repoll:  # interrupts stay masked until one more look on the loop's next turn
                 self._repoll = True
                 self._loop.call_soon(self._poll_again)
+        on_packet = self.on_packet
+        if on_packet is not None and not self._pending and not self._ranges:
+            for pkt in pkts:  # _route's end, straight to the driver: no future waits, no GPA ranges are held
+                if pkt.type == _GPA_DIRECT:
+                    self._route(pkt, pkt.size, 0)
+                else:
+                    on_packet(pkt)
+            return
         for pkt in pkts:
             self._route(pkt, pkt.size, 0)
 
