@@ -11,7 +11,8 @@ What is measured (one invocation, results table on stdout and JSON in ``bench/re
 (b) The parent's VMBus path: a real ``parent-partition serve`` daemon (only the diagnostic echo device
     enabled) in its own process; this process is the guest (``open_bus``, negotiate, ring GPADL,
     OPENCHANNEL) and keeps the same window of requests in flight on the echo channel. 1 KiB: an in-band
-    request and its completion. 64 KiB: a GPA-direct request (16 guest pages; the data travels with the
+    request and its completion, driven from the completions as the raw client is (``on_packet``,
+    ``try_sendpacket``). 64 KiB: a GPA-direct request (16 guest pages; the data travels with the
     request and comes back with the completion into guest memory). Same transports, same duration.
     Printed: rate (b), rate (a), ratio (b)/(a). Aim: ratio >= 0.5 at 1 KiB.
 Scale: one parent with its real devices; ``--workers`` processes bring up ``--partitions`` child
