@@ -42,9 +42,11 @@ JOBS = [("randread", "4k", 32), ("randwrite", "4k", 32), ("read", "1M", 8), ("wr
 TRANSPORTS = ("tcp", "unix", "shared")
 CACHE_MODES = ("warm", "fio-default")
 IMAGE_BYTES = 1 << 30
-SETUP = 1.0  # seconds a load run takes to connect, negotiate and scan its disk
+SETUP = 1.0  # seconds of a run's measured window left unsampled (the sampling may start that late)
+SCAN = 0.25  # seconds from the storage handshake (the parent's log) to the workload's start: the disk scan
 RAMP = 0.5
 SETUP_TRIES = 3
+NEGOTIATE_WAIT = 60.0  # seconds for a load run to connect and finish its storage handshake
 SLACK = 0.05  # seconds the sampling window may stick out of the measured one (the clocks are read apart)
 DISK_LOG_WAIT = 60.0  # seconds to wait for the parent's "disk closed" line (it flushes the run's writes first)
 
@@ -70,6 +72,11 @@ def disk_closed_lines(parent: ParentProcess) -> list[dict[str, object]]:
     return [x for x in parent.log_lines() if x.get("event") == "disk closed"]
 
 
+def storage_handshakes(parent: ParentProcess) -> list[dict[str, object]]:
+    return [x for x in parent.log_lines()
+            if x.get("event") == "device protocol negotiated" and x.get("device") == "storage"]
+
+
 def _disk_stats(parent: ParentProcess, seen: int) -> dict[str, Any]:
     """The counters of the disk the last run used: the parent's next ``disk closed`` line."""
     deadline = time.monotonic() + DISK_LOG_WAIT
@@ -93,31 +100,37 @@ def load_cmd(url: str, rw: str, bs: str, iodepth: int, runtime: float, mode: str
 def ours(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path,
          parent: ParentProcess, mode: str = "stream") -> dict[str, Any]:
     """One ``child-partition load storage`` run; both processes' counters sampled inside its measured window.
-    A busy machine can make the setup outlast ``SETUP``: a run whose measured window did not contain the
-    sampling window is run again with twice the setup time, and as much longer (at most ``SETUP_TRIES`` runs)."""
-    setup = SETUP
+    The sampling starts ``SCAN`` + ``RAMP`` after the parent logs the run's storage handshake. A busy machine
+    can make the scan take longer: a run whose measured window did not contain the sampling window is run again
+    with twice the scan allowance, and as much longer (at most ``SETUP_TRIES`` runs)."""
+    scan = SCAN
     for _ in range(SETUP_TRIES):
-        res, counters, window, inside = _run_load(url, rw, bs, iodepth, seconds, out, parent, mode, setup)
+        res, counters, window, inside = _run_load(url, rw, bs, iodepth, seconds, out, parent, mode, scan)
         if inside:
             break
-        setup *= 2
+        scan *= 2
     else:
         counters = {}  # never sampled inside a measured window: no CPU per I/O rather than a wrong one
     return _row(res, counters, window, rw)
 
 
 def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Path, parent: ParentProcess,
-              mode: str, setup: float) -> tuple[dict[str, Any], dict[str, Any], float, bool]:
-    runtime = seconds + setup - SETUP  # a longer setup, a longer run: the sampling window still ends inside it
+              mode: str, scan: float) -> tuple[dict[str, Any], dict[str, Any], float, bool]:
+    runtime = seconds + scan - SCAN  # a longer scan allowance, a longer run: the sampling still ends inside it
     cmd = load_cmd(url, rw, bs, iodepth, runtime, mode, out)
     seen = len(disk_closed_lines(parent))
+    handshakes = len(storage_handshakes(parent))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
     counters: dict[str, Any] = {}
     window = 0.0
     sampled = (0.0, 0.0)  # wall clock
     try:
         meter = ProcMeter({"parent": parent.ps, "guest": psutil.Process(proc.pid)})
-        time.sleep(setup + RAMP)  # connect, negotiate, scan, ramp: then the measured part
+        deadline = time.monotonic() + NEGOTIATE_WAIT  # connect and negotiate (as long as that takes), then
+        while (len(storage_handshakes(parent)) == handshakes and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        time.sleep(scan + RAMP)  # scan and ramp: then the measured part
         t0, wall0 = time.monotonic(), time.time()
         meter.start()
         time.sleep(max(0.5, seconds - SETUP))
