@@ -14,6 +14,7 @@ from vmbus_proto.aio.pair import ChannelPair, MemoryLink
 from vmbus_proto.envelope import Signal
 from vmbus_proto.framing import FrameKind
 from vmbus_proto.packets import FLAG_COMPLETION_REQUESTED, PAGE_SIZE, GpaRange, Packet, PacketType
+from vmbus_proto.shm_ring import GuestPages
 
 from .waits import until
 
@@ -266,3 +267,24 @@ async def test_output_the_peer_does_not_read_stops_reading_until_it_drains() -> 
     link.to_guest.resume()
     await until(lambda: link.to_host.buffered == 0, "the host reads again once its output drained")
     assert transport.is_reading() and not link.host.closing
+
+
+async def test_shared_memory_a_completion_with_data_after_the_close_is_channel_closed() -> None:
+    """A device answering a GPA-direct request after its channel closed (a rescind while the request ran) gets
+    ChannelClosed, as over a stream, and the connection lives on; the close had forgotten the request's GPA
+    ranges, and the late completion once ended the partition's connection with an internal error instead."""
+    memory = memoryview(bytearray(64 * PAGE_SIZE))
+    link = MemoryLink(pages=GuestPages(memory, 0))
+    pair = link.open(1, pages=4, downstream_offset=2, pfns=(0, 1, 2, 3))
+    rng = GpaRange(2 * PAGE_SIZE, 0, (10, 11))
+    request = asyncio.create_task(pair.guest.request(b"read", (rng,)))
+    pkt = await asyncio.wait_for(pair.host.recv(), 30)
+    assert pkt.type == GPA_DIRECT and pkt.ranges == (rng,)
+    pair.close_host()
+    await until(lambda: pair.host.closed, "the host's channel closed")
+    with pytest.raises(ChannelClosed):
+        await pair.host.send(Packet(COMP, 0, pkt.trans_id, b"done", data=bytes(2 * PAGE_SIZE)))
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(request, 30)
+    await asyncio.wait_for(pair.closed(), 30)
+    assert link.host.failure is None and not link.host.closing

@@ -272,12 +272,12 @@ class SharedChannel(Channel):
             self._corrupt(exc)
 
     async def _send(self, pkt: Packet) -> None:
+        if self.closed:  # (before _prepare: the close forgot the GPA ranges a late completion would look up)
+            raise ChannelClosed(f"channel {self.relid} closed")
         raw = self._prepare(pkt)
         if not self.out_ring.fits_ever(len(raw) + _TRAILER):
             raise LocalProtocolError(f"a {len(raw) + _TRAILER}-byte packet can never fit a "
                                      f"{self.out_ring.size}-byte ring")
-        if self.closed:
-            raise ChannelClosed(f"channel {self.relid} closed")
         if not self._blocked_writers:
             due = self.out_ring.write(raw)
             if due is not None:
