@@ -63,7 +63,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict vmbus_proto parent_partition child_partition
 
 # The suite runs in TEST_JOBS processes (pytest-xdist): most tests wait on real processes, not the CPU.
-TEST_JOBS ?= 3
+TEST_JOBS ?= 4
 PARALLEL := -n $(TEST_JOBS)
 
 test: sysdeps lint typecheck
