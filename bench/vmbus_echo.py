@@ -29,8 +29,8 @@ from .meter import CpuMeter
 INBAND_MAX = 1024  # sizes up to this go in-band; larger ones GPA-direct
 HEADER = struct.Struct("<II")  # (slot, length): the small in-band header of a GPA-direct request
 CHECK_EVERY = 256  # compare the echoed bytes on every 256th round trip
-MAX_ROUND_TRIPS = 20_000_000
-TRANS_ID_LIMIT = 1 << 32  # a count bound on top of the time bound; a capped run is flagged
+MAX_ROUND_TRIPS = 20_000_000  # a count bound on top of the time bound; a capped run is flagged
+TRANS_ID_LIMIT = 1 << 32  # the driver-style guest's request ids wrap here
 
 
 async def _open_echo(bus: GuestBus, memory: GuestMemory) -> tuple[Channel, int, list[int]]:
@@ -82,6 +82,7 @@ async def measure(url: str, size: int, window: int, seconds: float, warmup: floa
             nonlocal completed
             if finished.done():
                 return
+            # Check the echo: its length always, its bytes every so often (cheap but not free).
             if len(pkt.payload) != size or (not completed % CHECK_EVERY and pkt.payload != payload):
                 errors.append(f"echo returned {len(pkt.payload)} different bytes for {size}")
                 finished.set_result(None)

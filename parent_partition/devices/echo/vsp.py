@@ -33,13 +33,16 @@ class EchoVsp(Vsp):
         def on_packet(pkt: Packet) -> None:
             if pkt.type == _COMP:
                 raise DeviceProtocolError("unsolicited completion")
-            if pkt.flags & FLAG_COMPLETION_REQUESTED:
-                if not (backlog or pkt.data) and try_sendpacket(pkt.payload, pkt.trans_id, _COMP):
+            if not pkt.flags & FLAG_COMPLETION_REQUESTED:
+                return
+            if not backlog:
+                if not pkt.data:
+                    if try_sendpacket(pkt.payload, pkt.trans_id, _COMP):
+                        return
+                elif channel.try_send(Packet(_COMP, 0, pkt.trans_id, pkt.payload, data=pkt.data)):
                     return
-                out = Packet(_COMP, 0, pkt.trans_id, pkt.payload, data=pkt.data)
-                if backlog or not channel.try_send(out):
-                    backlog.append(out)
-                    wake.set()
+            backlog.append(Packet(_COMP, 0, pkt.trans_id, pkt.payload, data=pkt.data))
+            wake.set()
 
         channel.on_packet = on_packet
         try:
