@@ -24,10 +24,10 @@ NET = "169.254.88"
 
 
 class TapVm:
-    """A child partition whose guest stack is the kernel's, in namespace ``ns`` at ``ip``."""
+    """A child partition of ``parent`` whose guest stack is the kernel's, in namespace ``ns`` at ``ip``."""
 
-    def __init__(self, proc: Proc, ns: Netns, tap: str, ip: str) -> None:
-        self.proc, self.ns, self.tap, self.ip = proc, ns, tap, ip
+    def __init__(self, parent: Parent, proc: Proc, ns: Netns, tap: str, ip: str) -> None:
+        self.parent, self.proc, self.ns, self.tap, self.ip = parent, proc, ns, tap, ip
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def tap_vms(tmp_path: Path, make_ns: Callable[[], Netns], count: int,
         for i in range(count):
             ns, tap = make_ns(), tap_name()
             proc = child(tmp_path, parent.unix, f"tapvm{i}", "--tap", tap, "--tap-netns", ns.name)
-            vms.append(TapVm(proc, ns, tap, f"{NET}.{i + 1}"))
+            vms.append(TapVm(parent, proc, ns, tap, f"{NET}.{i + 1}"))
         for vm in vms:
             vm.proc.wait_event("TAP bridged to the NIC", timeout=60)
             vm.ns.address(vm.tap, f"{vm.ip}/24")
@@ -54,7 +54,20 @@ def tap_vms(tmp_path: Path, make_ns: Callable[[], Netns], count: int,
 
 def check_ping(src: TapVm, dst: TapVm, count: int = 20) -> None:
     res = ping(src.ns, dst.ip, count=count)
-    assert res["sent"] == count and res["loss_pct"] == 0.0, f"ping {dst.ip} from {src.ns.name}: {res['output'].strip()}"
+    if res["sent"] != count or res["loss_pct"] != 0.0:
+        pytest.fail(f"ping {dst.ip} from {src.ns.name}: {res['output'].strip()}\n{where_frames_went(src, dst)}")
+
+
+def where_frames_went(*vms: TapVm) -> str:
+    """Both ends' NIC counters for a failure message: the VMs stop, so that they and the parent log them."""
+    for vm in vms:
+        vm.proc.stop()
+    lines = []
+    with contextlib.suppress(AssertionError):  # (a diagnosis: what is there by then)
+        vms[0].parent.wait_count("NIC off the switch", len(vms), timeout=10)
+    lines += [f"parent: {e}" for e in vms[0].parent.events("NIC off the switch")]
+    lines += [f"{vm.ip}: {e}" for vm in vms for e in vm.proc.events("NIC queues closing")]
+    return "\n".join(lines)
 
 
 def run_iperf(client: TapVm, server: TapVm) -> list[dict[str, Any]]:
