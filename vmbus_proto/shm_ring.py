@@ -63,7 +63,7 @@ def fence() -> None:
     """A full memory barrier (Linux ``virt_mb``): a locked instruction, which orders our store before our next
     load as another CPU sees them. Taken where a side stores one header field and then reads one the other
     side stores (the two checks that decide whether a signal is due), so neither side misses the other's.
-    (``write_packet`` inlines it: the same two calls.)"""
+    (``write_inband`` inlines it: the same two calls.)"""
     _FENCE_ACQUIRE()
     _FENCE_RELEASE()
 
