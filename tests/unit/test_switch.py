@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -16,6 +17,7 @@ from parent_partition.devices.network.switch import (
     parse_mac,
     port_fields,
 )
+from parent_partition.devices.network.trunk import TrunkLink
 from vmbus_proto.devices.network import vnet
 
 from .test_vnet import ipv4_tcp
@@ -238,3 +240,27 @@ def test_port_fields_count_floods_and_every_drop_reason() -> None:
     assert port_fields(b.counters)["port_tx_frames"] == 2
     stats = switch_fields(sw)
     assert stats["ports"]["b"]["queued"] == 2 and stats["switch"]["flooded"] == 1, stats
+
+
+async def test_a_burst_across_a_trunk_waits_for_the_other_worker_instead_of_being_dropped() -> None:
+    """Two workers' switches joined by a trunk (a Unix datagram socketpair, as the supervisor makes): the socket
+    buffers about ninety 1,500-byte frames for the reader, so a burst bigger than that, sent before the other
+    worker reads, must wait in the trunk port's queue, not be dropped."""
+    left, right = Switch(), Switch()
+    s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    t1, t2 = TrunkLink(left, 2, s1), TrunkLink(right, 1, s2)
+    a, b = left.attach("a"), right.attach("b")
+    try:
+        b.send_nowait(eth(BCAST, b.mac))  # flooded across: the left switch learns b behind its trunk
+        await asyncio.wait_for(a.recv(), 10)
+        count = 600  # far past the socket's buffer, within the trunk port's queue (1,024 frames, 4 MiB)
+        for i in range(count):  # all at once: the right worker reads only when the loop turns
+            assert a.send_nowait(eth(b.mac, a.mac, 1400 + i % 100))
+        got = []
+        while len(got) < count:
+            got += await asyncio.wait_for(b.recv_batch(256), 10)
+        assert [len(f.data) for f in got] == [1400 + i % 100 for i in range(count)]
+        assert not t1.port.counters.drops["queue_full"] and not left.counters.drops["queue_full"]
+    finally:
+        t1.close()
+        t2.close()
