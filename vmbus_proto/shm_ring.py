@@ -56,16 +56,14 @@ MAX_RANGES = 4096  # GPA ranges in one packet: far above what a storvsc or netvs
 
 
 _FENCE = threading.Lock()
-_FENCE_ACQUIRE, _FENCE_RELEASE = _FENCE.acquire, _FENCE.release
 
 
 def fence() -> None:
     """A full memory barrier (Linux ``virt_mb``): a locked instruction, which orders our store before our next
     load as another CPU sees them. Taken where a side stores one header field and then reads one the other
-    side stores (the two checks that decide whether a signal is due), so neither side misses the other's.
-    (``write_inband`` inlines it: the same two calls.)"""
-    _FENCE_ACQUIRE()
-    _FENCE_RELEASE()
+    side stores (the two checks that decide whether a signal is due), so neither side misses the other's."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class RingCorruptError(RingOverrunError):
@@ -231,12 +229,6 @@ class RingOut:
         words = self.mem.words
         return self.size - (words[W_WRITE] - self._read_index()) % self.size
 
-    def write_packet(self, pkt: Packet) -> bool | None:
-        """``write(encode(pkt))``, with in-band packets and completions through ``write_inband``."""
-        if pkt.ranges or pkt.xfer_ranges or self.mem.data is None:
-            return self.write(encode(pkt))
-        return self.write_inband(pkt.type, pkt.flags, pkt.trans_id, pkt.payload)
-
     def write_inband(self, ptype: int, flags: int, trans_id: int, payload: bytes) -> bool | None:
         """An in-band packet or completion (no GPA ranges) packed straight into the ring when it fits before the
         ring's end: the per-packet hot path, Linux's ``vmbus_sendpacket`` (buffer, request id, type, flags;
@@ -263,15 +255,7 @@ class RingOut:
             data[end:w + body] = _PAD[:w + body - end]
         _TRAILER.pack_into(data, w + body, w << 32)
         words[W_WRITE] = (w + n) % size  # published after the data (x86 stores are not reordered)
-        stats = self.stats  # _signal_due, inline (once a packet)
-        stats.packets += 1
-        stats.bytes += n
-        _FENCE_ACQUIRE()
-        _FENCE_RELEASE()
-        if words[W_MASK] or words[W_READ] != w:
-            return False
-        stats.interrupts += 1
-        return True
+        return self._signal_due(w, n)
 
     def write(self, raw: bytes) -> bool | None:
         """Put the encoded packet ``raw`` (``encode``) and its trailer in the ring: None if it does not fit now,

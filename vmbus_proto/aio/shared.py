@@ -234,20 +234,17 @@ class SharedChannel(Channel):
             self._event()
 
     def try_send(self, pkt: Packet) -> bool:
+        if not (pkt.data or pkt.ranges or pkt.xfer_ranges or self._ranges):  # nothing in guest memory to move
+            return self.try_sendpacket(pkt.payload, pkt.trans_id, pkt.type, pkt.flags)
         if self.closed or self._blocked_writers:
             return False
-        hot = not (pkt.data or pkt.ranges or self._ranges)  # in-band, nothing in guest memory to move or track
         try:
-            due = self.out_ring.write_packet(pkt) if hot else self.out_ring.write(self._prepare(pkt))
+            due = self.out_ring.write(self._prepare(pkt))
         except ProtocolError as exc:
             self._corrupt(exc)
         if due is None:
             return False
-        if hot:
-            if due:  # _written, inline: no GPA ranges to forget
-                self._event()
-        else:
-            self._written(pkt, due)
+        self._written(pkt, due)
         return True
 
     def try_sendpacket(self, payload: bytes, trans_id: int, ptype: int = _INBAND, flags: int = 0) -> bool:
