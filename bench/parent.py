@@ -94,6 +94,11 @@ class ParentProcess:
                     out.append(obj)
         return out
 
+    def events(self, event: str, **fields: object) -> list[dict[str, object]]:
+        """The log lines of ``event`` whose ``fields`` have these values."""
+        return [x for x in self.log_lines()
+                if x.get("event") == event and all(x.get(k) == v for k, v in fields.items())]
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (the daemon's graceful shutdown), then SIGKILL if it overstays ``timeout``."""
         return stop_process(self.proc, signal.SIGTERM, timeout)

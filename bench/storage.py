@@ -47,6 +47,7 @@ SCAN = 0.25  # seconds from the storage handshake (the parent's log) to the work
 RAMP = 0.5
 SETUP_TRIES = 3
 NEGOTIATE_WAIT = 60.0  # seconds for a load run to connect and finish its storage handshake
+HANDSHAKE = "device protocol negotiated"  # the parent's log line when a device's handshake is done
 SLACK = 0.05  # seconds the sampling window may stick out of the measured one (the clocks are read apart)
 DISK_LOG_WAIT = 60.0  # seconds to wait for the parent's "disk closed" line (it flushes the run's writes first)
 
@@ -68,20 +69,11 @@ def fio(image: Path, rw: str, bs: str, iodepth: int, seconds: float, invalidate:
     return row
 
 
-def disk_closed_lines(parent: ParentProcess) -> list[dict[str, object]]:
-    return [x for x in parent.log_lines() if x.get("event") == "disk closed"]
-
-
-def storage_handshakes(parent: ParentProcess) -> list[dict[str, object]]:
-    return [x for x in parent.log_lines()
-            if x.get("event") == "device protocol negotiated" and x.get("device") == "storage"]
-
-
 def _disk_stats(parent: ParentProcess, seen: int) -> dict[str, Any]:
     """The counters of the disk the last run used: the parent's next ``disk closed`` line."""
     deadline = time.monotonic() + DISK_LOG_WAIT
     while True:
-        lines = disk_closed_lines(parent)
+        lines = parent.events("disk closed")
         if len(lines) > seen:
             return {k: v for k, v in lines[seen].items() if k.startswith(("reads_", "writes_", "nowait_"))}
         if time.monotonic() > deadline:
@@ -118,8 +110,8 @@ def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Pat
               mode: str, scan: float) -> tuple[dict[str, Any], dict[str, Any], float, bool]:
     runtime = seconds + scan - SCAN  # a longer scan allowance, a longer run: the sampling still ends inside it
     cmd = load_cmd(url, rw, bs, iodepth, runtime, mode, out)
-    seen = len(disk_closed_lines(parent))
-    handshakes = len(storage_handshakes(parent))
+    seen = len(parent.events("disk closed"))
+    handshakes = len(parent.events(HANDSHAKE, device="storage"))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=child_env())
     counters: dict[str, Any] = {}
     window = 0.0
@@ -127,7 +119,7 @@ def _run_load(url: str, rw: str, bs: str, iodepth: int, seconds: float, out: Pat
     try:
         meter = ProcMeter({"parent": parent.ps, "guest": psutil.Process(proc.pid)})
         deadline = time.monotonic() + NEGOTIATE_WAIT  # connect and negotiate (as long as that takes), then
-        while (len(storage_handshakes(parent)) == handshakes and proc.poll() is None
+        while (len(parent.events(HANDSHAKE, device="storage")) == handshakes and proc.poll() is None
                and time.monotonic() < deadline):
             time.sleep(0.02)
         time.sleep(scan + RAMP)  # scan and ramp: then the measured part
