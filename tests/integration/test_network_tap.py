@@ -55,18 +55,21 @@ def tap_vms(tmp_path: Path, make_ns: Callable[[], Netns], count: int,
 def check_ping(src: TapVm, dst: TapVm, count: int = 20) -> None:
     res = ping(src.ns, dst.ip, count=count)
     if res["sent"] != count or res["loss_pct"] != 0.0:
-        pytest.fail(f"ping {dst.ip} from {src.ns.name}: {res['output'].strip()}\n{where_frames_went(src, dst)}")
+        pytest.fail(f"ping {dst.ip} from {src.ns.name}: {res['output'].strip()}\n"
+                    + where_frames_went(src.parent, [src.proc, dst.proc]))
 
 
-def where_frames_went(*vms: TapVm) -> str:
-    """Both ends' NIC counters for a failure message: the VMs stop, so that they and the parent log them."""
-    for vm in vms:
-        vm.proc.stop()
-    lines = []
+def where_frames_went(parent: Proc, guests: list[Proc], *, switch: bool = False) -> str:
+    """The guests' and the parent's NIC counters for a failure message: the guests stop, so that they and the
+    parent log them; ``switch``: the parent stops too, and logs its switch counters."""
+    for guest in guests:
+        guest.stop()
     with contextlib.suppress(AssertionError):  # (a diagnosis: what is there by then)
-        vms[0].parent.wait_count("NIC off the switch", len(vms), timeout=10)
-    lines += [f"parent: {e}" for e in vms[0].parent.events("NIC off the switch")]
-    lines += [f"{vm.ip}: {e}" for vm in vms for e in vm.proc.events("NIC queues closing")]
+        parent.wait_count("NIC off the switch", len(guests), timeout=10)
+    if switch:
+        parent.stop()
+    lines = [f"parent: {e}" for e in (*parent.events("NIC off the switch"), *parent.events("switch counters"))]
+    lines += [f"{guest.name}: {e}" for guest in guests for e in guest.events("NIC queues closing")]
     return "\n".join(lines)
 
 
@@ -133,13 +136,9 @@ def test_external_tap_joins_the_host_stack_to_the_switch(tmp_path: Path, netns_f
         assert first["received"] > 0, f"no reply from the guest: {first['output'].strip()}"
         for src, dst, what in ((host_ns, f"{NET}.1", "host to guest"), (guest_ns, f"{NET}.100", "guest to host")):
             res = ping(src, dst, count=10)
-            if res["loss_pct"] != 0.0:  # where the frames went: the VM's and the switch's counters, logged as they stop
-                vm.stop()
-                parent.stop()
-                counters = [*vm.events("NIC queues closing"), *parent.events("NIC off the switch"),
-                            *parent.events("switch counters")]
+            if res["loss_pct"] != 0.0:
                 pytest.fail(f"{what} through the external TAP: {res['output'].strip()}\n"
-                            + "\n".join(map(str, counters)))
+                            + where_frames_went(parent, [vm], switch=True))
     finally:
         if vm is not None:
             vm.stop()
